@@ -1,0 +1,136 @@
+"""Transport-free records the engine takes and returns.
+
+The gRPC servicer converts protobuf messages into these and back; the engine never sees a
+protobuf message or a gRPC context. Tensor bytes are numpy arrays of the dtype table's
+holder dtype (``ckptd.protos.dtypes``): bfloat16 travels as ``uint16`` words.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ckptd.protos import dtypes
+
+
+class Policy(enum.Enum):
+    """How one tensor is stored (mirrors ``ckptd.v1.Policy``)."""
+
+    AUTO = "auto"
+    LOSSY = "lossy"
+    EXACT = "exact"
+
+
+class SaveState(enum.Enum):
+    """Pipeline stages of a save: received → encoding → writing → durable | failed."""
+
+    ACCEPTED = "accepted"
+    ENCODING = "encoding"
+    WRITING = "writing"
+    DURABLE = "durable"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SaveState.DURABLE, SaveState.FAILED)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One entry of a checkpoint's tensor table."""
+
+    name: str
+    dtype: str  # a name of the dtype table, e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    policy: Policy = Policy.AUTO
+    bits: int = 0  # 0: the daemon's default bit width
+
+    @property
+    def dtype_info(self) -> dtypes.DTypeInfo:
+        return dtypes.from_name(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype_info.itemsize
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """Identifies one checkpoint: a step of one rank of one run."""
+
+    run: str
+    rank: int
+    step: int
+
+    def __str__(self) -> str:
+        return f"{self.run}/rank{self.rank}/step{self.step}"
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a save announces before its bytes: where it belongs and what it holds."""
+
+    key: StepKey
+    tensors: tuple[TensorSpec, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    fail_if_busy: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.tensors)
+
+
+@dataclass(frozen=True)
+class SaveStatus:
+    """Where a save stands; ``error`` is set only when ``state`` is FAILED."""
+
+    key: StepKey
+    state: SaveState
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One committed step as listed to users."""
+
+    step: int
+    kind: str  # "base" | "delta"
+    parent_step: int | None
+    raw_bytes: int
+    stored_bytes: int
+    chain_depth: int
+    created_unix_s: float
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One (run, rank) chain as listed to users."""
+
+    run: str
+    rank: int
+    step_count: int
+    latest_step: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class RestoredCheckpoint:
+    """A reconstructed checkpoint, verified against the manifest's checksum."""
+
+    key: StepKey
+    tensors: tuple[TensorSpec, ...]
+    arrays: tuple[np.ndarray, ...]  # C-contiguous, holder dtype, one per spec
+    metadata: Mapping[str, str]
+    checksum: str

@@ -1,0 +1,11 @@
+"""The ckptd wire contract shared by client and daemon.
+
+* ``ckptd.protos.v1`` — the generated protobuf (``pb``) and gRPC (``pb_grpc``) modules of
+  ``ckptd/v1/ckptd.proto``; importing it imports ``grpc``.
+* ``ckptd.protos.dtypes`` — the explicit dtype table; numpy only, safe for the engine.
+
+This package's ``__init__`` imports nothing, so the transport-free parts of the daemon can
+use the dtype table without pulling in gRPC.
+"""
+
+API_VERSION = "ckptd.v1"

@@ -1,0 +1,316 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_UINT16: _ClassVar[DType]
+    DTYPE_UINT32: _ClassVar[DType]
+    DTYPE_UINT64: _ClassVar[DType]
+
+class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POLICY_AUTO: _ClassVar[Policy]
+    POLICY_LOSSY: _ClassVar[Policy]
+    POLICY_EXACT: _ClassVar[Policy]
+
+class SaveState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAVE_STATE_UNSPECIFIED: _ClassVar[SaveState]
+    SAVE_STATE_ACCEPTED: _ClassVar[SaveState]
+    SAVE_STATE_ENCODING: _ClassVar[SaveState]
+    SAVE_STATE_WRITING: _ClassVar[SaveState]
+    SAVE_STATE_DURABLE: _ClassVar[SaveState]
+    SAVE_STATE_FAILED: _ClassVar[SaveState]
+
+class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_KIND_UNSPECIFIED: _ClassVar[StepKind]
+    STEP_KIND_BASE: _ClassVar[StepKind]
+    STEP_KIND_DELTA: _ClassVar[StepKind]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT64: DType
+DTYPE_INT8: DType
+DTYPE_INT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_UINT8: DType
+DTYPE_BOOL: DType
+DTYPE_UINT16: DType
+DTYPE_UINT32: DType
+DTYPE_UINT64: DType
+POLICY_AUTO: Policy
+POLICY_LOSSY: Policy
+POLICY_EXACT: Policy
+SAVE_STATE_UNSPECIFIED: SaveState
+SAVE_STATE_ACCEPTED: SaveState
+SAVE_STATE_ENCODING: SaveState
+SAVE_STATE_WRITING: SaveState
+SAVE_STATE_DURABLE: SaveState
+SAVE_STATE_FAILED: SaveState
+STEP_KIND_UNSPECIFIED: StepKind
+STEP_KIND_BASE: StepKind
+STEP_KIND_DELTA: StepKind
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "policy", "bits", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    policy: Policy
+    bits: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., policy: _Optional[_Union[Policy, str]] = ..., bits: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("segment_name", "segment_bytes", "offsets")
+    SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    segment_name: str
+    segment_bytes: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SaveHeader(_message.Message):
+    __slots__ = ("run", "rank", "step", "tensors", "metadata", "shared_memory", "fail_if_busy")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    FAIL_IF_BUSY_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    rank: int
+    step: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    metadata: _containers.ScalarMap[str, str]
+    shared_memory: SharedMemoryRef
+    fail_if_busy: bool
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., fail_if_busy: _Optional[bool] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("tensor_index", "offset", "data")
+    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tensor_index: int
+    offset: int
+    data: bytes
+    def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SaveRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SaveHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[SaveHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class StepRef(_message.Message):
+    __slots__ = ("run", "rank", "step")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    rank: int
+    step: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SaveStatus(_message.Message):
+    __slots__ = ("ref", "state", "error")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    state: SaveState
+    error: str
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., state: _Optional[_Union[SaveState, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class WaitSaveRequest(_message.Message):
+    __slots__ = ("ref", "timeout_s")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    timeout_s: float
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("run", "rank", "step")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    rank: int
+    step: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class RestoreHeader(_message.Message):
+    __slots__ = ("ref", "tensors", "metadata", "checksum")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REF_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    metadata: _containers.ScalarMap[str, str]
+    checksum: str
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
+
+class RestoreReply(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RestoreHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunInfo(_message.Message):
+    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LATEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    rank: int
+    step_count: int
+    latest_step: int
+    stored_bytes: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class ListRunsReply(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunInfo]
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ...) -> None: ...
+
+class ListStepsRequest(_message.Message):
+    __slots__ = ("run", "rank")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    rank: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class StepInfo(_message.Message):
+    __slots__ = ("step", "kind", "parent_step", "raw_bytes", "stored_bytes", "compression_ratio", "chain_depth", "created_unix_s")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_STEP_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    kind: StepKind
+    parent_step: int
+    raw_bytes: int
+    stored_bytes: int
+    compression_ratio: float
+    chain_depth: int
+    created_unix_s: float
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ...) -> None: ...
+
+class ListStepsReply(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepInfo]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteStepRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ...) -> None: ...
+
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    def __init__(self, run: _Optional[str] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("deleted_steps",)
+    DELETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    deleted_steps: int
+    def __init__(self, deleted_steps: _Optional[int] = ...) -> None: ...
+
+class ServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BITS_FIELD_NUMBER: _ClassVar[int]
+    BASE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    api_version: str
+    storage_url: str
+    max_inflight_bytes: int
+    max_message_bytes: int
+    max_chunk_bytes: int
+    max_checkpoint_bytes: int
+    max_tensors: int
+    default_bits: int
+    base_interval: int
+    shared_memory: bool
+    hostname: str
+    boot_id: str
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
