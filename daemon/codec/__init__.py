@@ -1,0 +1,140 @@
+"""LC-Checkpoint compression of tensors: numpy in, bytes out (DESIGN §1, arXiv 2009.13003).
+
+A pure library: no gRPC, no asyncio, no storage. The daemon's engine calls it; importing it
+never imports the server.
+
+* ``encode_delta(current, reference)`` quantizes ``current - reference`` by exponent bucket
+  with priority promotion, entropy-codes the symbols and returns the blob together with the
+  reconstruction. Chain deltas against the previous *reconstruction* (not the previous true
+  value): the error then never accumulates along the chain.
+* ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit.
+* ``encode_exact`` / ``decode_exact``: lossless, for bases and non-float tensors.
+* ``blob_info`` reads a blob's header.
+
+The serialized form is described in ``ckptd.daemon.codec.format``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from . import delta, exact
+from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("ckptd.daemon.codec supports little-endian hosts only")
+
+__all__ = [
+    "DEFAULT_BITS",
+    "DEFAULT_CODER",
+    "DEFAULT_REPRESENTATIVE",
+    "BlobInfo",
+    "CodecError",
+    "Coder",
+    "Representative",
+    "blob_info",
+    "decode_delta",
+    "decode_exact",
+    "encode_delta",
+    "encode_exact",
+]
+
+Representative = Literal["mean", "midrange"]
+# "zstd": symbols packed into bytes, then zstd level 1 (default: smaller and faster on real
+# deltas); "huffman": the paper's canonical Huffman code.
+Coder = Literal["zstd", "huffman"]
+
+DEFAULT_BITS = 3
+DEFAULT_CODER: Coder = "zstd"
+DEFAULT_REPRESENTATIVE: Representative = "mean"
+
+
+def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFAULT_BITS,
+                 representative: Representative = DEFAULT_REPRESENTATIVE,
+                 coder: Coder = DEFAULT_CODER, bfloat16: bool = False) -> tuple[bytes, np.ndarray]:
+    """Lossy delta of a float tensor against the reconstruction it follows.
+
+    Args:
+        current: float32/float16/float64 array, or bfloat16 as raw uint16 words.
+        reference: the previous reconstruction; same shape and dtype as ``current``.
+        bits: symbol width b in 1..8; ``2^b - 1`` exponent buckets are kept.
+        representative: value of a kept bucket: its mean (least squared error) or its
+            midrange (the paper's figure).
+        coder: entropy coder of the symbols.
+        bfloat16: ``current``/``reference`` hold bfloat16 words in uint16 arrays.
+
+    Returns:
+        ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is
+        exactly what ``decode_delta(blob, reference)`` returns. Elements whose delta is
+        dropped keep the reference value; NaN/Inf elements (and the rare reconstruction that
+        would overflow) are stored verbatim.
+
+    Raises:
+        CodecError: unsupported dtype, mismatched reference, or an invalid option.
+    """
+    return delta.encode_delta(current, reference, bits=bits, representative=representative,
+                              coder=coder, bfloat16=bfloat16)
+
+
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
+    """Reconstruction from a delta blob and the reference it was encoded against.
+
+    Raises:
+        CodecError: the blob is truncated, corrupt, of an unknown version, not a delta blob, or
+            ``reference`` does not have the blob's shape and dtype.
+    """
+    return delta.decode_delta(blob, reference)
+
+
+def encode_exact(array: np.ndarray, *, bfloat16: bool = False) -> bytes:
+    """Lossless blob of any table dtype (floats, ints, uints, bool), any shape, 0-d and empty.
+
+    Raises:
+        CodecError: the dtype is not in the codec's table (complex, object, strings, ...).
+    """
+    return exact.encode_exact(array, bfloat16=bfloat16)
+
+
+def decode_exact(blob: bytes | memoryview) -> np.ndarray:
+    """The array an exact blob holds (bfloat16 comes back as uint16 words).
+
+    Raises:
+        CodecError: the blob is truncated, corrupt, of an unknown version, or a delta blob.
+    """
+    return exact.decode_exact(blob)
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What a blob's header says.
+
+    ``bits`` is 0 and ``representative`` is ``"none"`` for exact blobs; ``nbytes`` is the size
+    of the decoded array in bytes (``len(blob)`` is the stored size).
+    """
+
+    kind: Literal["delta", "exact"]
+    dtype: str
+    shape: tuple[int, ...]
+    bits: int
+    coder: str
+    representative: str
+    nbytes: int
+
+
+def blob_info(blob: bytes | memoryview) -> BlobInfo:
+    """Reads the header of a complete blob: magic, version, header checksum and length.
+
+    The payload checksum is not verified here (decode does that).
+
+    Raises:
+        CodecError: the blob is truncated, not a ckptd codec blob, or of an unknown version.
+    """
+    header = unpack_header(memoryview(blob).cast("B"))
+    kind: Literal["delta", "exact"] = "delta" if KIND_NAMES[header.kind] == "delta" else "exact"
+    return BlobInfo(kind, header.dtype.name, header.shape, header.bits, CODERS[header.coder],
+                    REPRESENTATIVES[header.representative],
+                    header.count * header.dtype.holder.itemsize)

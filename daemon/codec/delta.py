@@ -1,0 +1,206 @@
+"""The lossy delta path: ``encode_delta`` / ``decode_delta`` (DESIGN §1).
+
+Encode makes two passes over the chunks. Pass 1 computes the float32 delta and its per-key
+statistics (for float32 tensors the delta is parked in the output buffer, which pass 2
+overwrites with the reconstruction: no extra tensor-sized buffer). Between the passes the
+merged statistics decide promotion and representatives for the whole tensor. Pass 2 maps
+keys to symbols, entropy-codes them, and reconstructs with ``quantize.reconstruct``, the
+very function decode runs, so decode returns the encoder's reconstruction bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import chunks, entropy, quantize
+from .format import (
+    CODER_IDS,
+    CODERS,
+    KIND_DELTA,
+    KIND_NAMES,
+    REPRESENTATIVE_IDS,
+    CodecError,
+    DType,
+    Header,
+    Reader,
+    build_blob,
+    dtype_of,
+    read_chunks,
+    unpack_header,
+    verify_payload,
+    write_chunks,
+)
+
+_F32 = np.dtype("<f4")
+_U64 = np.dtype("<u8")
+
+
+def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, representative: str,
+                 coder: str, bfloat16: bool) -> tuple[bytes, np.ndarray]:
+    """See ``ckptd.daemon.codec.encode_delta``."""
+    _check_options(bits, representative, coder)
+    bits = int(bits)
+    current = np.asarray(current)
+    dtype = _float_dtype(current, bfloat16)
+    cur = _flat(current, dtype)
+    ref = _flat(_matching(reference, current), dtype)
+    out = np.empty(cur.size, dtype.holder)
+    parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
+    name = dtype.name
+    pool = chunks.ScratchPool()
+    with chunks.mapper(len(parts)) as run:
+        stats = run(lambda s: _analyze(cur[s], ref[s], out[s], name,
+                                       representative=representative, scratch=pool.get()), parts)
+        plan = quantize.make_plan(quantize.merge(stats, representative), bits, representative)
+        enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
+        coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], name,
+                                            plan=plan, enc=enc, nonfinite=stats[i].nonfinite,
+                                            scratch=pool.get()), range(len(parts)))
+    bodies = [body for body, _ in coded]
+    index = [idx + s.start for (_, idx), s in zip(coded, parts, strict=True) if idx is not None]
+    flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    payload = [
+        plan.reps[1:].astype(_F32).tobytes(),
+        len(enc.params).to_bytes(4, "little"), enc.params,
+        _pack_exceptions(flat_index, cur[flat_index], pool.get()),
+        *write_chunks(bodies),
+    ]
+    header = Header(KIND_DELTA, dtype, tuple(current.shape), bits, CODER_IDS[coder],
+                    REPRESENTATIVE_IDS[representative], 0, chunks.CHUNK_ELEMS, cur.size)
+    return build_blob(header, payload), out.reshape(current.shape)
+
+
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
+    """See ``ckptd.daemon.codec.decode_delta``."""
+    view = memoryview(blob).cast("B")
+    header = unpack_header(view)
+    if header.kind != KIND_DELTA:
+        raise CodecError(f"decode_delta got a {KIND_NAMES[header.kind]} blob; use decode_exact")
+    reference = np.asarray(reference)
+    if _little(reference.dtype) != header.dtype.holder or reference.shape != header.shape:
+        raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
+                         f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
+    reader = Reader(verify_payload(view, header))
+    reps = np.concatenate([np.array([-0.0], _F32),
+                           reader.array(_F32, (1 << header.bits) - 1, "representatives")])
+    params = reader.take(reader.u32("coder parameter length"), "coder parameters")
+    pool = chunks.ScratchPool()
+    index, values = _read_exceptions(reader, header, pool.get())
+    bodies = read_chunks(reader, header.nchunks)
+    reader.at_end()
+    parts = chunks.bounds(header.count, header.chunk_elems)
+    symbols_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
+                                 [s.stop - s.start for s in parts])
+    ref = _flat(reference, header.dtype)
+    out = np.empty(header.count, header.dtype.holder)
+    name = header.dtype.name
+
+    def decode_chunk(i: int) -> None:
+        scratch = pool.get()
+        _decode_chunk(symbols_of(i, scratch), ref[parts[i]], reps, name, out=out[parts[i]],
+                      scratch=scratch)
+
+    with chunks.mapper(len(parts)) as run:
+        run(decode_chunk, range(len(parts)))
+    out[index] = values
+    return out.reshape(header.shape)
+
+
+def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, *,
+             representative: str, scratch: chunks.Scratch) -> quantize.Stats:
+    """Pass 1 over a chunk: the delta (parked in ``out`` for float32) and its statistics."""
+    with chunks.errstate_all_ignored():
+        delta = out if name == "float32" else scratch.get("delta", cur.size, _F32)
+        quantize.delta32(cur, ref, name, delta, scratch)
+        return quantize.chunk_stats(delta, representative, scratch)
+
+
+def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, *,
+                  plan: quantize.Plan, enc: entropy.ChunkEncoder, nonfinite: int,
+                  scratch: chunks.Scratch) -> tuple[bytes, np.ndarray | None]:
+    """Pass 2 over a chunk: symbols, their coded body, reconstruction, exceptions."""
+    with chunks.errstate_all_ignored():
+        if name == "float32":
+            delta = out  # pass 1 left the delta here
+        else:
+            delta = scratch.get("delta", cur.size, _F32)
+            quantize.delta32(cur, ref, name, delta, scratch)
+        keys = quantize.keys_of(delta, scratch.get("key16", cur.size, np.uint16))
+        symbols = np.take(plan.lut, keys, out=scratch.get("symbols", cur.size, np.uint8))
+        body = enc.encode(symbols, scratch)
+        quantize.reconstruct(symbols, ref, plan.reps, name, out=out, scratch=scratch)
+        mask = quantize.exception_mask(keys, out, name, nonfinite, scratch)
+    if mask is None:
+        return body, None
+    index = np.flatnonzero(mask)
+    out[index] = cur[index]
+    return body, index
+
+
+def _decode_chunk(symbols: np.ndarray, ref: np.ndarray, reps: np.ndarray, name: str, *,
+                  out: np.ndarray, scratch: chunks.Scratch) -> None:
+    if symbols.size != out.size:
+        raise CodecError(f"corrupt blob: chunk decodes to {symbols.size} symbols, expected "
+                         f"{out.size}")
+    with chunks.errstate_all_ignored():
+        quantize.reconstruct(symbols, ref, reps, name, out=out, scratch=scratch)
+
+
+def _pack_exceptions(index: np.ndarray, values: np.ndarray, scratch: chunks.Scratch) -> bytes:
+    """``u64 m, u64 z`` and ``z`` bytes of zstd(indices || raw values); z = 0 when m = 0."""
+    if index.size == 0:
+        return bytes(16)
+    body = entropy.zstd_compress(index.astype(_U64).tobytes() + values.tobytes(), scratch)
+    return index.size.to_bytes(8, "little") + len(body).to_bytes(8, "little") + body
+
+
+def _read_exceptions(reader: Reader, header: Header,
+                     scratch: chunks.Scratch) -> tuple[np.ndarray, np.ndarray]:
+    count = reader.u64("exception count")
+    body = reader.take(reader.u64("exception length"), "exceptions")
+    if count == 0:
+        if len(body):
+            raise CodecError("corrupt blob: exception bytes without exceptions")
+        return np.zeros(0, np.intp), np.zeros(0, header.dtype.holder)
+    if count > header.count:
+        raise CodecError(f"corrupt blob: {count} exceptions in {header.count} elements")
+    itemsize = header.dtype.holder.itemsize
+    raw = entropy.zstd_decompress(body, count * (8 + itemsize), scratch)
+    index = np.frombuffer(raw, _U64, count)
+    if int(index.max()) >= header.count:
+        raise CodecError(f"corrupt blob: exception index {int(index.max())} out of range")
+    return index.astype(np.intp), np.frombuffer(raw, header.dtype.holder, count, count * 8)
+
+
+def _check_options(bits: int, representative: str, coder: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 1 <= bits <= 8:
+        raise CodecError(f"bits must be an integer in 1..8, got {bits!r}")
+    if representative not in REPRESENTATIVE_IDS or representative == "none":
+        raise CodecError(f"representative must be 'mean' or 'midrange', got {representative!r}")
+    if coder not in CODER_IDS:
+        raise CodecError(f"coder must be one of {sorted(CODER_IDS)}, got {coder!r}")
+
+
+def _float_dtype(current: np.ndarray, bfloat16: bool) -> DType:
+    dtype = dtype_of(current, bfloat16=bfloat16)
+    if not dtype.is_float:
+        raise CodecError(f"encode_delta takes float32/float16/bfloat16/float64 tensors, got "
+                         f"{dtype.name}; store it with encode_exact")
+    return dtype
+
+
+def _matching(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    reference, current = np.asarray(reference), np.asarray(current)
+    if _little(reference.dtype) != _little(current.dtype) or reference.shape != current.shape:
+        raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, current is "
+                         f"{current.dtype}{list(current.shape)}: they must match")
+    return reference
+
+
+def _little(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def _flat(array: np.ndarray, dtype: DType) -> np.ndarray:
+    """Contiguous little-endian 1-D view (a copy only for strided or big-endian input)."""
+    return np.ascontiguousarray(array, dtype=dtype.holder).reshape(-1)

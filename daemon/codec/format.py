@@ -1,0 +1,305 @@
+"""The codec's serialized form: one self-describing, versioned, checksummed blob per tensor.
+
+A blob is ``header || payload``; every integer is little-endian.
+
+Header (``44 + 8 * ndim`` bytes)::
+
+    offset size  field
+    0      4     magic b"CKPD"
+    4      1     format version (1)
+    5      1     kind: 1 = delta (lossy, needs the reference), 2 = exact (lossless)
+    6      1     dtype code (table ``DTYPES`` below; same numbers as the wire ``DType``)
+    7      1     ndim (0..64)
+    8      1     bits b (delta: 1..8; exact: 0)
+    9      1     coder: 1 = zstd, 2 = huffman
+    10     1     representative: 0 = none (exact), 1 = mean, 2 = midrange
+    11     1     flags: bit 0 = byte planes (exact blobs of multi-byte floats)
+    12     4     chunk_elems: elements per chunk (the last chunk may be shorter)
+    16     8     count: number of elements (= product of shape)
+    24     8     payload length in bytes
+    32     8     xxh3_64 of the payload
+    40     8*nd  shape, one u64 per dimension
+    40+8nd 4     zlib.crc32 of all header bytes before it
+
+The two checksums together cover every byte: a flipped bit anywhere, a truncation or trailing
+garbage is reported as ``CodecError`` before any decoding starts.
+
+Delta payload (kind 1)::
+
+    (2^b - 1) x f32        representatives of symbols 1..2^b-1 (symbol 0 adds -0.0)
+    u32 n + n bytes        coder parameters (zstd: none; huffman: code lengths + block size)
+    u64 m, u64 z + z bytes exceptions: m elements stored verbatim, zstd of
+                           (m x u64 flat indices || m raw values in the tensor's dtype)
+    nchunks x u32          byte length of each chunk body, nchunks = ceil(count / chunk_elems)
+    chunk bodies           the entropy-coded symbols of each chunk, in order: for zstd a
+                           zstd frame of the packed symbols (layout in ``packing``), for
+                           huffman block lengths + bit stream (layout in ``huffman``)
+
+Decoding: element i = reference[i] + representative[symbol[i]] (symbol 0 adds -0.0), computed
+as ``quantize.reconstruct`` says for the dtype, then the exceptions overwrite their elements.
+
+Exact payload (kind 2)::
+
+    nchunks x u32          byte length of each chunk body
+    chunk bodies           zstd frames of the chunk's raw bytes (split into byte planes
+                           when flag bit 0 is set: all first bytes, then all second bytes, ...)
+
+Chunks exist so that encode and decode bound their temporaries and run on several cores;
+chunk bodies are independent of each other.
+
+Tensor data is little-endian in blobs (big-endian input is converted); the codec's bit tricks
+view little-endian buffers as native words, so it runs on little-endian hosts only (x86-64,
+AArch64), which ``ckptd.daemon.codec`` checks at import.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import xxhash
+
+MAGIC = b"CKPD"
+VERSION = 1
+KIND_DELTA = 1
+KIND_EXACT = 2
+KIND_NAMES = {KIND_DELTA: "delta", KIND_EXACT: "exact"}
+
+FLAG_BYTE_PLANES = 1
+MAX_NDIM = 64
+
+CODERS = {1: "zstd", 2: "huffman"}
+CODER_IDS = {name: code for code, name in CODERS.items()}
+REPRESENTATIVES = {0: "none", 1: "mean", 2: "midrange"}
+REPRESENTATIVE_IDS = {name: code for code, name in REPRESENTATIVES.items()}
+
+
+class CodecError(ValueError):
+    """Raised when a blob is truncated, corrupt, of an unknown version, or the input is unusable."""
+
+
+@dataclass(frozen=True)
+class DType:
+    """One row of the codec's dtype table: stable code, stable name, numpy holder dtype."""
+
+    code: int
+    name: str
+    holder: np.dtype
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the lossy delta path accepts this dtype."""
+        return self.name in ("float32", "float16", "bfloat16", "float64")
+
+
+# Explicit on purpose (never ``str(dtype)``): these codes are written into every blob.
+# The numbers match ``ckptd.protos.dtypes`` wire values, which the codec must not import.
+DTYPES = (
+    DType(1, "float32", np.dtype("<f4")),
+    DType(2, "float16", np.dtype("<f2")),
+    DType(3, "bfloat16", np.dtype("<u2")),
+    DType(4, "float64", np.dtype("<f8")),
+    DType(5, "int8", np.dtype("i1")),
+    DType(6, "int16", np.dtype("<i2")),
+    DType(7, "int32", np.dtype("<i4")),
+    DType(8, "int64", np.dtype("<i8")),
+    DType(9, "uint8", np.dtype("u1")),
+    DType(10, "bool", np.dtype("?")),
+    DType(11, "uint16", np.dtype("<u2")),
+    DType(12, "uint32", np.dtype("<u4")),
+    DType(13, "uint64", np.dtype("<u8")),
+)
+DTYPE_BY_CODE = {row.code: row for row in DTYPES}
+_BY_HOLDER = {row.holder: row for row in DTYPES if row.name != "bfloat16"}
+BFLOAT16 = DTYPE_BY_CODE[3]
+
+
+def dtype_of(array: np.ndarray, *, bfloat16: bool) -> DType:
+    """Maps an array's numpy dtype (plus the bfloat16 flag) to its table row.
+
+    Raises:
+        CodecError: the dtype is not in the table, or ``bfloat16`` is set on a non-uint16 array.
+    """
+    holder = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    if bfloat16:
+        if holder != np.dtype("<u2"):
+            raise CodecError(
+                f"bfloat16=True expects the raw bfloat16 words as uint16, got dtype {array.dtype}"
+            )
+        return BFLOAT16
+    row = _BY_HOLDER.get(holder)
+    if row is None:
+        known = ", ".join(r.name for r in DTYPES)
+        raise CodecError(f"unsupported dtype {array.dtype}; supported: {known}")
+    return row
+
+
+_FIXED = struct.Struct("<4sBBBBBBBBIQQQ")
+_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Header:
+    """The decoded fixed header of a blob (see the module docstring for the layout)."""
+
+    kind: int
+    dtype: DType
+    shape: tuple[int, ...]
+    bits: int
+    coder: int
+    representative: int
+    flags: int
+    chunk_elems: int
+    count: int
+    payload_len: int = 0  # filled in by ``build_blob``
+    payload_hash: int = 0
+
+    @property
+    def size(self) -> int:
+        """Length of the serialized header in bytes."""
+        return _FIXED.size + 8 * len(self.shape) + _CRC.size
+
+    @property
+    def nchunks(self) -> int:
+        """Number of chunk bodies in the payload."""
+        return -(-self.count // self.chunk_elems)
+
+
+def payload_hash(payload: bytes | bytearray | memoryview) -> int:
+    """The payload checksum recorded in the header (xxh3_64: ~25 GB/s, so free next to zstd)."""
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def build_blob(header: Header, parts: list[bytes]) -> bytes:
+    """``header || parts``, with the header's payload length and checksum filled in.
+
+    Joins once: a base's payload is as large as the tensor, so no intermediate copy.
+    """
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    sealed = replace(header, payload_len=sum(len(p) for p in parts),
+                     payload_hash=digest.intdigest())
+    return b"".join([pack_header(sealed), *parts])
+
+
+def pack_header(header: Header) -> bytes:
+    """Serializes ``header``; the trailing CRC32 covers every header byte before it."""
+    fixed = _FIXED.pack(
+        MAGIC, VERSION, header.kind, header.dtype.code, len(header.shape), header.bits,
+        header.coder, header.representative, header.flags, header.chunk_elems, header.count,
+        header.payload_len, header.payload_hash,
+    )
+    body = fixed + struct.pack(f"<{len(header.shape)}Q", *header.shape)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def unpack_header(blob: memoryview) -> Header:
+    """Parses and validates the header of a complete blob.
+
+    Checks magic, version, header CRC, the field values and that the blob is exactly header
+    plus payload long. The payload checksum is checked by ``verify_payload``.
+
+    Raises:
+        CodecError: naming what is wrong (truncated, not a ckptd blob, unknown version, ...).
+    """
+    if len(blob) < _FIXED.size + _CRC.size:
+        raise CodecError(f"blob truncated: {len(blob)} bytes, a header needs at least "
+                         f"{_FIXED.size + _CRC.size}")
+    (magic, version, kind, dtype_code, ndim, bits, coder, rep, flags, chunk_elems, count,
+     payload_len, p_hash) = _FIXED.unpack_from(blob)
+    if magic != MAGIC:
+        raise CodecError(f"not a ckptd codec blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"unsupported codec format version {version}; this build reads "
+                         f"version {VERSION} (a newer ckptd wrote this blob?)")
+    end = _FIXED.size + 8 * ndim
+    if ndim > MAX_NDIM or len(blob) < end + _CRC.size:
+        raise CodecError(f"blob truncated or corrupt: ndim {ndim}, {len(blob)} bytes")
+    (crc,) = _CRC.unpack_from(blob, end)
+    if crc != zlib.crc32(blob[:end]):
+        raise CodecError("blob header checksum mismatch: the blob is corrupt")
+    shape = struct.unpack_from(f"<{ndim}Q", blob, _FIXED.size)
+    header = Header(kind, _lookup(DTYPE_BY_CODE, dtype_code, "dtype"), tuple(shape), bits,
+                    coder, rep, flags, chunk_elems, count, payload_len, p_hash)
+    _check_fields(header)
+    if len(blob) != header.size + payload_len:
+        raise CodecError(f"blob length {len(blob)} does not match its header "
+                         f"({header.size} header + {payload_len} payload bytes): truncated?")
+    return header
+
+
+def _lookup(table: dict, code: int, what: str):  # type: ignore[no-untyped-def]
+    try:
+        return table[code]
+    except KeyError:
+        raise CodecError(f"corrupt blob: unknown {what} code {code}") from None
+
+
+def _check_fields(h: Header) -> None:
+    _lookup(KIND_NAMES, h.kind, "kind")
+    _lookup(CODERS, h.coder, "coder")
+    _lookup(REPRESENTATIVES, h.representative, "representative")
+    if math.prod(h.shape) != h.count:
+        raise CodecError(f"corrupt blob: shape {h.shape} does not hold {h.count} elements")
+    if h.chunk_elems < 1:
+        raise CodecError(f"corrupt blob: chunk_elems {h.chunk_elems}")
+    if h.kind == KIND_DELTA and not (1 <= h.bits <= 8 and h.dtype.is_float
+                                     and h.representative != 0):
+        raise CodecError(f"corrupt blob: delta of {h.dtype.name} with bits {h.bits}")
+
+
+def verify_payload(blob: memoryview, header: Header) -> memoryview:
+    """Returns the payload after checking it against the header's checksum."""
+    payload = blob[header.size:]
+    if payload_hash(payload) != header.payload_hash:
+        raise CodecError("blob payload checksum mismatch: the blob is corrupt")
+    return payload
+
+
+class Reader:
+    """A bounds-checked cursor over a payload: reading past the end raises ``CodecError``."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        """The next ``n`` bytes; ``what`` names them in the error message."""
+        if n < 0 or self.pos + n > len(self._data):
+            raise CodecError(f"corrupt blob: {what} needs {n} bytes at offset {self.pos}, "
+                             f"payload has {len(self._data)}")
+        view = self._data[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "little")
+
+    def u64(self, what: str) -> int:
+        return int.from_bytes(self.take(8, what), "little")
+
+    def array(self, dtype: np.dtype, n: int, what: str) -> np.ndarray:
+        """``n`` elements of ``dtype`` (a read-only view, no copy)."""
+        return np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype)
+
+    def at_end(self) -> None:
+        """Raises unless the whole payload was consumed (trailing bytes mean corruption)."""
+        if self.pos != len(self._data):
+            raise CodecError(f"corrupt blob: {len(self._data) - self.pos} unexpected trailing "
+                             f"payload bytes")
+
+
+def read_chunks(reader: Reader, nchunks: int) -> list[memoryview]:
+    """Reads a chunk table and the chunk bodies it describes."""
+    lengths = reader.array(np.dtype("<u4"), nchunks, "chunk table")
+    return [reader.take(int(n), f"chunk {i}") for i, n in enumerate(lengths)]
+
+
+def write_chunks(bodies: list[bytes]) -> list[bytes]:
+    """The chunk table followed by the bodies, ready to join into a payload."""
+    lengths = np.array([len(b) for b in bodies], dtype="<u4")
+    return [lengths.tobytes(), *bodies]

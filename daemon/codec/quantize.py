@@ -1,0 +1,220 @@
+"""Exponent-bucket quantization of a delta with priority promotion (LC-Checkpoint §3).
+
+Every element of ``delta`` (float32) falls in the bucket keyed by ``bits >> 23`` of its IEEE-754
+pattern: sign and biased exponent, 512 keys, no ``log2``. Priority promotion keeps the
+``2^b - 1`` keys with the largest exponents (magnitude decides, not population; the two signs
+of one exponent are two keys, and when only one of them fits the more populated one wins);
+every other element becomes symbol 0. Keys with exponent field 0 (zeros and subnormals,
+``|delta| < 2^-126``) and 255 (Inf/NaN, stored verbatim as exceptions) are never kept.
+
+Symbol 0 adds ``-0.0``: ``x + (-0.0) == x`` bit for bit for every x (``+0.0`` would turn a
+reference ``-0.0`` into ``+0.0``), so dropped elements keep their reference value exactly.
+
+``reconstruct`` is the one function both encode and decode call, which is what makes a
+decode equal the encoder's reconstruction bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chunks import Scratch
+
+NKEYS = 512
+_EXP_MASK = 0xFF
+_MANTISSA_BITS = 23
+# Per-key count and mantissa sum share one uint64 accumulator: the mantissa sum of at most
+# 2^20 elements stays below 2^43, the count sits above it. One np.add.at instead of two
+# grouped reductions (they hold the GIL, so they are the serial part of encode).
+_COUNT_SHIFT = 43
+MAX_STATS_ELEMS = 1 << 20
+_F32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-key statistics of the deltas of one chunk (or of a whole tensor once merged)."""
+
+    counts: np.ndarray  # int64[512]
+    mantissa_sums: np.ndarray | None  # uint64[512] sums of the 23-bit mantissas, for "mean"
+    lo: np.ndarray | None  # float32[512] per-key minimum, for "midrange"
+    hi: np.ndarray | None  # float32[512] per-key maximum, for "midrange"
+
+    @property
+    def nonfinite(self) -> int:
+        """How many deltas were Inf/NaN (exponent field 255, both signs)."""
+        return int(self.counts[_EXP_MASK] + self.counts[NKEYS - 1])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of promotion: key -> symbol table and the symbol -> value table."""
+
+    lut: np.ndarray  # uint8[512]: symbol of each key (0 = dropped)
+    reps: np.ndarray  # float32[2^b]: value added for each symbol; reps[0] is -0.0
+    sym_counts: np.ndarray  # int64[2^b]: how often each symbol occurs
+
+
+def widen(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
+    """float32 values of float16/bfloat16/float32 input (bfloat16 given as uint16 words)."""
+    if dtype_name == "bfloat16":
+        np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, values)
+    return out
+
+
+def delta32(cur: np.ndarray, ref: np.ndarray, dtype_name: str, out: np.ndarray,
+            scratch: Scratch) -> None:
+    """Writes ``float32(cur - ref)`` into ``out``.
+
+    float16/bfloat16 subtract in float32 (exact widening); float64 subtracts in float64 and
+    rounds the delta to float32 (an overflow becomes Inf and so an exception).
+    """
+    if dtype_name == "bfloat16":
+        a = widen(cur, dtype_name, scratch.get("wide_a", cur.size, _F32))
+        b = widen(ref, dtype_name, scratch.get("wide_b", cur.size, _F32))
+        np.subtract(a, b, out=out)
+    elif dtype_name == "float64":
+        np.subtract(cur, ref, out=out, casting="same_kind")
+    else:
+        np.subtract(cur, ref, out=out, dtype=_F32)
+
+
+def keys_of(delta: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Bucket key (sign << 8 | biased exponent) of each float32 delta, into ``out``."""
+    return np.right_shift(delta.view(np.uint32), _MANTISSA_BITS, out=out, casting="unsafe")
+
+
+def chunk_stats(delta: np.ndarray, representative: str, scratch: Scratch) -> Stats:
+    """Counts and mantissa sums (mean) or min/max (midrange) per key of one chunk."""
+    if delta.size > MAX_STATS_ELEMS:
+        raise ValueError(f"chunk of {delta.size} elements exceeds {MAX_STATS_ELEMS}")
+    keys = keys_of(delta, scratch.get("key_intp", delta.size, np.intp))
+    if representative != "mean":
+        lo = np.full(NKEYS, np.inf, _F32)
+        hi = np.full(NKEYS, -np.inf, _F32)
+        np.minimum.at(lo, keys, delta)
+        np.maximum.at(hi, keys, delta)
+        return Stats(np.bincount(keys, minlength=NKEYS).astype(np.int64), None, lo, hi)
+    packed = scratch.get("packed_stats", delta.size, np.uint64)
+    np.bitwise_and(delta.view(np.uint32), (1 << _MANTISSA_BITS) - 1, out=packed,
+                   casting="unsafe")
+    packed |= np.uint64(1 << _COUNT_SHIFT)
+    acc = np.zeros(NKEYS, np.uint64)
+    np.add.at(acc, keys, packed)
+    counts = (acc >> np.uint64(_COUNT_SHIFT)).astype(np.int64)
+    return Stats(counts, acc & np.uint64((1 << _COUNT_SHIFT) - 1), None, None)
+
+
+def merge(parts: list[Stats], representative: str) -> Stats:
+    """Combines chunk statistics; integer sums, so the result is exact and order-free."""
+    counts = np.zeros(NKEYS, np.int64)
+    for part in parts:
+        counts += part.counts
+    if representative == "mean":
+        sums = np.zeros(NKEYS, np.uint64)
+        for part in parts:
+            assert part.mantissa_sums is not None
+            sums += part.mantissa_sums
+        return Stats(counts, sums, None, None)
+    lo = np.full(NKEYS, np.inf, _F32)
+    hi = np.full(NKEYS, -np.inf, _F32)
+    for part in parts:
+        assert part.lo is not None and part.hi is not None
+        np.minimum(lo, part.lo, out=lo)
+        np.maximum(hi, part.hi, out=hi)
+    return Stats(counts, None, lo, hi)
+
+
+def promote(stats: Stats, bits: int) -> np.ndarray:
+    """The kept keys, in symbol order (symbol 1 first): priority promotion."""
+    keys = np.flatnonzero(stats.counts)
+    exponent = keys & _EXP_MASK
+    keys = keys[(exponent != 0) & (exponent != _EXP_MASK)]
+    # Largest exponent first; between the two signs of one exponent the fuller bucket, then +.
+    order = np.lexsort((keys >> 8, -stats.counts[keys], -(keys & _EXP_MASK)))
+    return keys[order][: (1 << bits) - 1]
+
+
+def _means(stats: Stats, kept: np.ndarray) -> np.ndarray:
+    """Exact bucket means: +-2^(e-127) * (1 + sum(mantissa) / (count * 2^23)), in float64."""
+    assert stats.mantissa_sums is not None
+    counts = stats.counts[kept].astype(np.float64)
+    fraction = stats.mantissa_sums[kept].astype(np.float64) / (counts * (1 << _MANTISSA_BITS))
+    magnitude = np.ldexp(1.0 + fraction, (kept & _EXP_MASK) - 127)
+    return np.where(kept >> 8, -magnitude, magnitude)
+
+
+def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
+    """Promotion plus representatives: what every key becomes."""
+    kept = promote(stats, bits)
+    lut = np.zeros(NKEYS, np.uint8)
+    lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
+    reps = np.zeros(1 << bits, _F32)
+    reps[0] = -0.0
+    if representative == "mean":
+        values = _means(stats, kept)
+    else:
+        assert stats.lo is not None and stats.hi is not None
+        values = (stats.lo[kept].astype(np.float64) + stats.hi[kept]) / 2
+    reps[1:kept.size + 1] = values.astype(_F32)
+    sym_counts = np.bincount(lut, weights=stats.counts, minlength=1 << bits)
+    return Plan(lut, reps, sym_counts.astype(np.int64))
+
+
+def reconstruct(symbols: np.ndarray, ref: np.ndarray, reps: np.ndarray, dtype_name: str, *,
+                out: np.ndarray, scratch: Scratch) -> None:
+    """``out = ref + reps[symbols]``, rounded to the tensor's dtype.
+
+    float32 adds in float32; float16 adds in float32 and rounds to nearest even; bfloat16
+    adds in float32 and rounds the words to nearest even; float64 adds in float64.
+    ``out`` may alias the float32 delta buffer (it is read before this is called).
+    """
+    contrib = np.take(reps, symbols, out=scratch.get("contrib", symbols.size, _F32))
+    if dtype_name in ("float32", "float64"):
+        np.add(ref, contrib, out=out)
+    elif dtype_name == "float16":
+        np.add(ref, contrib, out=out, dtype=_F32, casting="same_kind")
+    else:
+        total = widen(ref, dtype_name, scratch.get("wide_a", ref.size, _F32))
+        np.add(total, contrib, out=total)
+        _round_to_bfloat16(total.view(np.uint32), out, scratch)
+
+
+def _round_to_bfloat16(words32: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    """Round-to-nearest-even of float32 bit patterns to bfloat16 words (in place on words32).
+
+    Only finite and infinite values reach here with a meaning; NaN elements are exceptions
+    and get overwritten, so the carry a NaN payload may take is harmless.
+    """
+    lsb = np.right_shift(words32, 16, out=scratch.get("lsb", words32.size, np.uint32))
+    np.bitwise_and(lsb, 1, out=lsb)
+    lsb += 0x7FFF
+    words32 += lsb
+    np.right_shift(words32, 16, out=out, casting="unsafe")
+
+
+def nonfinite_mask(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
+    """Boolean mask of Inf/NaN elements (bfloat16 read from its exponent bits), into ``out``."""
+    if dtype_name == "bfloat16":
+        exponent = np.bitwise_and(values, 0x7F80)
+        return np.equal(exponent, 0x7F80, out=out)
+    np.isfinite(values, out=out)
+    return np.logical_not(out, out=out)
+
+
+def exception_mask(keys: np.ndarray, recon: np.ndarray, dtype_name: str,
+                   nonfinite_deltas: int, scratch: Scratch) -> np.ndarray | None:
+    """Elements stored verbatim: a non-finite delta, or a reconstruction that overflowed.
+
+    Returns None when there are none (the common case costs one ``isfinite`` pass).
+    """
+    bad = nonfinite_mask(recon, dtype_name, scratch.get("bad", recon.size, np.bool_))
+    if nonfinite_deltas:
+        bad |= (keys & _EXP_MASK) == _EXP_MASK
+    elif not bad.any():
+        return None
+    return bad

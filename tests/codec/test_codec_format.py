@@ -1,0 +1,285 @@
+"""The serialized form is the contract: golden blobs, header layout, corruption handling.
+
+Golden blobs in ``golden/`` were written by format version 1. Decoding them must keep
+working (and give the pinned reconstruction) for as long as version 1 is readable. Encoding
+the same inputs must give the same bytes; if only a zstandard upgrade changes its output,
+``test_golden_blobs_decode`` still passes and the files may be regenerated with
+``python tests/codec/test_codec_format.py --regenerate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+from ckptd.daemon.codec import (
+    BlobInfo,
+    CodecError,
+    blob_info,
+    decode_delta,
+    decode_exact,
+    encode_delta,
+    encode_exact,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _ref16() -> np.ndarray:
+    return np.linspace(-1, 1, 16, dtype=np.float32)
+
+
+def _cur16() -> np.ndarray:
+    steps = (np.arange(16) % 5 - 2).astype(np.float32) * np.float32(0.01)
+    return _ref16() + steps
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """bfloat16 words by truncation (exact for these inputs, no torch needed)."""
+    return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _mostly_tiny() -> np.ndarray:
+    """Four large steps of distinct exponents, twelve tiny ones: at b = 2 most symbols are 0,
+    so the zstd coder picks its split layout."""
+    steps = np.full(16, 1e-4, np.float32)
+    steps[[1, 6, 11, 15]] = [0.5, -0.25, 0.125, 0.0625]
+    return _ref16() + steps
+
+
+def _with_nan() -> np.ndarray:
+    current = _cur16()
+    current[[2, 9]] = [np.nan, -np.inf]
+    return current
+
+
+# name -> (encode the blob, reference for decode or None, sha256 of the decoded bytes)
+CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray] | None, str]] = {
+    "delta_f32_b3_zstd_mean": (
+        lambda: encode_delta(_cur16(), _ref16())[0], _ref16,
+        "7d68cb2a9ac46ea4794ee2e1c12aa8e3e870cbc374e8c74d16997b72c05cefb1"),
+    "delta_f32_b2_zstd_split": (
+        lambda: encode_delta(_mostly_tiny(), _ref16(), bits=2)[0], _ref16,
+        "69b81a94db18fa6ff39214477fda6f6468fdf194d1bb5d0422f1dc36a6eab44b"),
+    "delta_f16_b2_huffman_midrange": (
+        lambda: encode_delta(_cur16().astype(np.float16), _ref16().astype(np.float16), bits=2,
+                             coder="huffman", representative="midrange")[0],
+        lambda: _ref16().astype(np.float16),
+        "b3f3d8481a6c69e7b6f5c2cdb0771a0bb80e8fbf4f9631baf558201f06fa61f5"),
+    "delta_bf16_b4_zstd_mean": (
+        lambda: encode_delta(_bf16(_cur16()), _bf16(_ref16()), bits=4, bfloat16=True)[0],
+        lambda: _bf16(_ref16()),
+        "0a7a97f95b711cffc6d2640c2cbc9b0a8deb381d313b76f47b25420ee1fcb15c"),
+    "delta_f32_nan_exceptions": (
+        lambda: encode_delta(_with_nan(), _ref16())[0], _ref16,
+        "c542633495314f81867b036de08cbcb7c4c72b4218839593be1c0f50dd7503f8"),
+    "exact_int64_2x3": (
+        lambda: encode_exact(np.arange(6, dtype=np.int64).reshape(2, 3)), None,
+        "f190072c5052f4f440d4a607c25f5bced487c420806c9aab4ca5b0653e72da61"),
+    "exact_f32_planes": (
+        lambda: encode_exact(_ref16()), None,
+        "188268261dd42de28aa6bb914cdb0d67980f3790ea5225a3dda9936cfd2181b3"),
+    "exact_bf16_0d": (
+        lambda: encode_exact(np.array(0x3F80, np.uint16), bfloat16=True), None,
+        "b9c205bdac187f20bf876cea369cb6032ad1bf69043b31d716b36b8defbffdf2"),
+}
+
+
+def _decode(blob: bytes, reference: Callable[[], np.ndarray] | None) -> np.ndarray:
+    return decode_exact(blob) if reference is None else decode_delta(blob, reference())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_blobs_decode(name: str) -> None:
+    _, reference, digest = CASES[name]
+    decoded = _decode((GOLDEN / f"{name}.ckpd").read_bytes(), reference)
+    assert hashlib.sha256(decoded.tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_encoding_reproduces_golden_bytes(name: str) -> None:
+    encode, _, _ = CASES[name]
+    assert encode() == (GOLDEN / f"{name}.ckpd").read_bytes()
+
+
+def test_exact_header_layout() -> None:
+    blob = encode_exact(np.arange(3, dtype=np.int32))
+    expected_prefix = bytes.fromhex(
+        "434b5044"  # magic CKPD
+        "01"  # version
+        "02"  # kind exact
+        "07"  # dtype int32
+        "01"  # ndim
+        "00"  # bits
+        "01"  # coder zstd
+        "00"  # representative none
+        "00"  # flags: no byte planes for integers
+        "00000400"  # chunk_elems 2^18
+        "0300000000000000"  # count
+    )
+    assert blob[:24] == expected_prefix
+    payload_len, payload_hash, dim0, crc = struct.unpack_from("<QQQI", blob, 24)
+    assert dim0 == 3 and len(blob) == 52 + payload_len
+    assert payload_hash == xxhash.xxh3_64_intdigest(blob[52:])
+    assert crc == zlib.crc32(blob[:48])
+
+
+def test_zstd_layouts_are_both_pinned() -> None:
+    """The coder parameter byte (right after the 7 representatives/3 at b=2): 0 packed, 1 split."""
+    packed = (GOLDEN / "delta_f32_b3_zstd_mean.ckpd").read_bytes()
+    split = (GOLDEN / "delta_f32_b2_zstd_split.ckpd").read_bytes()
+    assert packed[52 + 7 * 4:52 + 7 * 4 + 5] == b"\x01\x00\x00\x00\x00"
+    assert split[52 + 3 * 4:52 + 3 * 4 + 5] == b"\x01\x00\x00\x00\x01"
+
+
+def test_golden_blob_info() -> None:
+    info = blob_info((GOLDEN / "delta_f16_b2_huffman_midrange.ckpd").read_bytes())
+    assert info == BlobInfo("delta", "float16", (16,), 2, "huffman", "midrange", 32)
+    info = blob_info((GOLDEN / "exact_bf16_0d.ckpd").read_bytes())
+    assert info == BlobInfo("exact", "bfloat16", (), 0, "zstd", "none", 2)
+
+
+def _sample_blobs() -> list[tuple[bytes, Callable[[], np.ndarray] | None]]:
+    rng = np.random.default_rng(7)
+    reference = rng.standard_normal(300).astype(np.float32)
+    current = reference + rng.standard_normal(300).astype(np.float32) * np.float32(0.01)
+    current[5] = np.nan
+    return [
+        (encode_delta(current, reference)[0], lambda: reference),
+        (encode_delta(current, reference, coder="huffman", bits=5)[0], lambda: reference),
+        (encode_delta(current, reference, bits=2)[0], lambda: reference),  # split layout
+        (encode_exact(current), None),
+        (encode_exact(np.arange(40, dtype=np.int16)), None),
+    ]
+
+
+def test_every_truncation_is_a_codec_error() -> None:
+    for blob, reference in _sample_blobs():
+        for length in range(len(blob)):
+            with pytest.raises(CodecError):
+                _decode(blob[:length], reference)
+            with pytest.raises(CodecError):
+                blob_info(blob[:length])
+
+
+def test_every_single_bit_flip_is_a_codec_error() -> None:
+    for blob, reference in _sample_blobs():
+        for position in range(len(blob)):
+            for bit in range(8):
+                corrupt = bytearray(blob)
+                corrupt[position] ^= 1 << bit
+                with pytest.raises(CodecError):
+                    _decode(bytes(corrupt), reference)
+
+
+def test_trailing_bytes_are_a_codec_error() -> None:
+    for blob, reference in _sample_blobs():
+        with pytest.raises(CodecError, match="does not match its header"):
+            _decode(blob + b"\0", reference)
+
+
+def _reseal(blob: bytes) -> bytes:
+    """Recomputes both checksums, as a buggy or malicious writer would."""
+    end = 40 + 8 * blob[7]
+    if end + 4 > len(blob):
+        return blob
+    data = bytearray(blob)
+    struct.pack_into("<Q", data, 32, xxhash.xxh3_64_intdigest(bytes(data[end + 4:])))
+    struct.pack_into("<I", data, end, zlib.crc32(bytes(data[:end])))
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, 4), edits=st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) -> None:
+    """Even with valid checksums, bad structure is a CodecError, never an IndexError & co."""
+    blob, reference = _sample_blobs()[which]
+    data = bytearray(blob)
+    for position, value in edits:
+        data[position % len(data)] = value
+    if data[4] != 1:
+        data[4] = 1  # keep the version valid so that the structure is parsed
+    with contextlib.suppress(CodecError):
+        _decode(_reseal(bytes(data)), reference)
+
+
+def test_unknown_version_is_reported() -> None:
+    blob = bytearray(encode_exact(np.arange(4)))
+    blob[4] = 2
+    with pytest.raises(CodecError, match="unsupported codec format version 2"):
+        decode_exact(_reseal(bytes(blob)))
+    with pytest.raises(CodecError, match="version 2"):
+        blob_info(bytes(blob))
+
+
+def test_not_a_blob() -> None:
+    with pytest.raises(CodecError, match="not a ckptd codec blob"):
+        decode_exact(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(CodecError, match="truncated"):
+        blob_info(b"")
+
+
+def test_kind_mismatch_is_reported() -> None:
+    reference = _ref16()
+    delta_blob = encode_delta(_cur16(), reference)[0]
+    with pytest.raises(CodecError, match="use decode_delta"):
+        decode_exact(delta_blob)
+    with pytest.raises(CodecError, match="use decode_exact"):
+        decode_delta(encode_exact(reference), reference)
+
+
+def test_reference_mismatch_is_reported() -> None:
+    reference = _ref16()
+    blob = encode_delta(_cur16(), reference)[0]
+    with pytest.raises(CodecError, match=r"blob needs float32"):
+        decode_delta(blob, reference[:8])
+    with pytest.raises(CodecError, match=r"blob needs float32"):
+        decode_delta(blob, reference.astype(np.float64))
+    with pytest.raises(CodecError, match="must match"):
+        encode_delta(_cur16(), reference[:8])
+    with pytest.raises(CodecError, match="must match"):
+        encode_delta(_cur16(), reference.astype(np.float16))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bits": 0}, "bits must be an integer in 1..8, got 0"),
+    ({"bits": 9}, "got 9"),
+    ({"bits": True}, "got True"),
+    ({"bits": 3.0}, "got 3.0"),
+    ({"representative": "median"}, "'median'"),
+    ({"coder": "gzip"}, "'gzip'"),
+])
+def test_invalid_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        encode_delta(_cur16(), _ref16(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.uint8])
+def test_delta_rejects_non_float(dtype: type) -> None:
+    values: np.ndarray = np.zeros(4, dtype)
+    with pytest.raises(CodecError, match="store it with encode_exact"):
+        encode_delta(values, values)
+
+
+def _regenerate() -> None:
+    GOLDEN.mkdir(exist_ok=True)
+    for name, (encode, reference, _) in sorted(CASES.items()):
+        blob = encode()
+        (GOLDEN / f"{name}.ckpd").write_bytes(blob)
+        digest = hashlib.sha256(_decode(blob, reference).tobytes()).hexdigest()
+        print(f"{name}: {len(blob)} bytes, decoded sha256 {digest}")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
+    _regenerate()
