@@ -1,0 +1,218 @@
+"""Local-directory backend: one file per key under a root directory.
+
+Atomicity comes from the POSIX rename: ``put`` writes ``<dir>/.tmp-<uuid>-<name>`` in the
+target's own directory (same file system, so the rename cannot degrade to a copy), fsyncs
+the file, renames it over the target and fsyncs the directory, so the new entry survives a
+power loss. A crash leaves at most the temporary behind; ``list`` never shows it and
+``cleanup_temporaries`` removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ckptd.daemon.storage.base import (
+    TEMP_PREFIX,
+    KeyNotFoundError,
+    Storage,
+    StorageError,
+    check_range,
+    is_valid_key,
+    validate_key,
+    validate_prefix,
+)
+
+# How often put retries when a concurrent delete removes the freshly created directory.
+_MKDIR_ATTEMPTS = 5
+# Room left for ".tmp-<32 hex>-" inside the 255-byte file-name limit.
+_TEMP_NAME_CHARS = 100
+
+
+class LocalStorage(Storage):
+    """Objects as files under ``root``; see the module docstring for the commit protocol."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        """Opens (and creates, with parents) the directory ``root``."""
+        self.root = Path(os.path.abspath(os.fspath(root)))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create storage directory {self.root}: {exc}") from exc
+        if not self.root.is_dir():
+            raise StorageError(f"storage path {self.root} exists and is not a directory")
+        self.url = f"file://{self.root}"
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
+        view = memoryview(data).cast("B")
+        tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name[:_TEMP_NAME_CHARS]}"
+        try:
+            fd = self._create_temp(tmp)
+            try:
+                _write_all(fd, view)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise StorageError(
+                f"put {key!r} ({len(view)} bytes) in {self.url} failed: {exc}"
+            ) from exc
+
+    def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:
+        path = self._path(key)
+        check_range(start, end)
+        try:
+            # Buffered reads loop until ``n`` bytes or EOF, unlike a single raw read(2).
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(-1 if end is None else end - start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise KeyNotFoundError(f"key {key!r} not found in {self.url}") from exc
+        except OSError as exc:
+            raise StorageError(f"get {key!r} from {self.url} failed: {exc}") from exc
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise KeyNotFoundError(f"key {key!r} not found in {self.url}") from exc
+        except OSError as exc:
+            raise StorageError(f"size of {key!r} in {self.url} failed: {exc}") from exc
+        if not path.is_file():
+            raise KeyNotFoundError(f"key {key!r} not found in {self.url} (it is a directory)")
+        return st.st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        try:
+            keys = [key for key, _ in self._walk(prefix) if not _is_temp(key)]
+        except OSError as exc:
+            raise StorageError(f"list {prefix!r} in {self.url} failed: {exc}") from exc
+        return sorted(key for key in keys if is_valid_key(key))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        paths = [self._path(key) for key in keys]
+        touched: set[Path] = set()
+        try:
+            for path in paths:
+                try:
+                    path.unlink()
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                    continue
+                touched.add(path.parent)
+            for directory in touched:
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise StorageError(f"delete of {len(paths)} keys in {self.url} failed: {exc}") from exc
+        self._prune_empty_dirs(touched)
+
+    def cleanup_temporaries(self, *, min_age_s: float = 0.0) -> int:
+        """Removes ``.tmp-*`` files of crashed puts older than ``min_age_s``; returns the count."""
+        cutoff = time.time() - min_age_s
+        removed: set[Path] = set()
+        try:
+            for key, path in self._walk(""):
+                if _is_temp(key) and _mtime(path) <= cutoff:
+                    _unlink_quietly(path)
+                    removed.add(path)
+        except OSError as exc:
+            raise StorageError(f"cleanup of temporaries in {self.url} failed: {exc}") from exc
+        self._prune_empty_dirs({path.parent for path in removed})
+        return len(removed)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def _create_temp(self, tmp: Path) -> int:
+        """Creates the directory chain and the temporary; retries if a delete prunes the dir."""
+        for attempt in range(_MKDIR_ATTEMPTS):
+            try:
+                self._makedirs_durable(tmp.parent)
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                if attempt == _MKDIR_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _makedirs_durable(self, directory: Path) -> None:
+        """Creates missing directories and fsyncs each new entry's parent (a new file in a
+        new directory is not durable until the directory's own entry is)."""
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        while not directory.is_dir() and directory != self.root:
+            missing.append(directory)
+            directory = directory.parent
+        for new_dir in reversed(missing):
+            new_dir.mkdir(exist_ok=True)
+            _fsync_dir(new_dir.parent)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        """Yields (key-like relative name, path) of every regular file below ``prefix``."""
+        stack = [self.root.joinpath(*prefix.split("/")) if prefix else self.root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file():
+                    path = Path(entry.path)
+                    yield path.relative_to(self.root).as_posix(), path
+
+    def _prune_empty_dirs(self, directories: Iterable[Path]) -> None:
+        """Removes emptied directories bottom-up, never the root; a racing put recreates
+        any it needs (``_create_temp`` retries)."""
+        for deepest in sorted(set(directories), key=lambda p: len(p.parts), reverse=True):
+            directory = deepest
+            while directory != self.root and self.root in directory.parents:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                directory = directory.parent
+
+
+def _is_temp(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
+
+
+def _mtime(path: Path) -> float:
+    """Modification time, or +inf for a file that vanished (a put that just renamed it)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    # os.write may write less than asked (signals, >2 GiB chunks on Linux): loop on slices,
+    # which are views, so a large checkpoint blob is never copied in Python.
+    offset = 0
+    while offset < len(view):
+        offset += os.write(fd, view[offset:])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -1,0 +1,145 @@
+"""What only the local backend promises: temp-file commit protocol, crash leftovers, dirs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from ckptd.daemon.storage import LocalStorage, StorageError, open_storage
+from ckptd.daemon.storage import local as local_module
+
+
+def _all_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_crash_leftover_is_hidden_and_cleaned_up(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put("runs/r1/m", b"committed")
+    leftover = tmp_path / "runs" / "r1" / ".tmp-0123abcd-m2"
+    leftover.write_bytes(b"half a manifest")
+    orphan_dir = tmp_path / "runs" / "r2"
+    orphan_dir.mkdir()
+    (orphan_dir / ".tmp-feed-blob").write_bytes(b"partial")
+
+    assert storage.list() == ["runs/r1/m"]
+    assert storage.list("runs/r1/") == ["runs/r1/m"]
+    assert storage.cleanup_temporaries() == 2
+    assert _all_files(tmp_path) == ["runs/r1/m"]
+    assert not orphan_dir.exists()  # emptied by the cleanup, so pruned
+    assert storage.get("runs/r1/m") == b"committed"
+
+
+def test_cleanup_spares_young_temporaries(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    young = tmp_path / ".tmp-young-a"
+    old = tmp_path / ".tmp-old-b"
+    young.write_bytes(b"")
+    old.write_bytes(b"")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert storage.cleanup_temporaries(min_age_s=600) == 1
+    assert young.exists()
+    assert not old.exists()
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync", "write"])
+def test_failed_put_keeps_old_content_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put("d/manifest", b"old version")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(local_module.os, failing, fail)
+    with pytest.raises(StorageError, match=r"put 'd/manifest' \(11 bytes\).*No space left"):
+        storage.put("d/manifest", b"new version")
+    monkeypatch.undo()
+    assert storage.get("d/manifest") == b"old version"
+    assert _all_files(tmp_path) == ["d/manifest"]
+
+
+def test_put_replaces_file_by_rename(tmp_path: Path) -> None:
+    # A reader holding the old file keeps reading the old bytes: the new version is a new
+    # inode renamed over the name, never an in-place rewrite.
+    storage = LocalStorage(tmp_path)
+    storage.put("m", b"version 1")
+    with open(tmp_path / "m", "rb") as reader:
+        storage.put("m", b"version 2")
+        assert reader.read() == b"version 1"
+    assert storage.get("m") == b"version 2"
+
+
+def test_delete_prunes_emptied_directories_but_not_root(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    storage = LocalStorage(root)
+    storage.put("runs/r1/rank0/a", b"x")
+    storage.put("runs/r1/rank0/b", b"x")
+    storage.put("runs/r2/rank0/a", b"x")
+    storage.delete(["runs/r1/rank0/a"])
+    assert (root / "runs" / "r1" / "rank0").is_dir()
+    storage.delete(["runs/r1/rank0/b"])
+    assert not (root / "runs" / "r1").exists()
+    assert (root / "runs" / "r2" / "rank0" / "a").is_file()
+    storage.delete(["runs/r2/rank0/a"])
+    assert root.is_dir()
+    assert list(root.iterdir()) == []
+
+
+def test_key_under_an_existing_object_fails_cleanly(tmp_path: Path) -> None:
+    # On a file system "a" cannot be both a file and a directory (S3 allows it).
+    storage = LocalStorage(tmp_path)
+    storage.put("a", b"file")
+    with pytest.raises(StorageError, match="'a/b'"):
+        storage.put("a/b", b"x")
+    assert storage.list() == ["a"]
+
+
+def test_concurrent_put_and_delete_in_one_directory(tmp_path: Path) -> None:
+    # Deletes prune the directory that puts are about to write into; every put must still
+    # land, and nothing but committed keys may remain.
+    storage = LocalStorage(tmp_path)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            storage.put("shared/churn", b"c")
+            storage.delete(["shared/churn"])
+
+    def put(i: int) -> None:
+        storage.put(f"shared/k{i:03d}", b"v")
+        storage.delete([f"shared/k{i:03d}"])
+        storage.put(f"shared/k{i:03d}", b"final")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        churner = pool.submit(churn)
+        try:
+            list(pool.map(put, range(60)))
+        finally:
+            stop.set()
+        churner.result()
+    assert storage.list() == [f"shared/k{i:03d}" for i in range(60)]
+    assert storage.get("shared/k059") == b"final"
+
+
+def test_root_is_created_and_url_is_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = open_storage("nested/store")
+    assert isinstance(storage, LocalStorage)
+    assert storage.url == f"file://{tmp_path}/nested/store"
+    assert (tmp_path / "nested" / "store").is_dir()
+
+
+def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StorageError, match="file"):
+        LocalStorage(blocker)
