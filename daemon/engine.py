@@ -1,120 +1,405 @@
 """The checkpoint engine: chains of base/delta checkpoints per (run, rank).
 
-API CONTRACT (skeleton written by the lead; the engine helper implements it and may move
-the implementation into smaller modules, but keeps these names and signatures, which the
-gRPC servicer calls).
-
 Call order, all from the daemon's event loop (one asyncio loop, one thread):
 
 1. ``engine = Engine(storage, config)``; ``await engine.start()`` — rebuilds the index
    from storage, removes uncommitted leftovers. Codec and storage work run in the engine's
-   own thread pool, never on the loop.
-2. Saving: ``session = await engine.open_save(header)`` validates the header and reserves
-   its bytes in the in-flight budget (waits for room, or raises ``BusyError`` when
-   ``header.fail_if_busy``). The transport then fills the session's buffers with
-   ``session.write(index, offset, data)`` (streamed chunks, in order) or
-   ``session.fill_from(index, view)`` (shared memory), and calls
+   own thread pools, never on the loop.
+2. Saving: ``session = await engine.open_save(header)`` validates the header, reserves the
+   step (a concurrent duplicate fails) and reserves its bytes in the in-flight budget
+   (waits for room, or raises ``BusyError`` when ``header.fail_if_busy``). The transport
+   then fills the session's buffers with ``session.write(index, offset, data)`` (streamed
+   chunks, in order) or ``session.fill_from(index, view)`` (shared memory), and calls
    ``status = await session.commit()``, which checks completeness and hands the save to
-   the pipeline: received → encoding → writing → durable | failed. On any error before
+   the pipeline: accepted → encoding → writing → durable | failed. On any error before
    commit, the transport calls ``session.abort()``: budget and step are released and
    nothing durable changes. ``async with session:`` aborts on exception.
 3. ``engine.status(key)`` / ``await engine.wait(key, timeout_s)`` report a save's state.
 4. ``await engine.restore(run, rank, step | None)`` returns the verified reconstruction
    (None = latest durable step, served from memory when it is the chain's head).
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
-   ``await delete_run(run)``.
-6. Shutdown: ``await engine.drain(timeout_s)`` refuses new saves (``ShuttingDownError``)
-   and waits until every accepted save is durable or failed; then ``await engine.close()``.
+   ``await delete_run(run)``. Deleting refuses (``InvalidRequestError``) while a save of
+   the same (run, rank) is in flight, rather than waiting behind it for an unbounded time.
+6. Shutdown: ``await engine.drain(timeout_s)`` refuses new saves (``ShuttingDownError``;
+   saves waiting for budget get it too), lets sessions already open commit, and waits
+   until every accepted save is durable or failed; then ``await engine.close()`` fails
+   whatever is left and stops the pools. The storage belongs to the caller, who closes it.
+
+Pipeline order: one worker task per chain takes its saves strictly in step order (a step
+still streaming holds back a later one that finished first); chains run in parallel.
+
+Memory: the budget counts a save's raw bytes from ``open_save`` until it is durable or
+failed. Its receive buffers are dropped tensor by tensor as soon as each is encoded (an
+exact tensor's buffer becomes the chain's new reconstruction instead of being copied);
+what the budget still covers after that is the encoded blobs on their way to storage.
+Beyond the budget, each chain holds one reconstruction (its head) in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+
+from ckptd.daemon.budget import ByteBudget
+from ckptd.daemon.chain import Chain, QueuedSave
 from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.deletion import Deleter
 from ckptd.daemon.domain import (
     CheckpointHeader,
     RestoredCheckpoint,
     RunInfo,
+    SaveState,
     SaveStatus,
     StepInfo,
     StepKey,
 )
-from ckptd.daemon.storage import Storage
+from ckptd.daemon.errors import (
+    InvalidRequestError,
+    RunNotFoundError,
+    ShuttingDownError,
+    StepExistsError,
+    StepNotFoundError,
+    StepOrderError,
+)
+from ckptd.daemon.index import StepIndex, scan
+from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.pipeline import SavePipeline
+from ckptd.daemon.pools import Pools
+from ckptd.daemon.restore import MissingBlobError, Restorer
+from ckptd.daemon.session import SaveSession
+from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.validation import check_header, check_key, check_run_name
 
+__all__ = ["Engine", "SaveSession"]
 
-class SaveSession:
-    """One save between its header and its acceptance; owns the reserved budget."""
-
-    header: CheckpointHeader
-
-    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
-        """Copies a chunk of tensor ``index`` at ``offset`` (must equal bytes already written
-        to it, and tensors are filled in table order); raises ``InvalidRequestError`` naming
-        the tensor, offset and size when the chunk is out of order or past the tensor's end."""
-        raise NotImplementedError
-
-    def fill_from(self, index: int, view: memoryview) -> None:
-        """Copies a whole tensor from ``view`` (shared memory); ``len(view)`` must equal its nbytes."""
-        raise NotImplementedError
-
-    async def commit(self) -> SaveStatus:
-        """Raises ``IncompleteStreamError`` naming the first short tensor if any bytes are
-        missing; else queues the save and returns its ACCEPTED status."""
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        """Releases the budget and the step; idempotent; a no-op after commit."""
-        raise NotImplementedError
-
-    async def __aenter__(self) -> SaveSession:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if exc_info[0] is not None:
-            self.abort()
+log = get_logger("engine")
+# Failed saves remembered for status()/wait() after they finish (durable ones are in the
+# index); the oldest are forgotten first.
+MAX_REMEMBERED_FAILURES = 4096
+SHUTDOWN_REASON = "the daemon is shutting down and accepts no new saves"
 
 
 class Engine:
-    """Owns every chain, the in-flight budget, the index of committed steps and the pool."""
+    """Owns every chain, the in-flight budget, the index of committed steps and the pools."""
 
     def __init__(self, storage: Storage, config: EngineConfig) -> None:
         self.storage = storage
         self.config = config
+        self._pools = Pools(config.encode_workers, config.storage_workers)
+        self._budget = ByteBudget(config.max_inflight_bytes)
+        self._index = StepIndex()
+        self._restorer = Restorer(storage, self._pools)
+        self._pipeline = SavePipeline(storage, config, self._index, self._pools, self._restorer)
+        self._deleter = Deleter(storage, self._index, self._pools, self._restorer)
+        self._chains: dict[tuple[str, int], Chain] = {}
+        self._sessions: set[SaveSession] = set()
+        self._inflight: dict[StepKey, QueuedSave] = {}
+        self._failed: collections.OrderedDict[StepKey, SaveStatus] = collections.OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started = False
+        self._draining = False
+        self._closed = False
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Indexes every committed step and deletes what no manifest accounts for."""
+        found = await scan(self.storage, self._pools.run_io)
+        for entry in found.entries:
+            self._index.add(entry)
+        if found.garbage:
+            await self._pools.run_io(lambda: self.storage.delete(found.garbage))
+        temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
+        self._started = True
+        log.info("engine started %s", fields(
+            steps=len(found.entries), chains=len(self._index.chains()),
+            removed_keys=len(found.garbage), removed_temporaries=temporaries))
 
     async def open_save(self, header: CheckpointHeader) -> SaveSession:
-        raise NotImplementedError
+        self._check_accepting()
+        check_header(header, self.config)
+        key = header.key
+        chain = self._chain(key.run, key.rank)
+        self._check_step_free(chain, key)
+        chain.reserved.add(key.step)
+        try:
+            await self._budget.acquire(
+                header.nbytes, wait=not header.fail_if_busy, what=f"save {key}"
+            )
+        except BaseException:
+            self._release_step(chain, key.step)
+            raise
+        try:
+            session = SaveSession(header, self._accept, self._abandon)
+        except BaseException:
+            self._budget.release(header.nbytes)
+            self._release_step(chain, key.step)
+            raise
+        self._sessions.add(session)
+        self._idle.clear()
+        return session
 
     def status(self, key: StepKey) -> SaveStatus:
-        raise NotImplementedError
+        """The save's state: in flight, DURABLE once committed, or FAILED (remembered for
+        the last ``MAX_REMEMBERED_FAILURES`` failures)."""
+        check_key(key.run, key.rank, key.step)
+        save = self._inflight.get(key)
+        if save is not None:
+            return save.status
+        if self._index.get(key) is not None:
+            return SaveStatus(key, SaveState.DURABLE)
+        failed = self._failed.get(key)
+        if failed is not None:
+            return failed
+        raise self._not_found(key)
 
     async def wait(self, key: StepKey, timeout_s: float) -> SaveStatus:
-        raise NotImplementedError
+        """Waits until the save is durable or failed, or ``timeout_s`` passes; returns the
+        state at that moment either way."""
+        save = self._inflight.get(key)
+        if save is not None:
+            try:
+                await asyncio.wait_for(save.done.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return save.status
+            return save.status
+        return self.status(key)
 
     async def restore(self, run: str, rank: int, step: int | None) -> RestoredCheckpoint:
-        raise NotImplementedError
+        check_key(run, rank, step)
+        steps = self._index.steps(run, rank)
+        if not steps:
+            raise self._not_found(StepKey(run, rank, step or 0))
+        key = StepKey(run, rank, steps[-1] if step is None else step)
+        for _attempt in range(3):
+            entry = self._index.get(key)
+            if entry is None:
+                raise self._not_found(key)
+            manifest = entry.manifest
+            chain = self._chains.get((run, rank))
+            head = chain.recon if chain is not None else None
+            try:
+                if head is not None and head.step == key.step:
+                    arrays = await self._restorer.copy_verified(manifest, head.arrays)
+                else:
+                    arrays = await self._restorer.restore(self._index.plan(key))
+            except MissingBlobError:
+                # A delete or rebase may have replaced the plan meanwhile: plan again, and
+                # report corruption only when the plan is still the same.
+                if self._index.get(key) is entry:
+                    raise
+                continue
+            return RestoredCheckpoint(key, manifest.specs, arrays, manifest.metadata,
+                                      manifest.checksum)
+        raise StepNotFoundError(f"step {key} changed repeatedly while being restored; retry")
 
     def list_runs(self) -> list[RunInfo]:
-        raise NotImplementedError
+        runs = []
+        for run, rank in self._index.chains():
+            entries = self._index.entries(run, rank)
+            runs.append(RunInfo(run, rank, len(entries), entries[-1].manifest.key.step,
+                                sum(entry.stored_bytes for entry in entries)))
+        return runs
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
-        raise NotImplementedError
+        check_key(run, rank)
+        entries = self._index.entries(run, rank)
+        if not entries:
+            raise self._not_found(StepKey(run, rank, 0))
+        return [
+            StepInfo(step=m.key.step, kind=m.kind, parent_step=m.parent_step,
+                     raw_bytes=m.raw_bytes, stored_bytes=e.stored_bytes,
+                     chain_depth=m.chain_depth, created_unix_s=m.created_unix_s)
+            for e in entries
+            for m in (e.manifest,)
+        ]
 
     async def delete_step(self, key: StepKey) -> int:
-        raise NotImplementedError
+        """Deletes one step (rebasing the step that depends on it first); returns 1."""
+        check_key(key.run, key.rank, key.step)
+        if self._index.get(key) is None:
+            raise self._not_found(key)
+        chain = self._chain(key.run, key.rank)
+        self._check_chain_idle(chain, f"step {key}")
+        async with chain.lock:
+            if self._index.get(key) is None:
+                raise self._not_found(key)
+            await self._deleter.delete_step(chain, key)
+        return 1
 
     async def delete_run(self, run: str) -> int:
-        raise NotImplementedError
+        """Deletes every step of every rank of ``run``; returns how many."""
+        check_run_name(run)
+        ranks = self._index.ranks(run)
+        if not ranks:
+            raise RunNotFoundError(f"run {run!r} has no saved steps; known runs: "
+                                   f"{self._known_runs()}")
+        chains = [self._chain(run, rank) for rank in ranks]
+        for chain in chains:
+            self._check_chain_idle(chain, f"run {run!r}")
+        deleted = 0
+        for chain in chains:
+            async with chain.lock:
+                deleted += await self._deleter.delete_chain(chain)
+        return deleted
 
     @property
     def inflight_bytes(self) -> int:
         """Bytes currently reserved in the budget (for metrics and tests)."""
-        raise NotImplementedError
+        return self._budget.in_use_bytes
 
     async def drain(self, timeout_s: float) -> bool:
         """Returns True when every accepted save finished within the timeout."""
-        raise NotImplementedError
+        self._draining = True
+        self._budget.close(SHUTDOWN_REASON)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Aborts open sessions, fails unfinished saves, stops the pools (idempotent)."""
+        if self._closed:
+            return
+        self._draining = self._closed = True
+        self._budget.close(SHUTDOWN_REASON)
+        for session in list(self._sessions):
+            session.abort()
+        workers = [c.worker for c in self._chains.values() if c.worker is not None]
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for chain in self._chains.values():
+            for save in list(chain.queued.values()):
+                self._finish(chain, save, "the daemon shut down before the save was encoded")
+        await self._pools.shutdown()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _chain(self, run: str, rank: int) -> Chain:
+        chain = self._chains.get((run, rank))
+        if chain is None:
+            chain = self._chains[(run, rank)] = Chain(run, rank)
+        return chain
+
+    def _check_accepting(self) -> None:
+        if not self._started:
+            raise RuntimeError("Engine.start() must complete before saves are opened")
+        if self._draining:
+            raise ShuttingDownError(SHUTDOWN_REASON)
+
+    def _check_step_free(self, chain: Chain, key: StepKey) -> None:
+        if key.step in chain.reserved:
+            raise StepExistsError(f"step {key} is already being saved")
+        if self._index.get(key) is not None:
+            raise StepExistsError(f"step {key} is already saved; delete it first to replace it")
+        committed = self._index.latest(key.run, key.rank)
+        pending = max(chain.reserved, default=None)
+        latest = max((s for s in (committed, pending) if s is not None), default=None)
+        if latest is not None and key.step <= latest:
+            where = "in flight" if latest == pending else "saved"
+            raise StepOrderError(
+                f"step {key.step} of {key.run}/rank{key.rank} is not after the latest step "
+                f"{where}, {latest}; steps must increase"
+            )
+
+    def _check_chain_idle(self, chain: Chain, what: str) -> None:
+        if chain.reserved:
+            raise InvalidRequestError(
+                f"cannot delete {what}: saves of steps {sorted(chain.reserved)} of "
+                f"{chain.run}/rank{chain.rank} are in flight; wait until they are durable"
+            )
+
+    async def _accept(self, session: SaveSession) -> SaveStatus:
+        """``SaveSession.commit``: hands the received tensors to the chain's worker."""
+        if self._closed:
+            raise ShuttingDownError(SHUTDOWN_REASON)
+        key = session.header.key
+        chain = self._chain(key.run, key.rank)
+        save = QueuedSave(session.header, session.take_arrays())
+        self._sessions.discard(session)
+        self._inflight[key] = save
+        self._failed.pop(key, None)
+        chain.queued[key.step] = save
+        chain.wakeup.set()
+        if chain.worker is None:
+            name = f"ckptd-chain-{key.run}-{key.rank}"
+            chain.worker = asyncio.create_task(self._work(chain), name=name)
+        return save.status
+
+    def _abandon(self, session: SaveSession) -> None:
+        """``SaveSession.abort``: gives back the budget and the step."""
+        self._sessions.discard(session)
+        self._budget.release(session.nbytes)
+        key = session.header.key
+        self._release_step(self._chain(key.run, key.rank), key.step)
+        self._check_idle()
+
+    async def _work(self, chain: Chain) -> None:
+        try:
+            while chain.queued:
+                save = chain.next_ready()
+                if save is None:
+                    chain.wakeup.clear()
+                    await chain.wakeup.wait()
+                    continue
+                del chain.queued[save.header.key.step]
+                await self._process(chain, save)
+        finally:
+            chain.worker = None
+
+    async def _process(self, chain: Chain, save: QueuedSave) -> None:
+        error = ""
+        try:
+            async with chain.lock:
+                chain.recon = await self._pipeline.run(chain, save)
+        except asyncio.CancelledError:
+            self._finish(chain, save, "the daemon shut down before the save was durable")
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("save failed %s", fields(key=str(save.header.key), error=error),
+                      exc_info=not isinstance(exc, OSError | ValueError))
+        self._finish(chain, save, error)
+
+    def _finish(self, chain: Chain, save: QueuedSave, error: str) -> None:
+        key = save.header.key
+        if save.done.is_set():
+            return
+        save.state = SaveState.FAILED if error else SaveState.DURABLE
+        save.error = error
+        save.arrays = []
+        chain.queued.pop(key.step, None)
+        self._inflight.pop(key, None)
+        if error:
+            self._failed[key] = save.status
+            while len(self._failed) > MAX_REMEMBERED_FAILURES:
+                self._failed.popitem(last=False)
+        self._budget.release(save.header.nbytes)
+        self._release_step(chain, key.step)
+        save.done.set()
+        self._check_idle()
+
+    def _release_step(self, chain: Chain, step: int) -> None:
+        chain.reserved.discard(step)
+        chain.wakeup.set()
+
+    def _check_idle(self) -> None:
+        if not self._sessions and not self._inflight:
+            self._idle.set()
+
+    def _not_found(self, key: StepKey) -> Exception:
+        steps = self._index.steps(key.run, key.rank)
+        if not steps:
+            ranks = self._index.ranks(key.run)
+            where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self._known_runs()}"
+            return RunNotFoundError(f"run {key.run!r} rank {key.rank} has no saved steps; {where}")
+        nearby = self._index.nearby(key.run, key.rank, key.step)
+        return StepNotFoundError(
+            f"step {key} does not exist; nearby steps: {nearby} (latest {steps[-1]})"
+        )
+
+    def _known_runs(self) -> str:
+        runs = sorted({run for run, _ in self._index.chains()})
+        shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+        return shown or "none"

@@ -1,0 +1,125 @@
+"""Per-(run, rank) state: the reconstruction at the chain's head, the saves in flight, and
+the chain policy that decides whether the next save is a base or a delta.
+
+A chain's saves go through the pipeline strictly in step order, one at a time, under
+``Chain.lock`` (deletes of the chain's steps take the same lock). The reconstruction is
+what a restore of the head step returns, bit for bit; the next delta is encoded against
+it. It is replaced only after the next step is committed, so a failed save leaves the
+chain exactly where it was. Used only from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.domain import CheckpointHeader, SaveState, SaveStatus, TensorSpec
+from ckptd.daemon.manifest import BASE, DELTA, Manifest
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The tensors a restore of ``step`` returns, plus the counters the chain policy needs.
+
+    Arrays are never modified in place (each step gets new arrays), so a restore may copy
+    them from a worker thread while the pipeline moves the head on.
+    """
+
+    step: int
+    specs: tuple[TensorSpec, ...]
+    arrays: tuple[np.ndarray, ...]
+    checksum: str
+    base_step: int
+    depth: int  # deltas since the base
+    base_stored_bytes: int
+    delta_stored_bytes: int  # sum over the deltas since the base
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays)
+
+    @classmethod
+    def from_plan(cls, plan: list[Manifest], arrays: tuple[np.ndarray, ...]) -> Reconstruction:
+        """The reconstruction of ``plan[-1]`` (restored into ``arrays``), with the chain
+        counters of ``plan`` (its base first)."""
+        target = plan[-1]
+        return cls(target.key.step, target.specs, arrays, target.checksum, 0, 0, 0, 0).with_plan(
+            plan
+        )
+
+    def with_plan(self, plan: list[Manifest]) -> Reconstruction:
+        """The same tensors with the counters of ``plan`` (its base first, this step last)."""
+        return dataclasses.replace(
+            self,
+            base_step=plan[0].key.step,
+            depth=len(plan) - 1,
+            base_stored_bytes=plan[0].stored_bytes,
+            delta_stored_bytes=sum(m.stored_bytes for m in plan[1:]),
+        )
+
+
+@dataclass
+class QueuedSave:
+    """An accepted save: its header, its received tensors (dropped once encoded), its state."""
+
+    header: CheckpointHeader
+    arrays: list[np.ndarray | None]
+    state: SaveState = SaveState.ACCEPTED
+    error: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def status(self) -> SaveStatus:
+        return SaveStatus(self.header.key, self.state, self.error)
+
+
+class Chain:
+    """The in-memory side of one (run, rank): head reconstruction and saves in flight."""
+
+    def __init__(self, run: str, rank: int) -> None:
+        self.run = run
+        self.rank = rank
+        # None until built: no step yet, just after start (rebuilt lazily from storage), or
+        # after the head step was deleted. The pipeline rebuilds it before the next delta.
+        self.recon: Reconstruction | None = None
+        # Steps opened, queued or in the pipeline: reserved against duplicates until they
+        # are durable, failed or aborted.
+        self.reserved: set[int] = set()
+        self.queued: dict[int, QueuedSave] = {}
+        self.lock = asyncio.Lock()
+        self.wakeup = asyncio.Event()  # set when a reserved step is queued or released
+        self.worker: asyncio.Task[None] | None = None
+
+    def next_ready(self) -> QueuedSave | None:
+        """The lowest reserved step if it is queued; None while it is still being received
+        (a later step that finished streaming first must wait its turn)."""
+        if not self.reserved:
+            return None
+        return self.queued.get(min(self.reserved))
+
+    def __repr__(self) -> str:
+        head = self.recon.step if self.recon else None
+        return f"Chain({self.run}/rank{self.rank}, head={head}, reserved={sorted(self.reserved)})"
+
+
+def choose_kind(
+    recon: Reconstruction | None, specs: tuple[TensorSpec, ...], config: EngineConfig
+) -> tuple[str, str]:
+    """Chain policy: returns ("base" | "delta", why) for the next save of a chain."""
+    if recon is None:
+        return BASE, "no previous reconstruction"
+    if recon.specs != specs:
+        return BASE, "the tensor table changed (names, dtypes, shapes or policies)"
+    if recon.depth + 1 >= config.base_interval:
+        return BASE, f"base_interval {config.base_interval} reached"
+    limit = config.max_delta_fraction * recon.base_stored_bytes
+    if recon.delta_stored_bytes > limit:
+        return BASE, (
+            f"deltas since the base hold {recon.delta_stored_bytes} bytes, over "
+            f"max_delta_fraction {config.max_delta_fraction} of the base's "
+            f"{recon.base_stored_bytes}"
+        )
+    return DELTA, "delta against the previous reconstruction"

@@ -1,0 +1,190 @@
+"""The in-memory index of committed steps, rebuilt from storage at start.
+
+Storage is the source of truth; the index is a cache of every readable manifest, kept in
+step with it by the engine (add after a manifest put, remove before its delete). It answers
+listings, duplicate/order checks and restore plans without touching storage. Used only
+from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.manifest import (
+    BASE,
+    MANIFEST_NAME,
+    RUNS_PREFIX,
+    Manifest,
+    manifest_key,
+    parse_key,
+)
+from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+
+log = get_logger("engine")
+ChainKey = tuple[str, int]
+T = TypeVar("T")
+
+
+class RunInPool(Protocol):
+    """Runs a blocking call in one of the engine's thread pools (``loop.run_in_executor``)."""
+
+    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A committed step: its manifest and the size of the manifest object itself."""
+
+    manifest: Manifest
+    manifest_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.manifest.stored_bytes + self.manifest_bytes
+
+
+class StepIndex:
+    """Committed steps per (run, rank), in step order."""
+
+    def __init__(self) -> None:
+        self._entries: dict[ChainKey, dict[int, IndexEntry]] = {}
+        self._steps: dict[ChainKey, list[int]] = {}
+
+    def add(self, entry: IndexEntry) -> None:
+        key = entry.manifest.key
+        chain = (key.run, key.rank)
+        entries = self._entries.setdefault(chain, {})
+        if key.step not in entries:
+            bisect.insort(self._steps.setdefault(chain, []), key.step)
+        entries[key.step] = entry
+
+    def remove(self, key: StepKey) -> None:
+        chain = (key.run, key.rank)
+        if self._entries.get(chain, {}).pop(key.step, None) is None:
+            return
+        steps = self._steps[chain]
+        del steps[bisect.bisect_left(steps, key.step)]
+        if not steps:
+            del self._entries[chain], self._steps[chain]
+
+    def get(self, key: StepKey) -> IndexEntry | None:
+        return self._entries.get((key.run, key.rank), {}).get(key.step)
+
+    def steps(self, run: str, rank: int) -> list[int]:
+        return list(self._steps.get((run, rank), ()))
+
+    def entries(self, run: str, rank: int) -> list[IndexEntry]:
+        entries = self._entries.get((run, rank), {})
+        return [entries[step] for step in self._steps.get((run, rank), ())]
+
+    def latest(self, run: str, rank: int) -> int | None:
+        steps = self._steps.get((run, rank))
+        return steps[-1] if steps else None
+
+    def chains(self) -> list[ChainKey]:
+        return sorted(self._steps)
+
+    def ranks(self, run: str) -> list[int]:
+        return sorted(rank for name, rank in self._steps if name == run)
+
+    def child(self, key: StepKey) -> IndexEntry | None:
+        """The committed step encoded as a delta against ``key``, if any (at most one: a
+        chain is linear, each delta's parent is the step committed just before it)."""
+        steps = self._steps.get((key.run, key.rank), [])
+        position = bisect.bisect_right(steps, key.step)
+        if position == len(steps):
+            return None
+        entry = self._entries[(key.run, key.rank)][steps[position]]
+        return entry if entry.manifest.parent_step == key.step else None
+
+    def nearby(self, run: str, rank: int, step: int, count: int = 3) -> list[int]:
+        steps = self._steps.get((run, rank), [])
+        position = bisect.bisect_left(steps, step)
+        return steps[max(0, position - count) : position + count]
+
+    def plan(self, key: StepKey) -> list[Manifest]:
+        """The manifests to apply to restore ``key``: its nearest base, then each delta up
+        to ``key``, found through parent pointers."""
+        chain = self._entries.get((key.run, key.rank), {})
+        plan: list[Manifest] = []
+        step: int | None = key.step
+        while step is not None:
+            entry = chain.get(step)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"step {key} needs step {step} of its chain, which is missing from storage"
+                )
+            plan.append(entry.manifest)
+            parent = entry.manifest.parent_step
+            if entry.manifest.kind == BASE:
+                break
+            if parent is None or parent >= step:
+                raise CorruptCheckpointError(f"step {step} of {key.run}/rank{key.rank} has "
+                                             f"parent_step {parent}, which is not earlier")
+            step = parent
+        plan.reverse()
+        return plan
+
+
+@dataclass
+class ScanResult:
+    """What ``scan`` found in storage: committed steps and keys that are garbage."""
+
+    entries: list[IndexEntry]
+    garbage: list[str]
+
+
+async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
+    """Reads every manifest under ``runs/`` and names the keys no manifest accounts for.
+
+    A directory with an unreadable manifest (corrupt, or written by a newer ckptd) is
+    logged and left alone: neither indexed nor deleted.
+    """
+    keys = await run_in_pool(lambda: storage.list(RUNS_PREFIX))
+    by_step: dict[StepKey, list[str]] = collections.defaultdict(list)
+    for key in keys:
+        parsed = parse_key(key)
+        if parsed is None:
+            log.warning("ignoring key outside the layout %s", fields(key=key))
+            continue
+        by_step[parsed[0]].append(key)
+    committed = [step for step, names in by_step.items() if manifest_key(step) in names]
+    loaded = await asyncio.gather(*(_load(storage, run_in_pool, step) for step in committed))
+    result = ScanResult(entries=[], garbage=[])
+    for step, names in by_step.items():
+        if manifest_key(step) not in names:
+            result.garbage.extend(names)
+    for step, entry in zip(committed, loaded, strict=True):
+        if entry is None:
+            continue
+        result.entries.append(entry)
+        named = {tensor.blob_key for tensor in entry.manifest.tensors}
+        named.add(manifest_key(step))
+        result.garbage.extend(key for key in by_step[step] if key not in named)
+    return result
+
+
+async def _load(storage: Storage, run_in_pool: RunInPool, step: StepKey) -> IndexEntry | None:
+    key = manifest_key(step)
+    try:
+        data = await run_in_pool(lambda: storage.get(key))
+        manifest = Manifest.from_json(data, key)
+        if manifest.key != step:
+            raise CorruptCheckpointError(f"manifest {key} describes step {manifest.key}")
+    except KeyNotFoundError:
+        return None  # deleted since the listing
+    except CorruptCheckpointError as exc:
+        log.error("skipping unreadable manifest %s", fields(key=key, error=str(exc)))
+        return None
+    return IndexEntry(manifest, len(data))
+
+
+__all__ = ["MANIFEST_NAME", "IndexEntry", "ScanResult", "StepIndex", "scan"]

@@ -1,0 +1,283 @@
+"""The storage layout of a chain and the versioned manifest that commits each step.
+
+Layout (keys relative to the storage root; ``run`` is validated to ``[A-Za-z0-9._-]``)::
+
+    runs/{run}/{rank}/{step:020d}/{i:05d}.blob         tensor i of the table (encoded blob)
+    runs/{run}/{rank}/{step:020d}/{i:05d}.{tag}.blob   same, rewritten when a step is rebased
+    runs/{run}/{rank}/{step:020d}/manifest.json        written last: the commit point
+
+The zero-padded step keeps ``list()`` in step order. A step exists exactly when its
+``manifest.json`` exists; any other key of a step directory that its manifest does not name
+is garbage (a crashed save, or the old blobs of a rebased step) and is removed at start.
+
+Manifest (UTF-8 JSON object, keys sorted)::
+
+    format            "ckptd.manifest"
+    version           1 (another value: ``CorruptCheckpointError``, never a guess)
+    run, rank, step   where the step belongs (must match its key)
+    kind              "base" (every tensor exact) | "delta" (against parent_step)
+    parent_step       the step this delta is encoded against; null for a base
+    base_step         the base this step's chain starts at
+    chain_depth       deltas applied after that base to restore this step (0 for a base)
+    created_unix_s    wall-clock time of the commit (seconds, float)
+    metadata          the save's string → string metadata
+    tensors           [{name, dtype, shape, policy, bits, encoding, blob_key, blob_bytes,
+                        blob_xxh3_64, raw_bytes}] in the save's table order; policy/bits are
+                       what the save asked for, encoding ("exact"|"delta") what was done
+    raw_bytes         sum of the tensors' raw bytes
+    stored_bytes      sum of blob_bytes (the manifest's own size is not included)
+    checksum          ``tensors_checksum`` of the reconstructed tensors (xxh3_128, hex)
+    checksum_algorithm "xxh3_128"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+from ckptd.daemon.domain import Policy, StepKey, TensorSpec
+from ckptd.daemon.errors import CorruptCheckpointError
+
+FORMAT_NAME = "ckptd.manifest"
+FORMAT_VERSION = 1
+CHECKSUM_ALGORITHM = "xxh3_128"
+MANIFEST_NAME = "manifest.json"
+RUNS_PREFIX = "runs/"
+BASE = "base"
+DELTA = "delta"
+EXACT = "exact"
+
+_KEY_RE = re.compile(
+    r"runs/(?P<run>[A-Za-z0-9._-]+)/(?P<rank>[0-9]+)/(?P<step>[0-9]{20})/(?P<name>[^/]+)"
+)
+
+
+def run_prefix(run: str) -> str:
+    return f"{RUNS_PREFIX}{run}/"
+
+
+def step_prefix(key: StepKey) -> str:
+    return f"{RUNS_PREFIX}{key.run}/{key.rank}/{key.step:020d}/"
+
+
+def manifest_key(key: StepKey) -> str:
+    return step_prefix(key) + MANIFEST_NAME
+
+
+def blob_key(key: StepKey, index: int, tag: str = "") -> str:
+    """Key of tensor ``index``'s blob; a rebase passes a fresh ``tag`` so that the new blobs
+    never overwrite the ones the still-committed old manifest names."""
+    suffix = f".{tag}.blob" if tag else ".blob"
+    return f"{step_prefix(key)}{index:05d}{suffix}"
+
+
+def parse_key(key: str) -> tuple[StepKey, str] | None:
+    """Splits a layout key into (step, file name); None for a key outside the layout."""
+    match = _KEY_RE.fullmatch(key)
+    if match is None:
+        return None
+    step = StepKey(match["run"], int(match["rank"]), int(match["step"]))
+    return step, match["name"]
+
+
+def tensors_checksum(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> str:
+    """xxh3_128 (hex) over every tensor in table order: name, dtype name, shape, raw bytes.
+
+    Each tensor contributes ``u32 len + name UTF-8``, ``u32 len + dtype name``,
+    ``u32 ndim``, ``u64 dim`` per dimension, ``u64 nbytes`` and the C-order bytes (all
+    little-endian), so that no two different tables hash the same byte stream. It is the
+    one definition used by the pipeline (written into the manifest), by restore (verified
+    before returning) and by tests.
+    """
+    digest = xxhash.xxh3_128()
+    for spec, array in zip(specs, arrays, strict=True):
+        name = spec.name.encode("utf-8")
+        dtype = spec.dtype.encode("ascii")
+        digest.update(struct.pack("<I", len(name)) + name + struct.pack("<I", len(dtype)) + dtype)
+        digest.update(struct.pack(f"<I{len(spec.shape)}Q", len(spec.shape), *spec.shape))
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        digest.update(struct.pack("<Q", flat.nbytes))
+        digest.update(flat.data)
+    return digest.hexdigest()
+
+
+def blob_checksum(blob: bytes | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(blob)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a manifest: its spec and where and how its blob is stored."""
+
+    spec: TensorSpec
+    encoding: str  # "exact" | "delta"
+    blob_key: str
+    blob_bytes: int
+    blob_xxh3_64: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A committed step, as written to and read from ``manifest.json``."""
+
+    key: StepKey
+    kind: str
+    parent_step: int | None
+    base_step: int
+    chain_depth: int
+    created_unix_s: float
+    metadata: Mapping[str, str]
+    tensors: tuple[TensorEntry, ...]
+    checksum: str
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(entry.spec for entry in self.tensors)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(entry.spec.nbytes for entry in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(entry.blob_bytes for entry in self.tensors)
+
+    def to_json(self) -> bytes:
+        return json.dumps(_manifest_obj(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parses and checks a manifest; ``where`` (its key) is named in every error."""
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise TypeError(f"top level is {type(obj).__name__}, not an object")
+        except (ValueError, TypeError) as exc:
+            raise CorruptCheckpointError(f"manifest {where} is not valid JSON: {exc}") from exc
+        if obj.get("format") != FORMAT_NAME or obj.get("version") != FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                f"manifest {where} has format {obj.get('format')!r} version "
+                f"{obj.get('version')!r}; this daemon reads {FORMAT_NAME!r} version "
+                f"{FORMAT_VERSION} (upgrade ckptd to read newer checkpoints)"
+            )
+        try:
+            manifest = _manifest_from_obj(obj)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"manifest {where} is malformed: {exc!r}") from exc
+        _check_totals(manifest, obj, where)
+        return manifest
+
+
+def _manifest_obj(m: Manifest) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "run": m.key.run,
+        "rank": m.key.rank,
+        "step": m.key.step,
+        "kind": m.kind,
+        "parent_step": m.parent_step,
+        "base_step": m.base_step,
+        "chain_depth": m.chain_depth,
+        "created_unix_s": m.created_unix_s,
+        "metadata": dict(m.metadata),
+        "tensors": [_entry_obj(entry) for entry in m.tensors],
+        "raw_bytes": m.raw_bytes,
+        "stored_bytes": m.stored_bytes,
+        "checksum": m.checksum,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+    }
+
+
+def _entry_obj(entry: TensorEntry) -> dict[str, Any]:
+    spec = entry.spec
+    return {
+        "name": spec.name,
+        "dtype": spec.dtype,
+        "shape": list(spec.shape),
+        "policy": spec.policy.value,
+        "bits": spec.bits,
+        "encoding": entry.encoding,
+        "blob_key": entry.blob_key,
+        "blob_bytes": entry.blob_bytes,
+        "blob_xxh3_64": entry.blob_xxh3_64,
+        "raw_bytes": spec.nbytes,
+    }
+
+
+def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
+    kind = _one_of(obj["kind"], (BASE, DELTA), "kind")
+    parent = obj["parent_step"]
+    if (kind == BASE) != (parent is None):
+        raise ValueError(f"kind {kind!r} with parent_step {parent!r}")
+    if obj["checksum_algorithm"] != CHECKSUM_ALGORITHM:
+        raise ValueError(f"checksum_algorithm {obj['checksum_algorithm']!r}")
+    metadata = obj["metadata"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must map strings to strings")
+    return Manifest(
+        key=StepKey(_text(obj["run"]), _count(obj["rank"]), _count(obj["step"])),
+        kind=kind,
+        parent_step=None if parent is None else _count(parent),
+        base_step=_count(obj["base_step"]),
+        chain_depth=_count(obj["chain_depth"]),
+        created_unix_s=float(obj["created_unix_s"]),
+        metadata=dict(metadata),
+        tensors=tuple(_entry_from_obj(item) for item in obj["tensors"]),
+        checksum=_text(obj["checksum"]),
+    )
+
+
+def _entry_from_obj(item: dict[str, Any]) -> TensorEntry:
+    spec = TensorSpec(
+        name=_text(item["name"]),
+        dtype=_text(item["dtype"]),
+        shape=tuple(_count(dim) for dim in item["shape"]),
+        policy=Policy(item["policy"]),
+        bits=_count(item["bits"]),
+    )
+    spec.dtype_info  # noqa: B018 - raises ValueError for a dtype outside the table
+    if _count(item["raw_bytes"]) != spec.nbytes:
+        raise ValueError(f"tensor {spec.name!r} raw_bytes {item['raw_bytes']} != {spec.nbytes}")
+    return TensorEntry(
+        spec=spec,
+        encoding=_one_of(item["encoding"], (EXACT, DELTA), "encoding"),
+        blob_key=_text(item["blob_key"]),
+        blob_bytes=_count(item["blob_bytes"]),
+        blob_xxh3_64=_text(item["blob_xxh3_64"]),
+    )
+
+
+def _check_totals(m: Manifest, obj: dict[str, Any], where: str) -> None:
+    if obj.get("raw_bytes") != m.raw_bytes or obj.get("stored_bytes") != m.stored_bytes:
+        raise CorruptCheckpointError(
+            f"manifest {where} totals (raw {obj.get('raw_bytes')}, stored "
+            f"{obj.get('stored_bytes')}) disagree with its tensor table "
+            f"(raw {m.raw_bytes}, stored {m.stored_bytes})"
+        )
+    if m.kind == BASE and any(entry.encoding != EXACT for entry in m.tensors):
+        raise CorruptCheckpointError(f"manifest {where} is a base with a delta-encoded tensor")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {allowed}")
+    return str(value)

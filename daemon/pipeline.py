@@ -1,0 +1,205 @@
+"""The save pipeline of one chain: encoding → writing → committed (or failed, cleaned up).
+
+Called by the engine's per-chain worker, under ``Chain.lock``, one save at a time in step
+order. For each tensor: encode it in the codec pool (an exact blob, or a lossy delta
+against the head reconstruction), drop the received buffer, put the blob from the I/O
+pool; tensors run concurrently up to the pools' width. When every blob is durable, the
+manifest is put — the commit point — and only then does the chain's head move on. On any
+failure the step's keys are deleted (best effort; a restart removes what is left) and the
+head stays at the previous step, so the next save works as if this one never happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from typing import cast
+
+import numpy as np
+from ckptd.daemon import codec
+from ckptd.daemon.chain import Chain, QueuedSave, Reconstruction, choose_kind
+from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.domain import SaveState, StepKey, TensorSpec
+from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.daemon.index import IndexEntry, StepIndex
+from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.manifest import (
+    DELTA,
+    EXACT,
+    Manifest,
+    TensorEntry,
+    blob_checksum,
+    blob_key,
+    manifest_key,
+    tensors_checksum,
+)
+from ckptd.daemon.pools import Pools, gather_bounded
+from ckptd.daemon.restore import Restorer, as_holder
+from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.validation import bits_for, is_lossy
+
+log = get_logger("engine")
+Encoded = tuple[str, bytes, str, np.ndarray]  # encoding, blob, blob xxh3_64, reconstruction
+
+
+class SavePipeline:
+    """Turns an accepted save into a committed step and the chain's next reconstruction."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: EngineConfig,
+        index: StepIndex,
+        pools: Pools,
+        restorer: Restorer,
+    ) -> None:
+        self._storage = storage
+        self._config = config
+        self._index = index
+        self._pools = pools
+        self._restorer = restorer
+
+    async def ensure_head(self, chain: Chain) -> None:
+        """Makes ``chain.recon`` the reconstruction of its latest committed step, restoring
+        it from storage after a restart or a delete; an unrestorable head leaves None (the
+        next save becomes a base instead of a delta against bad data)."""
+        latest = self._index.latest(chain.run, chain.rank)
+        if latest is None or (chain.recon is not None and chain.recon.step == latest):
+            if latest is None:
+                chain.recon = None
+            return
+        chain.recon = None
+        plan = self._index.plan(StepKey(chain.run, chain.rank, latest))
+        try:
+            arrays = await self._restorer.restore(plan)
+        except CorruptCheckpointError as exc:
+            log.error("cannot rebuild chain head; next save is a base %s",
+                      fields(run=chain.run, rank=chain.rank, step=latest, error=str(exc)))
+            return
+        chain.recon = Reconstruction.from_plan(plan, arrays)
+
+    async def run(self, chain: Chain, save: QueuedSave) -> Reconstruction:
+        """Encodes, writes and commits ``save``; returns the chain's new head (the caller
+        installs it). Raises whatever failed, after deleting the step's partial keys."""
+        await self.ensure_head(chain)
+        header = save.header
+        kind, why = choose_kind(chain.recon, header.tensors, self._config)
+        log.debug("encoding save %s", fields(key=str(header.key), kind=kind, why=why))
+        previous = chain.recon if kind == DELTA else None
+        save.state = SaveState.ENCODING
+        try:
+            encoded = await self._encode_and_put(save, previous)
+            save.state = SaveState.WRITING
+            entries = tuple(entry for entry, _ in encoded)
+            arrays = tuple(array for _, array in encoded)
+            specs = header.tensors
+            checksum = await self._pools.run_codec(lambda: tensors_checksum(specs, arrays))
+            manifest = self._manifest(save, kind, previous, entries, checksum)
+            data = manifest.to_json()
+            await self._pools.run_io(
+                functools.partial(self._storage.put, manifest_key(header.key), data)
+            )
+        except asyncio.CancelledError:
+            raise  # shutting down: storage may hang, so leave the keys to the next start
+        except BaseException:
+            await self._discard(header.key, len(header.tensors))
+            raise
+        self._index.add(IndexEntry(manifest, len(data)))
+        return _next_head(manifest, arrays, previous)
+
+    async def _encode_and_put(
+        self, save: QueuedSave, previous: Reconstruction | None
+    ) -> list[tuple[TensorEntry, np.ndarray]]:
+        left = [len(save.arrays)]
+        calls = [
+            functools.partial(self._tensor, save, i, previous, left)
+            for i in range(len(save.arrays))
+        ]
+        return await gather_bounded(calls, self._pools.width)
+
+    async def _tensor(
+        self, save: QueuedSave, index: int, previous: Reconstruction | None, left: list[int]
+    ) -> tuple[TensorEntry, np.ndarray]:
+        spec = save.header.tensors[index]
+        current = save.arrays[index]
+        assert current is not None
+        reference = previous.arrays[index] if previous is not None else None
+        job = functools.partial(_encode_tensor, spec, current, reference, self._config)
+        del current
+        encoding, blob, digest, reconstruction = await self._pools.run_codec(job)
+        save.arrays[index] = None  # the received bytes are no longer needed
+        del job
+        left[0] -= 1
+        if left[0] == 0:
+            save.state = SaveState.WRITING
+        key = blob_key(save.header.key, index)
+        await self._pools.run_io(functools.partial(self._storage.put, key, blob))
+        return TensorEntry(spec, encoding, key, len(blob), digest), reconstruction
+
+    def _manifest(
+        self,
+        save: QueuedSave,
+        kind: str,
+        previous: Reconstruction | None,
+        entries: tuple[TensorEntry, ...],
+        checksum: str,
+    ) -> Manifest:
+        key = save.header.key
+        return Manifest(
+            key=key,
+            kind=kind,
+            parent_step=previous.step if previous else None,
+            base_step=previous.base_step if previous else key.step,
+            chain_depth=previous.depth + 1 if previous else 0,
+            created_unix_s=time.time(),
+            metadata=dict(save.header.metadata),
+            tensors=entries,
+            checksum=checksum,
+        )
+
+    async def _discard(self, key: StepKey, tensors: int) -> None:
+        keys = [manifest_key(key)] + [blob_key(key, i) for i in range(tensors)]
+        try:
+            await self._pools.run_io(functools.partial(self._storage.delete, keys))
+        except Exception as exc:
+            log.warning("cannot remove keys of failed save; removed at next start %s",
+                        fields(key=str(key), error=str(exc)))
+
+
+def _encode_tensor(
+    spec: TensorSpec, current: np.ndarray, reference: np.ndarray | None, config: EngineConfig
+) -> Encoded:
+    """Encodes one tensor (codec pool): exact without a reference or when the policy says
+    so, else a lossy delta. Returns the blob and the tensor as a restore will rebuild it."""
+    bfloat16 = spec.dtype_info.is_bfloat16
+    if reference is None or not is_lossy(spec, config):
+        blob = codec.encode_exact(current, bfloat16=bfloat16)
+        return EXACT, blob, blob_checksum(blob), current
+    blob, reconstruction = codec.encode_delta(
+        current,
+        reference,
+        bits=bits_for(spec, config),
+        representative=cast(codec.Representative, config.representative),
+        coder=cast(codec.Coder, config.coder),
+        bfloat16=bfloat16,
+    )
+    return DELTA, blob, blob_checksum(blob), as_holder(reconstruction, spec)
+
+
+def _next_head(
+    manifest: Manifest, arrays: tuple[np.ndarray, ...], previous: Reconstruction | None
+) -> Reconstruction:
+    step, stored = manifest.key.step, manifest.stored_bytes
+    if previous is None:
+        return Reconstruction(
+            step, manifest.specs, arrays, manifest.checksum,
+            base_step=step, depth=0, base_stored_bytes=stored, delta_stored_bytes=0,
+        )
+    return Reconstruction(
+        step, manifest.specs, arrays, manifest.checksum,
+        base_step=previous.base_step,
+        depth=previous.depth + 1,
+        base_stored_bytes=previous.base_stored_bytes,
+        delta_stored_bytes=previous.delta_stored_bytes + stored,
+    )

@@ -1,0 +1,85 @@
+"""The engine's two thread pools and a gather that never leaves work behind.
+
+Codec work (numpy, zstd: they release the GIL) runs in ``encode_workers`` threads; storage
+calls run in ``storage_workers`` threads of their own, so that slow I/O (an object store's
+latency) never holds a codec thread and the event loop never blocks on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Pools:
+    """``run_codec(fn)`` / ``run_io(fn)``: await a blocking call in the matching pool."""
+
+    def __init__(self, codec_workers: int, io_workers: int) -> None:
+        # Tensors worked on at once: enough to keep both pools busy, few enough that only
+        # that many tensors' blobs are alive at a time.
+        self.width = codec_workers + io_workers
+        self._codec = concurrent.futures.ThreadPoolExecutor(
+            codec_workers, thread_name_prefix="ckptd-codec"
+        )
+        self._io = concurrent.futures.ThreadPoolExecutor(io_workers, thread_name_prefix="ckptd-io")
+
+    def run_codec(self, call: Callable[[], T], /) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self._codec, call)
+
+    def run_io(self, call: Callable[[], T], /) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self._io, call)
+
+    async def shutdown(self) -> None:
+        """Waits (off the loop) for running calls to return, then stops the threads."""
+        loop = asyncio.get_running_loop()
+        for pool in (self._codec, self._io):
+            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
+
+
+async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Runs every awaitable to its end, then raises the first error if any.
+
+    Unlike a plain ``gather`` that stops at the first error, no sibling is left running:
+    when the caller cleans up after a failure (deleting a save's blobs), no put of that
+    save can still land afterwards.
+    """
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+class _Skipped(Exception):
+    """A call never started because an earlier one already failed."""
+
+
+async def gather_bounded(calls: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Runs ``calls`` at most ``limit`` at a time; after the first failure the calls not yet
+    started are skipped, the running ones finish, and that first failure is raised.
+
+    The bound keeps memory flat (at most ``limit`` tensors' blobs exist at once however
+    many tensors a checkpoint has).
+    """
+    semaphore = asyncio.Semaphore(limit)
+    failure: list[BaseException] = []
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            if failure:
+                raise _Skipped
+            try:
+                return await call()
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+
+    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+    if failure:
+        raise failure[0]
+    return results  # type: ignore[return-value]

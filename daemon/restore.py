@@ -1,0 +1,128 @@
+"""Restore plans: the nearest base at or below a step, then each delta up to it.
+
+Restore works tensor by tensor (so it holds one checkpoint plus one tensor's blobs, not
+the whole chain): read that tensor's blob from every step of the plan in the I/O pool,
+verify each blob's xxh3_64 against its manifest, then decode and apply them in the codec
+pool. Once every tensor is rebuilt, the xxh3_128 of the result must equal the target
+manifest's checksum; any mismatch raises ``CorruptCheckpointError`` naming the step and
+blob, never returning a wrong tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+from ckptd.daemon import codec
+from ckptd.daemon.domain import TensorSpec
+from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.daemon.manifest import EXACT, Manifest, TensorEntry, blob_checksum, tensors_checksum
+from ckptd.daemon.pools import Pools, gather_bounded
+from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+
+
+class MissingBlobError(CorruptCheckpointError):
+    """Raised when a blob named by a committed manifest is absent (maybe deleted meanwhile)."""
+
+
+class Restorer:
+    """Rebuilds steps from storage, or verifies a copy of an in-memory reconstruction."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        pools: Pools,
+    ) -> None:
+        self._storage = storage
+        self._run_io = pools.run_io
+        self._run_codec = pools.run_codec
+        self._width = pools.width
+
+    async def restore(self, plan: list[Manifest]) -> tuple[np.ndarray, ...]:
+        """Decodes ``plan`` (base first, target last) into verified arrays."""
+        target = plan[-1]
+        for earlier, later in itertools.pairwise(plan):
+            if earlier.specs != later.specs:
+                raise CorruptCheckpointError(
+                    f"step {later.key} is a delta against step {earlier.key.step}, but their "
+                    "tensor tables differ"
+                )
+        calls = [
+            functools.partial(self._restore_tensor, plan, i) for i in range(len(target.tensors))
+        ]
+        arrays = await gather_bounded(calls, self._width)
+        await self.verify(target, arrays)
+        return tuple(arrays)
+
+    async def copy_verified(
+        self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, ...]:
+        """Copies the head reconstruction (the caller may keep or modify the copy) and
+        verifies it like a restore from storage."""
+        copies = await self._run_codec(lambda: tuple(np.array(a, copy=True) for a in arrays))
+        await self.verify(manifest, copies)
+        return copies
+
+    async def verify(self, manifest: Manifest, arrays: Sequence[np.ndarray]) -> None:
+        specs = manifest.specs
+        actual = await self._run_codec(lambda: tensors_checksum(specs, arrays))
+        if actual != manifest.checksum:
+            raise CorruptCheckpointError(
+                f"step {manifest.key} reconstructs to checksum {actual}, but its manifest "
+                f"records {manifest.checksum}"
+            )
+
+    async def _restore_tensor(self, plan: list[Manifest], index: int) -> np.ndarray:
+        entries = [(m, m.tensors[index]) for m in plan]
+        blobs = await self._run_io(lambda: [self._read_blob(m, e) for m, e in entries])
+        return await self._run_codec(lambda: _apply(entries, blobs))
+
+    def _read_blob(self, manifest: Manifest, entry: TensorEntry) -> bytes:
+        try:
+            blob = self._storage.get(entry.blob_key)
+        except KeyNotFoundError as exc:
+            raise MissingBlobError(
+                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+                "is missing from storage"
+            ) from exc
+        if len(blob) != entry.blob_bytes or blob_checksum(blob) != entry.blob_xxh3_64:
+            raise CorruptCheckpointError(
+                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+                f"fails its checksum ({len(blob)} bytes, manifest says {entry.blob_bytes} "
+                f"bytes with xxh3_64 {entry.blob_xxh3_64})"
+            )
+        return blob
+
+
+def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> np.ndarray:
+    """Decodes the base blob, then applies each delta (runs in the codec pool)."""
+    array: np.ndarray | None = None
+    for (manifest, entry), blob in zip(entries, blobs, strict=True):
+        try:
+            if entry.encoding == EXACT:
+                decoded = codec.decode_exact(blob)
+            elif array is None:
+                raise CorruptCheckpointError("a delta blob has no base to apply to")
+            else:
+                decoded = codec.decode_delta(blob, array)
+            array = as_holder(decoded, entry.spec)
+        except (codec.CodecError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+                f"cannot be decoded: {exc}"
+            ) from exc
+    assert array is not None  # a plan has at least its base
+    return array
+
+
+def as_holder(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Checks that a codec result is ``spec``'s tensor: holder dtype, shape, C order."""
+    holder = spec.dtype_info.numpy
+    if array.dtype != holder or array.size != spec.numel:
+        raise ValueError(
+            f"codec returned {array.dtype} with {array.size} elements for tensor "
+            f"{spec.name!r}, expected {holder} with {spec.numel}"
+        )
+    return np.ascontiguousarray(array).reshape(spec.shape)

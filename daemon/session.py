@@ -1,0 +1,148 @@
+"""A save between its header and its acceptance: the receive buffers and their bookkeeping.
+
+The transport fills the buffers (``write`` for streamed chunks, ``fill_from`` for shared
+memory) from the event loop's thread, then calls ``commit`` (hand over to the pipeline) or
+``abort`` (give back the budget and the step). The session owns one ``np.empty`` byte
+buffer per tensor; after commit those buffers become the pipeline's input and, for exact
+tensors, the chain's next reconstruction, so no byte is copied twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+from ckptd.daemon.domain import CheckpointHeader, SaveStatus, TensorSpec
+from ckptd.daemon.errors import IncompleteStreamError, InvalidRequestError
+
+_OPEN, _COMMITTED, _ABORTED = "open", "committed", "aborted"
+
+
+class SaveSession:
+    """One save between its header and its acceptance; owns the reserved budget."""
+
+    header: CheckpointHeader
+
+    def __init__(
+        self,
+        header: CheckpointHeader,
+        on_commit: Callable[[SaveSession], Awaitable[SaveStatus]],
+        on_abort: Callable[[SaveSession], None],
+    ) -> None:
+        self.header = header
+        self._on_commit = on_commit
+        self._on_abort = on_abort
+        self._buffers = [np.empty(spec.nbytes, dtype=np.uint8) for spec in header.tensors]
+        self._received = [0] * len(header.tensors)
+        self._cursor = 0  # first tensor that is not complete; chunks must go there
+        self._state = _OPEN
+        self._advance()
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.nbytes
+
+    def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        """Copies a chunk of tensor ``index`` at ``offset`` (must equal bytes already written
+        to it, and tensors are filled in table order); raises ``InvalidRequestError`` naming
+        the tensor, offset and size when the chunk is out of order or past the tensor's end."""
+        self._check_open()
+        spec = self._spec(index)
+        if index != self._cursor or offset != self._received[index]:
+            expected = self._describe_expected()
+            raise InvalidRequestError(
+                f"save {self.header.key}: chunk for tensor {index} ({spec.name!r}) at offset "
+                f"{offset} is out of order; expected {expected}"
+            )
+        chunk = np.frombuffer(data, dtype=np.uint8)
+        end = offset + chunk.size
+        if end > spec.nbytes:
+            raise InvalidRequestError(
+                f"save {self.header.key}: chunk of {chunk.size} bytes at offset {offset} runs "
+                f"past the end of tensor {index} ({spec.name!r}, {spec.nbytes} bytes)"
+            )
+        self._buffers[index][offset:end] = chunk
+        self._received[index] = end
+        self._advance()
+
+    def fill_from(self, index: int, view: memoryview) -> None:
+        """Copies a whole tensor from ``view`` (shared memory); ``len(view)`` must equal its
+        nbytes. May run in a worker thread while the loop leaves the session alone."""
+        self._check_open()
+        spec = self._spec(index)
+        source = np.frombuffer(view, dtype=np.uint8)
+        if source.size != spec.nbytes:
+            raise InvalidRequestError(
+                f"save {self.header.key}: tensor {index} ({spec.name!r}) needs {spec.nbytes} "
+                f"bytes, the shared-memory view has {source.size}"
+            )
+        self._buffers[index][:] = source
+        self._received[index] = spec.nbytes
+        self._advance()
+
+    async def commit(self) -> SaveStatus:
+        """Raises ``IncompleteStreamError`` naming the first short tensor if any bytes are
+        missing; else queues the save and returns its ACCEPTED status."""
+        self._check_open()
+        if self._cursor < len(self._buffers):
+            spec = self.header.tensors[self._cursor]
+            raise IncompleteStreamError(
+                f"save {self.header.key} ended early: tensor {self._cursor} ({spec.name!r}) "
+                f"has {self._received[self._cursor]} of {spec.nbytes} bytes"
+            )
+        self._state = _COMMITTED
+        try:
+            return await self._on_commit(self)
+        except BaseException:
+            self._state = _OPEN
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Releases the budget and the step; idempotent; a no-op after commit."""
+        if self._state != _OPEN:
+            return
+        self._state = _ABORTED
+        self._buffers = []
+        self._on_abort(self)
+
+    def take_arrays(self) -> list[np.ndarray | None]:
+        """Hands the filled buffers, viewed as their tensors, to the pipeline (once)."""
+        arrays: list[np.ndarray | None] = [
+            buffer.view(spec.dtype_info.numpy).reshape(spec.shape)
+            for buffer, spec in zip(self._buffers, self.header.tensors, strict=True)
+        ]
+        self._buffers = []
+        return arrays
+
+    async def __aenter__(self) -> SaveSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None:
+            self.abort()
+
+    def _check_open(self) -> None:
+        if self._state != _OPEN:
+            raise InvalidRequestError(f"save {self.header.key} is already {self._state}")
+
+    def _spec(self, index: int) -> TensorSpec:
+        if not 0 <= index < len(self.header.tensors):
+            raise InvalidRequestError(
+                f"save {self.header.key}: tensor index {index} is out of range; the header "
+                f"has {len(self.header.tensors)} tensors"
+            )
+        return self.header.tensors[index]
+
+    def _advance(self) -> None:
+        while (
+            self._cursor < len(self._buffers)
+            and self._received[self._cursor] == self.header.tensors[self._cursor].nbytes
+        ):
+            self._cursor += 1
+
+    def _describe_expected(self) -> str:
+        if self._cursor >= len(self._buffers):
+            return "no more chunks (every tensor is complete)"
+        spec = self.header.tensors[self._cursor]
+        return f"tensor {self._cursor} ({spec.name!r}) at offset {self._received[self._cursor]}"

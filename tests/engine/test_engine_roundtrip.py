@@ -1,0 +1,263 @@
+"""Save/restore through the engine on real local storage: chains, restarts, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ckptd.daemon.domain import Policy, RestoredCheckpoint, SaveState, StepKey
+from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
+from ckptd.daemon.manifest import Manifest, blob_key, manifest_key
+from ckptd.daemon.storage import LocalStorage
+from engine_support import (
+    RUN,
+    SMALL,
+    State,
+    Tensor,
+    adam_training,
+    as_float,
+    assert_same,
+    checksum_of,
+    open_engine,
+    random_walk,
+    save,
+)
+from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
+
+
+def test_adam_training_round_trip_every_step_bit_exact(tmp_path: Path) -> None:
+    config = dataclasses.replace(SMALL, base_interval=8)
+    states = list(adam_training(30))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            heads: list[RestoredCheckpoint] = []
+            for step, state in enumerate(states):
+                await save(engine, step, state, metadata={"epoch": str(step // 10)})
+                head = await engine.restore(RUN, 0, None)  # served from memory
+                assert head.key.step == step and head.metadata == {"epoch": str(step // 10)}
+                _check_error(head, state, heads[-1] if step % 8 else None)
+                heads.append(head)
+            kinds = [(info.step, info.kind) for info in engine.list_steps(RUN, 0)]
+            for step in range(30):
+                restored = await engine.restore(RUN, 0, step)  # from storage (but the last)
+                assert_same(restored, heads[step])
+        assert kinds == [(s, "base" if s % 8 == 0 else "delta") for s in range(30)]
+
+    asyncio.run(scenario())
+
+
+def _check_error(
+    restored: RestoredCheckpoint, state: State, previous: RestoredCheckpoint | None
+) -> None:
+    """A base and every exact tensor restore exactly. A lossy tensor's error is at most its
+    delta against the previous reconstruction (a dropped element keeps the reference value,
+    a kept one lands in its own exponent bucket), plus rounding to its dtype: the error
+    stays within one step's delta instead of growing along the chain (LC-Checkpoint)."""
+    for index, (array, spec) in enumerate(zip(restored.arrays, restored.tensors, strict=True)):
+        saved = state[spec.name]
+        assert array.dtype == saved.array.dtype and array.shape == saved.array.shape
+        lossy = spec.numel >= SMALL.min_lossy_elements and spec.dtype_info.is_float
+        if previous is None or not lossy:
+            assert array.tobytes() == saved.array.tobytes(), spec.name
+            continue
+        truth = as_float(saved, spec.dtype)
+        error = np.abs(as_float(array, spec.dtype) - truth).max()
+        delta = np.abs(truth - as_float(previous.arrays[index], spec.dtype)).max()
+        rounding = np.abs(truth).max() * (2.0**-7 if spec.dtype == "bfloat16" else 2.0**-20)
+        assert 0 < error <= delta + rounding, (spec.name, error, delta)
+
+
+def test_chain_policy_starts_bases(tmp_path: Path) -> None:
+    walk = random_walk(1, 9)
+    states = [next(walk) for _ in range(9)]
+    states[3] = {**states[3], "extra": Tensor(np.arange(5, dtype=np.int32))}  # tensor set
+    states[4] = dict(states[4])
+    states[5] = {**states[5], "model.bias": Tensor(np.zeros(11, np.float32))}  # shape
+    states[7] = {**states[7], "model.bias": Tensor(np.zeros(11, np.float64))}  # dtype
+    states[6] = {**states[6], "model.bias": Tensor(np.zeros(11, np.float32))}
+    states[8] = {**states[8], "model.bias": Tensor(np.zeros(11, np.float64), policy=Policy.EXACT)}
+    expected = ["base", "delta", "delta", "base", "base", "base", "delta", "base", "base"]
+
+    async def scenario() -> list[str]:
+        async with open_engine(tmp_path) as engine:
+            for step, state in enumerate(states):
+                await save(engine, step, state)
+            for step in range(len(states)):
+                restored = await engine.restore(RUN, 0, step)
+                assert restored.checksum == checksum_of(restored)
+            steps = engine.list_steps(RUN, 0)
+        parents = [info.parent_step for info in steps]
+        assert parents == [None, 0, 1, None, None, None, 5, None, None]
+        return [info.kind for info in steps]
+
+    assert asyncio.run(scenario()) == expected
+
+
+def test_base_interval_and_delta_fraction(tmp_path: Path) -> None:
+    async def kinds(config_changes: dict[str, Any], root: Path) -> list[str]:
+        config = dataclasses.replace(SMALL, **config_changes)
+        async with open_engine(root, config) as engine:
+            for step, state in enumerate(random_walk(2, 7)):
+                await save(engine, step, state)
+            return [info.kind for info in engine.list_steps(RUN, 0)]
+
+    by_interval = asyncio.run(kinds({"base_interval": 3}, tmp_path / "a"))
+    assert by_interval == ["base", "delta", "delta"] * 2 + ["base"]
+    # Any delta outweighs 0 times the base: a base follows every delta.
+    by_fraction = asyncio.run(kinds({"max_delta_fraction": 0.0}, tmp_path / "b"))
+    assert by_fraction == ["base", "delta"] * 3 + ["base"]
+
+
+def test_restart_restores_every_step_and_continues_the_chain(tmp_path: Path) -> None:
+    states = list(random_walk(3, 7))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as first:
+            for step in range(5):
+                await save(first, step, states[step])
+            before = [await first.restore(RUN, 0, step) for step in range(5)]
+        async with open_engine(tmp_path) as second:
+            assert second.status(StepKey(RUN, 0, 4)).state is SaveState.DURABLE
+            for step in range(5):
+                assert_same(await second.restore(RUN, 0, step), before[step])
+            # The next delta is encoded against the head rebuilt from storage.
+            await save(second, 5, states[5])
+            await save(second, 6, states[6])
+            info = second.list_steps(RUN, 0)[-2:]
+            assert [(i.kind, i.parent_step, i.chain_depth) for i in info] == [
+                ("delta", 4, 5), ("delta", 5, 6)]
+            in_memory = await second.restore(RUN, 0, None)
+            step5 = await second.restore(RUN, 0, 5)
+        async with open_engine(tmp_path) as third:
+            assert_same(await third.restore(RUN, 0, 6), in_memory)
+            assert_same(await third.restore(RUN, 0, 5), step5)
+            _check_error(in_memory, states[6], step5)
+
+    asyncio.run(scenario())
+
+
+def test_start_removes_uncommitted_leftovers(tmp_path: Path) -> None:
+    state = next(random_walk(4, 1))
+    storage = LocalStorage(tmp_path)
+    orphan_dir = StepKey(RUN, 0, 7)
+    committed = StepKey(RUN, 0, 3)
+
+    async def first() -> None:
+        async with open_engine(tmp_path) as engine:
+            await save(engine, 3, state)
+
+    async def second() -> tuple[list[str], list[int], RestoredCheckpoint]:
+        async with open_engine(tmp_path) as engine:
+            keys = engine.storage.list()
+            steps = [info.step for info in engine.list_steps(RUN, 0)]
+            restored = await engine.restore(RUN, 0, 3)
+            await save(engine, 7, state)  # the crashed step's number is free again
+            return keys, steps, restored
+
+    asyncio.run(first())
+    storage.put(blob_key(orphan_dir, 0), b"half a save")
+    storage.put(blob_key(committed, 0, "r1"), b"old blob of a rebased step")
+    temporary = tmp_path / "runs" / RUN / "0" / ".tmp-0123-crashed"
+    temporary.write_bytes(b"partial put")
+    assert blob_key(orphan_dir, 0) in storage.list()
+    keys, steps, restored = asyncio.run(second())
+    assert steps == [3] and restored.checksum == checksum_of(restored)
+    assert blob_key(committed, 0, "r1") not in keys and blob_key(orphan_dir, 0) not in keys
+    assert manifest_key(committed) in keys and blob_key(committed, 0) in keys
+    assert not temporary.exists()
+    assert manifest_key(orphan_dir) in storage.list()
+
+
+def test_corrupt_blob_is_detected(tmp_path: Path) -> None:
+    states = list(random_walk(5, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            for step, state in enumerate(states):
+                await save(engine, step, state)
+        path = tmp_path / blob_key(StepKey(RUN, 0, 1), 0)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+        async with open_engine(tmp_path) as engine:
+            await engine.restore(RUN, 0, 0)
+            for step in (1, 2):  # step 2 is a delta on top of step 1
+                with pytest.raises(CorruptCheckpointError, match=r"step run-a/rank0/step1: "
+                                   r"blob runs/run-a/0/00000000000000000001/00000.blob"):
+                    await engine.restore(RUN, 0, step)
+
+    asyncio.run(scenario())
+
+
+def test_wrong_reconstruction_checksum_is_detected(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            await save(engine, 0, next(random_walk(6, 1)))
+        path = tmp_path / manifest_key(StepKey(RUN, 0, 0))
+        obj = json.loads(path.read_bytes())
+        obj["checksum"] = "0" * 32
+        path.write_text(json.dumps(obj))
+        async with open_engine(tmp_path) as engine:
+            with pytest.raises(CorruptCheckpointError, match="reconstructs to checksum"):
+                await engine.restore(RUN, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_unknown_step_lists_nearby_steps(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            for step, state in zip((10, 20, 30), random_walk(7, 3), strict=True):
+                await save(engine, step, state)
+            with pytest.raises(StepNotFoundError, match=r"step run-a/rank0/step25 does not "
+                               r"exist; nearby steps: \[10, 20, 30\]"):
+                await engine.restore(RUN, 0, 25)
+
+    asyncio.run(scenario())
+
+
+def test_manifest_records_the_layout(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            for step, state in enumerate(random_walk(8, 2)):
+                await save(engine, step, state, metadata={"k": "v"})
+
+    asyncio.run(scenario())
+    key = manifest_key(StepKey(RUN, 0, 1))
+    manifest = Manifest.from_json((tmp_path / key).read_bytes(), key)
+    assert (manifest.kind, manifest.parent_step, manifest.base_step) == ("delta", 0, 0)
+    encodings = {entry.spec.name: entry.encoding for entry in manifest.tensors}
+    assert encodings["model.weight"] == "delta" and encodings["buffers.ints"] == "exact"
+    assert encodings["model.bias"] == "exact"  # fewer than min_lossy_elements
+    assert manifest.metadata == {"k": "v"}
+    assert manifest.stored_bytes < manifest.raw_bytes
+
+
+def test_engine_on_s3_compatible_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same chain on an object store (moto's S3 server): save, restart, delete."""
+    states = list(random_walk(9, 4))
+    with MotoS3Server() as server:
+        server.create_bucket(TEST_BUCKET)
+        use_dummy_aws_env(monkeypatch)
+        url = server.url(TEST_BUCKET)
+
+        async def scenario() -> None:
+            async with open_engine(url) as engine:
+                for step in range(3):
+                    await save(engine, step, states[step])
+                before = [await engine.restore(RUN, 0, step) for step in range(3)]
+            async with open_engine(url) as engine:
+                await save(engine, 3, states[3])
+                assert engine.list_steps(RUN, 0)[-1].parent_step == 2
+                await engine.delete_step(StepKey(RUN, 0, 1))
+                for step in (0, 2):
+                    assert_same(await engine.restore(RUN, 0, step), before[step])
+                assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "base", "delta"]
+
+        asyncio.run(scenario())
