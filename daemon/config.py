@@ -7,7 +7,10 @@ these fields (``ckptd.daemon.cli``); nothing reads the environment at import tim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -35,6 +38,8 @@ class EngineConfig:
     max_metadata_bytes: int = 16 * MiB
     # Threads that run the codec; numpy and zstd release the GIL.
     encode_workers: int = 2
+    # Threads that call the storage backend (blocking I/O, kept apart from the codec's).
+    storage_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes <= 0:
@@ -44,8 +49,137 @@ class EngineConfig:
         if not 1 <= self.default_bits <= 8:
             raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}")
         if self.representative not in ("mean", "midrange"):
-            raise ValueError(f"representative must be 'mean' or 'midrange', got {self.representative!r}")
+            raise ValueError(
+                f"representative must be 'mean' or 'midrange', got {self.representative!r}"
+            )
         if self.coder not in ("zstd", "huffman"):
             raise ValueError(f"coder must be 'zstd' or 'huffman', got {self.coder!r}")
         if self.encode_workers < 1:
             raise ValueError(f"encode_workers must be >= 1, got {self.encode_workers}")
+        if self.storage_workers < 1:
+            raise ValueError(f"storage_workers must be >= 1, got {self.storage_workers}")
+
+
+LOOPS = ("auto", "uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "CKPTD_"
+# Room a save/restore message needs beyond its chunk's bytes (field tags, index, offset).
+_MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Settings of the daemon process: where it listens, where it stores, how it runs.
+
+    Every field has a CLI flag (``--max-chunk-bytes``) and an environment variable
+    (``CKPTD_MAX_CHUNK_BYTES``); ``from_settings`` is the one place that parses them.
+    """
+
+    storage_url: str
+    # ``host:port`` (port 0 picks a free port; the real one is reported) or ``unix:///path``.
+    listen: str = "127.0.0.1:50051"
+    loop: str = "auto"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # gRPC's limit on one message either way; a save chunk must fit with room to spare.
+    max_message_bytes: int = 8 * MiB
+    # Largest tensor chunk a client may send, and the size of the chunks restores stream.
+    max_chunk_bytes: int = 1 * MiB
+    # On SIGTERM, how long accepted saves get to become durable before the daemon exits.
+    drain_timeout_s: float = 60.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.storage_url:
+            raise ValueError("storage_url is empty; pass --storage URL or set CKPTD_STORAGE")
+        if not self.listen:
+            raise ValueError("listen is empty; pass --listen HOST:PORT or unix:///PATH")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        if self.max_chunk_bytes <= 0:
+            raise ValueError(f"max_chunk_bytes must be positive, got {self.max_chunk_bytes}")
+        if self.max_chunk_bytes + _MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must exceed max_chunk_bytes "
+                f"({self.max_chunk_bytes}) by at least {_MESSAGE_OVERHEAD_BYTES} bytes"
+            )
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, str]) -> DaemonConfig:
+        """Builds a config from flat text settings named like the CLI flags.
+
+        Keys are the names of ``SETTINGS`` (``storage``, ``max_inflight_bytes``, ...);
+        absent keys keep their defaults. Raises ``ValueError`` naming the bad setting.
+        """
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+        if not settings.get("storage"):
+            raise ValueError(
+                f"no storage given; pass --storage PATH_OR_URL or set {env_name('storage')}"
+            )
+        parsed: dict[str, dict[str, Any]] = {"daemon": {}, "engine": {}}
+        for name, text in settings.items():
+            target, attr, parse = SETTINGS[name]
+            try:
+                parsed[target][attr] = parse(text)
+            except ValueError as exc:
+                raise ValueError(f"bad value {text!r} for {name}: {exc}") from None
+        engine = EngineConfig(**parsed["engine"])
+        return cls(engine=engine, **parsed["daemon"])
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+    ) -> DaemonConfig:
+        """Reads ``CKPTD_<SETTING>`` from ``environ``; non-None ``overrides`` (flags) win."""
+        settings = {
+            name: environ[env_name(name)] for name in SETTINGS if env_name(name) in environ
+        }
+        settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_settings(settings)
+
+
+def env_name(setting: str) -> str:
+    """The variable mirroring a setting: ``max_chunk_bytes`` → ``CKPTD_MAX_CHUNK_BYTES``."""
+    return ENV_PREFIX + setting.upper()
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+    "gb": 1000**3, "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """Parses ``"1073741824"``, ``"512MiB"``, ``"2GiB"`` or ``"1.5GB"`` into a byte count."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError("expected a byte count such as 1048576, 512MiB or 2GiB")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+
+
+def _parse_str(text: str) -> str:
+    return text.strip()
+
+
+# setting name → (which config, field name, parser). The CLI derives its flags from this.
+SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "storage": ("daemon", "storage_url", _parse_str),
+    "listen": ("daemon", "listen", _parse_str),
+    "loop": ("daemon", "loop", _parse_str),
+    "log_level": ("daemon", "log_level", lambda text: text.strip().lower()),
+    "max_message_bytes": ("daemon", "max_message_bytes", parse_bytes),
+    "max_chunk_bytes": ("daemon", "max_chunk_bytes", parse_bytes),
+    "drain_timeout_s": ("daemon", "drain_timeout_s", float),
+    "max_inflight_bytes": ("engine", "max_inflight_bytes", parse_bytes),
+    "max_checkpoint_bytes": ("engine", "max_checkpoint_bytes", parse_bytes),
+    "base_interval": ("engine", "base_interval", int),
+    "bits": ("engine", "default_bits", int),
+    "encode_workers": ("engine", "encode_workers", int),
+}

@@ -1,0 +1,152 @@
+"""The ``ckptd`` command line.
+
+``ckptd serve --storage PATH_OR_URL --listen ADDR`` runs the daemon. Each subcommand is
+registered by a function taking the subparsers object and setting ``handler`` (called as
+``handler(args, environ) -> exit code``); subcommands in other modules are added by
+listing their ``register`` function in ``COMMANDS``.
+
+Every ``serve`` flag mirrors a ``DaemonConfig`` setting and the environment variable
+``CKPTD_<FLAG>`` (``--max-inflight-bytes`` ↔ ``CKPTD_MAX_INFLIGHT_BYTES``); a flag wins
+over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ckptd.daemon.config import SETTINGS, DaemonConfig, env_name
+
+Register = Callable[[Any], None]  # takes argparse's subparsers object
+
+_SERVE_HELP = {
+    "storage": "where checkpoints live: a directory, file:///dir or s3://bucket/prefix",
+    "listen": "HOST:PORT to listen on (port 0 picks a free one) or unix:///path/to.sock",
+    "loop": "event loop: auto (uvloop if installed), uvloop or asyncio",
+    "log_level": "debug, info, warning or error",
+    "max_message_bytes": "largest gRPC message either way (e.g. 8MiB)",
+    "max_chunk_bytes": "largest tensor chunk of a save, and restore chunk size (e.g. 1MiB)",
+    "drain_timeout_s": "on SIGTERM, seconds accepted saves get to become durable",
+    "max_inflight_bytes": "bytes of accepted-but-not-durable saves held at once (e.g. 2GiB)",
+    "max_checkpoint_bytes": "largest single checkpoint accepted",
+    "base_interval": "a lossless base every this many saves of a (run, rank)",
+    "bits": "default bit width of the lossy delta codec (1-8)",
+    "encode_workers": "threads that encode checkpoints",
+}
+
+
+# No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
+_METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL"}
+
+
+def _register_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the checkpoint daemon",
+        description="Run the checkpoint daemon until SIGTERM/SIGINT, then drain and exit 0.",
+    )
+    for name in SETTINGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar=_METAVARS.get(name, "N"),
+            help=f"{_SERVE_HELP[name]} [env {env_name(name)}]",
+        )
+    parser.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="once serving, write {\"address\", \"pid\", \"storage_url\"} JSON here "
+        f"atomically [env {env_name('ready_file')}]",
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from ckptd.daemon import logs, server
+
+    _return_freed_memory_promptly(environ)
+    try:
+        config = DaemonConfig.from_env(environ, {name: getattr(args, name) for name in SETTINGS})
+    except ValueError as exc:
+        print(f"ckptd serve: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    ready_file = args.ready_file or environ.get(env_name("ready_file"))
+
+    def on_ready(daemon: server.Daemon) -> None:
+        print(f"ckptd: serving on {daemon.address} (storage {daemon.storage_url})", flush=True)
+        if ready_file:
+            write_ready_file(Path(ready_file), daemon.address, daemon.storage_url)
+
+    try:
+        server.run(config, on_ready)
+    except (OSError, ImportError, ValueError) as exc:
+        # StorageError is an OSError; messages name the URL or address that failed.
+        print(f"ckptd serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if ready_file:
+            Path(ready_file).unlink(missing_ok=True)
+    return 0
+
+
+# Allocations at least this large get their own mapping, unmapped (returned to the OS) on free.
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _return_freed_memory_promptly(environ: Mapping[str, str]) -> None:
+    """Pins glibc's mmap threshold so that freed checkpoint buffers leave the process.
+
+    glibc raises the threshold (up to 32 MiB) each time a mapped block is freed, after
+    which buffers of a few MiB (gRPC chunks, codec chunks, small tensors) come from heap
+    arenas that are rarely trimmed: the daemon's RSS then stays hundreds of MB above what
+    it holds (measured in bench/daemon.py). A fixed threshold stops that. Only the CLI does
+    this, since it owns the process; MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+
+
+def write_ready_file(path: Path, address: str, storage_url: str) -> None:
+    """Writes the ready file atomically (temp file + rename), so pollers never read half."""
+    payload = json.dumps({"address": address, "pid": os.getpid(), "storage_url": storage_url})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(payload + "\n")
+    os.replace(tmp, path)
+
+
+# Subcommands, in help order. Other modules contribute their ``register`` here.
+COMMANDS: tuple[Register, ...] = (_register_serve,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptd", description="Asynchronous delta-compressed checkpointing daemon."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Runs the ``ckptd`` command; returns its exit code (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
+    return handler(args, os.environ if environ is None else environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

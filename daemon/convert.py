@@ -1,0 +1,147 @@
+"""Conversions between ckptd.v1 protobuf messages and the engine's domain records.
+
+Only wire-level facts are checked here (enum values the table knows, the ``nbytes`` a
+client announces against its dtype and shape); everything else about a request (names,
+limits, step order) is the engine's to judge. Errors are ``InvalidRequestError`` naming the
+tensor and the offending value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ckptd.daemon.domain import (
+    CheckpointHeader,
+    Policy,
+    RestoredCheckpoint,
+    RunInfo,
+    SaveState,
+    SaveStatus,
+    StepInfo,
+    StepKey,
+    TensorSpec,
+)
+from ckptd.daemon.errors import InvalidRequestError
+from ckptd.protos import dtypes
+from ckptd.protos.v1 import pb
+
+_POLICY_FROM_WIRE = {
+    pb.POLICY_AUTO: Policy.AUTO,
+    pb.POLICY_LOSSY: Policy.LOSSY,
+    pb.POLICY_EXACT: Policy.EXACT,
+}
+_POLICY_TO_WIRE = {policy: wire for wire, policy in _POLICY_FROM_WIRE.items()}
+_STATE_TO_WIRE = {
+    SaveState.ACCEPTED: pb.SAVE_STATE_ACCEPTED,
+    SaveState.ENCODING: pb.SAVE_STATE_ENCODING,
+    SaveState.WRITING: pb.SAVE_STATE_WRITING,
+    SaveState.DURABLE: pb.SAVE_STATE_DURABLE,
+    SaveState.FAILED: pb.SAVE_STATE_FAILED,
+}
+_KIND_TO_WIRE = {"base": pb.STEP_KIND_BASE, "delta": pb.STEP_KIND_DELTA}
+
+
+def key_from_ref(ref: pb.StepRef) -> StepKey:
+    return StepKey(run=ref.run, rank=ref.rank, step=ref.step)
+
+
+def ref_from_key(key: StepKey) -> pb.StepRef:
+    return pb.StepRef(run=key.run, rank=key.rank, step=key.step)
+
+
+def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
+    """Converts one table entry; raises ``InvalidRequestError`` for unknown enums or sizes
+    that contradict the dtype and shape."""
+    label = f"tensor {index} ({spec.name!r})"
+    try:
+        info = dtypes.from_wire(spec.dtype)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{label}: {exc}") from None
+    policy = _POLICY_FROM_WIRE.get(spec.policy)
+    if policy is None:
+        raise InvalidRequestError(
+            f"{label}: unknown policy value {spec.policy}; expected 0 (auto), 1 (lossy), 2 (exact)"
+        )
+    if any(dim < 0 for dim in spec.shape):
+        raise InvalidRequestError(f"{label}: negative dimension in shape {list(spec.shape)}")
+    converted = TensorSpec(
+        name=spec.name, dtype=info.name, shape=tuple(spec.shape), policy=policy, bits=spec.bits
+    )
+    if converted.nbytes != spec.nbytes:
+        raise InvalidRequestError(
+            f"{label}: nbytes {spec.nbytes} contradicts dtype {info.name} and shape "
+            f"{list(spec.shape)}, which hold {converted.nbytes} bytes"
+        )
+    return converted
+
+
+def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(
+        name=spec.name,
+        dtype=spec.dtype_info.wire,
+        shape=spec.shape,
+        policy=_POLICY_TO_WIRE[spec.policy],
+        bits=spec.bits,
+        nbytes=spec.nbytes,
+    )
+
+
+def header_from_proto(header: pb.SaveHeader) -> CheckpointHeader:
+    """Converts a save header (its shared-memory reference, if any, is the servicer's)."""
+    return CheckpointHeader(
+        key=StepKey(run=header.run, rank=header.rank, step=header.step),
+        tensors=tuple(spec_from_proto(i, spec) for i, spec in enumerate(header.tensors)),
+        metadata=dict(header.metadata),
+        fail_if_busy=header.fail_if_busy,
+    )
+
+
+def status_to_proto(status: SaveStatus) -> pb.SaveStatus:
+    return pb.SaveStatus(
+        ref=ref_from_key(status.key), state=_STATE_TO_WIRE[status.state], error=status.error
+    )
+
+
+def run_info_to_proto(info: RunInfo) -> pb.RunInfo:
+    return pb.RunInfo(
+        run=info.run,
+        rank=info.rank,
+        step_count=info.step_count,
+        latest_step=info.latest_step,
+        stored_bytes=info.stored_bytes,
+    )
+
+
+def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
+    return pb.StepInfo(
+        step=info.step,
+        kind=_KIND_TO_WIRE.get(info.kind, pb.STEP_KIND_UNSPECIFIED),
+        parent_step=info.parent_step or 0,
+        raw_bytes=info.raw_bytes,
+        stored_bytes=info.stored_bytes,
+        compression_ratio=info.compression_ratio,
+        chain_depth=info.chain_depth,
+        created_unix_s=info.created_unix_s,
+    )
+
+
+def restore_header_to_proto(restored: RestoredCheckpoint) -> pb.RestoreHeader:
+    return pb.RestoreHeader(
+        ref=ref_from_key(restored.key),
+        tensors=[spec_to_proto(spec) for spec in restored.tensors],
+        metadata=dict(restored.metadata),
+        checksum=restored.checksum,
+    )
+
+
+def restore_chunks(restored: RestoredCheckpoint, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    """Yields every tensor's bytes in table order, in chunks of at most ``max_chunk_bytes``."""
+    for index, array in enumerate(restored.arrays):
+        # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
+        with memoryview(array.reshape(-1)).cast("B") as raw:
+            for offset in range(0, len(raw), max_chunk_bytes):
+                yield pb.TensorChunk(
+                    tensor_index=index,
+                    offset=offset,
+                    data=bytes(raw[offset : offset + max_chunk_bytes]),
+                )

@@ -1,0 +1,105 @@
+"""The one table mapping daemon errors to gRPC status codes, and the handler decorator.
+
+Handlers never call ``context.abort``: they raise the engine's errors (or let them pass) and
+``maps_errors`` turns each into its status code here. The table is ordered most specific
+first; the first class the error is an instance of wins. An error outside the tree is a
+bug: it is logged with its traceback and the client sees INTERNAL with a generic message
+(never internals). Every error also carries its class name in the trailing metadata key
+``ckptd-error`` so that a client can tell apart errors that share a code
+(``RunNotFoundError`` and ``StepNotFoundError`` are both NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from ckptd.daemon import errors
+from ckptd.daemon.logs import get_logger
+
+log = get_logger("status")
+
+ERROR_METADATA_KEY = "ckptd-error"
+
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.IncompleteStreamError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    # The request is well formed, but the chain's state forbids it (step not after latest).
+    (errors.StepOrderError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RunNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.StepNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.StepExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (errors.CorruptCheckpointError, grpc.StatusCode.DATA_LOSS),
+    # A key the index names is gone from storage: data was lost, retrying will not help.
+    (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
+    # Storage I/O failed (network, disk): transient from the client's point of view.
+    (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
+    # A deliberate error without a more specific class: its message is still safe to show.
+    (errors.CkptdError, grpc.StatusCode.INTERNAL),
+)
+
+INTERNAL_MESSAGE = "internal error in ckptd daemon; see the daemon's log for the traceback"
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Returns the status code and client-facing message for ``exc``.
+
+    Errors outside the ``CkptdError`` tree get INTERNAL and a generic message: their text
+    may hold paths or internals, and they signal a bug rather than a bad request.
+    """
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code, str(exc) or cls.__name__
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    """Aborts the RPC with ``exc``'s status; logs unexpected errors with their traceback."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # already carries its status
+    code, message = status_for(exc)
+    if not isinstance(exc, errors.CkptdError):
+        log.error("unexpected error in handler %s", f"error={type(exc).__name__}", exc_info=exc)
+    elif code is grpc.StatusCode.INTERNAL:
+        log.error("unclassified daemon error %s", f"error={type(exc).__name__}", exc_info=exc)
+    metadata = ((ERROR_METADATA_KEY, type(exc).__name__),)
+    await context.abort(code, message, trailing_metadata=metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def maps_errors(handler: H) -> H:
+    """Wraps a grpc.aio servicer method (coroutine or async generator) with the table.
+
+    Cancellation (``asyncio.CancelledError``) is not an ``Exception`` and passes through,
+    so a client that hangs up unwinds the handler (and aborts its save) without a status.
+    """
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                async for reply in handler(self, request, context):
+                    yield reply
+            except Exception as exc:
+                await abort_with(context, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return unary_wrapper  # type: ignore[return-value]
