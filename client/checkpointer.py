@@ -1,0 +1,342 @@
+"""``Checkpointer``: the trainer-side API of ckptd.
+
+``save`` snapshots the state into a pooled staging buffer and returns a ``SaveHandle`` at
+once; the client's sender thread hands the snapshot to the daemon, and its watcher thread
+follows it to durability. ``restore`` streams a step back and rebuilds the saved
+structure. Everything runs on gRPC's sync API and two private threads: nothing imposes an
+event loop on the trainer, and nothing in the background raises into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from ckptd.protos.v1 import pb
+
+from .config import CheckpointerConfig, check_run, normalize_target
+from .errors import CheckpointNotFoundError, CkptdTimeoutError
+from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
+from .handle import SaveHandle, SaveState
+from .header import HeaderBuilder
+from .policies import check_bits, parse_rules
+from .restore import RestoredState, receive
+from .shm import ShmTransport, is_local_target, same_host
+from .staging import StagingPool, plan_layout, snapshot
+from .steps import StepInfo, step_info
+from .structure import flatten
+from .transport import SaveTransport
+from .worker import SaveJob, SaveWorker
+
+logger = logging.getLogger("ckptd.client")
+
+# How long a checkpointer left open at interpreter exit keeps handing over queued saves.
+EXIT_TIMEOUT_S = 30.0
+
+
+class Checkpointer:
+    """Saves and restores the training state of one (run, rank) through a ckptd daemon.
+
+    Args:
+        target: The daemon's address: ``"host:port"``, ``"unix:///path"`` or ``"unix:/path"``.
+        run: The training job's name (1-128 characters from ``[A-Za-z0-9._-]``).
+        rank: Which shard of the job's state this process saves (0 for one process).
+        transport: ``"shm"`` writes snapshots into shared memory the daemon reads in place
+            (same host only); ``"grpc"`` streams them; ``"auto"`` picks shm when the daemon
+            reports this host's hostname and boot id, and falls back to streaming if the
+            daemon then cannot open the segment (e.g. it runs in another container).
+        bits: Default bit width of lossy tensors (1..8); None: the daemon's default.
+        policies: Ordered ``(glob, "auto"|"exact"|"lossy"|"lossy:<bits>")`` rules matched
+            against tensor names (``"optim/*"``); the first match wins.
+        when_busy: When every staging buffer is still busy (or the daemon's budget is full):
+            ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
+            saves are logged and marked on their handle; they never raise.
+        busy_timeout_s: Longest ``save`` waits for a staging buffer.
+        connect_timeout_s: Longest wait for the daemon when connecting or calling it.
+        reconnect_timeout_s: How long a save or a durability check keeps retrying while
+            the daemon is unreachable (restarting) before it fails.
+        max_staging_bytes: Cap on staging memory; None: ``staging_buffers`` times the state size.
+        staging_buffers: Snapshots that may be in flight at once.
+
+    Raises:
+        DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
+        ValueError: An argument is invalid (the message names it and the allowed values).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        run: str,
+        rank: int = 0,
+        *,
+        transport: str = "auto",
+        bits: int | None = None,
+        policies: Iterable[tuple[str, str]] | None = None,
+        when_busy: str = "wait",
+        busy_timeout_s: float = 60.0,
+        connect_timeout_s: float = 10.0,
+        reconnect_timeout_s: float = 30.0,
+        max_staging_bytes: int | None = None,
+        staging_buffers: int = 2,
+    ) -> None:
+        check_run(run, rank)
+        self.config = CheckpointerConfig(
+            transport=transport,
+            bits=check_bits(bits, "bits"),
+            policies=parse_rules(policies),
+            when_busy=when_busy,
+            busy_timeout_s=busy_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            reconnect_timeout_s=reconnect_timeout_s,
+            max_staging_bytes=max_staging_bytes,
+            staging_buffers=staging_buffers,
+        )
+        self.target = normalize_target(target)
+        self.run, self.rank = run, rank
+        self._connection = Connection(self.target, call_timeout_s=self.config.call_timeout_s)
+        try:
+            self.server_info = self._connection.wait_ready(self.config.connect_timeout_s)
+            transport_impl, fallback = self._choose_transport(self.server_info)
+        except BaseException:
+            self._connection.close()
+            raise
+        self._pool = StagingPool(
+            transport_impl.allocate,
+            max_buffers=self.config.staging_buffers,
+            max_total_bytes=self.config.max_staging_bytes,
+        )
+        self._worker = SaveWorker(
+            self._connection,
+            transport_impl,
+            self._pool,
+            reconnect_timeout_s=self.config.reconnect_timeout_s,
+            fallback=fallback,
+        )
+        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
+        self._handles: list[SaveHandle] = []
+        self._last_step: int | None = None
+        self._closed = False
+        # A checkpointer dropped or left open at exit still hands over its queued saves and
+        # unlinks its shared memory (the threads and the pool do not reference self).
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._worker, self._connection, self._pool, EXIT_TIMEOUT_S
+        )
+
+    # Public API.
+
+    @property
+    def transport(self) -> str:
+        """The transport saves use now: ``"shm"`` or ``"grpc"``."""
+        return self._worker.transport.name
+
+    @property
+    def staging_pool(self) -> StagingPool:
+        """The staging buffers (exposed for tests and benchmarks: ``stats``, ``buffers``)."""
+        return self._pool
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        bits: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> SaveHandle:
+        """Snapshots ``state`` as ``step`` and returns once the trainer may change it.
+
+        Args:
+            step: Training step; must be greater than every step saved before for this run
+                and rank.
+            state: Nested dicts/lists/tuples of tensors, numpy arrays and plain Python
+                values (int, float, bool, str, bytes, None).
+            bits: Bit width of lossy tensors for this save (overrides the default).
+            metadata: Extra string metadata stored with the step (keys must not start
+                with ``"ckptd."``).
+
+        Returns:
+            The save's handle; it is already ``skipped`` when no staging buffer came free
+            in time.
+
+        Raises:
+            TypeError: Part of the state cannot be saved (the message names its path).
+            ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits.
+        """
+        self._check_open()
+        self._check_step(step)
+        flat = flatten(state)
+        bits = check_bits(bits, "bits") or self.config.bits
+        header = self._headers.build(step, flat, bits, metadata)
+        layout = plan_layout([leaf.nbytes for leaf in flat.leaves])
+        handle = SaveHandle(self.run, self.rank, step)
+        skip = self.config.when_busy == "skip"
+        buffer = self._pool.acquire(layout.total_bytes, 0.0 if skip else self.config.busy_timeout_s)
+        if buffer is None:
+            reason = self._busy_reason(skip)
+            handle._set_skipped(reason)
+            logger.warning("skipped checkpoint step %d: %s", step, reason)
+            return handle
+        try:
+            snapshot(flat.leaves, layout, buffer)
+        except BaseException:
+            self._pool.release(buffer)
+            raise
+        header.fail_if_busy = skip
+        self._last_step = step
+        self._track(handle)
+        self._worker.submit(SaveJob(handle, header, buffer, layout))
+        return handle
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Waits until every save made so far is durable (skipped ones are ignored).
+
+        Raises:
+            CkptdTimeoutError: Some save was not durable within ``timeout_s``.
+            CkptdClientError: The first failed save's error (each failure is raised once).
+        """
+        handles = list(self._handles)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for handle in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not handle.durable(remaining) and not handle.done():
+                pending = [h.step for h in handles if not h.done()]
+                raise CkptdTimeoutError(f"steps {pending} were not durable within {timeout_s} s")
+        self._handles = [h for h in self._handles if h not in handles]
+        for handle in handles:
+            if handle.state is SaveState.FAILED:
+                error = handle.exception(0)
+                assert error is not None
+                raise error
+
+    def restore(self, step: int | None = None, *, map_location: str | torch.device = "cpu") -> Any:
+        """Returns the state saved at ``step`` (None: the latest durable step), rebuilt with
+        the same containers, dtypes and shapes, tensors on ``map_location``.
+
+        Raises:
+            CheckpointNotFoundError: The run, rank or step does not exist.
+            DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
+        """
+        return self.restore_info(step, map_location=map_location).state
+
+    def restore_info(
+        self, step: int | None = None, *, map_location: str | torch.device = "cpu"
+    ) -> RestoredState:
+        """Like ``restore`` but also returns the step number, metadata and checksum."""
+        self._check_open()
+        request = pb.RestoreRequest(run=self.run, rank=self.rank)
+        if step is not None:
+            request.step = step
+        self._connection.wait_ready(self.config.connect_timeout_s)
+        return receive(self._connection.restore(request), map_location)
+
+    def step_infos(self) -> list[StepInfo]:
+        """The committed steps of this run and rank, oldest first ([] for a new run)."""
+        self._check_open()
+        self._connection.wait_ready(self.config.connect_timeout_s)
+        try:
+            infos = self._connection.list_steps(self.run, self.rank)
+        except CheckpointNotFoundError:
+            return []
+        return sorted((step_info(info) for info in infos), key=lambda info: info.step)
+
+    def steps(self) -> list[int]:
+        """The committed step numbers of this run and rank, ascending."""
+        return [info.step for info in self.step_infos()]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def delete_step(self, step: int) -> int:
+        """Deletes one committed step (later steps stay restorable); returns steps removed."""
+        self._check_open()
+        self._connection.wait_ready(self.config.connect_timeout_s)
+        return self._connection.delete_step(pb.StepRef(run=self.run, rank=self.rank, step=step))
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Hands over queued saves (up to ``timeout_s``), then frees threads, shared memory
+        and the connection. Idempotent. Call ``wait()`` first to confirm durability."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        _shutdown(self._worker, self._connection, self._pool, timeout_s)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Helpers.
+
+    def _choose_transport(self, info: pb.ServerInfo) -> tuple[SaveTransport, Any]:
+        pin = torch.cuda.is_available()
+
+        def stream() -> SaveTransport:
+            return StreamTransport(self._connection, chunk_bytes_for(info), pin_memory=pin)
+
+        mode = self.config.transport
+        if mode == "grpc":
+            return stream(), None
+        if mode == "shm":
+            if not info.shared_memory:
+                raise ValueError(
+                    f"transport='shm' but the daemon at {self.target!r} does not accept shared "
+                    "memory (its ServerInfo.shared_memory is false); use transport='grpc' or 'auto'"
+                )
+            return ShmTransport(self._connection, pin_memory=pin), None
+        local = is_local_target(self.target) and same_host(info.hostname, info.boot_id)
+        if info.shared_memory and local:
+            return ShmTransport(self._connection, pin_memory=pin), stream
+        return stream(), None
+
+    def _busy_reason(self, skip: bool) -> str:
+        busy = f"all {self._pool.buffers} staging buffers are still being handed to the daemon"
+        if skip:
+            return f"{busy} (when_busy='skip')"
+        return f"{busy} after waiting {self.config.busy_timeout_s} s (busy_timeout_s)"
+
+    def _track(self, handle: SaveHandle) -> None:
+        # Forget saves that ended well; failures stay until wait() reports them.
+        self._handles = [
+            h for h in self._handles if h.state not in (SaveState.DURABLE, SaveState.SKIPPED)
+        ]
+        self._handles.append(handle)
+
+    def _check_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**64:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(
+                f"step {step} is not after step {self._last_step}, "
+                "the last step this checkpointer saved"
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the checkpointer for run {self.run!r} rank {self.rank} is closed")
+
+
+def _shutdown(
+    worker: SaveWorker, connection: Connection, pool: StagingPool, timeout_s: float
+) -> None:
+    try:
+        worker.finish(timeout_s)
+    finally:
+        connection.close()  # aborts calls in flight, so the threads end promptly
+        worker.join()
+        pool.close()
+
+
+__all__ = ["Checkpointer", "StepInfo"]

@@ -1,0 +1,72 @@
+"""The checkpointer's frozen, validated settings (units in the field names)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .policies import PolicyRule, check_bits
+
+TRANSPORTS = ("auto", "grpc", "shm")
+WHEN_BUSY = ("wait", "skip")
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_RANK = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class CheckpointerConfig:
+    """Settings of one ``Checkpointer``; see its docstring for what each field does."""
+
+    transport: str = "auto"
+    bits: int = 0  # 0: the daemon's default bit width
+    policies: tuple[PolicyRule, ...] = ()
+    when_busy: str = "wait"
+    busy_timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0
+    reconnect_timeout_s: float = 30.0
+    call_timeout_s: float = 30.0
+    max_staging_bytes: int | None = None
+    staging_buffers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.when_busy not in WHEN_BUSY:
+            raise ValueError(f"when_busy must be one of {WHEN_BUSY}, got {self.when_busy!r}")
+        check_bits(self.bits or None, "bits")
+        for name in (
+            "busy_timeout_s",
+            "connect_timeout_s",
+            "reconnect_timeout_s",
+            "call_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+        if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
+            raise ValueError(
+                f"max_staging_bytes must be positive or None, got {self.max_staging_bytes}"
+            )
+        if self.staging_buffers < 1:
+            raise ValueError(f"staging_buffers must be >= 1, got {self.staging_buffers}")
+
+
+def check_run(run: str, rank: int) -> None:
+    """Rejects run names and ranks the daemon would refuse, before any connection."""
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        raise ValueError(
+            f"invalid run name {run!r}: use 1-128 characters from [A-Za-z0-9._-], "
+            "not starting with '.'"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
+        raise ValueError(f"rank must be an int in 0..{MAX_RANK}, got {rank!r}")
+
+
+def normalize_target(target: str) -> str:
+    """Accepts ``host:port``, ``unix:///path``, ``unix:/path`` or a bare absolute socket
+    path, and returns what gRPC expects."""
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target must be 'host:port' or 'unix:///path/to/socket', got {target!r}")
+    if target.startswith("/"):
+        return f"unix:{target}"
+    return target

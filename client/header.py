@@ -1,0 +1,88 @@
+"""Building the ``SaveHeader`` of one save: tensor table, policies, metadata, limits.
+
+Checks the daemon's advertised limits before any byte is copied, so a state that can
+never be accepted fails synchronously in ``save()`` with the sizes in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ckptd.protos.v1 import pb
+
+from .errors import InvalidCheckpointError
+from .policies import PolicyRule, resolve
+from .structure import STRUCTURE_KEY, FlatState
+
+RESERVED_PREFIX = "ckptd."
+
+
+class HeaderBuilder:
+    """Turns flattened states into headers for one checkpointer (trainer thread only)."""
+
+    def __init__(
+        self, run: str, rank: int, rules: tuple[PolicyRule, ...], server: pb.ServerInfo
+    ) -> None:
+        self.run, self.rank = run, rank
+        self.rules = rules
+        self.server = server
+        # Tensor names repeat every save; matching globs once per name keeps save() cheap.
+        self._policies: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def build(
+        self, step: int, flat: FlatState, bits: int, metadata: Mapping[str, str] | None
+    ) -> pb.SaveHeader:
+        """Raises ``InvalidCheckpointError`` beyond the daemon's limits and ``ValueError``
+        for malformed or reserved metadata."""
+        self._check_limits(flat)
+        specs = []
+        for leaf in flat.leaves:
+            policy, leaf_bits = self._policy(leaf.name, bits)
+            specs.append(
+                pb.TensorSpec(
+                    name=leaf.name,
+                    dtype=leaf.dtype.wire,
+                    shape=leaf.shape,
+                    policy=policy,
+                    bits=leaf_bits,
+                    nbytes=leaf.nbytes,
+                )
+            )
+        meta = {**user_metadata(metadata), STRUCTURE_KEY: flat.structure}
+        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta)
+
+    def _check_limits(self, flat: FlatState) -> None:
+        info = self.server
+        if info.max_tensors and len(flat.leaves) > info.max_tensors:
+            raise InvalidCheckpointError(
+                f"the state has {len(flat.leaves)} tensors; "
+                f"the daemon accepts at most {info.max_tensors}"
+            )
+        total = sum(leaf.nbytes for leaf in flat.leaves)
+        if info.max_checkpoint_bytes and total > info.max_checkpoint_bytes:
+            raise InvalidCheckpointError(
+                f"the state holds {total} bytes; "
+                f"the daemon accepts at most {info.max_checkpoint_bytes}"
+            )
+
+    def _policy(self, name: str, bits: int) -> tuple[int, int]:
+        key = (name, bits)
+        cached = self._policies.get(key)
+        if cached is None:
+            cached = self._policies[key] = resolve(self.rules, name, bits)
+        return cached
+
+
+def user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Validates user metadata: str to str, no key in the client's reserved namespace."""
+    result = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must map str to str, got {key!r}: {value!r}")
+        if key.startswith(RESERVED_PREFIX):
+            raise ValueError(
+                f"metadata key {key!r} is reserved "
+                f"(keys starting with {RESERVED_PREFIX!r} belong to the client)"
+            )
+        result[key] = value
+    return result

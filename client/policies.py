@@ -1,0 +1,83 @@
+"""Per-tensor storage policies chosen by glob patterns on tensor names.
+
+A rule is ``(pattern, spec)``: ``pattern`` is an ``fnmatch`` glob matched against the full
+tensor name (``*`` also crosses ``/``, so ``"optim/*"`` covers every optimizer tensor), and
+``spec`` is one of ``"auto"``, ``"exact"``, ``"lossy"`` or ``"lossy:<bits>"`` (bits 1..8).
+Rules are tried in order and the first match wins; a tensor no rule matches is ``auto``:
+the daemon stores float tensors above its size threshold lossily and everything else
+exactly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ckptd.protos.v1 import pb
+
+MIN_BITS = 1
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One parsed rule: tensors whose name matches ``pattern`` get ``policy`` and ``bits``."""
+
+    pattern: str
+    policy: int  # a ckptd.v1.Policy value
+    bits: int  # 0: the checkpointer's (or daemon's) default
+
+
+def check_bits(bits: int | None, what: str) -> int:
+    """Validates a bit width (None means 0, the default) and returns it."""
+    if bits is None:
+        return 0
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def parse_spec(spec: str) -> tuple[int, int]:
+    """Parses ``"auto"``, ``"exact"``, ``"lossy"`` or ``"lossy:<bits>"`` into (policy, bits)."""
+    kind, _, bits_text = spec.partition(":")
+    if kind == "exact" and not bits_text:
+        return pb.POLICY_EXACT, 0
+    if kind == "auto" and not bits_text:
+        return pb.POLICY_AUTO, 0
+    if kind == "lossy":
+        if not bits_text:
+            return pb.POLICY_LOSSY, 0
+        if bits_text.isdigit():
+            return pb.POLICY_LOSSY, check_bits(int(bits_text), f"bits in policy {spec!r}")
+    raise ValueError(
+        f"invalid policy {spec!r}; expected 'auto', 'exact', 'lossy' or 'lossy:<bits>' "
+        f"with bits in {MIN_BITS}..{MAX_BITS}"
+    )
+
+
+def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ...]:
+    """Parses user rules, failing early (at construction) on a malformed one."""
+    parsed = []
+    for rule in rules or ():
+        if not (
+            isinstance(rule, tuple | list)
+            and len(rule) == 2
+            and all(isinstance(x, str) for x in rule)
+        ):
+            raise ValueError(
+                f"a policy rule must be a (pattern, spec) pair of strings, got {rule!r}"
+            )
+        policy, bits = parse_spec(rule[1])
+        parsed.append(PolicyRule(rule[0], policy, bits))
+    return tuple(parsed)
+
+
+def resolve(rules: tuple[PolicyRule, ...], name: str, default_bits: int) -> tuple[int, int]:
+    """Returns (policy, bits) for tensor ``name``; exact tensors always carry bits 0."""
+    for rule in rules:
+        if fnmatch.fnmatchcase(name, rule.pattern):
+            if rule.policy == pb.POLICY_EXACT:
+                return rule.policy, 0
+            return rule.policy, rule.bits or default_bits
+    return pb.POLICY_AUTO, default_bits

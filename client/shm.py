@@ -1,0 +1,172 @@
+"""Shared-memory staging: the snapshot is written straight into a POSIX segment.
+
+On the daemon's host the staging buffer *is* a shared-memory segment, so a save costs one
+copy in the trainer (tensor → segment) and the daemon reads the bytes in place; only the
+header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
+
+* the client creates each segment (``SharedMemory(create=True)``), which registers it
+  with Python's ``resource_tracker``: if the trainer dies, even by SIGKILL, the tracker
+  process unlinks it;
+* segments are reused across saves (they are pooled staging buffers);
+* ``ShmBuffer.close`` unlinks the name first, then unmaps; a stray tensor view keeps
+  the mapping valid (never a dangling pointer) until it dies;
+* the daemon only opens and copies; it never unlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import torch
+from ckptd.protos.v1 import pb
+
+from .grpc_transport import Connection, encode_header
+from .staging import Layout, StagingBuffer
+from .transport import SaveTransport
+
+logger = logging.getLogger("ckptd.client")
+
+SEGMENT_PREFIX = "ckptdc_"
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+def segment_name() -> str:
+    """A fresh segment name; the creator's pid in it lets leak checks find the owner."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def segment_owner(name: str) -> int | None:
+    """The pid encoded in a client segment name, or None for other names."""
+    if not name.startswith(SEGMENT_PREFIX):
+        return None
+    pid, _, _ = name[len(SEGMENT_PREFIX) :].partition("_")
+    return int(pid) if pid.isdigit() else None
+
+
+class ShmBuffer(StagingBuffer):
+    """A staging buffer backed by a POSIX shared-memory segment the client owns."""
+
+    def __init__(self, capacity: int, *, pinned: bool = False) -> None:
+        self.segment = shared_memory.SharedMemory(name=segment_name(), create=True, size=capacity)
+        self.name = self.segment.name
+        # Through numpy, so every tensor view holds a buffer export of the mapping: the
+        # mapping then cannot be unmapped under a live view (torch.frombuffer holds none).
+        mapping = self.segment.buf
+        assert mapping is not None
+        array = np.frombuffer(mapping, dtype=np.uint8, count=capacity)
+        super().__init__(torch.from_numpy(array))
+        self._capacity = capacity
+        self._pinned = pinned and _page_lock(self.data)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity if self.segment is not None else 0
+
+    def close(self) -> None:
+        """Unlinks the segment, then unmaps it (idempotent)."""
+        segment = getattr(self, "segment", None)
+        if segment is None:
+            return
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self._pinned = False
+        self.segment = None  # type: ignore[assignment]
+        self.data = torch.empty(0, dtype=torch.uint8)
+        with contextlib.suppress(FileNotFoundError):
+            segment.unlink()
+        try:
+            segment.close()
+        except BufferError:
+            # A tensor view of the mapping is still alive somewhere. Leave the mapping to
+            # it — the memoryview and mmap are freed, and unmapped, with the last view —
+            # and close only the descriptor. The name is already gone.
+            segment._buf = None
+            segment._mmap = None
+            segment.close()
+
+
+def _page_lock(data: torch.Tensor) -> bool:
+    """Registers the mapping with CUDA so device → host copies into it run as DMA, like
+    into ``pin_memory`` buffers (best effort: an unpinned segment still works, slower)."""
+    error = int(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 1))
+    if error:
+        logger.warning("could not page-lock shared memory for CUDA copies (cudaError %d)", error)
+    return error == 0
+
+
+def local_boot_id() -> str:
+    """This machine's boot id ('' where the kernel does not expose one)."""
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return ""
+
+
+def same_host(server_hostname: str, server_boot_id: str) -> bool:
+    """True when the daemon reports this machine's hostname and boot id, i.e. its
+    ``/dev/shm`` is ours (a container or another boot would differ)."""
+    boot_id = local_boot_id()
+    return bool(boot_id) and server_boot_id == boot_id and server_hostname == socket.gethostname()
+
+
+def is_local_target(target: str) -> bool:
+    """True for a unix socket or a loopback / own-hostname TCP address."""
+    if target.startswith("unix:") or target.startswith("unix-abstract:"):
+        return True
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    host = host.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    return (
+        host in ("localhost", "::1", "0.0.0.0")
+        or host.startswith("127.")
+        or host == socket.gethostname()
+    )
+
+
+class ShmTransport(SaveTransport):
+    """Hands the daemon a shared-memory segment instead of streaming bytes (same host)."""
+
+    name = "shm"
+
+    def __init__(self, connection: Connection, *, pin_memory: bool = False) -> None:
+        self.connection = connection
+        self.pin_memory = pin_memory
+
+    def allocate(self, capacity: int) -> StagingBuffer:
+        return ShmBuffer(capacity, pinned=self.pin_memory)
+
+    def send(self, header: pb.SaveHeader, buffer: StagingBuffer, layout: Layout) -> pb.SaveStatus:
+        if not isinstance(buffer, ShmBuffer):
+            raise TypeError(f"the shm transport needs a ShmBuffer, got {type(buffer).__name__}")
+        with_ref = pb.SaveHeader()
+        with_ref.CopyFrom(header)
+        with_ref.shared_memory.CopyFrom(
+            pb.SharedMemoryRef(
+                segment_name=buffer.name, segment_bytes=buffer.capacity, offsets=layout.offsets
+            )
+        )
+        operation = (
+            f"save step {header.step} of run {header.run!r} rank {header.rank} via shared memory"
+        )
+        return self.connection.save([encode_header(with_ref)], operation)
+
+    def cancel(self) -> None:
+        self.connection.cancel_saves()
+
+
+def refuses_shared_memory(error: Exception) -> bool:
+    """True when the daemon rejected a save because it cannot open our segment (for
+    example it runs in a container with its own ``/dev/shm``): the cue to stream instead.
+    The v1 protocol has no dedicated status for this, so the INVALID_ARGUMENT details are
+    the signal."""
+    details = getattr(error, "details", "") or ""
+    text = details.lower()
+    return getattr(error, "code", None) == "INVALID_ARGUMENT" and (
+        "shared memory" in text or "shared_memory" in text or "segment" in text
+    )

@@ -1,0 +1,203 @@
+"""Staging buffers: where ``save()`` snapshots a state before the daemon takes it.
+
+A snapshot is one byte buffer holding every tensor at a 64-byte-aligned offset (the
+``Layout``). Buffers are pooled and reused, so a steady training loop allocates nothing per
+save: the pool keeps at most ``max_buffers`` (two by default, so save N+1 can snapshot while
+save N is still being handed over), grows a free buffer only when the state grows, and never
+holds more than ``max_total_bytes`` at once. A buffer is busy from its snapshot until the
+daemon ACCEPTED it (or the save failed); ``acquire`` waits for one to come back.
+
+Thread use: the trainer thread calls ``acquire`` and ``snapshot``; the client's sender
+thread calls ``release``; ``close`` is called once by the checkpointer.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .structure import Leaf
+
+ALIGN_BYTES = 64
+PAGE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of one snapshot lies in the staging buffer."""
+
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    total_bytes: int
+
+
+def plan_layout(sizes: Sequence[int]) -> Layout:
+    """Places tensors of the given byte sizes back to back, each aligned to 64 bytes
+    (so any dtype view of the buffer is aligned and vectorized copies stay fast)."""
+    offsets = []
+    cursor = 0
+    for size in sizes:
+        offsets.append(cursor)
+        cursor += -(-size // ALIGN_BYTES) * ALIGN_BYTES
+    return Layout(tuple(offsets), tuple(sizes), cursor)
+
+
+class StagingBuffer:
+    """A reusable byte buffer exposed as a 1-D ``torch.uint8`` tensor (``data``)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    @property
+    def capacity(self) -> int:
+        return int(self.data.numel())
+
+    def close(self) -> None:
+        """Frees the memory; the buffer must not be used afterwards."""
+        self.data = torch.empty(0, dtype=torch.uint8)
+
+
+class HostBuffer(StagingBuffer):
+    """Ordinary (optionally page-locked) process memory, for the streaming transport."""
+
+    def __init__(self, capacity: int, *, pinned: bool = False) -> None:
+        super().__init__(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
+
+
+def snapshot(leaves: Sequence[Leaf], layout: Layout, buffer: StagingBuffer) -> None:
+    """Copies every leaf into ``buffer`` at its layout offset.
+
+    torch's own ``copy_`` does the work (multithreaded for large tensors, device → host DMA
+    for CUDA tensors); CUDA copies are queued without blocking and synchronized once at the
+    end, so when this returns the trainer may change its tensors freely.
+    """
+    devices: set[torch.device] = set()
+    with torch.no_grad():
+        for leaf, offset, size in zip(leaves, layout.offsets, layout.nbytes, strict=True):
+            if size == 0:
+                continue
+            target = buffer.data[offset : offset + size]
+            value = leaf.value
+            if isinstance(value, torch.Tensor):
+                if value.is_cuda:
+                    devices.add(value.device)
+                target.view(value.dtype).view(value.shape).copy_(value, non_blocking=value.is_cuda)
+            else:
+                np.copyto(target.numpy().view(leaf.dtype.numpy).reshape(value.shape), value)
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PoolStats:
+    """Counters for tests and benchmarks: how often the pool had to allocate."""
+
+    allocations: int = 0
+    allocated_bytes: int = 0
+
+
+class StagingPool:
+    """A bounded pool of staging buffers shared by successive saves."""
+
+    def __init__(
+        self,
+        allocate: Callable[[int], StagingBuffer],
+        *,
+        max_buffers: int = 2,
+        max_total_bytes: int | None = None,
+    ) -> None:
+        if max_buffers < 1:
+            raise ValueError(f"max_buffers must be >= 1, got {max_buffers}")
+        self.allocate = allocate
+        self.max_buffers = max_buffers
+        self.max_total_bytes = max_total_bytes
+        self.stats = PoolStats()
+        self._free: list[StagingBuffer] = []
+        self._busy: list[StagingBuffer] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(self, nbytes: int, timeout_s: float | None) -> StagingBuffer | None:
+        """Returns a buffer of at least ``nbytes``, waiting up to ``timeout_s`` (None: no
+        limit) for a busy one to be released; None when none came back in time.
+
+        Raises:
+            ValueError: ``nbytes`` alone exceeds ``max_total_bytes``.
+        """
+        if self.max_total_bytes is not None and nbytes > self.max_total_bytes:
+            raise ValueError(
+                f"the state needs {nbytes} bytes of staging but max_staging_bytes is "
+                f"{self.max_total_bytes}; raise max_staging_bytes or save a smaller state"
+            )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the staging pool is closed")
+                buffer = self._take(nbytes)
+                if buffer is not None:
+                    self._busy.append(buffer)
+                    return buffer
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def release(self, buffer: StagingBuffer) -> None:
+        """Returns a buffer once the daemon no longer needs its bytes."""
+        with self._cond:
+            self._busy.remove(buffer)
+            if self._closed:
+                buffer.close()
+            else:
+                self._free.append(buffer)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Frees the idle buffers now and busy ones as they are released."""
+        with self._cond:
+            self._closed = True
+            for buffer in self._free:
+                buffer.close()
+            self._free.clear()
+            self._cond.notify_all()
+
+    @property
+    def buffers(self) -> int:
+        """How many buffers the pool holds (free and busy)."""
+        with self._cond:
+            return len(self._free) + len(self._busy)
+
+    def _take(self, nbytes: int) -> StagingBuffer | None:
+        fitting = [b for b in self._free if b.capacity >= nbytes]
+        if fitting:
+            best = min(fitting, key=lambda b: b.capacity)
+            self._free.remove(best)
+            return best
+        # The state grew: idle buffers are all too small for it and would only hold
+        # memory, so they are replaced rather than kept next to a bigger one.
+        for victim in self._free:
+            victim.close()
+        self._free.clear()
+        count = len(self._busy)
+        held = sum(b.capacity for b in self._busy)
+        size = _round_up(nbytes)
+        if count >= self.max_buffers or not self._fits(held, size):
+            return None
+        buffer = self.allocate(size)
+        self.stats.allocations += 1
+        self.stats.allocated_bytes += buffer.capacity
+        return buffer
+
+    def _fits(self, held: int, size: int) -> bool:
+        return self.max_total_bytes is None or held + size <= max(self.max_total_bytes, size)
+
+
+def _round_up(nbytes: int) -> int:
+    return max(PAGE_BYTES, math.ceil(nbytes / PAGE_BYTES) * PAGE_BYTES)

@@ -1,0 +1,265 @@
+"""The checkpointer's two private threads: the sender and the durability watcher.
+
+* The **sender** takes snapshots in step order, hands each to the transport, and frees the
+  staging buffer as soon as the daemon ACCEPTED it (or refused it). A daemon that is
+  restarting is waited for up to ``reconnect_timeout_s`` and the save is resent; a busy
+  daemon with ``fail_if_busy`` set marks the save skipped; a daemon that cannot open our
+  shared memory makes the sender switch to streaming for good (``fallback``).
+* The **watcher** follows accepted saves in order with ``WaitSave`` until each is DURABLE
+  or FAILED, so handles resolve without the trainer polling and failures are logged as
+  they happen.
+
+Neither thread ever raises into the trainer: outcomes land on the ``SaveHandle`` and in
+the ``ckptd.client`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ckptd.protos.v1 import pb
+
+from .errors import (
+    CheckpointNotFoundError,
+    CkptdClientError,
+    CkptdTimeoutError,
+    DaemonBusyError,
+    DaemonUnavailableError,
+    RequestCancelledError,
+    SaveFailedError,
+    StepConflictError,
+)
+from .grpc_transport import Connection
+from .handle import SaveHandle
+from .shm import refuses_shared_memory
+from .staging import Layout, StagingBuffer, StagingPool
+from .transport import SaveTransport
+
+logger = logging.getLogger("ckptd.client")
+
+# WaitSave long-poll length: short enough for the watcher to notice close() promptly.
+WATCH_POLL_S = 2.0
+# Pauses between attempts to resend a save the daemon could not take (doubling).
+RETRY_PAUSE_S = 0.05
+MAX_RETRY_PAUSE_S = 2.0
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    """One snapshot waiting for the sender."""
+
+    handle: SaveHandle
+    header: pb.SaveHeader
+    buffer: StagingBuffer
+    layout: Layout
+
+
+class SaveWorker:
+    """Owns the sender and watcher threads of one checkpointer."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        transport: SaveTransport,
+        pool: StagingPool,
+        *,
+        reconnect_timeout_s: float,
+        fallback: Callable[[], SaveTransport] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.transport = transport
+        self.pool = pool
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._fallback = fallback
+        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._accepted: queue.Queue[SaveHandle | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="ckptd-sender", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_loop, name="ckptd-watcher", daemon=True)
+        self._sender.start()
+        self._watcher.start()
+
+    def submit(self, job: SaveJob) -> None:
+        self._jobs.put(job)
+
+    def finish(self, timeout_s: float) -> None:
+        """Hands over every queued save (up to ``timeout_s``), then tells both threads to
+        stop. Call ``join`` after closing the connection, which aborts calls in flight.
+
+        Saves still not handed over after the timeout fail with ``RequestCancelledError``;
+        accepted saves whose durability was not yet confirmed fail the same way on the
+        client side only — the daemon still holds and commits them.
+        """
+        self._jobs.put(None)
+        self._sender.join(timeout_s)
+        self._stopping.set()
+        self._accepted.put(None)
+        self.transport.cancel()
+
+    def join(self) -> None:
+        """Waits for both threads (they end promptly once the connection is closed)."""
+        self._sender.join()
+        self._watcher.join()
+
+    # Sender.
+
+    def _send_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._deliver(job)
+            except Exception as exc:  # never let the thread die silently
+                logger.exception("unexpected error while saving step %d", job.handle.step)
+                job.handle._set_failed(
+                    CkptdClientError(f"step {job.handle.step}: unexpected client error: {exc!r}")
+                )
+            finally:
+                self.pool.release(job.buffer)
+
+    def _deliver(self, job: SaveJob) -> None:
+        handle = job.handle
+        deadline: float | None = None
+        attempts = 0
+        while True:
+            if self._stopping.is_set():
+                self._fail(
+                    handle,
+                    RequestCancelledError(
+                        f"checkpointer closed before step {handle.step} was handed over"
+                    ),
+                )
+                return
+            try:
+                status = self.transport.send(job.header, job.buffer, job.layout)
+            except DaemonBusyError as exc:
+                handle._set_skipped(f"daemon busy: {exc.details}")
+                logger.warning("skipped checkpoint step %d: %s", handle.step, exc)
+                return
+            except StepConflictError as exc:
+                if attempts and exc.code == "ALREADY_EXISTS":
+                    break  # an earlier attempt got through before the connection dropped
+                self._fail(handle, exc)
+                return
+            except DaemonUnavailableError as exc:
+                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
+                # A draining daemon still answers probes but refuses saves: back off.
+                self._stopping.wait(min(MAX_RETRY_PAUSE_S, RETRY_PAUSE_S * 2**attempts))
+                attempts += 1
+                if not self._reconnect(deadline):
+                    self._fail(handle, exc)
+                    return
+                continue
+            except CkptdClientError as exc:
+                if self._fallback is not None and refuses_shared_memory(exc):
+                    self._switch_to_streaming(exc)
+                    continue
+                self._fail(handle, exc)
+                return
+            if status.state == pb.SAVE_STATE_FAILED:
+                self._fail(
+                    handle,
+                    SaveFailedError(f"step {handle.step} failed in the daemon: {status.error}"),
+                )
+                return
+            break
+        handle._set_accepted()
+        self._accepted.put(handle)
+
+    def _reconnect(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self._stopping.is_set():
+            return False
+        try:
+            self.connection.wait_ready(remaining)
+        except CkptdClientError:  # still down, or cancelled by close()
+            return False
+        return True
+
+    def _switch_to_streaming(self, exc: CkptdClientError) -> None:
+        assert self._fallback is not None
+        logger.warning(
+            "the daemon cannot read this process's shared memory (%s); "
+            "streaming checkpoints over gRPC instead",
+            exc.details,
+        )
+        self.transport = self._fallback()
+        self.pool.allocate = self.transport.allocate
+        self._fallback = None
+
+    # Watcher.
+
+    def _watch_loop(self) -> None:
+        while (handle := self._accepted.get()) is not None:
+            try:
+                self._watch(handle)
+            except Exception as exc:
+                logger.exception("unexpected error while waiting for step %d", handle.step)
+                handle._set_failed(
+                    CkptdClientError(f"step {handle.step}: unexpected client error: {exc!r}")
+                )
+        self._abandon_watched()
+
+    def _watch(self, handle: SaveHandle) -> None:
+        ref = pb.StepRef(run=handle.run, rank=handle.rank, step=handle.step)
+        deadline: float | None = None
+        while not self._stopping.is_set():
+            try:
+                status = self.connection.wait_save(ref, WATCH_POLL_S)
+            except CheckpointNotFoundError as exc:
+                self._fail(handle, _lost(handle, exc))
+                return
+            except (DaemonUnavailableError, CkptdTimeoutError, RequestCancelledError) as exc:
+                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
+                if not self._stopping.is_set() and not self._reconnect(deadline):
+                    self._fail(handle, exc)
+                    return
+                continue
+            except CkptdClientError as exc:
+                self._fail(handle, exc)
+                return
+            deadline = None
+            if status.state == pb.SAVE_STATE_DURABLE:
+                handle._set_durable()
+                return
+            if status.state == pb.SAVE_STATE_FAILED:
+                self._fail(
+                    handle,
+                    SaveFailedError(f"step {handle.step} failed in the daemon: {status.error}"),
+                )
+                return
+        self._abandon(handle)
+
+    def _abandon_watched(self) -> None:
+        while True:
+            try:
+                handle = self._accepted.get_nowait()
+            except queue.Empty:
+                return
+            if handle is not None:
+                self._abandon(handle)
+
+    def _abandon(self, handle: SaveHandle) -> None:
+        handle._set_failed(
+            RequestCancelledError(
+                f"checkpointer closed before step {handle.step} was confirmed durable; "
+                "the daemon had accepted it and still commits it"
+            )
+        )
+
+    @staticmethod
+    def _fail(handle: SaveHandle, error: CkptdClientError) -> None:
+        handle._set_failed(error)
+        logger.warning("checkpoint step %d failed: %s", handle.step, error)
+
+
+def _lost(handle: SaveHandle, exc: CkptdClientError) -> SaveFailedError:
+    error = SaveFailedError(
+        f"step {handle.step} was accepted but the daemon no longer knows it (it restarted "
+        f"before the step became durable): {exc.details}"
+    )
+    error.code, error.details = exc.code, exc.details
+    return error
