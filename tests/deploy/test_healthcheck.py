@@ -1,0 +1,117 @@
+"""The container/probe health check against a real gRPC health service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from ckptd.daemon.healthcheck import dial_target, main
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+SERVICE = "ckptd.v1.Checkpointd"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+Capture = pytest.CaptureFixture[str]
+
+
+class HealthServer:
+    """A gRPC server holding only the standard health service, like the daemon's."""
+
+    def __init__(self, address: str) -> None:
+        self.servicer = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(address)
+        self.server.start()
+
+    def set(self, service: str, status: int) -> None:
+        self.servicer.set(service, status)
+
+    def close(self) -> None:
+        self.server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[HealthServer]:
+    server = HealthServer("127.0.0.1:0")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> Path:
+    return tmp_path / "ckptd.sock"
+
+
+def test_serving_server_exits_0(tcp_server: HealthServer, capsys: Capture) -> None:
+    tcp_server.set("", SERVING)
+    assert main([f"127.0.0.1:{tcp_server.port}"]) == 0
+    assert "SERVING" in capsys.readouterr().out
+
+
+def test_draining_server_exits_1_naming_the_status(
+    tcp_server: HealthServer, capsys: Capture
+) -> None:
+    tcp_server.set("", NOT_SERVING)
+    assert main([f"127.0.0.1:{tcp_server.port}"]) == 1
+    assert "is NOT_SERVING" in capsys.readouterr().err
+
+
+def test_named_service_is_checked(tcp_server: HealthServer, capsys: Capture) -> None:
+    tcp_server.set("", SERVING)
+    target = f"127.0.0.1:{tcp_server.port}"
+    assert main([target, "--service", SERVICE]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    tcp_server.set(SERVICE, SERVING)
+    assert main([target, "--service", SERVICE]) == 0
+
+
+def test_target_defaults_to_the_listen_address_in_the_environment(
+    tcp_server: HealthServer,
+) -> None:
+    tcp_server.set("", SERVING)
+    assert main([], environ={"CKPTD_LISTEN": f"0.0.0.0:{tcp_server.port}"}) == 0
+
+
+def test_unix_socket_and_missing_daemon(socket_path: Path, capsys: Capture) -> None:
+    target = f"unix://{socket_path}"
+    assert main([target, "--timeout-s", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    server = HealthServer(target)
+    try:
+        server.set("", SERVING)
+        assert main([target]) == 0
+    finally:
+        server.close()
+
+
+def test_runs_as_a_module_the_way_the_image_runs_it(tcp_server: HealthServer) -> None:
+    tcp_server.set("", SERVING)
+    command = [sys.executable, "-m", "ckptd.daemon.healthcheck", f"127.0.0.1:{tcp_server.port}"]
+
+    def exit_code() -> int:
+        return subprocess.run(command, check=False, capture_output=True, timeout=60).returncode
+
+    assert exit_code() == 0
+    tcp_server.set("", NOT_SERVING)
+    assert exit_code() == 1
+
+
+@pytest.mark.parametrize(
+    ("listen", "target"),
+    [
+        ("0.0.0.0:50051", "127.0.0.1:50051"),
+        ("[::]:50051", "[::1]:50051"),
+        (":50051", "127.0.0.1:50051"),
+        ("10.0.0.7:50051", "10.0.0.7:50051"),
+        ("unix:///run/ckptd/ckptd.sock", "unix:///run/ckptd/ckptd.sock"),
+        ("/run/ckptd/ckptd.sock", "unix:/run/ckptd/ckptd.sock"),
+    ],
+)
+def test_dial_target(listen: str, target: str) -> None:
+    assert dial_target(listen) == target
