@@ -1,0 +1,240 @@
+"""Recovery benchmark: LC-Checkpoint's compression against the rework a restore costs.
+
+Reproduces the paper's evidence with ckptd's real daemon and client: a run is trained,
+checkpointed every K steps (weights and optimizer state), fails between two checkpoints,
+restores the latest one and continues; the *rework cost* is how many steps it needs to get
+back to the loss it had at the failure (``bench/recovery_protocol.py`` fixes the loss and
+threshold). Sizes are compared with ``torch.save`` files of the same checkpoints, rework
+with a lossless checkpoint and a restart from scratch.
+
+Usage (from the repository root)::
+
+    python -m bench.recovery --full     # the whole sweep -> bench/RESULTS.md, bench/plots/
+    python -m bench.recovery --quick    # a smoke-sized sweep -> bench/out/quick/
+    python -m bench.recovery --report-only bench/out/recovery-full.json
+
+The sweep is pruned one factor at a time: the full b x K grid with every other knob at the
+current defaults, then single-knob variations around b=3, K=10 (representative, coder,
+base interval, optimizer-state policy), then the chosen defaults confirmed on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.recovery_analysis import choose_defaults, matching_rows, summarize
+from bench.recovery_ckptd import Setting, run_setting
+from bench.recovery_protocol import Reference, run_reference
+from bench.recovery_report import write_report
+from bench.workloads import Workload, make_workload
+
+_BENCH = Path(__file__).resolve().parent
+# The workloads whose tensors are all under the daemon's AUTO threshold (1024 elements):
+# their tensors are made lossy by policy, or the sweep would only measure exact storage.
+_FORCE_LOSSY = frozenset({"logreg"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation runs."""
+
+    mode: str
+    workloads: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: dict[str, int]
+    failures_per_seed: dict[str, int]
+    settings: tuple[Setting, ...]
+    confirm_defaults: bool
+    out_dir: Path
+    json_path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def grid_settings(bits: tuple[int, ...], intervals: tuple[int, ...]) -> list[Setting]:
+    """The exact baseline and every (b, K) pair, all other knobs at today's defaults."""
+    out = []
+    for k in intervals:
+        # Exact restores replay the reference (rework read off its curve); resuming from the
+        # smallest K's exact chain checks that replay, through the daemon.
+        out.append(Setting(f"exact-K{k}", "exact", k, None, measure_rework=k == min(intervals)))
+        out.extend(Setting(f"b{b}-K{k}", "grid", k, b) for b in bits)
+    return out
+
+
+def variation_settings() -> list[Setting]:
+    """One knob at a time around b=3, K=10 (the current default bit width)."""
+    return [
+        Setting("b3-K10-midrange", "representative", 10, 3, representative="midrange"),
+        Setting("b3-K10-huffman", "coder", 10, 3, coder="huffman"),
+        # Small float tensors (biases, LayerNorm, LeNet's first conv) lossy too.
+        Setting("b3-K10-minlossy1", "min_lossy", 10, 3, min_lossy_elements=1),
+        *(Setting(f"b3-K10-base{n}", "base_interval", 10, 3, base_interval=n,
+                  measure_rework=False) for n in (5, 10, 50)),
+        # The engine also starts a base once the deltas outweigh max_delta_fraction of it;
+        # these show the base interval alone.
+        *(Setting(f"b3-K10-base{n}-frac8", "base_interval", 10, 3, base_interval=n,
+                  max_delta_fraction=8.0, measure_rework=False) for n in (20, 50)),
+        Setting("b2-K10-optim-exact", "optim", 10, 2, optim="exact"),
+        Setting("b2-K10-optim-lossy4", "optim", 10, 2, optim="lossy:4"),
+        Setting("b3-K10-optim-exact", "optim", 10, 3, optim="exact"),
+        Setting("b3-K10-optim-lossy5", "optim", 10, 3, optim="lossy:5"),
+        Setting("b3-K50-optim-exact", "optim", 50, 3, optim="exact"),
+        Setting("b4-K10-optim-exact", "optim", 10, 4, optim="exact"),
+        Setting("b4-K50-optim-exact", "optim", 50, 4, optim="exact"),
+        # Adam's second moment alone exact: lossy reconstructions of it can turn negative.
+        *(Setting(f"b{b}-K{k}-optim-sq-exact", "optim", k, b, optim="sq-exact")
+          for b in (3, 4) for k in (10, 50)),
+    ]
+
+
+def full_plan() -> Plan:
+    return Plan(
+        mode="full",
+        workloads=("logreg", "lenet", "lm"),
+        seeds=(0, 1),
+        steps={"logreg": 400, "lenet": 400, "lm": 400},
+        # Resuming the digits models costs milliseconds a step: more failures, less noise.
+        failures_per_seed={"logreg": 16, "lenet": 16, "lm": 8},
+        settings=tuple(grid_settings((2, 3, 4, 5), (10, 50)) + variation_settings()),
+        confirm_defaults=True,
+        out_dir=_BENCH,
+        json_path=_BENCH / "out" / "recovery-full.json",
+    )
+
+
+def quick_plan(out_dir: Path) -> Plan:
+    """Small enough for the test suite: one workload, one seed, K=10, b=3 against exact."""
+    return Plan(
+        mode="quick",
+        workloads=("lenet",),
+        seeds=(0,),
+        steps={"lenet": 200},
+        failures_per_seed={"lenet": 3},
+        settings=tuple(grid_settings((3,), (10,))),
+        confirm_defaults=False,
+        out_dir=out_dir,
+        json_path=out_dir / "recovery-quick.json",
+    )
+
+
+def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Runs every (workload, seed, setting) of ``plan``; returns the JSON-ready results.
+
+    The reference runs (and their checkpoints, ~150 MB for the full plan) stay in memory
+    until the chosen defaults have been confirmed, so nothing is trained twice."""
+    started = time.perf_counter()
+    references: list[tuple[Workload, Reference]] = []
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as scratch:
+        for name in plan.workloads:
+            workload = make_workload(name)
+            for seed in plan.seeds:
+                reference = run_reference(workload, seed, plan.steps[name], _snapshot_every(plan))
+                log(f"{name} seed {seed}: reference {reference.steps} steps in "
+                    f"{reference.train_seconds:.1f} s, final loss {reference.eval_loss[-1]:.4f}")
+                references.append((workload, reference))
+                results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
+                                     log=log) for setting in plan.settings]
+        output: dict[str, Any] = {"mode": plan.mode, "plan": _plan_summary(plan),
+                  "references": [reference.summary() for _, reference in references],
+                  "results": results}
+        if plan.confirm_defaults:
+            chosen = choose_defaults(output)
+            output["confirmation"] = chosen
+            extra = _confirmation_settings(plan, output, chosen)
+            if extra:
+                log(f"confirming chosen defaults {chosen['label']}")
+            for workload, reference in references:
+                results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
+                                     log=log) for setting in extra]
+    output["seconds"] = time.perf_counter() - started
+    return output
+
+
+def _run_one(plan: Plan, workload: Workload, reference: Reference, setting: Setting, *,
+             scratch: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    before = time.perf_counter()
+    result = run_setting(workload, reference, setting,
+                         failures_per_seed=plan.failures_per_seed[workload.name],
+                         workdir=scratch, force_lossy=workload.name in _FORCE_LOSSY)
+    result["seconds"] = time.perf_counter() - before
+    reworks = [r["rework"] for r in result["resumes"]]
+    log(f"  {reference.workload} seed {reference.seed} {setting.name:24s} "
+        f"{result['seconds']:5.1f} s  rework {reworks}")
+    return result
+
+
+def _confirmation_settings(
+    plan: Plan, output: dict[str, Any], chosen: dict[str, Any]
+) -> list[Setting]:
+    """The chosen defaults at every K of the plan, unless the sweep already measured them."""
+    measured = {(row["workload"], row["interval"]) for row in
+                matching_rows(summarize(output), chosen)}
+    extra = []
+    for k in sorted({s.interval for s in plan.settings}):
+        if all((name, k) in measured for name in plan.workloads):
+            continue
+        extra.append(Setting(
+            f"chosen-K{k}", "chosen", k, chosen["bits"], representative=chosen["representative"],
+            coder=chosen["coder"], base_interval=chosen["base_interval"],
+            max_delta_fraction=chosen["max_delta_fraction"],
+            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]))
+    return extra
+
+
+def _snapshot_every(plan: Plan) -> int:
+    """Keep the states every setting needs: every K of every setting divides this step."""
+    intervals = {s.interval for s in plan.settings}
+    step = min(intervals)
+    if any(k % step for k in intervals):
+        raise ValueError(f"intervals {sorted(intervals)} must all be multiples of {step}")
+    return step
+
+
+def _plan_summary(plan: Plan) -> dict[str, Any]:
+    return {"workloads": plan.workloads, "seeds": plan.seeds, "steps": plan.steps,
+            "failures_per_seed": plan.failures_per_seed,
+            "force_lossy": sorted(_FORCE_LOSSY & set(plan.workloads)),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--full", action="store_true", help="the whole sweep (~20 min, 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="a smoke-sized sweep (< 1 min)")
+    mode.add_argument("--report-only", type=Path, metavar="JSON",
+                      help="rewrite RESULTS.md and plots from a saved result file")
+    parser.add_argument("--out", type=Path, help="where RESULTS.md and plots/ go")
+    args = parser.parse_args(argv)
+    # One intra-op thread: bit-identical replays, and fair timings on a shared machine.
+    torch.set_num_threads(1)
+    if args.report_only:
+        output = json.loads(args.report_only.read_text())
+        write_report(output, args.out or (_BENCH if output["mode"] == "full" else
+                                          args.report_only.parent))
+        return 0
+    plan = full_plan() if args.full else quick_plan(args.out or _BENCH / "out" / "quick")
+    if args.out:
+        plan = replace(plan, out_dir=args.out, json_path=args.out / plan.json_path.name)
+    output = run_plan(plan, log=lambda line: print(line, flush=True))
+    plan.json_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.json_path.write_text(json.dumps(output))
+    write_report(output, plan.out_dir)
+    print(f"wrote {plan.out_dir / 'RESULTS.md'} and {plan.json_path} "
+          f"({output['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""One sweep setting run through the real ckptd daemon and client.
+
+For each setting a daemon is started in-process (``serve_in_thread``, port 0, storage in a
+fresh directory, so on-disk sizes belong to this setting alone) with the setting's engine
+config. The reference run's checkpoints are saved in order through a ``Checkpointer`` (the
+same calls a trainer makes), then the committed chain is listed for sizes, a few restores
+are timed, and every planned failure is restored and continued (``recovery_protocol``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.client import Checkpointer
+from ckptd.daemon.config import DaemonConfig, EngineConfig
+from ckptd.daemon.server import serve_in_thread
+
+from bench.recovery_protocol import Reference, plan_failures, resume
+from bench.workloads import Workload
+
+_RESTORE_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep.
+
+    Attributes:
+        name: Unique label (``"b3-K10"``, ``"b3-K10-midrange"``...).
+        group: Which part of the sweep it belongs to (``grid``, ``exact``, ``representative``,
+            ``coder``, ``base_interval``, ``optim``, ``chosen``).
+        interval: K, training steps between two checkpoints.
+        bits: Bit width of lossy tensors; None stores everything exactly (the baseline).
+        max_delta_fraction: The engine's other base trigger: a new base once the deltas
+            since the last one outweigh this fraction of it.
+        min_lossy_elements: Float tensors smaller than this are stored exactly under AUTO.
+        optim: Policy of optimizer tensors: ``"auto"`` (the daemon's rule: lossy at
+            ``bits``), ``"exact"``, ``"lossy:<bits>"``, or ``"sq-exact"`` (only Adam's
+            ``exp_avg_sq`` exact).
+        measure_rework: Restore and continue at the failure points (off where only sizes
+            and restore times differ, e.g. base-interval variations).
+    """
+
+    name: str
+    group: str
+    interval: int
+    bits: int | None
+    representative: str = "mean"
+    coder: str = "zstd"
+    base_interval: int = 20
+    max_delta_fraction: float = 1.0
+    min_lossy_elements: int = 1024
+    optim: str = "auto"
+    measure_rework: bool = True
+
+
+def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]]:
+    """The ``Checkpointer`` policy rules of a setting.
+
+    Adam's step counters stay exact whatever the optimizer policy says (a 0-dim float
+    bias-correction counter is not something to quantize). ``force_lossy`` makes every other
+    tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold.
+    """
+    if setting.bits is None:
+        return [("*", "exact")]
+    rules = [("optim/state/*/step", "exact")]
+    if setting.optim == "sq-exact":
+        rules.append(("optim/state/*/exp_avg_sq", "exact"))
+    elif setting.optim != "auto":
+        rules.append(("optim/*", setting.optim))
+    if force_lossy:
+        rules.append(("*", "lossy"))
+    return rules
+
+
+def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
+    engine = EngineConfig(
+        base_interval=setting.base_interval,
+        max_delta_fraction=setting.max_delta_fraction,
+        min_lossy_elements=setting.min_lossy_elements,
+        default_bits=setting.bits or EngineConfig.default_bits,
+        representative=setting.representative,
+        coder=setting.coder,
+    )
+    return DaemonConfig(storage_url=str(storage), listen="127.0.0.1:0", engine=engine,
+                        log_level="warning")
+
+
+def run_setting(
+    workload: Workload,
+    reference: Reference,
+    setting: Setting,
+    *,
+    failures_per_seed: int,
+    workdir: Path,
+    force_lossy: bool,
+) -> dict[str, Any]:
+    """Saves the reference's checkpoints under ``setting`` and measures sizes, restore
+    times and (when ``setting.measure_rework``) the rework cost of failures after delta
+    checkpoints: a base restores exactly, so failures right after one would only dilute
+    what the lossy codec costs (how often a restore hits a base follows from the chain
+    policy, whose footprint side is measured separately)."""
+    storage = workdir / f"{workload.name}-{setting.name}-s{reference.seed}"
+    run = f"{workload.name}-{setting.name}-seed{reference.seed}"
+    with serve_in_thread(daemon_config(setting, storage)) as daemon, Checkpointer(
+        daemon.address, run, bits=setting.bits, policies=client_policies(setting, force_lossy),
+        staging_buffers=4,
+    ) as checkpointer:
+        steps = list(range(setting.interval, reference.steps + 1, setting.interval))
+        save_calls, save_total = _save_all(checkpointer, reference, steps)
+        infos = checkpointer.step_infos()
+        timings = _restore_timings(checkpointer, infos)
+        resumes = []
+        if setting.measure_rework:
+            candidates = [i.step for i in infos if i.kind == "delta" or setting.bits is None]
+            failures = plan_failures(candidates, reference.steps, setting.interval,
+                                     failures_per_seed, reference.seed)
+            resumes = [
+                asdict(resume(workload, reference, failure, setting.interval,
+                              checkpointer.restore))
+                for failure in failures
+            ]
+    return {
+        "setting": asdict(setting),
+        "workload": workload.name,
+        "seed": reference.seed,
+        "steps": [
+            {"step": i.step, "kind": i.kind, "stored_bytes": i.stored_bytes,
+             "raw_bytes": i.raw_bytes, "chain_depth": i.chain_depth,
+             "torch_save_bytes": reference.torch_save_bytes[i.step]}
+            for i in infos
+        ],
+        "disk_bytes": _disk_bytes(storage),
+        "delta_breakdown": _breakdown(storage, infos),
+        "save_call_seconds_median": statistics.median(save_calls),
+        "save_to_durable_seconds": save_total,
+        "restore_seconds": timings,
+        "resumes": resumes,
+    }
+
+
+def _save_all(
+    checkpointer: Checkpointer, reference: Reference, steps: list[int]
+) -> tuple[list[float], float]:
+    """Saves each step as a trainer would; returns each ``save`` call's duration (the
+    trainer's stall) and the time until all were durable."""
+    calls = []
+    started = time.perf_counter()
+    for step in steps:
+        before = time.perf_counter()
+        handle = checkpointer.save(step, reference.snapshots[step])
+        calls.append(time.perf_counter() - before)
+        if handle.skipped:
+            raise RuntimeError(f"step {step} was skipped: {handle.skip_reason}")
+    checkpointer.wait()
+    return calls, time.perf_counter() - started
+
+
+def _restore_timings(checkpointer: Checkpointer, infos: list[Any]) -> dict[str, Any]:
+    """Best of a few restores of the latest step (served from the daemon's memory), the
+    oldest step, and the step deepest in a chain other than the latest (base + most deltas,
+    from storage)."""
+    deepest = max(infos[:-1] or infos, key=lambda i: (i.chain_depth, -i.step))
+    targets = {"latest": None, "oldest": infos[0].step, "deepest": deepest.step}
+    out: dict[str, Any] = {"deepest_step": deepest.step, "deepest_depth": deepest.chain_depth}
+    for label, step in targets.items():
+        best = float("inf")
+        for _ in range(_RESTORE_REPEATS):
+            before = time.perf_counter()
+            checkpointer.restore(step)
+            best = min(best, time.perf_counter() - before)
+        out[label] = best
+    return out
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(root)
+        for name in names
+    )
+
+
+def _breakdown(storage: Path, infos: list[Any]) -> dict[str, int]:
+    """Where the bytes of the last delta go: manifest, and blobs by part (model/optim) and
+    encoding (lossy delta or exact). Reads the local backend's manifest.json files, so it
+    is empty if the storage layout changes (the sizes above do not depend on it)."""
+    deltas = [i.step for i in infos if i.kind == "delta"]
+    if not deltas:
+        return {}
+    for path in storage.rglob("manifest.json"):
+        manifest = json.loads(path.read_text())
+        if manifest.get("step") != deltas[-1]:
+            continue
+        out = {"manifest": path.stat().st_size, "tensors": len(manifest.get("tensors", []))}
+        for tensor in manifest.get("tensors", []):
+            part = tensor["name"].split("/", 1)[0]
+            kind = "lossy" if tensor["encoding"] == "delta" else "exact"
+            for key, value in ((f"{part}_{kind}", int(tensor["blob_bytes"])),
+                               (f"{kind}_elements", math.prod(tensor["shape"]))):
+                out[key] = out.get(key, 0) + value
+        return out
+    return {}
