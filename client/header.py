@@ -7,6 +7,7 @@ never be accepted fails synchronously in ``save()`` with the sizes in the messag
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from ckptd.protos.v1 import pb
 
@@ -41,9 +42,9 @@ class HeaderBuilder:
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,
-                    dtype=leaf.dtype.wire,
+                    dtype=cast("pb.DType", leaf.dtype.wire),
                     shape=leaf.shape,
-                    policy=policy,
+                    policy=cast("pb.Policy", policy),
                     bits=leaf_bits,
                     nbytes=leaf.nbytes,
                 )

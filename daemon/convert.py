@@ -9,6 +9,7 @@ tensor and the offending value.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 from ckptd.daemon.domain import (
     CheckpointHeader,
@@ -78,7 +79,7 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
 def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
     return pb.TensorSpec(
         name=spec.name,
-        dtype=spec.dtype_info.wire,
+        dtype=cast("pb.DType", spec.dtype_info.wire),
         shape=spec.shape,
         policy=_POLICY_TO_WIRE[spec.policy],
         bits=spec.bits,
@@ -138,7 +139,7 @@ def restore_chunks(restored: RestoredCheckpoint, max_chunk_bytes: int) -> Iterat
     """Yields every tensor's bytes in table order, in chunks of at most ``max_chunk_bytes``."""
     for index, array in enumerate(restored.arrays):
         # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
-        with memoryview(array.reshape(-1)).cast("B") as raw:
+        with array.reshape(-1).data.cast("B") as raw:
             for offset in range(0, len(raw), max_chunk_bytes):
                 yield pb.TensorChunk(
                     tensor_index=index,
