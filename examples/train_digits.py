@@ -14,11 +14,15 @@ The state saved is what a real trainer saves: the model's and the optimizer's
 (seed, step), so a resumed run sees the same data order it would have seen uninterrupted.
 ``--dump-dir`` writes ``saved-<step>.pt`` (the state handed to each save) and
 ``restored-<step>.pt`` (the state a resume got back) so tests can compare them.
+``--stats FILE`` appends one JSON line per save: the time ``save()`` held the training loop,
+and, for comparison, the time and size of ``torch.save`` of the same state to local disk
+(timed after the save, so it never adds to the stall it is compared with).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -64,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="debug: torch.save each saved and each restored state here",
     )
+    parser.add_argument(
+        "--stats",
+        type=Path,
+        default=None,
+        help="append per-save JSON lines (stall, torch.save time and bytes) to this file",
+    )
     return parser.parse_args(argv)
 
 
@@ -81,6 +91,23 @@ def batch_for(step: int, seed: int, n: int, batch_size: int) -> torch.Tensor:
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(images).argmax(dim=1) == labels).float().mean())
+
+
+def record_stats(path: Path, step: int, stall_s: float, state: dict[str, Any]) -> None:
+    """Appends one save's stall next to ``torch.save`` of the same state to local disk."""
+    scratch = path.with_name(f".torch-save-{os.getpid()}.pt")
+    began = time.perf_counter()
+    torch.save(state, scratch)
+    torch_save_s = time.perf_counter() - began
+    row = {
+        "step": step,
+        "stall_ms": stall_s * 1e3,
+        "torch_save_ms": torch_save_s * 1e3,
+        "torch_save_bytes": scratch.stat().st_size,
+    }
+    scratch.unlink()
+    with path.open("a") as stats:
+        stats.write(json.dumps(row) + "\n")
 
 
 def resume(
@@ -138,6 +165,8 @@ def train(args: argparse.Namespace) -> None:
                 skipped += handle.skipped
                 if args.dump_dir is not None:
                     torch.save(state, args.dump_dir / f"saved-{step}.pt")
+                if args.stats is not None:
+                    record_stats(args.stats, step, stalls[-1], state)
                 print(
                     f"step {step}: loss {loss:.4f}, checkpoint handed over in "
                     f"{stalls[-1] * 1e3:.2f} ms",
