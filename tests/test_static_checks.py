@@ -1,7 +1,7 @@
 """The house style's static checks, run by the suite so CI enforces them on every change.
 
 ruff covers the whole repository (package, tests, benchmarks, examples); mypy checks the
-three packages under their import names through ``typecheck/`` (see pyproject.toml).
+three packages under their import names through ``.ci/typecheck/`` (see pyproject.toml).
 """
 
 from __future__ import annotations
