@@ -1,6 +1,8 @@
 """The ``ckptd`` command line.
 
-``ckptd serve --storage PATH_OR_URL --listen ADDR`` runs the daemon. Each subcommand is
+``ckptd serve --storage PATH_OR_URL --listen ADDR`` runs the daemon; ``ls``, ``info``,
+``export``, ``verify`` and ``rm`` inspect and manage checkpoints through a daemon or
+directly on storage (``ckptd.daemon.cli_commands`` and ``cli_actions``). Each subcommand is
 registered by a function taking the subparsers object and setting ``handler`` (called as
 ``handler(args, environ) -> exit code``); subcommands in other modules are added by
 listing their ``register`` function in ``COMMANDS``.
@@ -21,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ckptd.daemon import cli_actions, cli_commands
 from ckptd.daemon.config import SETTINGS, DaemonConfig, env_name
 
 Register = Callable[[Any], None]  # takes argparse's subparsers object
@@ -128,7 +131,14 @@ def write_ready_file(path: Path, address: str, storage_url: str) -> None:
 
 
 # Subcommands, in help order. Other modules contribute their ``register`` here.
-COMMANDS: tuple[Register, ...] = (_register_serve,)
+COMMANDS: tuple[Register, ...] = (
+    _register_serve,
+    cli_commands.register_ls,
+    cli_commands.register_info,
+    cli_actions.register_export,
+    cli_actions.register_verify,
+    cli_actions.register_rm,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,147 @@
+"""What the ``ckptd`` inspection commands need from a checkpoint store, without transport.
+
+``ls``, ``info``, ``export``, ``verify`` and ``rm`` are written once against ``Catalog``;
+two implementations serve them:
+
+* ``DaemonCatalog`` (``ckptd.daemon.catalog_daemon``) asks a running daemon through the
+  ckptd.v1 gRPC API (``--target``);
+* ``StorageCatalog`` (``ckptd.daemon.catalog_storage``) reads a storage location directly
+  through the engine's own index, restore and delete code, with no daemon and no gRPC
+  (``--storage``).
+
+Both raise the daemon's exception tree (``ckptd.daemon.errors``): the gRPC one maps status
+codes back into it at one choke point, so commands never see a ``grpc.RpcError``. What
+only a remote source can hit (no daemon answering) is a ``CatalogError``.
+
+Call order: ``open_catalog(...)`` → any number of calls, one at a time, from one thread →
+``close()`` (or use it as a context manager).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey, TensorSpec
+from ckptd.daemon.errors import InvalidRequestError
+
+__all__ = ["Catalog", "CatalogError", "StepDetail", "TensorRow", "open_catalog"]
+
+ProgressCallback = Callable[[int], None]
+"""Called with a number of bytes just received (restore progress)."""
+
+
+class CatalogError(Exception):
+    """Raised for failures outside the daemon's own tree (no daemon answering in time).
+
+    Deliberately not a ``CkptdError``: the daemon never raises these, so they have no row
+    in its status table.
+    """
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One tensor of a step's table; storage facts are None when the source cannot tell."""
+
+    spec: TensorSpec
+    encoding: str | None = None  # "exact" | "delta"
+    stored_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class StepDetail:
+    """A step's tensor table and metadata (``info RUN --step N``)."""
+
+    key: StepKey
+    tensors: tuple[TensorRow, ...]
+    metadata: dict[str, str]
+    checksum: str
+
+
+class Catalog(abc.ABC):
+    """Lists, restores and deletes committed checkpoints.
+
+    Attributes:
+        location: Human-readable source (``daemon at 127.0.0.1:5000``, ``storage file:///x``),
+            named in messages.
+        direct: Whether writes bypass any daemon serving the same storage.
+    """
+
+    location: str
+    # True when writes bypass any daemon serving the same storage (``StorageCatalog``).
+    direct: bool = False
+
+    @abc.abstractmethod
+    def describe(self) -> list[tuple[str, str]]:
+        """Ordered (field, value) pairs about the source: the daemon's settings, or the
+        storage URL."""
+
+    @abc.abstractmethod
+    def list_runs(self) -> list[RunInfo]:
+        """Every (run, rank) chain with at least one committed step, sorted."""
+
+    @abc.abstractmethod
+    def list_steps(self, run: str, rank: int) -> list[StepInfo]:
+        """The committed steps of (run, rank) in step order; ``RunNotFoundError`` if none."""
+
+    @abc.abstractmethod
+    def step_detail(self, key: StepKey) -> StepDetail:
+        """The tensor table of one step; ``StepNotFoundError``/``RunNotFoundError``."""
+
+    @abc.abstractmethod
+    def restore(
+        self, key: StepKey, on_progress: ProgressCallback | None = None
+    ) -> RestoredCheckpoint:
+        """The step's reconstructed tensors, verified against its manifest checksum."""
+
+    @abc.abstractmethod
+    def delete_step(self, key: StepKey) -> int:
+        """Deletes one step (its dependant is rebased first); returns the count (1)."""
+
+    @abc.abstractmethod
+    def delete_run(self, run: str) -> int:
+        """Deletes every step of every rank of ``run``; returns how many."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Releases the channel or storage; idempotent."""
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_catalog(
+    *, target: str | None = None, storage: str | None = None, timeout_s: float = 10.0
+) -> Catalog:
+    """Opens the daemon at ``target`` or the storage at ``storage`` (exactly one).
+
+    Args:
+        target: ``host:port``, ``unix:///path`` or an absolute socket path.
+        storage: A directory, ``file:///dir`` or ``s3://bucket/prefix``.
+        timeout_s: Longest wait for the daemon to answer a listing or info call.
+
+    Raises:
+        InvalidRequestError: neither or both were given.
+    """
+    if (target is None) == (storage is None):
+        raise InvalidRequestError(
+            "name exactly one source: --target HOST:PORT|unix:///PATH (a running daemon, "
+            "default $CKPTD_TARGET) or --storage PATH_OR_URL (a storage location)"
+        )
+    if storage is not None:
+        from ckptd.daemon.catalog_storage import StorageCatalog
+
+        return StorageCatalog.open(storage)
+    from ckptd.daemon.catalog_daemon import DaemonCatalog
+
+    assert target is not None
+    return DaemonCatalog(target, timeout_s=timeout_s)

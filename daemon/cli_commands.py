@@ -1,0 +1,219 @@
+"""``ckptd ls``, ``info``, ``export``, ``verify`` and ``rm``: written once over ``Catalog``.
+
+Each command works against a running daemon (``--target HOST:PORT|unix:///PATH``, default
+``$CKPTD_TARGET``) or directly on a storage location (``--storage PATH_OR_URL``, no daemon
+needed). ``run_command`` is the one place errors become output: any ``CkptdError`` (gRPC
+failures are mapped into that tree by the daemon catalog), ``CatalogError``, ``OSError``,
+``ValueError`` or
+``ImportError`` prints one line ``ckptd: error: ...`` and exits 1; Ctrl-C exits 130.
+Results go to stdout, progress bars and prompts to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from ckptd.daemon.catalog import Catalog, CatalogError, open_catalog
+from ckptd.daemon.cli_output import format_bytes, format_ratio, format_table
+from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
+from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
+
+TARGET_ENV = "CKPTD_TARGET"
+CommandBody = Callable[[Catalog, argparse.Namespace], int]
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--target`` / ``--storage`` (mutually exclusive) and ``--timeout-s``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--target", metavar="ADDR",
+        help=f"a running daemon: HOST:PORT or unix:///PATH [env {TARGET_ENV}]",
+    )
+    source.add_argument(
+        "--storage", metavar="URL",
+        help="read the storage directly, without a daemon: a directory, file:///DIR or "
+        "s3://BUCKET/PREFIX",
+    )
+    parser.add_argument("--timeout-s", type=float, default=10.0, metavar="S",
+                        help="longest wait for the daemon per listing call (default 10)")
+
+
+def run_command(body: CommandBody) -> Callable[[argparse.Namespace, Mapping[str, str]], int]:
+    """Wraps a command body: opens the catalog the arguments name, maps errors once."""
+
+    def handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+        target = args.target
+        if target is None and args.storage is None:
+            target = environ.get(TARGET_ENV) or None
+        try:
+            with open_catalog(target=target, storage=args.storage,
+                              timeout_s=args.timeout_s) as catalog:
+                return body(catalog, args)
+        except KeyboardInterrupt:
+            print("\nckptd: error: interrupted", file=sys.stderr)
+            return 130
+        except (CkptdError, CatalogError, OSError, ValueError, ImportError) as exc:
+            print(f"ckptd: error: {one_line(exc)}", file=sys.stderr)
+            return 1
+
+    return handler
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def ranks_of(catalog: Catalog, run: str, rank: int | None) -> list[int]:
+    """The ranks of ``run`` to act on (``rank`` alone if given); raises the not-found
+    error of the source when the run has none."""
+    if rank is not None:
+        catalog.list_steps(run, rank)  # raises RunNotFoundError naming what exists
+        return [rank]
+    ranks = [info.rank for info in catalog.list_runs() if info.run == run]
+    if not ranks:
+        catalog.list_steps(run, 0)  # the source's own message (known runs)
+        raise RunNotFoundError(f"run {run!r} has no saved steps in {catalog.location}")
+    return ranks
+
+
+def resolve_step(catalog: Catalog, run: str, rank: int, step: int | None) -> StepInfo:
+    """The listed step ``step`` of (run, rank), or its latest when ``step`` is None."""
+    steps = catalog.list_steps(run, rank)
+    if step is None:
+        return steps[-1]
+    for info in steps:
+        if info.step == step:
+            return info
+    numbers = [info.step for info in steps]
+    position = bisect.bisect_left(numbers, step)
+    raise StepNotFoundError(
+        f"step {StepKey(run, rank, step)} does not exist in {catalog.location}; nearby steps: "
+        f"{numbers[max(0, position - 3) : position + 3]} (latest {numbers[-1]})"
+    )
+
+
+# -- ls -------------------------------------------------------------------------------------
+
+
+def register_ls(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "ls", help="list runs, or the steps of a run",
+        description="Without RUN: every run and rank with its step count and sizes. With RUN: "
+        "each step of each rank (base or delta, its parent, raw and stored size, ratio).",
+    )
+    parser.add_argument("run", nargs="?", metavar="RUN")
+    parser.add_argument("--rank", type=int, metavar="R", help="only this rank of RUN")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_source_arguments(parser)
+    parser.set_defaults(handler=run_command(_ls))
+
+
+def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
+    if args.run is None:
+        return _ls_runs(catalog, args.json)
+    chains = {rank: catalog.list_steps(args.run, rank)
+              for rank in ranks_of(catalog, args.run, args.rank)}
+    if args.json:
+        print(json.dumps({"run": args.run, "ranks": {
+            str(rank): [dict(asdict(s), compression_ratio=s.compression_ratio) for s in steps]
+            for rank, steps in chains.items()}}, indent=2))
+        return 0
+    rows = [
+        (rank, s.step, s.kind, "-" if s.parent_step is None else s.parent_step, s.chain_depth,
+         format_bytes(s.raw_bytes), format_bytes(s.stored_bytes),
+         format_ratio(s.raw_bytes, s.stored_bytes))
+        for rank, steps in chains.items() for s in steps
+    ]
+    print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO"),
+                       rows))
+    return 0
+
+
+def _ls_runs(catalog: Catalog, as_json: bool) -> int:
+    runs = catalog.list_runs()
+    raw = {(r.run, r.rank): sum(s.raw_bytes for s in catalog.list_steps(r.run, r.rank))
+           for r in runs}
+    if as_json:
+        print(json.dumps([dict(asdict(r), raw_bytes=raw[(r.run, r.rank)]) for r in runs],
+                         indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {catalog.location}", file=sys.stderr)
+        return 0
+    rows = [(r.run, r.rank, r.step_count, r.latest_step, format_bytes(raw[(r.run, r.rank)]),
+             format_bytes(r.stored_bytes), format_ratio(raw[(r.run, r.rank)], r.stored_bytes))
+            for r in runs]
+    print(format_table(("RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO"), rows))
+    return 0
+
+
+# -- info -----------------------------------------------------------------------------------
+
+
+def register_info(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "info", help="the daemon or storage, or one step's tensor table",
+        description="Without RUN: the daemon's settings (or the storage URL) and totals. "
+        "With RUN: one step (--step, default the latest) and its tensor table.",
+    )
+    parser.add_argument("run", nargs="?", metavar="RUN")
+    parser.add_argument("--step", type=int, metavar="N", help="default: the latest step")
+    parser.add_argument("--rank", type=int, default=0, metavar="R", help="default 0")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_source_arguments(parser)
+    parser.set_defaults(handler=run_command(_info))
+
+
+def _info(catalog: Catalog, args: argparse.Namespace) -> int:
+    if args.run is None:
+        return _info_source(catalog, args.json)
+    info = resolve_step(catalog, args.run, args.rank, args.step)
+    key = StepKey(args.run, args.rank, info.step)
+    detail = catalog.step_detail(key)
+    if args.json:
+        tensors = [dict(asdict(row.spec), policy=row.spec.policy.value, encoding=row.encoding,
+                        stored_bytes=row.stored_bytes, raw_bytes=row.spec.nbytes)
+                   for row in detail.tensors]
+        print(json.dumps({"step": dict(asdict(info), run=key.run, rank=key.rank),
+                          "checksum": detail.checksum, "metadata": detail.metadata,
+                          "tensors": tensors}, indent=2))
+        return 0
+    parent = "" if info.parent_step is None else f" of step {info.parent_step}"
+    print(f"step      {key}\nkind      {info.kind}{parent} (depth {info.chain_depth})\n"
+          f"size      {format_bytes(info.raw_bytes)} raw, {format_bytes(info.stored_bytes)} "
+          f"stored ({format_ratio(info.raw_bytes, info.stored_bytes)})\n"
+          f"checksum  {detail.checksum}")
+    for name, value in sorted(detail.metadata.items()):
+        shown = value if len(value) <= 60 else f"<{len(value)} characters>"
+        print(f"metadata  {name} = {shown}")
+    rows = [(r.spec.name, r.spec.dtype, list(r.spec.shape), r.spec.policy.value,
+             r.encoding or "-", format_bytes(r.spec.nbytes),
+             "-" if r.stored_bytes is None else format_bytes(r.stored_bytes),
+             "-" if r.stored_bytes is None else format_ratio(r.spec.nbytes, r.stored_bytes))
+            for r in detail.tensors]
+    print(format_table(("TENSOR", "DTYPE", "SHAPE", "POLICY", "ENCODING", "RAW", "STORED",
+                        "RATIO"), rows))
+    return 0
+
+
+def _info_source(catalog: Catalog, as_json: bool) -> int:
+    fields = catalog.describe()
+    runs: list[RunInfo] = catalog.list_runs()
+    fields += [("runs", str(len({r.run for r in runs}))), ("chains", str(len(runs))),
+               ("steps", str(sum(r.step_count for r in runs))),
+               ("stored_bytes", str(sum(r.stored_bytes for r in runs)))]
+    if as_json:
+        print(json.dumps(dict(fields), indent=2))
+        return 0
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        shown = format_bytes(int(value)) if name.endswith("_bytes") else value
+        print(f"{name.ljust(width)}  {shown}")
+    return 0

@@ -1,0 +1,112 @@
+"""Errors are one line ``ckptd: error: ...`` with a non-zero exit; the progress bar."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import grpc
+import pytest
+from ckptd.daemon import errors
+from ckptd.daemon.catalog import CatalogError
+from ckptd.daemon.catalog_daemon import DaemonUnreachableError, map_rpc_error
+from ckptd.daemon.cli_output import Progress, format_bytes
+from cli_support import CliRunner, Store
+
+
+def _one_error_line(code: int, out: str, err: str) -> str:
+    assert (code, out) == (1, "")
+    assert err.startswith("ckptd: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_unknown_run_names_the_known_ones(cli: CliRunner, source: list[str]) -> None:
+    for argv in (["ls", "nope"], ["info", "nope"], ["verify", "nope"],
+                 ["rm", "nope", "--yes"], ["export", "nope", "-o", "/tmp/unused.pt"]):
+        err = _one_error_line(*cli(*argv, *source))
+        assert "'nope'" in err and "alpha" in err, (argv, err)
+
+
+def test_unknown_step_names_nearby_steps(
+    cli: CliRunner, source: list[str], tmp_path: Path
+) -> None:
+    for argv in (["info", "alpha", "--step", "7"], ["verify", "alpha", "--step", "7"],
+                 ["rm", "alpha", "--step", "7", "-y"],
+                 ["export", "alpha", "--step", "7", "-o", str(tmp_path / "x.safetensors")]):
+        err = _one_error_line(*cli(*argv, *source))
+        assert "alpha/rank0/step7 does not exist" in err and "[1, 2, 3]" in err, (argv, err)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_invalid_run_name_and_usage_errors(cli: CliRunner, source: list[str]) -> None:
+    err = _one_error_line(*cli("ls", "../etc", *source))
+    assert "invalid run name '../etc'" in err
+    err = _one_error_line(*cli("verify", "--step", "3", *source))
+    assert "--rank and --step need RUN" in err
+
+
+def test_the_target_defaults_to_the_environment(cli: CliRunner, store: Store) -> None:
+    err = _one_error_line(*cli("ls"))
+    assert "--target" in err and "CKPTD_TARGET" in err and "--storage" in err
+    code, out, _ = cli("ls", environ={"CKPTD_TARGET": store.daemon.address})
+    assert code == 0 and out.splitlines()[1].startswith("alpha")
+    # --storage wins over the environment's target (which is not even reachable here).
+    code, out, _ = cli("ls", "--storage", str(store.storage_path),
+                       environ={"CKPTD_TARGET": "127.0.0.1:1"})
+    assert code == 0 and out.splitlines()[1].startswith("alpha")
+
+
+def test_unreachable_daemon_and_missing_storage(cli: CliRunner, tmp_path: Path) -> None:
+    err = _one_error_line(*cli("ls", "--target", "127.0.0.1:1", "--timeout-s", "5"))
+    assert "cannot reach a ckptd daemon at 127.0.0.1:1" in err
+    missing = tmp_path / "missing"
+    err = _one_error_line(*cli("info", "--storage", str(missing)))
+    assert f"storage directory {missing} does not exist" in err
+    assert not missing.exists()  # never created by a read
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...] = ()):
+        self._code, self._trailing = code, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "what the daemon said"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode))
+def test_every_status_code_maps_into_the_error_tree(code: grpc.StatusCode) -> None:
+    mapped = map_rpc_error(_FakeRpcError(code), "list runs", "host:1")
+    assert isinstance(mapped, errors.CkptdError | CatalogError)
+    assert "what the daemon said" in str(mapped)
+    assert isinstance(mapped, DaemonUnreachableError) == (code is grpc.StatusCode.UNAVAILABLE)
+
+
+def test_the_daemons_error_class_wins_over_the_code() -> None:
+    rpc = _FakeRpcError(grpc.StatusCode.NOT_FOUND, (("ckptd-error", "RunNotFoundError"),))
+    assert type(map_rpc_error(rpc, "x", "h:1")) is errors.RunNotFoundError
+    unknown = _FakeRpcError(grpc.StatusCode.NOT_FOUND, (("ckptd-error", "os"),))
+    assert type(map_rpc_error(unknown, "x", "h:1")) is errors.StepNotFoundError
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_only_on_a_terminal() -> None:
+    tty = _Tty()
+    with Progress("restoring", 3 << 20, tty) as progress:
+        progress.advance(3 << 20)
+        assert tty.getvalue().endswith("restoring [" + "#" * 28 + "] 100% 3.0 MiB/3.0 MiB")
+    assert tty.getvalue().endswith("\r\033[K")  # erased when done
+    pipe = io.StringIO()
+    with Progress("verifying", 2, pipe, unit="steps") as progress:
+        progress.advance(2)
+    assert pipe.getvalue() == ""
+    assert (format_bytes(1023), format_bytes(1536)) == ("1023 B", "1.5 KiB")
