@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -58,6 +59,11 @@ def run_command(body: CommandBody) -> Callable[[argparse.Namespace, Mapping[str,
         except KeyboardInterrupt:
             print("\nckptd: error: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader went away (`ckptd ls | head`): stop quietly, as Unix tools do, and
+            # keep the interpreter's final flush of stdout from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (CkptdError, CatalogError, OSError, ValueError, ImportError) as exc:
             print(f"ckptd: error: {one_line(exc)}", file=sys.stderr)
             return 1
