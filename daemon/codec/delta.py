@@ -4,8 +4,10 @@ Encode makes two passes over the chunks. Pass 1 computes the float32 delta and i
 statistics (for float32 tensors the delta is parked in the output buffer, which pass 2
 overwrites with the reconstruction: no extra tensor-sized buffer). Between the passes the
 merged statistics decide promotion and representatives for the whole tensor. Pass 2 maps
-keys to symbols, entropy-codes them, and reconstructs with ``quantize.reconstruct``, the
-very function decode runs, so decode returns the encoder's reconstruction bit for bit.
+keys to symbols, entropy-codes them, and reconstructs with ``quantize.reconstruct``, which
+ends in ``quantize.add_values``, the very function decode runs on the values it decodes
+(``reps[symbol]`` of every element), so decode returns the encoder's reconstruction bit for
+bit.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, repre
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
     ref = _flat(_matching(reference, current), dtype)
-    out = np.empty(cur.size, dtype.holder)
+    out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     name = dtype.name
     pool = chunks.ScratchPool()
@@ -89,15 +91,15 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
     bodies = read_chunks(reader, header.nchunks)
     reader.at_end()
     parts = chunks.bounds(header.count, header.chunk_elems)
-    symbols_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
-                                 [s.stop - s.start for s in parts])
+    values_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
+                                [s.stop - s.start for s in parts], reps=reps)
     ref = _flat(reference, header.dtype)
-    out = np.empty(header.count, header.dtype.holder)
+    out = chunks.empty_output(header.count, header.dtype.holder)
     name = header.dtype.name
 
     def decode_chunk(i: int) -> None:
         scratch = pool.get()
-        _decode_chunk(symbols_of(i, scratch), ref[parts[i]], reps, name, out=out[parts[i]],
+        _decode_chunk(values_of(i, scratch), ref[parts[i]], name, out=out[parts[i]],
                       scratch=scratch)
 
     with chunks.mapper(len(parts)) as run:
@@ -137,13 +139,13 @@ def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, 
     return body, index
 
 
-def _decode_chunk(symbols: np.ndarray, ref: np.ndarray, reps: np.ndarray, name: str, *,
-                  out: np.ndarray, scratch: chunks.Scratch) -> None:
-    if symbols.size != out.size:
-        raise CodecError(f"corrupt blob: chunk decodes to {symbols.size} symbols, expected "
+def _decode_chunk(values: np.ndarray, ref: np.ndarray, name: str, *, out: np.ndarray,
+                  scratch: chunks.Scratch) -> None:
+    if values.size != out.size:
+        raise CodecError(f"corrupt blob: chunk decodes to {values.size} symbols, expected "
                          f"{out.size}")
     with chunks.errstate_all_ignored():
-        quantize.reconstruct(symbols, ref, reps, name, out=out, scratch=scratch)
+        quantize.add_values(values, ref, name, out=out, scratch=scratch)
 
 
 def _pack_exceptions(index: np.ndarray, values: np.ndarray, scratch: chunks.Scratch) -> bytes:

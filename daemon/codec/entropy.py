@@ -1,25 +1,25 @@
-"""Symbol coders: how a chunk's uint8 symbols become bytes, and back.
+"""Symbol coders: how a chunk's uint8 symbols become bytes, and bytes become float32 values.
 
 Two coders, chosen per blob and recorded in its header:
 
-* ``zstd`` (default): symbols packed whole into bytes (``packing``), then zstd level 1, in
-  one of two layouts recorded in the coder's one parameter byte:
+* ``zstd`` (default): symbols packed whole into bytes (``packing``), then zstd level 1. Its
+  one parameter byte names the layout family; the layouts themselves live in ``layouts``:
 
-  - ``packed`` (0): the packed symbols, one zstd frame per chunk.
-  - ``split`` (1), used when at least ``SPLIT_MIN_ZERO_FRACTION`` of the symbols are 0:
-    ``u32 n`` + zstd frame (n bytes) of the zero/non-zero bitmap (1 bit per symbol, first
-    symbol in the lowest bit), then a zstd frame of the non-zero symbols minus one, packed.
-    After priority promotion most symbols are 0, and zstd's matcher plus byte-level literal
-    coding handles those runs poorly when interleaved with the rest: on Laplace-like deltas
-    (p0 = 0.86, entropy 0.82 bits/symbol at b = 3) packed costs 1.19 bits/symbol, split 0.84;
-    at p0 = 0.62 1.81 vs 1.69; at p0 <= 0.5 they tie and split only costs time.
+  - ``adaptive`` (2, written since 2026-11): every chunk body starts with a mode byte,
+    ``packed`` or ``split``, picked per chunk by trying both (on a sample of large
+    chunks) and keeping the smaller; frames are magicless and omit the content size
+    (the decoder knows it), 6-9 bytes less per frame.
+  - ``packed`` (0) and ``split`` (1): the original layouts, one for the whole blob, chosen
+    by the zero fraction; still decoded, no longer written.
 
 * ``huffman``: the paper's canonical Huffman code (``huffman``): never below 1 bit/symbol.
 
 Call order: ``encoder(sym_counts, bits, count)`` once per tensor (after promotion, so the
 coder can look at the exact symbol counts); its ``params`` go into the blob and its
 ``encode`` runs once per chunk, possibly from several threads. Decoding calls ``decoder``
-once with every chunk body and gets back ``(chunk index, scratch) -> symbols``.
+once with every chunk body and the representatives and gets back ``(chunk index, scratch)
+-> float32 contributions`` (``reps[symbol]`` of every element): the zstd layouts produce them
+straight from the packed bytes through a 256-entry table, with no symbol array in between.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import zstandard
 
-from . import huffman, packing
+from . import huffman, layouts, zstdio
 from .chunks import Scratch
-from .format import CodecError, Reader
+from .format import CodecError
 
-ZSTD_LEVEL = 1
-SPLIT_MIN_ZERO_FRACTION = 0.6
-_PACKED = 0
-_SPLIT = 1
+_F32 = np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -51,10 +47,9 @@ class ChunkEncoder:
 def encoder(coder: str, sym_counts: np.ndarray, bits: int, count: int) -> ChunkEncoder:
     """Prepares the encoder of ``coder`` for a tensor with these symbol counts."""
     if coder == "zstd":
-        split = count > 0 and sym_counts[0] >= SPLIT_MIN_ZERO_FRACTION * count
-        layout = _SPLIT if split else _PACKED
-        return ChunkEncoder(bytes([layout]),
-                            lambda symbols, scratch: _zstd_encode(symbols, bits, layout, scratch))
+        return ChunkEncoder(bytes([layouts.ADAPTIVE]),
+                            lambda symbols, scratch: layouts.encode_adaptive(symbols, bits,
+                                                                             scratch))
     code = huffman.make_code(huffman.code_lengths(sym_counts))
     block = huffman.block_size(count)
     return ChunkEncoder(huffman.encode_params(code.lengths, block),
@@ -62,90 +57,27 @@ def encoder(coder: str, sym_counts: np.ndarray, bits: int, count: int) -> ChunkE
 
 
 def decoder(coder: str, params: memoryview, bits: int, bodies: list[memoryview],
-            sizes: list[int]) -> Callable[[int, Scratch], np.ndarray]:
-    """``(chunk index, scratch) -> decoded symbols`` (uint8) for the chunks of one blob.
+            sizes: list[int], *, reps: np.ndarray) -> Callable[[int, Scratch], np.ndarray]:
+    """``(chunk index, scratch) -> reps[symbols]`` (float32) for the chunks of one blob.
 
     The result may live in ``scratch``: use it before the next call from the same thread.
     """
     if coder == "zstd":
-        if bytes(params) not in (bytes([_PACKED]), bytes([_SPLIT])):
+        if len(params) != 1 or params[0] not in layouts.LAYOUTS:
             raise CodecError(f"corrupt blob: zstd coder parameters {bytes(params)!r}")
-        layout = params[0]
-        return lambda i, scratch: _zstd_decode(bodies[i], bits, sizes[i], layout, scratch)
+        decode = layouts.chunk_decoder(params[0], bits, reps)
+        return lambda i, scratch: decode(bodies[i], sizes[i], scratch)
     lengths, block = huffman.parse_params(params, bits)
     symbols_of = huffman.decoder(bodies, sizes, lengths, block)
-    return lambda i, _: symbols_of(i)
+
+    def contributions(i: int, scratch: Scratch) -> np.ndarray:
+        symbols = symbols_of(i)
+        return np.take(reps, symbols, out=scratch.get("contrib", symbols.size, _F32))
+
+    return contributions
 
 
-def _zstd_encode(symbols: np.ndarray, bits: int, layout: int, scratch: Scratch) -> bytes:
-    if layout == _PACKED:
-        return zstd_compress(packing.pack(symbols, bits, scratch).data, scratch)
-    nonzero = np.not_equal(symbols, 0, out=scratch.get("nonzero", symbols.size, np.bool_))
-    bitmap = zstd_compress(np.packbits(nonzero, bitorder="little").data, scratch)
-    values = symbols[nonzero]
-    values -= 1
-    rest = zstd_compress(packing.pack(values, bits, scratch).data, scratch)
-    return b"".join([len(bitmap).to_bytes(4, "little"), bitmap, rest])
-
-
-def _zstd_decode(body: memoryview, bits: int, size: int, layout: int,
-                 scratch: Scratch) -> np.ndarray:
-    if layout == _PACKED:
-        return _unpacked(body, bits, size, scratch)
-    reader = Reader(body)
-    frame = reader.take(reader.u32("bitmap length"), "bitmap")
-    bitmap = np.frombuffer(zstd_decompress(frame, -(-size // 8), scratch), np.uint8)
-    nonzero = np.unpackbits(bitmap, count=size, bitorder="little").view(np.bool_)
-    values = _unpacked(body[reader.pos:], bits, int(np.count_nonzero(nonzero)), scratch)
-    symbols = scratch.get("symbols", size, np.uint8)
-    symbols.fill(0)
-    symbols[nonzero] = values + np.uint8(1)
-    if values.size and int(values.max()) + 1 >> bits:
-        raise CodecError(f"corrupt blob: symbol {int(values.max()) + 1} needs more than {bits} "
-                         f"bits")
-    return symbols
-
-
-def _unpacked(body: memoryview, bits: int, size: int, scratch: Scratch) -> np.ndarray:
-    packed = zstd_decompress(body, packing.packed_size(bits, size), scratch)
-    symbols = packing.unpack(np.frombuffer(packed, np.uint8), bits, size, scratch)
-    if symbols.size and int(symbols.max()) >> bits:
-        raise CodecError(f"corrupt blob: symbol {int(symbols.max())} needs more than {bits} bits")
-    return symbols
-
-
-def zstd_compress(data: bytes | memoryview, scratch: Scratch) -> bytes:
-    """zstd level 1 frame of ``data``, with the calling thread's compression context."""
-    compressor = scratch.keep("zstd_c", lambda: zstandard.ZstdCompressor(level=ZSTD_LEVEL))
-    return compressor.compress(data)
-
-
-def zstd_decompress(body: memoryview, size: int, scratch: Scratch) -> bytes:
-    """Decompresses one frame that must hold exactly ``size`` bytes.
-
-    Raises:
-        CodecError: the frame is invalid or of another size.
-    """
-    decompressor = scratch.keep("zstd_d", zstandard.ZstdDecompressor)
-    check_zstd_size(body, size)  # first: zstandard sizes its output from the frame's claim
-    try:
-        data = decompressor.decompress(body, max_output_size=size)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"corrupt blob: zstd frame does not decode ({exc})") from exc
-    if len(data) != size:
-        raise CodecError(f"corrupt blob: zstd frame holds {len(data)} bytes, expected {size}")
-    return data
-
-
-def check_zstd_size(body: memoryview, size: int) -> None:
-    """Raises ``CodecError`` unless the frame header declares exactly ``size`` bytes.
-
-    Cheap (reads the frame header only), so callers check every chunk before allocating the
-    output: a corrupt size field must not turn into a huge allocation.
-    """
-    try:
-        declared = zstandard.frame_content_size(body)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"corrupt blob: invalid zstd frame header ({exc})") from exc
-    if declared != size:
-        raise CodecError(f"corrupt blob: zstd frame declares {declared} bytes, expected {size}")
+# The standard-frame helpers, used by the exact path and the exception list.
+zstd_compress = zstdio.compress
+zstd_decompress = zstdio.decompress
+check_zstd_size = zstdio.check_size

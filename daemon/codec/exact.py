@@ -59,7 +59,7 @@ def decode_exact(blob: bytes | memoryview) -> np.ndarray:
     itemsize = header.dtype.holder.itemsize
     for body, part in zip(bodies, parts, strict=True):
         entropy.check_zstd_size(body, (part.stop - part.start) * itemsize)
-    out = np.empty(header.count, header.dtype.holder)
+    out = chunks.empty_output(header.count, header.dtype.holder)
     planes = bool(header.flags & FLAG_BYTE_PLANES)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:

@@ -27,16 +27,18 @@ garbage is reported as ``CodecError`` before any decoding starts.
 Delta payload (kind 1)::
 
     (2^b - 1) x f32        representatives of symbols 1..2^b-1 (symbol 0 adds -0.0)
-    u32 n + n bytes        coder parameters (zstd: none; huffman: code lengths + block size)
+    u32 n + n bytes        coder parameters (zstd: 1 byte, the layout: 0 packed, 1 split,
+                           2 adaptive; huffman: code lengths + block size)
     u64 m, u64 z + z bytes exceptions: m elements stored verbatim, zstd of
                            (m x u64 flat indices || m raw values in the tensor's dtype)
     nchunks x u32          byte length of each chunk body, nchunks = ceil(count / chunk_elems)
-    chunk bodies           the entropy-coded symbols of each chunk, in order: for zstd a
-                           zstd frame of the packed symbols (layout in ``packing``), for
+    chunk bodies           the entropy-coded symbols of each chunk, in order: for zstd the
+                           layout's streams of packed symbols (``layouts``, ``packing``;
+                           adaptive: a mode byte per chunk, then packed or split), for
                            huffman block lengths + bit stream (layout in ``huffman``)
 
 Decoding: element i = reference[i] + representative[symbol[i]] (symbol 0 adds -0.0), computed
-as ``quantize.reconstruct`` says for the dtype, then the exceptions overwrite their elements.
+as ``quantize.add_values`` says for the dtype, then the exceptions overwrite their elements.
 
 Exact payload (kind 2)::
 

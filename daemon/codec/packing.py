@@ -8,9 +8,16 @@ bits/symbol) zstd-1 reaches 2.01 bits/symbol on nibbles, 2.49 on straddling 3-bi
 
 Within a byte the first symbol takes the least significant bits. Packing works on whole
 machine words (``s | s >> 4`` over uint16 pairs), about ten times faster than strided lanes.
+
+Decoding never unpacks: ``ValueTable`` maps each of the 256 byte values to the float32 values
+of the symbols it holds (one 4k-byte item), so one ``np.take`` over the packed bytes yields
+the per-element contributions directly. That reads ``k`` times fewer indices than a take
+per symbol (numpy widens every index to intp first) and skips the symbol array entirely.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,17 +31,6 @@ def per_byte(bits: int) -> int:
     if bits == 2:
         return 4
     return 2 if bits <= 4 else 1
-
-
-def _unpack_tables() -> dict[int, np.ndarray]:
-    """byte -> its symbols, one little-endian word per byte value (2 and 4 per byte)."""
-    byte = np.arange(256, dtype=np.uint32)
-    nibbles = (byte & 0xF) | ((byte >> 4) << 8)
-    crumbs = sum(((byte >> (2 * i)) & 3) << (8 * i) for i in range(4))
-    return {2: nibbles.astype("<u2"), 4: np.asarray(crumbs).astype("<u4")}
-
-
-_UNPACK = _unpack_tables()
 
 
 def pack(symbols: np.ndarray, bits: int, scratch: Scratch) -> np.ndarray:
@@ -63,16 +59,78 @@ def pack(symbols: np.ndarray, bits: int, scratch: Scratch) -> np.ndarray:
     return out
 
 
-def unpack(packed: np.ndarray, bits: int, n: int, scratch: Scratch) -> np.ndarray:
-    """Inverse of ``pack``: the first ``n`` symbols held in ``packed`` (uint8)."""
-    k = per_byte(bits)
-    if k == 1:
-        return packed[:n]
-    if k == 8:
-        return np.unpackbits(packed, count=n, bitorder="little")
-    table = _UNPACK[k]
-    words = np.take(table, packed, out=scratch.get(f"unpack{k}", packed.size, table.dtype))
-    return words.view(np.uint8)[:n]
+def _field_width(bits: int) -> int:
+    """Bits per field of a packed byte (a symbol occupies the low ``bits`` of its field)."""
+    return 8 // per_byte(bits)
+
+
+def _fields(bits: int) -> np.ndarray:
+    """(256, k) table: the k field values of every byte value, first symbol first."""
+    width = _field_width(bits)
+    shifts = width * np.arange(per_byte(bits))
+    return (np.arange(256)[:, None] >> shifts) & ((1 << width) - 1)
+
+
+@dataclass(frozen=True)
+class ValueTable:
+    """byte -> float32 values of its ``k`` symbols, and which bytes hold an invalid symbol.
+
+    Built once per blob (256 x k entries): ``values[s]`` is the value of symbol ``s`` for
+    ``lo <= s < values.size``; a symbol outside that range makes the blob corrupt.
+    """
+
+    bits: int
+    items: np.ndarray  # (256,) of dtype V{4k}: the k float32 values of each byte value
+    bad: np.ndarray  # (256,) bool: some field of this byte is an invalid symbol
+    fields: np.ndarray  # (256, k) the field values (for the partial last byte)
+    lo: int
+    hi: int  # valid symbols are lo..hi - 1
+
+    @classmethod
+    def build(cls, values: np.ndarray, bits: int, lo: int = 0) -> ValueTable:
+        """Table for symbols ``lo .. values.size - 1`` of ``bits`` bits."""
+        k = per_byte(bits)
+        fields = _fields(bits)
+        padded = np.zeros(1 << _field_width(bits), np.float32)
+        padded[:values.size] = values
+        items = np.ascontiguousarray(padded[fields]).view(np.dtype(f"V{4 * k}")).reshape(256)
+        bad = np.asarray(((fields < lo) | (fields >= values.size)).any(axis=1))
+        return cls(bits, items, bad, fields, lo, values.size)
+
+    def lookup(self, packed: np.ndarray, n: int, scratch: Scratch, name: str) -> np.ndarray:
+        """float32 values of the first ``n`` symbols packed in ``packed`` (in ``scratch``)."""
+        k = per_byte(self.bits)
+        out = scratch.get(name, k * packed.size, np.float32)
+        np.take(self.items, packed, out=out.view(self.items.dtype), mode="clip")
+        return out[:n]
+
+    def valid(self, packed: np.ndarray, n: int, scratch: Scratch) -> bool:
+        """Whether the first ``n`` symbols in ``packed`` are all in ``lo .. hi - 1``.
+
+        When only symbols >= 2^b are invalid one OR-reduction settles it; otherwise (a
+        stream that may not hold 0) the ``bad`` table is looked up for every byte.
+        """
+        k = per_byte(self.bits)
+        whole, rem = divmod(n, k)
+        if rem and not self._valid_fields(self.fields[packed[whole], :rem]):
+            return False
+        body = packed[:whole]
+        if self.lo == 0 and self.hi == 1 << self.bits:
+            high = _high_bits(self.bits)
+            return not (high and body.size and int(np.bitwise_or.reduce(body)) & high)
+        flags = np.take(self.bad, body, out=scratch.get("bad_fields", body.size, np.bool_),
+                        mode="clip")
+        return not flags.any()
+
+    def _valid_fields(self, fields: np.ndarray) -> bool:
+        return bool(((fields >= self.lo) & (fields < self.hi)).all())
+
+
+def _high_bits(bits: int) -> int:
+    """The bits of a packed byte that no symbol below 2^bits sets."""
+    width = _field_width(bits)
+    used = sum(((1 << bits) - 1) << (width * i) for i in range(per_byte(bits)))
+    return 0xFF & ~used
 
 
 def packed_size(bits: int, n: int) -> int:

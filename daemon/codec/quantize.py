@@ -10,7 +10,7 @@ every other element becomes symbol 0. Keys with exponent field 0 (zeros and subn
 Symbol 0 adds ``-0.0``: ``x + (-0.0) == x`` bit for bit for every x (``+0.0`` would turn a
 reference ``-0.0`` into ``+0.0``), so dropped elements keep their reference value exactly.
 
-``reconstruct`` is the one function both encode and decode call, which is what makes a
+``add_values`` is the one function both encode and decode end in, which is what makes a
 decode equal the encoder's reconstruction bit for bit.
 """
 
@@ -167,20 +167,28 @@ def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
 
 def reconstruct(symbols: np.ndarray, ref: np.ndarray, reps: np.ndarray, dtype_name: str, *,
                 out: np.ndarray, scratch: Scratch) -> None:
-    """``out = ref + reps[symbols]``, rounded to the tensor's dtype.
+    """``out = ref + reps[symbols]``, rounded to the tensor's dtype (see ``add_values``)."""
+    values = np.take(reps, symbols, out=scratch.get("contrib", symbols.size, _F32))
+    add_values(values, ref, dtype_name, out=out, scratch=scratch)
+
+
+def add_values(values: np.ndarray, ref: np.ndarray, dtype_name: str, *, out: np.ndarray,
+               scratch: Scratch) -> None:
+    """``out = ref + values`` (float32 ``values = reps[symbols]``), rounded to the dtype.
 
     float32 adds in float32; float16 adds in float32 and rounds to nearest even; bfloat16
     adds in float32 and rounds the words to nearest even; float64 adds in float64.
-    ``out`` may alias the float32 delta buffer (it is read before this is called).
+    ``out`` may alias the float32 delta buffer (it is read before this is called). Encode
+    (through ``reconstruct``) and decode both end here, which is what makes a decode equal
+    the encoder's reconstruction bit for bit however ``values`` was computed.
     """
-    contrib = np.take(reps, symbols, out=scratch.get("contrib", symbols.size, _F32))
     if dtype_name in ("float32", "float64"):
-        np.add(ref, contrib, out=out)
+        np.add(ref, values, out=out)
     elif dtype_name == "float16":
-        np.add(ref, contrib, out=out, dtype=_F32, casting="same_kind")
+        np.add(ref, values, out=out, dtype=_F32, casting="same_kind")
     else:
         total = widen(ref, dtype_name, scratch.get("wide_a", ref.size, _F32))
-        np.add(total, contrib, out=total)
+        np.add(total, values, out=total)
         _round_to_bfloat16(total.view(np.uint32), out, scratch)
 
 

@@ -5,6 +5,10 @@ working (and give the pinned reconstruction) for as long as version 1 is readabl
 the same inputs must give the same bytes; if only a zstandard upgrade changes its output,
 ``test_golden_blobs_decode`` still passes and the files may be regenerated with
 ``python tests/codec/test_codec_format.py --regenerate``.
+
+``legacy_*`` blobs were written with the zstd coder's original layouts (parameter 0 packed,
+1 split), which the encoder no longer writes since the adaptive layout (2) replaced them:
+they are decode-only, and never regenerated.
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ def _mostly_tiny() -> np.ndarray:
     return _ref16() + steps
 
 
+def _sparse_pair() -> tuple[np.ndarray, np.ndarray]:
+    """(reference, current) of 2048 elements: 12% large steps at scattered positions (an
+    integer hash, no RNG), the rest tiny. At b = 2 the adaptive layout picks split."""
+    h = np.arange(2048, dtype=np.uint64) * np.uint64(2654435761) % np.uint64(1 << 32)
+    h ^= h >> np.uint64(15)
+    h = h * np.uint64(2246822519) % np.uint64(1 << 32)
+    h ^= h >> np.uint64(13)
+    reference = np.linspace(-1, 1, 2048, dtype=np.float32)
+    large = np.array([0.5, -0.25, 0.125], np.float32)[h % np.uint64(3)]
+    return reference, reference + np.where(h % np.uint64(1000) < 120, large, np.float32(1e-4))
+
+
 def _with_nan() -> np.ndarray:
     current = _cur16()
     current[[2, 9]] = [np.nan, -np.inf]
@@ -69,8 +85,9 @@ CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray] | None, str
         lambda: encode_delta(_cur16(), _ref16())[0], _ref16,
         "7d68cb2a9ac46ea4794ee2e1c12aa8e3e870cbc374e8c74d16997b72c05cefb1"),
     "delta_f32_b2_zstd_split": (
-        lambda: encode_delta(_mostly_tiny(), _ref16(), bits=2)[0], _ref16,
-        "69b81a94db18fa6ff39214477fda6f6468fdf194d1bb5d0422f1dc36a6eab44b"),
+        lambda: encode_delta(_sparse_pair()[1], _sparse_pair()[0], bits=2)[0],
+        lambda: _sparse_pair()[0],
+        "6141fead1ebb95f580b8997844f80806a42978f9add0668d48a1b3cb404df4f3"),
     "delta_f16_b2_huffman_midrange": (
         lambda: encode_delta(_cur16().astype(np.float16), _ref16().astype(np.float16), bits=2,
                              coder="huffman", representative="midrange")[0],
@@ -95,6 +112,18 @@ CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray] | None, str
 }
 
 
+# Decode-only blobs of the original zstd layouts: name -> (reference, sha256 of the decoded bytes).
+LEGACY: dict[str, tuple[Callable[[], np.ndarray], str]] = {
+    "legacy_delta_f32_b3_zstd_packed": (
+        _ref16, "7d68cb2a9ac46ea4794ee2e1c12aa8e3e870cbc374e8c74d16997b72c05cefb1"),
+    "legacy_delta_f32_b2_zstd_split": (
+        _ref16, "69b81a94db18fa6ff39214477fda6f6468fdf194d1bb5d0422f1dc36a6eab44b"),
+    "legacy_delta_bf16_b4_zstd_packed": (
+        lambda: _bf16(_ref16()),
+        "0a7a97f95b711cffc6d2640c2cbc9b0a8deb381d313b76f47b25420ee1fcb15c"),
+}
+
+
 def _decode(blob: bytes, reference: Callable[[], np.ndarray] | None) -> np.ndarray:
     return decode_exact(blob) if reference is None else decode_delta(blob, reference())
 
@@ -104,6 +133,22 @@ def test_golden_blobs_decode(name: str) -> None:
     _, reference, digest = CASES[name]
     decoded = _decode((GOLDEN / f"{name}.ckpd").read_bytes(), reference)
     assert hashlib.sha256(decoded.tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY))
+def test_legacy_blobs_decode(name: str) -> None:
+    reference, digest = LEGACY[name]
+    decoded = decode_delta((GOLDEN / f"{name}.ckpd").read_bytes(), reference())
+    assert hashlib.sha256(decoded.tobytes()).hexdigest() == digest
+
+
+def test_legacy_split_matches_the_current_encoder() -> None:
+    """Same input, old layout and new: the same reconstruction, the new blob no larger."""
+    legacy = (GOLDEN / "legacy_delta_f32_b2_zstd_split.ckpd").read_bytes()
+    blob, reconstruction = encode_delta(_mostly_tiny(), _ref16(), bits=2)
+    assert np.array_equal(decode_delta(legacy, _ref16()).view(np.uint32),
+                          reconstruction.view(np.uint32))
+    assert len(blob) <= len(legacy)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -134,12 +179,20 @@ def test_exact_header_layout() -> None:
     assert crc == zlib.crc32(blob[:48])
 
 
-def test_zstd_layouts_are_both_pinned() -> None:
-    """The coder parameter byte (right after the 7 representatives/3 at b=2): 0 packed, 1 split."""
-    packed = (GOLDEN / "delta_f32_b3_zstd_mean.ckpd").read_bytes()
-    split = (GOLDEN / "delta_f32_b2_zstd_split.ckpd").read_bytes()
-    assert packed[52 + 7 * 4:52 + 7 * 4 + 5] == b"\x01\x00\x00\x00\x00"
-    assert split[52 + 3 * 4:52 + 3 * 4 + 5] == b"\x01\x00\x00\x00\x01"
+def _coder_bytes(name: str) -> bytes:
+    """Coder parameter length + parameter, then the first chunk body's mode byte (1-d, one
+    chunk, no exceptions): right after the 2^b - 1 representatives."""
+    blob = (GOLDEN / f"{name}.ckpd").read_bytes()
+    start = 52 + ((1 << blob[8]) - 1) * 4
+    return blob[start:start + 5] + blob[start + 5 + 16 + 4:start + 5 + 16 + 4 + 1]
+
+
+def test_zstd_layouts_are_pinned() -> None:
+    """Parameter 2 (adaptive) with chunk mode 0 (packed) or 1 (split); legacy 0 and 1."""
+    assert _coder_bytes("delta_f32_b3_zstd_mean") == b"\x01\x00\x00\x00\x02\x00"
+    assert _coder_bytes("delta_f32_b2_zstd_split") == b"\x01\x00\x00\x00\x02\x01"
+    assert _coder_bytes("legacy_delta_f32_b3_zstd_packed")[:5] == b"\x01\x00\x00\x00\x00"
+    assert _coder_bytes("legacy_delta_f32_b2_zstd_split")[:5] == b"\x01\x00\x00\x00\x01"
 
 
 def test_golden_blob_info() -> None:
@@ -157,7 +210,10 @@ def _sample_blobs() -> list[tuple[bytes, Callable[[], np.ndarray] | None]]:
     return [
         (encode_delta(current, reference)[0], lambda: reference),
         (encode_delta(current, reference, coder="huffman", bits=5)[0], lambda: reference),
-        (encode_delta(current, reference, bits=2)[0], lambda: reference),  # split layout
+        (encode_delta(current, reference, bits=2)[0], lambda: reference),
+        (encode_delta(_sparse_pair()[1], _sparse_pair()[0], bits=2)[0],
+         lambda: _sparse_pair()[0]),  # adaptive layout, split mode
+        ((GOLDEN / "legacy_delta_f32_b2_zstd_split.ckpd").read_bytes(), _ref16),
         (encode_exact(current), None),
         (encode_exact(np.arange(40, dtype=np.int16)), None),
     ]
@@ -200,7 +256,7 @@ def _reseal(blob: bytes) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(which=st.integers(0, 4), edits=st.lists(
+@given(which=st.integers(0, 6), edits=st.lists(
     st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
 def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) -> None:
     """Even with valid checksums, bad structure is a CodecError, never an IndexError & co."""

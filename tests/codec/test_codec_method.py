@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from ckptd.daemon.codec import decode_delta, encode_delta
+from ckptd.daemon.codec import Coder, Representative, decode_delta, encode_delta
 from ckptd.daemon.codec.chunks import Scratch
 from ckptd.daemon.codec.format import unpack_header
 from ckptd.daemon.codec.quantize import _round_to_bfloat16
@@ -76,7 +76,8 @@ def finite_pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
        representative=st.sampled_from(["mean", "midrange"]),
        coder=st.sampled_from(["zstd", "huffman"]))
 def test_buckets_promotion_and_representatives(pair: tuple[np.ndarray, np.ndarray], bits: int,
-                                               representative: str, coder: str) -> None:
+                                               representative: Representative,
+                                               coder: Coder) -> None:
     current, reference = pair
     blob, recon = encode_delta(current, reference, bits=bits,
                                representative=representative, coder=coder)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from ckptd.daemon.codec import (
     CodecError,
+    Coder,
+    Representative,
     blob_info,
     decode_delta,
     decode_exact,
@@ -53,8 +55,8 @@ def delta_pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, bool]:
        coder=st.sampled_from(["zstd", "huffman"]),
        representative=st.sampled_from(["mean", "midrange"]))
 def test_decode_equals_encoder_reconstruction(pair: tuple[np.ndarray, np.ndarray, bool],
-                                              bits: int, coder: str,
-                                              representative: str) -> None:
+                                              bits: int, coder: Coder,
+                                              representative: Representative) -> None:
     current, reference, bfloat16 = pair
     blob, recon = encode_delta(current, reference, bits=bits, coder=coder,
                                representative=representative, bfloat16=bfloat16)
@@ -69,7 +71,7 @@ def test_decode_equals_encoder_reconstruction(pair: tuple[np.ndarray, np.ndarray
 
 @pytest.mark.parametrize("coder", ["zstd", "huffman"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-def test_multi_chunk_round_trip(coder: str, bits: int) -> None:
+def test_multi_chunk_round_trip(coder: Coder, bits: int) -> None:
     """Several chunks (the last one partial) decode in order, every packing width."""
     rng = np.random.default_rng(bits)
     n = 2 * CHUNK_ELEMS + 12_345
