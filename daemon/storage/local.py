@@ -110,7 +110,10 @@ class LocalStorage(Storage):
                     continue
                 touched.add(path.parent)
             for directory in touched:
-                _fsync_dir(directory)
+                # A concurrent delete may already have pruned the emptied directory; its
+                # removal takes the unlinked entry with it, so there is nothing left to sync.
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync_dir(directory)
         except OSError as exc:
             raise StorageError(f"delete of {len(paths)} keys in {self.url} failed: {exc}") from exc
         self._prune_empty_dirs(touched)
