@@ -33,6 +33,9 @@ _SERVE_HELP = {
     "listen": "HOST:PORT to listen on (port 0 picks a free one) or unix:///path/to.sock",
     "loop": "event loop: auto (uvloop if installed), uvloop or asyncio",
     "log_level": "debug, info, warning or error",
+    "log_format": "text (key=value lines) or json (one object per line)",
+    "metrics_listen": "HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); "
+    "unset: none",
     "max_message_bytes": "largest gRPC message either way (e.g. 8MiB)",
     "max_chunk_bytes": "largest tensor chunk of a save, and restore chunk size (e.g. 1MiB)",
     "drain_timeout_s": "on SIGTERM, seconds accepted saves get to become durable",
@@ -45,7 +48,8 @@ _SERVE_HELP = {
 
 
 # No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
-_METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL"}
+_METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
+             "log_format": "FORMAT", "metrics_listen": "ADDR"}
 
 
 def _register_serve(subparsers: Any) -> None:
@@ -79,13 +83,17 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     except ValueError as exc:
         print(f"ckptd serve: {exc}", file=sys.stderr)
         return 2
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     ready_file = args.ready_file or environ.get(env_name("ready_file"))
 
     def on_ready(daemon: server.Daemon) -> None:
-        print(f"ckptd: serving on {daemon.address} (storage {daemon.storage_url})", flush=True)
+        metrics = f", metrics http://{daemon.metrics_address}/metrics" * bool(
+            daemon.metrics_address)
+        print(f"ckptd: serving on {daemon.address} (storage {daemon.storage_url}{metrics})",
+              flush=True)
         if ready_file:
-            write_ready_file(Path(ready_file), daemon.address, daemon.storage_url)
+            write_ready_file(Path(ready_file), daemon.address, daemon.storage_url,
+                             daemon.metrics_address)
 
     try:
         server.run(config, on_ready)
@@ -122,9 +130,12 @@ def _return_freed_memory_promptly(environ: Mapping[str, str]) -> None:
         return
 
 
-def write_ready_file(path: Path, address: str, storage_url: str) -> None:
-    """Writes the ready file atomically (temp file + rename), so pollers never read half."""
-    payload = json.dumps({"address": address, "pid": os.getpid(), "storage_url": storage_url})
+def write_ready_file(path: Path, address: str, storage_url: str, metrics_address: str) -> None:
+    """Writes the ready file atomically (temp file + rename), so pollers never read half.
+
+    ``metrics_address`` is the metrics endpoint's ``host:port`` with its real port, or ""."""
+    payload = json.dumps({"address": address, "pid": os.getpid(), "storage_url": storage_url,
+                          "metrics_address": metrics_address})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(payload + "\n")
     os.replace(tmp, path)

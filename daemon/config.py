@@ -62,6 +62,7 @@ class EngineConfig:
 
 LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 ENV_PREFIX = "CKPTD_"
 # Room a save/restore message needs beyond its chunk's bytes (field tags, index, offset).
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -87,6 +88,11 @@ class DaemonConfig:
     # On SIGTERM, how long accepted saves get to become durable before the daemon exits.
     drain_timeout_s: float = 60.0
     log_level: str = "info"
+    # "text" (key=value lines) or "json" (one object per line, for log pipelines).
+    log_format: str = "text"
+    # ``host:port`` of the Prometheus endpoint (``/metrics``; port 0 picks a free port, the
+    # real one is reported); empty serves no endpoint.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if not self.storage_url:
@@ -99,6 +105,12 @@ class DaemonConfig:
             raise ValueError(
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(
+                f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}"
+            )
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen)
         if self.max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes must be positive, got {self.max_chunk_bytes}")
         if self.max_chunk_bytes + _MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
@@ -108,6 +120,11 @@ class DaemonConfig:
             )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as (host, port), or None when no endpoint is configured."""
+        return parse_listen(self.metrics_listen) if self.metrics_listen else None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, str]) -> DaemonConfig:
@@ -164,8 +181,33 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
 
 
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """Splits ``host:port`` or ``[v6]:port`` (as ``--metrics-listen`` takes it); an empty
+    host means every IPv4 address.
+
+    Raises:
+        ValueError: naming the address when it has no port or the port is out of range.
+    """
+    match = _LISTEN.match(address.strip())
+    port = int(match.group("port")) if match else -1
+    if match is None or port > 65535:
+        raise ValueError(
+            f"metrics listen address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9100, "
+            "[::]:9100, 127.0.0.1:0) with a port in 0..65535"
+        )
+    host = match.group("v6") or match.group("host") or "0.0.0.0"
+    return host, port
+
+
 def _parse_str(text: str) -> str:
     return text.strip()
+
+
+def _parse_lower(text: str) -> str:
+    return text.strip().lower()
 
 
 # setting name → (which config, field name, parser). The CLI derives its flags from this.
@@ -173,7 +215,9 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "storage": ("daemon", "storage_url", _parse_str),
     "listen": ("daemon", "listen", _parse_str),
     "loop": ("daemon", "loop", _parse_str),
-    "log_level": ("daemon", "log_level", lambda text: text.strip().lower()),
+    "log_level": ("daemon", "log_level", _parse_lower),
+    "log_format": ("daemon", "log_format", _parse_lower),
+    "metrics_listen": ("daemon", "metrics_listen", _parse_str),
     "max_message_bytes": ("daemon", "max_message_bytes", parse_bytes),
     "max_chunk_bytes": ("daemon", "max_chunk_bytes", parse_bytes),
     "drain_timeout_s": ("daemon", "drain_timeout_s", float),

@@ -20,7 +20,7 @@ from ckptd.daemon.chain import Chain
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.index import IndexEntry, StepIndex
-from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.manifest import (
     BASE,
     EXACT,
@@ -107,7 +107,7 @@ class Deleter:
             keys = [blob_key(child.key, i, tag) for i in range(len(arrays))]
             await self._delete_quietly(keys, child.key)
             raise
-        log.info("rebased step %s", fields(key=str(child.key), stored_bytes=rebased.stored_bytes))
+        log.info("rebased step %s", step_fields(child.key, stored_bytes=rebased.stored_bytes))
         await self._delete_quietly([t.blob_key for t in child.tensors], child.key)
         await self._renumber_descendants(rebased)
 
@@ -139,7 +139,7 @@ class Deleter:
                 await self._put_manifest(updated)
             except Exception as exc:
                 log.warning("cannot update chain fields %s",
-                            fields(key=str(updated.key), error=str(exc)))
+                            step_fields(updated.key, error=str(exc)))
                 return
             parent = updated
 
@@ -155,4 +155,4 @@ class Deleter:
             await self._pools.run_io(functools.partial(self._storage.delete, keys))
         except Exception as exc:
             log.warning("cannot delete blobs; removed at next start %s",
-                        fields(key=str(key), count=len(keys), error=str(exc)))
+                        step_fields(key, count=len(keys), error=str(exc)))

@@ -20,7 +20,10 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
    ``await delete_run(run)``. Deleting refuses (``InvalidRequestError``) while a save of
    the same (run, rank) is in flight, rather than waiting behind it for an unbounded time.
-6. Shutdown: ``await engine.drain(timeout_s)`` refuses new saves (``ShuttingDownError``;
+6. Observing: an ``EngineObserver`` passed at construction hears of every accepted,
+   durable and failed save and of each chain's head (``ckptd.daemon.observer``); the
+   server passes the Prometheus ``Metrics``, the engine never knows.
+7. Shutdown: ``await engine.drain(timeout_s)`` refuses new saves (``ShuttingDownError``;
    saves waiting for budget get it too), lets sessions already open commit, and waits
    until every accepted save is durable or failed; then ``await engine.close()`` fails
    whatever is left and stops the pools. The storage belongs to the caller, who closes it.
@@ -39,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 
 from ckptd.daemon.budget import ByteBudget
 from ckptd.daemon.chain import Chain, QueuedSave
@@ -62,15 +67,16 @@ from ckptd.daemon.errors import (
     StepOrderError,
 )
 from ckptd.daemon.index import StepIndex, scan
-from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.pipeline import SavePipeline
+from ckptd.daemon.logs import fields, get_logger, step_fields
+from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
+from ckptd.daemon.pipeline import Committed, SavePipeline
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.restore import MissingBlobError, Restorer
 from ckptd.daemon.session import SaveSession
 from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.validation import check_header, check_key, check_run_name
 
-__all__ = ["Engine", "SaveSession"]
+__all__ = ["Engine", "EngineObserver", "SaveSession"]
 
 log = get_logger("engine")
 # Failed saves remembered for status()/wait() after they finish (durable ones are in the
@@ -82,9 +88,12 @@ SHUTDOWN_REASON = "the daemon is shutting down and accepts no new saves"
 class Engine:
     """Owns every chain, the in-flight budget, the index of committed steps and the pools."""
 
-    def __init__(self, storage: Storage, config: EngineConfig) -> None:
+    def __init__(
+        self, storage: Storage, config: EngineConfig, observer: EngineObserver | None = None
+    ) -> None:
         self.storage = storage
         self.config = config
+        self._observer = observer or EngineObserver()
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes)
         self._index = StepIndex()
@@ -94,6 +103,7 @@ class Engine:
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
         self._inflight: dict[StepKey, QueuedSave] = {}
+        self._accepted_at_s: dict[StepKey, float] = {}  # monotonic, for save latency
         self._failed: collections.OrderedDict[StepKey, SaveStatus] = collections.OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -110,6 +120,8 @@ class Engine:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
         self._started = True
+        for run, rank in self._index.chains():
+            self._report_head(run, rank)
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), removed_temporaries=temporaries))
@@ -224,6 +236,7 @@ class Engine:
             if self._index.get(key) is None:
                 raise self._not_found(key)
             await self._deleter.delete_step(chain, key)
+        self._report_head(key.run, key.rank)
         return 1
 
     async def delete_run(self, run: str) -> int:
@@ -240,12 +253,18 @@ class Engine:
         for chain in chains:
             async with chain.lock:
                 deleted += await self._deleter.delete_chain(chain)
+            self._report_head(chain.run, chain.rank)
         return deleted
 
     @property
     def inflight_bytes(self) -> int:
         """Bytes currently reserved in the budget (for metrics and tests)."""
         return self._budget.in_use_bytes
+
+    @property
+    def inflight_saves(self) -> int:
+        """Saves being received plus saves accepted and not yet durable or failed."""
+        return len(self._sessions) + len(self._inflight)
 
     async def drain(self, timeout_s: float) -> bool:
         """Returns True when every accepted save finished within the timeout."""
@@ -319,12 +338,14 @@ class Engine:
         save = QueuedSave(session.header, session.take_arrays())
         self._sessions.discard(session)
         self._inflight[key] = save
+        self._accepted_at_s[key] = time.monotonic()
         self._failed.pop(key, None)
         chain.queued[key.step] = save
         chain.wakeup.set()
         if chain.worker is None:
             name = f"ckptd-chain-{key.run}-{key.rank}"
             chain.worker = asyncio.create_task(self._work(chain), name=name)
+        self._notify(lambda: self._observer.save_accepted(key, session.header.nbytes))
         return save.status
 
     def _abandon(self, session: SaveSession) -> None:
@@ -349,20 +370,58 @@ class Engine:
             chain.worker = None
 
     async def _process(self, chain: Chain, save: QueuedSave) -> None:
-        error = ""
         try:
             async with chain.lock:
-                chain.recon = await self._pipeline.run(chain, save)
+                committed = await self._pipeline.run(chain, save)
+                chain.recon = committed.head
         except asyncio.CancelledError:
             self._finish(chain, save, "the daemon shut down before the save was durable")
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.error("save failed %s", fields(key=str(save.header.key), error=error),
+            log.error("save failed %s", step_fields(save.header.key, error=error),
                       exc_info=not isinstance(exc, OSError | ValueError))
-        self._finish(chain, save, error)
+            self._finish(chain, save, error, type(exc).__name__)
+            return
+        self._report_durable(save, committed)
+        self._finish(chain, save, "")
 
-    def _finish(self, chain: Chain, save: QueuedSave, error: str) -> None:
+    def _report_durable(self, save: QueuedSave, committed: Committed) -> None:
+        key, manifest = save.header.key, committed.entry.manifest
+        accepted_at_s = self._accepted_at_s.get(key, time.monotonic())
+        durable = DurableSave(
+            key, manifest.kind, manifest.raw_bytes, committed.entry.stored_bytes,
+            encode_s=committed.encode_s, latency_s=time.monotonic() - accepted_at_s,
+        )
+        log.info("save durable %s", step_fields(
+            key, kind=durable.kind, raw_bytes=durable.raw_bytes,
+            stored_bytes=durable.stored_bytes, chain_depth=manifest.chain_depth,
+            encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4)))
+        self._notify(lambda: self._observer.save_durable(durable))
+        self._report_head(key.run, key.rank)
+
+    def _report_head(self, run: str, rank: int) -> None:
+        entries = self._index.entries(run, rank)
+        head = None
+        if entries:
+            entry = entries[-1]
+            manifest = entry.manifest
+            head = ChainHead(manifest.key.step, manifest.chain_depth, manifest.raw_bytes,
+                             entry.stored_bytes)
+        self._notify(lambda: self._observer.chain_head(run, rank, head))
+
+    def _notify(self, event: Callable[[], None]) -> None:
+        """Runs one observer call; a failing observer is logged and never fails a save."""
+        try:
+            event()
+        except Exception:
+            log.exception("engine observer failed")
+
+    def _finish(
+        self, chain: Chain, save: QueuedSave, error: str, kind: str = ShuttingDownError.__name__
+    ) -> None:
+        """Ends a save: DURABLE when ``error`` is empty, else FAILED (``kind`` names the
+        error's class; the default is for saves cut short by shutdown)."""
         key = save.header.key
         if save.done.is_set():
             return
@@ -377,8 +436,11 @@ class Engine:
                 self._failed.popitem(last=False)
         self._budget.release(save.header.nbytes)
         self._release_step(chain, key.step)
+        self._accepted_at_s.pop(key, None)
         save.done.set()
         self._check_idle()
+        if error:
+            self._notify(lambda: self._observer.save_failed(key, kind, error))
 
     def _release_step(self, chain: Chain, step: int) -> None:
         chain.reserved.discard(step)

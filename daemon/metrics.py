@@ -4,29 +4,29 @@ Every daemon owns its registry: ``Metrics(make_registry())`` registers its famil
 registry it is given and never touches ``prometheus_client``'s global default, so two
 daemons in one process (tests, embedding) count separately.
 
-Call order (the lead wires these; each method is thread-safe and cheap):
+Who calls what (each method is thread-safe and cheap):
 
-* servicer, once a save's bytes are all in and the engine accepted it: ``save_received``;
-* engine pipeline, when a save is committed: ``save_durable``; when it fails after
-  acceptance: ``save_failed``;
-* servicer, after a restore streamed its last chunk: ``restore_done``;
-* servicer's error table, for every error status it returns: ``error``;
-* server, once after the engine exists: ``track_inflight_bytes(lambda: engine.inflight_bytes)``
-  (read at scrape time; ``set_inflight_bytes`` is the push alternative).
+* the engine, through the ``EngineObserver`` interface ``Metrics`` implements:
+  ``save_accepted``, ``save_durable``, ``save_failed``, ``chain_head``;
+* the servicer: ``restore_done`` after a restore streamed its last chunk, ``rpc_error``
+  for every error status it returns;
+* the server, once: ``track_inflight`` (read at scrape time, on the endpoint's thread).
 
-Labels stay bounded: outcomes and error kinds are fixed sets, and run/rank labels appear
-only when ``per_run_labels=True`` (a deployment with few, long runs may want them; a shared
-daemon with thousands of runs must not).
+Labels stay bounded: outcomes, methods, status codes and error classes are fixed sets;
+counters are daemon totals; only the per-chain gauges carry ``run`` and ``rank``, one series
+per (run, rank) that has steps in storage, removed when its last step is deleted.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 from wsgiref.simple_server import WSGIServer
 
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -41,9 +41,6 @@ NAMESPACE = "ckptd"
 SAVE_OUTCOMES = ("received", "durable", "failed")
 # Encoding a multi-GiB checkpoint takes seconds to minutes; restores span the same range.
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_RUN_LABELS = ("run", "rank")
-_MetricT = TypeVar("_MetricT", Counter, Gauge)
-_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
 
 def make_registry(*, process_metrics: bool = True) -> CollectorRegistry:
@@ -56,112 +53,102 @@ def make_registry(*, process_metrics: bool = True) -> CollectorRegistry:
     return registry
 
 
-class Metrics:
-    """The daemon's metric families, registered in a registry the caller owns.
+class Metrics(EngineObserver):
+    """The daemon's metric families, registered in a registry the caller owns."""
 
-    Args:
-        registry: Where the families are registered; one registry per daemon.
-        per_run_labels: Label the per-save families (bytes, compression ratio, chain
-            length) by ``run`` and ``rank``. Off by default: label cardinality grows with
-            the number of runs and Prometheus keeps every series it ever saw.
-    """
-
-    def __init__(self, registry: CollectorRegistry, *, per_run_labels: bool = False) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.per_run_labels = per_run_labels
-        run_labels = _RUN_LABELS if per_run_labels else ()
-        ns = NAMESPACE
-        self._saves = Counter(
-            "saves", "Saves by outcome: received (accepted), durable, failed.",
-            ["outcome"], namespace=ns, registry=registry,
-        )
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, namespace=NAMESPACE, registry=registry)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(
+                name, doc, namespace=NAMESPACE, registry=registry, buckets=DURATION_BUCKETS_S
+            )
+
+        self._saves = counter("saves", "Saves by outcome: received (accepted), durable, failed.",
+                              ("outcome",))
         for outcome in SAVE_OUTCOMES:
             self._saves.labels(outcome=outcome)
-        self._bytes_received = Counter(
-            "bytes_received", "Raw tensor bytes of accepted saves.",
-            run_labels, namespace=ns, registry=registry,
-        )
-        self._bytes_stored = Counter(
-            "bytes_stored", "Bytes written to storage by durable saves (after compression).",
-            run_labels, namespace=ns, registry=registry,
-        )
-        self._ratio = Gauge(
-            "compression_ratio", "Raw over stored bytes of the latest durable save.",
-            run_labels, namespace=ns, registry=registry,
-        )
-        self._chain = Gauge(
-            "chain_length", "Deltas between the latest durable save and its base (0: a base).",
-            run_labels, namespace=ns, registry=registry,
-        )
-        self._inflight = Gauge(
-            "inflight_bytes", "Bytes reserved in the in-flight budget (accepted, not yet durable).",
-            namespace=ns, registry=registry,
-        )
-        self._encode = Histogram(
-            "encode_seconds", "Time to encode one save (delta, quantize, entropy-code).",
-            namespace=ns, registry=registry, buckets=DURATION_BUCKETS_S,
-        )
-        self._latency = Histogram(
-            "save_latency_seconds", "Time from a save's acceptance to its commit (durable).",
-            namespace=ns, registry=registry, buckets=DURATION_BUCKETS_S,
-        )
-        self._restore = Histogram(
-            "restore_seconds", "Time to serve one restore, first request to last chunk.",
-            namespace=ns, registry=registry, buckets=DURATION_BUCKETS_S,
-        )
-        self._errors = Counter(
-            "errors", "Errors by kind: gRPC status code name, or exception class of a failed save.",
-            ["kind"], namespace=ns, registry=registry,
-        )
+        self._received = counter("bytes_received", "Raw tensor bytes of accepted saves.")
+        self._durable = counter("bytes_durable", "Raw tensor bytes of durable saves.")
+        self._stored = counter("bytes_stored",
+                               "Storage bytes of durable saves (blobs and manifests).")
+        self._restored = counter("bytes_restored", "Raw tensor bytes served by restores.")
+        self._failures = counter("save_failures",
+                                 "Accepted saves that failed, by exception class.", ("error",))
+        self._errors = counter("rpc_errors", "Error statuses returned to clients, by RPC "
+                               "method, gRPC status code and exception class.",
+                               ("method", "code", "error"))
+        chain = ("run", "rank")
+        self._ratio = gauge("compression_ratio",
+                            "Raw over stored bytes of the latest durable step of a chain.", chain)
+        self._chain = gauge("chain_length", "Steps a restore of a chain's latest durable step "
+                            "reads: its base plus the deltas up to it (1 for a base).", chain)
+        self._inflight_bytes = gauge(
+            "inflight_bytes", "Bytes held in the in-flight budget (accepted, not yet durable).")
+        self._inflight_saves = gauge(
+            "inflight_saves", "Saves being received or waiting to become durable.")
+        self._encode = histogram("encode_seconds",
+                                 "Wall time to encode one save, first tensor to last.")
+        self._latency = histogram("save_latency_seconds",
+                                  "Wall time from a save's acceptance to its commit (durable).")
+        self._restore = histogram("restore_seconds",
+                                  "Wall time to serve one restore, request to last chunk.")
 
-    def _per_run(self, metric: _MetricT, run: str, rank: int) -> _MetricT:
-        """The series of ``metric`` for this save: its run's child, or the metric itself."""
-        return metric.labels(run=run, rank=str(rank)) if self.per_run_labels else metric
+    # -- EngineObserver ------------------------------------------------------------------
 
-    def save_received(self, run: str, rank: int, nbytes: int) -> None:
-        """Counts a save the daemon accepted, with its raw tensor bytes."""
+    def save_accepted(self, key: StepKey, raw_bytes: int) -> None:
         self._saves.labels(outcome="received").inc()
-        self._per_run(self._bytes_received, run, rank).inc(nbytes)
+        self._received.inc(raw_bytes)
 
-    def save_durable(
-        self, run: str, rank: int, *, raw_bytes: int, stored_bytes: int, encode_s: float,
-        chain_depth: int, latency_s: float | None = None,
-    ) -> None:
-        """Counts a committed save: its stored size, encode time and place in the chain,
-        and, when given, how long it took from acceptance to durable."""
+    def save_durable(self, save: DurableSave) -> None:
         self._saves.labels(outcome="durable").inc()
-        self._per_run(self._bytes_stored, run, rank).inc(stored_bytes)
-        if stored_bytes > 0:
-            self._per_run(self._ratio, run, rank).set(raw_bytes / stored_bytes)
-        self._per_run(self._chain, run, rank).set(chain_depth)
-        self._encode.observe(encode_s)
-        if latency_s is not None:
-            self._latency.observe(latency_s)
+        self._durable.inc(save.raw_bytes)
+        self._stored.inc(save.stored_bytes)
+        self._encode.observe(save.encode_s)
+        self._latency.observe(save.latency_s)
 
-    def save_failed(self, kind: str) -> None:
-        """Counts a save that failed after acceptance; ``kind`` is the exception class name."""
+    def save_failed(self, key: StepKey, kind: str, message: str) -> None:
         self._saves.labels(outcome="failed").inc()
-        self._errors.labels(kind=kind).inc()
+        self._failures.labels(error=kind).inc()
 
-    def restore_done(self, seconds: float) -> None:
-        """Records the duration of a restore that completed."""
+    def chain_head(self, run: str, rank: int, head: ChainHead | None) -> None:
+        labels = (run, str(rank))
+        if head is None:
+            for gauge in (self._ratio, self._chain):
+                # Absent when the chain never had a durable step.
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+            return
+        self._ratio.labels(*labels).set(head.compression_ratio)
+        self._chain.labels(*labels).set(head.chain_depth + 1)
+
+    # -- transport and server ------------------------------------------------------------
+
+    def restore_done(self, seconds: float, raw_bytes: int) -> None:
+        """Records a restore that streamed its last chunk."""
         self._restore.observe(seconds)
+        self._restored.inc(raw_bytes)
 
-    def error(self, kind: str) -> None:
-        """Counts an error returned to a client; ``kind`` is the gRPC status code name."""
-        self._errors.labels(kind=kind).inc()
+    def rpc_error(self, method: str, code: str, error: str) -> None:
+        """Counts an error status returned to a client (``code`` is the status's name)."""
+        self._errors.labels(method=method, code=code, error=error).inc()
 
-    def set_inflight_bytes(self, nbytes: int) -> None:
-        """Sets the bytes currently held in the in-flight budget."""
-        self._inflight.set(nbytes)
+    def track_inflight(
+        self, inflight_bytes: Callable[[], float], inflight_saves: Callable[[], float]
+    ) -> None:
+        """Reads the in-flight gauges from these functions at every scrape.
 
-    def track_inflight_bytes(self, source: Callable[[], float]) -> None:
-        """Reads the in-flight bytes from ``source`` at every scrape instead.
-
-        ``source`` runs on the metrics server's thread, so it must only read a value
+        They run on the metrics server's thread, so they must only read a value
         (``lambda: engine.inflight_bytes`` reads one int, which is safe without the loop).
         """
-        self._inflight.set_function(source)
+        self._inflight_bytes.set_function(inflight_bytes)
+        self._inflight_saves.set_function(inflight_saves)
 
 
 class MetricsEndpoint(NamedTuple):
@@ -172,7 +159,8 @@ class MetricsEndpoint(NamedTuple):
     port: int
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stops serving, closes the socket and joins the thread."""
+        """Stops serving, closes the socket and joins the thread (blocks up to ~0.5 s:
+        the server notices the shutdown at its next poll)."""
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout_s)
@@ -183,23 +171,12 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> M
 
     Port 0 binds a free port; the bound one is in the result. The server runs in a daemon
     thread of its own, so a scrape never waits on the daemon's event loop.
-    """
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsEndpoint(server, thread, server.server_address[1])
-
-
-def parse_listen(address: str) -> tuple[str, int]:
-    """Splits ``host:port`` or ``[v6]:port`` (as ``--metrics-listen`` takes it).
 
     Raises:
-        ValueError: naming the address when it has no port or the port is out of range.
+        OSError: naming the address when it cannot be bound (in use, unknown host).
     """
-    match = _LISTEN.match(address.strip())
-    port = int(match.group("port")) if match else -1
-    if match is None or port > 65535:
-        raise ValueError(
-            f"metrics listen address {address!r} is not HOST:PORT (e.g. 0.0.0.0:9100, "
-            "[::]:9100, 127.0.0.1:0) with a port in 0..65535"
-        )
-    host = match.group("v6") or match.group("host") or "0.0.0.0"
-    return host, port
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    return MetricsEndpoint(server, thread, server.server_address[1])

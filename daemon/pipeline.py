@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -23,7 +24,7 @@ from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import SaveState, StepKey, TensorSpec
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.index import IndexEntry, StepIndex
-from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.manifest import (
     DELTA,
     EXACT,
@@ -41,6 +42,24 @@ from ckptd.daemon.validation import bits_for, is_lossy
 
 log = get_logger("engine")
 Encoded = tuple[str, bytes, str, np.ndarray]  # encoding, blob, blob xxh3_64, reconstruction
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A save the pipeline committed: the chain's new head, its index entry, and the wall
+    time of its encode phase (first tensor started to last tensor encoded)."""
+
+    head: Reconstruction
+    entry: IndexEntry
+    encode_s: float
+
+
+@dataclass
+class _Progress:
+    """Tensors of a save still to encode, and when the last one finished (monotonic s)."""
+
+    remaining: int
+    encoded_at_s: float = 0.0
 
 
 class SavePipeline:
@@ -75,21 +94,23 @@ class SavePipeline:
             arrays = await self._restorer.restore(plan)
         except CorruptCheckpointError as exc:
             log.error("cannot rebuild chain head; next save is a base %s",
-                      fields(run=chain.run, rank=chain.rank, step=latest, error=str(exc)))
+                      step_fields(StepKey(chain.run, chain.rank, latest), error=str(exc)))
             return
         chain.recon = Reconstruction.from_plan(plan, arrays)
 
-    async def run(self, chain: Chain, save: QueuedSave) -> Reconstruction:
+    async def run(self, chain: Chain, save: QueuedSave) -> Committed:
         """Encodes, writes and commits ``save``; returns the chain's new head (the caller
         installs it). Raises whatever failed, after deleting the step's partial keys."""
         await self.ensure_head(chain)
         header = save.header
         kind, why = choose_kind(chain.recon, header.tensors, self._config)
-        log.debug("encoding save %s", fields(key=str(header.key), kind=kind, why=why))
+        log.debug("encoding save %s", step_fields(header.key, kind=kind, why=why))
         previous = chain.recon if kind == DELTA else None
         save.state = SaveState.ENCODING
+        started_s = time.monotonic()
+        progress = _Progress(len(save.arrays))
         try:
-            encoded = await self._encode_and_put(save, previous)
+            encoded = await self._encode_and_put(save, previous, progress)
             save.state = SaveState.WRITING
             entries = tuple(entry for entry, _ in encoded)
             arrays = tuple(array for _, array in encoded)
@@ -105,21 +126,22 @@ class SavePipeline:
         except BaseException:
             await self._discard(header.key, len(header.tensors))
             raise
-        self._index.add(IndexEntry(manifest, len(data)))
-        return _next_head(manifest, arrays, previous)
+        entry = IndexEntry(manifest, len(data))
+        self._index.add(entry)
+        encode_s = (progress.encoded_at_s or time.monotonic()) - started_s
+        return Committed(_next_head(manifest, arrays, previous), entry, encode_s)
 
     async def _encode_and_put(
-        self, save: QueuedSave, previous: Reconstruction | None
+        self, save: QueuedSave, previous: Reconstruction | None, progress: _Progress
     ) -> list[tuple[TensorEntry, np.ndarray]]:
-        left = [len(save.arrays)]
         calls = [
-            functools.partial(self._tensor, save, i, previous, left)
+            functools.partial(self._tensor, save, i, previous, progress)
             for i in range(len(save.arrays))
         ]
         return await gather_bounded(calls, self._pools.width)
 
     async def _tensor(
-        self, save: QueuedSave, index: int, previous: Reconstruction | None, left: list[int]
+        self, save: QueuedSave, index: int, previous: Reconstruction | None, progress: _Progress
     ) -> tuple[TensorEntry, np.ndarray]:
         spec = save.header.tensors[index]
         current = save.arrays[index]
@@ -130,8 +152,9 @@ class SavePipeline:
         encoding, blob, digest, reconstruction = await self._pools.run_codec(job)
         save.arrays[index] = None  # the received bytes are no longer needed
         del job
-        left[0] -= 1
-        if left[0] == 0:
+        progress.remaining -= 1
+        if progress.remaining == 0:
+            progress.encoded_at_s = time.monotonic()
             save.state = SaveState.WRITING
         key = blob_key(save.header.key, index)
         await self._pools.run_io(functools.partial(self._storage.put, key, blob))
@@ -164,7 +187,7 @@ class SavePipeline:
             await self._pools.run_io(functools.partial(self._storage.delete, keys))
         except Exception as exc:
             log.warning("cannot remove keys of failed save; removed at next start %s",
-                        fields(key=str(key), error=str(exc)))
+                        step_fields(key, error=str(exc)))
 
 
 def _encode_tensor(

@@ -1,12 +1,14 @@
 """The daemon's lifecycle: start → serve → drain → close.
 
-``Daemon.serve`` is the whole life of a daemon process: open storage, start the engine
-(which rebuilds its index from storage), bind and start the gRPC server with health and
+``Daemon.serve`` is the whole life of a daemon process: start the metrics endpoint when
+one is configured, open storage, start the engine (which rebuilds its index from storage
+and reports to the daemon's ``Metrics``), bind and start the gRPC server with health and
 reflection, report ready, then wait for SIGTERM/SIGINT (or ``request_stop``). Stopping is
 ordered so that nothing accepted is lost: health turns NOT_SERVING (load balancers and
 clients stop sending), the engine drains (new saves get UNAVAILABLE while accepted ones
 become durable, up to ``drain_timeout_s``; status and wait RPCs keep working), then the
-gRPC server stops, the engine closes, and storage closes last.
+gRPC server stops, the engine closes, storage closes, and the metrics endpoint closes last
+(a scrape during the drain still sees it).
 
 ``serve_in_thread`` runs the same lifecycle on a private thread and loop, for tests and
 benchmarks that want a real daemon inside their own process.
@@ -28,6 +30,7 @@ from ckptd.daemon import loops, shm
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.engine import Engine
 from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.metrics import Metrics, MetricsEndpoint, make_registry, start_metrics_server
 from ckptd.daemon.servicer import CheckpointdServicer
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.protos import API_VERSION
@@ -53,7 +56,12 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.address = ""
+        # ``host:port`` of the metrics endpoint with its real port; empty without one.
+        self.metrics_address = ""
+        # One registry per daemon, so daemons sharing a process count apart.
+        self.metrics = Metrics(make_registry())
         self.engine: Engine | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._storage: Storage | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -68,19 +76,32 @@ class Daemon:
         """Opens storage, starts the engine and the server; returns the bound address."""
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
-        self._storage = await asyncio.to_thread(open_storage, self.config.storage_url)
+        self._start_metrics_endpoint()
         try:
-            self.engine = Engine(self._storage, self.config.engine)
+            self._storage = await asyncio.to_thread(open_storage, self.config.storage_url)
+            self.engine = engine = Engine(self._storage, self.config.engine, self.metrics)
+            self.metrics.track_inflight(lambda: engine.inflight_bytes,
+                                        lambda: engine.inflight_saves)
             await self.engine.start()
             self._server, self._health = self._build_server(self.engine)
             self.address = bind(self._server, self.config.listen)
             await self._server.start()
         except BaseException:
-            await self._close_engine_and_storage()
+            await self._close_all()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", fields(address=self.address, storage=self.storage_url))
+        log.info("serving %s", fields(address=self.address, storage=self.storage_url,
+                                      metrics=self.metrics_address or None))
         return self.address
+
+    def _start_metrics_endpoint(self) -> None:
+        """Binds the metrics endpoint first, so a taken port fails the start at once."""
+        where = self.config.metrics_address
+        if where is not None:
+            host, port = where
+            self._metrics_endpoint = start_metrics_server(self.metrics.registry, host, port)
+            shown = f"[{host}]" if ":" in host else host
+            self.metrics_address = f"{shown}:{self._metrics_endpoint.port}"
 
     def _build_server(self, engine: Engine) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         limit = self.config.max_message_bytes
@@ -98,7 +119,9 @@ class Daemon:
                 ("grpc.http2.bdp_probe", 0),
             ]
         )
-        servicer = CheckpointdServicer(engine, self._server_info(), self.config.max_chunk_bytes)
+        servicer = CheckpointdServicer(
+            engine, self._server_info(), self.config.max_chunk_bytes, self.metrics
+        )
         pb_grpc.add_CheckpointdServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -149,17 +172,22 @@ class Daemon:
                 )
         if self._server is not None:
             await self._server.stop(_STOP_GRACE_S)
-        await self._close_engine_and_storage()
+        await self._close_all()
         log.info("stopped %s", fields(drained=drained))
         return drained
 
-    async def _close_engine_and_storage(self) -> None:
+    async def _close_all(self) -> None:
         try:
             if self.engine is not None:
                 await self.engine.close()
         finally:
-            if self._storage is not None:
-                await asyncio.to_thread(self._storage.close)
+            try:
+                if self._storage is not None:
+                    await asyncio.to_thread(self._storage.close)
+            finally:
+                if self._metrics_endpoint is not None:
+                    endpoint, self._metrics_endpoint = self._metrics_endpoint, None
+                    await asyncio.to_thread(endpoint.close)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         if self._health is not None:
@@ -266,6 +294,15 @@ class RunningDaemon:
     @property
     def storage_url(self) -> str:
         return self._daemon.storage_url
+
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of the metrics endpoint (real port), or "" without one."""
+        return self._daemon.metrics_address
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._daemon.metrics
 
     def call(self, fn: Callable[[Engine], T], timeout_s: float = 30.0) -> T:
         """Runs ``fn(engine)`` on the daemon's loop and returns its result (for tests that

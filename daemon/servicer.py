@@ -1,25 +1,32 @@
 """The gRPC ``Checkpointd`` service: convert the request, call the engine, convert back.
 
-Every handler is wrapped by ``maps_errors`` (``ckptd.daemon.status``), so handlers raise
-the engine's errors and never touch status codes. The only logic here is the save stream's
-framing: header first, then chunks (or a shared-memory segment), then commit; any error or
-a client hanging up before the commit aborts the session, which releases its budget and
-leaves storage untouched.
+Every handler is wrapped by ``rpc``: ``maps_errors`` (``ckptd.daemon.status``) turns the
+engine's errors into status codes, so handlers raise and never touch them; before that,
+each error is counted in the metrics (method, code, exception class) and logged with the
+request's run, rank and step. The only logic here is the save stream's framing: header
+first, then chunks (or a shared-memory segment), then commit; any error or a client
+hanging up before the commit aborts the session, which releases its budget and leaves
+storage untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import inspect
 import math
-from collections.abc import AsyncIterator
-from typing import TypeAlias
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from ckptd.daemon import convert, shm
 from ckptd.daemon.engine import Engine, SaveSession
 from ckptd.daemon.errors import InvalidRequestError
-from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.status import maps_errors
+from ckptd.daemon.logs import fields, get_logger, step_fields
+from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.status import maps_errors, status_for
 from ckptd.protos.v1 import pb, pb_grpc
 
 log = get_logger("servicer")
@@ -27,17 +34,79 @@ log = get_logger("servicer")
 Context: TypeAlias = grpc.aio.ServicerContext
 # Longest single WaitSave; a client that wants longer calls again.
 MAX_WAIT_S = 24 * 3600.0
+H = TypeVar("H", bound=Callable[..., Any])
+# run/rank/step of the request being handled, for its error line; each RPC runs in a task of
+# its own, so each sees only its own value. A save sets it once its header is read.
+_REQUEST_FIELDS: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
+    "ckptd_request_fields"
+)
+
+
+def rpc(handler: H) -> H:
+    """Wraps a handler (coroutine or async generator) with the status table and counts
+    every error it raises in ``self._metrics`` before the table turns it into a status."""
+    method = handler.__name__
+
+    def count(servicer: CheckpointdServicer, exc: Exception) -> None:
+        code, message = status_for(exc)
+        servicer._metrics.rpc_error(method, code.name, type(exc).__name__)
+        log.info("request failed %s", fields(
+            **_REQUEST_FIELDS.get({}), method=method, code=code.name, error=type(exc).__name__,
+            message=message,
+        ))
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(self: CheckpointdServicer, request: Any, context: Context) -> Any:
+            _REQUEST_FIELDS.set(_request_fields(request))
+            try:
+                async for reply in handler(self, request, context):
+                    yield reply
+            except Exception as exc:
+                count(self, exc)
+                raise
+
+        return maps_errors(stream)  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary(self: CheckpointdServicer, request: Any, context: Context) -> Any:
+        _REQUEST_FIELDS.set(_request_fields(request))
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            count(self, exc)
+            raise
+
+    return maps_errors(unary)  # type: ignore[return-value]
+
+
+def _request_fields(request: Any) -> dict[str, object]:
+    """The run, rank and step a request message names (a save stream names none)."""
+    ref = getattr(request, "ref", request)
+    descriptor = getattr(ref, "DESCRIPTOR", None)
+    if descriptor is None:
+        return {}
+    named = {}
+    for name in ("run", "rank", "step"):
+        field = descriptor.fields_by_name.get(name)
+        if field is not None and (not field.has_presence or ref.HasField(name)):
+            named[name] = getattr(ref, name)
+    return named
 
 
 class CheckpointdServicer(pb_grpc.CheckpointdServicer):
     """Adapts the ``Engine`` to the ckptd.v1 gRPC API."""
 
-    def __init__(self, engine: Engine, server_info: pb.ServerInfo, max_chunk_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, server_info: pb.ServerInfo, max_chunk_bytes: int, metrics: Metrics
+    ) -> None:
         self._engine = engine
         self._server_info = server_info
         self._max_chunk_bytes = max_chunk_bytes
+        self._metrics = metrics
 
-    @maps_errors
+    @rpc
     async def Save(
         self, request_iterator: AsyncIterator[pb.SaveRequest], context: Context
     ) -> pb.SaveStatus:
@@ -46,6 +115,8 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
             got = "an empty stream" if message is None else "a chunk"
             raise InvalidRequestError(f"a save stream must start with its header; got {got}")
         header = convert.header_from_proto(message.header)
+        key = header.key
+        _REQUEST_FIELDS.set({"run": key.run, "rank": key.rank, "step": key.step})
         segment = _segment_ref(message.header)
         if segment is not None:
             shm.check_layout(segment, header.tensors)
@@ -57,14 +128,10 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
                 await _expect_end(request_iterator, segment.name)
                 await _copy_off_loop(session, segment)
             status = await session.commit()
-        log.info(
-            "save accepted %s",
-            fields(
-                run=header.key.run, rank=header.key.rank, step=header.key.step,
-                bytes=header.nbytes, tensors=len(header.tensors),
-                transport="shm" if segment else "stream",
-            ),
-        )
+        log.info("save accepted %s", step_fields(
+            header.key, bytes=header.nbytes, tensors=len(header.tensors),
+            transport="shm" if segment else "stream",
+        ))
         return convert.status_to_proto(status)
 
     async def _receive_chunks(
@@ -82,11 +149,11 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
                 )
             session.write(chunk.tensor_index, chunk.offset, chunk.data)
 
-    @maps_errors
+    @rpc
     async def GetSaveStatus(self, request: pb.StepRef, context: Context) -> pb.SaveStatus:
         return convert.status_to_proto(self._engine.status(convert.key_from_ref(request)))
 
-    @maps_errors
+    @rpc
     async def WaitSave(self, request: pb.WaitSaveRequest, context: Context) -> pb.SaveStatus:
         if math.isnan(request.timeout_s) or request.timeout_s < 0:
             raise InvalidRequestError(f"timeout_s must be >= 0, got {request.timeout_s}")
@@ -94,44 +161,46 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
         status = await self._engine.wait(key, min(request.timeout_s, MAX_WAIT_S))
         return convert.status_to_proto(status)
 
-    @maps_errors
+    @rpc
     async def Restore(
         self, request: pb.RestoreRequest, context: Context
     ) -> AsyncIterator[pb.RestoreReply]:
+        started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
         restored = await self._engine.restore(request.run, request.rank, step)
-        log.debug(
-            "restore serving %s",
-            fields(run=restored.key.run, rank=restored.key.rank, step=restored.key.step),
-        )
         yield pb.RestoreReply(header=convert.restore_header_to_proto(restored))
         for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
             yield pb.RestoreReply(chunk=chunk)
+        seconds = time.monotonic() - started_s
+        nbytes = sum(array.nbytes for array in restored.arrays)
+        self._metrics.restore_done(seconds, nbytes)
+        log.info("restore served %s", step_fields(
+            restored.key, bytes=nbytes, tensors=len(restored.arrays), seconds=round(seconds, 4)))
 
-    @maps_errors
+    @rpc
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsReply:
         runs = self._engine.list_runs()
         return pb.ListRunsReply(runs=[convert.run_info_to_proto(info) for info in runs])
 
-    @maps_errors
+    @rpc
     async def ListSteps(self, request: pb.ListStepsRequest, context: Context) -> pb.ListStepsReply:
         steps = self._engine.list_steps(request.run, request.rank)
         return pb.ListStepsReply(steps=[convert.step_info_to_proto(info) for info in steps])
 
-    @maps_errors
+    @rpc
     async def DeleteStep(self, request: pb.DeleteStepRequest, context: Context) -> pb.DeleteReply:
         key = convert.key_from_ref(request.ref)
         deleted = await self._engine.delete_step(key)
-        log.info("step deleted %s", fields(run=key.run, rank=key.rank, step=key.step))
+        log.info("step deleted %s", step_fields(key))
         return pb.DeleteReply(deleted_steps=deleted)
 
-    @maps_errors
+    @rpc
     async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteReply:
         deleted = await self._engine.delete_run(request.run)
         log.info("run deleted %s", fields(run=request.run, steps=deleted))
         return pb.DeleteReply(deleted_steps=deleted)
 
-    @maps_errors
+    @rpc
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Context) -> pb.ServerInfo:
         return self._server_info
 

@@ -37,8 +37,8 @@ VERSION = project_version()
 DAEMON_IMAGES = {f"ckptd:{VERSION}", f"ckptd:{VERSION}-s3"}
 TRAINER_IMAGE = f"ckptd-trainer:{VERSION}"
 UID = 10001
-# Settings the daemon reads from CKPTD_*; METRICS_LISTEN is wired into the CLI separately.
-KNOWN_ENV = {env_name(name) for name in SETTINGS} | {"CKPTD_METRICS_LISTEN"}
+# Settings the daemon reads from CKPTD_* (CKPTD_METRICS_LISTEN among them).
+KNOWN_ENV = {env_name(name) for name in SETTINGS}
 DEFAULT_DRAIN_S = DaemonConfig(storage_url="unused").drain_timeout_s
 HEALTHCHECK_MODULE = "ckptd.daemon.healthcheck"
 
@@ -269,10 +269,11 @@ def test_every_k8s_doc_is_named_and_typed() -> None:
 def test_config_map_holds_only_daemon_settings() -> None:
     env = config_map_env()
     assert set(env) <= KNOWN_ENV
-    DaemonConfig.from_settings(
-        {key.removeprefix("CKPTD_").lower(): value for key, value in env.items()
-         if key != "CKPTD_METRICS_LISTEN"} | {"storage": "/unused"}
+    config = DaemonConfig.from_settings(
+        {key.removeprefix("CKPTD_").lower(): value for key, value in env.items()}
+        | {"storage": "/unused"}
     )
+    assert config.metrics_address is not None
 
 
 def test_pods_are_consistent() -> None:
