@@ -21,7 +21,10 @@ base interval, optimizer-state policy), then the chosen defaults confirmed on th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,9 +88,9 @@ def variation_settings() -> list[Setting]:
         *(Setting(f"b3-K10-base{n}-frac8", "base_interval", 10, 3, base_interval=n,
                   max_delta_fraction=8.0, measure_rework=False) for n in (20, 50)),
         Setting("b2-K10-optim-exact", "optim", 10, 2, optim="exact"),
-        Setting("b2-K10-optim-lossy4", "optim", 10, 2, optim="lossy:4"),
+        *(Setting(f"b2-K{k}-optim-lossy4", "optim", k, 2, optim="lossy:4") for k in (10, 50)),
         Setting("b3-K10-optim-exact", "optim", 10, 3, optim="exact"),
-        Setting("b3-K10-optim-lossy5", "optim", 10, 3, optim="lossy:5"),
+        *(Setting(f"b3-K{k}-optim-lossy5", "optim", k, 3, optim="lossy:5") for k in (10, 50)),
         Setting("b3-K50-optim-exact", "optim", 50, 3, optim="exact"),
         Setting("b4-K10-optim-exact", "optim", 10, 4, optim="exact"),
         Setting("b4-K50-optim-exact", "optim", 50, 4, optim="exact"),
@@ -104,7 +107,10 @@ def full_plan() -> Plan:
         seeds=(0, 1),
         steps={"logreg": 400, "lenet": 400, "lm": 400},
         # Resuming the digits models costs milliseconds a step: more failures, less noise.
-        failures_per_seed={"logreg": 16, "lenet": 16, "lm": 8},
+        # Sized to finish in < 50 min on 2 shared cores (~20 min measured; an LM setting
+        # with 6 failures takes ~10 s at K=10, up to ~50 s at K=50 when restores run to
+        # the cap); the digits models resume in milliseconds a step: more failures there.
+        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 8},
         settings=tuple(grid_settings((2, 3, 4, 5), (10, 50)) + variation_settings()),
         confirm_defaults=True,
         out_dir=_BENCH,
@@ -113,14 +119,17 @@ def full_plan() -> Plan:
 
 
 def quick_plan(out_dir: Path) -> Plan:
-    """Small enough for the test suite: one workload, one seed, K=10, b=3 against exact."""
+    """Small enough for the test suite: one workload, one seed, K=10, b=3 against exact,
+    and one size-only base-interval variation so every kind of plot is drawn."""
     return Plan(
         mode="quick",
         workloads=("lenet",),
         seeds=(0,),
         steps={"lenet": 200},
         failures_per_seed={"lenet": 3},
-        settings=tuple(grid_settings((3,), (10,))),
+        settings=(*grid_settings((3,), (10,)),
+                  Setting("b3-K10-base5", "base_interval", 10, 3, base_interval=5,
+                          measure_rework=False)),
         confirm_defaults=False,
         out_dir=out_dir,
         json_path=out_dir / "recovery-quick.json",
@@ -133,6 +142,7 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     The reference runs (and their checkpoints, ~150 MB for the full plan) stay in memory
     until the chosen defaults have been confirmed, so nothing is trained twice."""
     started = time.perf_counter()
+    provenance = _provenance()
     references: list[tuple[Workload, Reference]] = []
     results = []
     with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as scratch:
@@ -145,6 +155,7 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 references.append((workload, reference))
                 results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
                                      log=log) for setting in plan.settings]
+                _save_partial(plan, references, results)
         output: dict[str, Any] = {"mode": plan.mode, "plan": _plan_summary(plan),
                   "references": [reference.summary() for _, reference in references],
                   "results": results}
@@ -158,7 +169,35 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
                                      log=log) for setting in extra]
     output["seconds"] = time.perf_counter() - started
+    output["provenance"] = {**provenance, "loadavg_1m_at_end": os.getloadavg()[0]}
     return output
+
+
+def _save_partial(plan: Plan, references: list[tuple[Workload, Reference]],
+                  results: list[dict[str, Any]]) -> None:
+    """What is measured so far, next to the result file: a sweep that dies late can still
+    be reported on (``--report-only``) instead of being rerun."""
+    partial = {"mode": plan.mode, "plan": _plan_summary(plan), "seconds": 0.0,
+               "references": [reference.summary() for _, reference in references],
+               "results": results}
+    plan.json_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.json_path.with_suffix(".partial.json").write_text(json.dumps(partial))
+
+
+def _provenance() -> dict[str, Any]:
+    """Which code was measured: the commit, the files changed on top of it (read-only git
+    queries; empty where git is unavailable), the date and the machine's load."""
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=_BENCH.parent, capture_output=True,
+                                  text=True, timeout=30, check=False)
+        except OSError:
+            return ""
+        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    return {"git_commit": git("rev-parse", "HEAD"), "changed_files": changed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu_count": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0]}
 
 
 def _run_one(plan: Plan, workload: Workload, reference: Reference, setting: Setting, *,
@@ -230,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     output = run_plan(plan, log=lambda line: print(line, flush=True))
     plan.json_path.parent.mkdir(parents=True, exist_ok=True)
     plan.json_path.write_text(json.dumps(output))
+    plan.json_path.with_suffix(".partial.json").unlink(missing_ok=True)
     write_report(output, plan.out_dir)
     print(f"wrote {plan.out_dir / 'RESULTS.md'} and {plan.json_path} "
           f"({output['seconds']:.0f} s)")

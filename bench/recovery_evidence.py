@@ -8,6 +8,7 @@ from typing import Any
 from bench.recovery_analysis import (
     CNN_DELTA_TARGET,
     LM_DELTA_TARGET,
+    REWORK_BOUND,
     candidates,
     matching_rows,
 )
@@ -18,6 +19,36 @@ def evidence(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[st
     bullets = [*_optimizer(rows), *_sizes(rows, chosen, output), *_runner_up(rows, chosen)]
     parts += [f"* {b}" for b in bullets]
     return "\n".join(parts)
+
+
+def tradeoff_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per workload with a delta target: the best compression within the rework bound and
+    the best overall, with what it costs in rework (the curve is the first plot)."""
+    targets = {"lenet": CNN_DELTA_TARGET, "lm": LM_DELTA_TARGET}
+    out = []
+    for workload, target in targets.items():
+        for k in sorted({r["interval"] for r in rows if r["workload"] == workload}):
+            mine = [r for r in rows if (r["workload"], r["interval"]) == (workload, k)
+                    and r["bits"] is not None and r["rework_ratio"] is not None]
+            if not mine:
+                continue
+            safe = [r for r in mine if r["rework_ratio"] <= REWORK_BOUND
+                    and not r["diverged"] and not r["censored"]]
+            top = max(mine, key=lambda r: r["delta_ratio"])
+            text = f"**{workload} K={k}** (target {target:g}x): "
+            if safe:
+                best = max(safe, key=lambda r: r["delta_ratio"])
+                text += (f"best within the bound `{best['name']}` {best['delta_ratio']:.1f}x "
+                         f"(rework {best['rework_ratio']:.2f}); ")
+            else:
+                text += "no setting within the bound; "
+            met = any(r["delta_ratio"] >= target for r in safe)
+            text += (f"best overall `{top['name']}` {top['delta_ratio']:.1f}x (rework "
+                     f"{top['rework_ratio']:.2f}, {top['diverged']} diverged, "
+                     f"{top['censored']} capped of {top['failures']}). Target "
+                     + ("met" if met else "not met") + " within the bound.")
+            out.append(text)
+    return out
 
 
 def _grid(rows: list[dict[str, Any]]) -> str:
@@ -102,6 +133,7 @@ def _sizes(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str,
         lossy = parts.get("model_lossy", 0) + parts.get("optim_lossy", 0)
         exact = parts.get("model_exact", 0) + parts.get("optim_exact", 0)
         budget = row["torch_save_bytes"] / targets[row["workload"]]
+        floor = row["torch_save_bytes"] / (row["delta_bytes"] - lossy)
         out.append(
             f"**{row['workload']} delta size at the chosen defaults:** "
             f"{row['delta_bytes'] / 1024:.1f} KiB against the {budget / 1024:.1f} KiB the "
@@ -109,8 +141,19 @@ def _sizes(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str,
             f"{8 * lossy / parts['lossy_elements']:.2f} bits per element "
             f"({lossy / 1024:.1f} KiB for {parts['lossy_elements']} elements); exact tensors "
             f"{exact / 1024:.1f} KiB ({parts.get('exact_elements', 0)} elements); the JSON "
-            f"manifest {parts['manifest'] / 1024:.1f} KiB for {parts['tensors']} tensors.")
+            f"manifest {parts['manifest'] / 1024:.1f} KiB for {parts['tensors']} tensors"
+            + _manifest_zstd(parts, row) + f". Even if its lossy tensors cost nothing, the "
+            f"delta would be only {floor:.1f}x smaller than torch.save.")
     return out
+
+
+def _manifest_zstd(parts: dict[str, int], row: dict[str, Any]) -> str:
+    """The manifest's compressibility, where the run measured it (a what-if, not a size)."""
+    if "manifest_zstd" not in parts:
+        return ""
+    smaller = row["delta_bytes"] - parts["manifest"] + parts["manifest_zstd"]
+    return (f" (zstd would make it {parts['manifest_zstd'] / 1024:.1f} KiB, and the delta "
+            f"{row['torch_save_bytes'] / smaller:.1f}x smaller than torch.save)")
 
 
 def _runner_up(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> list[str]:
@@ -126,10 +169,12 @@ def _runner_up(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> list[str]:
         return []
     later = ", ".join(f"K={k} worst ratio {v:.2f}" for k, v in best["worst"].items()
                       if k != best["first"])
+    larger = (f"but not at larger K ({later}; {best['failed']} diverged or capped restores)"
+              if later else "but was not measured at larger K")
     return [f"**Runner-up:** bits={best['bits']} with optimizer state {best['optim']} compresses "
             f"{best['compression']:.1f}x (mean over workloads at K={best['first']}) against "
             f"{pick['compression']:.1f}x for the chosen bits={pick['bits']} / {pick['optim']}, "
-            f"and stays within the bound at K={best['first']}, but not at larger K ({later}; "
-            f"{best['failed']} diverged or capped restores). It is the candidate to re-measure "
+            f"and stays within the bound at K={best['first']}, {larger}. It is the candidate "
+            "to re-measure "
             "once the codec keeps a non-negative tensor's reconstruction non-negative (see the "
             "diverged restores above); until then it suits only jobs that checkpoint often."]

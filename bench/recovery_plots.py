@@ -11,10 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from bench.recovery_analysis import HISTORY_CHECKPOINTS, REWORK_BOUND
+from bench.recovery_analysis import (
+    CNN_DELTA_TARGET,
+    HISTORY_CHECKPOINTS,
+    LM_DELTA_TARGET,
+    REWORK_BOUND,
+)
 from bench.recovery_protocol import MIN_RESUME_STEPS, ema
 
 _DPI = 110
+_DELTA_TARGETS = {"lenet": CNN_DELTA_TARGET, "lm": LM_DELTA_TARGET}
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
@@ -66,6 +72,10 @@ def _compression_vs_rework(rows: list[dict[str, Any]], workloads: list[str], pat
                             (r["delta_ratio"], r["rework_ratio"]), textcoords="offset points",
                             xytext=(4, -10), fontsize=6)
         ax.axhline(REWORK_BOUND, color="red", linestyle="--", linewidth=1, label="bound")
+        target = _DELTA_TARGETS.get(workload)
+        if target is not None:
+            ax.axvline(target, color="red", linestyle=":", linewidth=1,
+                       label=f"delta target {target:g}x")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")

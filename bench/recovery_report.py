@@ -16,7 +16,7 @@ from bench.recovery_analysis import (
     matching_rows,
     summarize,
 )
-from bench.recovery_evidence import evidence
+from bench.recovery_evidence import evidence, tradeoff_lines
 from bench.recovery_plots import write_plots
 from bench.recovery_protocol import CAP_INTERVALS, EMA_ALPHA
 
@@ -53,7 +53,19 @@ def _header(output: dict[str, Any]) -> str:
         f"{output['plan']['torch_threads']} torch thread(s)) in {output['seconds'] / 60:.1f} "
         "min. Do not edit by hand: rerun the command (or `--report-only "
         f"bench/out/recovery-{output['mode']}.json` to redraw from saved results)."
+        + _provenance(output.get("provenance"))
     )
+
+
+def _provenance(found: dict[str, Any] | None) -> str:
+    """Which code the numbers belong to (older result files carry no provenance)."""
+    if not found:
+        return ""
+    changed = ", ".join(f"`{name}`" for name in found["changed_files"]) or "none"
+    return (f"\n\nMeasured {found['date']} at commit `{found['git_commit'] or 'unknown'}` "
+            f"(files changed on top of it: {changed}) on {found['cpu_count']} shared cores, "
+            f"1-min load average {found['loadavg_1m_at_start']:.1f} at start and "
+            f"{found['loadavg_1m_at_end']:.1f} at end.")
 
 
 def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str, Any]) -> str:
@@ -66,12 +78,23 @@ def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[s
                  f"`python -m bench.recovery --{output['mode']}` | | PASS |")
     lines.append("| quick mode in the test suite | `tests/bench/test_recovery_quick.py` | "
                  "< 60 s | see the test run |")
+    tradeoff = tradeoff_lines(rows)
+    if tradeoff:
+        lines += ["", "Where a size target fails, the trade-off measured (every setting of the "
+                  "sweep; *within the bound* = rework <= "
+                  f"{REWORK_BOUND}x exact with no diverged or capped restore):", ""]
+        lines += [f"* {line}" for line in tradeoff]
     return "\n".join(lines)
 
 
 def _defaults(chosen: dict[str, Any]) -> str:
-    lines = ["## Chosen defaults", "", f"**{chosen['label']}** (today: "
-             + ", ".join(f"{k}={v}" for k, v in CURRENT_DEFAULTS.items()) + ").", ""]
+    lines = ["## Chosen defaults", "", f"**{chosen['label']}**.", "",
+             "The sweep ran with the defaults of the time of the run (`"
+             + ", ".join(f"{k}={v}" for k, v in CURRENT_DEFAULTS.items())
+             + "`), varying one knob at a time from them; the chosen values differ from "
+             "them in: " + (", ".join(f"`{k}` {CURRENT_DEFAULTS[k]!r} -> {chosen[k]!r}"
+                                   for k in CURRENT_DEFAULTS if chosen[k] != CURRENT_DEFAULTS[k])
+                           or "nothing") + ".", ""]
     if not chosen["reasons"]:
         lines.append("This run varied none of the knobs; the current defaults stand.")
     for knob, reason in chosen["reasons"].items():
@@ -155,10 +178,10 @@ Sweep (pruned one factor at a time): the full b in {{2,3,4,5}} x K in {{10,50}} 
 else at today's defaults (mean, zstd, base interval 20, optimizer state AUTO) plus the exact
 baseline per K; then around b=3, K=10: midrange representative, Huffman coder, base interval
 5/10/50 and 20/50 with max_delta_fraction 8 (sizes and restore times only), lossy small
-tensors (min_lossy_elements 1); optimizer state exact or at b+2 (b=2, 3), exact at b=3, 4 and
-K=10, 50, and only Adam's `exp_avg_sq` exact (b=3, 4, K=10, 50); finally the chosen defaults
-on their own at both K where the sweep lacked them. The exact-K50 chain is measured for size
-only (exact restores replay the reference; exact-K10 checks it).
+tensors (min_lossy_elements 1); optimizer state exact at b=2 (K=10) and b=3, 4 (K=10, 50),
+at b+2 (b=2, 3; K=10, 50), and only Adam's `exp_avg_sq` exact (b=3, 4; K=10, 50); finally
+the chosen defaults on their own at both K where the sweep lacked them. The exact-K50 chain
+is measured for size only (exact restores replay the reference; exact-K10 checks it).
 Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
 lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""
 
@@ -183,6 +206,12 @@ _COLUMNS = (
     ("restore err model/optim", lambda r: f"{r['restore_error_model']:.1e} / "
      f"{r['restore_error_optim']:.1e}" if "restore_error_model" in r else "-"),
 )
+
+
+def _optim_error_range(rows: list[dict[str, Any]]) -> str:
+    errors = [r["restore_error_optim"] for r in rows
+              if r.get("restore_error_optim") and r["optim"] != "exact"]
+    return f"{min(errors):.0%}-{max(errors):.0%}" if errors else "not measured"
 
 
 def _flags(row: dict[str, Any]) -> str:
@@ -268,7 +297,8 @@ def _notes(rows: list[dict[str, Any]], output: dict[str, Any]) -> str:
         "reference, and whether it meets the failure loss a step earlier or later depends on "
         "the minibatch noise (ratios below 1 happen). Read the +/-2se column before comparing "
         "two settings; the restored-state errors are the low-noise view of the same effect.",
-        "* The relative error of restored optimizer state is large at every b (20-60 %): each "
+        "* The relative error of restored optimizer state is large at every b "
+        f"({_optim_error_range(rows)} median per setting): each "
         "bucket spans a factor of 2 in magnitude and is represented by one value, so a delta "
         "is reconstructed to about 20 % RMS whatever b is; momentum and Adam moments change "
         "almost entirely between checkpoints, so their delta is nearly their whole value. "

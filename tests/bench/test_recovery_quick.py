@@ -43,7 +43,9 @@ def test_report_and_plots_are_written(quick: tuple[Path, dict[str, Any]]) -> Non
     assert "## Targets at the chosen defaults" in text
     assert "| `exact-K10` |" in text and "| `b3-K10` |" in text
     plots = sorted((out / "plots").glob("*.png"))
-    assert [p.name for p in plots] == ["compression_vs_rework.png", "loss_around_failure.png"]
+    assert [p.name for p in plots] == ["compression_vs_rework.png",
+                                       "footprint_vs_base_interval.png",
+                                       "loss_around_failure.png"]
     for plot in plots:
         assert plot.read_bytes()[:8] == PNG_MAGIC
 
