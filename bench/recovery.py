@@ -64,7 +64,7 @@ class Plan:
 
 
 def grid_settings(bits: tuple[int, ...], intervals: tuple[int, ...]) -> list[Setting]:
-    """The exact baseline and every (b, K) pair, all other knobs at today's defaults."""
+    """The exact baseline and every (b, K) pair, all other knobs at the sweep's centre."""
     out = []
     for k in intervals:
         # Exact restores replay the reference (rework read off its curve); resuming from the

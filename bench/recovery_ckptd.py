@@ -74,7 +74,10 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     rules = [("optim/state/*/step", "exact")]
     if setting.optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
-    elif setting.optim != "auto":
+    elif setting.optim == "auto":
+        # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
+        rules.append(("optim/state/*/exp_avg_sq", "auto"))
+    else:
         rules.append(("optim/*", setting.optim))
     if force_lossy:
         rules.append(("*", "lossy"))

@@ -55,7 +55,7 @@ def _grid(rows: list[dict[str, Any]]) -> str:
     """Delta ratio and rework ratio for every (workload, K, b) of the grid."""
     grid = [r for r in rows if r["group"] == "grid"]
     bits = sorted({r["bits"] for r in grid})
-    lines = ["b x K grid (optimizer state AUTO, other knobs at today's defaults): delta ratio "
+    lines = ["b x K grid (optimizer state AUTO, other knobs at the sweep's centre): delta ratio "
              "vs torch.save / rework ratio vs exact (+/-2se; NaN = diverged restores).", "",
              "| workload | K | " + " | ".join(f"b={b}" for b in bits) + " |",
              "|---|---:|" + "---|" * len(bits)]

@@ -7,10 +7,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from ckptd.client.policies import BUILTIN_RULES, parse_spec
+from ckptd.daemon.config import EngineConfig
+
 from bench.recovery_analysis import (
-    CURRENT_DEFAULTS,
     HISTORY_CHECKPOINTS,
     REWORK_BOUND,
+    SWEEP_CENTRE,
     choose_defaults,
     evaluate_targets,
     matching_rows,
@@ -89,19 +92,17 @@ def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[s
 
 def _defaults(chosen: dict[str, Any]) -> str:
     lines = ["## Chosen defaults", "", f"**{chosen['label']}**.", "",
-             "The sweep ran with the defaults of the time of the run (`"
-             + ", ".join(f"{k}={v}" for k, v in CURRENT_DEFAULTS.items())
-             + "`), varying one knob at a time from them; the chosen values differ from "
-             "them in: " + (", ".join(f"`{k}` {CURRENT_DEFAULTS[k]!r} -> {chosen[k]!r}"
-                                   for k in CURRENT_DEFAULTS if chosen[k] != CURRENT_DEFAULTS[k])
-                           or "nothing") + ".", ""]
+             "The sweep varies one knob at a time from its centre, ckptd's defaults before "
+             "this evidence (`" + ", ".join(f"{k}={v}" for k, v in SWEEP_CENTRE.items())
+             + "`); the chosen values differ from it in: "
+             + (", ".join(f"`{k}` {SWEEP_CENTRE[k]!r} -> {chosen[k]!r}"
+                          for k in SWEEP_CENTRE if chosen[k] != SWEEP_CENTRE[k]) or "nothing")
+             + ".", ""]
     if not chosen["reasons"]:
-        lines.append("This run varied none of the knobs; the current defaults stand.")
+        lines.append("This run varied none of the knobs; the centre's values stand.")
     for knob, reason in chosen["reasons"].items():
         lines.append(f"* **{knob}**: {reason}.")
-    lines += ["", "To apply: `EngineConfig(" + ", ".join(
-        f"{field}={chosen[key]!r}" for field, key in _ENGINE_FIELDS) + ")`"
-        + _optim_rule(chosen["optim"]) + "."]
+    lines += ["", _shipped(chosen)]
     return "\n".join(lines)
 
 
@@ -109,17 +110,25 @@ _ENGINE_FIELDS = (("default_bits", "bits"), ("representative", "representative")
                   ("coder", "coder"), ("base_interval", "base_interval"),
                   ("max_delta_fraction", "max_delta_fraction"),
                   ("min_lossy_elements", "min_lossy_elements"))
+_OPTIM_RULES = {"sq-exact": ("*exp_avg_sq", "exact"), "exact": ("optim/*", "exact")}
 
 
-def _optim_rule(optim: str) -> str:
-    """How the chosen optimizer-state policy maps onto today's knobs (a client policy)."""
-    if optim == "auto":
-        return "; optimizer state stays under AUTO"
-    pattern, spec = {"sq-exact": ("*exp_avg_sq", "exact"),
-                     "exact": ("optim/*", "exact")}.get(optim, ("optim/*", optim))
-    return (f", and a default policy rule `({pattern!r}, {spec!r})` (today a `Checkpointer` "
-            "`policies=` rule; as a default it belongs in the client's rules or the daemon's "
-            "AUTO decision)")
+def _shipped(chosen: dict[str, Any]) -> str:
+    """Whether the daemon's and client's shipped defaults are the chosen ones."""
+    shipped = EngineConfig()
+    differ = [f"`EngineConfig.{field}` ships {getattr(shipped, field)!r}, chosen {chosen[key]!r}"
+              for field, key in _ENGINE_FIELDS if getattr(shipped, field) != chosen[key]]
+    builtin = {(rule.pattern, rule.policy) for rule in BUILTIN_RULES}
+    rule = _OPTIM_RULES.get(chosen["optim"])
+    if rule is not None and (rule[0], parse_spec(rule[1])[0]) not in builtin:
+        differ.append(f"the client has no built-in rule `{rule!r}`")
+    if rule is None and chosen["optim"] != "auto":
+        differ.append(f"optimizer policy {chosen['optim']!r} has no built-in rule")
+    if differ:
+        return "**The shipped defaults differ from these:** " + "; ".join(differ) + "."
+    return ("These are ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds the "
+            "engine's, and the client's built-in policy rules (`ckptd.client.policies."
+            "BUILTIN_RULES`, consulted after the user's) keep `exp_avg_sq` exact.")
 
 
 def _protocol(output: dict[str, Any]) -> str:
@@ -174,13 +183,13 @@ checkpoints in order through `ckptd.client.Checkpointer` (the calls a trainer ma
 * **final**: the middle failure of each seed also trains on to the end of the run; its final
   held-out loss/accuracy is compared with the reference's.
 
-Sweep (pruned one factor at a time): the full b in {{2,3,4,5}} x K in {{10,50}} grid with everything
-else at today's defaults (mean, zstd, base interval 20, optimizer state AUTO) plus the exact
-baseline per K; then around b=3, K=10: midrange representative, Huffman coder, base interval
-5/10/50 and 20/50 with max_delta_fraction 8 (sizes and restore times only), lossy small
-tensors (min_lossy_elements 1); optimizer state exact at b=2 (K=10) and b=3, 4 (K=10, 50),
-at b+2 (b=2, 3; K=10, 50), and only Adam's `exp_avg_sq` exact (b=3, 4; K=10, 50); finally
-the chosen defaults on their own at both K where the sweep lacked them. The exact-K50 chain
+Sweep (pruned one factor at a time): the full b in {{2,3,4,5}} x K in {{10,50}} grid with
+everything else at the sweep's centre (bits 3, mean, zstd, base interval 20, optimizer state AUTO)
+plus the exact baseline per K; then around b=3, K=10: midrange representative, Huffman coder, base
+interval 5/10/50 and 20/50 with max_delta_fraction 8 (sizes and restore times only), lossy small
+tensors (min_lossy_elements 1); optimizer state exact at b=2 (K=10) and b=3, 4 (K=10, 50), at b+2
+(b=2, 3; K=10, 50), and only Adam's `exp_avg_sq` exact (b=3, 4; K=10, 50); finally the chosen
+defaults on their own at both K where the sweep lacked them. The exact-K50 chain
 is measured for size only (exact restores replay the reference; exact-K10 checks it).
 Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
 lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""

@@ -3,9 +3,9 @@
 A rule is ``(pattern, spec)``: ``pattern`` is an ``fnmatch`` glob matched against the full
 tensor name (``*`` also crosses ``/``, so ``"optim/*"`` covers every optimizer tensor), and
 ``spec`` is one of ``"auto"``, ``"exact"``, ``"lossy"`` or ``"lossy:<bits>"`` (bits 1..8).
-Rules are tried in order and the first match wins; a tensor no rule matches is ``auto``:
-the daemon stores float tensors above its size threshold lossily and everything else
-exactly.
+Rules are tried in order and the first match wins. After the user's rules come the
+built-in ones (``BUILTIN_RULES``); a tensor no rule matches is ``auto``: the daemon stores
+float tensors above its size threshold lossily and everything else exactly.
 """
 
 from __future__ import annotations
@@ -73,9 +73,19 @@ def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ..
     return tuple(parsed)
 
 
+# Consulted after the user's rules, so a user rule for the same names wins.
+#
+# Adam's second moment is a running mean of squared gradients: it must stay >= 0, and its
+# square root divides every update. A lossy delta can push small elements below zero, and
+# then the restored run's parameters turn NaN; bench/RESULTS.md measured every restore of
+# the AdamW workload diverging with exp_avg_sq lossy, and none with it exact.
+BUILTIN_RULES: tuple[PolicyRule, ...] = (PolicyRule("*exp_avg_sq", pb.POLICY_EXACT, 0),)
+
+
 def resolve(rules: tuple[PolicyRule, ...], name: str, default_bits: int) -> tuple[int, int]:
-    """Returns (policy, bits) for tensor ``name``; exact tensors always carry bits 0."""
-    for rule in rules:
+    """Returns (policy, bits) for tensor ``name``: the first of ``rules`` and then
+    ``BUILTIN_RULES`` to match decides; exact tensors always carry bits 0."""
+    for rule in (*rules, *BUILTIN_RULES):
         if fnmatch.fnmatchcase(name, rule.pattern):
             if rule.policy == pb.POLICY_EXACT:
                 return rule.policy, 0

@@ -42,14 +42,21 @@ _SERVE_HELP = {
     "max_inflight_bytes": "bytes of accepted-but-not-durable saves held at once (e.g. 2GiB)",
     "max_checkpoint_bytes": "largest single checkpoint accepted",
     "base_interval": "a lossless base every this many saves of a (run, rank)",
+    "max_delta_fraction": "also a new base once the deltas since the last one outweigh "
+    "this fraction of its size",
     "bits": "default bit width of the lossy delta codec (1-8)",
+    "representative": "value a kept bucket decodes to: mean or midrange",
+    "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
+    "min_lossy_elements": "float tensors with fewer elements are stored exactly (under the "
+    "auto policy)",
     "encode_workers": "threads that encode checkpoints",
 }
 
 
 # No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
-             "log_format": "FORMAT", "metrics_listen": "ADDR"}
+             "log_format": "FORMAT", "metrics_listen": "ADDR", "representative": "KIND",
+             "coder": "CODER", "max_delta_fraction": "X"}
 
 
 def _register_serve(subparsers: Any) -> None:
@@ -68,8 +75,9 @@ def _register_serve(subparsers: Any) -> None:
     parser.add_argument(
         "--ready-file",
         metavar="PATH",
-        help="once serving, write {\"address\", \"pid\", \"storage_url\"} JSON here "
-        f"atomically [env {env_name('ready_file')}]",
+        help="once serving, write {\"address\", \"pid\", \"storage_url\", "
+        "\"metrics_address\"} JSON here atomically [env "
+        f"{env_name('ready_file')}]",
     )
     parser.set_defaults(handler=_serve)
 

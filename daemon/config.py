@@ -23,11 +23,14 @@ class EngineConfig:
     # Bytes of received-but-not-yet-durable checkpoint data the daemon holds at once.
     # Resident memory is bounded by this plus one reconstruction per active (run, rank).
     max_inflight_bytes: int = 2 * GiB
+    # The defaults of the next five knobs are chosen from measured recovery evidence
+    # (bench/RESULTS.md, "Chosen defaults"): b=4 is the smallest width whose restored runs
+    # rework no more than exact ones; longer chains cost little restore time and save space.
     # A new lossless base every this many saves of a (run, rank).
-    base_interval: int = 20
+    base_interval: int = 50
     # Also a new base once the deltas since the base outweigh this fraction of it.
-    max_delta_fraction: float = 1.0
-    default_bits: int = 3
+    max_delta_fraction: float = 8.0
+    default_bits: int = 4
     representative: str = "mean"
     coder: str = "zstd"
     # Float tensors with fewer elements than this are stored exactly under POLICY_AUTO.
@@ -46,6 +49,10 @@ class EngineConfig:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
         if self.base_interval < 1:
             raise ValueError(f"base_interval must be >= 1, got {self.base_interval}")
+        if not self.max_delta_fraction > 0:
+            raise ValueError(f"max_delta_fraction must be > 0, got {self.max_delta_fraction}")
+        if self.min_lossy_elements < 1:
+            raise ValueError(f"min_lossy_elements must be >= 1, got {self.min_lossy_elements}")
         if not 1 <= self.default_bits <= 8:
             raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}")
         if self.representative not in ("mean", "midrange"):
@@ -224,6 +231,10 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_inflight_bytes": ("engine", "max_inflight_bytes", parse_bytes),
     "max_checkpoint_bytes": ("engine", "max_checkpoint_bytes", parse_bytes),
     "base_interval": ("engine", "base_interval", int),
+    "max_delta_fraction": ("engine", "max_delta_fraction", float),
     "bits": ("engine", "default_bits", int),
+    "representative": ("engine", "representative", _parse_lower),
+    "coder": ("engine", "coder", _parse_lower),
+    "min_lossy_elements": ("engine", "min_lossy_elements", int),
     "encode_workers": ("engine", "encode_workers", int),
 }

@@ -126,6 +126,17 @@ def test_first_matching_rule_wins_and_exact_has_no_bits() -> None:
     assert resolve(rules, "rng", 0) == (pb.POLICY_AUTO, 0)
 
 
+def test_adams_second_moment_is_exact_unless_a_user_rule_says_otherwise() -> None:
+    # The built-in rule comes after the user's: it applies by default, and any user rule
+    # naming the tensor (even a broad one) takes precedence.
+    assert resolve((), "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_EXACT, 0)
+    assert resolve((), "optimizer/state/3/exp_avg", 4) == (pb.POLICY_AUTO, 4)
+    lossy = parse_rules([("*exp_avg_sq", "lossy:6")])
+    assert resolve(lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 6)
+    everything_lossy = parse_rules([("*", "lossy")])
+    assert resolve(everything_lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 4)
+
+
 def test_targets() -> None:
     assert normalize_target("/tmp/x.sock") == "unix:/tmp/x.sock"
     assert normalize_target("unix:///tmp/x.sock") == "unix:///tmp/x.sock"

@@ -49,6 +49,10 @@ def test_every_setting_has_an_env_var_and_a_flag() -> None:
         ({"storage": "/d", "max_inflight_bytes": "lots"}, "max_inflight_bytes"),
         ({"storage": "/d", "max_chunk_bytes": "8MiB"}, "must exceed max_chunk_bytes"),
         ({"storage": "/d", "colour": "blue"}, "colour"),
+        ({"storage": "/d", "coder": "rans"}, "coder must be 'zstd' or 'huffman', got 'rans'"),
+        ({"storage": "/d", "representative": "median"}, "'median'"),
+        ({"storage": "/d", "max_delta_fraction": "0"}, "max_delta_fraction must be > 0"),
+        ({"storage": "/d", "min_lossy_elements": "0"}, "min_lossy_elements must be >= 1"),
     ],
 )
 def test_bad_settings_name_the_problem(settings: dict[str, str], needle: str) -> None:
