@@ -9,7 +9,6 @@ are timed, and every planned failure is restored and continued (``recovery_proto
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -18,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import zstandard
 from ckptd.client import Checkpointer
 from ckptd.daemon.config import DaemonConfig, EngineConfig
+from ckptd.daemon.manifest import MANIFEST_NAME, Manifest
 from ckptd.daemon.server import serve_in_thread
 
 from bench.recovery_protocol import Reference, plan_failures, resume
@@ -194,24 +193,21 @@ def _disk_bytes(root: Path) -> int:
 
 def _breakdown(storage: Path, infos: list[Any]) -> dict[str, int]:
     """Where the bytes of the last delta go: manifest, and blobs by part (model/optim) and
-    encoding (lossy delta or exact). Reads the local backend's manifest.json files, so it
-    is empty if the storage layout changes (the sizes above do not depend on it)."""
+    encoding (lossy delta or exact). Reads the local backend's manifest files, so it is
+    empty if the storage layout changes (the sizes above do not depend on it)."""
     deltas = [i.step for i in infos if i.kind == "delta"]
     if not deltas:
         return {}
-    for path in storage.rglob("manifest.json"):
-        manifest = json.loads(path.read_text())
-        if manifest.get("step") != deltas[-1]:
+    for path in storage.rglob(MANIFEST_NAME):
+        manifest = Manifest.from_bytes(path.read_bytes(), str(path))
+        if manifest.key.step != deltas[-1]:
             continue
-        # What the manifest would weigh zstd-compressed: it is stored as plain JSON today.
-        out = {"manifest": path.stat().st_size, "tensors": len(manifest.get("tensors", [])),
-               "manifest_zstd": len(zstandard.ZstdCompressor(level=3).compress(
-                   path.read_bytes()))}
-        for tensor in manifest.get("tensors", []):
-            part = tensor["name"].split("/", 1)[0]
-            kind = "lossy" if tensor["encoding"] == "delta" else "exact"
-            for key, value in ((f"{part}_{kind}", int(tensor["blob_bytes"])),
-                               (f"{kind}_elements", math.prod(tensor["shape"]))):
+        out = {"manifest": path.stat().st_size, "tensors": len(manifest.tensors)}
+        for entry in manifest.tensors:
+            part = entry.spec.name.split("/", 1)[0]
+            kind = "lossy" if entry.encoding == "delta" else "exact"
+            for key, value in ((f"{part}_{kind}", entry.blob_bytes),
+                               (f"{kind}_elements", math.prod(entry.spec.shape))):
                 out[key] = out.get(key, 0) + value
         return out
     return {}

@@ -140,20 +140,11 @@ def _sizes(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str,
             f"{targets[row['workload']]:g}x target allows. Its lossy tensors cost "
             f"{8 * lossy / parts['lossy_elements']:.2f} bits per element "
             f"({lossy / 1024:.1f} KiB for {parts['lossy_elements']} elements); exact tensors "
-            f"{exact / 1024:.1f} KiB ({parts.get('exact_elements', 0)} elements); the JSON "
+            f"{exact / 1024:.1f} KiB ({parts.get('exact_elements', 0)} elements); the "
             f"manifest {parts['manifest'] / 1024:.1f} KiB for {parts['tensors']} tensors"
-            + _manifest_zstd(parts, row) + f". Even if its lossy tensors cost nothing, the "
+            f". Even if its lossy tensors cost nothing, the "
             f"delta would be only {floor:.1f}x smaller than torch.save.")
     return out
-
-
-def _manifest_zstd(parts: dict[str, int], row: dict[str, Any]) -> str:
-    """The manifest's compressibility, where the run measured it (a what-if, not a size)."""
-    if "manifest_zstd" not in parts:
-        return ""
-    smaller = row["delta_bytes"] - parts["manifest"] + parts["manifest_zstd"]
-    return (f" (zstd would make it {parts['manifest_zstd'] / 1024:.1f} KiB, and the delta "
-            f"{row['torch_save_bytes'] / smaller:.1f}x smaller than torch.save)")
 
 
 def _runner_up(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> list[str]:

@@ -144,7 +144,7 @@ class Deleter:
             parent = updated
 
     async def _put_manifest(self, manifest: Manifest) -> None:
-        data = manifest.to_json()
+        data = manifest.to_bytes()
         await self._pools.run_io(
             functools.partial(self._storage.put, manifest_key(manifest.key), data)
         )

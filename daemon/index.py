@@ -176,7 +176,7 @@ async def _load(storage: Storage, run_in_pool: RunInPool, step: StepKey) -> Inde
     key = manifest_key(step)
     try:
         data = await run_in_pool(lambda: storage.get(key))
-        manifest = Manifest.from_json(data, key)
+        manifest = Manifest.from_bytes(data, key)
         if manifest.key != step:
             raise CorruptCheckpointError(f"manifest {key} describes step {manifest.key}")
     except KeyNotFoundError:

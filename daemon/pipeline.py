@@ -117,7 +117,7 @@ class SavePipeline:
             specs = header.tensors
             checksum = await self._pools.run_codec(lambda: tensors_checksum(specs, arrays))
             manifest = self._manifest(save, kind, previous, entries, checksum)
-            data = manifest.to_json()
+            data = manifest.to_bytes()
             await self._pools.run_io(
                 functools.partial(self._storage.put, manifest_key(header.key), data)
             )

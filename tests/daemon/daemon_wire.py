@@ -6,7 +6,6 @@ contract itself: header first, chunks in table order, restore header then chunks
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 from ckptd.daemon.domain import StepKey, TensorSpec
-from ckptd.daemon.manifest import manifest_key, tensors_checksum
+from ckptd.daemon.manifest import Manifest, manifest_key, tensors_checksum
 from ckptd.protos import dtypes
 from ckptd.protos.v1 import pb, pb_grpc
 
@@ -126,8 +125,7 @@ def received_checksum(header: pb.RestoreHeader, arrays: Mapping[str, np.ndarray]
 def manifest_checksum(storage_path: Path, run: str, rank: int, step: int) -> str:
     """The checksum committed in the step's manifest, read straight from local storage."""
     path = storage_path / manifest_key(StepKey(run, rank, step))
-    checksum: str = json.loads(path.read_text())["checksum"]
-    return checksum
+    return Manifest.from_bytes(path.read_bytes(), str(path)).checksum
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:

@@ -12,6 +12,7 @@ import daemon_wire as wire
 import grpc
 import numpy as np
 import pytest
+from ckptd.daemon.manifest import MANIFEST_NAME
 from ckptd.protos.v1 import pb, pb_grpc
 from daemon_harness import SpawnDaemon
 
@@ -56,7 +57,8 @@ def _verify(client: Stub, storage: Path, steps: list[int]) -> None:
 
 
 def _committed_on_disk(storage: Path) -> set[int]:
-    return {int(path.parent.name) for path in (storage / "runs" / RUN).glob("*/*/manifest.json")}
+    manifests = (storage / "runs" / RUN).glob(f"*/*/{MANIFEST_NAME}")
+    return {int(path.parent.name) for path in manifests}
 
 
 def _save_until_killed(client: Stub, first_step: int, durable: set[int]) -> None:

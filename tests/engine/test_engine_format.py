@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import zstandard
 from ckptd.daemon.budget import ByteBudget
 from ckptd.daemon.domain import Policy, StepKey, TensorSpec
 from ckptd.daemon.errors import BusyError, CorruptCheckpointError, ShuttingDownError
@@ -93,10 +94,29 @@ def test_manifest_rejects_unknown_or_inconsistent_content(
         Manifest.from_json(b"{", "m")
 
 
+def test_stored_manifest_is_a_checked_zstd_frame_of_the_json() -> None:
+    manifest = Manifest.from_json(GOLDEN_MANIFEST.encode(), "golden")
+    stored = manifest.to_bytes()
+    assert zstandard.ZstdDecompressor().decompress(stored) == GOLDEN_MANIFEST.encode()
+    assert Manifest.from_bytes(stored, "m") == manifest
+    flipped = bytearray(stored)
+    flipped[len(stored) // 2] ^= 0x40
+    cases = {"plain JSON": GOLDEN_MANIFEST.encode(), "truncated": stored[:-5],
+             "bit flip": bytes(flipped), "empty": b""}
+    for what, data in cases.items():
+        with pytest.raises(CorruptCheckpointError, match="manifest runs/x is not a valid zstd"):
+            Manifest.from_bytes(data, "runs/x")
+            pytest.fail(what)
+    # A frame that claims a huge content size is refused before anything is allocated.
+    huge = zstandard.ZstdCompressor(level=1).compress(b" " * (300 << 20))
+    with pytest.raises(CorruptCheckpointError, match="content size"):
+        Manifest.from_bytes(huge, "runs/x")
+
+
 def test_layout_keys_parse_back() -> None:
-    assert manifest_key(KEY) == "runs/run-a/2/00000000000000000007/manifest.json"
+    assert manifest_key(KEY) == "runs/run-a/2/00000000000000000007/manifest.json.zst"
     assert parse_key(blob_key(KEY, 3, "r1f")) == (KEY, "00003.r1f.blob")
-    assert parse_key("runs/run-a/2/7/manifest.json") is None
+    assert parse_key("runs/run-a/2/7/manifest.json.zst") is None
     assert parse_key("elsewhere/file") is None
 
 
