@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ class StorageCatalog(Catalog):
         self._restorer = Restorer(storage, self._pools)
         self._index: StepIndex | None = None
         self._closed = False
+        self._claimed = False
 
     @classmethod
     def open(cls, url: str) -> StorageCatalog:
@@ -122,6 +124,7 @@ class StorageCatalog(Catalog):
                                   manifest.checksum)
 
     def delete_step(self, key: StepKey) -> int:
+        self._claim()
         self._entry(key)
         deleter = self._deleter()
 
@@ -135,6 +138,7 @@ class StorageCatalog(Catalog):
 
     def delete_run(self, run: str) -> int:
         check_run_name(run)
+        self._claim()
         ranks = self._get_index().ranks(run)
         if not ranks:
             raise RunNotFoundError(f"run {run!r} has no saved steps in {self._storage.url}; "
@@ -165,6 +169,15 @@ class StorageCatalog(Catalog):
                 index.add(entry)
             self._index = index
         return self._index
+
+    def _claim(self) -> None:
+        """Takes the storage for writing (refused while a daemon serves it), then drops the
+        index: one read before the claim may miss steps a daemon committed since, and a
+        deletion must see every child of what it deletes."""
+        if not self._claimed:
+            self._storage.claim(f"ckptd rm (pid {os.getpid()} on {socket.gethostname()})")
+            self._claimed = True
+            self._index = None
 
     def _deleter(self) -> Deleter:
         return Deleter(self._storage, self._get_index(), self._pools, self._restorer)

@@ -55,3 +55,7 @@ class StorageError(CkptdError, OSError):
 
 class KeyNotFoundError(StorageError, FileNotFoundError):
     """Raised when a storage key does not exist."""
+
+
+class StorageInUseError(StorageError):
+    """Raised when another process (a daemon, a direct ``ckptd rm``) writes the storage."""

@@ -17,6 +17,7 @@ benchmarks that want a real daemon inside their own process.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import threading
@@ -78,7 +79,12 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._start_metrics_endpoint()
         try:
-            self._storage = await asyncio.to_thread(open_storage, self.config.storage_url)
+            self._storage = storage = await asyncio.to_thread(
+                open_storage, self.config.storage_url)
+            # Before the engine's start-up scan, which removes what it takes for leftovers.
+            holder = (f"ckptd serve (pid {os.getpid()} on {socket.gethostname()}, "
+                      f"--listen {self.config.listen})")
+            await asyncio.to_thread(storage.claim, holder)
             self.engine = engine = Engine(self._storage, self.config.engine, self.metrics)
             self.metrics.track_inflight(lambda: engine.inflight_bytes,
                                         lambda: engine.inflight_saves)

@@ -37,6 +37,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.CorruptCheckpointError, grpc.StatusCode.DATA_LOSS),
     # A key the index names is gone from storage: data was lost, retrying will not help.
     (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
+    # Another process writes the storage: waiting will not help until an operator acts.
+    (errors.StorageInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     # Storage I/O failed (network, disk): transient from the client's point of view.
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
     # A deliberate error without a more specific class: its message is still safe to show.

@@ -159,6 +159,18 @@ class Storage(abc.ABC):
         del min_age_s
         return 0
 
+    def claim(self, holder: str) -> None:
+        """Reserves the storage for writing by this process until ``close``.
+
+        Two daemons on one storage would overwrite each other's steps and delete each
+        other's in-progress blobs as leftovers; a direct ``ckptd rm`` under a running daemon
+        would delete steps the daemon still builds deltas on. Backends that can lock refuse
+        a second claim with ``StorageInUseError``, naming the ``holder`` text of the first
+        (e.g. ``"ckptd serve (pid 7 on node-3)"``). The default accepts every claim: object
+        stores have no lock, and one daemon per prefix is then the operator's to ensure.
+        """
+        del holder
+
     def close(self) -> None:  # noqa: B027 (an optional hook: most backends hold nothing)
         """Releases connections and handles; idempotent. No call may follow it."""
 

@@ -5,17 +5,24 @@ target's own directory (same file system, so the rename cannot degrade to a copy
 the file, renames it over the target and fsyncs the directory, so the new entry survives a
 power loss. A crash leaves at most the temporary behind; ``list`` never shows it and
 ``cleanup_temporaries`` removes it.
+
+``claim`` takes an exclusive ``flock`` on ``<root>/.ckptd.lock`` (outside the key space) and
+writes the holder's description into it; the kernel drops the lock when the holder closes
+the storage or dies, SIGKILL included, so a crashed daemon never blocks its successor. The
+file itself stays: unlinking it would let a second process lock a fresh inode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ckptd.daemon.errors import StorageInUseError
 from ckptd.daemon.storage.base import (
     TEMP_PREFIX,
     KeyNotFoundError,
@@ -31,6 +38,7 @@ from ckptd.daemon.storage.base import (
 _MKDIR_ATTEMPTS = 5
 # Room left for ".tmp-<32 hex>-" inside the 255-byte file-name limit.
 _TEMP_NAME_CHARS = 100
+LOCK_NAME = ".ckptd.lock"
 
 
 class LocalStorage(Storage):
@@ -46,6 +54,36 @@ class LocalStorage(Storage):
         if not self.root.is_dir():
             raise StorageError(f"storage path {self.root} exists and is not a directory")
         self.url = f"file://{self.root}"
+        self._lock_fd: int | None = None
+
+    def claim(self, holder: str) -> None:
+        if self._lock_fd is not None:
+            raise RuntimeError(f"{self.url} is already claimed by this process")
+        path = self.root / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot open the lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            current = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise StorageInUseError(
+                f"storage {self.url} is in use by {current or 'another process'}; one process "
+                "at a time may write it (read-only commands such as ls and verify are fine)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot lock {path}: {exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8") + b"\n", 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
@@ -94,7 +132,8 @@ class LocalStorage(Storage):
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
         try:
-            keys = [key for key, _ in self._walk(prefix) if not _is_temp(key)]
+            keys = [key for key, _ in self._walk(prefix)
+                    if not _is_temp(key) and key != LOCK_NAME]
         except OSError as exc:
             raise StorageError(f"list {prefix!r} in {self.url} failed: {exc}") from exc
         return sorted(key for key in keys if is_valid_key(key))

@@ -105,3 +105,19 @@ def test_rm_asks_on_a_terminal(
     monkeypatch.setattr("sys.stdin", _Terminal("yes\n"))
     assert cli("rm", "beta", "--step", "10", *source)[0] == 0
     assert _steps(cli, source, "beta") == {"0": [(20, "base")]}
+
+
+def test_rm_on_storage_a_daemon_serves_is_refused(cli: CliRunner, store: Store) -> None:
+    # The daemon holds the storage's lock: a direct deletion would pull steps out from
+    # under the chains it builds deltas on.
+    code, out, err = cli("rm", "alpha", "--step", "2", "--yes", "--storage",
+                         str(store.storage_path))
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "is in use by ckptd serve (pid " in err, err
+    assert [s for s, _ in _steps(cli, ["--target", store.daemon.address], "alpha")["0"]] == [
+        1, 2, 3]
+    # Once the daemon is gone, the same command works.
+    store.daemon.stop()
+    code, _, err = cli("rm", "alpha", "--step", "2", "--yes", "--storage",
+                       str(store.storage_path))
+    assert code == 0, err

@@ -91,6 +91,24 @@ def test_port_in_use_fails_with_exit_1(tmp_path: Path, daemon: InProcessDaemon) 
     assert f"cannot listen on {daemon.address!r}" in result.stderr
 
 
+def test_second_daemon_on_the_same_storage_fails_with_exit_1(
+    tmp_path: Path, daemon: InProcessDaemon
+) -> None:
+    # Two daemons on one directory would overwrite each other's steps; the second one is
+    # refused before it scans (and "cleans up") anything, and the first keeps serving.
+    with grpc.insecure_channel(daemon.address) as channel:
+        wire.save_durable(wire.stub(channel), "held", 1, {"w": np.ones(4096, np.float32)})
+    result = subprocess.run(
+        [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--storage", str(tmp_path / "storage"),
+         "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot start: storage file://" in result.stderr
+    assert "is in use by ckptd serve (pid " in result.stderr
+    assert _health(daemon.address) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_sigterm_drains_accepted_saves_and_exits_0(
     tmp_path: Path, spawn_daemon: SpawnDaemon
 ) -> None:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from ckptd.daemon.errors import StorageInUseError
 from ckptd.daemon.storage import LocalStorage, StorageError, open_storage
 from ckptd.daemon.storage import local as local_module
 
@@ -143,3 +144,18 @@ def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
     blocker.write_bytes(b"")
     with pytest.raises(StorageError, match="file"):
         LocalStorage(blocker)
+
+
+def test_one_claim_at_a_time_released_on_close(tmp_path: Path) -> None:
+    first = LocalStorage(tmp_path)
+    first.claim("ckptd serve (pid 1 on a)")
+    first.put("runs/k", b"v")
+    second = LocalStorage(tmp_path)
+    with pytest.raises(StorageInUseError, match=r"in use by ckptd serve \(pid 1 on a\)"):
+        second.claim("ckptd rm (pid 2 on a)")
+    assert second.list() == ["runs/k"]  # the lock file is not a key; reading needs no claim
+    first.close()
+    second.claim("ckptd rm (pid 2 on a)")
+    with pytest.raises(StorageInUseError, match=r"ckptd rm \(pid 2 on a\)"):
+        LocalStorage(tmp_path).claim("third")
+    second.close()
