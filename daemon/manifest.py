@@ -52,6 +52,9 @@ FORMAT_NAME = "ckptd.manifest"
 FORMAT_VERSION = 1
 CHECKSUM_ALGORITHM = "xxh3_128"
 MANIFEST_NAME = "manifest.json.zst"
+# Stores written before manifests were compressed hold plain JSON under this name; the
+# daemon rewrites them at start (``ckptd.daemon.index.upgrade_legacy``).
+LEGACY_MANIFEST_NAME = "manifest.json"
 # Manifests hold at most max_tensors (100k) entries of a few hundred bytes plus 16 MiB of
 # metadata; a frame claiming far more is corrupt, and must not make the reader allocate it.
 _MAX_MANIFEST_JSON_BYTES = 256 << 20
@@ -76,6 +79,10 @@ def step_prefix(key: StepKey) -> str:
 
 def manifest_key(key: StepKey) -> str:
     return step_prefix(key) + MANIFEST_NAME
+
+
+def legacy_manifest_key(key: StepKey) -> str:
+    return step_prefix(key) + LEGACY_MANIFEST_NAME
 
 
 def blob_key(key: StepKey, index: int, tag: str = "") -> str:
