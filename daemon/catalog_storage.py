@@ -86,26 +86,14 @@ class StorageCatalog(Catalog):
         return [("storage_url", self._storage.url), ("access", "direct (no daemon)")]
 
     def list_runs(self) -> list[RunInfo]:
-        index = self._get_index()
-        runs = []
-        for run, rank in index.chains():
-            entries = index.entries(run, rank)
-            runs.append(RunInfo(run, rank, len(entries), entries[-1].manifest.key.step,
-                                sum(entry.stored_bytes for entry in entries)))
-        return runs
+        return self._get_index().run_infos()
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
-        entries = self._get_index().entries(run, rank)
-        if not entries:
+        infos = self._get_index().step_infos(run, rank)
+        if not infos:
             raise self._not_found(StepKey(run, rank, 0))
-        return [
-            StepInfo(step=m.key.step, kind=m.kind, parent_step=m.parent_step,
-                     raw_bytes=m.raw_bytes, stored_bytes=e.stored_bytes,
-                     chain_depth=m.chain_depth, created_unix_s=m.created_unix_s)
-            for e in entries
-            for m in (e.manifest,)
-        ]
+        return infos
 
     def step_detail(self, key: StepKey) -> StepDetail:
         manifest = self._entry(key).manifest

@@ -206,25 +206,14 @@ class Engine:
         raise StepNotFoundError(f"step {key} changed repeatedly while being restored; retry")
 
     def list_runs(self) -> list[RunInfo]:
-        runs = []
-        for run, rank in self._index.chains():
-            entries = self._index.entries(run, rank)
-            runs.append(RunInfo(run, rank, len(entries), entries[-1].manifest.key.step,
-                                sum(entry.stored_bytes for entry in entries)))
-        return runs
+        return self._index.run_infos()
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
-        entries = self._index.entries(run, rank)
-        if not entries:
+        infos = self._index.step_infos(run, rank)
+        if not infos:
             raise self._not_found(StepKey(run, rank, 0))
-        return [
-            StepInfo(step=m.key.step, kind=m.kind, parent_step=m.parent_step,
-                     raw_bytes=m.raw_bytes, stored_bytes=e.stored_bytes,
-                     chain_depth=m.chain_depth, created_unix_s=m.created_unix_s)
-            for e in entries
-            for m in (e.manifest,)
-        ]
+        return infos
 
     async def delete_step(self, key: StepKey) -> int:
         """Deletes one step (rebasing the step that depends on it first); returns 1."""

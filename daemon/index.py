@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ckptd.daemon.domain import StepKey
+from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.manifest import (
@@ -90,6 +90,25 @@ class StepIndex:
     def latest(self, run: str, rank: int) -> int | None:
         steps = self._steps.get((run, rank))
         return steps[-1] if steps else None
+
+    def run_infos(self) -> list[RunInfo]:
+        """One line per (run, rank) with steps, as ``ListRuns`` and ``ckptd ls`` show it."""
+        infos = []
+        for run, rank in self.chains():
+            entries = self.entries(run, rank)
+            infos.append(RunInfo(run, rank, len(entries), entries[-1].manifest.key.step,
+                                 sum(entry.stored_bytes for entry in entries)))
+        return infos
+
+    def step_infos(self, run: str, rank: int) -> list[StepInfo]:
+        """The committed steps of one chain, oldest first, as users see them."""
+        return [
+            StepInfo(step=m.key.step, kind=m.kind, parent_step=m.parent_step,
+                     raw_bytes=m.raw_bytes, stored_bytes=e.stored_bytes,
+                     chain_depth=m.chain_depth, created_unix_s=m.created_unix_s)
+            for e in self.entries(run, rank)
+            for m in (e.manifest,)
+        ]
 
     def chains(self) -> list[ChainKey]:
         return sorted(self._steps)
