@@ -31,7 +31,7 @@ from ckptd.daemon.chain import Chain
 from ckptd.daemon.deletion import Deleter
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey
 from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError, StorageError
-from ckptd.daemon.index import IndexEntry, StepIndex, scan, upgrade_legacy
+from ckptd.daemon.index import IndexEntry, StepIndex, scan
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.restore import Restorer
 from ckptd.daemon.storage import Storage, open_storage
@@ -152,11 +152,8 @@ class StorageCatalog(Catalog):
     def _get_index(self) -> StepIndex:
         if self._index is None:
             found = self._run(scan(self._storage, self._pools.run_io))
-            legacy = found.legacy
-            if self._claimed:  # a write is coming: only current-format steps delete cleanly
-                legacy = self._run(upgrade_legacy(self._storage, self._pools.run_io, legacy))
             index = StepIndex()
-            for entry in (*found.entries, *legacy):
+            for entry in found.entries:
                 index.add(entry)
             self._index = index
         return self._index

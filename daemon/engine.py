@@ -66,7 +66,7 @@ from ckptd.daemon.errors import (
     StepNotFoundError,
     StepOrderError,
 )
-from ckptd.daemon.index import StepIndex, scan, upgrade_legacy
+from ckptd.daemon.index import StepIndex, scan
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.pipeline import Committed, SavePipeline
@@ -114,8 +114,7 @@ class Engine:
     async def start(self) -> None:
         """Indexes every committed step and deletes what no manifest accounts for."""
         found = await scan(self.storage, self._pools.run_io)
-        upgraded = await upgrade_legacy(self.storage, self._pools.run_io, found.legacy)
-        for entry in (*found.entries, *upgraded):
+        for entry in found.entries:
             self._index.add(entry)
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
@@ -124,7 +123,7 @@ class Engine:
         for run, rank in self._index.chains():
             self._report_head(run, rank)
         log.info("engine started %s", fields(
-            steps=len(found.entries) + len(upgraded), chains=len(self._index.chains()),
+            steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), removed_temporaries=temporaries))
 
     async def open_save(self, header: CheckpointHeader) -> SaveSession:

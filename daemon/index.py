@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -24,7 +23,6 @@ from ckptd.daemon.manifest import (
     MANIFEST_NAME,
     RUNS_PREFIX,
     Manifest,
-    legacy_manifest_key,
     manifest_key,
     parse_key,
 )
@@ -157,15 +155,10 @@ class StepIndex:
 
 @dataclass
 class ScanResult:
-    """What ``scan`` found in storage: committed steps and keys that are garbage.
-
-    ``legacy`` holds steps committed by a ckptd that wrote plain-JSON manifests; they are
-    readable as they are, and ``upgrade_legacy`` rewrites them before anything is deleted.
-    """
+    """What ``scan`` found in storage: committed steps and keys that are garbage."""
 
     entries: list[IndexEntry]
     garbage: list[str]
-    legacy: list[IndexEntry]
 
 
 async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
@@ -182,61 +175,27 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
             log.warning("ignoring key outside the layout %s", fields(key=key))
             continue
         by_step[parsed[0]].append(key)
-    result = ScanResult(entries=[], garbage=[], legacy=[])
-    committed: dict[StepKey, str] = {}  # step -> the key of the manifest that commits it
+    committed = [step for step, names in by_step.items() if manifest_key(step) in names]
+    loaded = await asyncio.gather(*(_load(storage, run_in_pool, step) for step in committed))
+    result = ScanResult(entries=[], garbage=[])
     for step, names in by_step.items():
-        manifest = _manifest_of(step, names)
-        if manifest is None:
+        if manifest_key(step) not in names:
             result.garbage.extend(names)
-        else:
-            committed[step] = manifest
-    loaded = await asyncio.gather(
-        *(_load(storage, run_in_pool, step, key) for step, key in committed.items()))
-    for (step, manifest), entry in zip(committed.items(), loaded, strict=True):
+    for step, entry in zip(committed, loaded, strict=True):
         if entry is None:
             continue
-        legacy = manifest == legacy_manifest_key(step)
-        (result.legacy if legacy else result.entries).append(entry)
-        named = {tensor.blob_key for tensor in entry.manifest.tensors} | {manifest}
+        result.entries.append(entry)
+        named = {tensor.blob_key for tensor in entry.manifest.tensors}
+        named.add(manifest_key(step))
         result.garbage.extend(key for key in by_step[step] if key not in named)
     return result
 
 
-async def upgrade_legacy(
-    storage: Storage, run_in_pool: RunInPool, legacy: list[IndexEntry]
-) -> list[IndexEntry]:
-    """Rewrites plain-JSON manifests in the current format; returns the new entries.
-
-    The compressed manifest is put (atomically) before the old one is deleted, so a crash in
-    between leaves both, the current one wins and the next scan deletes the old as garbage.
-    Call it only while holding the storage (``Storage.claim``).
-    """
-    upgraded = []
-    for entry in legacy:
-        key, data = entry.manifest.key, entry.manifest.to_bytes()
-        await run_in_pool(functools.partial(storage.put, manifest_key(key), data))
-        await run_in_pool(functools.partial(storage.delete, [legacy_manifest_key(key)]))
-        upgraded.append(IndexEntry(entry.manifest, len(data)))
-    if upgraded:
-        log.info("upgraded plain-JSON manifests %s", fields(steps=len(upgraded)))
-    return upgraded
-
-
-def _manifest_of(step: StepKey, names: list[str]) -> str | None:
-    """The key that commits ``step``: its manifest, else a legacy one, else None."""
-    for key in (manifest_key(step), legacy_manifest_key(step)):
-        if key in names:
-            return key
-    return None
-
-
-async def _load(
-    storage: Storage, run_in_pool: RunInPool, step: StepKey, key: str
-) -> IndexEntry | None:
-    parse = Manifest.from_json if key == legacy_manifest_key(step) else Manifest.from_bytes
+async def _load(storage: Storage, run_in_pool: RunInPool, step: StepKey) -> IndexEntry | None:
+    key = manifest_key(step)
     try:
         data = await run_in_pool(lambda: storage.get(key))
-        manifest = parse(data, key)
+        manifest = Manifest.from_bytes(data, key)
         if manifest.key != step:
             raise CorruptCheckpointError(f"manifest {key} describes step {manifest.key}")
     except KeyNotFoundError:
@@ -247,4 +206,4 @@ async def _load(
     return IndexEntry(manifest, len(data))
 
 
-__all__ = ["MANIFEST_NAME", "IndexEntry", "ScanResult", "StepIndex", "scan", "upgrade_legacy"]
+__all__ = ["MANIFEST_NAME", "IndexEntry", "ScanResult", "StepIndex", "scan"]

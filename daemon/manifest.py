@@ -4,16 +4,20 @@ Layout (keys relative to the storage root; ``run`` is validated to ``[A-Za-z0-9.
 
     runs/{run}/{rank}/{step:020d}/{i:05d}.blob         tensor i of the table (encoded blob)
     runs/{run}/{rank}/{step:020d}/{i:05d}.{tag}.blob   same, rewritten when a step is rebased
-    runs/{run}/{rank}/{step:020d}/manifest.json.zst    written last: the commit point
+    runs/{run}/{rank}/{step:020d}/manifest.json        written last: the commit point
 
 The zero-padded step keeps ``list()`` in step order. A step exists exactly when its
 manifest exists; any other key of a step directory that its manifest does not name
 is garbage (a crashed save, or the old blobs of a rebased step) and is removed at start.
 
-Manifest: one zstd frame (``zstdcat`` shows it) of a UTF-8 JSON object with sorted keys.
-Compression matters for small models: the per-tensor entries and the client's structure
-metadata repeat in every step, and as plain JSON they were a fifth of a small CNN's delta
-(bench/RESULTS.md); zstd takes them to about a sixth of that. ::
+Manifest: a UTF-8 JSON object with sorted keys, stored as one zstd frame (``zstdcat``
+shows it). Compression matters for small models: the per-tensor entries and the client's
+structure metadata repeat in every step, and as plain JSON they were a fifth of a small
+CNN's delta (bench/RESULTS.md); zstd takes them to about a sixth of that. Earlier ckptd
+versions stored the JSON uncompressed; ``Manifest.from_bytes`` reads both. The file keeps
+its name on purpose: an earlier daemon started on a newer store then finds a manifest it
+cannot parse and leaves that step alone, where a step with no manifest it knows would be
+deleted as an uncommitted leftover. ::
 
     format            "ckptd.manifest"
     version           1 (another value: ``CorruptCheckpointError``, never a guess)
@@ -51,10 +55,8 @@ from ckptd.daemon.errors import CorruptCheckpointError
 FORMAT_NAME = "ckptd.manifest"
 FORMAT_VERSION = 1
 CHECKSUM_ALGORITHM = "xxh3_128"
-MANIFEST_NAME = "manifest.json.zst"
-# Stores written before manifests were compressed hold plain JSON under this name; the
-# daemon rewrites them at start (``ckptd.daemon.index.upgrade_legacy``).
-LEGACY_MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "manifest.json"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # Manifests hold at most max_tensors (100k) entries of a few hundred bytes plus 16 MiB of
 # metadata; a frame claiming far more is corrupt, and must not make the reader allocate it.
 _MAX_MANIFEST_JSON_BYTES = 256 << 20
@@ -79,10 +81,6 @@ def step_prefix(key: StepKey) -> str:
 
 def manifest_key(key: StepKey) -> str:
     return step_prefix(key) + MANIFEST_NAME
-
-
-def legacy_manifest_key(key: StepKey) -> str:
-    return step_prefix(key) + LEGACY_MANIFEST_NAME
 
 
 def blob_key(key: StepKey, index: int, tag: str = "") -> str:
@@ -139,7 +137,7 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A committed step, as stored in its step's ``manifest.json.zst``."""
+    """A committed step, as stored in its step's ``manifest.json``."""
 
     key: StepKey
     kind: str
@@ -173,7 +171,10 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        """Decompresses and parses a stored manifest; ``where`` is named in every error."""
+        """Parses a stored manifest, compressed or (from earlier ckptd versions) plain JSON;
+        ``where`` is named in every error."""
+        if not data.startswith(_ZSTD_MAGIC):
+            return cls.from_json(data, where)
         try:
             size = zstandard.frame_content_size(data)
             if not 0 <= size <= _MAX_MANIFEST_JSON_BYTES:

@@ -12,14 +12,7 @@ import pytest
 from ckptd.daemon.catalog_storage import StorageCatalog
 from ckptd.daemon.domain import Policy, RestoredCheckpoint, SaveState, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
-from ckptd.daemon.manifest import (
-    LEGACY_MANIFEST_NAME,
-    MANIFEST_NAME,
-    Manifest,
-    blob_key,
-    legacy_manifest_key,
-    manifest_key,
-)
+from ckptd.daemon.manifest import MANIFEST_NAME, Manifest, blob_key, manifest_key
 from ckptd.daemon.storage import LocalStorage
 from engine_support import (
     RUN,
@@ -269,58 +262,28 @@ def test_engine_on_s3_compatible_storage(monkeypatch: pytest.MonkeyPatch) -> Non
         asyncio.run(scenario())
 
 
-def test_plain_json_manifests_of_earlier_stores_are_upgraded_not_lost(tmp_path: Path) -> None:
-    # Stores written before manifests were compressed commit each step with a plain
-    # manifest.json. Their steps must stay restorable (read-only access leaves them as they
-    # are) and the daemon rewrites them at start; nothing may be taken for a leftover.
-    states = list(random_walk(3, 4))
-
-    async def write_then_downgrade() -> dict[int, str]:
+def test_plain_json_manifests_of_earlier_versions_stay_readable(tmp_path: Path) -> None:
+    # Earlier ckptd versions wrote each manifest as plain JSON, under the same name. Their
+    # steps restore, delete and anchor the next delta like compressed ones; nothing may be
+    # taken for an uncommitted leftover.
+    async def write() -> dict[int, str]:
         async with open_engine(tmp_path) as engine:
-            for step, state in enumerate(states):
+            for step, state in enumerate(random_walk(3, 4)):
                 await save(engine, step, state)
-            checksums = {step: (await engine.restore(RUN, 0, step)).checksum for step in range(4)}
-        for step in range(4):
-            current = tmp_path / manifest_key(StepKey(RUN, 0, step))
-            manifest = Manifest.from_bytes(current.read_bytes(), str(current))
-            (tmp_path / legacy_manifest_key(manifest.key)).write_bytes(manifest.to_json())
-            current.unlink()
-        return checksums
+            return {step: (await engine.restore(RUN, 0, step)).checksum for step in range(4)}
 
     async def reopen() -> None:
         async with open_engine(tmp_path) as engine:
-            assert [info.step for info in engine.list_steps(RUN, 0)] == [0, 1, 2, 3]
-            for step in range(4):
+            assert [info.step for info in engine.list_steps(RUN, 0)] == [0, 2, 3]
+            for step in (0, 2, 3):
                 restored = await engine.restore(RUN, 0, step)
                 assert restored.checksum == checksum_of(restored) == checksums[step]
-            await save(engine, 4, next(random_walk(4, 1)))  # the chain goes on
+            await save(engine, 4, next(random_walk(4, 1)))  # a delta on step 3
+            assert engine.list_steps(RUN, 0)[-1].kind == "delta"
 
-    checksums = asyncio.run(write_then_downgrade())
-    with StorageCatalog.open(str(tmp_path)) as catalog:  # read-only: no claim, no rewrite
-        assert [info.step for info in catalog.list_steps(RUN, 0)] == [0, 1, 2, 3]
-    assert len(list(tmp_path.rglob(LEGACY_MANIFEST_NAME))) == 4
-    asyncio.run(reopen())
-    assert not list(tmp_path.rglob(LEGACY_MANIFEST_NAME))
-    assert len(list(tmp_path.rglob(MANIFEST_NAME))) == 5
-
-
-def test_direct_deletion_upgrades_plain_json_manifests_first(tmp_path: Path) -> None:
-    # A deletion removes the current manifest name: a legacy step it did not rewrite first
-    # would keep its manifest.json and come back after the deletion, without its blobs.
-    async def write() -> None:
-        async with open_engine(tmp_path) as engine:
-            for step, state in enumerate(random_walk(5, 3)):
-                await save(engine, step, state)
-
-    asyncio.run(write())
+    checksums = asyncio.run(write())
     for path in tmp_path.rglob(MANIFEST_NAME):
-        path.with_name(LEGACY_MANIFEST_NAME).write_bytes(
-            Manifest.from_bytes(path.read_bytes(), str(path)).to_json())
-        path.unlink()
+        path.write_bytes(Manifest.from_bytes(path.read_bytes(), str(path)).to_json())
     with StorageCatalog.open(str(tmp_path)) as catalog:
-        catalog.delete_step(StepKey(RUN, 0, 1))
-    assert not list(tmp_path.rglob(LEGACY_MANIFEST_NAME))
-    with StorageCatalog.open(str(tmp_path)) as catalog:
-        assert [info.step for info in catalog.list_steps(RUN, 0)] == [0, 2]
-        restored = catalog.restore(StepKey(RUN, 0, 2))
-        assert restored.checksum == checksum_of(restored)
+        catalog.delete_step(StepKey(RUN, 0, 1))  # rebases step 2 (a plain-JSON delta)
+    asyncio.run(reopen())
