@@ -189,16 +189,19 @@ def measure_latency(workdir: Path, size_gb: float) -> dict[str, Any]:
     }
 
 
-ENCODE_WORKERS = 2  # EngineConfig's default, which the benchmarked daemon runs with
+ENCODE_WORKERS = 2  # EngineConfig's defaults, which the benchmarked daemon runs with
+STORAGE_WORKERS = 4
 CODEC_SCRATCH_BYTES = 32 * MiB  # per codec call: up to 4 threads x ~6 MiB of chunk temporaries
 
 
 def memory_bound(baseline: int, inflight: int, reconstructions: int, largest_tensor: int) -> int:
-    """The daemon's stated resident bound (README "Memory"): its idle RSS, the in-flight
-    budget, one reconstruction per (run, rank), and per encode worker the codec's scratch
-    plus one encoded blob awaiting its write (at most about the tensor's raw size, for a
-    lossless base) and its assembly copy."""
-    working = ENCODE_WORKERS * (CODEC_SCRATCH_BYTES + 2 * largest_tensor)
+    """The daemon's stated resident bound (README "Memory bound"): its idle RSS, the
+    in-flight budget, one reconstruction per (run, rank), and the encoded blobs that may
+    exist at once across all saves: per encode worker the codec's scratch plus a blob being
+    assembled and its parts, per storage worker one blob awaiting its write (each at most
+    about the tensor's raw size, for a lossless base)."""
+    working = (ENCODE_WORKERS * (CODEC_SCRATCH_BYTES + 2 * largest_tensor)
+               + STORAGE_WORKERS * largest_tensor)
     return baseline + inflight + reconstructions + working
 
 

@@ -90,7 +90,7 @@ class Deleter:
                 functools.partial(self._write_exact, child, i, array, tag)
                 for i, array in enumerate(arrays)
             ]
-            entries = await gather_bounded(calls, self._pools.width)
+            entries = await gather_bounded(calls, self._pools.blob_slots)
             specs = child.specs
             checksum = await self._pools.run_codec(lambda: tensors_checksum(specs, arrays))
             if checksum != child.checksum:

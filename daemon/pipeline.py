@@ -3,7 +3,8 @@
 Called by the engine's per-chain worker, under ``Chain.lock``, one save at a time in step
 order. For each tensor: encode it in the codec pool (an exact blob, or a lossy delta
 against the head reconstruction), drop the received buffer, put the blob from the I/O
-pool; tensors run concurrently up to the pools' width. When every blob is durable, the
+pool; tensors run concurrently up to the pools' width, a bound shared with every other
+chain's saves (``Pools.blob_slots``). When every blob is durable, the
 manifest is put — the commit point — and only then does the chain's head move on. On any
 failure the step's keys are deleted (best effort; a restart removes what is left) and the
 head stays at the previous step, so the next save works as if this one never happened.
@@ -138,7 +139,7 @@ class SavePipeline:
             functools.partial(self._tensor, save, i, previous, progress)
             for i in range(len(save.arrays))
         ]
-        return await gather_bounded(calls, self._pools.width)
+        return await gather_bounded(calls, self._pools.blob_slots)
 
     async def _tensor(
         self, save: QueuedSave, index: int, previous: Reconstruction | None, progress: _Progress

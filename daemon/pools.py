@@ -23,6 +23,10 @@ class Pools:
         # Tensors worked on at once: enough to keep both pools busy, few enough that only
         # that many tensors' blobs are alive at a time.
         self.width = codec_workers + io_workers
+        # The same bound shared by every save and rebase of every chain: ``width`` blobs
+        # encoded and not yet written, in all, whatever the number of clients. It is what
+        # the daemon's memory bound (README "Memory bound") counts.
+        self.blob_slots = asyncio.Semaphore(self.width)
         self._codec = concurrent.futures.ThreadPoolExecutor(
             codec_workers, thread_name_prefix="ckptd-codec"
         )
@@ -59,14 +63,17 @@ class _Skipped(Exception):
     """A call never started because an earlier one already failed."""
 
 
-async def gather_bounded(calls: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
-    """Runs ``calls`` at most ``limit`` at a time; after the first failure the calls not yet
-    started are skipped, the running ones finish, and that first failure is raised.
+async def gather_bounded(
+    calls: Sequence[Callable[[], Awaitable[T]]], limit: int | asyncio.Semaphore
+) -> list[T]:
+    """Runs ``calls`` at most ``limit`` at a time (or holding one of a shared semaphore's
+    slots each); after the first failure the calls not yet started are skipped, the running
+    ones finish, and that first failure is raised.
 
     The bound keeps memory flat (at most ``limit`` tensors' blobs exist at once however
     many tensors a checkpoint has).
     """
-    semaphore = asyncio.Semaphore(limit)
+    semaphore = limit if isinstance(limit, asyncio.Semaphore) else asyncio.Semaphore(limit)
     failure: list[BaseException] = []
 
     async def one(call: Callable[[], Awaitable[T]]) -> T:
