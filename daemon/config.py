@@ -49,7 +49,7 @@ class EngineConfig:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
         if self.base_interval < 1:
             raise ValueError(f"base_interval must be >= 1, got {self.base_interval}")
-        if not self.max_delta_fraction >= 0:  # also refuses NaN; 0 makes every save a base
+        if not self.max_delta_fraction >= 0:  # also refuses NaN; 0: one delta per base
             raise ValueError(f"max_delta_fraction must be >= 0, got {self.max_delta_fraction}")
         if self.min_lossy_elements < 1:
             raise ValueError(f"min_lossy_elements must be >= 1, got {self.min_lossy_elements}")

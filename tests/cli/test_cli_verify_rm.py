@@ -121,3 +121,5 @@ def test_rm_on_storage_a_daemon_serves_is_refused(cli: CliRunner, store: Store) 
     code, _, err = cli("rm", "alpha", "--step", "2", "--yes", "--storage",
                        str(store.storage_path))
     assert code == 0, err
+    steps = _steps(cli, ["--storage", str(store.storage_path)], "alpha")["0"]
+    assert [step for step, _ in steps] == [1, 3]

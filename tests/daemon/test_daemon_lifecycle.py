@@ -98,6 +98,11 @@ def test_second_daemon_on_the_same_storage_fails_with_exit_1(
     # refused before it scans (and "cleans up") anything, and the first keeps serving.
     with grpc.insecure_channel(daemon.address) as channel:
         wire.save_durable(wire.stub(channel), "held", 1, {"w": np.ones(4096, np.float32)})
+    # What a save in progress looks like on disk: blobs, no manifest yet. A start-up scan
+    # would delete it as an uncommitted leftover.
+    in_progress = tmp_path / "storage" / "runs" / "held" / "0" / f"{2:020d}" / "00000.blob"
+    in_progress.parent.mkdir(parents=True)
+    in_progress.write_bytes(b"being written")
     result = subprocess.run(
         [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--storage", str(tmp_path / "storage"),
          "--listen", "127.0.0.1:0"],
@@ -106,6 +111,7 @@ def test_second_daemon_on_the_same_storage_fails_with_exit_1(
     assert result.returncode == 1, result.stderr
     assert "cannot start: storage file://" in result.stderr
     assert "is in use by ckptd serve (pid " in result.stderr
+    assert in_progress.read_bytes() == b"being written"
     assert _health(daemon.address) == health_pb2.HealthCheckResponse.SERVING
 
 
