@@ -26,6 +26,7 @@ from ckptd.daemon.domain import (
 )
 from ckptd.daemon.engine import Engine
 from ckptd.daemon.manifest import tensors_checksum
+from ckptd.daemon.observer import EngineObserver
 from ckptd.daemon.storage import LocalStorage, open_storage
 
 RUN = "run-a"
@@ -53,11 +54,13 @@ State = Mapping[str, Tensor]
 
 
 @contextlib.asynccontextmanager
-async def open_engine(root: Path | str, config: EngineConfig = SMALL) -> AsyncIterator[Engine]:
+async def open_engine(
+    root: Path | str, config: EngineConfig = SMALL, observer: EngineObserver | None = None
+) -> AsyncIterator[Engine]:
     """A started engine on ``LocalStorage(root)`` (or ``open_storage(url)`` for a URL);
     drained, closed and its storage closed on exit."""
     storage = LocalStorage(root) if isinstance(root, Path) else open_storage(root)
-    engine = Engine(storage, config)
+    engine = Engine(storage, config, observer)
     try:
         await engine.start()
         yield engine

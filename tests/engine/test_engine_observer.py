@@ -4,19 +4,15 @@ that raises never fails a save."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ckptd.daemon.domain import SaveState, StepInfo, StepKey
-from ckptd.daemon.engine import Engine
 from ckptd.daemon.errors import StorageError
 from ckptd.daemon.manifest import step_prefix
 from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
-from ckptd.daemon.storage import LocalStorage
-from engine_support import RUN, SMALL, WAIT_S, random_walk, save, send
+from engine_support import RUN, SMALL, WAIT_S, open_engine, random_walk, save, send
 
 
 class Recorder(EngineObserver):
@@ -36,19 +32,6 @@ class Recorder(EngineObserver):
         self.events.append(("head", run, rank, head))
 
 
-@contextlib.asynccontextmanager
-async def observed_engine(root: Path, observer: EngineObserver) -> AsyncIterator[Engine]:
-    storage = LocalStorage(root)
-    engine = Engine(storage, SMALL, observer)
-    try:
-        await engine.start()
-        yield engine
-        await engine.drain(WAIT_S)
-    finally:
-        await engine.close()
-        storage.close()
-
-
 def test_events_follow_each_save_failure_delete_and_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,7 +40,7 @@ def test_events_follow_each_save_failure_delete_and_restart(
     first, restarted = Recorder(), Recorder()
 
     async def scenario() -> list[StepInfo]:
-        async with observed_engine(tmp_path, first) as engine:
+        async with open_engine(tmp_path, SMALL, first) as engine:
             await save(engine, 0, states[0])
             await save(engine, 1, states[1])
             real_put = engine.storage.put
@@ -71,7 +54,7 @@ def test_events_follow_each_save_failure_delete_and_restart(
             accepted = await send(engine, 2, states[2])
             assert (await engine.wait(accepted.key, WAIT_S)).state is SaveState.FAILED
             steps = engine.list_steps(RUN, 0)
-        async with observed_engine(tmp_path, restarted) as engine:
+        async with open_engine(tmp_path, SMALL, restarted) as engine:
             await engine.delete_run(RUN)
         return steps
 
@@ -105,7 +88,7 @@ def test_a_raising_observer_is_logged_and_saves_still_succeed(
             raise RuntimeError("exporter down")
 
     async def scenario() -> list[SaveState]:
-        async with observed_engine(tmp_path, Broken()) as engine:
+        async with open_engine(tmp_path, SMALL, Broken()) as engine:
             states = random_walk(4, 2)
             await save(engine, 0, next(states))
             await save(engine, 1, next(states))
