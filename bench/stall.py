@@ -9,7 +9,10 @@ same process and run:
   as trainers usually do), and torch.save followed by ``fsync`` (actually on disk);
 * **ckptd save()** over each transport (shared memory and gRPC streaming) against a
   daemon subprocess: the stall (time inside ``save``), time to ACCEPTED and to DURABLE,
-  and the sustained throughput of back-to-back saves until all are durable.
+  and the sustained throughput of back-to-back saves until all are durable;
+* **in a training loop** (``stall_loop.py``), for ``snapshot="copy"`` and ``"overlap"``:
+  how long ckptd holds the trainer per checkpoint (inside ``save`` plus the optimizer
+  step's wait for the background copy) and how much longer that iteration took.
 
 Between timed saves the loop waits until the previous one is durable, as a trainer's
 compute between checkpoints would; tensors are scaled slightly before each save so the
@@ -19,7 +22,7 @@ and is reported separately (``first_stall_s``); stalls are medians of the warm s
 Usage::
 
     python bench/stall.py                      # 10MB,100MB,1GB; shm and grpc
-    python bench/stall.py --sizes 10MB,100MB --reps 3 --transports shm
+    python bench/stall.py --sizes 10MB,100MB --reps 3 --transports shm --loop-kinds idle
 
 Writes ``bench/out/stall.json`` and prints a summary table.
 """
@@ -45,6 +48,11 @@ from typing import Any
 
 import torch
 from ckptd.client import Checkpointer
+
+try:
+    from . import stall_loop
+except ImportError:  # run as a script: python bench/stall.py
+    import stall_loop  # type: ignore[no-redef]
 
 MB = 1_000_000
 OUT_PATH = Path(__file__).resolve().parent / "out" / "stall.json"
@@ -242,6 +250,10 @@ def measure_size(
     bare_copy(state, targets)  # touch the targets' pages once
     result["torch_save"] = time_torch_save(state, reps, workdir)
     result["ckptd"] = {}
+    result["loop"] = []
+    trainer = stall_loop.Trainer(state) if args.loop_kinds else None
+    if trainer is not None:
+        stall_loop.calibrate_idle(trainer)
     for transport in args.transports:
         run_dir = Path(tempfile.mkdtemp(prefix=f"{transport}-", dir=workdir))
         with daemon(run_dir, args.max_inflight_bytes) as proc:
@@ -249,6 +261,17 @@ def measure_size(
             result["ckptd"][transport] = time_ckptd(
                 proc.address, transport, state, targets, reps=reps, burst=burst
             )
+            for kind in args.loop_kinds:
+                for mode in stall_loop.MODES:
+                    assert trainer is not None
+                    loop = stall_loop.time_loop(
+                        proc.address, transport, trainer, kind=kind, mode=mode, reps=reps,
+                        floor=lambda: bare_copy(state, targets).wall_s,
+                    )  # fmt: skip
+                    result["loop"].append(loop)
+                    print(
+                        f"[{label}] loop {transport} {kind} {mode}: {loop_line(loop)}", flush=True
+                    )
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"[{label}] {transport}: {summarize(result, transport)}", flush=True)
     return result
@@ -285,6 +308,38 @@ def summarize(result: dict[str, Any], transport: str) -> str:
         f"slower (cpu {r['torch_save_over_stall_cpu']:.1f}x); durable "
         f"{median(run['durable_s']):.2f} s; sustained {run['sustained_MBps']:.0f} MB/s"
     )
+
+
+def loop_line(loop: dict[str, Any]) -> str:
+    s = stall_loop.summary(loop)
+    return (
+        f"iteration {s['iteration_s'] * 1e3:.0f} ms; blocked {s['blocked_s'] * 1e3:.1f} ms "
+        f"(save {s['save_s'] * 1e3:.1f} + wait {s['wait_s'] * 1e3:.1f}), floor "
+        f"{s['floor_s'] * 1e3:.1f} ms; iteration slower by {s['slowdown_s'] * 1e3:.1f} ms"
+    )
+
+
+def loop_table(results: list[dict[str, Any]]) -> str:
+    columns = [
+        "size", "transport", "iteration", "snapshot", "iteration ms", "floor ms", "save ms",
+        "wait ms", "blocked ms", "blocked/floor", "torch.save/blocked", "slowdown ms",
+        "torch.save/slowdown",
+    ]  # fmt: skip
+    rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for result in results:
+        saved = median(result["torch_save"]["save_s"])
+        for loop in result.get("loop", []):
+            s = stall_loop.summary(loop)
+            cells = [
+                result["label"], loop["transport"], loop["kind"], loop["mode"],
+                f"{s['iteration_s'] * 1e3:.0f}", f"{s['floor_s'] * 1e3:.1f}",
+                f"{s['save_s'] * 1e3:.2f}", f"{s['wait_s'] * 1e3:.2f}",
+                f"{s['blocked_s'] * 1e3:.2f}", f"{s['blocked_s'] / s['floor_s']:.2f}",
+                f"{saved / s['blocked_s']:.0f}", f"{s['slowdown_s'] * 1e3:.1f}",
+                f"{saved / s['slowdown_s']:.1f}" if s["slowdown_s"] > 0 else "-",
+            ]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -335,6 +390,26 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
                 f"{r['torch_save_over_floor']:.1f}x, cpu {r['torch_save_over_floor_cpu']:.1f}x, "
                 "below torch.save)"
             )
+    for result in results:
+        if result["bytes"] < 50 * MB:
+            continue
+        saved = median(result["torch_save"]["save_s"])
+        for loop in result.get("loop", []):
+            if loop["mode"] != "overlap":
+                continue
+            s = stall_loop.summary(loop)
+            name = f"{result['label']} {loop['transport']} {loop['kind']} overlap"
+            over_floor, below_save = s["blocked_s"] / s["floor_s"], saved / s["blocked_s"]
+            ok = (
+                over_floor <= TARGET_STALL_OVER_FLOOR and below_save >= TARGET_TORCH_SAVE_OVER_STALL
+            )
+            lines.append(
+                f"- **{'PASS' if ok else 'FAIL'}** {name}: blocked/floor {over_floor:.2f} <= "
+                f"{TARGET_STALL_OVER_FLOOR} and torch.save/blocked {below_save:.0f} >= "
+                f"{TARGET_TORCH_SAVE_OVER_STALL} (iteration slower by "
+                f"{s['slowdown_s'] * 1e3:.1f} ms = torch.save / "
+                f"{saved / s['slowdown_s'] if s['slowdown_s'] > 0 else float('inf'):.1f})"
+            )
     return lines
 
 
@@ -355,6 +430,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed saves per case (halved at 1GB)")
     parser.add_argument("--max-inflight-bytes", type=int, default=2 << 30,
                         help="the daemon's in-flight budget")  # fmt: skip
+    parser.add_argument(
+        "--loop-kinds",
+        default=",".join(stall_loop.WORK_KINDS),
+        help="training-loop iterations to time: cpu, idle (empty: none)",
+    )
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -362,6 +442,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    args.loop_kinds = [k.strip() for k in args.loop_kinds.split(",") if k.strip()]
+    unknown = [k for k in args.loop_kinds if k not in stall_loop.WORK_KINDS]
+    if unknown:
+        parser.error(f"unknown loop kinds {unknown}; choose from {list(stall_loop.WORK_KINDS)}")
     return args
 
 
@@ -388,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(report, indent=2))
     print()
     print(table(results))
+    print()
+    print(loop_table(results))
     print()
     print("\n".join(report["targets"]))
     print(f"\nwrote {args.out}")

@@ -33,6 +33,7 @@ from .errors import (
     RequestCancelledError,
     SaveFailedError,
     SaveSkippedError,
+    SnapshotConflictError,
     StepConflictError,
     map_rpc_error,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "SaveHandle",
     "SaveSkippedError",
     "SaveState",
+    "SnapshotConflictError",
     "StepConflictError",
     "StepInfo",
     "map_rpc_error",

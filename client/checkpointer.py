@@ -2,8 +2,9 @@
 
 ``save`` snapshots the state into a pooled staging buffer and returns a ``SaveHandle`` at
 once; the client's sender thread hands the snapshot to the daemon, and its watcher thread
-follows it to durability. ``restore`` streams a step back and rebuilds the saved
-structure. Everything runs on gRPC's sync API and two private threads: nothing imposes an
+follows it to durability. With ``snapshot="overlap"`` a third thread makes the copy while
+the trainer computes on (``overlap.py``). ``restore`` streams a step back and rebuilds the
+saved structure. Everything runs on gRPC's sync API and private threads: nothing imposes an
 event loop on the trainer, and nothing in the background raises into it.
 """
 
@@ -24,6 +25,7 @@ from .errors import CheckpointNotFoundError, CkptdTimeoutError
 from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
 from .handle import SaveHandle, SaveState
 from .header import HeaderBuilder
+from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, receive
 from .shm import ShmTransport, is_local_target, same_host
@@ -64,6 +66,12 @@ class Checkpointer:
             the daemon is unreachable (restarting) before it fails.
         max_staging_bytes: Cap on staging memory; None: ``staging_buffers`` times the state size.
         staging_buffers: Snapshots that may be in flight at once.
+        snapshot: ``"copy"``: ``save`` copies the tensors before it returns, so the trainer
+            may change them at once. ``"overlap"``: ``save`` returns before the copy, which
+            runs while the trainer computes its next forward and backward pass; the calls
+            that change the tensors must wait for it — register them with ``guard`` (or call
+            ``wait_snapshot``). A tensor changed during its copy fails that save with
+            ``SnapshotConflictError``.
 
     Raises:
         DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
@@ -85,6 +93,7 @@ class Checkpointer:
         reconnect_timeout_s: float = 30.0,
         max_staging_bytes: int | None = None,
         staging_buffers: int = 2,
+        snapshot: str = "copy",
     ) -> None:
         check_run(run, rank)
         self.config = CheckpointerConfig(
@@ -97,6 +106,7 @@ class Checkpointer:
             reconnect_timeout_s=reconnect_timeout_s,
             max_staging_bytes=max_staging_bytes,
             staging_buffers=staging_buffers,
+            snapshot=snapshot,
         )
         self.target = normalize_target(target)
         self.run, self.rank = run, rank
@@ -119,6 +129,12 @@ class Checkpointer:
             reconnect_timeout_s=self.config.reconnect_timeout_s,
             fallback=fallback,
         )
+        self._copier = (
+            SnapshotThread(self._worker.submit, self._pool.release)
+            if self.config.snapshot == "overlap"
+            else None
+        )
+        self._guards: list[Guard] = []
         self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
@@ -126,8 +142,9 @@ class Checkpointer:
         # A checkpointer dropped or left open at exit still hands over its queued saves and
         # unlinks its shared memory (the threads and the pool do not reference self).
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._worker, self._connection, self._pool, EXIT_TIMEOUT_S
-        )
+            self, _shutdown, self._copier, self._worker, self._connection, self._pool,
+            EXIT_TIMEOUT_S,
+        )  # fmt: skip
 
     # Public API.
 
@@ -149,7 +166,8 @@ class Checkpointer:
         bits: int | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> SaveHandle:
-        """Snapshots ``state`` as ``step`` and returns once the trainer may change it.
+        """Snapshots ``state`` as ``step`` and returns once the trainer may change it
+        (with ``snapshot="overlap"``: once the copy is queued; see ``guard``).
 
         Args:
             step: Training step; must be greater than every step saved before for this run
@@ -182,16 +200,52 @@ class Checkpointer:
             handle._set_skipped(reason)
             logger.warning("skipped checkpoint step %d: %s", step, reason)
             return handle
+        header.fail_if_busy = skip
+        job = SaveJob(handle, header, buffer, layout)
+        copy_now: list[int] | None = None  # None: every leaf
+        if self._copier is not None:
+            copy_now, deferred, versions = split_leaves(flat.leaves)
         try:
-            snapshot(flat.leaves, layout, buffer)
+            snapshot(flat.leaves, layout, buffer, copy_now)
         except BaseException:
             self._pool.release(buffer)
             raise
-        header.fail_if_busy = skip
         self._last_step = step
         self._track(handle)
-        self._worker.submit(SaveJob(handle, header, buffer, layout))
+        if self._copier is None:
+            self._worker.submit(job)
+        else:
+            self._copier.put(PendingCopy(job, flat.leaves, tuple(deferred), tuple(versions)))
         return handle
+
+    def guard(self, *targets: torch.nn.Module | torch.optim.Optimizer) -> Guard:
+        """Makes the calls that change a saved state wait for overlapped copies in flight.
+
+        For each optimizer, ``step()`` waits; for each module, the forward pass of every
+        submodule that owns buffers (batch norm's running statistics) waits. Forward and
+        backward passes otherwise only read the weights, so they run alongside the copy.
+        Needed only with ``snapshot="overlap"`` (harmless otherwise); ``close`` removes the
+        hooks, and so does the returned guard's ``remove()``.
+
+        Raises:
+            TypeError: A target is neither an optimizer nor a module.
+        """
+        self._check_open()
+        # The hooks hold the copier, not the checkpointer, so a model outliving it does not
+        # keep it (and its threads) alive.
+        guard = install_guard(targets, self._copier.wait if self._copier else _nothing_pending)
+        self._guards.append(guard)
+        return guard
+
+    def wait_snapshot(self, timeout_s: float | None = None) -> None:
+        """Waits until every overlapped copy started so far has finished (returns at once
+        with ``snapshot="copy"``); afterwards the saved tensors may change.
+
+        Raises:
+            CkptdTimeoutError: Copies were still running after ``timeout_s``.
+        """
+        if self._copier is not None:
+            self._copier.wait(timeout_s)
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Waits until every save made so far is durable (skipped ones are ignored).
@@ -267,7 +321,9 @@ class Checkpointer:
             return
         self._closed = True
         self._finalizer.detach()
-        _shutdown(self._worker, self._connection, self._pool, timeout_s)
+        for guard in self._guards:
+            guard.remove()
+        _shutdown(self._copier, self._worker, self._connection, self._pool, timeout_s)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -330,10 +386,20 @@ class Checkpointer:
             raise RuntimeError(f"the checkpointer for run {self.run!r} rank {self.rank} is closed")
 
 
+def _nothing_pending() -> None:
+    """A guard's wait when saves copy before returning (``snapshot="copy"``)."""
+
+
 def _shutdown(
-    worker: SaveWorker, connection: Connection, pool: StagingPool, timeout_s: float
+    copier: SnapshotThread | None,
+    worker: SaveWorker,
+    connection: Connection,
+    pool: StagingPool,
+    timeout_s: float,
 ) -> None:
     try:
+        if copier is not None:
+            copier.finish()  # local copies only: they end without the daemon
         worker.finish(timeout_s)
     finally:
         connection.close()  # aborts calls in flight, so the threads end promptly

@@ -9,6 +9,7 @@ from .policies import PolicyRule, check_bits
 
 TRANSPORTS = ("auto", "grpc", "shm")
 WHEN_BUSY = ("wait", "skip")
+SNAPSHOTS = ("copy", "overlap")
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_RANK = 2**32 - 1
 
@@ -27,10 +28,13 @@ class CheckpointerConfig:
     call_timeout_s: float = 30.0
     max_staging_bytes: int | None = None
     staging_buffers: int = 2
+    snapshot: str = "copy"
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.snapshot not in SNAPSHOTS:
+            raise ValueError(f"snapshot must be one of {SNAPSHOTS}, got {self.snapshot!r}")
         if self.when_busy not in WHEN_BUSY:
             raise ValueError(f"when_busy must be one of {WHEN_BUSY}, got {self.when_busy!r}")
         check_bits(self.bits or None, "bits")

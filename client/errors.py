@@ -16,7 +16,9 @@ idiomatically (``except ConnectionError``, ``except LookupError``, ``except Time
     ├── PermissionDeniedError (PermissionError)     PERMISSION_DENIED, UNAUTHENTICATED
     ├── RequestCancelledError                       CANCELLED
     ├── InternalDaemonError                         INTERNAL, UNKNOWN, UNIMPLEMENTED
-    └── SaveFailedError                             the daemon reported the save FAILED
+    ├── SaveFailedError                             the daemon reported the save FAILED
+    └── SnapshotConflictError (RuntimeError)        a saved tensor changed during an
+                                                    overlapped copy (snapshot="overlap")
 
 ``map_rpc_error`` is the only function that looks at a ``grpc.StatusCode``; every RPC the
 client makes goes through it (``raise map_rpc_error(exc, ...) from exc``), and a test walks
@@ -88,6 +90,11 @@ class InternalDaemonError(CkptdClientError):
 class SaveFailedError(CkptdClientError):
     """Raised when an accepted save can never become durable (the daemon said FAILED,
     or it restarted before committing the step)."""
+
+
+class SnapshotConflictError(CkptdClientError, RuntimeError):
+    """Set on a save made with ``snapshot="overlap"`` when a saved tensor changed before
+    the background copy finished (the save is dropped before it reaches the daemon)."""
 
 
 _BY_STATUS: dict[grpc.StatusCode, type[CkptdClientError]] = {

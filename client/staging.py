@@ -70,21 +70,38 @@ class HostBuffer(StagingBuffer):
         super().__init__(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
 
 
-def snapshot(leaves: Sequence[Leaf], layout: Layout, buffer: StagingBuffer) -> None:
-    """Copies every leaf into ``buffer`` at its layout offset.
+def snapshot(
+    leaves: Sequence[Leaf],
+    layout: Layout,
+    buffer: StagingBuffer,
+    only: Sequence[int] | None = None,
+    *,
+    background: bool = False,
+) -> None:
+    """Copies every leaf (or the leaves at the indices ``only``) into ``buffer`` at its
+    layout offset.
 
     torch's own ``copy_`` does the work (multithreaded for large tensors, device → host DMA
     for CUDA tensors); CUDA copies are queued without blocking and synchronized once at the
     end, so when this returns the trainer may change its tensors freely.
+
+    ``background`` copies CPU tensors with numpy on the calling thread alone (it releases
+    the GIL). A copy overlapping the trainer must not start a second OpenMP team: with more
+    OpenMP threads than cores, libgomp stops spinning between parallel regions, and the
+    trainer's own small ops measured up to 2x slower for as long as that thread lives.
     """
     devices: set[torch.device] = set()
+    indices = range(len(leaves)) if only is None else only
     with torch.no_grad():
-        for leaf, offset, size in zip(leaves, layout.offsets, layout.nbytes, strict=True):
+        for index in indices:
+            leaf, offset, size = leaves[index], layout.offsets[index], layout.nbytes[index]
             if size == 0:
                 continue
             target = buffer.data[offset : offset + size]
             value = leaf.value
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and background and value.device.type == "cpu":
+                _copy_on_this_thread(value, target)
+            elif isinstance(value, torch.Tensor):
                 if value.is_cuda:
                     devices.add(value.device)
                 target.view(value.dtype).view(value.shape).copy_(value, non_blocking=value.is_cuda)
@@ -92,6 +109,13 @@ def snapshot(leaves: Sequence[Leaf], layout: Layout, buffer: StagingBuffer) -> N
                 np.copyto(target.numpy().view(leaf.dtype.numpy).reshape(value.shape), value)
     for device in devices:
         torch.cuda.synchronize(device)
+
+
+def _copy_on_this_thread(value: torch.Tensor, target: torch.Tensor) -> None:
+    source = value.detach()
+    if source.dtype == torch.bfloat16:  # numpy has no bfloat16; the bits are what matter
+        source = source.view(torch.int16)
+    np.copyto(target.view(source.dtype).view(source.shape).numpy(), source.numpy())
 
 
 @dataclass

@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exact", action="store_true", help="store every tensor losslessly")
     parser.add_argument("--transport", choices=("auto", "grpc", "shm"), default="auto")
     parser.add_argument(
+        "--snapshot",
+        choices=("copy", "overlap"),
+        default="copy",
+        help="copy before save() returns, or during the next forward/backward (guarded)",
+    )
+    parser.add_argument(
         "--dump-dir",
         type=Path,
         default=None,
@@ -137,8 +143,11 @@ def train(args: argparse.Namespace) -> None:
         args.dump_dir.mkdir(parents=True, exist_ok=True)
     policies = [("*", "exact")] if args.exact else None
     with Checkpointer(
-        args.target, args.run, transport=args.transport, bits=args.bits, policies=policies
-    ) as ckpt:
+        args.target, args.run, transport=args.transport, bits=args.bits, policies=policies,
+        snapshot=args.snapshot,
+    ) as ckpt:  # fmt: skip
+        # With snapshot="overlap", optimizer.step() waits for a copy still in flight.
+        ckpt.guard(model, optimizer)
         print(
             f"connected to {ckpt.target} (transport {ckpt.transport}, pid {os.getpid()})",
             flush=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import torch
 from ckptd.client.shm import segment_owner
 from ckptd.protos.v1 import pb, pb_grpc
@@ -67,13 +68,19 @@ def leaves(state: Any, path: str = "") -> dict[str, Any]:
     return {path: state}
 
 
+@pytest.mark.parametrize("snapshot", ["copy", "overlap"])
 def test_killed_trainer_resumes_from_the_latest_durable_step(
-    tmp_path: Path, spawn_daemon: SpawnDaemon, make_checkpointer: CheckpointerFactory
+    tmp_path: Path,
+    spawn_daemon: SpawnDaemon,
+    make_checkpointer: CheckpointerFactory,
+    snapshot: str,
 ) -> None:
     daemon = spawn_daemon(tmp_path / "storage")
     dumps = tmp_path / "dumps"
 
-    crashed = run_example(daemon.address, dumps, "--steps", "40", "--kill-at", "22")
+    crashed = run_example(
+        daemon.address, dumps, "--steps", "40", "--kill-at", "22", "--snapshot", snapshot
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert "killing this process at step 22" in crashed.stdout
     assert "transport shm" in crashed.stdout  # same host: the snapshot went through /dev/shm
@@ -94,7 +101,9 @@ def test_killed_trainer_resumes_from_the_latest_durable_step(
         what=f"the killed trainer's (pid {pid}) segments to be unlinked",
     )
 
-    resumed = run_example(daemon.address, dumps, "--steps", "40", "--resume")
+    resumed = run_example(
+        daemon.address, dumps, "--steps", "40", "--resume", "--snapshot", snapshot
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {latest} " in resumed.stdout
     done = re.search(r"done: step 40, .*latest durable step (\d+)", resumed.stdout)
