@@ -68,10 +68,11 @@ class Checkpointer:
         staging_buffers: Snapshots that may be in flight at once.
         snapshot: ``"copy"``: ``save`` copies the tensors before it returns, so the trainer
             may change them at once. ``"overlap"``: ``save`` returns before the copy, which
-            runs while the trainer computes its next forward and backward pass; the calls
-            that change the tensors must wait for it — register them with ``guard`` (or call
+            runs while the trainer computes its next forward and backward pass; the
+            optimizer step must wait for it — register it with ``guard`` (or call
             ``wait_snapshot``). A tensor changed during its copy fails that save with
-            ``SnapshotConflictError``.
+            ``SnapshotConflictError`` when its version counter shows it (``overlap.py``
+            lists the writes it cannot see).
 
     Raises:
         DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
@@ -135,6 +136,7 @@ class Checkpointer:
             else None
         )
         self._guards: list[Guard] = []
+        self._warned_unguarded = False
         self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
@@ -203,8 +205,12 @@ class Checkpointer:
         header.fail_if_busy = skip
         job = SaveJob(handle, header, buffer, layout)
         copy_now: list[int] | None = None  # None: every leaf
+        deferred: list[int] = []
+        versions: list[int] = []
         if self._copier is not None:
-            copy_now, deferred, versions = split_leaves(flat.leaves)
+            self._warn_if_unguarded()
+            buffers = set().union(*(guard.buffer_pointers() for guard in self._guards))
+            copy_now, deferred, versions = split_leaves(flat.leaves, buffers)
         try:
             snapshot(flat.leaves, layout, buffer, copy_now)
         except BaseException:
@@ -221,11 +227,11 @@ class Checkpointer:
     def guard(self, *targets: torch.nn.Module | torch.optim.Optimizer) -> Guard:
         """Makes the calls that change a saved state wait for overlapped copies in flight.
 
-        For each optimizer, ``step()`` waits; for each module, the forward pass of every
-        submodule that owns buffers (batch norm's running statistics) waits. Forward and
-        backward passes otherwise only read the weights, so they run alongside the copy.
-        Needed only with ``snapshot="overlap"`` (harmless otherwise); ``close`` removes the
-        hooks, and so does the returned guard's ``remove()``.
+        For each optimizer, ``step()`` waits. Each module's buffers (batch norm's running
+        statistics, which the forward pass changes) are copied inside ``save()``; the
+        weights are only read by the forward and backward pass, so they are copied
+        alongside it. Needed only with ``snapshot="overlap"`` (harmless otherwise);
+        ``close`` removes the hooks, and so does the returned guard's ``remove()``.
 
         Raises:
             TypeError: A target is neither an optimizer nor a module.
@@ -236,6 +242,17 @@ class Checkpointer:
         guard = install_guard(targets, self._copier.wait if self._copier else _nothing_pending)
         self._guards.append(guard)
         return guard
+
+    def _warn_if_unguarded(self) -> None:
+        if self._warned_unguarded or any(guard.hooks for guard in self._guards):
+            return
+        self._warned_unguarded = True
+        logger.warning(
+            "snapshot='overlap' but no optimizer is guarded: call "
+            "Checkpointer.guard(model, optimizer), or wait_snapshot() before changing saved "
+            "tensors; changes that bypass torch's version counters (fused optimizers, "
+            "tensor.data) would otherwise be saved half-updated without an error"
+        )
 
     def wait_snapshot(self, timeout_s: float | None = None) -> None:
         """Waits until every overlapped copy started so far has finished (returns at once
@@ -360,7 +377,7 @@ class Checkpointer:
         return stream(), None
 
     def _busy_reason(self, skip: bool) -> str:
-        busy = f"all {self._pool.buffers} staging buffers are still being handed to the daemon"
+        busy = f"all {self._pool.buffers} staging buffers hold saves not yet accepted by the daemon"
         if skip:
             return f"{busy} (when_busy='skip')"
         return f"{busy} after waiting {self.config.busy_timeout_s} s (busy_timeout_s)"

@@ -3,23 +3,25 @@
 With ``Checkpointer(snapshot="overlap")`` the trainer thread only flattens the state and
 reserves a staging buffer; a private thread copies the tensors while the trainer runs its
 next forward and backward pass, which read the weights but do not change them. What changes
-them is the optimizer's step (and, for modules such as batch norm, the forward pass that
-updates running statistics), so those calls are *guarded*: ``Checkpointer.guard(model,
-optimizer)`` registers pre-hooks that wait until every pending copy has finished. This is
-the pipelined snapshot of CheckFreq (Mohan et al., FAST 2021) and the asynchronous staging
-of PyTorch's distributed checkpointing: on a host with a free core (or with tensors on a
-GPU) the copy costs the trainer nothing, where a copy before ``save()`` returns costs one
-full memory copy.
+the weights and the optimizer's state is the optimizer's step, so it is *guarded*:
+``Checkpointer.guard(model, optimizer)`` registers a step pre-hook that waits until every
+pending copy has finished. What the forward pass does change — module buffers such as batch
+norm's running statistics — is small, and the guarded model's buffers are copied inside
+``save()``. This is the pipelined snapshot of CheckFreq (Mohan et al., FAST 2021) and the
+asynchronous staging of PyTorch's distributed checkpointing: when the trainer leaves a core
+free while it computes (as a GPU trainer's host thread does), the copy costs it nothing,
+where a copy before ``save()`` returns costs one full memory copy.
 
 The contract is weaker than ``snapshot="copy"``: a saved tensor must not change outside a
 guarded call until the copy is done (``Checkpointer.wait_snapshot()`` waits for it
-explicitly). A violation is detected through torch's per-tensor version counters, which
-every in-place operation bumps: the save then fails with ``SnapshotConflictError`` naming
-the tensor, and nothing is sent to the daemon. The check cannot see an in-place operation
-still running when the copy ends, nor the running statistics batch norm updates inside its
-kernel (the module guard covers those), so the guards are the contract and the check is
-the safety net. Numpy arrays and tensors without version counters (made under
-``torch.inference_mode``) are copied before ``save()`` returns.
+explicitly). Most violations are detected through torch's per-tensor version counters, which
+in-place operators bump: the save then fails with ``SnapshotConflictError`` naming the
+tensor, and nothing is sent to the daemon. Writes that bypass the counter go unseen —
+fused optimizers (``fused=True``), ``tensor.data`` operations, writes through ``.numpy()``
+or DLPack views, an in-place operation still running when the copy ends — so the guard is
+the contract and the check only a safety net. Numpy arrays, tensors without version
+counters (made under ``torch.inference_mode``) and CUDA tensors are copied before
+``save()`` returns.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import CkptdClientError, CkptdTimeoutError, SnapshotConflictError
-from .staging import snapshot
+from .staging import StagingBuffer, snapshot
 from .structure import Leaf
 from .worker import SaveJob
 
@@ -60,12 +62,24 @@ class PendingCopy:
     versions: tuple[int, ...]  # their version counters when save() was called
 
 
-def split_leaves(leaves: Sequence[Leaf]) -> tuple[list[int], list[int], list[int]]:
-    """Returns (indices copied now, indices deferred, versions of the deferred ones)."""
+def split_leaves(
+    leaves: Sequence[Leaf], copy_now: set[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Returns (indices copied now, indices deferred, versions of the deferred ones).
+
+    Copied now: leaves without a version counter, leaves whose data pointer is in
+    ``copy_now`` (guarded modules' buffers), and CUDA tensors — their device → host copy
+    must be ordered after the trainer's kernels on the trainer's own stream, which only
+    the trainer's thread can do without stream bookkeeping that no GPU here could test.
+    """
     now, deferred, versions = [], [], []
     for index, leaf in enumerate(leaves):
         counter = version(leaf.value)
-        if counter is None:
+        value = leaf.value
+        eager = isinstance(value, torch.Tensor) and (
+            value.is_cuda or (value.numel() > 0 and value.data_ptr() in copy_now)
+        )
+        if counter is None or eager:
             now.append(index)
         else:
             deferred.append(index)
@@ -81,7 +95,7 @@ class SnapshotThread:
     def __init__(
         self,
         submit: Callable[[SaveJob], None],
-        release: Callable[[Any], None],
+        release: Callable[[StagingBuffer], None],
     ) -> None:
         self._submit = submit
         self._release = release
@@ -113,7 +127,10 @@ class SnapshotThread:
     def finish(self) -> None:
         """Copies what is queued, then ends the thread."""
         self._queue.put(None)
-        self._thread.join()
+        # A checkpointer's finalizer can run on any thread, this one included (a garbage
+        # collection during a copy); the thread then ends after that copy on its own.
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def _loop(self) -> None:
         while (copy := self._queue.get()) is not None:
@@ -165,35 +182,46 @@ def _names(names: list[str], shown: int = 3) -> str:
 
 
 class Guard:
-    """The hooks one ``Checkpointer.guard`` call registered; ``remove()`` takes them off."""
+    """What one ``Checkpointer.guard`` call registered: step pre-hooks on the optimizers, and
+    the modules whose buffers ``save()`` copies before it returns. ``remove()`` undoes it."""
 
-    def __init__(self, hooks: list[Any]) -> None:
+    def __init__(self, hooks: list[Any], modules: list[torch.nn.Module]) -> None:
         self.hooks = hooks
+        self.modules = modules
+
+    def buffer_pointers(self) -> set[int]:
+        """Where the guarded modules' buffers live now (looked up per save: ``.to()`` or a
+        reassigned buffer moves them)."""
+        return {b.data_ptr() for m in self.modules for b in m.buffers() if b.numel()}
 
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        self.hooks = []
+        self.hooks, self.modules = [], []
 
 
 def install_guard(targets: Sequence[object], wait: Callable[[], None]) -> Guard:
-    """Makes each optimizer's ``step`` and the forward pass of every submodule that owns
-    buffers (batch norm's running statistics) wait for pending copies.
+    """Makes each optimizer's ``step`` wait for pending copies, and marks each module's
+    buffers to be copied inside ``save()``.
+
+    Buffers are not guarded by waiting: the forward pass changes them (batch norm's running
+    statistics, updated inside its kernel without a version bump; DDP's broadcast from rank
+    0 before any submodule hook could run), and a forward waiting for the copy would leave
+    nothing to overlap. They are small, so copying them at once costs little.
 
     Raises:
         TypeError: A target is neither a ``torch.optim.Optimizer`` nor a ``torch.nn.Module``.
     """
     hooks: list[Any] = []
+    modules: list[torch.nn.Module] = []
     for target in targets:
         if isinstance(target, torch.optim.Optimizer):
             hooks.append(target.register_step_pre_hook(lambda *_: wait()))
         elif isinstance(target, torch.nn.Module):
-            for module in target.modules():
-                if next(module.buffers(recurse=False), None) is not None:
-                    hooks.append(module.register_forward_pre_hook(lambda *_: wait()))
+            modules.append(target)
         else:
             raise TypeError(
                 "guard() takes torch.optim.Optimizer and torch.nn.Module objects, got "
                 f"{type(target).__name__}"
             )
-    return Guard(hooks)
+    return Guard(hooks, modules)

@@ -7,6 +7,7 @@ decides exactly what the trainer does while a copy is pending, instead of racing
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,11 +15,23 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ckptd.client import SaveState, SnapshotConflictError
+from ckptd.client import (
+    Checkpointer,
+    CkptdTimeoutError,
+    SaveHandle,
+    SaveState,
+    SnapshotConflictError,
+)
 from ckptd.client import overlap as overlap_module
 from conftest import CheckpointerFactory
 from daemon_harness import InProcessDaemon, wait_until
-from test_client_checkpointer import ALL_EXACT, TRANSPORTS, assert_same_state, nested_state
+from test_client_checkpointer import (
+    ALL_EXACT,
+    TRANSPORTS,
+    assert_same_state,
+    nested_state,
+    same_bits,
+)
 
 # How long a call must stay blocked for the test to take it as waiting on the gate.
 BLOCKED_S = 0.3
@@ -83,30 +96,88 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": model.state_dict(), "optim": optimizer.state_dict(), "epoch": 3}
 
 
+def save_guarded_model(
+    ckpt: Checkpointer, gate: CopyGate, *, trained: bool = False
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any], SaveHandle]:
+    """Guards a fresh model and optimizer (after one step if ``trained``), saves them as
+    step 1 and returns once the background copy has started and is held at the gate; the
+    dict returned is the state at the save() call."""
+    model, optimizer = small_model()
+    ckpt.guard(model, optimizer)
+    if trained:
+        train_step(model, optimizer, seed=0)
+    expected = copy.deepcopy(training_state(model, optimizer))
+    handle = ckpt.save(1, training_state(model, optimizer))
+    assert gate.started.acquire(timeout=30), "the background copy never started"
+    return model, optimizer, expected, handle
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_guarded_training_step_waits_for_the_copy(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, gate: CopyGate, transport: str
 ) -> None:
-    """The next step's forward (batch norm updates its running statistics) and the
-    optimizer's step wait; the checkpoint is the state at the save() call."""
+    """The next forward runs during the copy although it changes batch norm's running
+    statistics (the guarded model's buffers were copied inside save()); the optimizer's
+    step waits; the checkpoint is the state at the save() call."""
     ckpt = make_checkpointer(
         daemon.address, "guarded", transport=transport, policies=ALL_EXACT, snapshot="overlap"
     )
-    model, optimizer = small_model()
-    ckpt.guard(model, optimizer)
-    train_step(model, optimizer, seed=0)
-    expected = copy.deepcopy(training_state(model, optimizer))
-
-    handle = ckpt.save(1, training_state(model, optimizer))
-    assert gate.started.acquire(timeout=30), "the background copy never started"
+    model, optimizer, expected, handle = save_guarded_model(ckpt, gate, trained=True)
     assert handle.state is SaveState.PENDING
-    gate.assert_waits_for_copy(lambda: train_step(model, optimizer, 1), "the training step")
+    forward = threading.Thread(target=lambda: model(torch.randn(16, 12)).sum().backward())
+    forward.start()
+    forward.join(30)
+    assert not forward.is_alive(), "the forward pass waited for the copy"
+    assert not torch.equal(model[1].running_mean, expected["model"]["1.running_mean"])
+    gate.assert_waits_for_copy(optimizer.step, "optimizer.step()")
 
     handle.wait_durable(timeout=60)
-    after = training_state(model, optimizer)
-    assert not torch.equal(after["model"]["0.weight"], expected["model"]["0.weight"])
-    assert not torch.equal(after["model"]["1.running_mean"], expected["model"]["1.running_mean"])
+    assert not torch.equal(model[0].weight, expected["model"]["0.weight"])
     assert_same_state(ckpt.restore(1), expected)
+
+
+def test_buffers_of_guarded_modules_are_copied_inside_save(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, gate: CopyGate
+) -> None:
+    """A buffer write that bypasses the version counter (DDP's broadcast, ``.data``) right
+    after save() cannot reach the checkpoint: the buffers were copied before it returned."""
+    ckpt = make_checkpointer(daemon.address, "buffers", policies=ALL_EXACT, snapshot="overlap")
+    model, _, expected, _ = save_guarded_model(ckpt, gate)
+    model[1].running_var.data.fill_(7.0)  # no version bump: only the early copy saves it
+    gate.open()
+    ckpt.wait(timeout_s=60)
+    assert_same_state(ckpt.restore(1), expected)
+
+
+def test_pending_copies_keep_save_order_and_wait_snapshot_times_out(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, gate: CopyGate
+) -> None:
+    ckpt = make_checkpointer(daemon.address, "ordered", policies=ALL_EXACT, snapshot="overlap")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ckpt.guard(optimizer)
+    states = [{"w": torch.full((500,), float(step))} for step in (1, 2)]
+    handles = [ckpt.save(step, state) for step, state in zip((1, 2), states, strict=True)]
+    assert gate.started.acquire(timeout=30)
+    with pytest.raises(CkptdTimeoutError, match=r"still running after 0\.2 s"):
+        ckpt.wait_snapshot(timeout_s=0.2)
+    gate.open()
+    ckpt.wait(timeout_s=60)
+    assert [h.state for h in handles] == [SaveState.DURABLE] * 2
+    assert ckpt.steps() == [1, 2]
+    for step, state in zip((1, 2), states, strict=True):
+        assert_same_state(ckpt.restore(step), state)
+
+
+def test_overlap_without_an_optimizer_guard_warns_once(
+    daemon: InProcessDaemon,
+    make_checkpointer: CheckpointerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ckpt = make_checkpointer(daemon.address, "unguarded", snapshot="overlap")
+    with caplog.at_level(logging.WARNING, logger="ckptd.client"):
+        ckpt.save(1, {"w": torch.ones(10)})
+        ckpt.save(2, {"w": torch.ones(10)})
+    assert caplog.text.count("no optimizer is guarded") == 1
 
 
 def test_forward_and_backward_overlap_the_copy_and_the_optimizer_step_waits(
@@ -200,20 +271,19 @@ def test_nested_state_round_trips_through_overlapped_copies(
         return {**nested_state(), "t": grid.T, "bf": grid.to(torch.bfloat16)[:, ::2]}
 
     expected = {k: v.contiguous() if k in ("t", "bf") else v for k, v in state().items()}
-    ckpt.save(1, state())
+    param = torch.nn.Parameter(torch.arange(15.0).reshape(3, 5))  # requires grad
+    ckpt.save(1, {**state(), "param": param})
     ckpt.wait(timeout_s=60)
-    assert_same_state(ckpt.restore(1), expected)
+    restored = ckpt.restore(1)
+    assert same_bits(restored.pop("param"), param.detach())
+    assert_same_state(restored, expected)
 
 
 def test_close_finishes_pending_copies_and_hands_them_over(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, gate: CopyGate
 ) -> None:
     ckpt = make_checkpointer(daemon.address, "closing", policies=ALL_EXACT, snapshot="overlap")
-    model, optimizer = small_model()
-    ckpt.guard(model, optimizer)
-    expected = copy.deepcopy(training_state(model, optimizer))
-    ckpt.save(1, training_state(model, optimizer))
-    assert gate.started.acquire(timeout=30)
+    model, optimizer, expected, _ = save_guarded_model(ckpt, gate)
     closer = threading.Thread(target=ckpt.close)
     closer.start()
     gate.open()
@@ -233,11 +303,13 @@ def test_guard_hooks_only_what_changes_a_state(
     ckpt = make_checkpointer(daemon.address, "hooks", snapshot="overlap")
     model, optimizer = small_model()
     guard = ckpt.guard(model, optimizer)
-    # The optimizer's step and the one submodule owning buffers (batch norm).
-    assert len(guard.hooks) == 2
-    assert model[1]._forward_pre_hooks and not model[0]._forward_pre_hooks
+    # The optimizer's step waits; the model gets no hook (its forward never waits), only
+    # its buffers are marked to be copied inside save().
+    assert len(guard.hooks) == 1 and optimizer._optimizer_step_pre_hooks
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert guard.buffer_pointers() == {b.data_ptr() for b in model.buffers() if b.numel()}
     guard.remove()
-    assert not model[1]._forward_pre_hooks and not optimizer._optimizer_step_pre_hooks
+    assert not optimizer._optimizer_step_pre_hooks and guard.buffer_pointers() == set()
     with pytest.raises(TypeError, match="got dict"):
         ckpt.guard({"w": torch.ones(2)})  # type: ignore[arg-type]
 
