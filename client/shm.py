@@ -7,6 +7,9 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
 * the client creates each segment (``SharedMemory(create=True)``), which registers it
   with Python's ``resource_tracker``: if the trainer dies, even by SIGKILL, the tracker
   process unlinks it;
+* it also holds a lock on each segment while it lives, so that when the tracker dies too
+  (the whole process group killed) the next client or the daemon reclaims the orphan
+  (``ckptd.protos.segments``); a client reclaims when it starts using shared memory;
 * segments are reused across saves (they are pooled staging buffers);
 * ``ShmBuffer.close`` unlinks the name first, then unmaps; a stray tensor view keeps
   the mapping valid (never a dangling pointer) until it dies;
@@ -18,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import socket
 from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 import torch
+from ckptd.protos import segments
 from ckptd.protos.v1 import pb
 
 from .grpc_transport import Connection, encode_header
@@ -33,29 +36,18 @@ from .transport import SaveTransport
 
 logger = logging.getLogger("ckptd.client")
 
-SEGMENT_PREFIX = "ckptdc_"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-
-
-def segment_name() -> str:
-    """A fresh segment name; the creator's pid in it lets leak checks find the owner."""
-    return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
-
-
-def segment_owner(name: str) -> int | None:
-    """The pid encoded in a client segment name, or None for other names."""
-    if not name.startswith(SEGMENT_PREFIX):
-        return None
-    pid, _, _ = name[len(SEGMENT_PREFIX) :].partition("_")
-    return int(pid) if pid.isdigit() else None
 
 
 class ShmBuffer(StagingBuffer):
     """A staging buffer backed by a POSIX shared-memory segment the client owns."""
 
     def __init__(self, capacity: int, *, pinned: bool = False) -> None:
-        self.segment = shared_memory.SharedMemory(name=segment_name(), create=True, size=capacity)
+        self.segment = shared_memory.SharedMemory(
+            name=segments.segment_name(), create=True, size=capacity
+        )
         self.name = self.segment.name
+        self._hold = segments.hold(self.name)
         # Through numpy, so every tensor view holds a buffer export of the mapping: the
         # mapping then cannot be unmapped under a live view (torch.frombuffer holds none).
         mapping = self.segment.buf
@@ -81,6 +73,9 @@ class ShmBuffer(StagingBuffer):
         self.data = torch.empty(0, dtype=torch.uint8)
         with contextlib.suppress(FileNotFoundError):
             segment.unlink()
+        if self._hold is not None:
+            os.close(self._hold)  # after the unlink: never an unheld name in /dev/shm
+            self._hold = None
         try:
             segment.close()
         except BufferError:
@@ -137,6 +132,13 @@ class ShmTransport(SaveTransport):
     def __init__(self, connection: Connection, *, pin_memory: bool = False) -> None:
         self.connection = connection
         self.pin_memory = pin_memory
+        reclaimed = segments.reclaim_orphans()
+        if reclaimed:
+            logger.info(
+                "unlinked %d shared-memory segments left by dead trainers: %s",
+                len(reclaimed),
+                ", ".join(reclaimed),
+            )
 
     def allocate(self, capacity: int) -> StagingBuffer:
         return ShmBuffer(capacity, pinned=self.pin_memory)

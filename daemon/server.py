@@ -17,6 +17,7 @@ benchmarks that want a real daemon inside their own process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -68,6 +69,7 @@ class Daemon:
         self._health: health.aio.HealthServicer | None = None
         self._stop_requested: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reclaimer: asyncio.Task[None] | None = None
 
     @property
     def storage_url(self) -> str:
@@ -92,6 +94,9 @@ class Daemon:
             self._server, self._health = self._build_server(self.engine)
             self.address = bind(self._server, self.config.listen)
             await self._server.start()
+            if shm.available():
+                await asyncio.to_thread(shm.reclaim_orphans)
+                self._reclaimer = asyncio.create_task(shm.reclaim_orphans_every())
         except BaseException:
             await self._close_all()
             raise
@@ -183,6 +188,11 @@ class Daemon:
         return drained
 
     async def _close_all(self) -> None:
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reclaimer
+            self._reclaimer = None
         try:
             if self.engine is not None:
                 await self.engine.close()

@@ -6,29 +6,53 @@ answers ACCEPTED. The segment is opened through ``/dev/shm`` with ``os.open``/``
 rather than ``multiprocessing.shared_memory``: on Python < 3.13 attaching with the latter
 registers the segment with a resource tracker that would unlink the client's segment when
 the daemon exits, and it maps the segment writable.
+
+The daemon never unlinks a live client's segment, but it does reclaim orphans — segments
+whose trainer died together with its resource tracker — before it serves and every
+``RECLAIM_INTERVAL_S`` after (the rule is ``ckptd.protos.segments``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
+from ckptd.daemon.logs import fields, get_logger
+from ckptd.protos import segments
 
 if TYPE_CHECKING:
     from ckptd.daemon.engine import SaveSession
 
-SHM_ROOT = Path("/dev/shm")
+SHM_ROOT = segments.SHM_ROOT
+RECLAIM_INTERVAL_S = 300.0
+
+log = get_logger("shm")
 
 
 def available() -> bool:
     """Whether this host exposes POSIX shared memory where the daemon looks for it."""
     return SHM_ROOT.is_dir()
+
+
+def reclaim_orphans() -> None:
+    """Unlinks client segments whose trainer died with its resource tracker (blocking)."""
+    reclaimed = segments.reclaim_orphans(SHM_ROOT)
+    if reclaimed:
+        log.warning("unlinked shared memory left by dead trainers %s", fields(
+            segments=len(reclaimed), names=",".join(reclaimed)))
+
+
+async def reclaim_orphans_every(interval_s: float = RECLAIM_INTERVAL_S) -> None:
+    """Runs ``reclaim_orphans`` off the loop every ``interval_s``, until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(reclaim_orphans)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 * ``ckptd.protos.v1`` — the generated protobuf (``pb``) and gRPC (``pb_grpc``) modules of
   ``ckptd/v1/ckptd.proto``; importing it imports ``grpc``.
 * ``ckptd.protos.dtypes`` — the explicit dtype table; numpy only, safe for the engine.
+* ``ckptd.protos.segments`` — client shared-memory segment names and the lock that tells a
+  live segment from an orphan; stdlib only.
 
 This package's ``__init__`` imports nothing, so the transport-free parts of the daemon can
 use the dtype table without pulling in gRPC.

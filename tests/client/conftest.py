@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from ckptd.client import Checkpointer
-from ckptd.client.shm import SEGMENT_PREFIX, segment_owner
+from ckptd.protos.segments import SEGMENT_PREFIX, segment_owner
 from daemon_harness import wait_until
 
 SHM_DIR = Path("/dev/shm")

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from ckptd.client.shm import segment_owner
+from ckptd.protos.segments import segment_owner
 from ckptd.protos.v1 import pb, pb_grpc
 from conftest import CheckpointerFactory, client_segments
 from daemon_harness import DaemonProcess, wait_until

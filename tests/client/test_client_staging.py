@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ckptd.client.shm import SEGMENT_PREFIX, ShmBuffer, segment_owner
+from ckptd.client.shm import ShmBuffer
 from ckptd.client.staging import (
     ALIGN_BYTES,
     HostBuffer,
@@ -19,6 +19,7 @@ from ckptd.client.staging import (
     snapshot,
 )
 from ckptd.client.structure import flatten
+from ckptd.protos.segments import SEGMENT_PREFIX, segment_owner
 
 
 def test_layout_aligns_every_tensor() -> None:
