@@ -74,8 +74,8 @@ def split_leaves(
     """
     now, deferred, versions = [], [], []
     for index, leaf in enumerate(leaves):
-        counter = version(leaf.value)
         value = leaf.value
+        counter = version(value)
         eager = isinstance(value, torch.Tensor) and (
             value.is_cuda or (value.numel() > 0 and value.data_ptr() in copy_now)
         )
