@@ -43,5 +43,5 @@ EXPOSE 50051 9100
 # give the container at least the drain timeout (CKPTD_DRAIN_TIMEOUT_S, 60 s) to stop.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "ckptd.daemon.healthcheck", "--timeout-s", "4"]
+    CMD ["python", "-m", "ckptd.daemon.server.healthcheck", "--timeout-s", "4"]
 ENTRYPOINT ["ckptd", "serve"]

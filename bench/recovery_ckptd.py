@@ -19,8 +19,8 @@ from typing import Any
 
 from ckptd.client import Checkpointer
 from ckptd.daemon.config import DaemonConfig, EngineConfig
-from ckptd.daemon.manifest import MANIFEST_NAME, Manifest
-from ckptd.daemon.server import serve_in_thread
+from ckptd.daemon.server.app import serve_in_thread
+from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest
 
 from bench.recovery_protocol import Reference, plan_failures, resume
 from bench.workloads import Workload

@@ -3,7 +3,7 @@
 Every error the engine raises on purpose is a ``CkptdError``; each subclass also refines the
 builtin it means (``StepNotFoundError`` is a ``LookupError``), so callers outside ckptd can
 catch it idiomatically. The gRPC layer maps these to status codes in one table
-(``ckptd.daemon.status``); nothing below the transport knows about status codes.
+(``ckptd.daemon.server.status``); nothing below the transport knows about status codes.
 """
 
 from __future__ import annotations

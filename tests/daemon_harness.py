@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from ckptd.daemon.engine import Engine
-    from ckptd.daemon.server import RunningDaemon
+    from ckptd.daemon.engine.core import Engine
+    from ckptd.daemon.server.app import RunningDaemon
 
 T = TypeVar("T")
 READY_TIMEOUT_S = 60.0
@@ -50,7 +50,7 @@ def start_in_process(storage_path: Path, **config: Any) -> InProcessDaemon:
     """Starts a daemon on 127.0.0.1:0 storing under ``storage_path``; ``config`` overrides
     ``DaemonConfig`` fields (``engine=EngineConfig(...)`` included)."""
     from ckptd.daemon.config import DaemonConfig
-    from ckptd.daemon.server import serve_in_thread
+    from ckptd.daemon.server.app import serve_in_thread
 
     settings: dict[str, Any] = {"listen": "127.0.0.1:0", "drain_timeout_s": 60.0}
     settings.update(config)

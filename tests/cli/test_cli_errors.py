@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 from ckptd.daemon import errors
-from ckptd.daemon.catalog import CatalogError
-from ckptd.daemon.catalog_daemon import DaemonUnreachableError, map_rpc_error
-from ckptd.daemon.cli_output import Progress, format_bytes
+from ckptd.daemon.cli.catalog import CatalogError
+from ckptd.daemon.cli.daemon_catalog import DaemonUnreachableError, map_rpc_error
+from ckptd.daemon.cli.output import Progress, format_bytes
 from cli_support import CliRunner, Store
 
 

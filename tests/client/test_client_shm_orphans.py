@@ -118,7 +118,7 @@ def test_the_daemon_keeps_reclaiming_while_it_serves(
     orphans: list[Path], live_segment: ShmBuffer
 ) -> None:
     """The periodic pass, at a short interval instead of ``RECLAIM_INTERVAL_S``."""
-    from ckptd.daemon import shm as daemon_shm
+    from ckptd.daemon.server import shm as daemon_shm
 
     async def gone() -> None:
         while any(p.exists() for p in orphans):

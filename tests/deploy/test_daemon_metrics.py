@@ -1,6 +1,6 @@
 """The metrics module: families, labels, and the real HTTP endpoint a Prometheus scrapes.
 
-These feed ``Metrics`` by hand; ``tests/daemon/test_daemon_observability.py`` checks the
+These feed ``Metrics`` by hand; ``tests/server/test_daemon_observability.py`` checks the
 same families against what a real daemon did.
 """
 
@@ -14,8 +14,13 @@ import prometheus_client
 import pytest
 from ckptd.daemon.config import DaemonConfig, parse_listen
 from ckptd.daemon.domain import StepKey
-from ckptd.daemon.metrics import Metrics, MetricsEndpoint, make_registry, start_metrics_server
-from ckptd.daemon.observer import ChainHead, DurableSave
+from ckptd.daemon.engine.observer import ChainHead, DurableSave
+from ckptd.daemon.server.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    make_registry,
+    start_metrics_server,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ckptd.daemon.healthcheck import dial_target, main
+from ckptd.daemon.server.healthcheck import dial_target, main
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "ckptd.v1.Checkpointd"
@@ -92,7 +92,8 @@ def test_unix_socket_and_missing_daemon(socket_path: Path, capsys: Capture) -> N
 
 def test_runs_as_a_module_the_way_the_image_runs_it(tcp_server: HealthServer) -> None:
     tcp_server.set("", SERVING)
-    command = [sys.executable, "-m", "ckptd.daemon.healthcheck", f"127.0.0.1:{tcp_server.port}"]
+    module = "ckptd.daemon.server.healthcheck"
+    command = [sys.executable, "-m", module, f"127.0.0.1:{tcp_server.port}"]
 
     def exit_code() -> int:
         return subprocess.run(command, check=False, capture_output=True, timeout=60).returncode

@@ -24,8 +24,8 @@ from packaging.requirements import Requirement
 
 INSTALL_TIMEOUT_S = 600
 DAEMON_MODULES = (
-    "ckptd.daemon.server", "ckptd.daemon.cli", "ckptd.daemon.healthcheck",
-    "ckptd.daemon.metrics", "ckptd.protos.v1",
+    "ckptd.daemon.server.app", "ckptd.daemon.cli", "ckptd.daemon.server.healthcheck",
+    "ckptd.daemon.server.metrics", "ckptd.protos.v1",
 )
 # Never in the daemon image: the trainer's framework, and what only tests or extras need.
 FORBIDDEN_DISTRIBUTIONS = {"torch", "pytest", "hypothesis", "boto3", "moto", "scikit-learn"}
@@ -105,7 +105,8 @@ def test_entrypoint_serves_and_the_healthcheck_sees_it(image_env: Path, tmp_path
         str(image_env / "bin/ckptd"), "serve", "--storage", str(tmp_path / "storage"),
         "--ready-file", str(ready_file),
     ]
-    assert run_in(image_env, "python", "-m", "ckptd.daemon.healthcheck", target).returncode == 1
+    health_module = "ckptd.daemon.server.healthcheck"
+    assert run_in(image_env, "python", "-m", health_module, target).returncode == 1
     log_path = tmp_path / "daemon.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -115,7 +116,7 @@ def test_entrypoint_serves_and_the_healthcheck_sees_it(image_env: Path, tmp_path
     try:
         wait_until(lambda: ready_file.exists() or proc.poll() is not None, 60, "ready file")
         assert proc.poll() is None, log_path.read_text(errors="replace")
-        health = run_in(image_env, "python", "-m", "ckptd.daemon.healthcheck", target)
+        health = run_in(image_env, "python", "-m", health_module, target)
         assert health.returncode == 0, health.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, log_path.read_text(errors="replace")

@@ -40,7 +40,7 @@ UID = 10001
 # Settings the daemon reads from CKPTD_* (CKPTD_METRICS_LISTEN among them).
 KNOWN_ENV = {env_name(name) for name in SETTINGS}
 DEFAULT_DRAIN_S = DaemonConfig(storage_url="unused").drain_timeout_s
-HEALTHCHECK_MODULE = "ckptd.daemon.healthcheck"
+HEALTHCHECK_MODULE = "ckptd.daemon.server.healthcheck"
 
 
 def yaml_files() -> list[Path]:

@@ -24,10 +24,10 @@ from ckptd.daemon.domain import (
     StepKey,
     TensorSpec,
 )
-from ckptd.daemon.engine import Engine
-from ckptd.daemon.manifest import tensors_checksum
-from ckptd.daemon.observer import EngineObserver
+from ckptd.daemon.engine.core import Engine
+from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.storage import LocalStorage, open_storage
+from ckptd.daemon.store.manifest import tensors_checksum
 
 RUN = "run-a"
 WAIT_S = 60.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from ckptd.daemon.domain import RestoredCheckpoint, StepKey
-from ckptd.daemon.engine import Engine
+from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import InvalidRequestError, RunNotFoundError, StepNotFoundError
-from ckptd.daemon.manifest import step_prefix
+from ckptd.daemon.store.manifest import step_prefix
 from engine_support import RUN, SMALL, assert_same, header, open_engine, random_walk, save, send
 
 

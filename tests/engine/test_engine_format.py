@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import zstandard
-from ckptd.daemon.budget import ByteBudget
 from ckptd.daemon.domain import Policy, StepKey, TensorSpec
+from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.errors import BusyError, CorruptCheckpointError, ShuttingDownError
-from ckptd.daemon.index import IndexEntry, StepIndex
-from ckptd.daemon.manifest import (
+from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.manifest import (
     Manifest,
     TensorEntry,
     blob_key,

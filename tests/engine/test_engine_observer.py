@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from ckptd.daemon.domain import SaveState, StepInfo, StepKey
+from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.errors import StorageError
-from ckptd.daemon.manifest import step_prefix
-from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
+from ckptd.daemon.store.manifest import step_prefix
 from engine_support import RUN, SMALL, WAIT_S, open_engine, random_walk, save, send
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ckptd.daemon.catalog_storage import StorageCatalog
+from ckptd.daemon.cli.storage_catalog import StorageCatalog
 from ckptd.daemon.domain import Policy, RestoredCheckpoint, SaveState, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
-from ckptd.daemon.manifest import MANIFEST_NAME, Manifest, blob_key, manifest_key
 from ckptd.daemon.storage import LocalStorage
+from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest, blob_key, manifest_key
 from engine_support import (
     RUN,
     SMALL,

@@ -18,7 +18,7 @@ from ckptd.daemon.domain import (
     StepKey,
     TensorSpec,
 )
-from ckptd.daemon.engine import Engine
+from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import (
     BusyError,
     IncompleteStreamError,
@@ -30,8 +30,8 @@ from ckptd.daemon.errors import (
     StepOrderError,
     StorageError,
 )
-from ckptd.daemon.manifest import step_prefix
 from ckptd.daemon.storage import LocalStorage
+from ckptd.daemon.store.manifest import step_prefix
 from engine_support import (
     RUN,
     SMALL,

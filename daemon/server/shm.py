@@ -27,7 +27,7 @@ from ckptd.daemon.logs import fields, get_logger
 from ckptd.protos import segments
 
 if TYPE_CHECKING:
-    from ckptd.daemon.engine import SaveSession
+    from ckptd.daemon.engine.core import SaveSession
 
 SHM_ROOT = segments.SHM_ROOT
 RECLAIM_INTERVAL_S = 300.0

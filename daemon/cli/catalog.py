@@ -3,9 +3,9 @@
 ``ls``, ``info``, ``export``, ``verify`` and ``rm`` are written once against ``Catalog``;
 two implementations serve them:
 
-* ``DaemonCatalog`` (``ckptd.daemon.catalog_daemon``) asks a running daemon through the
+* ``DaemonCatalog`` (``ckptd.daemon.cli.daemon_catalog``) asks a running daemon through the
   ckptd.v1 gRPC API (``--target``);
-* ``StorageCatalog`` (``ckptd.daemon.catalog_storage``) reads a storage location directly
+* ``StorageCatalog`` (``ckptd.daemon.cli.storage_catalog``) reads a storage location directly
   through the engine's own index, restore and delete code, with no daemon and no gRPC
   (``--storage``).
 
@@ -138,10 +138,10 @@ def open_catalog(
             "default $CKPTD_TARGET) or --storage PATH_OR_URL (a storage location)"
         )
     if storage is not None:
-        from ckptd.daemon.catalog_storage import StorageCatalog
+        from ckptd.daemon.cli.storage_catalog import StorageCatalog
 
         return StorageCatalog.open(storage)
-    from ckptd.daemon.catalog_daemon import DaemonCatalog
+    from ckptd.daemon.cli.daemon_catalog import DaemonCatalog
 
     assert target is not None
     return DaemonCatalog(target, timeout_s=timeout_s)

@@ -20,13 +20,16 @@ from typing import cast
 
 import numpy as np
 from ckptd.daemon import codec
-from ckptd.daemon.chain import Chain, QueuedSave, Reconstruction, choose_kind
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import SaveState, StepKey, TensorSpec
+from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
+from ckptd.daemon.engine.validation import bits_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
-from ckptd.daemon.index import IndexEntry, StepIndex
 from ckptd.daemon.logs import get_logger, step_fields
-from ckptd.daemon.manifest import (
+from ckptd.daemon.pools import Pools, gather_bounded
+from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.manifest import (
     DELTA,
     EXACT,
     Manifest,
@@ -36,10 +39,7 @@ from ckptd.daemon.manifest import (
     manifest_key,
     tensors_checksum,
 )
-from ckptd.daemon.pools import Pools, gather_bounded
-from ckptd.daemon.restore import Restorer, as_holder
-from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.validation import bits_for, is_lossy
+from ckptd.daemon.store.restore import Restorer, as_holder
 
 log = get_logger("engine")
 Encoded = tuple[str, bytes, str, np.ndarray]  # encoding, blob, blob xxh3_64, reconstruction

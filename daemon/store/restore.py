@@ -18,9 +18,15 @@ import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.errors import CorruptCheckpointError
-from ckptd.daemon.manifest import EXACT, Manifest, TensorEntry, blob_checksum, tensors_checksum
 from ckptd.daemon.pools import Pools, gather_bounded
 from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+from ckptd.daemon.store.manifest import (
+    EXACT,
+    Manifest,
+    TensorEntry,
+    blob_checksum,
+    tensors_checksum,
+)
 
 
 class MissingBlobError(CorruptCheckpointError):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 from wsgiref.simple_server import WSGIServer
 
 from ckptd.daemon.domain import StepKey
-from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
+from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from prometheus_client import (
     CollectorRegistry,
     Counter,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ckptd.daemon import cli, loops
+from ckptd.daemon.cli import app as cli
 from ckptd.daemon.config import SETTINGS, DaemonConfig, GiB, MiB, env_name, parse_bytes
+from ckptd.daemon.server import loops
 
 
 def test_env_fills_fields_and_flags_win() -> None:

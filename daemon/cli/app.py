@@ -2,7 +2,7 @@
 
 ``ckptd serve --storage PATH_OR_URL --listen ADDR`` runs the daemon; ``ls``, ``info``,
 ``export``, ``verify`` and ``rm`` inspect and manage checkpoints through a daemon or
-directly on storage (``ckptd.daemon.cli_commands`` and ``cli_actions``). Each subcommand is
+directly on storage (``ckptd.daemon.cli.commands`` and ``cli_actions``). Each subcommand is
 registered by a function taking the subparsers object and setting ``handler`` (called as
 ``handler(args, environ) -> exit code``); subcommands in other modules are added by
 listing their ``register`` function in ``COMMANDS``.
@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptd.daemon import cli_actions, cli_commands
+from ckptd.daemon.cli import actions as cli_actions
+from ckptd.daemon.cli import commands as cli_commands
 from ckptd.daemon.config import SETTINGS, DaemonConfig, env_name
 
 Register = Callable[[Any], None]  # takes argparse's subparsers object
@@ -83,7 +84,8 @@ def _register_serve(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from ckptd.daemon import logs, server
+    from ckptd.daemon import logs
+    from ckptd.daemon.server import app as server
 
     _return_freed_memory_promptly(environ)
     try:
@@ -175,7 +177,3 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     return handler(args, os.environ if environ is None else environ)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The gRPC ``Checkpointd`` service: convert the request, call the engine, convert back.
 
-Every handler is wrapped by ``rpc``: ``maps_errors`` (``ckptd.daemon.status``) turns the
+Every handler is wrapped by ``rpc``: ``maps_errors`` (``ckptd.daemon.server.status``) turns the
 engine's errors into status codes, so handlers raise and never touch them; before that,
 each error is counted in the metrics (method, code, exception class) and logged with the
 request's run, rank and step. The only logic here is the save stream's framing: header
@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-from ckptd.daemon import convert, shm
-from ckptd.daemon.engine import Engine, SaveSession
+from ckptd.daemon.engine.core import Engine, SaveSession
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.daemon.logs import fields, get_logger, step_fields
-from ckptd.daemon.metrics import Metrics
-from ckptd.daemon.status import maps_errors, status_for
+from ckptd.daemon.server import convert, shm
+from ckptd.daemon.server.metrics import Metrics
+from ckptd.daemon.server.status import maps_errors, status_for
 from ckptd.protos.v1 import pb, pb_grpc
 
 log = get_logger("servicer")

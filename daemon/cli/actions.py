@@ -3,7 +3,7 @@
 They share ``cli_commands``' source arguments and error mapping. ``rm`` asks before it
 deletes unless ``--yes``; without a terminal to ask on (CI, pipes) it refuses instead.
 Deleting with ``--storage`` while a daemon serves the same storage corrupts the daemon's
-view of it (see ``ckptd.daemon.catalog_storage``): delete through the daemon instead.
+view of it (see ``ckptd.daemon.cli.storage_catalog``): delete through the daemon instead.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ckptd.daemon import export as exporter
-from ckptd.daemon.catalog import Catalog
-from ckptd.daemon.cli_commands import (
+from ckptd.daemon.cli import export as exporter
+from ckptd.daemon.cli.catalog import Catalog
+from ckptd.daemon.cli.commands import (
     add_source_arguments,
     one_line,
     ranks_of,
     resolve_step,
     run_command,
 )
-from ckptd.daemon.cli_output import Progress, format_bytes
+from ckptd.daemon.cli.output import Progress, format_bytes
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.errors import CkptdError, CorruptCheckpointError, InvalidRequestError
-from ckptd.daemon.manifest import tensors_checksum
+from ckptd.daemon.store.manifest import tensors_checksum
 
 # -- export ---------------------------------------------------------------------------------
 

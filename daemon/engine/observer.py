@@ -1,7 +1,7 @@
 """What the engine reports about its saves and chains, for whoever watches (metrics).
 
 The engine stays transport- and exporter-free: it calls an ``EngineObserver`` at a few
-points of a save's life and never learns who listens. ``ckptd.daemon.metrics.Metrics``
+points of a save's life and never learns who listens. ``ckptd.daemon.server.metrics.Metrics``
 is the Prometheus implementation the server passes in; the base class here does nothing,
 so an engine built without an observer (tests, embedding) pays nothing.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from ckptd.daemon import errors
-from ckptd.daemon.status import INTERNAL_MESSAGE, STATUS_TABLE, status_for
+from ckptd.daemon.server.status import INTERNAL_MESSAGE, STATUS_TABLE, status_for
 
 
 def _error_classes() -> list[type[errors.CkptdError]]:
@@ -26,7 +26,7 @@ def test_every_error_class_has_its_own_row() -> None:
 
 
 def test_errors_defined_elsewhere_inherit_a_specific_row() -> None:
-    import ckptd.daemon.engine  # noqa: F401  (loads the engine's private subclasses)
+    import ckptd.daemon.engine.core  # noqa: F401  (loads the engine's private subclasses)
 
     catch_all = dict(STATUS_TABLE)[errors.CkptdError]
     for cls in _error_classes():

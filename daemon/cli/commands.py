@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
-from ckptd.daemon.catalog import Catalog, CatalogError, open_catalog
-from ckptd.daemon.cli_output import format_bytes, format_ratio, format_table
+from ckptd.daemon.cli.catalog import Catalog, CatalogError, open_catalog
+from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
 from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
 

@@ -28,12 +28,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-from ckptd.daemon import loops, shm
 from ckptd.daemon.config import DaemonConfig
-from ckptd.daemon.engine import Engine
+from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.metrics import Metrics, MetricsEndpoint, make_registry, start_metrics_server
-from ckptd.daemon.servicer import CheckpointdServicer
+from ckptd.daemon.server import loops, shm
+from ckptd.daemon.server.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    make_registry,
+    start_metrics_server,
+)
+from ckptd.daemon.server.servicer import CheckpointdServicer
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.protos import API_VERSION
 from ckptd.protos.v1 import pb, pb_grpc

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 from ckptd.daemon.domain import StepKey, TensorSpec
-from ckptd.daemon.manifest import Manifest, manifest_key, tensors_checksum
+from ckptd.daemon.store.manifest import Manifest, manifest_key, tensors_checksum
 from ckptd.protos import dtypes
 from ckptd.protos.v1 import pb, pb_grpc
 

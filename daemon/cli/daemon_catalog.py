@@ -2,7 +2,7 @@
 
 Every RPC goes through ``_mapped``, the one place a ``grpc.RpcError`` becomes the daemon's
 exception tree: the daemon names the class of each error it raises in the trailing metadata
-``ckptd-error`` (see ``ckptd.daemon.status``), so the same class comes back here; a status
+``ckptd-error`` (see ``ckptd.daemon.server.status``), so the same class comes back here; a status
 without it (no daemon listening, a deadline) is mapped by its code.
 
 Restores are checked again on this side: the bytes received must hash to the checksum the
@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-from ckptd.daemon import convert, errors
-from ckptd.daemon.catalog import (
+from ckptd.daemon import errors
+from ckptd.daemon.cli.catalog import (
     Catalog,
     CatalogError,
     ProgressCallback,
@@ -26,8 +26,9 @@ from ckptd.daemon.catalog import (
     TensorRow,
 )
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey, TensorSpec
-from ckptd.daemon.manifest import tensors_checksum
-from ckptd.daemon.status import ERROR_METADATA_KEY
+from ckptd.daemon.server import convert
+from ckptd.daemon.server.status import ERROR_METADATA_KEY
+from ckptd.daemon.store.manifest import tensors_checksum
 from ckptd.protos.v1 import pb, pb_grpc
 
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.

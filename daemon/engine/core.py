@@ -21,7 +21,7 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    ``await delete_run(run)``. Deleting refuses (``InvalidRequestError``) while a save of
    the same (run, rank) is in flight, rather than waiting behind it for an unbounded time.
 6. Observing: an ``EngineObserver`` passed at construction hears of every accepted,
-   durable and failed save and of each chain's head (``ckptd.daemon.observer``); the
+   durable and failed save and of each chain's head (``ckptd.daemon.engine.observer``); the
    server passes the Prometheus ``Metrics``, the engine never knows.
 7. Shutdown: ``await engine.drain(timeout_s)`` refuses new saves (``ShuttingDownError``;
    saves waiting for budget get it too), lets sessions already open commit, and waits
@@ -45,10 +45,7 @@ import collections
 import time
 from collections.abc import Callable
 
-from ckptd.daemon.budget import ByteBudget
-from ckptd.daemon.chain import Chain, QueuedSave
 from ckptd.daemon.config import EngineConfig
-from ckptd.daemon.deletion import Deleter
 from ckptd.daemon.domain import (
     CheckpointHeader,
     RestoredCheckpoint,
@@ -58,6 +55,12 @@ from ckptd.daemon.domain import (
     StepInfo,
     StepKey,
 )
+from ckptd.daemon.engine.budget import ByteBudget
+from ckptd.daemon.engine.chain import Chain, QueuedSave
+from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
+from ckptd.daemon.engine.pipeline import Committed, SavePipeline
+from ckptd.daemon.engine.session import SaveSession
+from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
     InvalidRequestError,
     RunNotFoundError,
@@ -66,15 +69,12 @@ from ckptd.daemon.errors import (
     StepNotFoundError,
     StepOrderError,
 )
-from ckptd.daemon.index import StepIndex, scan
 from ckptd.daemon.logs import fields, get_logger, step_fields
-from ckptd.daemon.observer import ChainHead, DurableSave, EngineObserver
-from ckptd.daemon.pipeline import Committed, SavePipeline
 from ckptd.daemon.pools import Pools
-from ckptd.daemon.restore import MissingBlobError, Restorer
-from ckptd.daemon.session import SaveSession
 from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.validation import check_header, check_key, check_run_name
+from ckptd.daemon.store.deletion import Deleter
+from ckptd.daemon.store.index import StepIndex, scan
+from ckptd.daemon.store.restore import MissingBlobError, Restorer
 
 __all__ = ["Engine", "EngineObserver", "SaveSession"]
 

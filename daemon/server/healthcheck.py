@@ -2,8 +2,8 @@
 
 Container runtimes and supervisors run this as a probe::
 
-    python -m ckptd.daemon.healthcheck                        # the address in CKPTD_LISTEN
-    python -m ckptd.daemon.healthcheck unix:///run/ckptd/ckptd.sock --timeout-s 2
+    python -m ckptd.daemon.server.healthcheck                        # the address in CKPTD_LISTEN
+    python -m ckptd.daemon.server.healthcheck unix:///run/ckptd/ckptd.sock --timeout-s 2
 
 It exits 0 when ``grpc.health.v1.Health/Check`` answers SERVING within the deadline and 1
 otherwise (refused, timed out, NOT_SERVING while draining, unknown service), printing why
@@ -57,7 +57,7 @@ def check(target: str, service: str = "", timeout_s: float = 3.0) -> str:
 
 def _parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ckptd.daemon.healthcheck",
+        prog="python -m ckptd.daemon.server.healthcheck",
         description="Exit 0 when the ckptd daemon's gRPC health service reports SERVING.",
     )
     parser.add_argument(

@@ -18,7 +18,8 @@ from typing import Protocol, TypeVar
 from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.manifest import (
+from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+from ckptd.daemon.store.manifest import (
     BASE,
     MANIFEST_NAME,
     RUNS_PREFIX,
@@ -26,7 +27,6 @@ from ckptd.daemon.manifest import (
     manifest_key,
     parse_key,
 )
-from ckptd.daemon.storage.base import KeyNotFoundError, Storage
 
 log = get_logger("engine")
 ChainKey = tuple[str, int]

@@ -12,7 +12,7 @@ import daemon_wire as wire
 import grpc
 import numpy as np
 import pytest
-from ckptd.daemon.manifest import MANIFEST_NAME
+from ckptd.daemon.store.manifest import MANIFEST_NAME
 from ckptd.protos.v1 import pb, pb_grpc
 from daemon_harness import SpawnDaemon
 

@@ -16,12 +16,14 @@ import time
 
 import numpy as np
 from ckptd.daemon import codec
-from ckptd.daemon.chain import Chain
 from ckptd.daemon.domain import StepKey
+from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.errors import CorruptCheckpointError
-from ckptd.daemon.index import IndexEntry, StepIndex
 from ckptd.daemon.logs import get_logger, step_fields
-from ckptd.daemon.manifest import (
+from ckptd.daemon.pools import Pools, gather_bounded
+from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.manifest import (
     BASE,
     EXACT,
     Manifest,
@@ -31,9 +33,7 @@ from ckptd.daemon.manifest import (
     manifest_key,
     tensors_checksum,
 )
-from ckptd.daemon.pools import Pools, gather_bounded
-from ckptd.daemon.restore import Restorer
-from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.store.restore import Restorer
 
 log = get_logger("engine")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, SaveState, SaveStatus, TensorSpec
-from ckptd.daemon.manifest import BASE, DELTA, Manifest
+from ckptd.daemon.store.manifest import BASE, DELTA, Manifest
 
 
 @dataclass(frozen=True)
