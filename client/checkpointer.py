@@ -18,9 +18,11 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from ckptd.protos.names import normalize_target
+from ckptd.protos.records import StepInfo, step_info_from_message
 from ckptd.protos.v1 import pb
 
-from .config import CheckpointerConfig, check_run, normalize_target
+from .config import CheckpointerConfig, check_run
 from .errors import CheckpointNotFoundError, CkptdTimeoutError
 from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
 from .handle import SaveHandle, SaveState
@@ -30,7 +32,6 @@ from .policies import check_bits, parse_rules
 from .restore import RestoredState, receive
 from .shm import ShmTransport, is_local_target, same_host
 from .staging import StagingPool, plan_layout, snapshot
-from .steps import StepInfo, step_info
 from .structure import flatten
 from .transport import SaveTransport
 from .worker import SaveJob, SaveWorker
@@ -314,7 +315,7 @@ class Checkpointer:
             infos = self._connection.list_steps(self.run, self.rank)
         except CheckpointNotFoundError:
             return []
-        return sorted((step_info(info) for info in infos), key=lambda info: info.step)
+        return sorted((step_info_from_message(info) for info in infos), key=lambda info: info.step)
 
     def steps(self) -> list[int]:
         """The committed step numbers of this run and rank, ascending."""

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from ckptd.protos.names import MAX_RANK, run_name_problem
 
 from .policies import PolicyRule, check_bits
 
 TRANSPORTS = ("auto", "grpc", "shm")
 WHEN_BUSY = ("wait", "skip")
 SNAPSHOTS = ("copy", "overlap")
-RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-MAX_RANK = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -57,20 +56,8 @@ class CheckpointerConfig:
 
 def check_run(run: str, rank: int) -> None:
     """Rejects run names and ranks the daemon would refuse, before any connection."""
-    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
-        raise ValueError(
-            f"invalid run name {run!r}: use 1-128 characters from [A-Za-z0-9._-], "
-            "not starting with '.'"
-        )
+    if (problem := run_name_problem(run)) is not None:
+        raise ValueError(problem)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
         raise ValueError(f"rank must be an int in 0..{MAX_RANK}, got {rank!r}")
 
-
-def normalize_target(target: str) -> str:
-    """Accepts ``host:port``, ``unix:///path``, ``unix:/path`` or a bare absolute socket
-    path, and returns what gRPC expects."""
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"target must be 'host:port' or 'unix:///path/to/socket', got {target!r}")
-    if target.startswith("/"):
-        return f"unix:{target}"
-    return target

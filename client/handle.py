@@ -14,20 +14,11 @@ The client's background threads drive the transitions; any thread may wait on th
 
 from __future__ import annotations
 
-import enum
 import threading
 
+from ckptd.protos.records import SaveState
+
 from .errors import CkptdClientError, CkptdTimeoutError, SaveSkippedError
-
-
-class SaveState(enum.Enum):
-    """Where a save stands, from the trainer's point of view."""
-
-    PENDING = "pending"
-    ACCEPTED = "accepted"
-    DURABLE = "durable"
-    FAILED = "failed"
-    SKIPPED = "skipped"
 
 
 class SaveHandle:
@@ -61,7 +52,7 @@ class SaveHandle:
 
     def done(self) -> bool:
         """True once the save is durable, failed or skipped."""
-        return self._state in (SaveState.DURABLE, SaveState.FAILED, SaveState.SKIPPED)
+        return self._state.finished
 
     def accepted(self, timeout: float | None = None) -> bool:
         """Waits until the daemon accepted the save (or it ended otherwise); True when the

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ckptd.protos import dtypes
+from ckptd.protos.records import SaveState
 
 
 class Policy(enum.Enum):
@@ -23,19 +24,6 @@ class Policy(enum.Enum):
     LOSSY = "lossy"
     EXACT = "exact"
 
-
-class SaveState(enum.Enum):
-    """Pipeline stages of a save: received → encoding → writing → durable | failed."""
-
-    ACCEPTED = "accepted"
-    ENCODING = "encoding"
-    WRITING = "writing"
-    DURABLE = "durable"
-    FAILED = "failed"
-
-    @property
-    def finished(self) -> bool:
-        return self in (SaveState.DURABLE, SaveState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -95,22 +83,6 @@ class SaveStatus:
     state: SaveState
     error: str = ""
 
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One committed step as listed to users."""
-
-    step: int
-    kind: str  # "base" | "delta"
-    parent_step: int | None
-    raw_bytes: int
-    stored_bytes: int
-    chain_depth: int
-    created_unix_s: float
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
 @dataclass(frozen=True)

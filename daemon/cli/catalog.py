@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey, TensorSpec
+from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
+from ckptd.protos.records import StepInfo
 
 __all__ = ["Catalog", "CatalogError", "StepDetail", "TensorRow", "open_catalog"]
 

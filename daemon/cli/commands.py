@@ -22,8 +22,9 @@ from typing import Any
 
 from ckptd.daemon.cli.catalog import Catalog, CatalogError, open_catalog
 from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
-from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
+from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
+from ckptd.protos.records import StepInfo
 
 TARGET_ENV = "CKPTD_TARGET"
 CommandBody = Callable[[Catalog, argparse.Namespace], int]

@@ -25,15 +25,16 @@ from ckptd.daemon.cli.catalog import (
     StepDetail,
     TensorRow,
 )
-from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey, TensorSpec
+from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.server import convert
 from ckptd.daemon.server.status import ERROR_METADATA_KEY
 from ckptd.daemon.store.manifest import tensors_checksum
+from ckptd.protos.names import normalize_target
+from ckptd.protos.records import StepInfo, step_info_from_message
 from ckptd.protos.v1 import pb, pb_grpc
 
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.
 _MAX_RECEIVE_BYTES = 1 << 30
-_KINDS = {pb.STEP_KIND_BASE: "base", pb.STEP_KIND_DELTA: "delta"}
 
 
 class DaemonUnreachableError(CatalogError, ConnectionError):
@@ -79,19 +80,14 @@ def _call(exc: grpc.RpcError, method: str) -> Any:
     return fn() if callable(fn) else None
 
 
-def normalize_target(target: str) -> str:
-    """``host:port``, ``unix:///path`` or ``unix:/path`` as given; a bare absolute path is
-    taken as a Unix socket."""
-    if not target:
-        raise errors.InvalidRequestError("--target is empty; use HOST:PORT or unix:///PATH")
-    return f"unix:{target}" if target.startswith("/") else target
-
-
 class DaemonCatalog(Catalog):
     """Asks the daemon at ``target``; unary calls give up after ``timeout_s``."""
 
     def __init__(self, target: str, *, timeout_s: float) -> None:
-        self.target = normalize_target(target)
+        try:
+            self.target = normalize_target(target)
+        except ValueError as exc:
+            raise errors.InvalidRequestError(f"--target: {exc}") from exc
         self.location = f"daemon at {self.target}"
         self._timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)]
@@ -117,13 +113,7 @@ class DaemonCatalog(Catalog):
         with self._mapped(f"list steps of {run}/rank{rank}"):
             reply = self._stub.ListSteps(pb.ListStepsRequest(run=run, rank=rank),
                                          timeout=self._timeout_s)
-        return [
-            StepInfo(step=s.step, kind=_KINDS.get(s.kind, "unknown"),
-                     parent_step=s.parent_step if s.kind == pb.STEP_KIND_DELTA else None,
-                     raw_bytes=s.raw_bytes, stored_bytes=s.stored_bytes,
-                     chain_depth=s.chain_depth, created_unix_s=s.created_unix_s)
-            for s in reply.steps
-        ]
+        return [step_info_from_message(s) for s in reply.steps]
 
     def step_detail(self, key: StepKey) -> StepDetail:
         # The API has no "describe step" call: read a restore's header, then hang up.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
-from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepInfo, StepKey
+from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.engine.validation import check_key, check_run_name
 from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError, StorageError
@@ -36,6 +36,7 @@ from ckptd.daemon.storage import Storage, open_storage
 from ckptd.daemon.store.deletion import Deleter
 from ckptd.daemon.store.index import IndexEntry, StepIndex, scan
 from ckptd.daemon.store.restore import Restorer
+from ckptd.protos.records import StepInfo
 
 T = TypeVar("T")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

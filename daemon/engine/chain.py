@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ckptd.daemon.config import EngineConfig
-from ckptd.daemon.domain import CheckpointHeader, SaveState, SaveStatus, TensorSpec
+from ckptd.daemon.domain import CheckpointHeader, SaveStatus, TensorSpec
 from ckptd.daemon.store.manifest import BASE, DELTA, Manifest
+from ckptd.protos.records import SaveState
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,7 @@ import time
 from collections.abc import Callable
 
 from ckptd.daemon.config import EngineConfig
-from ckptd.daemon.domain import (
-    CheckpointHeader,
-    RestoredCheckpoint,
-    RunInfo,
-    SaveState,
-    SaveStatus,
-    StepInfo,
-    StepKey,
-)
+from ckptd.daemon.domain import CheckpointHeader, RestoredCheckpoint, RunInfo, SaveStatus, StepKey
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
@@ -75,6 +67,7 @@ from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.deletion import Deleter
 from ckptd.daemon.store.index import StepIndex, scan
 from ckptd.daemon.store.restore import MissingBlobError, Restorer
+from ckptd.protos.records import SaveState, StepInfo
 
 __all__ = ["Engine", "EngineObserver", "SaveSession"]
 

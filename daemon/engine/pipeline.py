@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.config import EngineConfig
-from ckptd.daemon.domain import SaveState, StepKey, TensorSpec
+from ckptd.daemon.domain import StepKey, TensorSpec
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
 from ckptd.daemon.engine.validation import bits_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
@@ -40,6 +40,7 @@ from ckptd.daemon.store.manifest import (
     tensors_checksum,
 )
 from ckptd.daemon.store.restore import Restorer, as_holder
+from ckptd.protos.records import SaveState
 
 log = get_logger("engine")
 Encoded = tuple[str, bytes, str, np.ndarray]  # encoding, blob, blob xxh3_64, reconstruction

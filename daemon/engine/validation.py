@@ -6,26 +6,21 @@ so that a client (in any language) can tell its user what to change.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, Policy, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.protos import dtypes
+from ckptd.protos.names import MAX_STEP, run_name_problem
 
-RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-MAX_STEP = 2**64 - 1
 MAX_BITS = 8
 
 
 def check_run_name(run: str) -> None:
     """Run names become storage path segments: 1-128 of ``[A-Za-z0-9._-]``, no leading '.'."""
-    if not isinstance(run, str) or not RUN_NAME_RE.fullmatch(run):
-        raise InvalidRequestError(
-            f"invalid run name {run!r}: use 1-128 characters from [A-Za-z0-9._-], "
-            "not starting with '.'"
-        )
+    if (problem := run_name_problem(run)) is not None:
+        raise InvalidRequestError(problem)
 
 
 def check_key(run: str, rank: int, step: int | None = None) -> None:

@@ -16,14 +16,13 @@ from ckptd.daemon.domain import (
     Policy,
     RestoredCheckpoint,
     RunInfo,
-    SaveState,
     SaveStatus,
-    StepInfo,
     StepKey,
     TensorSpec,
 )
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.protos import dtypes
+from ckptd.protos.records import SaveState, StepInfo
 from ckptd.protos.v1 import pb
 
 _POLICY_FROM_WIRE = {

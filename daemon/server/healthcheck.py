@@ -19,28 +19,10 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import grpc
+from ckptd.protos.names import normalize_target
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-# What a probe dials instead of the wildcard address the daemon listens on.
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
-
-
-def dial_target(listen: str) -> str:
-    """Turns a listen address into one a client can dial.
-
-    ``0.0.0.0:P`` and ``[::]:P`` become loopback; a bare absolute path becomes a
-    ``unix:`` target; ``unix:`` targets and ``host:port`` pass through.
-    """
-    listen = listen.strip()
-    if listen.startswith("unix:") or listen.startswith("unix-abstract:"):
-        return listen
-    if listen.startswith("/"):
-        return f"unix:{listen}"
-    host, sep, port = listen.rpartition(":")
-    if sep and host in _WILDCARDS:
-        return f"{_WILDCARDS[host]}:{port}"
-    return listen
 
 
 def check(target: str, service: str = "", timeout_s: float = 3.0) -> str:
@@ -75,7 +57,11 @@ def _parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpa
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Runs one health check; returns the process exit code (0 healthy, 1 not)."""
     args = _parse_args(argv, os.environ if environ is None else environ)
-    target = dial_target(args.target)
+    try:
+        target = normalize_target(args.target)
+    except ValueError as exc:
+        print(f"ckptd healthcheck: {exc}", file=sys.stderr)
+        return 2
     try:
         status = check(target, args.service, args.timeout_s)
     except grpc.RpcError as exc:

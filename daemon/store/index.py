@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ckptd.daemon.domain import RunInfo, StepInfo, StepKey
+from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.storage.base import KeyNotFoundError, Storage
@@ -27,6 +27,7 @@ from ckptd.daemon.store.manifest import (
     manifest_key,
     parse_key,
 )
+from ckptd.protos.records import StepInfo
 
 log = get_logger("engine")
 ChainKey = tuple[str, int]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ckptd.daemon.server.healthcheck import dial_target, main
+from ckptd.daemon.server.healthcheck import main
+from ckptd.protos.names import normalize_target
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "ckptd.v1.Checkpointd"
@@ -115,4 +116,4 @@ def test_runs_as_a_module_the_way_the_image_runs_it(tcp_server: HealthServer) ->
     ],
 )
 def test_dial_target(listen: str, target: str) -> None:
-    assert dial_target(listen) == target
+    assert normalize_target(listen) == target

@@ -19,7 +19,6 @@ from ckptd.daemon.domain import (
     CheckpointHeader,
     Policy,
     RestoredCheckpoint,
-    SaveState,
     SaveStatus,
     StepKey,
     TensorSpec,
@@ -28,6 +27,7 @@ from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.storage import LocalStorage, open_storage
 from ckptd.daemon.store.manifest import tensors_checksum
+from ckptd.protos.records import SaveState
 
 RUN = "run-a"
 WAIT_S = 60.0

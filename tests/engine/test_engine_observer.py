@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptd.daemon.domain import SaveState, StepInfo, StepKey
+from ckptd.daemon.domain import StepKey
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.errors import StorageError
 from ckptd.daemon.store.manifest import step_prefix
+from ckptd.protos.records import SaveState, StepInfo
 from engine_support import RUN, SMALL, WAIT_S, open_engine, random_walk, save, send
 
 

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 from ckptd.daemon.cli.storage_catalog import StorageCatalog
-from ckptd.daemon.domain import Policy, RestoredCheckpoint, SaveState, StepKey
+from ckptd.daemon.domain import Policy, RestoredCheckpoint, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
 from ckptd.daemon.storage import LocalStorage
 from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest, blob_key, manifest_key
+from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
     SMALL,

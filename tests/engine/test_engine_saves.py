@@ -11,13 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ckptd.daemon.domain import (
-    CheckpointHeader,
-    Policy,
-    SaveState,
-    StepKey,
-    TensorSpec,
-)
+from ckptd.daemon.domain import CheckpointHeader, Policy, StepKey, TensorSpec
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import (
     BusyError,
@@ -32,6 +26,7 @@ from ckptd.daemon.errors import (
 )
 from ckptd.daemon.storage import LocalStorage
 from ckptd.daemon.store.manifest import step_prefix
+from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
     SMALL,
