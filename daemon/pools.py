@@ -45,20 +45,6 @@ class Pools:
             await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
 
 
-async def gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Runs every awaitable to its end, then raises the first error if any.
-
-    Unlike a plain ``gather`` that stops at the first error, no sibling is left running:
-    when the caller cleans up after a failure (deleting a save's blobs), no put of that
-    save can still land afterwards.
-    """
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
-
-
 class _Skipped(Exception):
     """A call never started because an earlier one already failed."""
 

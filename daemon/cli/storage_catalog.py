@@ -1,16 +1,16 @@
-"""``Catalog`` over a storage location, through the engine's own index, restore and delete.
+"""``Catalog`` over a storage location, through the same ``Repository`` the engine uses.
 
-Nothing here talks to a daemon: the index is rebuilt from the manifests (``index.scan``, the
-same code a starting daemon runs), restores go through ``Restorer`` (every blob's xxh3_64
-and the step's xxh3_128 are verified) and deletes through ``Deleter`` (a dependant step is
-rebased first). Unlike ``Engine.start`` this never deletes garbage or temporaries: a live
-daemon's save in progress looks exactly like garbage.
+Nothing here talks to a daemon: the index is rebuilt from the manifests
+(``Repository.load``, the same code a starting daemon runs), restores are verified (every
+blob's xxh3_64 and the step's xxh3_128) and deletes rebase a dependant step first. Unlike
+``Engine.start`` this never deletes garbage or temporaries: a live daemon's save in
+progress looks exactly like garbage.
 
-Writing (``delete_*``) while a daemon serves the same storage is unsafe: the daemon's index
-and head reconstruction go stale, so it may restore a deleted step from memory or encode
-its next delta against a step that no longer exists. Storage carries no lock that would
-reveal a live daemon, so this cannot be detected; delete through the daemon (``--target``)
-whenever one is running. Reading is safe at any time (manifests are the commit point).
+Writing (``delete_*``) while a daemon serves the same storage would leave the daemon's
+index and head reconstruction stale, so it first claims the storage's one-writer lock
+(``Storage.claim``), which a serving daemon holds: the deletion is refused, naming the
+holder; delete through the daemon (``--target``) instead. Reading is safe at any time
+(manifests are the commit point).
 
 The engine's code is asynchronous; this class runs it on a private event loop, one call at
 a time, from the caller's thread.
@@ -28,14 +28,12 @@ from typing import Any, TypeVar
 
 from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey
-from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.engine.validation import check_key, check_run_name
-from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError, StorageError
+from ckptd.daemon.errors import StorageError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import Storage, open_storage
-from ckptd.daemon.store.deletion import Deleter
-from ckptd.daemon.store.index import IndexEntry, StepIndex, scan
-from ckptd.daemon.store.restore import Restorer
+from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.repository import Repository
 from ckptd.protos.records import StepInfo
 
 T = TypeVar("T")
@@ -66,8 +64,8 @@ class StorageCatalog(Catalog):
         self.location = f"storage {storage.url}"
         self._loop = asyncio.new_event_loop()
         self._pools = Pools(_CODEC_WORKERS, _IO_WORKERS)
-        self._restorer = Restorer(storage, self._pools)
-        self._index: StepIndex | None = None
+        self._repository = Repository(storage, self._pools)
+        self._loaded = False
         self._closed = False
         self._claimed = False
 
@@ -105,8 +103,7 @@ class StorageCatalog(Catalog):
         self, key: StepKey, on_progress: ProgressCallback | None = None
     ) -> RestoredCheckpoint:
         manifest = self._entry(key).manifest
-        plan = self._get_index().plan(key)
-        arrays = self._run(self._restorer.restore(plan))
+        arrays = self._run(self._repository.restore(key))
         if on_progress is not None:
             on_progress(manifest.raw_bytes)
         return RestoredCheckpoint(key, manifest.specs, arrays, manifest.metadata,
@@ -115,14 +112,7 @@ class StorageCatalog(Catalog):
     def delete_step(self, key: StepKey) -> int:
         self._claim()
         self._entry(key)
-        deleter = self._deleter()
-
-        async def delete() -> None:
-            chain = Chain(key.run, key.rank)
-            async with chain.lock:
-                await deleter.delete_step(chain, key)
-
-        self._run(delete())
+        self._run(self._repository.delete_step(key))
         return 1
 
     def delete_run(self, run: str) -> int:
@@ -130,10 +120,8 @@ class StorageCatalog(Catalog):
         self._claim()
         ranks = self._get_index().ranks(run)
         if not ranks:
-            raise RunNotFoundError(f"run {run!r} has no saved steps in {self._storage.url}; "
-                                   f"known runs: {self._known_runs()}")
-        deleter = self._deleter()
-        return sum(self._run(deleter.delete_chain(Chain(run, rank))) for rank in ranks)
+            raise self._repository.run_not_found(run)
+        return sum(self._run(self._repository.delete_chain(run, rank)) for rank in ranks)
 
     def close(self) -> None:
         if self._closed:
@@ -151,13 +139,10 @@ class StorageCatalog(Catalog):
         return self._loop.run_until_complete(coro)
 
     def _get_index(self) -> StepIndex:
-        if self._index is None:
-            found = self._run(scan(self._storage, self._pools.run_io))
-            index = StepIndex()
-            for entry in found.entries:
-                index.add(entry)
-            self._index = index
-        return self._index
+        if not self._loaded:
+            self._run(self._repository.load())
+            self._loaded = True
+        return self._repository.index
 
     def _claim(self) -> None:
         """Takes the storage for writing (refused while a daemon serves it), then drops the
@@ -166,32 +151,13 @@ class StorageCatalog(Catalog):
         if not self._claimed:
             self._storage.claim(f"ckptd rm (pid {os.getpid()} on {socket.gethostname()})")
             self._claimed = True
-            self._index = None
-
-    def _deleter(self) -> Deleter:
-        return Deleter(self._storage, self._get_index(), self._pools, self._restorer)
+            self._loaded = False
 
     def _entry(self, key: StepKey) -> IndexEntry:
         check_key(key.run, key.rank, key.step)
-        entry = self._get_index().get(key)
-        if entry is None:
-            raise self._not_found(key)
-        return entry
+        self._get_index()
+        return self._repository.entry(key)
 
-    def _not_found(self, key: StepKey) -> Exception:
-        index = self._get_index()
-        steps = index.steps(key.run, key.rank)
-        if not steps:
-            ranks = index.ranks(key.run)
-            where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self._known_runs()}"
-            return RunNotFoundError(f"run {key.run!r} rank {key.rank} has no saved steps in "
-                                    f"{self._storage.url}; {where}")
-        nearby = index.nearby(key.run, key.rank, key.step)
-        return StepNotFoundError(
-            f"step {key} does not exist; nearby steps: {nearby} (latest {steps[-1]})"
-        )
-
-    def _known_runs(self) -> str:
-        runs = sorted({run for run, _ in self._get_index().chains()})
-        shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
-        return shown or "none"
+    def _not_found(self, key: StepKey) -> LookupError:
+        self._get_index()
+        return self._repository.not_found(key)

@@ -2,10 +2,12 @@
 the chain policy that decides whether the next save is a base or a delta.
 
 A chain's saves go through the pipeline strictly in step order, one at a time, under
-``Chain.lock`` (deletes of the chain's steps take the same lock). The reconstruction is
-what a restore of the head step returns, bit for bit; the next delta is encoded against
-it. It is replaced only after the next step is committed, so a failed save leaves the
-chain exactly where it was. Used only from the event loop's thread.
+``Chain.lock`` (deletes of the chain's steps take the same lock). The head reconstruction
+is what a restore of the head step returns, bit for bit; the next delta is encoded
+against it. Only the chain's own methods change it: ``advance`` after a step is committed
+(or rebuilt from storage), ``invalidate`` when it may no longer be the latest step, and
+``recount`` when a deletion reshaped the chain below it. So a failed save leaves the chain
+exactly where it was. Used only from the event loop's thread.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Chain:
         self.rank = rank
         # None until built: no step yet, just after start (rebuilt lazily from storage), or
         # after the head step was deleted. The pipeline rebuilds it before the next delta.
-        self.recon: Reconstruction | None = None
+        self._head: Reconstruction | None = None
         # Steps opened, queued or in the pipeline: reserved against duplicates until they
         # are durable, failed or aborted.
         self.reserved: set[int] = set()
@@ -93,6 +95,27 @@ class Chain:
         self.lock = asyncio.Lock()
         self.wakeup = asyncio.Event()  # set when a reserved step is queued or released
         self.worker: asyncio.Task[None] | None = None
+
+    @property
+    def head(self) -> Reconstruction | None:
+        """The reconstruction of the chain's latest committed step, when held in memory."""
+        return self._head
+
+    def advance(self, head: Reconstruction) -> None:
+        """Makes ``head`` the chain's head: a step just committed, or rebuilt from storage."""
+        self._head = head
+
+    def invalidate(self, step: int | None = None) -> None:
+        """Forgets the head (only if it is ``step``, when given); the pipeline rebuilds it
+        from storage before the next delta."""
+        if step is None or (self._head is not None and self._head.step == step):
+            self._head = None
+
+    def recount(self, plan: list[Manifest]) -> None:
+        """Updates the head's chain counters to ``plan`` (its base first, the head last)
+        after steps below it were deleted or rebased."""
+        if self._head is not None:
+            self._head = self._head.with_plan(plan)
 
     def next_ready(self) -> QueuedSave | None:
         """The lowest reserved step if it is queued; None while it is still being received
@@ -102,7 +125,7 @@ class Chain:
         return self.queued.get(min(self.reserved))
 
     def __repr__(self) -> str:
-        head = self.recon.step if self.recon else None
+        head = self._head.step if self._head else None
         return f"Chain({self.run}/rank{self.rank}, head={head}, reserved={sorted(self.reserved)})"
 
 

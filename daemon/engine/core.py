@@ -55,7 +55,6 @@ from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
     InvalidRequestError,
-    RunNotFoundError,
     ShuttingDownError,
     StepExistsError,
     StepNotFoundError,
@@ -64,9 +63,8 @@ from ckptd.daemon.errors import (
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.store.deletion import Deleter
-from ckptd.daemon.store.index import StepIndex, scan
-from ckptd.daemon.store.restore import MissingBlobError, Restorer
+from ckptd.daemon.store.repository import Repository
+from ckptd.daemon.store.restore import MissingBlobError
 from ckptd.protos.records import SaveState, StepInfo
 
 __all__ = ["Engine", "EngineObserver", "SaveSession"]
@@ -89,10 +87,9 @@ class Engine:
         self._observer = observer or EngineObserver()
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes)
-        self._index = StepIndex()
-        self._restorer = Restorer(storage, self._pools)
-        self._pipeline = SavePipeline(storage, config, self._index, self._pools, self._restorer)
-        self._deleter = Deleter(storage, self._index, self._pools, self._restorer)
+        self._repository = Repository(storage, self._pools)
+        self._index = self._repository.index  # read-only queries; writes go through it
+        self._pipeline = SavePipeline(self._repository, config, self._pools)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
         self._inflight: dict[StepKey, QueuedSave] = {}
@@ -106,9 +103,7 @@ class Engine:
 
     async def start(self) -> None:
         """Indexes every committed step and deletes what no manifest accounts for."""
-        found = await scan(self.storage, self._pools.run_io)
-        for entry in found.entries:
-            self._index.add(entry)
+        found = await self._repository.load()
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
@@ -181,12 +176,12 @@ class Engine:
                 raise self._not_found(key)
             manifest = entry.manifest
             chain = self._chains.get((run, rank))
-            head = chain.recon if chain is not None else None
+            head = chain.head if chain is not None else None
             try:
                 if head is not None and head.step == key.step:
-                    arrays = await self._restorer.copy_verified(manifest, head.arrays)
+                    arrays = await self._repository.copy_verified(manifest, head.arrays)
                 else:
-                    arrays = await self._restorer.restore(self._index.plan(key))
+                    arrays = await self._repository.restore(key)
             except MissingBlobError:
                 # A delete or rebase may have replaced the plan meanwhile: plan again, and
                 # report corruption only when the plan is still the same.
@@ -217,7 +212,10 @@ class Engine:
         async with chain.lock:
             if self._index.get(key) is None:
                 raise self._not_found(key)
-            await self._deleter.delete_step(chain, key)
+            head = chain.head
+            await self._repository.delete_step(key, (head.step, head.arrays) if head else None)
+            chain.invalidate(key.step)
+            self._recount(chain)
         self._report_head(key.run, key.rank)
         return 1
 
@@ -226,15 +224,15 @@ class Engine:
         check_run_name(run)
         ranks = self._index.ranks(run)
         if not ranks:
-            raise RunNotFoundError(f"run {run!r} has no saved steps; known runs: "
-                                   f"{self._known_runs()}")
+            raise self._repository.run_not_found(run)
         chains = [self._chain(run, rank) for rank in ranks]
         for chain in chains:
             self._check_chain_idle(chain, f"run {run!r}")
         deleted = 0
         for chain in chains:
             async with chain.lock:
-                deleted += await self._deleter.delete_chain(chain)
+                deleted += await self._repository.delete_chain(chain.run, chain.rank)
+                chain.invalidate()
             self._report_head(chain.run, chain.rank)
         return deleted
 
@@ -355,7 +353,7 @@ class Engine:
         try:
             async with chain.lock:
                 committed = await self._pipeline.run(chain, save)
-                chain.recon = committed.head
+                chain.advance(committed.head)
         except asyncio.CancelledError:
             self._finish(chain, save, "the daemon shut down before the save was durable")
             raise
@@ -432,18 +430,10 @@ class Engine:
         if not self._sessions and not self._inflight:
             self._idle.set()
 
-    def _not_found(self, key: StepKey) -> Exception:
-        steps = self._index.steps(key.run, key.rank)
-        if not steps:
-            ranks = self._index.ranks(key.run)
-            where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self._known_runs()}"
-            return RunNotFoundError(f"run {key.run!r} rank {key.rank} has no saved steps; {where}")
-        nearby = self._index.nearby(key.run, key.rank, key.step)
-        return StepNotFoundError(
-            f"step {key} does not exist; nearby steps: {nearby} (latest {steps[-1]})"
-        )
+    def _not_found(self, key: StepKey) -> LookupError:
+        return self._repository.not_found(key)
 
-    def _known_runs(self) -> str:
-        runs = sorted({run for run, _ in self._index.chains()})
-        shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
-        return shown or "none"
+    def _recount(self, chain: Chain) -> None:
+        """Refreshes the head's chain counters after a deletion reshaped its chain."""
+        if chain.head is not None:
+            chain.recount(self._index.plan(StepKey(chain.run, chain.rank, chain.head.step)))

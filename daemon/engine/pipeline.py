@@ -27,8 +27,7 @@ from ckptd.daemon.engine.validation import bits_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
-from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.index import IndexEntry
 from ckptd.daemon.store.manifest import (
     DELTA,
     EXACT,
@@ -39,7 +38,8 @@ from ckptd.daemon.store.manifest import (
     manifest_key,
     tensors_checksum,
 )
-from ckptd.daemon.store.restore import Restorer, as_holder
+from ckptd.daemon.store.repository import Repository
+from ckptd.daemon.store.restore import as_holder
 from ckptd.protos.records import SaveState
 
 log = get_logger("engine")
@@ -67,47 +67,42 @@ class _Progress:
 class SavePipeline:
     """Turns an accepted save into a committed step and the chain's next reconstruction."""
 
-    def __init__(
-        self,
-        storage: Storage,
-        config: EngineConfig,
-        index: StepIndex,
-        pools: Pools,
-        restorer: Restorer,
-    ) -> None:
-        self._storage = storage
+    def __init__(self, repository: Repository, config: EngineConfig, pools: Pools) -> None:
+        self._repository = repository
+        self._storage = repository.storage
         self._config = config
-        self._index = index
         self._pools = pools
-        self._restorer = restorer
 
     async def ensure_head(self, chain: Chain) -> None:
-        """Makes ``chain.recon`` the reconstruction of its latest committed step, restoring
+        """Makes ``chain.head`` the reconstruction of its latest committed step, restoring
         it from storage after a restart or a delete; an unrestorable head leaves None (the
         next save becomes a base instead of a delta against bad data)."""
-        latest = self._index.latest(chain.run, chain.rank)
-        if latest is None or (chain.recon is not None and chain.recon.step == latest):
-            if latest is None:
-                chain.recon = None
+        index = self._repository.index
+        latest = index.latest(chain.run, chain.rank)
+        if latest is not None and chain.head is not None and chain.head.step == latest:
             return
-        chain.recon = None
-        plan = self._index.plan(StepKey(chain.run, chain.rank, latest))
+        chain.invalidate()
+        if latest is None:
+            return
+        key = StepKey(chain.run, chain.rank, latest)
+        plan = index.plan(key)
         try:
-            arrays = await self._restorer.restore(plan)
+            arrays = await self._repository.restore(key)
         except CorruptCheckpointError as exc:
             log.error("cannot rebuild chain head; next save is a base %s",
-                      step_fields(StepKey(chain.run, chain.rank, latest), error=str(exc)))
+                      step_fields(key, error=str(exc)))
             return
-        chain.recon = Reconstruction.from_plan(plan, arrays)
+        chain.advance(Reconstruction.from_plan(plan, arrays))
 
     async def run(self, chain: Chain, save: QueuedSave) -> Committed:
         """Encodes, writes and commits ``save``; returns the chain's new head (the caller
-        installs it). Raises whatever failed, after deleting the step's partial keys."""
+        advances the chain to it). Raises whatever failed, after deleting the step's
+        partial keys."""
         await self.ensure_head(chain)
         header = save.header
-        kind, why = choose_kind(chain.recon, header.tensors, self._config)
+        kind, why = choose_kind(chain.head, header.tensors, self._config)
         log.debug("encoding save %s", step_fields(header.key, kind=kind, why=why))
-        previous = chain.recon if kind == DELTA else None
+        previous = chain.head if kind == DELTA else None
         save.state = SaveState.ENCODING
         started_s = time.monotonic()
         progress = _Progress(len(save.arrays))
@@ -119,17 +114,12 @@ class SavePipeline:
             specs = header.tensors
             checksum = await self._pools.run_codec(lambda: tensors_checksum(specs, arrays))
             manifest = self._manifest(save, kind, previous, entries, checksum)
-            data = manifest.to_bytes()
-            await self._pools.run_io(
-                functools.partial(self._storage.put, manifest_key(header.key), data)
-            )
+            entry = await self._repository.commit(manifest)
         except asyncio.CancelledError:
             raise  # shutting down: storage may hang, so leave the keys to the next start
         except BaseException:
             await self._discard(header.key, len(header.tensors))
             raise
-        entry = IndexEntry(manifest, len(data))
-        self._index.add(entry)
         encode_s = (progress.encoded_at_s or time.monotonic()) - started_s
         return Committed(_next_head(manifest, arrays, previous), entry, encode_s)
 

@@ -67,6 +67,10 @@ class StepIndex:
             bisect.insort(self._steps.setdefault(chain, []), key.step)
         entries[key.step] = entry
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._steps.clear()
+
     def remove(self, key: StepKey) -> None:
         chain = (key.run, key.rank)
         if self._entries.get(chain, {}).pop(key.step, None) is None:

@@ -71,10 +71,6 @@ _KEY_RE = re.compile(
 )
 
 
-def run_prefix(run: str) -> str:
-    return f"{RUNS_PREFIX}{run}/"
-
-
 def step_prefix(key: StepKey) -> str:
     return f"{RUNS_PREFIX}{key.run}/{key.rank}/{key.step:020d}/"
 

@@ -1,0 +1,109 @@
+"""``Repository``: the committed checkpoints of one storage location, for every reader.
+
+The engine (inside the daemon) and the CLI's direct access to storage
+(``ckptd.daemon.cli.storage_catalog``) hold one each, so that they list, restore, commit
+and delete through the very same code. It owns the index of committed steps
+(``StepIndex``, rebuilt from the manifests by ``load``), restore plans and their
+verification (``Restorer``) and deletion with rebasing (``Deleter``). It holds nothing of
+a chain in memory: a caller that keeps a step's reconstruction passes it in where it
+saves work (``delete_step(..., head=...)``) and updates its own state afterwards.
+
+Call order, from one event loop's thread: ``await load()`` once; then any of the queries
+(``index``), ``restore``, ``commit``, ``delete_step``/``delete_chain``. Callers serialise
+writes to one (run, rank) themselves (the engine's chain lock). Blocking work runs in the
+given ``Pools``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
+from ckptd.daemon.pools import Pools
+from ckptd.daemon.storage.base import Storage
+from ckptd.daemon.store.deletion import Deleter, HeadArrays
+from ckptd.daemon.store.index import IndexEntry, ScanResult, StepIndex, scan
+from ckptd.daemon.store.manifest import Manifest, manifest_key
+from ckptd.daemon.store.restore import Restorer
+
+__all__ = ["HeadArrays", "Repository"]
+
+
+class Repository:
+    """Index, restore, commit and delete over one ``Storage``."""
+
+    def __init__(self, storage: Storage, pools: Pools) -> None:
+        self.storage = storage
+        self.index = StepIndex()
+        self._pools = pools
+        self._restorer = Restorer(storage, pools)
+        self._deleter = Deleter(storage, self.index, pools, self._restorer)
+
+    async def load(self) -> ScanResult:
+        """(Re)builds the index from every readable manifest; returns the scan, whose
+        ``garbage`` only a sole writer may delete (a live daemon's save looks the same)."""
+        found = await scan(self.storage, self._pools.run_io)
+        self.index.clear()
+        for entry in found.entries:
+            self.index.add(entry)
+        return found
+
+    def entry(self, key: StepKey) -> IndexEntry:
+        """The committed step ``key``; raises a not-found error naming what exists."""
+        entry = self.index.get(key)
+        if entry is None:
+            raise self.not_found(key)
+        return entry
+
+    async def restore(self, key: StepKey) -> tuple[np.ndarray, ...]:
+        """The verified reconstruction of ``key``, rebuilt along its plan from storage."""
+        return await self._restorer.restore(self.index.plan(key))
+
+    async def copy_verified(
+        self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, ...]:
+        """A verified copy of an in-memory reconstruction of ``manifest``'s step."""
+        return await self._restorer.copy_verified(manifest, arrays)
+
+    async def commit(self, manifest: Manifest) -> IndexEntry:
+        """Puts ``manifest`` (the commit point: its blobs must be durable already) and
+        indexes it; the step exists from here on."""
+        data = manifest.to_bytes()
+        put = functools.partial(self.storage.put, manifest_key(manifest.key), data)
+        await self._pools.run_io(put)
+        entry = IndexEntry(manifest, len(data))
+        self.index.add(entry)
+        return entry
+
+    async def delete_step(self, key: StepKey, head: HeadArrays | None = None) -> None:
+        """Deletes ``key``, first rebasing the step that depends on it (from ``head``, the
+        caller's in-memory reconstruction of some step, when it is that dependant)."""
+        await self._deleter.delete_step(key, head, self.commit)
+
+    async def delete_chain(self, run: str, rank: int) -> int:
+        """Deletes every step of (run, rank); returns how many."""
+        return await self._deleter.delete_chain(run, rank)
+
+    def not_found(self, key: StepKey) -> LookupError:
+        """The error for a missing ``key``: which ranks or nearby steps exist instead."""
+        steps = self.index.steps(key.run, key.rank)
+        if not steps:
+            ranks = self.index.ranks(key.run)
+            where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self.known_runs()}"
+            return RunNotFoundError(f"run {key.run!r} rank {key.rank} has no saved steps; {where}")
+        nearby = self.index.nearby(key.run, key.rank, key.step)
+        return StepNotFoundError(
+            f"step {key} does not exist; nearby steps: {nearby} (latest {steps[-1]})"
+        )
+
+    def run_not_found(self, run: str) -> RunNotFoundError:
+        """The error for a run without steps, naming the runs that exist."""
+        return RunNotFoundError(f"run {run!r} has no saved steps; known runs: {self.known_runs()}")
+
+    def known_runs(self) -> str:
+        """Up to ten run names, for error messages."""
+        runs = sorted({run for run, _ in self.index.chains()})
+        shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+        return shown or "none"
