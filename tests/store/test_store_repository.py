@@ -1,0 +1,162 @@
+"""``Repository`` on real local storage: commit, load, restore, delete with rebasing.
+
+Steps are written the way the engine's pipeline writes them (blobs first, then
+``Repository.commit``), so these tests pin the store's side of the contract without an
+engine: a second repository on the same directory (the CLI's direct access) sees exactly
+what the first committed, deleting a parent rebases its child onto the same bytes, and a
+missing step or run is reported with what exists instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ckptd.daemon import codec
+from ckptd.daemon.domain import Policy, StepKey, TensorSpec
+from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
+from ckptd.daemon.pools import Pools
+from ckptd.daemon.storage import LocalStorage
+from ckptd.daemon.store.manifest import (
+    BASE,
+    DELTA,
+    EXACT,
+    Manifest,
+    TensorEntry,
+    blob_checksum,
+    blob_key,
+    tensors_checksum,
+)
+from ckptd.daemon.store.repository import Repository
+
+SPECS = (TensorSpec("w", "float32", (64, 32), Policy.LOSSY, 4), TensorSpec("n", "int64", ()))
+
+
+def _state(seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((64, 32)).astype(np.float32), np.array(seed, np.int64))
+
+
+def _put(repo: Repository, key: StepKey, index: int, blob: bytes, encoding: str) -> TensorEntry:
+    name = blob_key(key, index)
+    repo.storage.put(name, blob)
+    return TensorEntry(SPECS[index], encoding, name, len(blob), blob_checksum(blob))
+
+
+async def _commit(
+    repo: Repository, step: int, state: tuple[np.ndarray, ...], parent: Manifest | None = None,
+    parent_arrays: tuple[np.ndarray, ...] | None = None,
+) -> tuple[Manifest, tuple[np.ndarray, ...]]:
+    """Writes ``state`` as a base, or as a delta of the float tensor against
+    ``parent_arrays``; returns the manifest and the arrays a restore must give back."""
+    key = StepKey("run-a", 0, step)
+    if parent is None or parent_arrays is None:
+        entries = [_put(repo, key, i, codec.encode_exact(a), EXACT) for i, a in enumerate(state)]
+        recon = state
+    else:
+        blob, weights = codec.encode_delta(state[0], parent_arrays[0], bits=4)
+        entries = [_put(repo, key, 0, blob, DELTA),
+                   _put(repo, key, 1, codec.encode_exact(state[1]), EXACT)]
+        recon = (weights, state[1])
+    manifest = Manifest(
+        key=key, kind=DELTA if parent else BASE,
+        parent_step=parent.key.step if parent else None,
+        base_step=parent.base_step if parent else step,
+        chain_depth=parent.chain_depth + 1 if parent else 0, created_unix_s=time.time(),
+        metadata={"step": str(step)}, tensors=tuple(entries),
+        checksum=tensors_checksum(SPECS, recon),
+    )
+    await repo.commit(manifest)
+    return manifest, recon
+
+
+@pytest.fixture
+def pools() -> Iterator[Pools]:
+    made = Pools(2, 2)
+    yield made
+    asyncio.run(made.shutdown())
+
+
+def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
+    return all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b, strict=True))
+
+
+def test_a_second_repository_sees_and_restores_what_the_first_committed(
+    tmp_path: Path, pools: Pools
+) -> None:
+    async def scenario() -> None:
+        writer = Repository(LocalStorage(tmp_path), pools)
+        await writer.load()
+        base, base_arrays = await _commit(writer, 1, _state(1))
+        delta, delta_arrays = await _commit(writer, 2, _state(2), base, base_arrays)
+        assert delta_arrays[0].tobytes() != _state(2)[0].tobytes()  # lossy, as stored
+
+        reader = Repository(LocalStorage(tmp_path), pools)
+        found = await reader.load()
+        assert [e.manifest.key.step for e in found.entries] == [1, 2] and not found.garbage
+        assert reader.entry(delta.key).manifest == delta
+        assert _same(await reader.restore(delta.key), delta_arrays)
+        assert _same(await reader.restore(base.key), base_arrays)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("from_memory", [False, True])
+def test_deleting_a_parent_rebases_its_child_onto_the_same_bytes(
+    tmp_path: Path, pools: Pools, from_memory: bool
+) -> None:
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        base, base_arrays = await _commit(repo, 1, _state(1))
+        child, child_arrays = await _commit(repo, 2, _state(2), base, base_arrays)
+        grandchild, _ = await _commit(repo, 3, _state(3), child, child_arrays)
+        head = (child.key.step, child_arrays) if from_memory else None
+
+        await repo.delete_step(base.key, head=head)
+
+        assert repo.index.get(base.key) is None
+        rebased = repo.entry(child.key).manifest
+        assert rebased.kind == BASE and rebased.parent_step is None
+        assert rebased.checksum == child.checksum
+        assert _same(await repo.restore(child.key), child_arrays)
+        assert repo.entry(grandchild.key).manifest.base_step == child.key.step
+        reloaded = Repository(LocalStorage(tmp_path), pools)
+        await reloaded.load()
+        assert reloaded.index.steps("run-a", 0) == [2, 3]
+        assert _same(await reloaded.restore(child.key), child_arrays)
+
+    asyncio.run(scenario())
+
+
+def test_delete_chain_leaves_no_key_behind(tmp_path: Path, pools: Pools) -> None:
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        base, base_arrays = await _commit(repo, 1, _state(1))
+        await _commit(repo, 2, _state(2), base, base_arrays)
+        assert await repo.delete_chain("run-a", 0) == 2
+        assert repo.index.chains() == [] and repo.storage.list("runs/") == []
+
+    asyncio.run(scenario())
+
+
+def test_missing_steps_and_runs_name_what_exists(tmp_path: Path, pools: Pools) -> None:
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        base, base_arrays = await _commit(repo, 5, _state(5))
+        await _commit(repo, 7, _state(7), base, base_arrays)
+        with pytest.raises(StepNotFoundError, match=r"nearby steps: \[5, 7\] \(latest 7\)"):
+            repo.entry(StepKey("run-a", 0, 6))
+        with pytest.raises(RunNotFoundError, match="ranks with steps: \\[0\\]"):
+            repo.entry(StepKey("run-a", 3, 1))
+        assert isinstance(repo.not_found(StepKey("other", 0, 1)), RunNotFoundError)
+        with pytest.raises(RunNotFoundError, match="known runs: run-a"):
+            raise repo.run_not_found("other")
+
+    asyncio.run(scenario())
