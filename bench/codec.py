@@ -163,8 +163,8 @@ def kept_keys(counts: np.ndarray, bits: int) -> np.ndarray:
     """The 2^b - 1 populated buckets with the largest exponents (the method's promotion).
 
     Exponents 0 (zeros, subnormals) and 255 (Inf/NaN) are never kept; of the two signs of one
-    exponent the more populated wins a last free slot. This mirrors DESIGN §1 without reading
-    the codec.
+    exponent the more populated wins a last free slot. This restates the method (the docstring of
+    ``ckptd.daemon.codec.quantize``) without reading the codec.
     """
     keys = np.flatnonzero(counts)
     keys = keys[((keys & 0xFF) != 0) & ((keys & 0xFF) != 0xFF)]

@@ -1,4 +1,4 @@
-"""LC-Checkpoint compression of tensors: numpy in, bytes out (DESIGN §1, arXiv 2009.13003).
+"""LC-Checkpoint compression of tensors: numpy in, bytes out (Chen et al., arXiv 2009.13003).
 
 A pure library: no gRPC, no asyncio, no storage. The daemon's engine calls it; importing it
 never imports the server.

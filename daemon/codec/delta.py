@@ -1,4 +1,4 @@
-"""The lossy delta path: ``encode_delta`` / ``decode_delta`` (DESIGN §1).
+"""The lossy delta path: ``encode_delta`` / ``decode_delta`` (the method: ``ckptd.daemon.codec``).
 
 Encode makes two passes over the chunks. Pass 1 computes the float32 delta and its per-key
 statistics (for float32 tensors the delta is parked in the output buffer, which pass 2
