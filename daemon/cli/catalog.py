@@ -6,7 +6,8 @@ two implementations serve them:
 * ``DaemonCatalog`` (``ckptd.daemon.cli.daemon_catalog``) asks a running daemon through the
   ckptd.v1 gRPC API (``--target``);
 * ``StorageCatalog`` (``ckptd.daemon.cli.storage_catalog``) reads a storage location directly
-  through the engine's own index, restore and delete code, with no daemon and no gRPC
+  through the same ``Repository`` the engine uses (``ckptd.daemon.store``), with no daemon
+  and no gRPC
   (``--storage``).
 
 Both raise the daemon's exception tree (``ckptd.daemon.errors``): the gRPC one maps status
