@@ -15,8 +15,9 @@ every blob it names is durable, so the manifest's ``put`` is the commit point an
 separate commit method is needed; a step whose manifest is absent does not exist, and its
 orphaned blobs are garbage for the engine to delete.
 
-Keys are relative, ``/``-separated paths such as ``runs/r1/0/00000000000000000010/manifest.json``. They
-are validated here, once, so that every backend accepts exactly the same keys.
+Keys are relative, ``/``-separated paths such as
+``runs/r1/0/00000000000000000010/manifest.json``. They are validated here, once, so that
+every backend accepts exactly the same keys.
 """
 
 from __future__ import annotations
