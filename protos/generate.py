@@ -2,9 +2,10 @@
 
 Run ``python protos/generate.py`` after editing the ``.proto``; the generated modules are
 committed so that users need no ``grpcio-tools``. ``tests/server/test_daemon_protos.py``
-fails when they are stale. ``protoc`` writes absolute imports (``from ckptd.v1 import ckptd_pb2``) that only
-resolve with the proto root on ``sys.path``; they are rewritten as relative imports so the
-modules live inside the ``ckptd.protos`` package.
+fails when they are stale. ``protoc`` writes absolute imports
+(``from ckptd.v1 import ckptd_pb2``) that only resolve with the proto root on ``sys.path``;
+they are rewritten as relative imports so the modules live inside the ``ckptd.protos``
+package.
 """
 
 from __future__ import annotations
