@@ -6,6 +6,10 @@
   ``python -m ckptd.daemon.cli serve`` as a subprocess and returns a ``DaemonProcess``
   (``.address``, ``.pid``, ``.proc``, ``.terminate(timeout_s)``, ``.kill()``); every process
   still running at teardown is killed.
+
+Two tiers: plain ``pytest`` runs the fast tier (unit and in-process integration tests) and
+deselects the tests marked with one of ``FULL_SUITE_MARKERS`` (see pyproject.toml);
+``pytest --all`` runs everything, as CI does. An explicit ``-m`` expression selects on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +25,52 @@ from daemon_harness import (
     spawn,
     start_in_process,
 )
+
+FULL_SUITE_MARKERS = ("slow", "install", "bench", "lint")
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all", action="store_true", dest="full_suite",
+        help=f"run the full suite: also the tests marked {', '.join(FULL_SUITE_MARKERS)}",
+    )
+
+
+def _fast_tier(config: pytest.Config) -> bool:
+    return not config.getoption("full_suite") and not config.getoption("markexpr")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.getoption("full_suite"):
+        return "full suite (--all)"
+    if _fast_tier(config):
+        return f"fast tier: {', '.join(FULL_SUITE_MARKERS)} deselected (--all runs everything)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _fast_tier(config):
+        return
+    kept, deselected = [], []
+    for item in items:
+        full_only = any(item.get_closest_marker(name) for name in FULL_SUITE_MARKERS)
+        (deselected if full_only else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+    config.stash[_DESELECTED] = len(deselected)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    deselected = config.stash.get(_DESELECTED, 0)
+    if deselected:
+        terminalreporter.write_line(
+            f"fast tier: {deselected} tests marked {'/'.join(FULL_SUITE_MARKERS)} deselected; "
+            "run everything with: python -m pytest --all"
+        )
 
 
 @pytest.fixture

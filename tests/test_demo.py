@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_crashes_resumes_and_reports(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "examples/demo.py", "--workdir", str(tmp_path),

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.lint
 ROOT = Path(__file__).resolve().parents[1]
 
 

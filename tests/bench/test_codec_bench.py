@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench
 REPO = Path(__file__).resolve().parents[2]
 OTHER_SECTION = "## Storage\n\nnumbers another bench wrote\n"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 from ckptd.client import Checkpointer
@@ -68,6 +69,7 @@ def _outputs(state_dict: dict[str, torch.Tensor], images: torch.Tensor) -> torch
         return model(images)
 
 
+@pytest.mark.slow
 def test_exported_step_computes_what_restore_computes(
     spawn_daemon: SpawnDaemon, tmp_path: Path
 ) -> None:

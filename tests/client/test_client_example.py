@@ -68,6 +68,7 @@ def leaves(state: Any, path: str = "") -> dict[str, Any]:
     return {path: state}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["copy", "overlap"])
 def test_killed_trainer_resumes_from_the_latest_durable_step(
     tmp_path: Path,

@@ -105,6 +105,7 @@ def socket_path(tmp_path: Path) -> Path:
     return tmp_path / "d.sock"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["auto", "grpc"])
 def test_daemon_down_then_restarted_on_the_same_socket(
     tmp_path: Path,

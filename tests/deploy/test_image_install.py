@@ -75,7 +75,7 @@ def test_daemon_dependencies_never_include_torch() -> None:
     assert "torch" in in_extra  # the client extra
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_installed_daemon_imports_without_torch(image_env: Path) -> None:
     probe = (
         "import importlib, importlib.metadata as md, sys\n"
@@ -96,7 +96,7 @@ def test_installed_daemon_imports_without_torch(image_env: Path) -> None:
     assert run_in(image_env, "python", "-c", "import torch").returncode != 0
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_entrypoint_serves_and_the_healthcheck_sees_it(image_env: Path, tmp_path: Path) -> None:
     """``ckptd serve`` from the image env, probed the way the image's HEALTHCHECK probes."""
     target = f"unix://{tmp_path / 'ckptd.sock'}"

@@ -66,6 +66,7 @@ def _restore_all(address: str, storage: Path) -> dict[int, str]:
     return checksums
 
 
+@pytest.mark.slow
 def test_model_checkpoints_restore_bit_for_bit_across_restart(tmp_path: Path) -> None:
     states = _model_states(STEPS)
     storage = tmp_path / "storage"
