@@ -1,8 +1,11 @@
-"""The daemon's layers hold: import-linter checks the contracts of pyproject.toml.
+"""The dependency rules of docs/ARCHITECTURE.md hold: import-linter checks pyproject.toml's
+contracts.
 
-The codec imports nothing else of ckptd; the engine and the store never import gRPC; the
-client imports nothing of the daemon; store < engine < server, cli. A broken contract fails
-here with import-linter's report (the chain of imports that breaks it).
+The codec imports nothing else of ckptd, nor asyncio; the engine and the store never import
+gRPC; the client and the daemon import nothing of each other (but the export's unflatten);
+the daemon's layers run cli, server > engine > store > storage; gRPC is imported by a named
+list of modules. A broken contract fails here with import-linter's report (the chain of
+imports that breaks it).
 
 ``.ci/typecheck/`` goes first on ``PYTHONPATH`` (the layout mypy uses) so that grimp reads
 this checkout's sources under their import names, whatever else is installed.
