@@ -23,7 +23,7 @@ class StepInfo:
 
 
 def step_info(info: pb.StepInfo) -> StepInfo:
-    """Converts the wire message (``parent_step`` is 0 and meaningless for a base)."""
+    """Converts the wire message (``parent_step`` is absent for a base)."""
     kind = "base" if info.kind == pb.STEP_KIND_BASE else "delta"
     ratio = info.compression_ratio or (
         info.raw_bytes / info.stored_bytes if info.stored_bytes else math.nan
@@ -31,7 +31,7 @@ def step_info(info: pb.StepInfo) -> StepInfo:
     return StepInfo(
         step=int(info.step),
         kind=kind,
-        parent_step=None if kind == "base" else int(info.parent_step),
+        parent_step=int(info.parent_step) if info.HasField("parent_step") else None,
         raw_bytes=int(info.raw_bytes),
         stored_bytes=int(info.stored_bytes),
         compression_ratio=float(ratio),

@@ -13,7 +13,7 @@ import pytest
 from ckptd.daemon.server.healthcheck import dial_target, main
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-SERVICE = "ckptd.v1.Checkpointd"
+SERVICE = "ckptd.v1.CheckpointdService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Capture = pytest.CaptureFixture[str]
