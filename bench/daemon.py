@@ -111,7 +111,7 @@ def stream_requests(run: str, rank: int, step: int, arrays: list[np.ndarray]) ->
 
 def wait_durable(stub: Any, run: str, rank: int, step: int) -> None:
     ref = pb.StepRef(run=run, rank=rank, step=step)
-    status = stub.WaitSave(pb.WaitSaveRequest(ref=ref, timeout_s=3600), timeout=3700)
+    status = stub.WaitSave(pb.WaitSaveRequest(ref=ref, timeout_s=3600), timeout=3700).status
     if status.state != pb.SAVE_STATE_DURABLE:
         raise RuntimeError(f"{run}/{rank}/{step} ended {status}")
 
@@ -137,7 +137,7 @@ class Prober:
     def _run(self) -> None:
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            stub = pb_grpc.CheckpointdStub(channel)
+            stub = pb_grpc.CheckpointdServiceStub(channel)
             while not self._stop.is_set():
                 start = time.perf_counter()
                 health.Check(health_pb2.HealthCheckRequest(), timeout=60)
@@ -167,7 +167,7 @@ def measure_latency(workdir: Path, size_gb: float) -> dict[str, Any]:
     arrays = [rng.standard_normal(TENSOR_BYTES // 4, dtype=np.float32) * np.float32(0.02)
               for _ in range(count)]
     with grpc.insecure_channel(daemon.address) as channel:
-        stub = pb_grpc.CheckpointdStub(channel)
+        stub = pb_grpc.CheckpointdServiceStub(channel)
         with Prober(daemon.address) as idle:
             time.sleep(3)
         stub.Save(stream_requests("big", 0, 1, arrays), timeout=3600)
@@ -219,7 +219,7 @@ def measure_concurrent(workdir: Path, clients: int, client_mb: int, steps: int,
         update = rng.standard_normal(state[0].size, dtype=np.float32) * np.float32(1e-3)
         try:
             with grpc.insecure_channel(daemon.address) as channel:
-                stub = pb_grpc.CheckpointdStub(channel)
+                stub = pb_grpc.CheckpointdServiceStub(channel)
                 for step in range(1, steps + 1):
                     state[0] += update
                     stub.Save(stream_requests(f"job{index}", index, step, state), timeout=3600)
@@ -255,7 +255,7 @@ def measure_throughput(workdir: Path, size_mb: int, steps: int) -> dict[str, Any
     update = rng.standard_normal(elements, dtype=np.float32) * np.float32(1e-3)
     total = 0
     with grpc.insecure_channel(daemon.address) as channel:
-        stub = pb_grpc.CheckpointdStub(channel)
+        stub = pb_grpc.CheckpointdServiceStub(channel)
         started = time.perf_counter()
         for step in range(1, steps + 1):
             for array in arrays:  # an update everywhere, like a training step's

@@ -16,10 +16,18 @@ Typical use::
         ckpt.wait()
 
 Dependencies stay light (torch, numpy, grpcio, protobuf); the client never imports the
-daemon.
+daemon. The torch-backed names (``Checkpointer``, ``SaveHandle``, ...) are imported on
+first use (PEP 562 ``__getattr__``), so that ``ckptd.client.errors`` — the exception tree
+the daemon's ``ckptd`` CLI shares — imports without torch, which the daemon image lacks.
 """
 
-from .checkpointer import Checkpointer, StepInfo
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ckptd.protos.records import SaveState, StepInfo
+
 from .errors import (
     CheckpointNotFoundError,
     CkptdClientError,
@@ -33,12 +41,34 @@ from .errors import (
     RequestCancelledError,
     SaveFailedError,
     SaveSkippedError,
+    SharedMemoryRefusedError,
     SnapshotConflictError,
     StepConflictError,
+    StorageInUseError,
     map_rpc_error,
 )
-from .handle import SaveHandle, SaveState
-from .restore import RestoredState
+
+if TYPE_CHECKING:
+    from .checkpointer import Checkpointer
+    from .handle import SaveHandle
+    from .restore import RestoredState
+
+# Public names that need torch, and the module each lives in.
+_LAZY = {
+    "Checkpointer": "checkpointer",
+    "SaveHandle": "handle",
+    "RestoredState": "restore",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -57,8 +87,10 @@ __all__ = [
     "SaveHandle",
     "SaveSkippedError",
     "SaveState",
+    "SharedMemoryRefusedError",
     "SnapshotConflictError",
     "StepConflictError",
     "StepInfo",
+    "StorageInUseError",
     "map_rpc_error",
 ]

@@ -62,7 +62,8 @@ class Checkpointer:
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.
         busy_timeout_s: Longest ``save`` waits for a staging buffer.
-        connect_timeout_s: Longest wait for the daemon when connecting or calling it.
+        connect_timeout_s: Longest wait for the daemon when connecting (unary calls such as
+            ``steps`` and ``delete_step`` get ``CheckpointerConfig.call_timeout_s``, 30 s).
         reconnect_timeout_s: How long a save or a durability check keeps retrying while
             the daemon is unreachable (restarting) before it fails.
         max_staging_bytes: Cap on staging memory; None: ``staging_buffers`` times the state size.
@@ -425,4 +426,4 @@ def _shutdown(
         pool.close()
 
 
-__all__ = ["Checkpointer", "StepInfo"]
+__all__ = ["Checkpointer"]

@@ -1,33 +1,42 @@
-"""The client's exception tree, and the one place gRPC status codes become exceptions.
+"""The client's exception tree, and the one place a failed RPC becomes an exception.
 
 Every error the client raises on purpose is a ``CkptdClientError``. Each subclass also
 refines the builtin it means, so code that knows nothing about ckptd can still catch it
-idiomatically (``except ConnectionError``, ``except LookupError``, ``except TimeoutError``)::
+idiomatically (``except ConnectionError``, ``except LookupError``, ``except TimeoutError``).
+Errors the daemon sends carry an ``ErrorReason`` (``ckptd.protos.status``), which decides
+the class; a status without one (raised by gRPC itself) is mapped by its code::
 
     CkptdClientError
-    ├── DaemonUnavailableError (ConnectionError)   UNAVAILABLE, no daemon within the timeout
+    ├── DaemonUnavailableError (ConnectionError)   SHUTTING_DOWN, STORAGE_UNAVAILABLE;
+    │                                               UNAVAILABLE (no daemon within the timeout)
     ├── CkptdTimeoutError (TimeoutError)            DEADLINE_EXCEEDED, client-side waits
-    ├── CheckpointNotFoundError (LookupError)       NOT_FOUND
-    ├── InvalidCheckpointError (ValueError)         INVALID_ARGUMENT, OUT_OF_RANGE
-    │   └── StepConflictError                       ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED
-    ├── DaemonBusyError                             RESOURCE_EXHAUSTED
+    ├── CheckpointNotFoundError (LookupError)       RUN_NOT_FOUND, STEP_NOT_FOUND; NOT_FOUND
+    ├── InvalidCheckpointError (ValueError)         INVALID_REQUEST, INCOMPLETE_STREAM;
+    │   │                                           INVALID_ARGUMENT, OUT_OF_RANGE
+    │   └── StepConflictError                       STEP_EXISTS, STEP_ORDER; ALREADY_EXISTS,
+    │                                               FAILED_PRECONDITION, ABORTED
+    ├── SharedMemoryRefusedError (OSError)          SHARED_MEMORY_REFUSED: stream instead
+    ├── StorageInUseError                           STORAGE_IN_USE: an operator must act
+    ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
     │   └── SaveSkippedError                        a save the client skipped (busy)
-    ├── CorruptCheckpointError (ValueError)         DATA_LOSS
+    ├── CorruptCheckpointError (ValueError)         CORRUPT_CHECKPOINT, DATA_MISSING; DATA_LOSS
     ├── PermissionDeniedError (PermissionError)     PERMISSION_DENIED, UNAUTHENTICATED
     ├── RequestCancelledError                       CANCELLED
-    ├── InternalDaemonError                         INTERNAL, UNKNOWN, UNIMPLEMENTED
+    ├── InternalDaemonError                         INTERNAL; UNKNOWN, UNIMPLEMENTED
     ├── SaveFailedError                             the daemon reported the save FAILED
     └── SnapshotConflictError (RuntimeError)        a saved tensor changed during an
                                                     overlapped copy (snapshot="overlap")
 
-``map_rpc_error`` is the only function that looks at a ``grpc.StatusCode``; every RPC the
-client makes goes through it (``raise map_rpc_error(exc, ...) from exc``), and a test walks
-every status code to keep the table complete.
+``map_rpc_error`` is the only function that looks at a status; every RPC the client (and
+the ``ckptd`` CLI) makes goes through it (``raise map_rpc_error(exc, ...) from exc``), and
+tests walk every ``ErrorReason`` and every status code to keep the tables complete. This
+module imports grpc and the wire contract only (no torch), so the daemon's CLI shares it.
 """
 
 from __future__ import annotations
 
 import grpc
+from ckptd.protos.status import reason_of
 
 
 class CkptdClientError(Exception):
@@ -36,10 +45,13 @@ class CkptdClientError(Exception):
     Attributes:
         code: Name of the gRPC status code behind the error (``"UNAVAILABLE"``), or
             ``None`` when the client detected the problem itself.
+        reason: The daemon's ``ErrorReason`` name (``"ERROR_REASON_BUSY"``), or ``None``
+            when the status did not come from the daemon's error handling.
         details: The daemon's own description of the problem, verbatim.
     """
 
     code: str | None = None
+    reason: str | None = None
     details: str = ""
 
 
@@ -61,6 +73,16 @@ class InvalidCheckpointError(CkptdClientError, ValueError):
 
 class StepConflictError(InvalidCheckpointError):
     """Raised when a save's step already exists or is not after the run's latest step."""
+
+
+class SharedMemoryRefusedError(CkptdClientError, OSError):
+    """Raised when the daemon cannot open the save's shared-memory segment (another host or
+    ``/dev/shm``); with ``transport="auto"`` the client streams instead."""
+
+
+class StorageInUseError(CkptdClientError):
+    """Raised when the daemon refuses to write because another process writes its storage
+    (another daemon, a direct ``ckptd rm``); retrying will not help until one stops."""
 
 
 class DaemonBusyError(CkptdClientError):
@@ -97,6 +119,25 @@ class SnapshotConflictError(CkptdClientError, RuntimeError):
     the background copy finished (the save is dropped before it reaches the daemon)."""
 
 
+# Errors the daemon raised on purpose: the reason decides (see ErrorReason in the .proto).
+_BY_REASON: dict[str, type[CkptdClientError]] = {
+    "ERROR_REASON_INVALID_REQUEST": InvalidCheckpointError,
+    "ERROR_REASON_INCOMPLETE_STREAM": InvalidCheckpointError,
+    "ERROR_REASON_RUN_NOT_FOUND": CheckpointNotFoundError,
+    "ERROR_REASON_STEP_NOT_FOUND": CheckpointNotFoundError,
+    "ERROR_REASON_STEP_EXISTS": StepConflictError,
+    "ERROR_REASON_STEP_ORDER": StepConflictError,
+    "ERROR_REASON_BUSY": DaemonBusyError,
+    "ERROR_REASON_SHUTTING_DOWN": DaemonUnavailableError,
+    "ERROR_REASON_CORRUPT_CHECKPOINT": CorruptCheckpointError,
+    "ERROR_REASON_DATA_MISSING": CorruptCheckpointError,
+    "ERROR_REASON_STORAGE_IN_USE": StorageInUseError,
+    "ERROR_REASON_STORAGE_UNAVAILABLE": DaemonUnavailableError,
+    "ERROR_REASON_SHARED_MEMORY_REFUSED": SharedMemoryRefusedError,
+    "ERROR_REASON_INTERNAL": InternalDaemonError,
+}
+
+# Statuses without a known reason: from gRPC itself, or a reason newer than this client.
 _BY_STATUS: dict[grpc.StatusCode, type[CkptdClientError]] = {
     grpc.StatusCode.CANCELLED: RequestCancelledError,
     grpc.StatusCode.UNKNOWN: InternalDaemonError,
@@ -117,31 +158,34 @@ _BY_STATUS: dict[grpc.StatusCode, type[CkptdClientError]] = {
 }
 
 
-def error_class_for(code: grpc.StatusCode) -> type[CkptdClientError]:
-    """Returns the exception class a status code maps to (``InternalDaemonError`` for OK
-    or anything unknown, since a successful status never reaches error handling)."""
-    return _BY_STATUS.get(code, InternalDaemonError)
+def error_class_for(code: grpc.StatusCode, reason: str = "") -> type[CkptdClientError]:
+    """Returns the exception class of a failed status: by ``reason`` when this client knows
+    it, else by ``code`` (``InternalDaemonError`` for OK or an unknown code)."""
+    return _BY_REASON.get(reason) or _BY_STATUS.get(code, InternalDaemonError)
 
 
 def map_rpc_error(exc: grpc.RpcError, operation: str = "") -> CkptdClientError:
     """Converts a failed RPC into the client's exception tree.
 
     Args:
-        exc: The error gRPC raised; a ``grpc.Call`` carries the status code and details.
+        exc: The error gRPC raised; a ``grpc.Call`` carries the status code, details and
+            the rich status with the daemon's ``ErrorReason``.
         operation: What the client was doing (``"save step 7 of run 'r'"``), put first in
             the message so users see the action, the daemon's reason and the status code.
 
     Returns:
-        The mapped exception, with ``code`` and ``details`` set; raise it ``from exc``.
+        The mapped exception, with ``code``, ``reason`` and ``details`` set; raise it
+        ``from exc``.
     """
-    code_fn = getattr(exc, "code", None)
-    details_fn = getattr(exc, "details", None)
-    code = code_fn() if callable(code_fn) else None
-    details = (details_fn() if callable(details_fn) else None) or str(exc) or "no details"
-    if not isinstance(code, grpc.StatusCode):
-        code = grpc.StatusCode.UNKNOWN
+    wire = reason_of(exc)
     prefix = f"{operation}: " if operation else ""
-    error = error_class_for(code)(f"{prefix}{details} (gRPC status {code.name})")
-    error.code = code.name
-    error.details = details
+    details = wire.details
+    if wire.code is grpc.StatusCode.UNAVAILABLE and not wire.reason:
+        details = f"no ckptd daemon answered ({details}); is it running, and is the address right?"
+    status = f"{wire.reason}, gRPC status {wire.code.name}" if wire.reason else (
+        f"gRPC status {wire.code.name}")
+    error = error_class_for(wire.code, wire.reason)(f"{prefix}{details} ({status})")
+    error.code = wire.code.name
+    error.reason = wire.reason or None
+    error.details = wire.details
     return error

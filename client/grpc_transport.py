@@ -22,7 +22,7 @@ from .staging import HostBuffer, Layout, StagingBuffer
 from .transport import SaveTransport
 
 MiB = 1 << 20
-SAVE_METHOD = "/ckptd.v1.Checkpointd/Save"
+SAVE_METHOD = "/ckptd.v1.CheckpointdService/Save"
 DEFAULT_CHUNK_BYTES = 4 * MiB
 # Pause between readiness probes that failed at once (a connection dying under them).
 RETRY_PAUSE_S = 0.05
@@ -49,13 +49,15 @@ class Connection:
     """A gRPC channel to one daemon plus typed, error-mapped calls (thread-safe)."""
 
     def __init__(self, target: str, *, call_timeout_s: float) -> None:
+        """``call_timeout_s`` bounds every unary call (listing, deleting) and is the grace
+        a ``WaitSave`` gets beyond the wait it asks the daemon for."""
         self.target = target
         self.call_timeout_s = call_timeout_s
         self.channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
-        self._stub = pb_grpc.CheckpointdStub(self.channel)
+        self._stub = pb_grpc.CheckpointdServiceStub(self.channel)
         # Save requests are serialized by hand (see encode_chunk), so bytes pass through.
         self._save = self.channel.stream_unary(
-            SAVE_METHOD, request_serializer=None, response_deserializer=pb.SaveStatus.FromString
+            SAVE_METHOD, request_serializer=None, response_deserializer=pb.SaveResponse.FromString
         )
         self._inflight: set[grpc.Future] = set()
         self._lock = threading.Lock()
@@ -77,8 +79,8 @@ class Connection:
             try:
                 with _mapped(f"get server info from {self.target}"):
                     return self._stub.GetServerInfo(
-                        pb.ServerInfoRequest(), timeout=remaining, wait_for_ready=True
-                    )
+                        pb.GetServerInfoRequest(), timeout=remaining, wait_for_ready=True
+                    ).info
             except (CkptdTimeoutError, DaemonUnavailableError) as exc:
                 if time.monotonic() + RETRY_PAUSE_S >= deadline:
                     raise DaemonUnavailableError(
@@ -94,7 +96,8 @@ class Connection:
             with self._lock:
                 self._inflight.add(future)
             try:
-                return future.result()
+                response: pb.SaveResponse = future.result()
+                return response.status
             finally:
                 with self._lock:
                     self._inflight.discard(future)
@@ -102,9 +105,9 @@ class Connection:
     def wait_save(self, ref: pb.StepRef, timeout_s: float) -> pb.SaveStatus:
         request = pb.WaitSaveRequest(ref=ref, timeout_s=timeout_s)
         with _mapped(f"wait for step {ref.step} of run {ref.run!r} rank {ref.rank}"):
-            return self._stub.WaitSave(request, timeout=timeout_s + self.call_timeout_s)
+            return self._stub.WaitSave(request, timeout=timeout_s + self.call_timeout_s).status
 
-    def restore(self, request: pb.RestoreRequest) -> Iterator[pb.RestoreReply]:
+    def restore(self, request: pb.RestoreRequest) -> Iterator[pb.RestoreResponse]:
         """Streams a restore; errors while iterating are mapped too."""
         what = "the latest step" if not request.HasField("step") else f"step {request.step}"
         with _mapped(f"restore {what} of run {request.run!r} rank {request.rank}"):

@@ -42,10 +42,10 @@ class HeaderBuilder:
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,
-                    dtype=cast("pb.DType", leaf.dtype.wire),
+                    dtype=cast("pb.Dtype", leaf.dtype.wire),
                     shape=leaf.shape,
                     policy=cast("pb.Policy", policy),
-                    bits=leaf_bits,
+                    bits=leaf_bits or None,  # 0: unset, the daemon's default
                     nbytes=leaf.nbytes,
                 )
             )

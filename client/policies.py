@@ -44,7 +44,7 @@ def parse_spec(spec: str) -> tuple[int, int]:
     if kind == "exact" and not bits_text:
         return pb.POLICY_EXACT, 0
     if kind == "auto" and not bits_text:
-        return pb.POLICY_AUTO, 0
+        return pb.POLICY_UNSPECIFIED, 0
     if kind == "lossy":
         if not bits_text:
             return pb.POLICY_LOSSY, 0
@@ -90,4 +90,4 @@ def resolve(rules: tuple[PolicyRule, ...], name: str, default_bits: int) -> tupl
             if rule.policy == pb.POLICY_EXACT:
                 return rule.policy, 0
             return rule.policy, rule.bits or default_bits
-    return pb.POLICY_AUTO, default_bits
+    return pb.POLICY_UNSPECIFIED, default_bits

@@ -160,15 +160,3 @@ class ShmTransport(SaveTransport):
 
     def cancel(self) -> None:
         self.connection.cancel_saves()
-
-
-def refuses_shared_memory(error: Exception) -> bool:
-    """True when the daemon rejected a save because it cannot open our segment (for
-    example it runs in a container with its own ``/dev/shm``): the cue to stream instead.
-    The v1 protocol has no dedicated status for this, so the INVALID_ARGUMENT details are
-    the signal."""
-    details = getattr(error, "details", "") or ""
-    text = details.lower()
-    return getattr(error, "code", None) == "INVALID_ARGUMENT" and (
-        "shared memory" in text or "shared_memory" in text or "segment" in text
-    )

@@ -32,11 +32,11 @@ from .errors import (
     DaemonUnavailableError,
     RequestCancelledError,
     SaveFailedError,
+    SharedMemoryRefusedError,
     StepConflictError,
 )
 from .grpc_transport import Connection
 from .handle import SaveHandle
-from .shm import refuses_shared_memory
 from .staging import Layout, StagingBuffer, StagingPool
 from .transport import SaveTransport
 
@@ -154,7 +154,7 @@ class SaveWorker:
                     return
                 continue
             except CkptdClientError as exc:
-                if self._fallback is not None and refuses_shared_memory(exc):
+                if self._fallback is not None and isinstance(exc, SharedMemoryRefusedError):
                     self._switch_to_streaming(exc)
                     continue
                 self._fail(handle, exc)

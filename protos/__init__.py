@@ -5,6 +5,10 @@
 * ``ckptd.protos.dtypes`` — the explicit dtype table; numpy only, safe for the engine.
 * ``ckptd.protos.segments`` — client shared-memory segment names and the lock that tells a
   live segment from an orphan; stdlib only.
+* ``ckptd.protos.status`` — the error half of the contract: builds and reads the rich status
+  (``google.rpc.ErrorInfo`` with an ``ErrorReason``) of a failed call; imports ``grpc``.
+* ``ckptd.protos.streams`` — reassembles a Restore stream into caller-allocated buffers;
+  numpy and the generated messages only.
 
 This package's ``__init__`` imports nothing, so the transport-free parts of the daemon can
 use the dtype table without pulling in gRPC.

@@ -68,12 +68,12 @@ _KINDS = {pb.STEP_KIND_BASE: "base", pb.STEP_KIND_DELTA: "delta"}
 
 
 def step_info_from_message(message: pb.StepInfo) -> StepInfo:
-    """Reads a ``ckptd.v1.StepInfo``; ``parent_step`` is meaningless for a base."""
+    """Reads a ``ckptd.v1.StepInfo`` (``parent_step`` is set for a delta only)."""
     kind = _KINDS.get(message.kind, "unknown")
     return StepInfo(
         step=int(message.step),
         kind=kind,
-        parent_step=int(message.parent_step) if kind == "delta" else None,
+        parent_step=int(message.parent_step) if message.HasField("parent_step") else None,
         raw_bytes=int(message.raw_bytes),
         stored_bytes=int(message.stored_bytes),
         chain_depth=int(message.chain_depth),

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ckptd.client.errors import CkptdClientError, CkptdTimeoutError, DaemonUnavailableError
 from ckptd.daemon.cli import export as exporter
 from ckptd.daemon.cli.catalog import Catalog
 from ckptd.daemon.cli.commands import (
@@ -112,8 +113,8 @@ def _keys_to_verify(catalog: Catalog, args: argparse.Namespace) -> list[StepKey]
 def _verify_step(catalog: Catalog, key: StepKey) -> str:
     """Restores ``key`` and checks it again here; returns the problem, or "" if none.
 
-    A lost daemon (``CatalogError``) ends the whole run: it says nothing about this step,
-    and every later step would fail the same way.
+    A lost daemon (unreachable, timed out) ends the whole run: it says nothing about this
+    step, and every later step would fail the same way.
     """
     try:
         restored = catalog.restore(key)
@@ -121,7 +122,9 @@ def _verify_step(catalog: Catalog, key: StepKey) -> str:
         if actual != restored.checksum:
             raise CorruptCheckpointError(
                 f"reconstructs to checksum {actual}, manifest records {restored.checksum}")
-    except CkptdError as exc:  # not CatalogError: a lost daemon ends the whole run
+    except (CkptdError, CkptdClientError) as exc:
+        if isinstance(exc, DaemonUnavailableError | CkptdTimeoutError):
+            raise  # a lost daemon ends the whole run
         return f"{type(exc).__name__}: {one_line(exc)}"
     return ""
 

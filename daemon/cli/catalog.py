@@ -10,9 +10,11 @@ two implementations serve them:
   and no gRPC
   (``--storage``).
 
-Both raise the daemon's exception tree (``ckptd.daemon.errors``): the gRPC one maps status
-codes back into it at one choke point, so commands never see a ``grpc.RpcError``. What
-only a remote source can hit (no daemon answering) is a ``CatalogError``.
+The storage catalog raises the daemon's exception tree (``ckptd.daemon.errors``); the
+daemon catalog is a client of the wire contract and raises the client's tree
+(``ckptd.client.errors``, mapped at one choke point), so commands never see a
+``grpc.RpcError``. Both trees refine the same builtins (``LookupError``, ``ValueError``,
+``OSError``), and ``ckptd.daemon.cli.commands`` handles them in one place.
 
 Call order: ``open_catalog(...)`` → any number of calls, one at a time, from one thread →
 ``close()`` (or use it as a context manager).
@@ -29,18 +31,10 @@ from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.protos.records import StepInfo
 
-__all__ = ["Catalog", "CatalogError", "StepDetail", "TensorRow", "open_catalog"]
+__all__ = ["Catalog", "StepDetail", "TensorRow", "open_catalog"]
 
 ProgressCallback = Callable[[int], None]
 """Called with a number of bytes just received (restore progress)."""
-
-
-class CatalogError(Exception):
-    """Raised for failures outside the daemon's own tree (no daemon answering in time).
-
-    Deliberately not a ``CkptdError``: the daemon never raises these, so they have no row
-    in its status table.
-    """
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 Each command works against a running daemon (``--target HOST:PORT|unix:///PATH``, default
 ``$CKPTD_TARGET``) or directly on a storage location (``--storage PATH_OR_URL``, no daemon
-needed). ``run_command`` is the one place errors become output: any ``CkptdError`` (gRPC
-failures are mapped into that tree by the daemon catalog), ``CatalogError``, ``OSError``,
-``ValueError`` or
-``ImportError`` prints one line ``ckptd: error: ...`` and exits 1; Ctrl-C exits 130.
-Results go to stdout, progress bars and prompts to stderr.
+needed). ``run_command`` is the one place errors become output: any ``CkptdError`` (from
+storage), ``CkptdClientError`` (from a daemon, mapped from its ``ErrorReason``),
+``OSError``, ``ValueError`` or ``ImportError`` prints one line ``ckptd: error: ...`` and
+exits with ``exit_code_for`` it: 69 when no daemon can serve now (unreachable, shutting
+down, storage unavailable), 75 when trying again later may work (busy, timed out), else 1;
+Ctrl-C exits 130. Results go to stdout, progress bars and prompts to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
-from ckptd.daemon.cli.catalog import Catalog, CatalogError, open_catalog
+from ckptd.client.errors import CkptdClientError, DaemonBusyError
+from ckptd.daemon.cli.catalog import Catalog, open_catalog
 from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
 from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
@@ -28,6 +30,10 @@ from ckptd.protos.records import StepInfo
 
 TARGET_ENV = "CKPTD_TARGET"
 CommandBody = Callable[[Catalog, argparse.Namespace], int]
+# Exit codes of failed commands (the last two from sysexits.h).
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 69
+EXIT_TEMPFAIL = 75
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,11 +71,20 @@ def run_command(body: CommandBody) -> Callable[[argparse.Namespace, Mapping[str,
             # keep the interpreter's final flush of stdout from raising again.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        except (CkptdError, CatalogError, OSError, ValueError, ImportError) as exc:
+        except (CkptdError, CkptdClientError, OSError, ValueError, ImportError) as exc:
             print(f"ckptd: error: {one_line(exc)}", file=sys.stderr)
-            return 1
+            return exit_code_for(exc)
 
     return handler
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a command that failed with ``exc`` (see the module docstring)."""
+    if isinstance(exc, DaemonBusyError | TimeoutError):
+        return EXIT_TEMPFAIL
+    if isinstance(exc, ConnectionError):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
 
 
 def one_line(exc: BaseException) -> str:

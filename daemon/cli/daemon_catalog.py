@@ -1,9 +1,10 @@
 """``Catalog`` over a running daemon, through the ckptd.v1 gRPC API.
 
-Every RPC goes through ``_mapped``, the one place a ``grpc.RpcError`` becomes the daemon's
-exception tree: the daemon names the class of each error it raises in the trailing metadata
-``ckptd-error`` (see ``ckptd.daemon.server.status``), so the same class comes back here; a status
-without it (no daemon listening, a deadline) is mapped by its code.
+Every RPC goes through ``_mapped``, which raises the client's exception tree
+(``ckptd.client.errors.map_rpc_error``): the CLI is a client of the daemon like any other
+and reads the same wire contract (the ``ErrorReason`` of each error; the status code when
+gRPC itself failed, such as no daemon listening or a deadline). ``ckptd.client.errors``
+imports without torch, so the daemon image can run this.
 
 Restores are checked again on this side: the bytes received must hash to the checksum the
 daemon announced, so ``verify`` through a daemon covers the transport too.
@@ -13,71 +14,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import numpy as np
+from ckptd.client.errors import CorruptCheckpointError, map_rpc_error
 from ckptd.daemon import errors
-from ckptd.daemon.cli.catalog import (
-    Catalog,
-    CatalogError,
-    ProgressCallback,
-    StepDetail,
-    TensorRow,
-)
+from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.server import convert
-from ckptd.daemon.server.status import ERROR_METADATA_KEY
 from ckptd.daemon.store.manifest import tensors_checksum
+from ckptd.protos import streams
 from ckptd.protos.names import normalize_target
 from ckptd.protos.records import StepInfo, step_info_from_message
 from ckptd.protos.v1 import pb, pb_grpc
 
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.
 _MAX_RECEIVE_BYTES = 1 << 30
+_INFO_FIELDS = ("version", "api_version", "storage_url", "hostname", "default_bits",
+                "base_interval", "lossy_min_elements", "max_inflight_bytes",
+                "max_checkpoint_bytes", "max_message_bytes", "max_chunk_bytes", "max_tensors",
+                "shared_memory")
 
-
-class DaemonUnreachableError(CatalogError, ConnectionError):
-    """Raised when no daemon answers at the target (not running, or a wrong address)."""
-
-
-class DaemonTimeoutError(CatalogError, TimeoutError):
-    """Raised when the daemon does not answer a call within the CLI's timeout."""
-
-
-# Statuses that arrive without the daemon's class name (raised by gRPC itself).
-_BY_CODE: dict[grpc.StatusCode, type[Exception]] = {
-    grpc.StatusCode.UNAVAILABLE: DaemonUnreachableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DaemonTimeoutError,
-    grpc.StatusCode.NOT_FOUND: errors.StepNotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
-    grpc.StatusCode.DATA_LOSS: errors.CorruptCheckpointError,
-}
-
-
-def map_rpc_error(exc: grpc.RpcError, operation: str, target: str) -> Exception:
-    """Converts a failed RPC into the daemon's exception tree, or a ``CatalogError`` when
-    gRPC itself failed (no daemon, deadline); raise it ``from exc``."""
-    code = _call(exc, "code")
-    if not isinstance(code, grpc.StatusCode):
-        code = grpc.StatusCode.UNKNOWN
-    details = _call(exc, "details") or str(exc) or "no details"
-    trailing = _call(exc, "trailing_metadata")
-    name = dict(trailing or ()).get(ERROR_METADATA_KEY)
-    cls = getattr(errors, str(name), None) if name else None
-    if isinstance(cls, type) and issubclass(cls, errors.CkptdError):
-        return cls(details)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return DaemonUnreachableError(f"cannot reach a ckptd daemon at {target} ({details}); "
-                                      "is it running? (--target or $CKPTD_TARGET)")
-    fallback = _BY_CODE.get(code, errors.CkptdError)
-    return fallback(f"{operation}: {details} (gRPC status {code.name})")
-
-
-def _call(exc: grpc.RpcError, method: str) -> Any:
-    # A failed call's RpcError is also a grpc.Call; other RpcErrors lack these methods.
-    fn = getattr(exc, method, None)
-    return fn() if callable(fn) else None
 
 
 class DaemonCatalog(Catalog):
@@ -92,15 +49,15 @@ class DaemonCatalog(Catalog):
         self._timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)]
         self._channel = grpc.insecure_channel(self.target, options=options)
-        self._stub = pb_grpc.CheckpointdStub(self._channel)
+        self._stub = pb_grpc.CheckpointdServiceStub(self._channel)
 
     def describe(self) -> list[tuple[str, str]]:
         with self._mapped("get server info"):
-            info = self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self._timeout_s)
-        names = ("version", "api_version", "storage_url", "hostname", "default_bits",
-                 "base_interval", "max_inflight_bytes", "max_checkpoint_bytes",
-                 "max_message_bytes", "max_chunk_bytes", "max_tensors", "shared_memory")
-        return [("target", self.target)] + [(name, str(getattr(info, name))) for name in names]
+            response = self._stub.GetServerInfo(pb.GetServerInfoRequest(),
+                                                timeout=self._timeout_s)
+        info = response.info
+        return [("target", self.target)] + [(name, str(getattr(info, name)))
+                                            for name in _INFO_FIELDS]
 
     def list_runs(self) -> list[RunInfo]:
         with self._mapped("list runs"):
@@ -120,7 +77,7 @@ class DaemonCatalog(Catalog):
         call = self._stub.Restore(_restore_request(key))
         try:
             with self._mapped(f"describe step {key}"):
-                header = _first_header(call)
+                header = streams.first_header(call)
         finally:
             call.cancel()
         specs = _specs(header)
@@ -131,25 +88,20 @@ class DaemonCatalog(Catalog):
         self, key: StepKey, on_progress: ProgressCallback | None = None
     ) -> RestoredCheckpoint:
         call = self._stub.Restore(_restore_request(key))
+        arrays: list[np.ndarray] = []
         try:
             with self._mapped(f"restore step {key}"):
-                header = _first_header(call)
-                specs = _specs(header)
-                receiver = _Receiver(specs, on_progress)
-                for reply in call:
-                    if reply.WhichOneof("item") != "chunk":
-                        raise errors.CorruptCheckpointError(
-                            f"restore stream of {key} sent a second header")
-                    receiver.write(reply.chunk)
+                header = streams.receive(call, _allocate_into(arrays), on_progress)
         finally:
             call.cancel()
-        arrays = receiver.finish()
+        specs = _specs(header)
         actual = tensors_checksum(specs, arrays)
         if actual != header.checksum:
-            raise errors.CorruptCheckpointError(
+            raise CorruptCheckpointError(
                 f"step {key} arrived with checksum {actual}, but the daemon announced "
                 f"{header.checksum}")
-        return RestoredCheckpoint(key, specs, arrays, dict(header.metadata), header.checksum)
+        return RestoredCheckpoint(key, specs, tuple(arrays), dict(header.metadata),
+                                  header.checksum)
 
     def delete_step(self, key: StepKey) -> int:
         with self._mapped(f"delete step {key}"):
@@ -170,61 +122,32 @@ class DaemonCatalog(Catalog):
         try:
             yield
         except grpc.RpcError as exc:
-            raise map_rpc_error(exc, operation, self.target) from exc
+            raise map_rpc_error(exc, f"{operation} (daemon at {self.target})") from exc
+        except streams.StreamError as exc:
+            raise CorruptCheckpointError(f"{operation}: {exc}") from exc
 
 
 def _restore_request(key: StepKey) -> pb.RestoreRequest:
     return pb.RestoreRequest(run=key.run, rank=key.rank, step=key.step)
 
 
-def _first_header(call: Iterator[pb.RestoreReply]) -> pb.RestoreHeader:
-    first = next(call, None)
-    if first is None or first.WhichOneof("item") != "header":
-        raise errors.CorruptCheckpointError("restore stream did not start with a header")
-    return first.header
-
-
 def _specs(header: pb.RestoreHeader) -> tuple[TensorSpec, ...]:
     try:
         return tuple(convert.spec_from_proto(i, s) for i, s in enumerate(header.tensors))
     except errors.InvalidRequestError as exc:
-        raise errors.CorruptCheckpointError(f"restore header is malformed: {exc}") from exc
+        raise CorruptCheckpointError(f"restore header is malformed: {exc}") from exc
 
 
-class _Receiver:
-    """Fills one array per spec from chunks that must arrive in table and byte order."""
+def _allocate_into(arrays: list[np.ndarray]) -> streams.Allocate:
+    """An allocator for ``streams.receive`` that keeps each numpy array it makes."""
 
-    def __init__(self, specs: tuple[TensorSpec, ...], on_progress: ProgressCallback | None):
-        self._specs = specs
-        self._arrays = [np.empty(spec.shape, spec.dtype_info.numpy) for spec in specs]
-        self._views = [array.reshape(-1).view(np.uint8) for array in self._arrays]
-        self._filled = [0] * len(specs)
-        self._next = 0
-        self._on_progress = on_progress
+    def allocate(wire: pb.TensorSpec) -> np.ndarray:
+        try:
+            spec = convert.spec_from_proto(len(arrays), wire)
+        except errors.InvalidRequestError as exc:
+            raise streams.StreamError(f"restore header is malformed: {exc}") from exc
+        array = np.empty(spec.shape, spec.dtype_info.numpy)
+        arrays.append(array)
+        return array.reshape(-1).view(np.uint8)
 
-    def write(self, chunk: pb.TensorChunk) -> None:
-        index, offset, data = chunk.tensor_index, chunk.offset, chunk.data
-        while self._next < len(self._specs) and (
-            self._filled[self._next] == self._specs[self._next].nbytes
-        ):
-            self._next += 1  # complete (or empty) tensors: chunks move on to the next one
-        if index != self._next or index >= len(self._specs) or offset != self._filled[index]:
-            raise errors.CorruptCheckpointError(
-                f"restore stream out of order at tensor {index} offset {offset}")
-        end = offset + len(data)
-        if end > self._specs[index].nbytes:
-            raise errors.CorruptCheckpointError(
-                f"restore stream overruns tensor {self._specs[index].name!r}: {end} bytes of "
-                f"{self._specs[index].nbytes}")
-        self._views[index][offset:end] = np.frombuffer(data, dtype=np.uint8)
-        self._filled[index] = end
-        if self._on_progress is not None:
-            self._on_progress(len(data))
-
-    def finish(self) -> tuple[np.ndarray, ...]:
-        for spec, filled in zip(self._specs, self._filled, strict=True):
-            if filled != spec.nbytes:
-                raise errors.CorruptCheckpointError(
-                    f"restore stream ended early: tensor {spec.name!r} has {filled} of "
-                    f"{spec.nbytes} bytes")
-        return tuple(self._arrays)
+    return allocate

@@ -48,7 +48,7 @@ from grpc_reflection.v1alpha import reflection
 log = get_logger("server")
 T = TypeVar("T")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Checkpointd"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointdService"].full_name
 _HEALTH_SERVICES = ("", SERVICE_NAME)
 # After draining, in-flight RPCs (restores, waits) get this long to finish.
 _STOP_GRACE_S = 5.0
@@ -138,7 +138,7 @@ class Daemon:
         servicer = CheckpointdServicer(
             engine, self._server_info(), self.config.max_chunk_bytes, self.metrics
         )
-        pb_grpc.add_CheckpointdServicer_to_server(servicer, server)
+        pb_grpc.add_CheckpointdServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -162,6 +162,7 @@ class Daemon:
             shared_memory=shm.available(),
             hostname=socket.gethostname(),
             boot_id=_boot_id(),
+            lossy_min_elements=engine.min_lossy_elements,
         )
 
     def request_stop(self) -> None:

@@ -26,7 +26,7 @@ from ckptd.protos.records import SaveState, StepInfo
 from ckptd.protos.v1 import pb
 
 _POLICY_FROM_WIRE = {
-    pb.POLICY_AUTO: Policy.AUTO,
+    pb.POLICY_UNSPECIFIED: Policy.AUTO,
     pb.POLICY_LOSSY: Policy.LOSSY,
     pb.POLICY_EXACT: Policy.EXACT,
 }
@@ -60,10 +60,16 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
     policy = _POLICY_FROM_WIRE.get(spec.policy)
     if policy is None:
         raise InvalidRequestError(
-            f"{label}: unknown policy value {spec.policy}; expected 0 (auto), 1 (lossy), 2 (exact)"
+            f"{label}: unknown policy value {spec.policy}; expected 0 (unspecified: the daemon "
+            "decides), 1 (lossy), 2 (exact)"
         )
     if any(dim < 0 for dim in spec.shape):
         raise InvalidRequestError(f"{label}: negative dimension in shape {list(spec.shape)}")
+    if spec.HasField("bits") and spec.bits == 0:
+        raise InvalidRequestError(
+            f"{label}: bits 0 is not a bit width; give 1..8, or leave bits unset for the "
+            "daemon's default"
+        )
     converted = TensorSpec(
         name=spec.name, dtype=info.name, shape=tuple(spec.shape), policy=policy, bits=spec.bits
     )
@@ -78,10 +84,10 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
 def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
     return pb.TensorSpec(
         name=spec.name,
-        dtype=cast("pb.DType", spec.dtype_info.wire),
+        dtype=cast("pb.Dtype", spec.dtype_info.wire),
         shape=spec.shape,
         policy=_POLICY_TO_WIRE[spec.policy],
-        bits=spec.bits,
+        bits=spec.bits or None,  # 0 in the domain: the daemon's default, absent on the wire
         nbytes=spec.nbytes,
     )
 
@@ -116,7 +122,7 @@ def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
     return pb.StepInfo(
         step=info.step,
         kind=_KIND_TO_WIRE.get(info.kind, pb.STEP_KIND_UNSPECIFIED),
-        parent_step=info.parent_step or 0,
+        parent_step=info.parent_step,
         raw_bytes=info.raw_bytes,
         stored_bytes=info.stored_bytes,
         compression_ratio=info.compression_ratio,

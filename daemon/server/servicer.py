@@ -1,7 +1,8 @@
-"""The gRPC ``Checkpointd`` service: convert the request, call the engine, convert back.
+"""The gRPC ``CheckpointdService``: convert the request, call the engine, convert back.
 
 Every handler is wrapped by ``rpc``: ``maps_errors`` (``ckptd.daemon.server.status``) turns the
-engine's errors into status codes, so handlers raise and never touch them; before that,
+engine's errors into rich statuses naming the request's run/rank/step, so handlers raise and
+never touch them; before that,
 each error is counted in the metrics (method, code, exception class) and logged with the
 request's run, rank and step. The only logic here is the save stream's framing: header
 first, then chunks (or a shared-memory segment), then commit; any error or a client
@@ -67,7 +68,7 @@ def rpc(handler: H) -> H:
                 count(self, exc)
                 raise
 
-        return maps_errors(stream)  # type: ignore[return-value]
+        return maps_errors(stream, _subject)  # type: ignore[return-value]
 
     @functools.wraps(handler)
     async def unary(self: CheckpointdServicer, request: Any, context: Context) -> Any:
@@ -78,7 +79,11 @@ def rpc(handler: H) -> H:
             count(self, exc)
             raise
 
-    return maps_errors(unary)  # type: ignore[return-value]
+    return maps_errors(unary, _subject)  # type: ignore[return-value]
+
+
+def _subject() -> dict[str, object]:
+    return _REQUEST_FIELDS.get({})
 
 
 def _request_fields(request: Any) -> dict[str, object]:
@@ -95,7 +100,7 @@ def _request_fields(request: Any) -> dict[str, object]:
     return named
 
 
-class CheckpointdServicer(pb_grpc.CheckpointdServicer):
+class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
     """Adapts the ``Engine`` to the ckptd.v1 gRPC API."""
 
     def __init__(
@@ -109,7 +114,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
     @rpc
     async def Save(
         self, request_iterator: AsyncIterator[pb.SaveRequest], context: Context
-    ) -> pb.SaveStatus:
+    ) -> pb.SaveResponse:
         message = await anext(request_iterator, None)
         if message is None or message.WhichOneof("item") != "header":
             got = "an empty stream" if message is None else "a chunk"
@@ -132,7 +137,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
             header.key, bytes=header.nbytes, tensors=len(header.tensors),
             transport="shm" if segment else "stream",
         ))
-        return convert.status_to_proto(status)
+        return pb.SaveResponse(status=convert.status_to_proto(status))
 
     async def _receive_chunks(
         self, session: SaveSession, request_iterator: AsyncIterator[pb.SaveRequest]
@@ -150,27 +155,25 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
             session.write(chunk.tensor_index, chunk.offset, chunk.data)
 
     @rpc
-    async def GetSaveStatus(self, request: pb.StepRef, context: Context) -> pb.SaveStatus:
-        return convert.status_to_proto(self._engine.status(convert.key_from_ref(request)))
-
-    @rpc
-    async def WaitSave(self, request: pb.WaitSaveRequest, context: Context) -> pb.SaveStatus:
+    async def WaitSave(
+        self, request: pb.WaitSaveRequest, context: Context
+    ) -> pb.WaitSaveResponse:
         if math.isnan(request.timeout_s) or request.timeout_s < 0:
             raise InvalidRequestError(f"timeout_s must be >= 0, got {request.timeout_s}")
         key = convert.key_from_ref(request.ref)
         status = await self._engine.wait(key, min(request.timeout_s, MAX_WAIT_S))
-        return convert.status_to_proto(status)
+        return pb.WaitSaveResponse(status=convert.status_to_proto(status))
 
     @rpc
     async def Restore(
         self, request: pb.RestoreRequest, context: Context
-    ) -> AsyncIterator[pb.RestoreReply]:
+    ) -> AsyncIterator[pb.RestoreResponse]:
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
         restored = await self._engine.restore(request.run, request.rank, step)
-        yield pb.RestoreReply(header=convert.restore_header_to_proto(restored))
+        yield pb.RestoreResponse(header=convert.restore_header_to_proto(restored))
         for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
-            yield pb.RestoreReply(chunk=chunk)
+            yield pb.RestoreResponse(chunk=chunk)
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
@@ -178,31 +181,41 @@ class CheckpointdServicer(pb_grpc.CheckpointdServicer):
             restored.key, bytes=nbytes, tensors=len(restored.arrays), seconds=round(seconds, 4)))
 
     @rpc
-    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsReply:
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: Context
+    ) -> pb.ListRunsResponse:
         runs = self._engine.list_runs()
-        return pb.ListRunsReply(runs=[convert.run_info_to_proto(info) for info in runs])
+        return pb.ListRunsResponse(runs=[convert.run_info_to_proto(info) for info in runs])
 
     @rpc
-    async def ListSteps(self, request: pb.ListStepsRequest, context: Context) -> pb.ListStepsReply:
+    async def ListSteps(
+        self, request: pb.ListStepsRequest, context: Context
+    ) -> pb.ListStepsResponse:
         steps = self._engine.list_steps(request.run, request.rank)
-        return pb.ListStepsReply(steps=[convert.step_info_to_proto(info) for info in steps])
+        return pb.ListStepsResponse(steps=[convert.step_info_to_proto(info) for info in steps])
 
     @rpc
-    async def DeleteStep(self, request: pb.DeleteStepRequest, context: Context) -> pb.DeleteReply:
+    async def DeleteStep(
+        self, request: pb.DeleteStepRequest, context: Context
+    ) -> pb.DeleteStepResponse:
         key = convert.key_from_ref(request.ref)
         deleted = await self._engine.delete_step(key)
         log.info("step deleted %s", step_fields(key))
-        return pb.DeleteReply(deleted_steps=deleted)
+        return pb.DeleteStepResponse(deleted_steps=deleted)
 
     @rpc
-    async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteReply:
+    async def DeleteRun(
+        self, request: pb.DeleteRunRequest, context: Context
+    ) -> pb.DeleteRunResponse:
         deleted = await self._engine.delete_run(request.run)
         log.info("run deleted %s", fields(run=request.run, steps=deleted))
-        return pb.DeleteReply(deleted_steps=deleted)
+        return pb.DeleteRunResponse(deleted_steps=deleted)
 
     @rpc
-    async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Context) -> pb.ServerInfo:
-        return self._server_info
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Context
+    ) -> pb.GetServerInfoResponse:
+        return pb.GetServerInfoResponse(info=self._server_info)
 
 
 def _segment_ref(header: pb.SaveHeader) -> shm.SegmentRef | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptd.daemon.domain import TensorSpec
-from ckptd.daemon.errors import InvalidRequestError
+from ckptd.daemon.errors import InvalidRequestError, SharedMemoryRefusedError
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.protos import segments
 
@@ -88,18 +88,19 @@ def copy_into(session: SaveSession, ref: SegmentRef) -> None:
     """Copies every tensor of ``session``'s header out of the segment with ``fill_from``.
 
     Blocking (a memcpy of the whole checkpoint): the servicer runs it off the event loop.
-    Raises ``InvalidRequestError`` naming the segment when it is missing or smaller than
-    the reference claims.
+    Raises ``SharedMemoryRefusedError`` naming the segment when the daemon cannot open it
+    (the client should stream instead), ``InvalidRequestError`` when it is smaller than the
+    reference claims.
     """
     try:
         fd = os.open(SHM_ROOT / ref.name, os.O_RDONLY)
     except FileNotFoundError:
-        raise InvalidRequestError(
+        raise SharedMemoryRefusedError(
             f"shared memory segment {ref.name!r} does not exist on the daemon's host; "
             "is the client on another host or container? Send the bytes as chunks instead"
         ) from None
     except PermissionError:
-        raise InvalidRequestError(
+        raise SharedMemoryRefusedError(
             f"shared memory segment {ref.name!r} is not readable by the daemon's user"
         ) from None
     try:

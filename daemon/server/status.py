@@ -4,25 +4,28 @@ Handlers never call ``context.abort``: they raise the engine's errors (or let th
 ``maps_errors`` turns each into its status code here. The table is ordered most specific
 first; the first class the error is an instance of wins. An error outside the tree is a
 bug: it is logged with its traceback and the client sees INTERNAL with a generic message
-(never internals). Every error also carries its class name in the trailing metadata key
-``ckptd-error`` so that a client can tell apart errors that share a code
-(``RunNotFoundError`` and ``StepNotFoundError`` are both NOT_FOUND).
+(never internals). Every error travels as the rich status of the wire contract
+(``ckptd.protos.status``): its ``ErrorInfo`` reason is the error class's ``reason``, so a
+client tells apart errors that share a code (``RunNotFoundError`` and ``StepNotFoundError``
+are both NOT_FOUND) without reading messages.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from ckptd.daemon import errors
 from ckptd.daemon.logs import get_logger
+from ckptd.protos.status import rich_status
 
 log = get_logger("status")
 
-ERROR_METADATA_KEY = "ckptd-error"
+Subject = Callable[[], Mapping[str, object]]
+"""Returns the run/rank/step the failing request names (the ErrorInfo's metadata)."""
 
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.IncompleteStreamError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -39,6 +42,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
     # Another process writes the storage: waiting will not help until an operator acts.
     (errors.StorageInUseError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The client's segment is not on this host (or not ours to read): it should stream.
+    (errors.SharedMemoryRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
     # Storage I/O failed (network, disk): transient from the client's point of view.
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
     # A deliberate error without a more specific class: its message is still safe to show.
@@ -60,8 +65,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-    """Aborts the RPC with ``exc``'s status; logs unexpected errors with their traceback."""
+def reason_for(exc: BaseException) -> str:
+    """The ``ErrorReason`` name ``exc`` travels with (INTERNAL outside the tree)."""
+    return exc.reason if isinstance(exc, errors.CkptdError) else errors.CkptdError.reason
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext, exc: Exception, subject: Mapping[str, object]
+) -> NoReturn:
+    """Aborts the RPC with ``exc``'s rich status; logs unexpected errors with their traceback.
+
+    ``subject`` (the request's run, rank, step) becomes the ErrorInfo's metadata.
+    """
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already carries its status
     code, message = status_for(exc)
@@ -69,19 +84,21 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         log.error("unexpected error in handler %s", f"error={type(exc).__name__}", exc_info=exc)
     elif code is grpc.StatusCode.INTERNAL:
         log.error("unclassified daemon error %s", f"error={type(exc).__name__}", exc_info=exc)
-    metadata = ((ERROR_METADATA_KEY, type(exc).__name__),)
-    await context.abort(code, message, trailing_metadata=metadata)
+    metadata = {name: str(value) for name, value in subject.items()}
+    await context.abort_with_status(rich_status(code, reason_for(exc), message, metadata))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 H = TypeVar("H", bound=Callable[..., Any])
 
 
-def maps_errors(handler: H) -> H:
+def maps_errors(handler: H, subject: Subject = dict) -> H:
     """Wraps a grpc.aio servicer method (coroutine or async generator) with the table.
 
-    Cancellation (``asyncio.CancelledError``) is not an ``Exception`` and passes through,
-    so a client that hangs up unwinds the handler (and aborts its save) without a status.
+    ``subject`` is called after a failure, in the handler's task, for the run/rank/step
+    the status's metadata names. Cancellation (``asyncio.CancelledError``) is not an
+    ``Exception`` and passes through, so a client that hangs up unwinds the handler (and
+    aborts its save) without a status.
     """
     if inspect.isasyncgenfunction(handler):
 
@@ -93,7 +110,7 @@ def maps_errors(handler: H) -> H:
                 async for reply in handler(self, request, context):
                     yield reply
             except Exception as exc:
-                await abort_with(context, exc)
+                await abort_with(context, exc, subject())
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -102,6 +119,6 @@ def maps_errors(handler: H) -> H:
         try:
             return await handler(self, request, context)
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, exc, subject())
 
     return unary_wrapper  # type: ignore[return-value]

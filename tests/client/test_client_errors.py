@@ -47,14 +47,14 @@ BUILTIN_PARENTS = {
 }
 
 
-class AbortingServicer(pb_grpc.CheckpointdServicer):
+class AbortingServicer(pb_grpc.CheckpointdServiceServicer):
     """Answers ListSteps with whatever status ``code`` is set to."""
 
     code = grpc.StatusCode.INTERNAL
 
     def ListSteps(
         self, request: pb.ListStepsRequest, context: grpc.ServicerContext
-    ) -> pb.ListStepsReply:
+    ) -> pb.ListStepsResponse:
         context.abort(self.code, f"daemon details for {self.code.name}")
         raise AssertionError("abort returns by raising")
 
@@ -63,7 +63,7 @@ class AbortingServicer(pb_grpc.CheckpointdServicer):
 def aborting_server() -> Iterator[tuple[AbortingServicer, str]]:
     servicer = AbortingServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_CheckpointdServicer_to_server(servicer, server)
+    pb_grpc.add_CheckpointdServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -40,11 +40,12 @@ def settled_steps(address: str, steps: list[int]) -> set[int]:
     the durable ones (a step it never accepted is simply unknown to it)."""
     durable = set()
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CheckpointdStub(channel)
+        stub = pb_grpc.CheckpointdServiceStub(channel)
         for step in steps:
             ref = pb.StepRef(run=RUN, rank=0, step=step)
             try:
-                status = stub.WaitSave(pb.WaitSaveRequest(ref=ref, timeout_s=120), timeout=180)
+                request = pb.WaitSaveRequest(ref=ref, timeout_s=120)
+                status = stub.WaitSave(request, timeout=180).status
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
                 continue

@@ -54,7 +54,7 @@ class BudgetHog:
     def __init__(self, address: str, nbytes: int) -> None:
         self._gate = threading.Event()
         self._channel = grpc.insecure_channel(address)
-        stub = pb_grpc.CheckpointdStub(self._channel)
+        stub = pb_grpc.CheckpointdServiceStub(self._channel)
         spec = pb.TensorSpec(name="x", dtype=pb.DTYPE_UINT8, shape=[nbytes], nbytes=nbytes)
         header = pb.SaveHeader(run="hog", rank=0, step=1, tensors=[spec])
 

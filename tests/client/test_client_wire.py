@@ -13,7 +13,7 @@ from ckptd.client.grpc_transport import encode_chunk
 from ckptd.client.header import HeaderBuilder
 from ckptd.client.policies import parse_rules, parse_spec, resolve
 from ckptd.client.restore import receive
-from ckptd.client.shm import is_local_target, refuses_shared_memory
+from ckptd.client.shm import is_local_target
 from ckptd.client.staging import HostBuffer, plan_layout, snapshot
 from ckptd.client.structure import STRUCTURE_KEY, flatten
 from ckptd.protos.v1 import pb
@@ -31,7 +31,7 @@ def test_hand_encoded_chunks_match_protobuf_bytes(index: int, offset: int, size:
     assert pb.SaveRequest.FromString(ours) == reference
 
 
-def restore_stream(state: Any, chunk_bytes: int, step: int = 3) -> Iterator[pb.RestoreReply]:
+def restore_stream(state: Any, chunk_bytes: int, step: int = 3) -> Iterator[pb.RestoreResponse]:
     """What a daemon would send back for ``state`` (built the way a save stages it)."""
     flat = flatten(state)
     layout = plan_layout([leaf.nbytes for leaf in flat.leaves])
@@ -47,12 +47,13 @@ def restore_stream(state: Any, chunk_bytes: int, step: int = 3) -> Iterator[pb.R
         metadata={STRUCTURE_KEY: flat.structure, "note": "hi"},
         checksum="abc",
     )
-    yield pb.RestoreReply(header=header)
+    yield pb.RestoreResponse(header=header)
     raw = buffer.data.numpy()
     for index, (offset, size) in enumerate(zip(layout.offsets, layout.nbytes, strict=True)):
         for start in range(0, size, chunk_bytes):
             data = raw[offset + start : offset + min(size, start + chunk_bytes)].tobytes()
-            yield pb.RestoreReply(chunk=pb.TensorChunk(tensor_index=index, offset=start, data=data))
+            chunk = pb.TensorChunk(tensor_index=index, offset=start, data=data)
+            yield pb.RestoreResponse(chunk=chunk)
 
 
 def test_restore_rebuilds_state_with_dtypes_and_shapes() -> None:
@@ -101,7 +102,7 @@ def test_out_of_order_restore_stream_is_detected() -> None:
 def test_inconsistent_header_is_detected() -> None:
     replies = list(restore_stream({"a": torch.ones(4)}, chunk_bytes=64))
     replies[0].header.tensors[0].nbytes = 15
-    with pytest.raises(CorruptCheckpointError, match="announced 15 bytes"):
+    with pytest.raises(CorruptCheckpointError, match="announces 15 bytes"):
         receive(iter(replies))
 
 
@@ -109,7 +110,7 @@ def test_policy_specs_parse() -> None:
     assert parse_spec("exact") == (pb.POLICY_EXACT, 0)
     assert parse_spec("lossy") == (pb.POLICY_LOSSY, 0)
     assert parse_spec("lossy:4") == (pb.POLICY_LOSSY, 4)
-    assert parse_spec("auto") == (pb.POLICY_AUTO, 0)
+    assert parse_spec("auto") == (pb.POLICY_UNSPECIFIED, 0)
     for bad in ("lossy:0", "lossy:9", "lossy:x", "exact:2", "fast", ""):
         with pytest.raises(ValueError, match=r"invalid policy|bits in policy"):
             parse_spec(bad)
@@ -122,14 +123,14 @@ def test_first_matching_rule_wins_and_exact_has_no_bits() -> None:
     assert resolve(rules, "optim/state/0/exp_avg", 3) == (pb.POLICY_EXACT, 0)
     assert resolve(rules, "model/fc.bias", 3) == (pb.POLICY_LOSSY, 2)
     assert resolve(rules, "model/fc.weight", 3) == (pb.POLICY_LOSSY, 3)
-    assert resolve(rules, "rng", 0) == (pb.POLICY_AUTO, 0)
+    assert resolve(rules, "rng", 0) == (pb.POLICY_UNSPECIFIED, 0)
 
 
 def test_adams_second_moment_is_exact_unless_a_user_rule_says_otherwise() -> None:
     # The built-in rule comes after the user's: it applies by default, and any user rule
     # naming the tensor (even a broad one) takes precedence.
     assert resolve((), "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_EXACT, 0)
-    assert resolve((), "optimizer/state/3/exp_avg", 4) == (pb.POLICY_AUTO, 4)
+    assert resolve((), "optimizer/state/3/exp_avg", 4) == (pb.POLICY_UNSPECIFIED, 4)
     lossy = parse_rules([("*exp_avg_sq", "lossy:6")])
     assert resolve(lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 6)
     everything_lossy = parse_rules([("*", "lossy")])
@@ -143,25 +144,13 @@ def test_local_targets() -> None:
     assert not is_local_target("10.1.2.3:5000")
 
 
-def test_shared_memory_refusal_is_recognized() -> None:
-    refused = InvalidCheckpointError("x")
-    refused.code, refused.details = (
-        "INVALID_ARGUMENT",
-        "cannot open shared memory segment 'ckptdc_1'",
-    )
-    other = InvalidCheckpointError("x")
-    other.code, other.details = "INVALID_ARGUMENT", "tensor 'w' has 3 bytes, expected 4"
-    assert refuses_shared_memory(refused)
-    assert not refuses_shared_memory(other)
-
-
 def test_headers_carry_policies_and_respect_the_daemons_limits() -> None:
     server = pb.ServerInfo(max_tensors=2, max_checkpoint_bytes=100)
     builder = HeaderBuilder("r", 1, parse_rules([("*.b", "exact")]), server)
     header = builder.build(3, flatten({"a": torch.ones(2), "x.b": torch.ones(2)}), 4, {"k": "v"})
     assert (header.run, header.rank, header.step) == ("r", 1, 3)
     assert [(t.name, t.policy, t.bits) for t in header.tensors] == [
-        ("a", pb.POLICY_AUTO, 4),
+        ("a", pb.POLICY_UNSPECIFIED, 4),
         ("x.b", pb.POLICY_EXACT, 0),
     ]
     assert [t.nbytes for t in header.tensors] == [8, 8]

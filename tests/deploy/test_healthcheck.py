@@ -14,7 +14,7 @@ from ckptd.daemon.server.healthcheck import main
 from ckptd.protos.names import normalize_target
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-SERVICE = "ckptd.v1.Checkpointd"
+SERVICE = "ckptd.v1.CheckpointdService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Capture = pytest.CaptureFixture[str]

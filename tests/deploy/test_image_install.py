@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 INSTALL_TIMEOUT_S = 600
 DAEMON_MODULES = (
     "ckptd.daemon.server.app", "ckptd.daemon.cli", "ckptd.daemon.server.healthcheck",
-    "ckptd.daemon.server.metrics", "ckptd.protos.v1",
+    "ckptd.daemon.server.metrics", "ckptd.protos.v1", "ckptd.daemon.cli.daemon_catalog",
 )
 # Never in the daemon image: the trainer's framework, and what only tests or extras need.
 FORBIDDEN_DISTRIBUTIONS = {"torch", "pytest", "hypothesis", "boto3", "moto", "scikit-learn"}

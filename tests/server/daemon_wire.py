@@ -24,8 +24,8 @@ _WIRE_BY_NUMPY = {np.dtype(row.numpy): row.wire for row in dtypes.BY_NAME.values
 Arrays = Mapping[str, np.ndarray]
 
 
-def stub(channel: grpc.Channel) -> pb_grpc.CheckpointdStub:
-    return pb_grpc.CheckpointdStub(channel)
+def stub(channel: grpc.Channel) -> pb_grpc.CheckpointdServiceStub:
+    return pb_grpc.CheckpointdServiceStub(channel)
 
 
 def spec_of(name: str, array: np.ndarray) -> pb.TensorSpec:
@@ -59,24 +59,25 @@ def save_requests(
 
 
 def save(
-    client: pb_grpc.CheckpointdStub, run: str, step: int, arrays: Arrays, *, rank: int = 0,
+    client: pb_grpc.CheckpointdServiceStub, run: str, step: int, arrays: Arrays, *, rank: int = 0,
     timeout_s: float = 60.0,
 ) -> pb.SaveStatus:
     requests = save_requests(run, step, arrays, rank)
-    status: pb.SaveStatus = client.Save(requests, timeout=timeout_s)
+    status: pb.SaveStatus = client.Save(requests, timeout=timeout_s).status
     return status
 
 
 def wait(
-    client: pb_grpc.CheckpointdStub, run: str, step: int, rank: int = 0, timeout_s: float = 60.0
+    client: pb_grpc.CheckpointdServiceStub, run: str, step: int, rank: int = 0,
+    timeout_s: float = 60.0,
 ) -> pb.SaveStatus:
     request = pb.WaitSaveRequest(ref=pb.StepRef(run=run, rank=rank, step=step), timeout_s=timeout_s)
-    status: pb.SaveStatus = client.WaitSave(request, timeout=timeout_s + 30)
+    status: pb.SaveStatus = client.WaitSave(request, timeout=timeout_s + 30).status
     return status
 
 
 def save_durable(
-    client: pb_grpc.CheckpointdStub, run: str, step: int, arrays: Arrays, *, rank: int = 0
+    client: pb_grpc.CheckpointdServiceStub, run: str, step: int, arrays: Arrays, *, rank: int = 0
 ) -> None:
     accepted = save(client, run, step, arrays, rank=rank)
     assert accepted.state == pb.SAVE_STATE_ACCEPTED, accepted
@@ -85,13 +86,13 @@ def save_durable(
 
 
 def restore(
-    client: pb_grpc.CheckpointdStub, run: str, step: int | None = None, rank: int = 0,
+    client: pb_grpc.CheckpointdServiceStub, run: str, step: int | None = None, rank: int = 0,
 ) -> tuple[pb.RestoreHeader, dict[str, np.ndarray]]:
     """Restores one step and reassembles its arrays, checking the chunk framing."""
     request = pb.RestoreRequest(run=run, rank=rank)
     if step is not None:
         request.step = step
-    replies: Iterable[pb.RestoreReply] = client.Restore(request, timeout=120)
+    replies: Iterable[pb.RestoreResponse] = client.Restore(request, timeout=120)
     header: pb.RestoreHeader | None = None
     buffers: list[bytearray] = []
     for reply in replies:

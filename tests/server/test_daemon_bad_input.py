@@ -17,7 +17,7 @@ from ckptd.protos.v1 import pb, pb_grpc
 from daemon_harness import InProcessDaemon, start_in_process, wait_until
 
 STATE = {"w": np.arange(4096, dtype=np.float32), "b": np.arange(3, dtype=np.int32)}
-Stub: TypeAlias = pb_grpc.CheckpointdStub
+Stub: TypeAlias = pb_grpc.CheckpointdServiceStub
 
 
 def _save(client: Stub, requests: list[pb.SaveRequest]) -> grpc.RpcError:
@@ -194,7 +194,7 @@ def test_full_budget_with_fail_if_busy_is_resource_exhausted(tmp_path: Path) -> 
             assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "20000" in error.details()
             release.set()
-            assert pending.result().state == pb.SAVE_STATE_ACCEPTED
+            assert pending.result().status.state == pb.SAVE_STATE_ACCEPTED
         _still_serves(running)
     finally:
         release.set()

@@ -16,7 +16,7 @@ from ckptd.daemon.store.manifest import MANIFEST_NAME
 from ckptd.protos.v1 import pb, pb_grpc
 from daemon_harness import SpawnDaemon
 
-Stub: TypeAlias = pb_grpc.CheckpointdStub
+Stub: TypeAlias = pb_grpc.CheckpointdServiceStub
 
 TRIALS = 20
 RUN = "crashy"

@@ -17,7 +17,7 @@ from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process, wait_
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-SERVICE = "ckptd.v1.Checkpointd"
+SERVICE = "ckptd.v1.CheckpointdService"
 
 
 def _health(address: str, service: str = "") -> int:
@@ -36,7 +36,7 @@ def test_health_reflection_and_server_info(daemon: InProcessDaemon) -> None:
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         replies = list(reflect.ServerReflectionInfo(iter([request]), timeout=10))
         services = {s.name for s in replies[0].list_services_response.service}
-        info = wire.stub(channel).GetServerInfo(pb.ServerInfoRequest(), timeout=10)
+        info = wire.stub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10).info
     assert {SERVICE, "grpc.health.v1.Health"} <= services
     assert info.api_version == "ckptd.v1"
     assert info.max_chunk_bytes == 1 << 20
@@ -76,7 +76,7 @@ def test_env_configures_the_subprocess(
     env = {"CKPTD_BITS": "5", "CKPTD_BASE_INTERVAL": "7"}
     process = spawn_daemon(tmp_path / "storage", env=env)
     with grpc.insecure_channel(process.address) as channel:
-        info = wire.stub(channel).GetServerInfo(pb.ServerInfoRequest(), timeout=10)
+        info = wire.stub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10).info
     assert (info.default_bits, info.base_interval) == (5, 7)
     assert process.terminate() == 0
 
@@ -172,7 +172,7 @@ def test_stop_finishes_open_streams_and_refuses_new_saves(tmp_path: Path) -> Non
         assert late.code() is grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in late.details()
         release.set()
-        assert pending.result().state == pb.SAVE_STATE_ACCEPTED
+        assert pending.result().status.state == pb.SAVE_STATE_ACCEPTED
         stopper.join(120)
     assert not stopper.is_alive()
     restarted = start_in_process(tmp_path / "storage")

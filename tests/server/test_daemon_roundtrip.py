@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from ckptd.daemon.config import EngineConfig
+from ckptd.protos.status import reason_of
 from ckptd.protos.v1 import pb
 from daemon_harness import InProcessDaemon, start_in_process
 from sklearn.datasets import load_digits
@@ -128,7 +129,7 @@ def test_shared_memory_save_round_trips(daemon: InProcessDaemon) -> None:
         request = _shm_header("shm", STATE, segment.name, segment.size, offsets)
         with grpc.insecure_channel(daemon.address) as channel:
             client = wire.stub(channel)
-            assert client.Save(iter([request]), timeout=30).state == pb.SAVE_STATE_ACCEPTED
+            assert client.Save(iter([request]), timeout=30).status.state == pb.SAVE_STATE_ACCEPTED
             buffer = segment.buf
             assert buffer is not None
             buffer[:] = b"\xff" * segment.size  # the client may reuse it once accepted
@@ -159,7 +160,12 @@ def test_bad_shared_memory_saves_are_invalid(daemon: InProcessDaemon, problem: s
         with grpc.insecure_channel(daemon.address) as channel:
             client = wire.stub(channel)
             error = wire.rpc_error(lambda: client.Save(iter(requests), timeout=30))
-            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+            # A missing segment is a refusal (the client streams instead), not a bad request.
+            refused = problem == "missing"
+            assert error.code() is (grpc.StatusCode.FAILED_PRECONDITION if refused
+                                    else grpc.StatusCode.INVALID_ARGUMENT)
+            assert reason_of(error).reason == ("ERROR_REASON_SHARED_MEMORY_REFUSED" if refused
+                                               else "ERROR_REASON_INVALID_REQUEST")
             assert needle in error.details()
             assert daemon.call(lambda engine: engine.inflight_bytes) == 0
             wire.save_durable(client, "after", 1, STATE)

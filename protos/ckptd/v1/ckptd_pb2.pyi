@@ -7,26 +7,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT16: _ClassVar[DType]
-    DTYPE_BFLOAT16: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
-    DTYPE_INT8: _ClassVar[DType]
-    DTYPE_INT16: _ClassVar[DType]
-    DTYPE_INT32: _ClassVar[DType]
-    DTYPE_INT64: _ClassVar[DType]
-    DTYPE_UINT8: _ClassVar[DType]
-    DTYPE_BOOL: _ClassVar[DType]
-    DTYPE_UINT16: _ClassVar[DType]
-    DTYPE_UINT32: _ClassVar[DType]
-    DTYPE_UINT64: _ClassVar[DType]
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_REQUEST: _ClassVar[ErrorReason]
+    ERROR_REASON_INCOMPLETE_STREAM: _ClassVar[ErrorReason]
+    ERROR_REASON_RUN_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_EXISTS: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_ORDER: _ClassVar[ErrorReason]
+    ERROR_REASON_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
+    ERROR_REASON_CORRUPT_CHECKPOINT: _ClassVar[ErrorReason]
+    ERROR_REASON_DATA_MISSING: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_IN_USE: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_SHARED_MEMORY_REFUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_INT8: _ClassVar[Dtype]
+    DTYPE_INT16: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+    DTYPE_UINT8: _ClassVar[Dtype]
+    DTYPE_BOOL: _ClassVar[Dtype]
+    DTYPE_UINT16: _ClassVar[Dtype]
+    DTYPE_UINT32: _ClassVar[Dtype]
+    DTYPE_UINT64: _ClassVar[Dtype]
 
 class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    POLICY_AUTO: _ClassVar[Policy]
+    POLICY_UNSPECIFIED: _ClassVar[Policy]
     POLICY_LOSSY: _ClassVar[Policy]
     POLICY_EXACT: _ClassVar[Policy]
 
@@ -44,21 +62,36 @@ class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_KIND_UNSPECIFIED: _ClassVar[StepKind]
     STEP_KIND_BASE: _ClassVar[StepKind]
     STEP_KIND_DELTA: _ClassVar[StepKind]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT16: DType
-DTYPE_BFLOAT16: DType
-DTYPE_FLOAT64: DType
-DTYPE_INT8: DType
-DTYPE_INT16: DType
-DTYPE_INT32: DType
-DTYPE_INT64: DType
-DTYPE_UINT8: DType
-DTYPE_BOOL: DType
-DTYPE_UINT16: DType
-DTYPE_UINT32: DType
-DTYPE_UINT64: DType
-POLICY_AUTO: Policy
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_INVALID_REQUEST: ErrorReason
+ERROR_REASON_INCOMPLETE_STREAM: ErrorReason
+ERROR_REASON_RUN_NOT_FOUND: ErrorReason
+ERROR_REASON_STEP_NOT_FOUND: ErrorReason
+ERROR_REASON_STEP_EXISTS: ErrorReason
+ERROR_REASON_STEP_ORDER: ErrorReason
+ERROR_REASON_BUSY: ErrorReason
+ERROR_REASON_SHUTTING_DOWN: ErrorReason
+ERROR_REASON_CORRUPT_CHECKPOINT: ErrorReason
+ERROR_REASON_DATA_MISSING: ErrorReason
+ERROR_REASON_STORAGE_IN_USE: ErrorReason
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
+ERROR_REASON_SHARED_MEMORY_REFUSED: ErrorReason
+ERROR_REASON_INTERNAL: ErrorReason
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_INT8: Dtype
+DTYPE_INT16: Dtype
+DTYPE_INT32: Dtype
+DTYPE_INT64: Dtype
+DTYPE_UINT8: Dtype
+DTYPE_BOOL: Dtype
+DTYPE_UINT16: Dtype
+DTYPE_UINT32: Dtype
+DTYPE_UINT64: Dtype
+POLICY_UNSPECIFIED: Policy
 POLICY_LOSSY: Policy
 POLICY_EXACT: Policy
 SAVE_STATE_UNSPECIFIED: SaveState
@@ -80,12 +113,12 @@ class TensorSpec(_message.Message):
     BITS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     policy: Policy
     bits: int
     nbytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., policy: _Optional[_Union[Policy, str]] = ..., bits: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., policy: _Optional[_Union[Policy, str]] = ..., bits: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("segment_name", "segment_bytes", "offsets")
@@ -160,6 +193,12 @@ class SaveStatus(_message.Message):
     error: str
     def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., state: _Optional[_Union[SaveState, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class SaveResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: SaveStatus
+    def __init__(self, status: _Optional[_Union[SaveStatus, _Mapping]] = ...) -> None: ...
+
 class WaitSaveRequest(_message.Message):
     __slots__ = ("ref", "timeout_s")
     REF_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +206,12 @@ class WaitSaveRequest(_message.Message):
     ref: StepRef
     timeout_s: float
     def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class WaitSaveResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: SaveStatus
+    def __init__(self, status: _Optional[_Union[SaveStatus, _Mapping]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("run", "rank", "step")
@@ -197,7 +242,7 @@ class RestoreHeader(_message.Message):
     checksum: str
     def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
 
-class RestoreReply(_message.Message):
+class RestoreResponse(_message.Message):
     __slots__ = ("header", "chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -223,7 +268,7 @@ class RunInfo(_message.Message):
     stored_bytes: int
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
-class ListRunsReply(_message.Message):
+class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
     RUNS_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[RunInfo]
@@ -257,7 +302,7 @@ class StepInfo(_message.Message):
     created_unix_s: float
     def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ...) -> None: ...
 
-class ListStepsReply(_message.Message):
+class ListStepsResponse(_message.Message):
     __slots__ = ("steps",)
     STEPS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepInfo]
@@ -269,24 +314,30 @@ class DeleteStepRequest(_message.Message):
     ref: StepRef
     def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ...) -> None: ...
 
+class DeleteStepResponse(_message.Message):
+    __slots__ = ("deleted_steps",)
+    DELETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    deleted_steps: int
+    def __init__(self, deleted_steps: _Optional[int] = ...) -> None: ...
+
 class DeleteRunRequest(_message.Message):
     __slots__ = ("run",)
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: str
     def __init__(self, run: _Optional[str] = ...) -> None: ...
 
-class DeleteReply(_message.Message):
+class DeleteRunResponse(_message.Message):
     __slots__ = ("deleted_steps",)
     DELETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     deleted_steps: int
     def __init__(self, deleted_steps: _Optional[int] = ...) -> None: ...
 
-class ServerInfoRequest(_message.Message):
+class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id")
+    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id", "lossy_min_elements")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URL_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +351,7 @@ class ServerInfo(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_MIN_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     storage_url: str
@@ -313,4 +365,11 @@ class ServerInfo(_message.Message):
     shared_memory: bool
     hostname: str
     boot_id: str
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
+    lossy_min_elements: int
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., lossy_min_elements: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: ServerInfo
+    def __init__(self, info: _Optional[_Union[ServerInfo, _Mapping]] = ...) -> None: ...

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class CheckpointdStub:
+class CheckpointdServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,64 +35,53 @@ class CheckpointdStub:
             channel: A grpc.Channel.
         """
         self.Save = channel.stream_unary(
-                '/ckptd.v1.Checkpointd/Save',
+                '/ckptd.v1.CheckpointdService/Save',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.SaveRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
-                _registered_method=True)
-        self.GetSaveStatus = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/GetSaveStatus',
-                request_serializer=ckptd_dot_v1_dot_ckptd__pb2.StepRef.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SaveResponse.FromString,
                 _registered_method=True)
         self.WaitSave = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/WaitSave',
+                '/ckptd.v1.CheckpointdService/WaitSave',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.WaitSaveRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.WaitSaveResponse.FromString,
                 _registered_method=True)
         self.Restore = channel.unary_stream(
-                '/ckptd.v1.Checkpointd/Restore',
+                '/ckptd.v1.CheckpointdService/Restore',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreReply.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreResponse.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/ListRuns',
+                '/ckptd.v1.CheckpointdService/ListRuns',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsReply.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
         self.ListSteps = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/ListSteps',
+                '/ckptd.v1.CheckpointdService/ListSteps',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsReply.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsResponse.FromString,
                 _registered_method=True)
         self.DeleteStep = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/DeleteStep',
+                '/ckptd.v1.CheckpointdService/DeleteStep',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteStepRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteStepResponse.FromString,
                 _registered_method=True)
         self.DeleteRun = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/DeleteRun',
+                '/ckptd.v1.CheckpointdService/DeleteRun',
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteRunRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.FromString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
-                '/ckptd.v1.Checkpointd/GetServerInfo',
-                request_serializer=ckptd_dot_v1_dot_ckptd__pb2.ServerInfoRequest.SerializeToString,
-                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ServerInfo.FromString,
+                '/ckptd.v1.CheckpointdService/GetServerInfo',
+                request_serializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
 
 
-class CheckpointdServicer:
+class CheckpointdServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Save(self, request_iterator, context):
         """Streams one checkpoint in; answers once it is ACCEPTED (or with an error status).
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetSaveStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -143,62 +132,57 @@ class CheckpointdServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_CheckpointdServicer_to_server(servicer, server):
+def add_CheckpointdServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Save': grpc.stream_unary_rpc_method_handler(
                     servicer.Save,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SaveRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.SerializeToString,
-            ),
-            'GetSaveStatus': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetSaveStatus,
-                    request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.StepRef.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.SaveResponse.SerializeToString,
             ),
             'WaitSave': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitSave,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.WaitSaveRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.WaitSaveResponse.SerializeToString,
             ),
             'Restore': grpc.unary_stream_rpc_method_handler(
                     servicer.Restore,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreReply.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.RestoreResponse.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsReply.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListRunsResponse.SerializeToString,
             ),
             'ListSteps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSteps,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsReply.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.ListStepsResponse.SerializeToString,
             ),
             'DeleteStep': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteStep,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteStepRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteStepResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteRunRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.SerializeToString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.DeleteRunResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.ServerInfoRequest.FromString,
-                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ckptd.v1.Checkpointd', rpc_method_handlers)
+            'ckptd.v1.CheckpointdService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ckptd.v1.Checkpointd', rpc_method_handlers)
+    server.add_registered_method_handlers('ckptd.v1.CheckpointdService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Checkpointd:
+class CheckpointdService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -215,36 +199,9 @@ class Checkpointd:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/ckptd.v1.Checkpointd/Save',
+            '/ckptd.v1.CheckpointdService/Save',
             ckptd_dot_v1_dot_ckptd__pb2.SaveRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetSaveStatus(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ckptd.v1.Checkpointd/GetSaveStatus',
-            ckptd_dot_v1_dot_ckptd__pb2.StepRef.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.SaveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,9 +226,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/WaitSave',
+            '/ckptd.v1.CheckpointdService/WaitSave',
             ckptd_dot_v1_dot_ckptd__pb2.WaitSaveRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.SaveStatus.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.WaitSaveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -296,9 +253,9 @@ class Checkpointd:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ckptd.v1.Checkpointd/Restore',
+            '/ckptd.v1.CheckpointdService/Restore',
             ckptd_dot_v1_dot_ckptd__pb2.RestoreRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.RestoreReply.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -323,9 +280,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/ListRuns',
+            '/ckptd.v1.CheckpointdService/ListRuns',
             ckptd_dot_v1_dot_ckptd__pb2.ListRunsRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.ListRunsReply.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -350,9 +307,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/ListSteps',
+            '/ckptd.v1.CheckpointdService/ListSteps',
             ckptd_dot_v1_dot_ckptd__pb2.ListStepsRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.ListStepsReply.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.ListStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -377,9 +334,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/DeleteStep',
+            '/ckptd.v1.CheckpointdService/DeleteStep',
             ckptd_dot_v1_dot_ckptd__pb2.DeleteStepRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.DeleteStepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -404,9 +361,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/DeleteRun',
+            '/ckptd.v1.CheckpointdService/DeleteRun',
             ckptd_dot_v1_dot_ckptd__pb2.DeleteRunRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.DeleteReply.FromString,
+            ckptd_dot_v1_dot_ckptd__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -431,9 +388,9 @@ class Checkpointd:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ckptd.v1.Checkpointd/GetServerInfo',
-            ckptd_dot_v1_dot_ckptd__pb2.ServerInfoRequest.SerializeToString,
-            ckptd_dot_v1_dot_ckptd__pb2.ServerInfo.FromString,
+            '/ckptd.v1.CheckpointdService/GetServerInfo',
+            ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.SerializeToString,
+            ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,105 @@
+"""Reassembling a ``Restore`` stream: one header, then every tensor's chunks in table order.
+
+Shared by the trainer-side client (into torch tensors) and the ``ckptd`` CLI (into numpy
+arrays): the caller allocates each tensor's destination and hands over its bytes as a flat
+``uint8`` array; this module checks the framing and copies each chunk straight in, so a
+restore costs one copy. A stream that skips, repeats or truncates bytes raises
+``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
+checkpoint" error. numpy and the generated messages only (no grpc, no torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .ckptd.v1 import ckptd_pb2 as pb
+
+Allocate = Callable[[pb.TensorSpec], np.ndarray]
+"""Returns the destination of one tensor's bytes: a writable flat uint8 array."""
+Progress = Callable[[int], None]
+"""Called with the number of bytes just received."""
+
+
+class StreamError(ValueError):
+    """Raised when a restore stream breaks its framing (order, sizes, a second header)."""
+
+
+def first_header(replies: Iterator[pb.RestoreResponse]) -> pb.RestoreHeader:
+    """Reads the header that must open a restore stream."""
+    first = next(replies, None)
+    if first is None or first.WhichOneof("item") != "header":
+        raise StreamError("restore stream did not start with a header")
+    return first.header
+
+
+def receive(
+    replies: Iterator[pb.RestoreResponse], allocate: Allocate, on_progress: Progress | None = None
+) -> pb.RestoreHeader:
+    """Consumes a whole restore stream into the buffers ``allocate`` gives, one per tensor
+    in table order; returns the header (checksum and metadata are the caller's to use)."""
+    header = first_header(replies)
+    assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
+    for reply in replies:
+        if reply.WhichOneof("item") != "chunk":
+            raise StreamError("restore stream sent a second header")
+        assembler.write(reply.chunk)
+        if on_progress is not None:
+            on_progress(len(reply.chunk.data))
+    assembler.finish()
+    return header
+
+
+class _Assembler:
+    """Destination buffers of one restore and the position of the next expected chunk."""
+
+    def __init__(self, specs: Sequence[pb.TensorSpec], buffers: Sequence[np.ndarray]) -> None:
+        for spec, buffer in zip(specs, buffers, strict=True):
+            if buffer.nbytes != spec.nbytes:
+                raise StreamError(
+                    f"tensor {spec.name!r}: the header announces {spec.nbytes} bytes but its "
+                    f"dtype and shape {list(spec.shape)} hold {buffer.nbytes}"
+                )
+        self._specs = specs
+        self._buffers = buffers
+        self._filled = [0] * len(specs)
+        self._index = 0
+
+    def write(self, chunk: pb.TensorChunk) -> None:
+        index, offset, data = chunk.tensor_index, chunk.offset, chunk.data
+        self._skip_complete()
+        if index != self._index or index >= len(self._specs) or offset != self._filled[index]:
+            expected = (
+                f"tensor {self._index} offset {self._filled[self._index]}"
+                if self._index < len(self._specs)
+                else "no more chunks"
+            )
+            raise StreamError(
+                f"restore stream out of order: got tensor {index} offset {offset}, "
+                f"expected {expected}"
+            )
+        end = offset + len(data)
+        spec = self._specs[index]
+        if end > spec.nbytes:
+            raise StreamError(
+                f"restore stream overruns tensor {spec.name!r}: {end} bytes of {spec.nbytes}"
+            )
+        self._buffers[index][offset:end] = np.frombuffer(data, dtype=np.uint8)
+        self._filled[index] = end
+
+    def finish(self) -> None:
+        for spec, filled in zip(self._specs, self._filled, strict=True):
+            if filled != spec.nbytes:
+                raise StreamError(
+                    f"restore stream ended early: tensor {spec.name!r} has {filled} "
+                    f"of {spec.nbytes} bytes"
+                )
+
+    def _skip_complete(self) -> None:
+        # Complete (or empty) tensors: their chunks are done, the next one's follow.
+        while (
+            self._index < len(self._specs)
+            and self._filled[self._index] == self._specs[self._index].nbytes
+        ):
+            self._index += 1
