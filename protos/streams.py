@@ -3,9 +3,12 @@
 Shared by the trainer-side client (into torch tensors) and the ``ckptd`` CLI (into numpy
 arrays): the caller allocates each tensor's destination and hands over its bytes as a flat
 ``uint8`` array; this module checks the framing and copies each chunk straight in, so a
-restore costs one copy. A stream that skips, repeats or truncates bytes raises
+restore costs one copy. The step checksum (``ckptd.protos.checksum``) is computed over the
+chunks as they are copied and compared with the header's at the end, so the caller gets
+what the daemon verified, end to end, without a second pass over the bytes. A stream that
+skips, repeats or truncates bytes, or whose bytes do not match the checksum, raises
 ``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
-checkpoint" error. numpy and the generated messages only (no grpc, no torch).
+checkpoint" error. numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import checksum, dtypes
 from .ckptd.v1 import ckptd_pb2 as pb
 
 Allocate = Callable[[pb.TensorSpec], np.ndarray]
@@ -38,7 +42,8 @@ def receive(
     replies: Iterator[pb.RestoreResponse], allocate: Allocate, on_progress: Progress | None = None
 ) -> pb.RestoreHeader:
     """Consumes a whole restore stream into the buffers ``allocate`` gives, one per tensor
-    in table order; returns the header (checksum and metadata are the caller's to use)."""
+    in table order, and verifies the bytes against the header's checksum; returns the
+    header (metadata, checksum)."""
     header = first_header(replies)
     assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
     for reply in replies:
@@ -48,6 +53,13 @@ def receive(
         if on_progress is not None:
             on_progress(len(reply.chunk.data))
     assembler.finish()
+    actual = assembler.checksum.hexdigest()
+    if actual != header.checksum:
+        raise StreamError(
+            f"step {header.ref.step} of {header.ref.run}/rank{header.ref.rank} arrived with "
+            f"checksum {actual}, but the daemon announced {header.checksum}: the bytes were "
+            "damaged in transit"
+        )
     return header
 
 
@@ -64,11 +76,12 @@ class _Assembler:
         self._specs = specs
         self._buffers = buffers
         self._filled = [0] * len(specs)
-        self._index = 0
+        self._index = -1  # the tensor whose bytes are being hashed
+        self.checksum = checksum.TensorsChecksum()
 
     def write(self, chunk: pb.TensorChunk) -> None:
         index, offset, data = chunk.tensor_index, chunk.offset, chunk.data
-        self._skip_complete()
+        self._advance()
         if index != self._index or index >= len(self._specs) or offset != self._filled[index]:
             expected = (
                 f"tensor {self._index} offset {self._filled[self._index]}"
@@ -86,9 +99,11 @@ class _Assembler:
                 f"restore stream overruns tensor {spec.name!r}: {end} bytes of {spec.nbytes}"
             )
         self._buffers[index][offset:end] = np.frombuffer(data, dtype=np.uint8)
+        self.checksum.update(data)
         self._filled[index] = end
 
     def finish(self) -> None:
+        self._advance()
         for spec, filled in zip(self._specs, self._filled, strict=True):
             if filled != spec.nbytes:
                 raise StreamError(
@@ -96,10 +111,15 @@ class _Assembler:
                     f"of {spec.nbytes} bytes"
                 )
 
-    def _skip_complete(self) -> None:
-        # Complete (or empty) tensors: their chunks are done, the next one's follow.
-        while (
+    def _advance(self) -> None:
+        # Complete (or empty) tensors: their chunks are done, the next one's follow. Each
+        # tensor's framing enters the checksum as it starts, in table order.
+        while self._index < 0 or (
             self._index < len(self._specs)
             and self._filled[self._index] == self._specs[self._index].nbytes
         ):
             self._index += 1
+            if self._index < len(self._specs):
+                spec = self._specs[self._index]
+                name = dtypes.from_wire(spec.dtype).name
+                self.checksum.begin(spec.name, name, spec.shape, spec.nbytes)

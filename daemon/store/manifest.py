@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +50,7 @@ import xxhash
 import zstandard
 from ckptd.daemon.domain import Policy, StepKey, TensorSpec
 from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.protos import checksum
 
 FORMAT_NAME = "ckptd.manifest"
 FORMAT_VERSION = 1
@@ -96,24 +96,10 @@ def parse_key(key: str) -> tuple[StepKey, str] | None:
 
 
 def tensors_checksum(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> str:
-    """xxh3_128 (hex) over every tensor in table order: name, dtype name, shape, raw bytes.
-
-    Each tensor contributes ``u32 len + name UTF-8``, ``u32 len + dtype name``,
-    ``u32 ndim``, ``u64 dim`` per dimension, ``u64 nbytes`` and the C-order bytes (all
-    little-endian), so that no two different tables hash the same byte stream. It is the
-    one definition used by the pipeline (written into the manifest), by restore (verified
-    before returning) and by tests.
-    """
-    digest = xxhash.xxh3_128()
-    for spec, array in zip(specs, arrays, strict=True):
-        name = spec.name.encode("utf-8")
-        dtype = spec.dtype.encode("ascii")
-        digest.update(struct.pack("<I", len(name)) + name + struct.pack("<I", len(dtype)) + dtype)
-        digest.update(struct.pack(f"<I{len(spec.shape)}Q", len(spec.shape), *spec.shape))
-        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        digest.update(struct.pack("<Q", flat.nbytes))
-        digest.update(flat.data)
-    return digest.hexdigest()
+    """The step checksum (``ckptd.protos.checksum``) of ``arrays`` under the table ``specs``:
+    written into the manifest by the pipeline, verified by restore."""
+    pairs = zip(specs, arrays, strict=True)
+    return checksum.tensors_checksum((s.name, s.dtype, s.shape, a) for s, a in pairs)
 
 
 def blob_checksum(blob: bytes | memoryview) -> str:

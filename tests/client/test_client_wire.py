@@ -16,6 +16,7 @@ from ckptd.client.restore import receive
 from ckptd.client.shm import is_local_target
 from ckptd.client.staging import HostBuffer, plan_layout, snapshot
 from ckptd.client.structure import STRUCTURE_KEY, flatten
+from ckptd.protos.checksum import tensors_checksum
 from ckptd.protos.v1 import pb
 
 
@@ -41,14 +42,18 @@ def restore_stream(state: Any, chunk_bytes: int, step: int = 3) -> Iterator[pb.R
         pb.TensorSpec(name=leaf.name, dtype=leaf.dtype.wire, shape=leaf.shape, nbytes=leaf.nbytes)
         for leaf in flat.leaves
     ]
+    raw = buffer.data.numpy()
+    tensors = [
+        (leaf.name, leaf.dtype.name, leaf.shape, raw[offset : offset + leaf.nbytes])
+        for leaf, offset in zip(flat.leaves, layout.offsets, strict=True)
+    ]
     header = pb.RestoreHeader(
         ref=pb.StepRef(run="r", rank=0, step=step),
         tensors=specs,
         metadata={STRUCTURE_KEY: flat.structure, "note": "hi"},
-        checksum="abc",
+        checksum=tensors_checksum(tensors),
     )
     yield pb.RestoreResponse(header=header)
-    raw = buffer.data.numpy()
     for index, (offset, size) in enumerate(zip(layout.offsets, layout.nbytes, strict=True)):
         for start in range(0, size, chunk_bytes):
             data = raw[offset + start : offset + min(size, start + chunk_bytes)].tobytes()
@@ -65,8 +70,9 @@ def test_restore_rebuilds_state_with_dtypes_and_shapes() -> None:
         "np": np.arange(5, dtype=np.int16),
         "step": 9,
     }
-    restored = receive(restore_stream(state, chunk_bytes=7))
-    assert restored.step == 3 and restored.checksum == "abc"
+    replies = list(restore_stream(state, chunk_bytes=7))
+    restored = receive(iter(replies))
+    assert restored.step == 3 and restored.checksum == replies[0].header.checksum
     assert restored.metadata["note"] == "hi"
     out = restored.state
     for key in ("w", "bf"):
@@ -90,6 +96,19 @@ def test_truncated_restore_stream_is_detected() -> None:
     replies = list(restore_stream({"a": torch.ones(100)}, chunk_bytes=64))
     with pytest.raises(CorruptCheckpointError, match="ended early: tensor 'a' has 384 of 400"):
         receive(iter(replies[:-1]))
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "wrong checksum"])
+def test_restore_verifies_the_checksum_end_to_end(damage: str) -> None:
+    replies = list(restore_stream({"a": torch.ones(100), "b": torch.empty(0)}, chunk_bytes=64))
+    if damage == "flip a byte":
+        data = bytearray(replies[2].chunk.data)
+        data[5] ^= 0x10
+        replies[2].chunk.data = bytes(data)
+    else:
+        replies[0].header.checksum = "0" * 32
+    with pytest.raises(CorruptCheckpointError, match=r"step 3 of r/rank0 arrived with checksum"):
+        receive(iter(replies))
 
 
 def test_out_of_order_restore_stream_is_detected() -> None:
