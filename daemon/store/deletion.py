@@ -59,7 +59,7 @@ Commit = Callable[[Manifest], Awaitable[IndexEntry]]
 """Puts a manifest and indexes it (``Repository.commit``)."""
 # Headroom on the rebase estimate: exact blobs of a later step compress a little
 # differently from the base's, and the new manifest and file-system overhead need room.
-_ESTIMATE_SLACK_BYTES = 1 << 20
+_ESTIMATE_SLACK_BYTES = 64 << 10
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -136,7 +136,7 @@ class Deleter:
         """Bytes a rebase of ``child`` writes: its tensors as exact blobs, about what the
         chain's base (the same table, exactly encoded) stores, plus its manifest."""
         base = self._index.plan(child.manifest.key)[0]
-        return base.stored_bytes + child.manifest_bytes + _ESTIMATE_SLACK_BYTES
+        return base.stored_bytes * 17 // 16 + child.manifest_bytes + _ESTIMATE_SLACK_BYTES
 
     def _no_room(self, key: StepKey, child: IndexEntry, detail: str) -> str:
         group = [self._index.get(key), *self.dependants(key)]

@@ -94,7 +94,8 @@ def list_quarantined(storage: Storage) -> list[QuarantinedStep]:
         if match is not None:
             step = StepKey(match["run"], int(match["rank"]), int(match["step"]))
             groups[(step, match["tag"])].append(key)
-    return [_entry(storage, step, tag, keys) for (step, tag), keys in sorted(groups.items())]
+    order = sorted(groups, key=lambda g: (g[0].run, g[0].rank, g[0].step, g[1]))
+    return [_entry(storage, step, tag, groups[(step, tag)]) for step, tag in order]
 
 
 def delete_quarantined(storage: Storage, entries: list[QuarantinedStep]) -> None:
