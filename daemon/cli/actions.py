@@ -20,6 +20,7 @@ from ckptd.daemon.cli.catalog import Catalog
 from ckptd.daemon.cli.commands import (
     add_source_arguments,
     one_line,
+    quarantined_entries,
     ranks_of,
     resolve_step,
     run_command,
@@ -69,7 +70,8 @@ def register_verify(subparsers: Any) -> None:
         "verify", help="restore steps and check every checksum",
         description="Restore every step of RUN (or of every run) and check each blob's and "
         "each step's checksum. Reports every failure; exits 1 if any step fails. A daemon "
-        "serves each chain's newest step from memory; --storage reads every step's blobs.",
+        "serves each chain's newest step from memory; --storage reads every step's blobs "
+        "and also reports (and fails on) quarantined and damaged step directories.",
     )
     parser.add_argument("run", nargs="?", metavar="RUN", help="default: every run")
     parser.add_argument("--rank", type=int, metavar="R", help="only this rank of RUN")
@@ -79,8 +81,13 @@ def register_verify(subparsers: Any) -> None:
 
 
 def _verify(catalog: Catalog, args: argparse.Namespace) -> int:
-    keys = _keys_to_verify(catalog, args)
-    failures = 0
+    failures = _report_quarantine(catalog, args)
+    try:
+        keys = _keys_to_verify(catalog, args)
+    except LookupError:
+        if not failures:
+            raise
+        keys = []  # every step of RUN is quarantined: reported above
     with Progress("verifying", len(keys), sys.stderr, unit="steps") as progress:
         for key in keys:
             progress.set_label(f"verifying {key}")
@@ -93,7 +100,26 @@ def _verify(catalog: Catalog, args: argparse.Namespace) -> int:
     chains = len({(key.run, key.rank) for key in keys})
     verdict = f"{failures} failed" if failures else "all checksums match"
     print(f"verified {len(keys)} steps of {chains} chains in {catalog.location}: {verdict}")
+    if not catalog.direct:
+        print("note: quarantined steps are not checked through a daemon; run `ckptd verify "
+              "--storage` (or `ckptd ls --quarantined --storage`)", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _report_quarantine(catalog: Catalog, args: argparse.Namespace) -> int:
+    """Prints a FAILED line per quarantined or damaged step directory in scope; returns
+    how many. Over a daemon (no quarantine call in the wire API) it checks nothing."""
+    if not catalog.direct:
+        return 0
+    found = [(e.key, f"quarantined in {e.prefix}: {e.reason}")
+             for e in quarantined_entries(catalog, args.run, args.rank, args.step)]
+    found += [(d.key, f"damaged, quarantined at the next daemon start: {d.reason}")
+              for d in catalog.damaged()
+              if args.run in (None, d.key.run) and args.rank in (None, d.key.rank)
+              and args.step in (None, d.key.step)]
+    for key, problem in found:
+        print(f"FAILED {key}: {problem}", flush=True)
+    return len(found)
 
 
 def _keys_to_verify(catalog: Catalog, args: argparse.Namespace) -> list[StepKey]:
@@ -137,11 +163,21 @@ def register_rm(subparsers: Any) -> None:
         "rm", help="delete a step, a rank's steps, or a whole run",
         description="Delete one step (--step; a later step that depends on it is first "
         "rewritten as a lossless base, so it stays restorable), every step of one rank "
-        "(--rank), or every rank of RUN. Asks first unless --yes. With --storage, make sure "
-        "no daemon serves that storage: it would not notice the deletion.",
+        "(--rank), or every rank of RUN; or quarantined step directories (--quarantined). "
+        "Asks first unless --yes. With --storage, make sure no daemon serves that storage: it "
+        "would not notice the deletion (the storage lock refuses while one runs).",
     )
-    parser.add_argument("run", metavar="RUN")
+    parser.add_argument("run", nargs="?", metavar="RUN",
+                        help="required, except with --quarantined (default: every run)")
     parser.add_argument("--step", type=int, metavar="N", help="only this step")
+    parser.add_argument(
+        "--with-dependants", action="store_true",
+        help="with --step: also delete the later deltas that depend on it, newest first, so "
+        "that nothing is rewritten (the way to free space on a full disk)")
+    parser.add_argument(
+        "--quarantined", action="store_true",
+        help="delete quarantined step directories (of RUN, --rank, --step if given) for "
+        "good; needs --storage")
     parser.add_argument("--rank", type=int, metavar="R",
                         help="only this rank (default 0 with --step; every rank without)")
     parser.add_argument("-y", "--yes", action="store_true",
@@ -156,10 +192,20 @@ def _rm_handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _rm(catalog: Catalog, args: argparse.Namespace) -> int:
+    if args.quarantined:
+        return _rm_quarantined(catalog, args)
+    if args.run is None:
+        raise InvalidRequestError("name the RUN to delete from (or pass --quarantined)")
+    if args.with_dependants and args.step is None:
+        raise InvalidRequestError("--with-dependants needs --step")
     if args.step is not None:
         rank = 0 if args.rank is None else args.rank
-        keys = [StepKey(args.run, rank, resolve_step(catalog, args.run, rank, args.step).step)]
-        what, detail = f"step {keys[0]}", ""
+        info = resolve_step(catalog, args.run, rank, args.step)
+        keys = [StepKey(args.run, rank, step)
+                for step in reversed(_with_dependants(catalog, args.run, rank, info.step,
+                                                      args.with_dependants))]
+        what = f"step {keys[-1]}"
+        detail = f" and the {len(keys) - 1} steps that depend on it" if len(keys) > 1 else ""
     else:
         ranks = ranks_of(catalog, args.run, args.rank)
         # Newest first: the newest step never has a dependant, so nothing is rebased.
@@ -178,6 +224,35 @@ def _rm(catalog: Catalog, args: argparse.Namespace) -> int:
     else:
         deleted = catalog.delete_run(args.run)
     print(f"deleted {what}: {deleted} steps")
+    return 0
+
+
+def _with_dependants(catalog: Catalog, run: str, rank: int, step: int, wanted: bool) -> list[int]:
+    """``step``, then (when ``wanted``) each later delta whose chain runs through it, up to
+    the next base; deleting them newest first rewrites nothing."""
+    steps = [step]
+    if wanted:
+        for info in catalog.list_steps(run, rank):
+            if info.parent_step is not None and info.parent_step == steps[-1]:
+                steps.append(info.step)
+    return steps
+
+
+def _rm_quarantined(catalog: Catalog, args: argparse.Namespace) -> int:
+    entries = quarantined_entries(catalog, args.run, args.rank, args.step)
+    if not entries:
+        print(f"nothing quarantined matches in {catalog.location}", file=sys.stderr)
+        return 0
+    listing = ", ".join(f"{e.key} ({e.reason})" for e in entries[:5])
+    listing += f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+    question = (f"delete {len(entries)} quarantined step directories from {catalog.location} "
+                f"for good: {listing}?")
+    if not args.yes and not _confirm(question, args.ci):
+        print("ckptd: nothing deleted", file=sys.stderr)
+        return 1
+    catalog.delete_quarantined(entries)
+    print(f"deleted {len(entries)} quarantined step directories: "
+          + ", ".join(f"{e.key} from {e.prefix}" for e in entries))
     return 0
 
 

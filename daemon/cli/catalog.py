@@ -29,6 +29,7 @@ from types import TracebackType
 
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
+from ckptd.daemon.store.quarantine import DamagedStep, QuarantinedStep
 from ckptd.protos.records import StepInfo
 
 __all__ = ["Catalog", "StepDetail", "TensorRow", "open_catalog"]
@@ -99,6 +100,26 @@ class Catalog(abc.ABC):
     @abc.abstractmethod
     def delete_run(self, run: str) -> int:
         """Deletes every step of every rank of ``run``; returns how many."""
+
+    def damaged(self) -> list[DamagedStep]:
+        """Step directories under ``runs/`` that a daemon's next start will quarantine (a
+        manifest missing without the pending marker, or unreadable)."""
+        raise self._storage_only("finding damaged steps")
+
+    def quarantined(self) -> list[QuarantinedStep]:
+        """The step directories in the quarantine area."""
+        raise self._storage_only("listing quarantined steps")
+
+    def delete_quarantined(self, entries: list[QuarantinedStep]) -> None:
+        """Deletes quarantined step directories for good."""
+        raise self._storage_only("deleting quarantined steps")
+
+    def _storage_only(self, what: str) -> InvalidRequestError:
+        # The wire API has no quarantine call yet: the quarantine lies in storage, outside
+        # the key space a daemon serves, and reading it directly is safe while one runs.
+        return InvalidRequestError(
+            f"{what} reads storage directly: pass --storage PATH_OR_URL (the daemon's "
+            f"--storage) instead of {self.location}")
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Releases the channel or storage; idempotent."""

@@ -26,6 +26,7 @@ from ckptd.daemon.cli.catalog import Catalog, open_catalog
 from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
 from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
+from ckptd.daemon.store.quarantine import QuarantinedStep
 from ckptd.protos.records import StepInfo
 
 TARGET_ENV = "CKPTD_TARGET"
@@ -133,11 +134,17 @@ def register_ls(subparsers: Any) -> None:
     parser.add_argument("run", nargs="?", metavar="RUN")
     parser.add_argument("--rank", type=int, metavar="R", help="only this rank of RUN")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--quarantined", action="store_true",
+        help="list the quarantined step directories instead (and the damaged ones a "
+        "daemon's next start will quarantine); needs --storage")
     add_source_arguments(parser)
     parser.set_defaults(handler=run_command(_ls))
 
 
 def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
+    if args.quarantined:
+        return _ls_quarantined(catalog, args)
     if args.run is None:
         return _ls_runs(catalog, args.json)
     chains = {rank: catalog.list_steps(args.run, rank)
@@ -156,6 +163,39 @@ def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
     print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO"),
                        rows))
     return 0
+
+
+def _ls_quarantined(catalog: Catalog, args: argparse.Namespace) -> int:
+    """Rows of the quarantine area (WHERE its directory) and of damaged directories still
+    under ``runs/`` (WHERE "runs/ (quarantined at next start)")."""
+    rows: list[tuple[StepKey, str, int, int | None, str]] = [
+        (e.key, e.prefix, len(e.keys), e.stored_bytes, e.reason)
+            for e in quarantined_entries(catalog, args.run, args.rank, None)]
+    rows += [(d.key, "runs/ (quarantined at next daemon start)", len(d.keys), None, d.reason)
+             for d in catalog.damaged()
+             if args.run in (None, d.key.run) and args.rank in (None, d.key.rank)]
+    if args.json:
+        print(json.dumps([{"run": key.run, "rank": key.rank, "step": key.step, "where": where,
+                           "keys": keys, "stored_bytes": stored, "reason": reason}
+                          for key, where, keys, stored, reason in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"nothing quarantined in {catalog.location}", file=sys.stderr)
+        return 0
+    print(format_table(("RUN", "RANK", "STEP", "WHERE", "KEYS", "STORED", "REASON"), [
+        (key.run, key.rank, key.step, where, keys,
+         "-" if stored is None else format_bytes(stored), reason)
+        for key, where, keys, stored, reason in rows]))
+    return 0
+
+
+def quarantined_entries(
+    catalog: Catalog, run: str | None, rank: int | None, step: int | None
+) -> list[QuarantinedStep]:
+    """The quarantined step directories matching the filters (None matches any)."""
+    return [e for e in catalog.quarantined()
+            if run in (None, e.key.run) and rank in (None, e.key.rank)
+            and step in (None, e.key.step)]
 
 
 def _ls_runs(catalog: Catalog, as_json: bool) -> int:

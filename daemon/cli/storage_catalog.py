@@ -3,8 +3,10 @@
 Nothing here talks to a daemon: the index is rebuilt from the manifests
 (``Repository.load``, the same code a starting daemon runs), restores are verified (every
 blob's xxh3_64 and the step's xxh3_128) and deletes rebase a dependant step first. Unlike
-``Engine.start`` this never deletes garbage or temporaries: a live daemon's save in
-progress looks exactly like garbage.
+``Engine.start`` this never deletes garbage or temporaries (a live daemon's save in
+progress looks exactly like garbage) and never moves damaged step directories to
+quarantine: it reports them (``damaged``), and lists and deletes what a daemon already
+quarantined (``quarantined``, ``delete_quarantined``; deleting claims the storage too).
 
 Writing (``delete_*``) while a daemon serves the same storage would leave the daemon's
 index and head reconstruction stale, so it first claims the storage's one-writer lock
@@ -33,6 +35,7 @@ from ckptd.daemon.errors import StorageError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.quarantine import DamagedStep, QuarantinedStep
 from ckptd.daemon.store.repository import Repository
 from ckptd.protos.records import StepInfo
 
@@ -66,6 +69,7 @@ class StorageCatalog(Catalog):
         self._pools = Pools(_CODEC_WORKERS, _IO_WORKERS)
         self._repository = Repository(storage, self._pools)
         self._loaded = False
+        self._damaged: list[DamagedStep] = []
         self._closed = False
         self._claimed = False
 
@@ -123,6 +127,17 @@ class StorageCatalog(Catalog):
             raise self._repository.run_not_found(run)
         return sum(self._run(self._repository.delete_chain(run, rank)) for rank in ranks)
 
+    def damaged(self) -> list[DamagedStep]:
+        self._get_index()
+        return list(self._damaged)
+
+    def quarantined(self) -> list[QuarantinedStep]:
+        return self._run(self._repository.quarantined())
+
+    def delete_quarantined(self, entries: list[QuarantinedStep]) -> None:
+        self._claim()
+        self._run(self._repository.delete_quarantined(entries))
+
     def close(self) -> None:
         if self._closed:
             return
@@ -140,7 +155,7 @@ class StorageCatalog(Catalog):
 
     def _get_index(self) -> StepIndex:
         if not self._loaded:
-            self._run(self._repository.load())
+            self._damaged = self._run(self._repository.load()).damaged
             self._loaded = True
         return self._repository.index
 

@@ -3,7 +3,8 @@
 Call order, all from the daemon's event loop (one asyncio loop, one thread):
 
 1. ``engine = Engine(storage, config)``; ``await engine.start()`` — rebuilds the index
-   from storage, removes uncommitted leftovers. Codec and storage work run in the engine's
+   from storage, removes provably uncommitted leftovers, quarantines step directories
+   that may have been committed but cannot be read. Codec and storage work run in the engine's
    own thread pools, never on the loop.
 2. Saving: ``session = await engine.open_save(header)`` validates the header, reserves the
    step (a concurrent duplicate fails) and reserves its bytes in the in-flight budget
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Callable
 
@@ -102,17 +104,31 @@ class Engine:
         self._closed = False
 
     async def start(self) -> None:
-        """Indexes every committed step and deletes what no manifest accounts for."""
+        """Indexes every committed step, deletes what is provably uncommitted and moves
+        what may have been committed but cannot be read to quarantine (``scan`` in
+        ``ckptd.daemon.store.index`` has the rule). A failed quarantine move fails the
+        start: serving would let a new save overwrite the damaged step's blobs."""
         found = await self._repository.load()
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
+        moved = await self._repository.quarantine(found.damaged)
+        for entry in moved:
+            log.error("quarantined a step that may have been committed; see `ckptd ls "
+                      "--quarantined` %s", step_fields(
+                          entry.key, reason=entry.reason, moved_to=entry.prefix,
+                          keys=len(entry.keys), stored_bytes=entry.stored_bytes))
+            self._notify(functools.partial(self._observer.step_quarantined, entry.key,
+                                           entry.reason))
+        held = len(await self._repository.quarantined())
+        self._notify(lambda: self._observer.quarantine_size(held))
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
         self._started = True
         for run, rank in self._index.chains():
             self._report_head(run, rank)
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
-            removed_keys=len(found.garbage), removed_temporaries=temporaries))
+            removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
+            removed_temporaries=temporaries))
 
     async def open_save(self, header: CheckpointHeader) -> SaveSession:
         self._check_accepting()

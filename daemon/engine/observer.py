@@ -10,6 +10,9 @@ Call order, all on the engine's event loop thread (an observer must not block or
 * ``save_accepted`` once a save's bytes are all in and the pipeline took it (commit);
 * then exactly one of ``save_durable`` (its manifest is committed) or ``save_failed``
   (encode or storage failed, or the daemon shut down first);
+* ``step_quarantined`` at start, for each step directory moved to the quarantine area
+  (``ckptd.daemon.store.quarantine``), then ``quarantine_size`` once with how many the area
+  holds;
 * ``chain_head`` whenever the latest durable step of a (run, rank) may have changed: for
   every chain found at start, after each durable save, and after deletes (``None`` once
   the chain has no step left).
@@ -68,3 +71,10 @@ class EngineObserver:
 
     def chain_head(self, run: str, rank: int, head: ChainHead | None) -> None:
         """The latest durable step of ``run``/``rank`` is ``head`` (None: no step left)."""
+
+    def step_quarantined(self, key: StepKey, reason: str) -> None:
+        """Start-up moved ``key``'s directory to quarantine: it may have been committed,
+        but its manifest is missing or unreadable (``reason``)."""
+
+    def quarantine_size(self, steps: int) -> None:
+        """The quarantine area holds ``steps`` step directories (reported at start)."""

@@ -4,10 +4,12 @@ Called by the engine's per-chain worker, under ``Chain.lock``, one save at a tim
 order. For each tensor: encode it in the codec pool (an exact blob, or a lossy delta
 against the head reconstruction), drop the received buffer, put the blob from the I/O
 pool; tensors run concurrently up to the pools' width, a bound shared with every other
-chain's saves (``Pools.blob_slots``). When every blob is durable, the
-manifest is put — the commit point — and only then does the chain's head move on. On any
-failure the step's keys are deleted (best effort; a restart removes what is left) and the
-head stays at the previous step, so the next save works as if this one never happened.
+chain's saves (``Pools.blob_slots``). Before the first blob, the step's ``pending``
+marker is put, so that a crash leaves a directory start-up can prove uncommitted; when
+every blob is durable, the manifest is put — the commit point — then the marker removed,
+and only then does the chain's head move on. On any failure the step's keys are deleted,
+the marker last (best effort; a restart removes what is left), and the head stays at the
+previous step, so the next save works as if this one never happened.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class SavePipeline:
         started_s = time.monotonic()
         progress = _Progress(len(save.arrays))
         try:
+            await self._repository.mark_pending(header.key)
             encoded = await self._encode_and_put(save, previous, progress)
             save.state = SaveState.WRITING
             entries = tuple(entry for entry, _ in encoded)
@@ -120,6 +123,7 @@ class SavePipeline:
         except BaseException:
             await self._discard(header.key, len(header.tensors))
             raise
+        await self._repository.clear_pending(header.key)
         encode_s = (progress.encoded_at_s or time.monotonic()) - started_s
         return Committed(_next_head(manifest, arrays, previous), entry, encode_s)
 
@@ -180,6 +184,8 @@ class SavePipeline:
         except Exception as exc:
             log.warning("cannot remove keys of failed save; removed at next start %s",
                         step_fields(key, error=str(exc)))
+            return  # the marker stays: it is what proves the rest uncommitted
+        await self._repository.clear_pending(key)
 
 
 def _encode_tensor(

@@ -7,7 +7,8 @@ daemons in one process (tests, embedding) count separately.
 Who calls what (each method is thread-safe and cheap):
 
 * the engine, through the ``EngineObserver`` interface ``Metrics`` implements:
-  ``save_accepted``, ``save_durable``, ``save_failed``, ``chain_head``;
+  ``save_accepted``, ``save_durable``, ``save_failed``, ``chain_head``,
+  ``step_quarantined``, ``quarantine_size``;
 * the servicer: ``restore_done`` after a restore streamed its last chunk, ``rpc_error``
   for every error status it returns;
 * the server, once: ``track_inflight`` (read at scrape time, on the endpoint's thread).
@@ -84,6 +85,12 @@ class Metrics(EngineObserver):
         self._errors = counter("rpc_errors", "Error statuses returned to clients, by RPC "
                                "method, gRPC status code and exception class.",
                                ("method", "code", "error"))
+        self._quarantined = counter(
+            "steps_quarantined", "Step directories this daemon moved to quarantine at start: "
+            "a manifest missing or unreadable, the step possibly committed.")
+        self._quarantine = gauge(
+            "quarantine_steps", "Step directories in the quarantine area at start (cleared "
+            "by `ckptd rm --quarantined`; nonzero needs an operator).")
         chain = ("run", "rank")
         self._ratio = gauge("compression_ratio",
                             "Raw over stored bytes of the latest durable step of a chain.", chain)
@@ -116,6 +123,12 @@ class Metrics(EngineObserver):
     def save_failed(self, key: StepKey, kind: str, message: str) -> None:
         self._saves.labels(outcome="failed").inc()
         self._failures.labels(error=kind).inc()
+
+    def step_quarantined(self, key: StepKey, reason: str) -> None:
+        self._quarantined.inc()
+
+    def quarantine_size(self, steps: int) -> None:
+        self._quarantine.set(steps)
 
     def chain_head(self, run: str, rank: int, head: ChainHead | None) -> None:
         labels = (run, str(rank))

@@ -151,6 +151,22 @@ class Storage(abc.ABC):
     def delete(self, keys: Iterable[str]) -> None:
         """Removes the objects; absent keys are ignored. Durable on return."""
 
+    def move(self, key: str, new_key: str) -> None:
+        """Moves the object at ``key`` to ``new_key`` (replacing any object there).
+
+        Durable on return; a crash part-way leaves the object under one of the two keys or
+        both, never neither. The default copies through ``get`` and ``put`` and then
+        deletes; backends override it with a rename or a server-side copy, so moving a
+        large blob neither passes through memory nor, on a local disk, needs free space.
+        """
+        self.put(new_key, self.get(key))
+        self.delete([key])
+
+    def free_bytes(self) -> int | None:
+        """Bytes that can still be written, or None when the backend cannot tell (an object
+        store has no such limit). A hint for refusing early, never a reservation."""
+        return None
+
     def cleanup_temporaries(self, *, min_age_s: float = 0.0) -> int:
         """Removes leftovers of crashed puts older than ``min_age_s``; returns how many.
 

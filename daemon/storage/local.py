@@ -157,6 +157,31 @@ class LocalStorage(Storage):
             raise StorageError(f"delete of {len(paths)} keys in {self.url} failed: {exc}") from exc
         self._prune_empty_dirs(touched)
 
+    def move(self, key: str, new_key: str) -> None:
+        """A rename within the root: atomic, and it needs no free space (a full disk can
+        still quarantine). Both directories are fsynced so that the move survives a crash."""
+        path, new_path = self._path(key), self._path(new_key)
+        try:
+            self._makedirs_durable(new_path.parent)
+            os.replace(path, new_path)
+            _fsync_dir(new_path.parent)
+            _fsync_dir(path.parent)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if not path.exists():
+                raise KeyNotFoundError(f"key {key!r} not found in {self.url}") from exc
+            raise StorageError(f"move {key!r} to {new_key!r} in {self.url} failed: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"move {key!r} to {new_key!r} in {self.url} failed: {exc}") from exc
+        self._prune_empty_dirs({path.parent})
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the root's file system."""
+        try:
+            stat = os.statvfs(self.root)
+        except OSError as exc:
+            raise StorageError(f"cannot read free space of {self.url}: {exc}") from exc
+        return stat.f_bavail * stat.f_frsize
+
     def cleanup_temporaries(self, *, min_age_s: float = 0.0) -> int:
         """Removes ``.tmp-*`` files of crashed puts older than ``min_age_s``; returns the count."""
         cutoff = time.time() - min_age_s

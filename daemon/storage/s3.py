@@ -208,6 +208,18 @@ class S3Storage(Storage):
                     f"{first.get('Code')}: {first.get('Message')} ({len(errors)} keys failed)"
                 )
 
+    def move(self, key: str, new_key: str) -> None:
+        """A server-side copy (multipart above the transfer threshold), then a delete: S3
+        has no rename, but the copy is atomic like a put, so a crash in between leaves the
+        object under both keys."""
+        obj, new_obj = self._object_key(key), self._object_key(new_key)
+        try:
+            self._client.copy({"Bucket": self.bucket, "Key": obj}, self.bucket, new_obj,
+                              Config=self._transfer)
+        except (botocore.exceptions.ClientError, *_BOTO_ERRORS) as exc:
+            raise self._error(f"copy to {new_obj}", obj, exc) from exc
+        self.delete([key])
+
     def cleanup_temporaries(self, *, min_age_s: float = 0.0) -> int:
         """Aborts multipart uploads under the prefix started more than ``min_age_s`` ago."""
         cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=min_age_s)

@@ -3,15 +3,30 @@
 A step may be the parent of the next step's delta. Before it goes, that child is rewritten
 as a lossless base holding the very same reconstruction (same checksum): new blobs under
 new names, then the child's new manifest put atomically, so at every instant the child is
-restorable through one of its two manifests. Then the step's manifest is deleted (from
-then on it does not exist), then its blobs. A crash between those leaves only unnamed
-blobs, which the next start removes. Callers serialise writes to the chain (the engine
-holds the chain's lock) and update what they keep in memory afterwards.
+restorable through one of its two manifests. Then the step's ``pending`` marker is put
+(the commit protocol's proof that a directory without a manifest holds nothing committed),
+the manifest is deleted (from then on the step does not exist), then its blobs, then the
+marker. A crash anywhere leaves unnamed blobs beside a readable manifest, or a marked
+directory without one: the next start removes both. Callers serialise writes to the chain
+(the engine holds the chain's lock) and update what they keep in memory afterwards.
+
+A full disk. Deleting is how an operator frees space, but a rebase writes first: the
+child's new exact blobs, about the size of the chain's base, must be durable before
+anything of the parent may go (the child would be unrestorable in between, and a crash
+there would lose it and every delta after it). So a deletion that must rebase first
+checks the backend's free space (``Storage.free_bytes``) against that estimate and refuses
+before writing anything, and a rebase that runs out of space anyway (the estimate is not a
+bound; S3 reports no free space) removes what it wrote; both errors name the space needed
+and what to delete instead: the step together with the deltas that depend on it, newest
+first, rewrites nothing and only frees space, as does any step nothing depends on. The
+markers a deletion puts are empty objects, which a full file system still takes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.domain import StepKey
-from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.daemon.errors import CorruptCheckpointError, StorageError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
 from ckptd.daemon.storage.base import Storage
@@ -32,6 +47,7 @@ from ckptd.daemon.store.manifest import (
     blob_checksum,
     blob_key,
     manifest_key,
+    pending_key,
     tensors_checksum,
 )
 from ckptd.daemon.store.restore import Restorer
@@ -41,6 +57,10 @@ HeadArrays = tuple[int, tuple[np.ndarray, ...]]
 """A step and its reconstruction held in memory (never modified in place)."""
 Commit = Callable[[Manifest], Awaitable[IndexEntry]]
 """Puts a manifest and indexes it (``Repository.commit``)."""
+# Headroom on the rebase estimate: exact blobs of a later step compress a little
+# differently from the base's, and the new manifest and file-system overhead need room.
+_ESTIMATE_SLACK_BYTES = 64 << 10
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Deleter:
@@ -57,22 +77,79 @@ class Deleter:
         assert entry is not None
         child = self._index.child(key)
         if child is not None:
-            await self._rebase(child.manifest, head, commit)
+            await self._check_room(key, child)
+            try:
+                await self._rebase(child.manifest, head, commit)
+            except StorageError as exc:
+                if not _out_of_space(exc):
+                    raise
+                raise StorageError(self._no_room(key, child, f"the rewrite failed: {exc}")) from exc
+        await self._mark([key])
         await self._pools.run_io(functools.partial(self._storage.delete, [manifest_key(key)]))
         self._index.remove(key)
         await self._delete_quietly([t.blob_key for t in entry.manifest.tensors], key)
+        await self._delete_quietly([pending_key(key)], key)
 
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of the chain: manifests newest first (an older step never
         loses a parent it needs while a newer one still exists), then all blobs."""
         entries = self._index.entries(run, rank)
-        manifests = [manifest_key(e.manifest.key) for e in reversed(entries)]
+        keys = [e.manifest.key for e in entries]
+        await self._mark(keys)
+        manifests = [manifest_key(key) for key in reversed(keys)]
         await self._pools.run_io(functools.partial(self._storage.delete, manifests))
-        for entry in entries:
-            self._index.remove(entry.manifest.key)
+        for key in keys:
+            self._index.remove(key)
         blobs = [t.blob_key for e in entries for t in e.manifest.tensors]
         await self._delete_quietly(blobs, StepKey(run, rank, 0))
+        await self._delete_quietly([pending_key(key) for key in keys], StepKey(run, rank, 0))
         return len(entries)
+
+    def dependants(self, key: StepKey) -> list[IndexEntry]:
+        """The steps that need ``key`` to restore: its child delta, that one's, and so on
+        up to the next base (oldest first)."""
+        found = []
+        step = key
+        while (child := self._index.child(step)) is not None:
+            found.append(child)
+            step = child.manifest.key
+        return found
+
+    async def _mark(self, keys: list[StepKey]) -> None:
+        """Puts the ``pending`` marker of each step about to lose its manifest."""
+        put = self._storage.put
+        await asyncio.gather(*(
+            self._pools.run_io(functools.partial(put, pending_key(key), b"")) for key in keys))
+
+    async def _check_room(self, key: StepKey, child: IndexEntry) -> None:
+        """Refuses, before writing, a rebase the storage visibly has no room for."""
+        free = await self._pools.run_io(self._storage.free_bytes)
+        if free is None:
+            return
+        needed = self._rebase_estimate(child)
+        if free < needed:
+            raise StorageError(self._no_room(
+                key, child, f"which needs about {_mib(needed)}; {self._storage.url} has "
+                f"{_mib(free)} free"))
+
+    def _rebase_estimate(self, child: IndexEntry) -> int:
+        """Bytes a rebase of ``child`` writes: its tensors as exact blobs, about what the
+        chain's base (the same table, exactly encoded) stores, plus its manifest."""
+        base = self._index.plan(child.manifest.key)[0]
+        return base.stored_bytes * 17 // 16 + child.manifest_bytes + _ESTIMATE_SLACK_BYTES
+
+    def _no_room(self, key: StepKey, child: IndexEntry, detail: str) -> str:
+        group = [self._index.get(key), *self.dependants(key)]
+        steps = [entry.manifest.key.step for entry in reversed(group) if entry is not None]
+        freed = sum(entry.stored_bytes for entry in group if entry is not None)
+        return (
+            f"cannot delete step {key}: step {child.manifest.key.step} is a delta on it and "
+            f"must first be rewritten as a lossless base, {detail}. Nothing was deleted. To "
+            f"free space without writing, delete step {key.step} with the steps that depend "
+            f"on it, newest first: steps {steps} ({_mib(freed)}; ckptd rm {key.run} --rank "
+            f"{key.rank} --step {key.step} --with-dependants), or a step nothing depends on "
+            "(the latest of a chain, or one followed by a base)"
+        )
 
     async def _rebase(self, child: Manifest, head: HeadArrays | None, commit: Commit) -> None:
         if head is not None and head[0] == child.key.step:
@@ -139,8 +216,24 @@ class Deleter:
             parent = updated
 
     async def _delete_quietly(self, keys: list[str], key: StepKey) -> None:
+        if not keys:
+            return
         try:
             await self._pools.run_io(functools.partial(self._storage.delete, keys))
         except Exception as exc:
             log.warning("cannot delete blobs; removed at next start %s",
                         step_fields(key, count=len(keys), error=str(exc)))
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether a storage error was caused by a full file system or quota."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"

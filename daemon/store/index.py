@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import collections
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from ckptd.daemon.domain import RunInfo, StepKey
@@ -24,9 +24,12 @@ from ckptd.daemon.store.manifest import (
     MANIFEST_NAME,
     RUNS_PREFIX,
     Manifest,
+    is_newer_format,
     manifest_key,
     parse_key,
+    pending_key,
 )
+from ckptd.daemon.store.quarantine import DamagedStep
 from ckptd.protos.records import StepInfo
 
 log = get_logger("engine")
@@ -160,17 +163,36 @@ class StepIndex:
 
 @dataclass
 class ScanResult:
-    """What ``scan`` found in storage: committed steps and keys that are garbage."""
+    """What ``scan`` found under ``runs/``: committed steps, keys that are provably garbage,
+    and step directories that may have held a committed step but cannot be read."""
 
     entries: list[IndexEntry]
     garbage: list[str]
+    damaged: list[DamagedStep] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A manifest that exists but cannot be used; ``newer`` when a newer ckptd wrote it."""
+
+    reason: str
+    newer: bool
 
 
 async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
-    """Reads every manifest under ``runs/`` and names the keys no manifest accounts for.
+    """Reads every manifest under ``runs/`` and classifies each step directory.
 
-    A directory with an unreadable manifest (corrupt, or written by a newer ckptd) is
-    logged and left alone: neither indexed nor deleted.
+    * a readable manifest: the step is committed; every key of its directory the manifest
+      does not name (a crashed rebase's old or new blobs, the ``pending`` marker) is garbage;
+    * no manifest but the ``pending`` marker: a save that never committed or a deletion
+      under way, both provably uncommitted: every key is garbage;
+    * no manifest and no marker, or a manifest that is damaged: the step may have been
+      committed, so the directory is ``damaged`` (the engine quarantines it);
+    * a manifest of a newer format version is logged and left alone for the ckptd that
+      wrote it: neither indexed nor deleted.
+
+    The rule needs the marker only for directories without a manifest, so stores written
+    before the marker existed read the same: their committed steps have manifests.
     """
     keys = await run_in_pool(lambda: storage.list(RUNS_PREFIX))
     by_step: dict[StepKey, list[str]] = collections.defaultdict(list)
@@ -184,30 +206,43 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
     loaded = await asyncio.gather(*(_load(storage, run_in_pool, step) for step in committed))
     result = ScanResult(entries=[], garbage=[])
     for step, names in by_step.items():
-        if manifest_key(step) not in names:
-            result.garbage.extend(names)
-    for step, entry in zip(committed, loaded, strict=True):
-        if entry is None:
+        if manifest_key(step) in names:
             continue
-        result.entries.append(entry)
-        named = {tensor.blob_key for tensor in entry.manifest.tensors}
-        named.add(manifest_key(step))
-        result.garbage.extend(key for key in by_step[step] if key not in named)
+        if pending_key(step) in names:
+            result.garbage.extend(names)
+        else:
+            result.damaged.append(DamagedStep(step, tuple(names), "manifest missing"))
+    for step, outcome in zip(committed, loaded, strict=True):
+        if isinstance(outcome, IndexEntry):
+            result.entries.append(outcome)
+            named = {tensor.blob_key for tensor in outcome.manifest.tensors}
+            named.add(manifest_key(step))
+            result.garbage.extend(key for key in by_step[step] if key not in named)
+        elif isinstance(outcome, _Unreadable) and not outcome.newer:
+            result.damaged.append(DamagedStep(step, tuple(by_step[step]), outcome.reason))
     return result
 
 
-async def _load(storage: Storage, run_in_pool: RunInPool, step: StepKey) -> IndexEntry | None:
+async def _load(
+    storage: Storage, run_in_pool: RunInPool, step: StepKey
+) -> IndexEntry | _Unreadable | None:
+    """The step's index entry; ``_Unreadable`` for a manifest that cannot be used; None for
+    one deleted since the listing (only a concurrent writer does that: left alone)."""
     key = manifest_key(step)
+    data = b""
     try:
         data = await run_in_pool(lambda: storage.get(key))
         manifest = Manifest.from_bytes(data, key)
         if manifest.key != step:
             raise CorruptCheckpointError(f"manifest {key} describes step {manifest.key}")
     except KeyNotFoundError:
-        return None  # deleted since the listing
-    except CorruptCheckpointError as exc:
-        log.error("skipping unreadable manifest %s", fields(key=key, error=str(exc)))
         return None
+    except CorruptCheckpointError as exc:
+        if is_newer_format(data):
+            log.warning("leaving a step of a newer ckptd alone %s",
+                        fields(key=key, error=str(exc)))
+            return _Unreadable(str(exc), newer=True)
+        return _Unreadable(str(exc), newer=False)
     return IndexEntry(manifest, len(data))
 
 

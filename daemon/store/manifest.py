@@ -5,10 +5,16 @@ Layout (keys relative to the storage root; ``run`` is validated to ``[A-Za-z0-9.
     runs/{run}/{rank}/{step:020d}/{i:05d}.blob         tensor i of the table (encoded blob)
     runs/{run}/{rank}/{step:020d}/{i:05d}.{tag}.blob   same, rewritten when a step is rebased
     runs/{run}/{rank}/{step:020d}/manifest.json        written last: the commit point
+    runs/{run}/{rank}/{step:020d}/pending              empty; a save or delete is under way
 
 The zero-padded step keeps ``list()`` in step order. A step exists exactly when its
-manifest exists; any other key of a step directory that its manifest does not name
-is garbage (a crashed save, or the old blobs of a rebased step) and is removed at start.
+manifest exists. The ``pending`` marker is put before a save's first blob and removed
+after its manifest, and put again before a deletion removes the manifest: a directory
+without a manifest is provably uncommitted only while its marker is there. Start-up
+(``ckptd.daemon.store.index.scan``) removes the keys a readable manifest does not name
+(a rebase's old blobs, the marker) and every key of a marked directory without a
+manifest; a directory whose manifest is missing (and no marker) or unreadable may have
+held a committed step and is quarantined, never deleted (``ckptd.daemon.store.quarantine``).
 
 Manifest: a UTF-8 JSON object with sorted keys, stored as one zstd frame (``zstdcat``
 shows it). Compression matters for small models: the per-tensor entries and the client's
@@ -61,6 +67,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # metadata; a frame claiming far more is corrupt, and must not make the reader allocate it.
 _MAX_MANIFEST_JSON_BYTES = 256 << 20
 _ZSTD_LEVEL = 3
+PENDING_NAME = "pending"
 RUNS_PREFIX = "runs/"
 BASE = "base"
 DELTA = "delta"
@@ -79,6 +86,12 @@ def manifest_key(key: StepKey) -> str:
     return step_prefix(key) + MANIFEST_NAME
 
 
+def pending_key(key: StepKey) -> str:
+    """Key of the step's ``pending`` marker: while it exists and the manifest does not, the
+    step directory holds nothing committed (a save before its commit, or a deletion)."""
+    return step_prefix(key) + PENDING_NAME
+
+
 def blob_key(key: StepKey, index: int, tag: str = "") -> str:
     """Key of tensor ``index``'s blob; a rebase passes a fresh ``tag`` so that the new blobs
     never overwrite the ones the still-committed old manifest names."""
@@ -93,6 +106,23 @@ def parse_key(key: str) -> tuple[StepKey, str] | None:
         return None
     step = StepKey(match["run"], int(match["rank"]), int(match["step"]))
     return step, match["name"]
+
+
+def is_newer_format(data: bytes) -> bool:
+    """Whether an unreadable manifest is a readable one of a newer manifest version (left
+    alone for the newer ckptd that wrote it) rather than a damaged one."""
+    try:
+        if data.startswith(_ZSTD_MAGIC):
+            data = zstandard.ZstdDecompressor().decompress(
+                data, max_output_size=_MAX_MANIFEST_JSON_BYTES)
+        obj = json.loads(data)
+    except (ValueError, zstandard.ZstdError):
+        return False
+    if not isinstance(obj, dict):
+        return False
+    version = obj.get("version")
+    return (obj.get("format") == FORMAT_NAME and isinstance(version, int)
+            and not isinstance(version, bool) and version > FORMAT_VERSION)
 
 
 def tensors_checksum(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> str:

@@ -8,27 +8,40 @@ verification (``Restorer``) and deletion with rebasing (``Deleter``). It holds n
 a chain in memory: a caller that keeps a step's reconstruction passes it in where it
 saves work (``delete_step(..., head=...)``) and updates its own state afterwards.
 
-Call order, from one event loop's thread: ``await load()`` once; then any of the queries
-(``index``), ``restore``, ``commit``, ``delete_step``/``delete_chain``. Callers serialise
-writes to one (run, rank) themselves (the engine's chain lock). Blocking work runs in the
-given ``Pools``.
+Call order, from one event loop's thread: ``await load()`` once (a sole writer then
+``quarantine``s what it found damaged); then any of the queries (``index``), ``restore``,
+``mark_pending`` → blob puts → ``commit`` → ``clear_pending`` (a save),
+``delete_step``/``delete_chain``, and the quarantine's ``quarantined`` and
+``delete_quarantined``. Callers serialise writes to one (run, rank) themselves (the
+engine's chain lock). Blocking work runs in the given ``Pools``.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
+from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.deletion import Deleter, HeadArrays
 from ckptd.daemon.store.index import IndexEntry, ScanResult, StepIndex, scan
-from ckptd.daemon.store.manifest import Manifest, manifest_key
+from ckptd.daemon.store.manifest import Manifest, manifest_key, pending_key
+from ckptd.daemon.store.quarantine import (
+    DamagedStep,
+    QuarantinedStep,
+    delete_quarantined,
+    list_quarantined,
+    new_tag,
+    quarantine,
+)
 from ckptd.daemon.store.restore import Restorer
 
 __all__ = ["HeadArrays", "Repository"]
+log = get_logger("engine")
 
 
 class Repository:
@@ -50,6 +63,25 @@ class Repository:
             self.index.add(entry)
         return found
 
+    async def quarantine(self, damaged: Sequence[DamagedStep]) -> list[QuarantinedStep]:
+        """Moves each damaged step directory to the quarantine area; only a sole writer may
+        (a live daemon's directories are never damaged, but a reader cannot know that)."""
+        tag = new_tag()
+        moved = []
+        for step in damaged:
+            moved.append(await self._pools.run_io(functools.partial(
+                quarantine, self.storage, step, tag)))
+        return moved
+
+    async def quarantined(self) -> list[QuarantinedStep]:
+        """Every step directory in the quarantine area."""
+        return await self._pools.run_io(functools.partial(list_quarantined, self.storage))
+
+    async def delete_quarantined(self, entries: Sequence[QuarantinedStep]) -> None:
+        """Deletes quarantined step directories (an operator's decision)."""
+        await self._pools.run_io(
+            functools.partial(delete_quarantined, self.storage, list(entries)))
+
     def entry(self, key: StepKey) -> IndexEntry:
         """The committed step ``key``; raises a not-found error naming what exists."""
         entry = self.index.get(key)
@@ -66,6 +98,21 @@ class Repository:
     ) -> tuple[np.ndarray, ...]:
         """A verified copy of an in-memory reconstruction of ``manifest``'s step."""
         return await self._restorer.copy_verified(manifest, arrays)
+
+    async def mark_pending(self, key: StepKey) -> None:
+        """Puts the step's ``pending`` marker: call it before the first blob of a save, so
+        that until the commit the directory is provably uncommitted (start-up removes it).
+        The marker is empty, so that it fits on a full disk."""
+        await self._pools.run_io(functools.partial(self.storage.put, pending_key(key), b""))
+
+    async def clear_pending(self, key: StepKey) -> None:
+        """Removes the step's marker after its manifest is committed or its keys are gone.
+        Best effort: a marker left beside a readable manifest is garbage at the next start."""
+        try:
+            await self._pools.run_io(functools.partial(self.storage.delete, [pending_key(key)]))
+        except Exception as exc:
+            log.warning("cannot remove pending marker; removed at next start %s",
+                        step_fields(key, error=str(exc)))
 
     async def commit(self, manifest: Manifest) -> IndexEntry:
         """Puts ``manifest`` (the commit point: its blobs must be durable already) and

@@ -13,7 +13,13 @@ from ckptd.daemon.cli.storage_catalog import StorageCatalog
 from ckptd.daemon.domain import Policy, RestoredCheckpoint, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
 from ckptd.daemon.storage import LocalStorage
-from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest, blob_key, manifest_key
+from ckptd.daemon.store.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    blob_key,
+    manifest_key,
+    pending_key,
+)
 from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
@@ -144,10 +150,13 @@ def test_restart_restores_every_step_and_continues_the_chain(tmp_path: Path) -> 
 
 
 def test_start_removes_uncommitted_leftovers(tmp_path: Path) -> None:
+    # Provably uncommitted: the old blob of a rebase beside a readable manifest, and a
+    # directory without a manifest that holds the commit protocol's pending marker.
     state = next(random_walk(4, 1))
     storage = LocalStorage(tmp_path)
     orphan_dir = StepKey(RUN, 0, 7)
     committed = StepKey(RUN, 0, 3)
+    unmarked = StepKey(RUN, 0, 2)  # no manifest, no marker: may have been committed
 
     async def first() -> None:
         async with open_engine(tmp_path) as engine:
@@ -162,7 +171,9 @@ def test_start_removes_uncommitted_leftovers(tmp_path: Path) -> None:
             return keys, steps, restored
 
     asyncio.run(first())
+    storage.put(pending_key(orphan_dir), b"")
     storage.put(blob_key(orphan_dir, 0), b"half a save")
+    storage.put(blob_key(unmarked, 0), b"a blob whose manifest was lost")
     storage.put(blob_key(committed, 0, "r1"), b"old blob of a rebased step")
     temporary = tmp_path / "runs" / RUN / "0" / ".tmp-0123-crashed"
     temporary.write_bytes(b"partial put")
@@ -173,6 +184,11 @@ def test_start_removes_uncommitted_leftovers(tmp_path: Path) -> None:
     assert manifest_key(committed) in keys and blob_key(committed, 0) in keys
     assert not temporary.exists()
     assert manifest_key(orphan_dir) in storage.list()
+    assert pending_key(orphan_dir) not in storage.list()
+    [quarantined] = storage.list("quarantine/")
+    assert quarantined.startswith(f"quarantine/{RUN}/0/{2:020d}-")
+    assert quarantined.endswith("/00000.blob")
+    assert storage.get(quarantined) == b"a blob whose manifest was lost"
 
 
 def test_corrupt_blob_is_detected(tmp_path: Path) -> None:

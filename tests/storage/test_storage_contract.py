@@ -195,3 +195,18 @@ def test_cleanup_temporaries_leaves_committed_objects(storage: Storage) -> None:
     storage.put("a/b", b"x")
     assert storage.cleanup_temporaries() == 0
     assert storage.list() == ["a/b"]
+
+
+def test_move_renames_an_object_and_replaces_the_target(storage: Storage) -> None:
+    storage.put("runs/a/1/blob", b"payload")
+    storage.put("quarantine/a/1/blob", b"older")
+    storage.move("runs/a/1/blob", "quarantine/a/1/blob")
+    assert storage.get("quarantine/a/1/blob") == b"payload"
+    assert storage.list() == ["quarantine/a/1/blob"]
+    with pytest.raises(KeyNotFoundError, match="runs/a/1/blob"):
+        storage.move("runs/a/1/blob", "elsewhere")
+
+
+def test_free_bytes_is_a_count_or_unknown(storage: Storage) -> None:
+    free = storage.free_bytes()
+    assert free is None or free > 0

@@ -29,6 +29,8 @@ from ckptd.daemon.store.manifest import (
     TensorEntry,
     blob_checksum,
     blob_key,
+    manifest_key,
+    pending_key,
     tensors_checksum,
 )
 from ckptd.daemon.store.repository import Repository
@@ -158,5 +160,46 @@ def test_missing_steps_and_runs_name_what_exists(tmp_path: Path, pools: Pools) -
         assert isinstance(repo.not_found(StepKey("other", 0, 1)), RunNotFoundError)
         with pytest.raises(RunNotFoundError, match="known runs: run-a"):
             raise repo.run_not_found("other")
+
+    asyncio.run(scenario())
+
+
+def test_scan_tells_committed_uncommitted_and_damaged_apart(tmp_path: Path, pools: Pools) -> None:
+    # A store written before the pending marker existed: committed steps have manifests and
+    # no marker. Each directory the scan meets is classified by the rule in ``scan``.
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        base, base_arrays = await _commit(repo, 1, _state(1))
+        delta, _ = await _commit(repo, 2, _state(2), base, base_arrays)
+        storage = repo.storage
+        # A crash mid-rebase of step 2: new tagged blobs beside the still-valid manifest.
+        storage.put(blob_key(delta.key, 0, "r1"), b"half a rebase")
+        # A crash after step 2's commit but before its marker was removed.
+        storage.put(pending_key(delta.key), b"")
+        # A save that never committed (marked), and a step whose manifest was lost (not).
+        storage.put(pending_key(StepKey("run-a", 0, 3)), b"")
+        storage.put(blob_key(StepKey("run-a", 0, 3), 0), b"uncommitted")
+        storage.put(blob_key(StepKey("run-a", 0, 4), 0), b"committed once")
+        storage.put(manifest_key(StepKey("run-a", 0, 5)), b"\x28\xb5\x2f\xfd garbled")
+
+        found = await Repository(LocalStorage(tmp_path), pools).load()
+        assert [e.manifest.key.step for e in found.entries] == [1, 2]
+        assert sorted(found.garbage) == sorted([
+            blob_key(delta.key, 0, "r1"), pending_key(delta.key),
+            pending_key(StepKey("run-a", 0, 3)), blob_key(StepKey("run-a", 0, 3), 0)])
+        assert [(d.key.step, d.reason.split(":")[0]) for d in found.damaged] == [
+            (4, "manifest missing"), (5, f"manifest {manifest_key(StepKey('run-a', 0, 5))} "
+                                        "is not a valid zstd frame (12 bytes)")]
+
+        moved = await repo.quarantine(found.damaged)
+        assert [m.key.step for m in moved] == [4, 5]
+        assert [m.reason for m in await repo.quarantined()] == [m.reason for m in moved]
+        assert moved[0].reason == "manifest missing"
+        assert moved[1].reason.startswith("manifest unreadable: manifest quarantine/run-a/0/")
+        assert not (await repo.load()).damaged  # nothing of them is left under runs/
+        assert storage.get(moved[0].keys[0]) == b"committed once"
+        await repo.delete_quarantined(moved)
+        assert await repo.quarantined() == []
 
     asyncio.run(scenario())
