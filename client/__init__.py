@@ -44,6 +44,7 @@ from .errors import (
     SharedMemoryRefusedError,
     SnapshotConflictError,
     StepConflictError,
+    StorageFullError,
     StorageInUseError,
     map_rpc_error,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "SnapshotConflictError",
     "StepConflictError",
     "StepInfo",
+    "StorageFullError",
     "StorageInUseError",
     "map_rpc_error",
 ]

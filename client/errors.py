@@ -17,6 +17,7 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     │                                               FAILED_PRECONDITION, ABORTED
     ├── SharedMemoryRefusedError (OSError)          SHARED_MEMORY_REFUSED: stream instead
     ├── StorageInUseError                           STORAGE_IN_USE: an operator must act
+    ├── StorageFullError (OSError)                  STORAGE_FULL: free space first
     ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
     │   └── SaveSkippedError                        a save the client skipped (busy)
     ├── CorruptCheckpointError (ValueError)         CORRUPT_CHECKPOINT, DATA_MISSING; DATA_LOSS
@@ -85,6 +86,12 @@ class StorageInUseError(CkptdClientError):
     (another daemon, a direct ``ckptd rm``); retrying will not help until one stops."""
 
 
+class StorageFullError(CkptdClientError, OSError):
+    """Raised when the daemon's storage has no room for a write the call needs (a save's
+    blobs, a deletion's rebase); nothing was changed. Free space (the message names a
+    deletion that writes nothing), then retry."""
+
+
 class DaemonBusyError(CkptdClientError):
     """Raised when the daemon's in-flight byte budget is full and the save did not wait."""
 
@@ -132,6 +139,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_CORRUPT_CHECKPOINT": CorruptCheckpointError,
     "ERROR_REASON_DATA_MISSING": CorruptCheckpointError,
     "ERROR_REASON_STORAGE_IN_USE": StorageInUseError,
+    "ERROR_REASON_STORAGE_FULL": StorageFullError,
     "ERROR_REASON_STORAGE_UNAVAILABLE": DaemonUnavailableError,
     "ERROR_REASON_SHARED_MEMORY_REFUSED": SharedMemoryRefusedError,
     "ERROR_REASON_INTERNAL": InternalDaemonError,

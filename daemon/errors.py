@@ -84,6 +84,13 @@ class KeyNotFoundError(StorageError, FileNotFoundError):
     reason = "ERROR_REASON_DATA_MISSING"
 
 
+class StorageFullError(StorageError):
+    """Raised when storage has no room for a write an operation needs (a save's blobs, a
+    deletion's rebase): the file system or quota is full; nothing was changed."""
+
+    reason = "ERROR_REASON_STORAGE_FULL"
+
+
 class StorageInUseError(StorageError):
     """Raised when another process (a daemon, a direct ``ckptd rm``) writes the storage."""
 

@@ -44,6 +44,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.StorageInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     # The client's segment is not on this host (or not ours to read): it should stream.
     (errors.SharedMemoryRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
+    # No room in storage: retrying will not help until space is freed.
+    (errors.StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     # Storage I/O failed (network, disk): transient from the client's point of view.
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
     # A deliberate error without a more specific class: its message is still safe to show.

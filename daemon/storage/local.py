@@ -15,6 +15,7 @@ file itself stays: unlinking it would let a second process lock a fresh inode.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ckptd.daemon.errors import StorageInUseError
+from ckptd.daemon.errors import StorageFullError, StorageInUseError
 from ckptd.daemon.storage.base import (
     TEMP_PREFIX,
     KeyNotFoundError,
@@ -100,9 +101,8 @@ class LocalStorage(Storage):
             _fsync_dir(path.parent)
         except OSError as exc:
             _unlink_quietly(tmp)
-            raise StorageError(
-                f"put {key!r} ({len(view)} bytes) in {self.url} failed: {exc}"
-            ) from exc
+            error = StorageFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
+            raise error(f"put {key!r} ({len(view)} bytes) in {self.url} failed: {exc}") from exc
 
     def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:
         path = self._path(key)

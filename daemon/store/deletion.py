@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.domain import StepKey
-from ckptd.daemon.errors import CorruptCheckpointError, StorageError
+from ckptd.daemon.errors import CorruptCheckpointError, StorageError, StorageFullError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
 from ckptd.daemon.storage.base import Storage
@@ -83,7 +83,8 @@ class Deleter:
             except StorageError as exc:
                 if not _out_of_space(exc):
                     raise
-                raise StorageError(self._no_room(key, child, f"the rewrite failed: {exc}")) from exc
+                detail = f"the rewrite failed: {exc}"
+                raise StorageFullError(self._no_room(key, child, detail)) from exc
         await self._mark([key])
         await self._pools.run_io(functools.partial(self._storage.delete, [manifest_key(key)]))
         self._index.remove(key)
@@ -128,7 +129,7 @@ class Deleter:
             return
         needed = self._rebase_estimate(child)
         if free < needed:
-            raise StorageError(self._no_room(
+            raise StorageFullError(self._no_room(
                 key, child, f"which needs about {_mib(needed)}; {self._storage.url} has "
                 f"{_mib(free)} free"))
 

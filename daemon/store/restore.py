@@ -32,6 +32,8 @@ from ckptd.daemon.store.manifest import (
 class MissingBlobError(CorruptCheckpointError):
     """Raised when a blob named by a committed manifest is absent (maybe deleted meanwhile)."""
 
+    reason = "ERROR_REASON_DATA_MISSING"
+
 
 class Restorer:
     """Rebuilds steps from storage, or verifies a copy of an in-memory reconstruction."""

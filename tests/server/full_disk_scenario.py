@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 from ckptd.daemon.cli.app import main as ckptd
 from ckptd.daemon.config import EngineConfig
+from ckptd.protos.status import reason_of
 from ckptd.protos.v1 import pb
 from daemon_harness import start_in_process
 
@@ -54,6 +55,7 @@ def fill(storage: Path) -> int:
                 done = save(client, step)
                 if done.state == pb.SAVE_STATE_FAILED:
                     assert "No space left on device" in done.error, done.error
+                    assert done.error.startswith("StorageFullError"), done.error
                     break
             else:
                 raise AssertionError("100 saves fit in a 4 MiB file system")
@@ -64,6 +66,9 @@ def fill(storage: Path) -> int:
                 client.DeleteStep(pb.DeleteStepRequest(ref=pb.StepRef(run=RUN, rank=0, step=1)))
             except grpc.RpcError as exc:
                 message = exc.details() or ""
+                wire_error = reason_of(exc)
+                assert wire_error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, wire_error
+                assert wire_error.reason == "ERROR_REASON_STORAGE_FULL", wire_error
             else:
                 raise AssertionError("deleting the base on a full disk succeeded")
             expected = "cannot delete step full/rank0/step1: step 2 is a delta on it"

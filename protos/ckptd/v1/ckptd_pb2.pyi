@@ -24,6 +24,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_STORAGE_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_SHARED_MEMORY_REFUSED: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_FULL: _ClassVar[ErrorReason]
 
 class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,6 +78,7 @@ ERROR_REASON_STORAGE_IN_USE: ErrorReason
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
 ERROR_REASON_SHARED_MEMORY_REFUSED: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_STORAGE_FULL: ErrorReason
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
