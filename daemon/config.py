@@ -33,7 +33,8 @@ class EngineConfig:
     default_bits: int = 4
     representative: str = "mean"
     coder: str = "zstd"
-    # Float tensors with fewer elements than this are stored exactly under POLICY_AUTO.
+    # Float tensors with fewer elements than this are stored exactly when the client leaves
+    # the policy to the daemon (POLICY_UNSPECIFIED); reported as ServerInfo.lossy_min_elements.
     min_lossy_elements: int = 1024
     max_checkpoint_bytes: int = 256 * GiB
     max_tensors: int = 100_000
