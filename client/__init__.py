@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd.protos.records import SaveState, StepInfo
 
+from .credentials import TlsFiles
 from .errors import (
     CheckpointNotFoundError,
     CkptdClientError,
@@ -38,7 +39,6 @@ from .errors import (
     InternalDaemonError,
     InvalidCheckpointError,
     PermissionDeniedError,
-    UnauthenticatedError,
     RequestCancelledError,
     SaveFailedError,
     SaveSkippedError,
@@ -47,6 +47,7 @@ from .errors import (
     StepConflictError,
     StorageFullError,
     StorageInUseError,
+    UnauthenticatedError,
     map_rpc_error,
 )
 
@@ -83,7 +84,6 @@ __all__ = [
     "InternalDaemonError",
     "InvalidCheckpointError",
     "PermissionDeniedError",
-    "UnauthenticatedError",
     "RequestCancelledError",
     "RestoredState",
     "SaveFailedError",
@@ -96,5 +96,7 @@ __all__ = [
     "StepInfo",
     "StorageFullError",
     "StorageInUseError",
+    "TlsFiles",
+    "UnauthenticatedError",
     "map_rpc_error",
 ]

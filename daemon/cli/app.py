@@ -97,6 +97,35 @@ def _register_serve(subparsers: Any) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _register_token(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "token",
+        help="make bearer tokens for --auth-tokens",
+        description="Print a fresh bearer token and the line that makes a daemon accept it.",
+    )
+    actions = parser.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = actions.add_parser("new", help="print a new token for IDENTITY and its tokens-file line")
+    new.add_argument("identity", metavar="IDENTITY",
+                     help="the name the daemon's --auth-policy grants scopes to")
+    new.set_defaults(handler=_token_new)
+
+
+def _token_new(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from ckptd.daemon.server.policy import hash_token, new_token
+
+    identity = args.identity.strip()
+    if not identity or any(c.isspace() for c in identity):
+        print(f"ckptd token new: IDENTITY must be one word, got {args.identity!r}",
+              file=sys.stderr)
+        return 2
+    token = new_token()
+    # stdout: the secret, for the client; stderr: the line for the daemon's tokens file.
+    print(token)
+    print(f"# add to the daemon's --auth-tokens file (the token itself is not stored):\n"
+          f"{hash_token(token)} {identity}", file=sys.stderr)
+    return 0
+
+
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from ckptd.daemon import logs
     from ckptd.daemon.server import app as server
@@ -173,6 +202,7 @@ COMMANDS: tuple[Register, ...] = (
     cli_actions.register_export,
     cli_actions.register_verify,
     cli_actions.register_rm,
+    _register_token,
 )
 
 
