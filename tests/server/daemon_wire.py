@@ -71,7 +71,7 @@ def save(
 
 def wait(
     client: pb_grpc.CheckpointdServiceStub, run: str, step: int, rank: int = 0,
-    timeout_s: float = 60.0, metadata: Metadata = (),
+    timeout_s: float = 60.0, *, metadata: Metadata = (),
 ) -> pb.SaveStatus:
     request = pb.WaitSaveRequest(ref=pb.StepRef(run=run, rank=rank, step=step), timeout_s=timeout_s)
     status: pb.SaveStatus = client.WaitSave(request, timeout=timeout_s + 30,

@@ -108,7 +108,7 @@ def test_the_owner_saves_through_shared_memory_without_credentials(
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "10.1.2.3:50051"])
 def test_a_network_listener_without_authentication_refuses_to_start(listen: str) -> None:
-    with pytest.raises(ValueError, match="without authentication.*--insecure"):
+    with pytest.raises(ValueError, match=r"without authentication.*--insecure"):
         DaemonConfig(storage_url="/unused", listen=listen)
     DaemonConfig(storage_url="/unused", listen=listen, insecure=True)
     DaemonConfig(storage_url="/unused", listen=listen, auth_tokens="/etc/ckptd/tokens")

@@ -83,9 +83,9 @@ def test_no_certificate_or_a_foreign_ca_never_gets_a_connection(
     with pytest.raises(DaemonUnavailableError):
         Checkpointer(daemon.address, "run-a", tls=tls, connect_timeout_s=2)
     # Plaintext to a TLS port gets nothing either.
-    with grpc.insecure_channel(daemon.address) as channel:
-        with pytest.raises(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(channel).result(timeout=1)
+    with grpc.insecure_channel(daemon.address) as channel, \
+            pytest.raises(grpc.FutureTimeoutError):
+        grpc.channel_ready_future(channel).result(timeout=1)
 
 
 def test_the_health_probe_speaks_tls(daemon: InProcessDaemon, ca: Authority) -> None:

@@ -121,9 +121,9 @@ def test_the_checkpointer_authenticates_with_token_or_ckptd_token(
     monkeypatch.delenv("CKPTD_TOKEN")
     with pytest.raises(UnauthenticatedError):
         Checkpointer(daemon.address, "team-a-run", transport="grpc", connect_timeout_s=5)
-    with Checkpointer(daemon.address, "team-a-run", token=READER, transport="grpc") as ckpt:
-        with pytest.raises(PermissionDeniedError):
-            ckpt.delete_step(2)
+    with Checkpointer(daemon.address, "team-a-run", token=READER, transport="grpc") as ckpt, \
+            pytest.raises(PermissionDeniedError):
+        ckpt.delete_step(2)
 
 
 def test_health_answers_probes_without_credentials(daemon: InProcessDaemon) -> None:
