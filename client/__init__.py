@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd.protos.records import SaveState, StepInfo
 
+from .credentials import TlsFiles
 from .errors import (
     CheckpointNotFoundError,
     CkptdClientError,
@@ -46,6 +47,7 @@ from .errors import (
     StepConflictError,
     StorageFullError,
     StorageInUseError,
+    UnauthenticatedError,
     map_rpc_error,
 )
 
@@ -94,5 +96,7 @@ __all__ = [
     "StepInfo",
     "StorageFullError",
     "StorageInUseError",
+    "TlsFiles",
+    "UnauthenticatedError",
     "map_rpc_error",
 ]

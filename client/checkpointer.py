@@ -11,6 +11,7 @@ event loop on the trainer, and nothing in the background raises into it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,7 @@ from ckptd.protos.records import StepInfo, step_info_from_message
 from ckptd.protos.v1 import pb
 
 from .config import CheckpointerConfig, check_run
+from .credentials import TlsArg, resolve_token, tls_files
 from .errors import CheckpointNotFoundError, CkptdTimeoutError
 from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
 from .handle import SaveHandle, SaveState
@@ -75,9 +77,15 @@ class Checkpointer:
             ``wait_snapshot``). A tensor changed during its copy fails that save with
             ``SnapshotConflictError`` when its version counter shows it (``overlap.py``
             lists the writes it cannot see).
+        tls: TLS to a daemon serving it: the CA file that signed the daemon's certificate
+            (``str``), or ``TlsFiles(ca, cert, key)`` to also present a client certificate
+            (mTLS). None: plaintext (loopback, a unix socket).
+        token: Bearer token the daemon's ``--auth-tokens`` knows; None: ``$CKPTD_TOKEN``
+            if set. On the daemon's unix socket, neither is needed (SECURITY.md).
 
     Raises:
         DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
+        UnauthenticatedError: The daemon accepts none of the credentials given.
         ValueError: An argument is invalid (the message names it and the allowed values).
     """
 
@@ -97,6 +105,8 @@ class Checkpointer:
         max_staging_bytes: int | None = None,
         staging_buffers: int = 2,
         snapshot: str = "copy",
+        tls: TlsArg = None,
+        token: str | None = None,
     ) -> None:
         check_run(run, rank)
         self.config = CheckpointerConfig(
@@ -113,7 +123,10 @@ class Checkpointer:
         )
         self.target = normalize_target(target)
         self.run, self.rank = run, rank
-        self._connection = Connection(self.target, call_timeout_s=self.config.call_timeout_s)
+        self._connection = Connection(
+            self.target, call_timeout_s=self.config.call_timeout_s, tls=tls_files(tls),
+            token=resolve_token(token, os.environ),
+        )
         try:
             self.server_info = self._connection.wait_ready(self.config.connect_timeout_s)
             transport_impl, fallback = self._choose_transport(self.server_info)

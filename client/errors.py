@@ -21,7 +21,8 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
     │   └── SaveSkippedError                        a save the client skipped (busy)
     ├── CorruptCheckpointError (ValueError)         CORRUPT_CHECKPOINT, DATA_MISSING; DATA_LOSS
-    ├── PermissionDeniedError (PermissionError)     PERMISSION_DENIED, UNAUTHENTICATED
+    ├── PermissionDeniedError (PermissionError)     PERMISSION_DENIED; PERMISSION_DENIED
+    │   └── UnauthenticatedError                    UNAUTHENTICATED; UNAUTHENTICATED
     ├── RequestCancelledError                       CANCELLED
     ├── InternalDaemonError                         INTERNAL; UNKNOWN, UNIMPLEMENTED
     ├── SaveFailedError                             the daemon reported the save FAILED
@@ -108,6 +109,11 @@ class PermissionDeniedError(CkptdClientError, PermissionError):
     """Raised when the daemon refuses the caller's identity or access rights."""
 
 
+class UnauthenticatedError(PermissionDeniedError):
+    """Raised when the daemon does not accept the caller's credentials (none, an unknown
+    token, no client certificate): pass ``token=`` or ``tls=`` (or ``CKPTD_TOKEN``)."""
+
+
 class RequestCancelledError(CkptdClientError):
     """Raised when an RPC was cancelled (by ``close()`` or by the daemon shutting down)."""
 
@@ -143,6 +149,8 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_STORAGE_UNAVAILABLE": DaemonUnavailableError,
     "ERROR_REASON_SHARED_MEMORY_REFUSED": SharedMemoryRefusedError,
     "ERROR_REASON_INTERNAL": InternalDaemonError,
+    "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
+    "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
 }
 
 # Statuses without a known reason: from gRPC itself, or a reason newer than this client.
@@ -162,7 +170,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[CkptdClientError]] = {
     grpc.StatusCode.INTERNAL: InternalDaemonError,
     grpc.StatusCode.UNAVAILABLE: DaemonUnavailableError,
     grpc.StatusCode.DATA_LOSS: CorruptCheckpointError,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 from ckptd.protos.v1 import pb, pb_grpc
 
+from .credentials import TlsFiles, call_metadata, open_channel
 from .errors import CkptdTimeoutError, DaemonUnavailableError, map_rpc_error
 from .staging import HostBuffer, Layout, StagingBuffer
 from .transport import SaveTransport
@@ -48,12 +49,17 @@ def _mapped(operation: str) -> Iterator[None]:
 class Connection:
     """A gRPC channel to one daemon plus typed, error-mapped calls (thread-safe)."""
 
-    def __init__(self, target: str, *, call_timeout_s: float) -> None:
+    def __init__(
+        self, target: str, *, call_timeout_s: float, tls: TlsFiles | None = None,
+        token: str | None = None,
+    ) -> None:
         """``call_timeout_s`` bounds every unary call (listing, deleting) and is the grace
-        a ``WaitSave`` gets beyond the wait it asks the daemon for."""
+        a ``WaitSave`` gets beyond the wait it asks the daemon for; ``tls`` and ``token``
+        authenticate every call (``credentials.py``)."""
         self.target = target
         self.call_timeout_s = call_timeout_s
-        self.channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self.channel = open_channel(target, tls, CHANNEL_OPTIONS)
+        self._metadata = call_metadata(token)
         self._stub = pb_grpc.CheckpointdServiceStub(self.channel)
         # Save requests are serialized by hand (see encode_chunk), so bytes pass through.
         self._save = self.channel.stream_unary(
@@ -79,7 +85,8 @@ class Connection:
             try:
                 with _mapped(f"get server info from {self.target}"):
                     return self._stub.GetServerInfo(
-                        pb.GetServerInfoRequest(), timeout=remaining, wait_for_ready=True
+                        pb.GetServerInfoRequest(), timeout=remaining, wait_for_ready=True,
+                        metadata=self._metadata,
                     ).info
             except (CkptdTimeoutError, DaemonUnavailableError) as exc:
                 if time.monotonic() + RETRY_PAUSE_S >= deadline:
@@ -92,7 +99,7 @@ class Connection:
     def save(self, requests: Iterable[bytes], operation: str) -> pb.SaveStatus:
         """Runs one Save stream of pre-serialized ``SaveRequest`` messages."""
         with _mapped(operation):
-            future = self._save.future(iter(requests))
+            future = self._save.future(iter(requests), metadata=self._metadata)
             with self._lock:
                 self._inflight.add(future)
             try:
@@ -105,25 +112,28 @@ class Connection:
     def wait_save(self, ref: pb.StepRef, timeout_s: float) -> pb.SaveStatus:
         request = pb.WaitSaveRequest(ref=ref, timeout_s=timeout_s)
         with _mapped(f"wait for step {ref.step} of run {ref.run!r} rank {ref.rank}"):
-            return self._stub.WaitSave(request, timeout=timeout_s + self.call_timeout_s).status
+            return self._stub.WaitSave(request, timeout=timeout_s + self.call_timeout_s,
+                                       metadata=self._metadata).status
 
     def restore(self, request: pb.RestoreRequest) -> Iterator[pb.RestoreResponse]:
         """Streams a restore; errors while iterating are mapped too."""
         what = "the latest step" if not request.HasField("step") else f"step {request.step}"
         with _mapped(f"restore {what} of run {request.run!r} rank {request.rank}"):
-            yield from self._stub.Restore(request)
+            yield from self._stub.Restore(request, metadata=self._metadata)
 
     def list_steps(self, run: str, rank: int) -> list[pb.StepInfo]:
         with _mapped(f"list steps of run {run!r} rank {rank}"):
             reply = self._stub.ListSteps(
-                pb.ListStepsRequest(run=run, rank=rank), timeout=self.call_timeout_s
+                pb.ListStepsRequest(run=run, rank=rank), timeout=self.call_timeout_s,
+                metadata=self._metadata,
             )
         return list(reply.steps)
 
     def delete_step(self, ref: pb.StepRef) -> int:
         with _mapped(f"delete step {ref.step} of run {ref.run!r} rank {ref.rank}"):
             reply = self._stub.DeleteStep(
-                pb.DeleteStepRequest(ref=ref), timeout=self.call_timeout_s
+                pb.DeleteStepRequest(ref=ref), timeout=self.call_timeout_s,
+                metadata=self._metadata,
             )
         return int(reply.deleted_steps)
 

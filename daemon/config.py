@@ -101,6 +101,18 @@ class DaemonConfig:
     # ``host:port`` of the Prometheus endpoint (``/metrics``; port 0 picks a free port, the
     # real one is reported); empty serves no endpoint.
     metrics_listen: str = ""
+    # TLS on a TCP listener: the server's PEM certificate chain and key (both or neither).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # PEM CA bundle: with it, clients must present a certificate it signed (mTLS).
+    tls_client_ca: str = ""
+    # File of "<sha256 hex> <identity>" lines: the bearer tokens the daemon accepts.
+    auth_tokens: str = ""
+    # JSON file of grants (identity glob, run globs, scopes); see daemon/server/policy.py.
+    auth_policy: str = ""
+    # Serve a TCP listener off loopback with no authentication (anyone reaching it may read,
+    # write and delete every run). Refused without this.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if not self.storage_url:
@@ -128,6 +140,34 @@ class DaemonConfig:
             )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        self._check_security()
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether callers must authenticate (tokens, client certificates or a policy)."""
+        return bool(self.auth_tokens or self.tls_client_ca or self.auth_policy)
+
+    def _check_security(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together; pass both --tls-cert and "
+                             "--tls-key (PEM files), or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mTLS) needs the server's own --tls-cert and "
+                             "--tls-key")
+        if self.listen.startswith("unix"):
+            if self.tls_cert:
+                raise ValueError(f"TLS applies to TCP listeners, not {self.listen!r}: a unix "
+                                 "socket is guarded by its file mode (0600); drop --tls-*")
+            return
+        if not (self.auth_tokens or self.tls_client_ca or self.insecure
+                or is_loopback(self.listen)):
+            raise ValueError(
+                f"refusing to listen on {self.listen!r} without authentication: anyone who "
+                "reaches a non-loopback port could read, overwrite and delete every run. "
+                "Pass --auth-tokens FILE and/or --tls-cert/--tls-key/--tls-client-ca "
+                "(SECURITY.md), listen on 127.0.0.1 or a unix socket, or pass --insecure "
+                "if a network policy already fences the port"
+            )
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -210,6 +250,19 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, port
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether a ``host:port`` listen address only accepts connections from this host."""
+    host = listen.rpartition(":")[0].strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "1", "yes", "false", "0", "no", ""):
+        raise ValueError("expected true or false")
+    return value in ("true", "1", "yes")
+
+
 def _parse_str(text: str) -> str:
     return text.strip()
 
@@ -238,4 +291,12 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "coder": ("engine", "coder", _parse_lower),
     "min_lossy_elements": ("engine", "min_lossy_elements", int),
     "encode_workers": ("engine", "encode_workers", int),
+    "tls_cert": ("daemon", "tls_cert", _parse_str),
+    "tls_key": ("daemon", "tls_key", _parse_str),
+    "tls_client_ca": ("daemon", "tls_client_ca", _parse_str),
+    "auth_tokens": ("daemon", "auth_tokens", _parse_str),
+    "auth_policy": ("daemon", "auth_policy", _parse_str),
+    "insecure": ("daemon", "insecure", _parse_bool),
 }
+# Settings that are switches: a bare ``--insecure`` flag sets them to "true".
+SWITCHES = frozenset({"insecure"})

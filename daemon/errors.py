@@ -102,3 +102,16 @@ class SharedMemoryRefusedError(CkptdError, OSError):
     ``/dev/shm``, another user): the client should stream the bytes instead."""
 
     reason = "ERROR_REASON_SHARED_MEMORY_REFUSED"
+
+
+class UnauthenticatedError(CkptdError, PermissionError):
+    """Raised when a call carries no credentials the daemon accepts (no token or an unknown
+    one, no verified client certificate, not the daemon's own user on its unix socket)."""
+
+    reason = "ERROR_REASON_UNAUTHENTICATED"
+
+
+class PermissionDeniedError(CkptdError, PermissionError):
+    """Raised when the policy grants the caller's identity no such scope on the run."""
+
+    reason = "ERROR_REASON_PERMISSION_DENIED"

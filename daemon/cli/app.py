@@ -25,7 +25,7 @@ from typing import Any
 
 from ckptd.daemon.cli import actions as cli_actions
 from ckptd.daemon.cli import commands as cli_commands
-from ckptd.daemon.config import SETTINGS, DaemonConfig, env_name
+from ckptd.daemon.config import SETTINGS, SWITCHES, DaemonConfig, env_name
 
 Register = Callable[[Any], None]  # takes argparse's subparsers object
 
@@ -51,13 +51,24 @@ _SERVE_HELP = {
     "min_lossy_elements": "float tensors with fewer elements are stored exactly (under the "
     "auto policy)",
     "encode_workers": "threads that encode checkpoints",
+    "tls_cert": "PEM certificate chain: serve TLS on the TCP listener (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates it signed (mTLS); the "
+    "identity is the certificate's first SAN, else its CN",
+    "auth_tokens": "file of '<sha256 hex> <identity>' lines: accepted bearer tokens "
+    "(`ckptd token new NAME` prints one)",
+    "auth_policy": "JSON file granting identities scopes (read, write, delete, admin) on "
+    "run globs (SECURITY.md)",
+    "insecure": "allow a non-loopback TCP listener without authentication",
 }
 
 
 # No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
              "log_format": "FORMAT", "metrics_listen": "ADDR", "representative": "KIND",
-             "coder": "CODER", "max_delta_fraction": "X"}
+             "coder": "CODER", "max_delta_fraction": "X", "tls_cert": "PEM",
+             "tls_key": "PEM", "tls_client_ca": "PEM", "auth_tokens": "FILE",
+             "auth_policy": "FILE", "insecure": "BOOL"}
 
 
 def _register_serve(subparsers: Any) -> None:
@@ -67,11 +78,14 @@ def _register_serve(subparsers: Any) -> None:
         description="Run the checkpoint daemon until SIGTERM/SIGINT, then drain and exit 0.",
     )
     for name in SETTINGS:
+        # A switch works bare (--insecure) and with a value (--insecure=false).
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if name in SWITCHES else {}
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             metavar=_METAVARS.get(name, "N"),
             help=f"{_SERVE_HELP[name]} [env {env_name(name)}]",
+            **switch,
         )
     parser.add_argument(
         "--ready-file",
@@ -81,6 +95,35 @@ def _register_serve(subparsers: Any) -> None:
         f"{env_name('ready_file')}]",
     )
     parser.set_defaults(handler=_serve)
+
+
+def _register_token(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "token",
+        help="make bearer tokens for --auth-tokens",
+        description="Print a fresh bearer token and the line that makes a daemon accept it.",
+    )
+    actions = parser.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = actions.add_parser("new", help="print a new token for IDENTITY and its tokens-file line")
+    new.add_argument("identity", metavar="IDENTITY",
+                     help="the name the daemon's --auth-policy grants scopes to")
+    new.set_defaults(handler=_token_new)
+
+
+def _token_new(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from ckptd.daemon.server.policy import hash_token, new_token
+
+    identity = args.identity.strip()
+    if not identity or any(c.isspace() for c in identity):
+        print(f"ckptd token new: IDENTITY must be one word, got {args.identity!r}",
+              file=sys.stderr)
+        return 2
+    token = new_token()
+    # stdout: the secret, for the client; stderr: the line for the daemon's tokens file.
+    print(token)
+    print(f"# add to the daemon's --auth-tokens file (the token itself is not stored):\n"
+          f"{hash_token(token)} {identity}", file=sys.stderr)
+    return 0
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -159,6 +202,7 @@ COMMANDS: tuple[Register, ...] = (
     cli_actions.register_export,
     cli_actions.register_verify,
     cli_actions.register_rm,
+    _register_token,
 )
 
 

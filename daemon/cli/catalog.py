@@ -26,11 +26,15 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.daemon.store.quarantine import DamagedStep, QuarantinedStep
 from ckptd.protos.records import StepInfo
+
+if TYPE_CHECKING:
+    from ckptd.client.credentials import TlsFiles
 
 __all__ = ["Catalog", "StepDetail", "TensorRow", "open_catalog"]
 
@@ -137,7 +141,8 @@ class Catalog(abc.ABC):
 
 
 def open_catalog(
-    *, target: str | None = None, storage: str | None = None, timeout_s: float = 10.0
+    *, target: str | None = None, storage: str | None = None, timeout_s: float = 10.0,
+    tls: TlsFiles | None = None, token: str | None = None,
 ) -> Catalog:
     """Opens the daemon at ``target`` or the storage at ``storage`` (exactly one).
 
@@ -145,6 +150,8 @@ def open_catalog(
         target: ``host:port``, ``unix:///path`` or an absolute socket path.
         storage: A directory, ``file:///dir`` or ``s3://bucket/prefix``.
         timeout_s: Longest wait for the daemon to answer a listing or info call.
+        tls: TLS files for a daemon serving TLS (``target`` only).
+        token: Bearer token for a daemon that asks for one (``target`` only).
 
     Raises:
         InvalidRequestError: neither or both were given.
@@ -161,4 +168,4 @@ def open_catalog(
     from ckptd.daemon.cli.daemon_catalog import DaemonCatalog
 
     assert target is not None
-    return DaemonCatalog(target, timeout_s=timeout_s)
+    return DaemonCatalog(target, timeout_s=timeout_s, tls=tls, token=token)

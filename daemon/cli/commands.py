@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
+from ckptd.client.credentials import TOKEN_ENV, TlsFiles, resolve_token
 from ckptd.client.errors import CkptdClientError, DaemonBusyError
 from ckptd.daemon.cli.catalog import Catalog, open_catalog
 from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
@@ -51,6 +52,23 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout-s", type=float, default=10.0, metavar="S",
                         help="longest wait for the daemon per listing call (default 10)")
+    auth = parser.add_argument_group("authentication to a daemon (SECURITY.md)")
+    auth.add_argument("--token", metavar="TOKEN",
+                      help=f"bearer token the daemon accepts [env {TOKEN_ENV}]")
+    auth.add_argument("--tls-ca", metavar="PEM",
+                      help="speak TLS; the CA that signed the daemon's certificate")
+    auth.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    auth.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
+
+def credentials_of(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[TlsFiles | None, str | None]:
+    """The TLS files and bearer token the ``--tls-*``/``--token`` flags (or env) name."""
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    return tls, resolve_token(args.token, environ)
 
 
 def run_command(body: CommandBody) -> Callable[[argparse.Namespace, Mapping[str, str]], int]:
@@ -61,8 +79,9 @@ def run_command(body: CommandBody) -> Callable[[argparse.Namespace, Mapping[str,
         if target is None and args.storage is None:
             target = environ.get(TARGET_ENV) or None
         try:
-            with open_catalog(target=target, storage=args.storage,
-                              timeout_s=args.timeout_s) as catalog:
+            tls, token = credentials_of(args, environ)
+            with open_catalog(target=target, storage=args.storage, timeout_s=args.timeout_s,
+                              tls=tls, token=token) as catalog:
                 return body(catalog, args)
         except KeyboardInterrupt:
             print("\nckptd: error: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
+from ckptd.client.credentials import TlsFiles, call_metadata, open_channel
 from ckptd.client.errors import CorruptCheckpointError, map_rpc_error
 from ckptd.daemon import errors
 from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
@@ -40,7 +41,10 @@ _INFO_FIELDS = ("version", "api_version", "storage_url", "hostname", "default_bi
 class DaemonCatalog(Catalog):
     """Asks the daemon at ``target``; unary calls give up after ``timeout_s``."""
 
-    def __init__(self, target: str, *, timeout_s: float) -> None:
+    def __init__(
+        self, target: str, *, timeout_s: float, tls: TlsFiles | None = None,
+        token: str | None = None,
+    ) -> None:
         try:
             self.target = normalize_target(target)
         except ValueError as exc:
@@ -48,20 +52,22 @@ class DaemonCatalog(Catalog):
         self.location = f"daemon at {self.target}"
         self._timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)]
-        self._channel = grpc.insecure_channel(self.target, options=options)
+        self._channel = open_channel(self.target, tls, options)
+        self._metadata = call_metadata(token)
         self._stub = pb_grpc.CheckpointdServiceStub(self._channel)
 
     def describe(self) -> list[tuple[str, str]]:
         with self._mapped("get server info"):
             response = self._stub.GetServerInfo(pb.GetServerInfoRequest(),
-                                                timeout=self._timeout_s)
+                                                timeout=self._timeout_s, metadata=self._metadata)
         info = response.info
         return [("target", self.target)] + [(name, str(getattr(info, name)))
                                             for name in _INFO_FIELDS]
 
     def list_runs(self) -> list[RunInfo]:
         with self._mapped("list runs"):
-            reply = self._stub.ListRuns(pb.ListRunsRequest(), timeout=self._timeout_s)
+            reply = self._stub.ListRuns(pb.ListRunsRequest(), timeout=self._timeout_s,
+                                        metadata=self._metadata)
         runs = [RunInfo(r.run, r.rank, r.step_count, r.latest_step, r.stored_bytes)
                 for r in reply.runs]
         return sorted(runs, key=lambda r: (r.run, r.rank))
@@ -69,12 +75,12 @@ class DaemonCatalog(Catalog):
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         with self._mapped(f"list steps of {run}/rank{rank}"):
             reply = self._stub.ListSteps(pb.ListStepsRequest(run=run, rank=rank),
-                                         timeout=self._timeout_s)
+                                         timeout=self._timeout_s, metadata=self._metadata)
         return [step_info_from_message(s) for s in reply.steps]
 
     def step_detail(self, key: StepKey) -> StepDetail:
         # The API has no "describe step" call: read a restore's header, then hang up.
-        call = self._stub.Restore(_restore_request(key))
+        call = self._stub.Restore(_restore_request(key), metadata=self._metadata)
         try:
             with self._mapped(f"describe step {key}"):
                 header = streams.first_header(call)
@@ -87,7 +93,7 @@ class DaemonCatalog(Catalog):
     def restore(
         self, key: StepKey, on_progress: ProgressCallback | None = None
     ) -> RestoredCheckpoint:
-        call = self._stub.Restore(_restore_request(key))
+        call = self._stub.Restore(_restore_request(key), metadata=self._metadata)
         arrays: list[np.ndarray] = []
         try:
             with self._mapped(f"restore step {key}"):
@@ -101,12 +107,13 @@ class DaemonCatalog(Catalog):
     def delete_step(self, key: StepKey) -> int:
         with self._mapped(f"delete step {key}"):
             reply = self._stub.DeleteStep(pb.DeleteStepRequest(ref=convert.ref_from_key(key)),
-                                          timeout=self._timeout_s)
+                                          timeout=self._timeout_s, metadata=self._metadata)
         return int(reply.deleted_steps)
 
     def delete_run(self, run: str) -> int:
         with self._mapped(f"delete run {run!r}"):
-            reply = self._stub.DeleteRun(pb.DeleteRunRequest(run=run), timeout=self._timeout_s)
+            reply = self._stub.DeleteRun(pb.DeleteRunRequest(run=run), timeout=self._timeout_s,
+                                         metadata=self._metadata)
         return int(reply.deleted_steps)
 
     def close(self) -> None:

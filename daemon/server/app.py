@@ -31,13 +31,15 @@ import grpc
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.server import loops, shm
+from ckptd.daemon.server import listen, loops, shm
+from ckptd.daemon.server.auth import Guard
 from ckptd.daemon.server.metrics import (
     Metrics,
     MetricsEndpoint,
     make_registry,
     start_metrics_server,
 )
+from ckptd.daemon.server.policy import load_auth
 from ckptd.daemon.server.servicer import CheckpointdServicer
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.protos import API_VERSION
@@ -75,6 +77,8 @@ class Daemon:
         self._stop_requested: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reclaimer: asyncio.Task[None] | None = None
+        # (path, inode) of the unix socket this daemon created, removed when it stops.
+        self._socket: tuple[Path, int] | None = None
 
     @property
     def storage_url(self) -> str:
@@ -97,7 +101,8 @@ class Daemon:
                                         lambda: engine.inflight_saves)
             await self.engine.start()
             self._server, self._health = self._build_server(self.engine)
-            self.address = bind(self._server, self.config.listen)
+            self.address = listen.bind(self._server, self.config)
+            self._socket = listen.socket_identity(self.config.listen)
             await self._server.start()
             if shm.available():
                 await asyncio.to_thread(shm.reclaim_orphans)
@@ -136,7 +141,8 @@ class Daemon:
             ]
         )
         servicer = CheckpointdServicer(
-            engine, self._server_info(), self.config.max_chunk_bytes, self.metrics
+            engine, self._server_info(), self.config.max_chunk_bytes, self.metrics,
+            guard=self._guard(),
         )
         pb_grpc.add_CheckpointdServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -145,6 +151,16 @@ class Daemon:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         return server, health_servicer
+
+    def _guard(self) -> Guard:
+        """The servicer's auth check; open (and said so in the log) without any settings."""
+        config = self.config
+        policy, tokens = load_auth(config)
+        if policy is None and not config.listen.startswith("unix:"):
+            log.warning("no authentication: every client that reaches the port may read, "
+                        "write and delete every run %s", fields(listen=config.listen))
+        return Guard(policy, tokens, unix_socket=config.listen.startswith("unix:"),
+                     metrics=self.metrics)
 
     def _server_info(self) -> pb.ServerInfo:
         engine = self.config.engine
@@ -194,6 +210,9 @@ class Daemon:
         return drained
 
     async def _close_all(self) -> None:
+        if self._socket is not None:
+            listen.remove_socket(*self._socket)
+            self._socket = None
         if self._reclaimer is not None:
             self._reclaimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,23 +280,6 @@ class _SignalHandlers:
         if self._enabled:
             for signum in self.SIGNALS:
                 self._loop.remove_signal_handler(signum)
-
-
-def bind(server: grpc.aio.Server, listen: str) -> str:
-    """Binds ``listen`` (``host:port``, port 0 allowed, or ``unix:///path``); returns the
-    address clients should dial, with the real port."""
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {listen!r}: {exc}") from exc
-    if listen.startswith("unix:"):
-        return listen
-    host, sep, requested = listen.rpartition(":")
-    if not sep or not requested.isdigit():
-        raise ValueError(f"listen address {listen!r} must be HOST:PORT or unix:///PATH")
-    if port == 0:
-        raise OSError(f"cannot listen on {listen!r}: the port is in use or the host is unknown")
-    return f"{host}:{port}"
 
 
 def _version() -> str:

@@ -4,6 +4,7 @@ Container runtimes and supervisors run this as a probe::
 
     python -m ckptd.daemon.server.healthcheck                        # the address in CKPTD_LISTEN
     python -m ckptd.daemon.server.healthcheck unix:///run/ckptd/ckptd.sock --timeout-s 2
+    python -m ckptd.daemon.server.healthcheck ckptd:50051 --tls-ca /etc/ckptd/tls/ca.crt
 
 It exits 0 when ``grpc.health.v1.Health/Check`` answers SERVING within the deadline and 1
 otherwise (refused, timed out, NOT_SERVING while draining, unknown service), printing why
@@ -17,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from ckptd.protos.names import normalize_target
@@ -25,13 +27,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def check(target: str, service: str = "", timeout_s: float = 3.0) -> str:
+def check(
+    target: str, service: str = "", timeout_s: float = 3.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> str:
     """Returns the serving status name the daemon at ``target`` reports for ``service``.
+
+    ``credentials``: TLS for a daemon serving it (health needs no token; under mTLS the
+    handshake needs a client certificate, see ``daemon/server/listen.py``).
 
     Raises:
         grpc.RpcError: when the call fails (unreachable, deadline, NOT_FOUND service).
     """
-    with grpc.insecure_channel(target) as channel:
+    channel = (grpc.insecure_channel(target) if credentials is None
+               else grpc.secure_channel(target, credentials))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
@@ -51,7 +61,21 @@ def _parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpa
         "--service", default="", help="health service name to check (default: '', the server)"
     )
     parser.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the call")
+    parser.add_argument("--tls-ca", metavar="PEM", help="speak TLS, trusting this CA")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS daemons)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     return parser.parse_args(argv)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key),
+                                        read(args.tls_cert))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -63,7 +87,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"ckptd healthcheck: {exc}", file=sys.stderr)
         return 2
     try:
-        status = check(target, args.service, args.timeout_s)
+        status = check(target, args.service, args.timeout_s, _credentials(args))
+    except OSError as exc:
+        print(f"ckptd healthcheck: cannot read TLS files: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)

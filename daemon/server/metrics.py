@@ -40,6 +40,7 @@ from prometheus_client import (
 
 NAMESPACE = "ckptd"
 SAVE_OUTCOMES = ("received", "durable", "failed")
+AUTH_DENIALS = ("unauthenticated", "permission_denied")
 # Encoding a multi-GiB checkpoint takes seconds to minutes; restores span the same range.
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -85,6 +86,12 @@ class Metrics(EngineObserver):
         self._errors = counter("rpc_errors", "Error statuses returned to clients, by RPC "
                                "method, gRPC status code and exception class.",
                                ("method", "code", "error"))
+        self._auth_denied = counter(
+            "auth_denied", "Calls refused by authentication or authorization, by reason: "
+            "unauthenticated (no credentials the daemon accepts) or permission_denied.",
+            ("reason",))
+        for reason in AUTH_DENIALS:
+            self._auth_denied.labels(reason=reason)
         self._quarantined = counter(
             "steps_quarantined", "Step directories this daemon moved to quarantine at start: "
             "a manifest missing or unreadable, the step possibly committed.")
@@ -151,6 +158,10 @@ class Metrics(EngineObserver):
     def rpc_error(self, method: str, code: str, error: str) -> None:
         """Counts an error status returned to a client (``code`` is the status's name)."""
         self._errors.labels(method=method, code=code, error=error).inc()
+
+    def auth_denied(self, reason: str) -> None:
+        """Counts a call refused for its credentials (``reason`` is one of ``AUTH_DENIALS``)."""
+        self._auth_denied.labels(reason=reason).inc()
 
     def track_inflight(
         self, inflight_bytes: Callable[[], float], inflight_saves: Callable[[], float]

@@ -28,6 +28,9 @@ Subject = Callable[[], Mapping[str, object]]
 """Returns the run/rank/step the failing request names (the ErrorInfo's metadata)."""
 
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    # Who is calling comes first: a caller the daemon cannot identify learns nothing else.
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.IncompleteStreamError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     # The request is well formed, but the chain's state forbids it (step not after latest).

@@ -35,7 +35,7 @@ EXPECTED: dict[str, type[CkptdClientError]] = {
     "INTERNAL": errors.InternalDaemonError,
     "UNAVAILABLE": errors.DaemonUnavailableError,
     "DATA_LOSS": errors.CorruptCheckpointError,
-    "UNAUTHENTICATED": errors.PermissionDeniedError,
+    "UNAUTHENTICATED": errors.UnauthenticatedError,
 }
 BUILTIN_PARENTS = {
     errors.DaemonUnavailableError: ConnectionError,

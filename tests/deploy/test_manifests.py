@@ -248,8 +248,15 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
         if "configMapRef" in source:
             assert source["configMapRef"]["name"] == "ckptd-config"
             env.update(config_map_env())
-    env.update({item["name"]: item["value"] for item in container.get("env", [])})
+    env.update({item["name"]: item["value"] for item in container.get("env", [])
+                if "value" in item})
     return env
+
+
+def secret_env(container: dict[str, Any]) -> dict[str, str]:
+    """Variables taken from a Secret: name → the Secret's name."""
+    return {item["name"]: item["valueFrom"]["secretKeyRef"]["name"]
+            for item in container.get("env", []) if "secretKeyRef" in item.get("valueFrom", {})}
 
 
 def mount_volume(spec: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
@@ -330,6 +337,26 @@ def test_daemon_probes_reach_the_listen_address() -> None:
                 assert probe["timeoutSeconds"] > float(arg_after(command, "--timeout-s"))
             else:
                 assert probe["grpc"]["port"] == int(listen.rsplit(":", 1)[1]), (where, kind)
+
+
+def test_network_daemons_authenticate_with_files_from_a_secret() -> None:
+    for where, spec, container in daemon_containers():
+        env = container_env(container)
+        assert "CKPTD_INSECURE" not in env, where
+        listen = env["CKPTD_LISTEN"]
+        if listen.startswith("unix:"):
+            continue  # the socket is 0600: its peers are the daemon's own uid
+        config = DaemonConfig.from_env(env)  # would refuse 0.0.0.0 without authentication
+        assert config.auth_tokens or config.tls_client_ca, where
+        for path in filter(None, (config.auth_tokens, config.auth_policy, config.tls_cert)):
+            volume = mount_volume(spec, container, str(PurePosixPath(path).parent))
+            assert "secret" in volume, (where, path)
+
+
+def test_node_daemon_trainer_takes_its_token_from_a_secret() -> None:
+    (spec,) = [s for where, s in pod_specs() if where == "Job/train-on-node-daemon"]
+    (trainer,) = spec["containers"]
+    assert secret_env(trainer) == {"CKPTD_TOKEN": "ckptd-token-train-on-node-daemon"}
 
 
 def test_sidecar_trainer_dials_the_daemon_socket_it_mounts() -> None:

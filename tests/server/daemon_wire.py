@@ -22,6 +22,8 @@ _WIRE_BY_NUMPY = {np.dtype(row.numpy): row.wire for row in dtypes.BY_NAME.values
                   if row.name not in ("bfloat16",)}
 
 Arrays = Mapping[str, np.ndarray]
+# Call metadata, e.g. the bearer token of the auth tests.
+Metadata = tuple[tuple[str, str], ...]
 
 
 def stub(channel: grpc.Channel) -> pb_grpc.CheckpointdServiceStub:
@@ -60,39 +62,43 @@ def save_requests(
 
 def save(
     client: pb_grpc.CheckpointdServiceStub, run: str, step: int, arrays: Arrays, *, rank: int = 0,
-    timeout_s: float = 60.0,
+    timeout_s: float = 60.0, metadata: Metadata = (),
 ) -> pb.SaveStatus:
     requests = save_requests(run, step, arrays, rank)
-    status: pb.SaveStatus = client.Save(requests, timeout=timeout_s).status
+    status: pb.SaveStatus = client.Save(requests, timeout=timeout_s, metadata=metadata).status
     return status
 
 
 def wait(
     client: pb_grpc.CheckpointdServiceStub, run: str, step: int, rank: int = 0,
-    timeout_s: float = 60.0,
+    timeout_s: float = 60.0, *, metadata: Metadata = (),
 ) -> pb.SaveStatus:
     request = pb.WaitSaveRequest(ref=pb.StepRef(run=run, rank=rank, step=step), timeout_s=timeout_s)
-    status: pb.SaveStatus = client.WaitSave(request, timeout=timeout_s + 30).status
+    status: pb.SaveStatus = client.WaitSave(request, timeout=timeout_s + 30,
+                                            metadata=metadata).status
     return status
 
 
 def save_durable(
-    client: pb_grpc.CheckpointdServiceStub, run: str, step: int, arrays: Arrays, *, rank: int = 0
+    client: pb_grpc.CheckpointdServiceStub, run: str, step: int, arrays: Arrays, *, rank: int = 0,
+    metadata: Metadata = (),
 ) -> None:
-    accepted = save(client, run, step, arrays, rank=rank)
+    accepted = save(client, run, step, arrays, rank=rank, metadata=metadata)
     assert accepted.state == pb.SAVE_STATE_ACCEPTED, accepted
-    done = wait(client, run, step, rank)
+    done = wait(client, run, step, rank, metadata=metadata)
     assert done.state == pb.SAVE_STATE_DURABLE, done
 
 
 def restore(
     client: pb_grpc.CheckpointdServiceStub, run: str, step: int | None = None, rank: int = 0,
+    metadata: Metadata = (),
 ) -> tuple[pb.RestoreHeader, dict[str, np.ndarray]]:
     """Restores one step and reassembles its arrays, checking the chunk framing."""
     request = pb.RestoreRequest(run=run, rank=rank)
     if step is not None:
         request.step = step
-    replies: Iterable[pb.RestoreResponse] = client.Restore(request, timeout=120)
+    replies: Iterable[pb.RestoreResponse] = client.Restore(request, timeout=120,
+                                                            metadata=metadata)
     header: pb.RestoreHeader | None = None
     buffers: list[bytearray] = []
     for reply in replies:
