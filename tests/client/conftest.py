@@ -4,20 +4,14 @@ client shared-memory segment outlives its owner (after close, or after a crash).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from ckptd.client import Checkpointer
-from ckptd.protos.segments import SEGMENT_PREFIX, segment_owner
+from ckptd.protos.segments import segment_owner
+from client_support import SHM_DIR, CheckpointerFactory, client_segments
 from daemon_harness import wait_until
-
-SHM_DIR = Path("/dev/shm")
-
-
-def client_segments() -> set[str]:
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SEGMENT_PREFIX)}
 
 
 def _alive(pid: int) -> bool:
@@ -50,9 +44,6 @@ def no_shared_memory_left_behind() -> Iterator[None]:
         timeout_s=30,
         what=f"client shared-memory segments to disappear from {SHM_DIR}",
     )
-
-
-CheckpointerFactory = Callable[..., Checkpointer]
 
 
 @pytest.fixture

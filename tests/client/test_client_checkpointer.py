@@ -20,7 +20,7 @@ from ckptd.client import (
     StepConflictError,
 )
 from ckptd.client.shm import ShmTransport
-from conftest import CheckpointerFactory
+from client_support import CheckpointerFactory
 from daemon_harness import InProcessDaemon, wait_until
 
 ALL_EXACT = [("*", "exact")]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from ckptd.protos.segments import segment_owner
 from ckptd.protos.v1 import pb, pb_grpc
-from conftest import CheckpointerFactory, client_segments
+from client_support import CheckpointerFactory, client_segments
 from daemon_harness import DaemonProcess, wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_digits.py"

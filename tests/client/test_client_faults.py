@@ -21,7 +21,7 @@ from ckptd.client import (
 )
 from ckptd.daemon.config import EngineConfig
 from ckptd.protos.v1 import pb, pb_grpc
-from conftest import CheckpointerFactory
+from client_support import CheckpointerFactory
 from daemon_harness import DaemonProcess, start_in_process, wait_until
 
 MiB = 1 << 20

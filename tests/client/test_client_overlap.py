@@ -23,7 +23,7 @@ from ckptd.client import (
     SnapshotConflictError,
 )
 from ckptd.client import overlap as overlap_module
-from conftest import CheckpointerFactory
+from client_support import CheckpointerFactory
 from daemon_harness import InProcessDaemon, wait_until
 from test_client_checkpointer import (
     ALL_EXACT,

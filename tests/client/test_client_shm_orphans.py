@@ -16,7 +16,7 @@ import pytest
 import torch
 from ckptd.client.shm import ShmBuffer
 from ckptd.protos import segments
-from conftest import CheckpointerFactory
+from client_support import CheckpointerFactory
 from daemon_harness import InProcessDaemon, start_in_process
 
 OLD_S = segments.ORPHAN_AGE_S + 60
