@@ -29,6 +29,11 @@ RUN groupadd --system --gid 10001 ckptd \
         --home-dir /var/lib/ckptd --shell /usr/sbin/nologin ckptd \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/ckptd \
     && install -d -o 10001 -g 10001 -m 0755 /run/ckptd
+# The default listener is TCP on every interface, so the daemon refuses to start unless it
+# can authenticate callers: mount a tokens file (CKPTD_AUTH_TOKENS) or certificates
+# (CKPTD_TLS_CERT/KEY/CLIENT_CA), listen on a unix socket instead (CKPTD_LISTEN=unix://...,
+# as deploy/compose.yaml and the sidecar do), or opt out with CKPTD_INSECURE=true. See
+# SECURITY.md.
 ENV PATH=/opt/ckptd/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
