@@ -100,8 +100,9 @@ class Daemon:
             self.address = bind(self._server, self.config.listen)
             await self._server.start()
             if shm.available():
-                await asyncio.to_thread(shm.reclaim_orphans)
-                self._reclaimer = asyncio.create_task(shm.reclaim_orphans_every())
+                sweeper = shm.OrphanSweeper()
+                await asyncio.to_thread(sweeper.sweep)
+                self._reclaimer = asyncio.create_task(sweeper.sweep_every())
         except BaseException:
             await self._close_all()
             raise

@@ -13,10 +13,12 @@ storage untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -125,14 +127,16 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         segment = _segment_ref(message.header)
         if segment is not None:
             shm.check_layout(segment, header.tensors)
-        session = await self._engine.open_save(header)
-        async with session:
-            if segment is None:
-                await self._receive_chunks(session, request_iterator)
-            else:
-                await _expect_end(request_iterator, segment.name)
-                await _copy_off_loop(session, segment)
-            status = await session.commit()
+        # The segment is opened and checked before the step and budget are reserved.
+        with _open_segment(segment, context) as opened:
+            session = await self._engine.open_save(header)
+            async with session:
+                if opened is None:
+                    await self._receive_chunks(session, request_iterator)
+                else:
+                    await _expect_end(request_iterator, opened.ref.name)
+                    await _copy_off_loop(session, opened)
+                status = await session.commit()
         log.info("save accepted %s", step_fields(
             header.key, bytes=header.nbytes, tensors=len(header.tensors),
             transport="shm" if segment else "stream",
@@ -225,9 +229,28 @@ def _segment_ref(header: pb.SaveHeader) -> shm.SegmentRef | None:
     return shm.SegmentRef(ref.segment_name, ref.segment_bytes, tuple(ref.offsets))
 
 
-async def _copy_off_loop(session: SaveSession, segment: shm.SegmentRef) -> None:
+def peer_uid(context: Context) -> int | None:
+    """The uid of the client on the other end of ``context``, or None when unknown (TCP).
+
+    The hook for peer credentials: until the connection's ``SO_PEERCRED`` reaches the
+    servicer, a unix-socket peer is taken to be the daemon's own user. That holds because
+    connecting to a unix socket needs write permission on it, and gRPC creates the socket
+    ``0777 & ~umask`` (0755 under the usual 022), so only that user and root can connect.
+    """
+    return os.geteuid() if context.peer().startswith("unix:") else None
+
+
+def _open_segment(
+    segment: shm.SegmentRef | None, context: Context
+) -> contextlib.AbstractContextManager[shm.OpenSegment | None]:
+    if segment is None:
+        return contextlib.nullcontext()
+    return shm.open_segment(segment, peer_uid(context))
+
+
+async def _copy_off_loop(session: SaveSession, segment: shm.OpenSegment) -> None:
     """Runs the blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
-    copy to stop touching the session before the cancellation aborts it."""
+    copy to stop touching the session (and the segment) before the cancellation aborts it."""
     copy = asyncio.ensure_future(asyncio.to_thread(shm.copy_into, session, segment))
     try:
         await asyncio.shield(copy)
