@@ -100,6 +100,9 @@ class DaemonConfig:
     # ``host:port`` of the Prometheus endpoint (``/metrics``; port 0 picks a free port, the
     # real one is reported); empty serves no endpoint.
     metrics_listen: str = ""
+    # Mode of a local storage's files (directories get execute where it reads): 0600 keeps
+    # checkpoints to the daemon's user whatever the umask; 0640 lets its group read them.
+    storage_mode: int = 0o600
 
     def __post_init__(self) -> None:
         if not self.storage_url:
@@ -127,6 +130,8 @@ class DaemonConfig:
             )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if parse_storage_mode(f"{self.storage_mode:o}") != self.storage_mode:
+            raise ValueError(f"storage_mode {self.storage_mode:#o} is not a file mode")
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -188,6 +193,27 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
 
 
+STORAGE_MODE_PRESETS = {"private": 0o600, "group": 0o640}
+
+
+def parse_storage_mode(text: str) -> int:
+    """Parses ``--storage-mode``: ``private`` (0600), ``group`` (0640) or an octal file
+    mode such as ``0640``; the owner must keep read and write, and no execute bit is set."""
+    text = text.strip().lower()
+    if text in STORAGE_MODE_PRESETS:
+        return STORAGE_MODE_PRESETS[text]
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o666 or mode & 0o111 or mode & 0o600 != 0o600:
+        raise ValueError(
+            "expected private (0600), group (0640) or an octal file mode from 0600 to 0666 "
+            "without execute bits, e.g. 0640"
+        )
+    return mode
+
+
 _LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
 
@@ -225,6 +251,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "log_level": ("daemon", "log_level", _parse_lower),
     "log_format": ("daemon", "log_format", _parse_lower),
     "metrics_listen": ("daemon", "metrics_listen", _parse_str),
+    "storage_mode": ("daemon", "storage_mode", parse_storage_mode),
     "max_message_bytes": ("daemon", "max_message_bytes", parse_bytes),
     "max_chunk_bytes": ("daemon", "max_chunk_bytes", parse_bytes),
     "drain_timeout_s": ("daemon", "drain_timeout_s", float),

@@ -87,7 +87,7 @@ class Daemon:
         self._start_metrics_endpoint()
         try:
             self._storage = storage = await asyncio.to_thread(
-                open_storage, self.config.storage_url)
+                open_storage, self.config.storage_url, file_mode=self.config.storage_mode)
             # Before the engine's start-up scan, which removes what it takes for leftovers.
             holder = (f"ckptd serve (pid {os.getpid()} on {socket.gethostname()}, "
                       f"--listen {self.config.listen})")
