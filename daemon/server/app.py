@@ -38,10 +38,10 @@ from ckptd.daemon.server.metrics import (
     make_registry,
     start_metrics_server,
 )
-from ckptd.daemon.server.servicer import CheckpointdServicer
+from ckptd.daemon.server.servicer import CheckpointdServicer, add_to_server
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.protos import API_VERSION
-from ckptd.protos.v1 import pb, pb_grpc
+from ckptd.protos.v1 import pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -139,7 +139,7 @@ class Daemon:
         servicer = CheckpointdServicer(
             engine, self._server_info(), self.config.max_chunk_bytes, self.metrics
         )
-        pb_grpc.add_CheckpointdServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
