@@ -84,7 +84,7 @@ class SaveSession:
         session alone."""
         self._check_open()
         self._spec(index)
-        with memoryview(self._buffers[index]) as target:
+        with self._buffers[index].data as target:
             fill(target)
         self._received[index] = len(self._buffers[index])
         self._advance()

@@ -27,6 +27,7 @@ regular files are skipped and logged once each).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 from collections.abc import Sequence
@@ -191,12 +192,11 @@ def copy_into(session: SaveSession, segment: OpenSegment) -> None:
     """
     tensors = session.header.tensors
     for index, (spec, offset) in enumerate(zip(tensors, segment.ref.offsets, strict=True)):
-        session.fill_with(index, lambda target, spec=spec, offset=offset: _read_exactly(
-            segment, target, offset, spec))
+        session.fill_with(index, functools.partial(_read_exactly, segment, offset, spec))
 
 
 def _read_exactly(
-    segment: OpenSegment, target: memoryview, offset: int, spec: TensorSpec
+    segment: OpenSegment, offset: int, spec: TensorSpec, target: memoryview
 ) -> None:
     done = 0
     while done < len(target):
