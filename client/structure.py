@@ -103,7 +103,7 @@ def unflatten(structure: str, tensors: Mapping[str, torch.Tensor]) -> Any:
         if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
             found = document.get("format") if isinstance(document, dict) else None
             raise ValueError(
-                f"unsupported {STRUCTURE_KEY} document (format {str(found)[:64]!r}); "
+                f"unsupported {STRUCTURE_KEY} document (format {str(found)[:64]}); "
                 f"this client reads format {FORMAT_VERSION}"
             )
         return _build(document["root"], tensors)
