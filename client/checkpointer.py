@@ -32,7 +32,7 @@ from .header import HeaderBuilder
 from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, receive
-from .shm import ShmTransport, is_local_target, same_host
+from .shm import ShmTransport, is_unix_target, same_host
 from .staging import StagingPool, plan_layout, snapshot
 from .structure import flatten
 from .transport import SaveTransport
@@ -52,9 +52,10 @@ class Checkpointer:
         run: The training job's name (1-128 characters from ``[A-Za-z0-9._-]``).
         rank: Which shard of the job's state this process saves (0 for one process).
         transport: ``"shm"`` writes snapshots into shared memory the daemon reads in place
-            (same host only); ``"grpc"`` streams them; ``"auto"`` picks shm when the daemon
-            reports this host's hostname and boot id, and falls back to streaming if the
-            daemon then cannot open the segment (e.g. it runs in another container).
+            (same host, over the daemon's unix socket only); ``"grpc"`` streams them;
+            ``"auto"`` picks shm on a unix socket when the daemon reports this host's
+            hostname and boot id, and falls back to streaming if the daemon then refuses
+            the segment (e.g. it runs in another container).
         bits: Default bit width of lossy tensors (1..8); None: the daemon's default.
         policies: Ordered ``(glob, "auto"|"exact"|"lossy"|"lossy:<bits>")`` rules matched
             against tensor names (``"optim/*"``); the first match wins. The built-in
@@ -385,8 +386,14 @@ class Checkpointer:
                     f"transport='shm' but the daemon at {self.target!r} does not accept shared "
                     "memory (its ServerInfo.shared_memory is false); use transport='grpc' or 'auto'"
                 )
+            if not is_unix_target(self.target):
+                raise ValueError(
+                    f"transport='shm' needs the daemon's unix socket (unix:///path), got "
+                    f"{self.target!r}: the daemon serves shared memory only to clients whose "
+                    "uid it can read off the socket; use transport='grpc' or 'auto' over TCP"
+                )
             return ShmTransport(self._connection, pin_memory=pin), None
-        local = is_local_target(self.target) and same_host(info.hostname, info.boot_id)
+        local = is_unix_target(self.target) and same_host(info.hostname, info.boot_id)
         if info.shared_memory and local:
             return ShmTransport(self._connection, pin_memory=pin), stream
         return stream(), None

@@ -68,5 +68,11 @@ def receive(
     by_name = {spec.name: t for spec, t in zip(header.tensors, tensors, strict=True)}
     metadata = dict(header.metadata)
     structure = metadata.get(STRUCTURE_KEY)
-    state = unflatten(structure, by_name) if structure is not None else by_name
+    try:
+        state = unflatten(structure, by_name) if structure is not None else by_name
+    except ValueError as exc:
+        raise CorruptCheckpointError(
+            f"step {header.ref.step}: its {STRUCTURE_KEY} metadata does not rebuild the state: "
+            f"{str(exc)[:200]}"
+        ) from exc
     return RestoredState(int(header.ref.step), state, metadata, header.checksum)

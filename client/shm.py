@@ -111,17 +111,14 @@ def same_host(server_hostname: str, server_boot_id: str) -> bool:
     return bool(boot_id) and server_boot_id == boot_id and server_hostname == socket.gethostname()
 
 
-def is_local_target(target: str) -> bool:
-    """True for a unix socket or a loopback / own-hostname TCP address."""
-    if target.startswith("unix:") or target.startswith("unix-abstract:"):
-        return True
-    host = target.rsplit(":", 1)[0] if ":" in target else target
-    host = host.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
-    return (
-        host in ("localhost", "::1", "0.0.0.0")
-        or host.startswith("127.")
-        or host == socket.gethostname()
-    )
+def is_unix_target(target: str) -> bool:
+    """True for a unix socket: the only connection on which the daemon serves shared
+    memory, since only there does it know the client's uid."""
+    return target.startswith(("unix:", "unix-abstract:"))
+
+
+def _report_skipped(name: str, kind: str) -> None:
+    logger.warning("skipped %s in /dev/shm named like a client segment: %s", kind, name)
 
 
 class ShmTransport(SaveTransport):
@@ -132,7 +129,7 @@ class ShmTransport(SaveTransport):
     def __init__(self, connection: Connection, *, pin_memory: bool = False) -> None:
         self.connection = connection
         self.pin_memory = pin_memory
-        reclaimed = segments.reclaim_orphans()
+        reclaimed = segments.reclaim_orphans(on_skip=_report_skipped)
         if reclaimed:
             logger.info(
                 "unlinked %d shared-memory segments left by dead trainers: %s",

@@ -94,16 +94,25 @@ def unflatten(structure: str, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Rebuilds the state described by ``structure`` from restored tensors (by name).
 
     Raises:
-        ValueError: The document is not a structure this client understands, or it names
-            a tensor that is missing.
+        ValueError: The document is not a structure this client understands (malformed
+            JSON, nesting too deep, wrong types included), or it names a tensor that is
+            missing.
     """
-    document = json.loads(structure)
-    if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
+    try:
+        document = json.loads(structure)  # JSONDecodeError is a ValueError
+        if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
+            found = document.get("format") if isinstance(document, dict) else None
+            raise ValueError(
+                f"unsupported {STRUCTURE_KEY} document (format {str(found)[:64]}); "
+                f"this client reads format {FORMAT_VERSION}"
+            )
+        return _build(document["root"], tensors)
+    except (RecursionError, LookupError, TypeError, AttributeError, ArithmeticError) as exc:
+        # Hostile or damaged metadata (nesting past the recursion limit, missing keys,
+        # wrong types) is a malformed document, never a crash of another kind.
         raise ValueError(
-            f"unsupported {STRUCTURE_KEY} document (format {document.get('format')!r}); "
-            f"this client reads format {FORMAT_VERSION}"
-        )
-    return _build(document["root"], tensors)
+            f"malformed {STRUCTURE_KEY} document ({type(exc).__name__}: {str(exc)[:64]})"
+        ) from None
 
 
 class _Flattener:

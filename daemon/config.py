@@ -113,6 +113,9 @@ class DaemonConfig:
     # Serve a TCP listener off loopback with no authentication (anyone reaching it may read,
     # write and delete every run). Refused without this.
     insecure: bool = False
+    # Mode of a local storage's files (directories get execute where it reads): 0600 keeps
+    # checkpoints to the daemon's user whatever the umask; 0640 lets its group read them.
+    storage_mode: int = 0o600
 
     def __post_init__(self) -> None:
         if not self.storage_url:
@@ -140,6 +143,8 @@ class DaemonConfig:
             )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if parse_storage_mode(f"{self.storage_mode:o}") != self.storage_mode:
+            raise ValueError(f"storage_mode {self.storage_mode:#o} is not a file mode")
         self._check_security()
 
     @property
@@ -229,6 +234,27 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
 
 
+STORAGE_MODE_PRESETS = {"private": 0o600, "group": 0o640}
+
+
+def parse_storage_mode(text: str) -> int:
+    """Parses ``--storage-mode``: ``private`` (0600), ``group`` (0640) or an octal file
+    mode such as ``0640``; the owner must keep read and write, and no execute bit is set."""
+    text = text.strip().lower()
+    if text in STORAGE_MODE_PRESETS:
+        return STORAGE_MODE_PRESETS[text]
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o666 or mode & 0o111 or mode & 0o600 != 0o600:
+        raise ValueError(
+            "expected private (0600), group (0640) or an octal file mode from 0600 to 0666 "
+            "without execute bits, e.g. 0640"
+        )
+    return mode
+
+
 _LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
 
@@ -279,6 +305,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "log_level": ("daemon", "log_level", _parse_lower),
     "log_format": ("daemon", "log_format", _parse_lower),
     "metrics_listen": ("daemon", "metrics_listen", _parse_str),
+    "storage_mode": ("daemon", "storage_mode", parse_storage_mode),
     "max_message_bytes": ("daemon", "max_message_bytes", parse_bytes),
     "max_chunk_bytes": ("daemon", "max_chunk_bytes", parse_bytes),
     "drain_timeout_s": ("daemon", "drain_timeout_s", float),

@@ -23,7 +23,9 @@ def run_name_problem(run: object) -> str | None:
     """Returns why ``run`` cannot name a run (it becomes a storage path segment), or None."""
     if isinstance(run, str) and _RUN_NAME.fullmatch(run):
         return None
-    return f"invalid run name {run!r}: use {RUN_NAME_RULE}"
+    shown = f"{run[:64]!r}... ({len(run)} characters)" if isinstance(run, str) and len(
+        run) > 64 else repr(run)
+    return f"invalid run name {shown}: use {RUN_NAME_RULE}"
 
 
 def normalize_target(target: str) -> str:

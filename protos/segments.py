@@ -16,6 +16,11 @@ instant between creating and locking a segment never looks orphaned) is an orpha
 daemon when it starts and then periodically. A mapping stays valid after the unlink, so a
 late reader (the daemon copying the dead trainer's last save) is never cut off.
 
+Anyone on the host can create a file in ``/dev/shm`` named like a segment, so nothing here
+follows a name blindly: entries are ``lstat``-ed first and opened with ``O_NOFOLLOW |
+O_NONBLOCK`` (``open_no_follow``), and a FIFO, symlink, socket or directory is skipped,
+never opened (opening a FIFO for reading would block until a writer comes).
+
 Stdlib only: the daemon imports it without torch.
 """
 
@@ -24,13 +29,51 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
+import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SHM_ROOT = Path("/dev/shm")
 SEGMENT_PREFIX = "ckptdc_"
 ORPHAN_AGE_S = 60.0
+# What a shm_open name may be: one path segment, no '/', never '.' or '..' (shm_open's own
+# limit is NAME_MAX, 255 bytes).
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+SkipHook = Callable[[str, str], None]
+"""Called with (name, kind) for an entry a sweep skipped because it is not a regular file."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a segment under ``SHM_ROOT`` (a path trick), or None."""
+    if _SEGMENT_NAME.fullmatch(name):
+        return None
+    shown = name if len(name) <= 64 else f"{name[:64]}..."
+    return (
+        f"shared memory segment name {shown!r} is invalid: give the shm_open name without "
+        "slashes (Python's SharedMemory.name), 1-255 of [A-Za-z0-9._-], not starting with '.'"
+    )
+
+
+def open_no_follow(path: Path) -> int:
+    """Opens ``path`` read-only without following a symlink (``ELOOP``) or blocking on a
+    FIFO; the caller checks ``fstat`` before reading. Raises ``OSError``."""
+    return os.open(path, _OPEN_FLAGS)
+
+
+def file_kind(mode: int) -> str:
+    """A word for a file type, for messages: 'regular file', 'FIFO', 'symlink', ..."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def segment_name() -> str:
@@ -51,40 +94,54 @@ def hold(name: str, root: Path = SHM_ROOT) -> int | None:
     closed (or the process ends). None where ``root`` does not expose the segment as a file
     (not Linux): nothing is reclaimed there either."""
     try:
-        fd = os.open(root / name, os.O_RDONLY)
+        fd = open_no_follow(root / name)
     except OSError:
         return None
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
 
-def reclaim_orphans(root: Path = SHM_ROOT, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+def reclaim_orphans(
+    root: Path = SHM_ROOT, min_age_s: float = ORPHAN_AGE_S, on_skip: SkipHook | None = None
+) -> list[str]:
     """Unlinks client segments that no live process holds and that were created (or
     resized) at least ``min_age_s`` ago; returns their names. Segments it cannot open or
-    unlink (another user's) are left alone."""
+    unlink (another user's) are left alone; entries that are not regular files are never
+    opened, only reported to ``on_skip``."""
     try:
         names = [p.name for p in root.iterdir() if p.name.startswith(SEGMENT_PREFIX)]
     except OSError:
         return []
     reclaimed = []
     for name in names:
-        path = root / name
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # gone meanwhile, or not ours to open
-        try:
-            if time.time() - os.fstat(fd).st_mtime < min_age_s:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live process holds it
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                reclaimed.append(name)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+        if _reclaim_one(root / name, min_age_s, on_skip):
+            reclaimed.append(name)
     return reclaimed
+
+
+def _reclaim_one(path: Path, min_age_s: float, on_skip: SkipHook | None) -> bool:
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            if on_skip is not None:
+                on_skip(path.name, file_kind(mode))
+            return False
+        fd = open_no_follow(path)
+    except OSError:
+        return False  # gone meanwhile, swapped for a link, or not ours to open
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < min_age_s:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live process holds it
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

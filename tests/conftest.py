@@ -2,6 +2,8 @@
 
 * ``daemon``: an in-process daemon (own thread and loop) with ``.address``,
   ``.storage_path``, ``.stop()`` and ``.call(fn)`` (runs ``fn(engine)`` on its loop).
+* ``unix_daemon``: the same on ``unix://{tmp_path}/ckptd.sock``, the only connection on
+  which a daemon serves shared memory (it needs the client's uid);
 * ``spawn_daemon``: ``spawn_daemon(storage_path, *extra_args, env=None)`` starts
   ``python -m ckptd.daemon.cli serve`` as a subprocess and returns a ``DaemonProcess``
   (``.address``, ``.pid``, ``.proc``, ``.terminate(timeout_s)``, ``.kill()``); every process
@@ -76,6 +78,15 @@ def pytest_terminal_summary(
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
     running = start_in_process(tmp_path / "storage")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def unix_daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
+    running = start_in_process(tmp_path / "storage", listen=f"unix://{tmp_path}/ckptd.sock")
     try:
         yield running
     finally:

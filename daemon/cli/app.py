@@ -35,6 +35,8 @@ _SERVE_HELP = {
     "loop": "event loop: auto (uvloop if installed), uvloop or asyncio",
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value lines) or json (one object per line)",
+    "storage_mode": "mode of local storage files: private (0600, directories 0700), group "
+                    "(0640/0750) or an octal file mode; independent of the umask",
     "metrics_listen": "HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); "
     "unset: none",
     "max_message_bytes": "largest gRPC message either way (e.g. 8MiB)",
@@ -65,10 +67,10 @@ _SERVE_HELP = {
 
 # No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
-             "log_format": "FORMAT", "metrics_listen": "ADDR", "representative": "KIND",
-             "coder": "CODER", "max_delta_fraction": "X", "tls_cert": "PEM",
-             "tls_key": "PEM", "tls_client_ca": "PEM", "auth_tokens": "FILE",
-             "auth_policy": "FILE", "insecure": "BOOL"}
+             "log_format": "FORMAT", "metrics_listen": "ADDR", "storage_mode": "MODE",
+             "representative": "KIND", "coder": "CODER", "max_delta_fraction": "X",
+             "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM",
+             "auth_tokens": "FILE", "auth_policy": "FILE", "insecure": "BOOL"}
 
 
 def _register_serve(subparsers: Any) -> None:

@@ -10,7 +10,7 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    step (a concurrent duplicate fails) and reserves its bytes in the in-flight budget
    (waits for room, or raises ``BusyError`` when ``header.fail_if_busy``). The transport
    then fills the session's buffers with ``session.write(index, offset, data)`` (streamed
-   chunks, in order) or ``session.fill_from(index, view)`` (shared memory), and calls
+   chunks, in order) or ``session.fill_with(index, fill)`` (shared memory), and calls
    ``status = await session.commit()``, which checks completeness and hands the save to
    the pipeline: accepted → encoding → writing → durable | failed. On any error before
    commit, the transport calls ``session.abort()``: budget and step are released and

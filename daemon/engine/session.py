@@ -1,10 +1,10 @@
 """A save between its header and its acceptance: the receive buffers and their bookkeeping.
 
-The transport fills the buffers (``write`` for streamed chunks, ``fill_from`` for shared
-memory) from the event loop's thread, then calls ``commit`` (hand over to the pipeline) or
-``abort`` (give back the budget and the step). The session owns one ``np.empty`` byte
-buffer per tensor; after commit those buffers become the pipeline's input and, for exact
-tensors, the chain's next reconstruction, so no byte is copied twice.
+The transport fills the buffers (``write`` for streamed chunks, ``fill_with`` or
+``fill_from`` for shared memory) from the event loop's thread, then calls ``commit`` (hand
+over to the pipeline) or ``abort`` (give back the budget and the step). The session owns
+one ``np.empty`` byte buffer per tensor; after commit those buffers become the pipeline's
+input and, for exact tensors, the chain's next reconstruction, so no byte is copied twice.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ class SaveSession:
         self._advance()
 
     def fill_from(self, index: int, view: memoryview) -> None:
-        """Copies a whole tensor from ``view`` (shared memory); ``len(view)`` must equal its
-        nbytes. May run in a worker thread while the loop leaves the session alone."""
+        """Copies a whole tensor from ``view``; ``len(view)`` must equal its nbytes."""
         self._check_open()
         spec = self._spec(index)
         source = np.frombuffer(view, dtype=np.uint8)
@@ -76,8 +75,18 @@ class SaveSession:
                 f"save {self.header.key}: tensor {index} ({spec.name!r}) needs {spec.nbytes} "
                 f"bytes, the shared-memory view has {source.size}"
             )
-        self._buffers[index][:] = source
-        self._received[index] = spec.nbytes
+        self.fill_with(index, lambda target: np.copyto(np.frombuffer(target, np.uint8), source))
+
+    def fill_with(self, index: int, fill: Callable[[memoryview], None]) -> None:
+        """Lets ``fill`` write tensor ``index`` whole into its receive buffer (shared memory
+        reads it there with ``preadv``, no bytes in between); the tensor counts as received
+        only if ``fill`` returns. May run in a worker thread while the loop leaves the
+        session alone."""
+        self._check_open()
+        self._spec(index)
+        with self._buffers[index].data as target:
+            fill(target)
+        self._received[index] = len(self._buffers[index])
         self._advance()
 
     async def commit(self) -> SaveStatus:

@@ -40,10 +40,10 @@ from ckptd.daemon.server.metrics import (
     start_metrics_server,
 )
 from ckptd.daemon.server.policy import load_auth
-from ckptd.daemon.server.servicer import CheckpointdServicer
+from ckptd.daemon.server.servicer import CheckpointdServicer, add_to_server
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.protos import API_VERSION
-from ckptd.protos.v1 import pb, pb_grpc
+from ckptd.protos.v1 import pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -91,7 +91,7 @@ class Daemon:
         self._start_metrics_endpoint()
         try:
             self._storage = storage = await asyncio.to_thread(
-                open_storage, self.config.storage_url)
+                open_storage, self.config.storage_url, file_mode=self.config.storage_mode)
             # Before the engine's start-up scan, which removes what it takes for leftovers.
             holder = (f"ckptd serve (pid {os.getpid()} on {socket.gethostname()}, "
                       f"--listen {self.config.listen})")
@@ -105,8 +105,9 @@ class Daemon:
             self._socket = listen.socket_identity(self.config.listen)
             await self._server.start()
             if shm.available():
-                await asyncio.to_thread(shm.reclaim_orphans)
-                self._reclaimer = asyncio.create_task(shm.reclaim_orphans_every())
+                sweeper = shm.OrphanSweeper()
+                await asyncio.to_thread(sweeper.sweep)
+                self._reclaimer = asyncio.create_task(sweeper.sweep_every())
         except BaseException:
             await self._close_all()
             raise
@@ -144,7 +145,7 @@ class Daemon:
             engine, self._server_info(), self.config.max_chunk_bytes, self.metrics,
             guard=self._guard(),
         )
-        pb_grpc.add_CheckpointdServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -8,6 +8,7 @@ tensor and the offending value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import cast
 
@@ -38,6 +39,8 @@ _STATE_TO_WIRE = {
     SaveState.DURABLE: pb.SAVE_STATE_DURABLE,
     SaveState.FAILED: pb.SAVE_STATE_FAILED,
 }
+MAX_DIMS = 32
+MAX_ARRAY_BYTES = 2**63 - 1
 _KIND_TO_WIRE = {"base": pb.STEP_KIND_BASE, "delta": pb.STEP_KIND_DELTA}
 
 
@@ -52,7 +55,7 @@ def ref_from_key(key: StepKey) -> pb.StepRef:
 def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
     """Converts one table entry; raises ``InvalidRequestError`` for unknown enums or sizes
     that contradict the dtype and shape."""
-    label = f"tensor {index} ({spec.name!r})"
+    label = f"tensor {index} ({spec.name[:64]!r})"
     try:
         info = dtypes.from_wire(spec.dtype)
     except ValueError as exc:
@@ -65,6 +68,7 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
         )
     if any(dim < 0 for dim in spec.shape):
         raise InvalidRequestError(f"{label}: negative dimension in shape {list(spec.shape)}")
+    _check_shape_fits(label, tuple(spec.shape), info.itemsize)
     if spec.HasField("bits") and spec.bits == 0:
         raise InvalidRequestError(
             f"{label}: bits 0 is not a bit width; give 1..8, or leave bits unset for the "
@@ -79,6 +83,21 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
             f"{list(spec.shape)}, which hold {converted.nbytes} bytes"
         )
     return converted
+
+
+def _check_shape_fits(label: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuses shapes no array can have (numpy's limits), e.g. ``[0, 2**63-1]``: empty, yet
+    a restore could never allocate it, so it would fail only after being stored."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequestError(
+            f"{label}: shape has {len(shape)} dimensions; the limit is {MAX_DIMS}")
+    # numpy bounds the product of the non-zero dimensions, in bytes, even for empty arrays.
+    if math.prod(max(dim, 1) for dim in shape) * itemsize > MAX_ARRAY_BYTES:
+        shown = str(list(shape))
+        raise InvalidRequestError(
+            f"{label}: shape {shown[:128]} is impossible: its dimensions multiply past "
+            f"{MAX_ARRAY_BYTES} bytes"
+        )
 
 
 def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:

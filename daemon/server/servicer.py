@@ -13,10 +13,12 @@ storage untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -31,6 +33,7 @@ from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
 from ckptd.daemon.server.status import maps_errors, status_for
 from ckptd.protos.v1 import pb, pb_grpc
+from google.protobuf.message import DecodeError
 
 log = get_logger("servicer")
 
@@ -43,6 +46,69 @@ H = TypeVar("H", bound=Callable[..., Any])
 _REQUEST_FIELDS: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
     "ckptd_request_fields"
 )
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["CheckpointdService"]
+# How much of a client-supplied name or decoder message a status repeats: enough to
+# recognize it, and far below the client's 8 KiB metadata limit.
+MAX_ECHO_CHARS = 64
+
+
+def echo(text: str) -> str:
+    """``text`` shortened to ``MAX_ECHO_CHARS`` for a message (a 10 kB name stays short)."""
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}..."
+
+
+class MalformedMessage:
+    """What a request that does not parse as its message type deserializes to, so that the
+    handler, not gRPC, answers it: INVALID_ARGUMENT, where gRPC itself would say UNKNOWN."""
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.problem = f"request is not a valid {type_name} message: {echo(str(error))}"
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:  # invalid UTF-8 in a string field is one too
+            return MalformedMessage(message_type.DESCRIPTOR.full_name, exc)
+
+    return deserialize
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: CheckpointdServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` like the generated ``add_CheckpointdServiceServicer_to_server``,
+    but with deserializers that hand malformed requests to the handler (``MalformedMessage``)."""
+    handlers = {}
+    for method in SERVICE.methods:
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, MalformedMessage):
+        raise InvalidRequestError(request.problem)
+    return request
 
 
 def rpc(handler: H) -> H:
@@ -64,7 +130,7 @@ def rpc(handler: H) -> H:
         async def stream(self: CheckpointdServicer, request: Any, context: Context) -> Any:
             _REQUEST_FIELDS.set(_request_fields(request))
             try:
-                async for reply in handler(self, request, context):
+                async for reply in handler(self, _checked(request), context):
                     yield reply
             except Exception as exc:
                 count(self, exc)
@@ -76,7 +142,9 @@ def rpc(handler: H) -> H:
     async def unary(self: CheckpointdServicer, request: Any, context: Context) -> Any:
         _REQUEST_FIELDS.set(_request_fields(request))
         try:
-            return await handler(self, request, context)
+            if hasattr(request, "__aiter__"):  # a client stream: its messages are checked
+                return await handler(self, _well_formed(request), context)
+            return await handler(self, _checked(request), context)
         except Exception as exc:
             count(self, exc)
             raise
@@ -98,7 +166,8 @@ def _request_fields(request: Any) -> dict[str, object]:
     for name in ("run", "rank", "step"):
         field = descriptor.fields_by_name.get(name)
         if field is not None and (not field.has_presence or ref.HasField(name)):
-            named[name] = getattr(ref, name)
+            value = getattr(ref, name)
+            named[name] = echo(value) if isinstance(value, str) else value
     return named
 
 
@@ -131,22 +200,24 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
             raise InvalidRequestError(f"a save stream must start with its header; got {got}")
         header = convert.header_from_proto(message.header)
         key = header.key
-        _REQUEST_FIELDS.set({"run": key.run, "rank": key.rank, "step": key.step})
+        _REQUEST_FIELDS.set({"run": echo(key.run), "rank": key.rank, "step": key.step})
         # Before the segment is opened or any budget reserved for it.
         identity = self._guard.require(context, Scope.WRITE, key.run)
         segment = _segment_ref(message.header)
         if segment is not None:
             shm.check_layout(segment, header.tensors)
+        # The segment is opened and checked before the step and budget are reserved.
         # Hook for per-identity budget shares (issue 14, item 4): pass
         # ``identity=identity`` here once ``Engine.open_save`` takes it.
-        session = await self._engine.open_save(header)
-        async with session:
-            if segment is None:
-                await self._receive_chunks(session, request_iterator)
-            else:
-                await _expect_end(request_iterator, segment.name)
-                await _copy_off_loop(session, segment)
-            status = await session.commit()
+        with _open_segment(segment, context) as opened:
+            session = await self._engine.open_save(header)
+            async with session:
+                if opened is None:
+                    await self._receive_chunks(session, request_iterator)
+                else:
+                    await _expect_end(request_iterator, opened.ref.name)
+                    await _copy_off_loop(session, opened)
+                status = await session.commit()
         log.info("save accepted %s", step_fields(
             header.key, bytes=header.nbytes, tensors=len(header.tensors),
             transport="shm" if segment else "stream", identity=identity,
@@ -247,9 +318,28 @@ def _segment_ref(header: pb.SaveHeader) -> shm.SegmentRef | None:
     return shm.SegmentRef(ref.segment_name, ref.segment_bytes, tuple(ref.offsets))
 
 
-async def _copy_off_loop(session: SaveSession, segment: shm.SegmentRef) -> None:
+def peer_uid(context: Context) -> int | None:
+    """The uid of the client on the other end of ``context``, or None when unknown (TCP).
+
+    gRPC Python does not expose the connection's ``SO_PEERCRED``, so a unix-socket peer is
+    the daemon's own user by construction: connecting needs write permission on the socket,
+    and the daemon creates it owner-only (0600, ``ckptd.daemon.server.listen``), so the
+    kernel lets only that user (and root) connect — the same rule ``auth.Guard`` applies.
+    """
+    return os.geteuid() if context.peer().startswith("unix:") else None
+
+
+def _open_segment(
+    segment: shm.SegmentRef | None, context: Context
+) -> contextlib.AbstractContextManager[shm.OpenSegment | None]:
+    if segment is None:
+        return contextlib.nullcontext()
+    return shm.open_segment(segment, peer_uid(context))
+
+
+async def _copy_off_loop(session: SaveSession, segment: shm.OpenSegment) -> None:
     """Runs the blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
-    copy to stop touching the session before the cancellation aborts it."""
+    copy to stop touching the session (and the segment) before the cancellation aborts it."""
     copy = asyncio.ensure_future(asyncio.to_thread(shm.copy_into, session, segment))
     try:
         await asyncio.shield(copy)

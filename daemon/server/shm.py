@@ -2,23 +2,37 @@
 
 The client creates, fills and unlinks a POSIX shared-memory segment; the daemon only opens
 it read-only by name, copies every tensor into the save session, and closes it before it
-answers ACCEPTED. The segment is opened through ``/dev/shm`` with ``os.open``/``mmap``
-rather than ``multiprocessing.shared_memory``: on Python < 3.13 attaching with the latter
-registers the segment with a resource tracker that would unlink the client's segment when
-the daemon exits, and it maps the segment writable.
+answers ACCEPTED. The segment's owner is not trusted, so:
+
+* the name must be a plain shm_open name (``ckptd.protos.segments.name_problem``), and it is
+  opened through ``/dev/shm`` with ``O_NOFOLLOW | O_NONBLOCK``: a symlink is refused, not
+  followed, and a FIFO is opened without blocking and then refused;
+* it must be a regular file owned by the connecting peer (``peer_uid``; None, as over TCP,
+  refuses shared memory), so a client cannot make the daemon read another user's file;
+* it is opened before the step and budget are reserved, so a refusal leaves nothing held;
+* bytes are copied with ``preadv`` straight into the session's buffers, never through a
+  mapping: a client that shrinks its segment (``ftruncate``) mid-copy makes a read come
+  back short, which fails that save with INVALID_ARGUMENT, where touching a mapping past
+  the new end would SIGBUS the whole daemon.
+
+Every refusal is ``SharedMemoryRefusedError`` (reason ``SHARED_MEMORY_REFUSED``), on which a
+client with ``transport="auto"`` streams instead.
 
 The daemon never unlinks a live client's segment, but it does reclaim orphans — segments
 whose trainer died together with its resource tracker — before it serves and every
-``RECLAIM_INTERVAL_S`` after (the rule is ``ckptd.protos.segments``).
+``RECLAIM_INTERVAL_S`` after (the rule is ``ckptd.protos.segments``; entries that are not
+regular files are skipped and logged once each).
 """
 
 from __future__ import annotations
 
 import asyncio
-import mmap
+import functools
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.daemon.domain import TensorSpec
@@ -31,6 +45,8 @@ if TYPE_CHECKING:
 
 SHM_ROOT = segments.SHM_ROOT
 RECLAIM_INTERVAL_S = 300.0
+# One preadv moves at most this much (Linux caps a read near 2 GiB anyway).
+_READ_BYTES = 1 << 30
 
 log = get_logger("shm")
 
@@ -40,19 +56,33 @@ def available() -> bool:
     return SHM_ROOT.is_dir()
 
 
-def reclaim_orphans() -> None:
-    """Unlinks client segments whose trainer died with its resource tracker (blocking)."""
-    reclaimed = segments.reclaim_orphans(SHM_ROOT)
-    if reclaimed:
-        log.warning("unlinked shared memory left by dead trainers %s", fields(
-            segments=len(reclaimed), names=",".join(reclaimed)))
+class OrphanSweeper:
+    """Unlinks client segments whose trainer died with its resource tracker; reports each
+    entry that is not a regular file (a FIFO or link named like a segment) once."""
 
+    def __init__(self, root: Path = SHM_ROOT) -> None:
+        self.root = root
+        self._reported: set[str] = set()
 
-async def reclaim_orphans_every(interval_s: float = RECLAIM_INTERVAL_S) -> None:
-    """Runs ``reclaim_orphans`` off the loop every ``interval_s``, until cancelled."""
-    while True:
-        await asyncio.sleep(interval_s)
-        await asyncio.to_thread(reclaim_orphans)
+    def sweep(self) -> list[str]:
+        """One pass (blocking); returns the names unlinked."""
+        reclaimed = segments.reclaim_orphans(self.root, on_skip=self._skipped)
+        if reclaimed:
+            log.warning("unlinked shared memory left by dead trainers %s", fields(
+                segments=len(reclaimed), names=",".join(reclaimed)))
+        return reclaimed
+
+    async def sweep_every(self, interval_s: float = RECLAIM_INTERVAL_S) -> None:
+        """Runs ``sweep`` off the loop every ``interval_s``, until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.sweep)
+
+    def _skipped(self, name: str, kind: str) -> None:
+        if name not in self._reported:
+            self._reported.add(name)
+            log.warning("skipped a non-segment named like a client segment %s",
+                        fields(name=name, kind=kind))
 
 
 @dataclass(frozen=True)
@@ -66,11 +96,8 @@ class SegmentRef:
 
 def check_layout(ref: SegmentRef, tensors: Sequence[TensorSpec]) -> None:
     """Checks, before any budget is reserved, that every tensor lies inside the segment."""
-    if not ref.name or "/" in ref.name or ref.name in (".", ".."):
-        raise InvalidRequestError(
-            f"shared memory segment name {ref.name!r} is invalid: give the shm_open name "
-            "without slashes (Python's SharedMemory.name)"
-        )
+    if (problem := segments.name_problem(ref.name)) is not None:
+        raise InvalidRequestError(problem)
     if len(ref.offsets) != len(tensors):
         raise InvalidRequestError(
             f"shared memory segment {ref.name!r} lists {len(ref.offsets)} offsets for "
@@ -79,50 +106,106 @@ def check_layout(ref: SegmentRef, tensors: Sequence[TensorSpec]) -> None:
     for spec, offset in zip(tensors, ref.offsets, strict=True):
         if offset + spec.nbytes > ref.segment_bytes:
             raise InvalidRequestError(
-                f"tensor {spec.name!r} at offset {offset} with {spec.nbytes} bytes ends past "
-                f"the end of shared memory segment {ref.name!r} ({ref.segment_bytes} bytes)"
+                f"tensor {spec.name[:64]!r} at offset {offset} with {spec.nbytes} bytes ends "
+                f"past the end of shared memory segment {ref.name!r} ({ref.segment_bytes} bytes)"
             )
 
 
-def copy_into(session: SaveSession, ref: SegmentRef) -> None:
-    """Copies every tensor of ``session``'s header out of the segment with ``fill_from``.
+class OpenSegment:
+    """A client segment opened and checked by ``open_segment``; close it (or use ``with``)."""
 
-    Blocking (a memcpy of the whole checkpoint): the servicer runs it off the event loop.
-    Raises ``SharedMemoryRefusedError`` naming the segment when the daemon cannot open it
-    (the client should stream instead), ``InvalidRequestError`` when it is smaller than the
-    reference claims.
+    def __init__(self, ref: SegmentRef, fd: int) -> None:
+        self.ref = ref
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> OpenSegment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_segment(ref: SegmentRef, peer_uid: int | None) -> OpenSegment:
+    """Opens ``ref``'s segment for a client running as ``peer_uid`` (non-blocking).
+
+    Raises ``SharedMemoryRefusedError`` when the daemon may not read it (no peer uid, not
+    on this host, a symlink, not a regular file, another user's), ``InvalidRequestError``
+    when it is smaller than the reference claims.
     """
-    try:
-        fd = os.open(SHM_ROOT / ref.name, os.O_RDONLY)
-    except FileNotFoundError:
+    if peer_uid is None:
         raise SharedMemoryRefusedError(
-            f"shared memory segment {ref.name!r} does not exist on the daemon's host; "
-            "is the client on another host or container? Send the bytes as chunks instead"
-        ) from None
-    except PermissionError:
-        raise SharedMemoryRefusedError(
-            f"shared memory segment {ref.name!r} is not readable by the daemon's user"
-        ) from None
+            f"shared memory segment {ref.name!r} refused: shared memory is served only to "
+            "clients on the daemon's unix socket; send the bytes as chunks instead"
+        )
     try:
-        actual = os.fstat(fd).st_size
-        if actual < ref.segment_bytes:
-            raise InvalidRequestError(
-                f"shared memory segment {ref.name!r} holds {actual} bytes, "
-                f"less than the {ref.segment_bytes} its reference claims"
-            )
-        if ref.segment_bytes == 0:
-            for index in range(len(session.header.tensors)):
-                session.fill_from(index, memoryview(b""))
-            return
-        with mmap.mmap(fd, ref.segment_bytes, prot=mmap.PROT_READ) as mapped:
-            _copy_tensors(session, mapped, ref.offsets)
-    finally:
+        fd = segments.open_no_follow(SHM_ROOT / ref.name)
+    except OSError as exc:
+        raise SharedMemoryRefusedError(_open_failure(ref.name, exc)) from None
+    try:
+        _check_opened(ref, os.fstat(fd), peer_uid)
+    except BaseException:
         os.close(fd)
+        raise
+    return OpenSegment(ref, fd)
 
 
-def _copy_tensors(session: SaveSession, mapped: mmap.mmap, offsets: Sequence[int]) -> None:
-    # Every view into the mapping is released before it closes (else BufferError).
-    with memoryview(mapped) as whole:
-        for index, (spec, offset) in enumerate(zip(session.header.tensors, offsets, strict=True)):
-            with whole[offset : offset + spec.nbytes] as view:
-                session.fill_from(index, view)
+def _open_failure(name: str, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return (f"shared memory segment {name!r} does not exist on the daemon's host; is the "
+                "client on another host or container? Send the bytes as chunks instead")
+    if isinstance(exc, PermissionError):
+        return f"shared memory segment {name!r} is not readable by the daemon's user"
+    if os.path.islink(SHM_ROOT / name):
+        return f"shared memory segment {name!r} is a symlink; the daemon does not follow links"
+    return f"shared memory segment {name!r} cannot be opened: {exc.strerror}"
+
+
+def _check_opened(ref: SegmentRef, st: os.stat_result, peer_uid: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise SharedMemoryRefusedError(
+            f"shared memory segment {ref.name!r} is a {segments.file_kind(st.st_mode)}, not a "
+            "segment; the daemon reads only regular files"
+        )
+    if st.st_uid != peer_uid:
+        raise SharedMemoryRefusedError(
+            f"shared memory segment {ref.name!r} is owned by uid {st.st_uid}, not by the "
+            f"connecting client (uid {peer_uid}); the daemon reads only the caller's segments"
+        )
+    if st.st_size < ref.segment_bytes:
+        raise InvalidRequestError(
+            f"shared memory segment {ref.name!r} holds {st.st_size} bytes, "
+            f"less than the {ref.segment_bytes} its reference claims"
+        )
+
+
+def copy_into(session: SaveSession, segment: OpenSegment) -> None:
+    """Reads every tensor of ``session``'s header out of ``segment`` into its buffers.
+
+    Blocking (a read of the whole checkpoint): the servicer runs it off the event loop.
+    Raises ``InvalidRequestError`` naming the sizes when the segment is shorter than a
+    tensor's end (the client shrank it after it was opened).
+    """
+    tensors = session.header.tensors
+    for index, (spec, offset) in enumerate(zip(tensors, segment.ref.offsets, strict=True)):
+        session.fill_with(index, functools.partial(_read_exactly, segment, offset, spec))
+
+
+def _read_exactly(
+    segment: OpenSegment, offset: int, spec: TensorSpec, target: memoryview
+) -> None:
+    done = 0
+    while done < len(target):
+        with target[done : done + _READ_BYTES] as window:
+            got = os.preadv(segment.fd, [window], offset + done)
+        if got == 0:
+            raise InvalidRequestError(
+                f"shared memory segment {segment.ref.name!r} ended at byte {offset + done} "
+                f"while tensor {spec.name[:64]!r} needs bytes {offset}..{offset + spec.nbytes} "
+                f"(the reference claims {segment.ref.segment_bytes}); it shrank during the copy"
+            )
+        done += got

@@ -56,6 +56,9 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 INTERNAL_MESSAGE = "internal error in ckptd daemon; see the daemon's log for the traceback"
+# A status travels in trailers, which a client caps (8 KiB by default): messages are cut
+# to this, so no request can make its own error unreadable.
+MAX_MESSAGE_CHARS = 1024
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -66,7 +69,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     for cls, code in STATUS_TABLE:
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__
+            message = str(exc) or cls.__name__
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = f"{message[:MAX_MESSAGE_CHARS]}..."
+            return code, message
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 

@@ -89,11 +89,15 @@ def known_schemes() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
+def open_storage(
+    url: str | os.PathLike[str], *, file_mode: int | None = None, **options: Any
+) -> Storage:
     """Opens the storage that ``url`` names; ``options`` go to the backend's constructor.
 
     Args:
         url: ``scheme://...`` for a registered scheme, or a plain filesystem path.
+        file_mode: Mode of the files a local directory gets (default 0600, directories
+            0700); ignored by object stores, which have no file modes.
         **options: Backend keyword arguments (e.g. ``endpoint_url`` for ``s3``).
 
     Raises:
@@ -106,9 +110,11 @@ def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
     if not url:
         raise ValueError("storage URL must not be empty (use a path, file://... or s3://...)")
     match = _SCHEME.match(url)
+    scheme = match.group(1).lower() if match else "file"
+    if file_mode is not None and scheme == "file":
+        options["file_mode"] = file_mode
     if match is None:
         return _open_local(url, **options)
-    scheme = match.group(1).lower()
     factory = _BACKENDS.get(scheme)
     if factory is None:
         raise ValueError(

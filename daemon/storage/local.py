@@ -10,6 +10,11 @@ power loss. A crash leaves at most the temporary behind; ``list`` never shows it
 writes the holder's description into it; the kernel drops the lock when the holder closes
 the storage or dies, SIGKILL included, so a crashed daemon never blocks its successor. The
 file itself stays: unlinking it would let a second process lock a fresh inode.
+
+Checkpoints are the training job's private data, so files are created ``0600`` and the
+directories the backend makes (the root included, when it creates it) ``0700``, whatever
+the process's umask; ``file_mode`` widens that for a group (``0640`` gives ``0750``
+directories: each directory gets execute where the file mode has read).
 """
 
 from __future__ import annotations
@@ -40,16 +45,29 @@ _MKDIR_ATTEMPTS = 5
 # Room left for ".tmp-<32 hex>-" inside the 255-byte file-name limit.
 _TEMP_NAME_CHARS = 100
 LOCK_NAME = ".ckptd.lock"
+DEFAULT_FILE_MODE = 0o600
+
+
+def directory_mode(file_mode: int) -> int:
+    """The mode of directories holding files of ``file_mode``: execute wherever it reads."""
+    return file_mode | ((file_mode & 0o444) >> 2)
 
 
 class LocalStorage(Storage):
     """Objects as files under ``root``; see the module docstring for the commit protocol."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        """Opens (and creates, with parents) the directory ``root``."""
+    def __init__(
+        self, root: str | os.PathLike[str], *, file_mode: int = DEFAULT_FILE_MODE
+    ) -> None:
+        """Opens (and creates, with parents) the directory ``root``; files get
+        ``file_mode``, directories ``directory_mode(file_mode)``."""
         self.root = Path(os.path.abspath(os.fspath(root)))
+        self.file_mode = file_mode
+        self.dir_mode = directory_mode(file_mode)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.root.is_dir():
+                self.root.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.root, self.dir_mode)
         except OSError as exc:
             raise StorageError(f"cannot create storage directory {self.root}: {exc}") from exc
         if not self.root.is_dir():
@@ -62,7 +80,7 @@ class LocalStorage(Storage):
             raise RuntimeError(f"{self.url} is already claimed by this process")
         path = self.root / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
         except OSError as exc:
             raise StorageError(f"cannot open the lock file {path}: {exc}") from exc
         try:
@@ -204,7 +222,9 @@ class LocalStorage(Storage):
         for attempt in range(_MKDIR_ATTEMPTS):
             try:
                 self._makedirs_durable(tmp.parent)
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+                os.fchmod(fd, self.file_mode)  # the umask narrows os.open's mode, never this
+                return fd
             except FileNotFoundError:
                 if attempt == _MKDIR_ATTEMPTS - 1:
                     raise
@@ -220,7 +240,11 @@ class LocalStorage(Storage):
             missing.append(directory)
             directory = directory.parent
         for new_dir in reversed(missing):
-            new_dir.mkdir(exist_ok=True)
+            try:
+                new_dir.mkdir()
+                os.chmod(new_dir, self.dir_mode)
+            except FileExistsError:
+                pass  # a concurrent put made it (with the same mode)
             _fsync_dir(new_dir.parent)
 
     def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:

@@ -1,5 +1,6 @@
-"""Client test fixtures: checkpointers closed at teardown, and a session-wide check that no
-client shared-memory segment outlives its owner (after close, or after a crash)."""
+"""Client test fixtures: a daemon on a unix socket (the only connection on which it serves
+shared memory), checkpointers closed at teardown, and a session-wide check that no client
+shared-memory segment outlives its owner (after close, or after a crash)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from ckptd.client import Checkpointer
 from ckptd.protos.segments import segment_owner
 from client_support import SHM_DIR, CheckpointerFactory, client_segments
-from daemon_harness import wait_until
+from daemon_harness import InProcessDaemon, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +45,12 @@ def no_shared_memory_left_behind() -> Iterator[None]:
         timeout_s=30,
         what=f"client shared-memory segments to disappear from {SHM_DIR}",
     )
+
+
+@pytest.fixture
+def daemon(unix_daemon: InProcessDaemon) -> InProcessDaemon:
+    """Client tests talk to the daemon over its unix socket, as a trainer on its host does."""
+    return unix_daemon
 
 
 @pytest.fixture

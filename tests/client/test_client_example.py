@@ -77,7 +77,8 @@ def test_killed_trainer_resumes_from_the_latest_durable_step(
     make_checkpointer: CheckpointerFactory,
     snapshot: str,
 ) -> None:
-    daemon = spawn_daemon(tmp_path / "storage")
+    # On its unix socket: the only connection on which the daemon serves shared memory.
+    daemon = spawn_daemon(tmp_path / "storage", "--listen", f"unix://{tmp_path}/ckptd.sock")
     dumps = tmp_path / "dumps"
 
     crashed = run_example(

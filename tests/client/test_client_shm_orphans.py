@@ -125,7 +125,7 @@ def test_the_daemon_keeps_reclaiming_while_it_serves(
             await asyncio.sleep(0.01)
 
     async def reclaim_until_gone() -> None:
-        reclaimer = asyncio.create_task(daemon_shm.reclaim_orphans_every(0.01))
+        reclaimer = asyncio.create_task(daemon_shm.OrphanSweeper().sweep_every(0.01))
         try:
             await asyncio.wait_for(gone(), timeout=30)
         finally:

@@ -13,7 +13,7 @@ from ckptd.client.grpc_transport import encode_chunk
 from ckptd.client.header import HeaderBuilder
 from ckptd.client.policies import parse_rules, parse_spec, resolve
 from ckptd.client.restore import receive
-from ckptd.client.shm import is_local_target
+from ckptd.client.shm import is_unix_target
 from ckptd.client.staging import HostBuffer, plan_layout, snapshot
 from ckptd.client.structure import STRUCTURE_KEY, flatten
 from ckptd.protos.checksum import tensors_checksum
@@ -156,11 +156,10 @@ def test_adams_second_moment_is_exact_unless_a_user_rule_says_otherwise() -> Non
     assert resolve(everything_lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 4)
 
 
-def test_local_targets() -> None:
-    assert is_local_target("unix:/tmp/x.sock")
-    assert is_local_target("127.0.0.1:5000") and is_local_target("localhost:1")
-    assert is_local_target("[::1]:5000")
-    assert not is_local_target("10.1.2.3:5000")
+def test_only_unix_socket_targets_may_use_shared_memory() -> None:
+    assert is_unix_target("unix:/tmp/x.sock") and is_unix_target("unix:///tmp/x.sock")
+    assert not is_unix_target("127.0.0.1:5000") and not is_unix_target("localhost:1")
+    assert not is_unix_target("10.1.2.3:5000")
 
 
 def test_headers_carry_policies_and_respect_the_daemons_limits() -> None:

@@ -290,17 +290,20 @@ def test_pods_are_consistent() -> None:
         assert spec["securityContext"]["runAsUser"] == UID, where
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         volumes = {v["name"] for v in spec["volumes"]}
-        shm = set()
         for container in containers(spec):
             assert container["image"] in DAEMON_IMAGES | {TRAINER_IMAGE}, where
             assert {m["name"] for m in container["volumeMounts"]} <= volumes, where
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
-            shm.add(mount_volume(spec, container, "/dev/shm")["name"])
-        assert len(shm) == 1, f"{where}: containers must share one /dev/shm volume"
-        shm_volume = mount_volume(spec, containers(spec)[0], "/dev/shm")
-        assert shm_volume.get("emptyDir", {}).get("medium") == "Memory" or shm_volume.get(
-            "hostPath", {}
-        ).get("path") == "/dev/shm", where
+        # Shared memory works only between a trainer and a daemon on one unix socket, as
+        # one uid: a pod with both shares one memory-backed /dev/shm; no pod mounts the
+        # node's (a TCP peer's segments are refused, and the node's /dev/shm is everyone's).
+        assert all("hostPath" not in v or v["hostPath"]["path"] != "/dev/shm"
+                   for v in spec["volumes"]), f"{where}: mounts the node's /dev/shm"
+        if len(containers(spec)) > 1:
+            shm = {mount_volume(spec, c, "/dev/shm")["name"] for c in containers(spec)}
+            assert len(shm) == 1, f"{where}: containers must share one /dev/shm volume"
+            volume = mount_volume(spec, containers(spec)[0], "/dev/shm")
+            assert volume["emptyDir"]["medium"] == "Memory", where
 
 
 def daemon_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:

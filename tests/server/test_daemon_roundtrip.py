@@ -123,11 +123,11 @@ STATE: dict[str, np.ndarray] = {
 }
 
 
-def test_shared_memory_save_round_trips(daemon: InProcessDaemon) -> None:
+def test_shared_memory_save_round_trips(unix_daemon: InProcessDaemon) -> None:
     segment, offsets = _put_in_segment(STATE)
     try:
         request = _shm_header("shm", STATE, segment.name, segment.size, offsets)
-        with grpc.insecure_channel(daemon.address) as channel:
+        with grpc.insecure_channel(unix_daemon.address) as channel:
             client = wire.stub(channel)
             assert client.Save(iter([request]), timeout=30).status.state == pb.SAVE_STATE_ACCEPTED
             buffer = segment.buf
@@ -143,7 +143,7 @@ def test_shared_memory_save_round_trips(daemon: InProcessDaemon) -> None:
 
 
 @pytest.mark.parametrize("problem", ["missing", "chunks", "past_end"])
-def test_bad_shared_memory_saves_are_invalid(daemon: InProcessDaemon, problem: str) -> None:
+def test_bad_shared_memory_saves_are_invalid(unix_daemon: InProcessDaemon, problem: str) -> None:
     segment, offsets = _put_in_segment(STATE)
     try:
         name, size = segment.name, segment.size
@@ -157,7 +157,7 @@ def test_bad_shared_memory_saves_are_invalid(daemon: InProcessDaemon, problem: s
         else:
             requests = [_shm_header("shm", STATE, name, size, [offsets[0], size - 8])]
             needle = "ends past the end of shared memory segment"
-        with grpc.insecure_channel(daemon.address) as channel:
+        with grpc.insecure_channel(unix_daemon.address) as channel:
             client = wire.stub(channel)
             error = wire.rpc_error(lambda: client.Save(iter(requests), timeout=30))
             # A missing segment is a refusal (the client streams instead), not a bad request.
@@ -167,7 +167,7 @@ def test_bad_shared_memory_saves_are_invalid(daemon: InProcessDaemon, problem: s
             assert reason_of(error).reason == ("ERROR_REASON_SHARED_MEMORY_REFUSED" if refused
                                                else "ERROR_REASON_INVALID_REQUEST")
             assert needle in error.details()
-            assert daemon.call(lambda engine: engine.inflight_bytes) == 0
+            assert unix_daemon.call(lambda engine: engine.inflight_bytes) == 0
             wire.save_durable(client, "after", 1, STATE)
     finally:
         segment.close()

@@ -159,3 +159,45 @@ def test_one_claim_at_a_time_released_on_close(tmp_path: Path) -> None:
     with pytest.raises(StorageInUseError, match=r"ckptd rm \(pid 2 on a\)"):
         LocalStorage(tmp_path).claim("third")
     second.close()
+
+
+def _modes(root: Path) -> tuple[set[int], set[int]]:
+    """The permission bits of every file and every directory under ``root`` (root too)."""
+    files, dirs = set(), {root.stat().st_mode & 0o777}
+    for path in root.rglob("*"):
+        (dirs if path.is_dir() else files).add(path.stat().st_mode & 0o777)
+    return files, dirs
+
+
+@pytest.mark.parametrize(("file_mode", "expected"), [
+    (None, (0o600, 0o700)),  # the default: the daemon's user only
+    (0o640, (0o640, 0o750)),  # widened for a group of readers
+])
+def test_files_and_directories_get_their_mode_whatever_the_umask(
+    tmp_path: Path, file_mode: int | None, expected: tuple[int, int]
+) -> None:
+    old = os.umask(0)  # the widest umask: every mode below comes from the backend
+    try:
+        storage = open_storage(tmp_path / "store", file_mode=file_mode)
+        storage.claim("test")
+        storage.put("runs/a/0/00000000000000000001/00000.blob", b"x")
+        storage.move("runs/a/0/00000000000000000001/00000.blob", "quarantine/a/00000.blob")
+        storage.put("runs/a/0/00000000000000000002/manifest.json", b"{}")
+        storage.close()
+    finally:
+        os.umask(old)
+    assert _modes(tmp_path / "store") == ({expected[0]}, {expected[1]})
+
+
+def test_storage_mode_setting_parses_presets_and_octal_modes() -> None:
+    from ckptd.daemon.config import DaemonConfig, parse_storage_mode
+
+    assert parse_storage_mode("private") == 0o600 and parse_storage_mode("group") == 0o640
+    assert parse_storage_mode("0644") == 0o644
+    for bad in ("0755", "0400", "abc", "7777"):
+        with pytest.raises(ValueError, match="octal file mode"):
+            parse_storage_mode(bad)
+    config = DaemonConfig.from_settings({"storage": "/x", "storage_mode": "group"})
+    assert config.storage_mode == 0o640
+    with pytest.raises(ValueError, match="storage_mode"):
+        DaemonConfig.from_settings({"storage": "/x", "storage_mode": "0777"})
