@@ -80,8 +80,8 @@ class Retry:
     """How long one call keeps retrying transient failures.
 
     Attributes:
-        window_s: Seconds from the first attempt after which no new attempt starts; 0
-            makes one attempt and raises its error as it is.
+        window_s: Seconds from the first attempt during which attempts go on (the last
+            one starts as it closes); 0 makes one attempt and raises its error as it is.
         setting: The setting ``window_s`` came from, named in the final error.
         backoff: The pauses between attempts.
     """
@@ -158,15 +158,16 @@ def call_with_retry(
             last = exc
         if retry.window_s <= 0 and deadline is None:
             raise last
-        pause = retry.backoff.pause_s(number)
-        if time.monotonic() + pause >= end:
+        remaining_s = end - time.monotonic()
+        if remaining_s <= 0:
             elapsed_s = time.monotonic() - start
             raise gave_up(
                 operation, target, retry=retry, elapsed_s=elapsed_s, attempts=number + 1, last=last
             ) from last
         if number == 0:
             logger.info("retrying for up to %g s (%s): %s", retry.window_s, retry.setting, last)
-        closed.wait(pause)
+        # The last pause is cut to the window, so the last attempt is made as it closes.
+        closed.wait(min(retry.backoff.pause_s(number), remaining_s))
         number += 1
 
 

@@ -161,7 +161,7 @@ def test_after_the_whole_window_one_clear_error(
     start = time.monotonic()
     with pytest.raises(DaemonUnavailableError) as info:
         ckpt.steps()
-    assert time.monotonic() - start >= 0.25  # it retried rather than failing at once
+    assert time.monotonic() - start >= 0.5  # it retried for the whole window
     message = str(info.value)
     assert message.startswith("list steps of run 'gone' rank 0: no ckptd daemon answered at ")
     assert repr(daemon.address) in message and "within reconnect_timeout_s=0.5 s" in message
