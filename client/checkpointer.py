@@ -32,6 +32,7 @@ from .header import HeaderBuilder
 from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, receive
+from .retry import Retry
 from .shm import ShmTransport, is_unix_target, same_host
 from .staging import StagingPool, plan_layout, snapshot
 from .structure import flatten
@@ -65,10 +66,15 @@ class Checkpointer:
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.
         busy_timeout_s: Longest ``save`` waits for a staging buffer.
-        connect_timeout_s: Longest wait for the daemon when connecting (unary calls such as
-            ``steps`` and ``delete_step`` get ``CheckpointerConfig.call_timeout_s``, 30 s).
-        reconnect_timeout_s: How long a save or a durability check keeps retrying while
-            the daemon is unreachable (restarting) before it fails.
+        connect_timeout_s: How long the constructor waits for the daemon to answer.
+        reconnect_timeout_s: How long every later call that needs the daemon (a save's
+            hand-over, its durability check, ``restore``, ``steps``, ``delete_step``) keeps
+            retrying while the daemon is unreachable, shutting down or not answering
+            (restarting, stalled) before it raises one ``DaemonUnavailableError``; a
+            background save's error lands on its handle (``client/retry.py``).
+        call_timeout_s: Deadline of each attempt of a unary call (readiness probe,
+            listing, deleting) and the grace a durability poll gets beyond its wait; an
+            attempt past it is retried within ``reconnect_timeout_s`` (except a delete).
         max_staging_bytes: Cap on staging memory; None: ``staging_buffers`` times the state size.
         staging_buffers: Snapshots that may be in flight at once.
         snapshot: ``"copy"``: ``save`` copies the tensors before it returns, so the trainer
@@ -103,6 +109,7 @@ class Checkpointer:
         busy_timeout_s: float = 60.0,
         connect_timeout_s: float = 10.0,
         reconnect_timeout_s: float = 30.0,
+        call_timeout_s: float = 30.0,
         max_staging_bytes: int | None = None,
         staging_buffers: int = 2,
         snapshot: str = "copy",
@@ -118,6 +125,7 @@ class Checkpointer:
             busy_timeout_s=busy_timeout_s,
             connect_timeout_s=connect_timeout_s,
             reconnect_timeout_s=reconnect_timeout_s,
+            call_timeout_s=call_timeout_s,
             max_staging_bytes=max_staging_bytes,
             staging_buffers=staging_buffers,
             snapshot=snapshot,
@@ -125,11 +133,16 @@ class Checkpointer:
         self.target = normalize_target(target)
         self.run, self.rank = run, rank
         self._connection = Connection(
-            self.target, call_timeout_s=self.config.call_timeout_s, tls=tls_files(tls),
+            self.target,
+            call_timeout_s=self.config.call_timeout_s,
+            reconnect_timeout_s=self.config.reconnect_timeout_s,
+            tls=tls_files(tls),
             token=resolve_token(token, os.environ),
         )
         try:
-            self.server_info = self._connection.wait_ready(self.config.connect_timeout_s)
+            self.server_info = self._connection.wait_ready(
+                Retry(self.config.connect_timeout_s, "connect_timeout_s")
+            )
             transport_impl, fallback = self._choose_transport(self.server_info)
         except BaseException:
             self._connection.close()
@@ -143,7 +156,6 @@ class Checkpointer:
             self._connection,
             transport_impl,
             self._pool,
-            reconnect_timeout_s=self.config.reconnect_timeout_s,
             fallback=fallback,
         )
         self._copier = (
@@ -307,7 +319,7 @@ class Checkpointer:
 
         Raises:
             CheckpointNotFoundError: The run, rank or step does not exist.
-            DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
+            DaemonUnavailableError: No daemon answered within ``reconnect_timeout_s``.
         """
         return self.restore_info(step, map_location=map_location).state
 
@@ -319,13 +331,11 @@ class Checkpointer:
         request = pb.RestoreRequest(run=self.run, rank=self.rank)
         if step is not None:
             request.step = step
-        self._connection.wait_ready(self.config.connect_timeout_s)
-        return receive(self._connection.restore(request), map_location)
+        return self._connection.restore(request, lambda stream: receive(stream, map_location))
 
     def step_infos(self) -> list[StepInfo]:
         """The committed steps of this run and rank, oldest first ([] for a new run)."""
         self._check_open()
-        self._connection.wait_ready(self.config.connect_timeout_s)
         try:
             infos = self._connection.list_steps(self.run, self.rank)
         except CheckpointNotFoundError:
@@ -342,9 +352,9 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def delete_step(self, step: int) -> int:
-        """Deletes one committed step (later steps stay restorable); returns steps removed."""
+        """Deletes one committed step (later steps stay restorable); returns steps removed
+        (0 when a retry after a lost answer found the step already gone)."""
         self._check_open()
-        self._connection.wait_ready(self.config.connect_timeout_s)
         return self._connection.delete_step(pb.StepRef(run=self.run, rank=self.rank, step=step))
 
     def close(self, timeout_s: float = 60.0) -> None:

@@ -24,8 +24,8 @@ class CheckpointerConfig:
     busy_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
     reconnect_timeout_s: float = 30.0
-    # Deadline of each unary call (listing, deleting: a delete may rewrite a large step as a
-    # base), and the grace a WaitSave gets beyond the wait it asks the daemon for.
+    # Deadline of each attempt of a unary call (readiness, listing, deleting: a delete may
+    # rewrite a large step as a base), and the grace a WaitSave gets beyond its wait.
     call_timeout_s: float = 30.0
     max_staging_bytes: int | None = None
     staging_buffers: int = 2

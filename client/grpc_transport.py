@@ -1,32 +1,38 @@
 """The gRPC connection to the daemon, and the streaming save transport.
 
-``Connection`` owns the channel and is the only place the client calls RPCs; every call
-goes through ``_mapped``, which turns a ``grpc.RpcError`` into the client's exception tree
-(``map_rpc_error``). The channel is created with short reconnect backoff so a restarted
-daemon is found again within about a second. gRPC's sync API is used, so no event loop
-runs in the trainer.
+``Connection`` owns the channel and is the only place the client calls RPCs. Every call
+goes through ``_call``: each attempt through ``_mapped``, which turns a ``grpc.RpcError``
+into the client's exception tree (``map_rpc_error``), and the attempts through
+``call_with_retry`` (``retry.py``), which waits out a daemon that restarts or stalls for up
+to ``reconnect_timeout_s``. The channel is created with short reconnect backoff so a
+restarted daemon is found again within about a second. gRPC's sync API is used, so no
+event loop runs in the trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 from ckptd.protos.v1 import pb, pb_grpc
 
 from .credentials import TlsFiles, call_metadata, open_channel
-from .errors import CkptdTimeoutError, DaemonUnavailableError, map_rpc_error
+from .errors import CheckpointNotFoundError, StepConflictError, map_rpc_error
+from .retry import Attempt, Retry, call_with_retry
 from .staging import HostBuffer, Layout, StagingBuffer
 from .transport import SaveTransport
+
+logger = logging.getLogger("ckptd.client")
+T = TypeVar("T")
 
 MiB = 1 << 20
 SAVE_METHOD = "/ckptd.v1.CheckpointdService/Save"
 DEFAULT_CHUNK_BYTES = 4 * MiB
-# Pause between readiness probes that failed at once (a connection dying under them).
-RETRY_PAUSE_S = 0.05
 # Restore chunks are sized by the daemon; accept anything it may reasonably send.
 MAX_RECEIVE_BYTES = 1 << 30
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -47,17 +53,27 @@ def _mapped(operation: str) -> Iterator[None]:
 
 
 class Connection:
-    """A gRPC channel to one daemon plus typed, error-mapped calls (thread-safe)."""
+    """A gRPC channel to one daemon plus typed, error-mapped, retried calls (thread-safe).
+
+    Which calls retry which failures, and why, is ``retry.py``'s docstring.
+    """
 
     def __init__(
-        self, target: str, *, call_timeout_s: float, tls: TlsFiles | None = None,
+        self,
+        target: str,
+        *,
+        call_timeout_s: float,
+        reconnect_timeout_s: float = 30.0,
+        tls: TlsFiles | None = None,
         token: str | None = None,
     ) -> None:
-        """``call_timeout_s`` bounds every unary call (listing, deleting) and is the grace
-        a ``WaitSave`` gets beyond the wait it asks the daemon for; ``tls`` and ``token``
-        authenticate every call (``credentials.py``)."""
+        """``call_timeout_s`` bounds each attempt of a unary call (readiness, listing,
+        deleting) and is the grace a ``WaitSave`` gets beyond the wait it asks the daemon
+        for; ``reconnect_timeout_s`` is how long a call retries transient failures; ``tls``
+        and ``token`` authenticate every call (``credentials.py``)."""
         self.target = target
         self.call_timeout_s = call_timeout_s
+        self.retry = Retry(reconnect_timeout_s)
         self.channel = open_channel(target, tls, CHANNEL_OPTIONS)
         self._metadata = call_metadata(token)
         self._stub = pb_grpc.CheckpointdServiceStub(self.channel)
@@ -67,75 +83,138 @@ class Connection:
         )
         self._inflight: set[grpc.Future] = set()
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
-    def wait_ready(self, timeout_s: float) -> pb.ServerInfo:
-        """Waits until the daemon answers (reconnecting if needed) and returns its info.
+    def _call(
+        self,
+        operation: str,
+        fn: Callable[[Attempt], T],
+        *,
+        idempotent: bool,
+        retry: Retry | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        def attempt(this: Attempt) -> T:
+            with _mapped(operation):
+                return fn(this)
 
-        The probe is a ``GetServerInfo`` call that waits for the channel to connect; it
-        avoids ``grpc.channel_ready_future``, whose polling thread outlives the future and
-        fails if the channel is closed under it. A probe sent just as the daemon died
-        fails at once even so (the connection still looked alive), hence the retries.
+        return call_with_retry(
+            attempt, operation=operation, target=self.target, retry=retry or self.retry,
+            idempotent=idempotent, closed=self._closed, deadline=deadline,
+        )  # fmt: skip
+
+    def _server_info(self, attempt: Attempt) -> pb.ServerInfo:
+        # Waits for the channel to connect (up to the attempt's deadline) rather than
+        # failing at once, and avoids grpc.channel_ready_future, whose polling thread
+        # outlives the future and fails if the channel is closed under it.
+        timeout = min(self.call_timeout_s, attempt.remaining_s())
+        request = pb.GetServerInfoRequest()
+        return self._stub.GetServerInfo(
+            request, timeout=timeout, wait_for_ready=True, metadata=self._metadata
+        ).info
+
+    def wait_ready(
+        self, retry: Retry | None = None, *, deadline: float | None = None
+    ) -> pb.ServerInfo:
+        """Waits until the daemon answers and returns its info; ``retry`` defaults to the
+        connection's (``reconnect_timeout_s``).
 
         Raises:
-            DaemonUnavailableError: No daemon answered at the target within ``timeout_s``.
+            DaemonUnavailableError: No daemon answered at the target within the window.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = max(deadline - time.monotonic(), 0.0)
-            try:
-                with _mapped(f"get server info from {self.target}"):
-                    return self._stub.GetServerInfo(
-                        pb.GetServerInfoRequest(), timeout=remaining, wait_for_ready=True,
-                        metadata=self._metadata,
-                    ).info
-            except (CkptdTimeoutError, DaemonUnavailableError) as exc:
-                if time.monotonic() + RETRY_PAUSE_S >= deadline:
-                    raise DaemonUnavailableError(
-                        f"no ckptd daemon answered at {self.target!r} within {timeout_s} s; "
-                        "is it running, and is the address right?"
-                    ) from exc
-            time.sleep(RETRY_PAUSE_S)  # let the channel notice the dead connection
+        operation = f"get server info from {self.target}"
+        return self._call(
+            operation, self._server_info, idempotent=True, retry=retry, deadline=deadline
+        )
 
-    def save(self, requests: Iterable[bytes], operation: str) -> pb.SaveStatus:
-        """Runs one Save stream of pre-serialized ``SaveRequest`` messages."""
-        with _mapped(operation):
-            future = self._save.future(iter(requests), metadata=self._metadata)
-            with self._lock:
-                self._inflight.add(future)
+    def save(self, requests: Callable[[], Iterable[bytes]], operation: str) -> pb.SaveStatus:
+        """Runs one Save stream of pre-serialized ``SaveRequest`` messages (``requests()``
+        makes them anew for each attempt); no deadline, resent while the daemon restarts."""
+
+        def attempt(this: Attempt) -> pb.SaveStatus:
             try:
-                response: pb.SaveResponse = future.result()
-                return response.status
-            finally:
-                with self._lock:
-                    self._inflight.discard(future)
+                return self._save_once(requests())
+            except StepConflictError as exc:
+                if this.is_retry and exc.code == "ALREADY_EXISTS":
+                    logger.info("%s: an earlier attempt got through (%s)", operation, exc.details)
+                    return pb.SaveStatus(state=pb.SAVE_STATE_ACCEPTED)
+                raise
+
+        return self._call(operation, attempt, idempotent=False)
+
+    def _save_once(self, requests: Iterable[bytes]) -> pb.SaveStatus:
+        future = self._save.future(iter(requests), metadata=self._metadata)
+        with self._lock:
+            self._inflight.add(future)
+        try:
+            response: pb.SaveResponse = future.result()
+            return response.status
+        finally:
+            with self._lock:
+                self._inflight.discard(future)
 
     def wait_save(self, ref: pb.StepRef, timeout_s: float) -> pb.SaveStatus:
         request = pb.WaitSaveRequest(ref=ref, timeout_s=timeout_s)
-        with _mapped(f"wait for step {ref.step} of run {ref.run!r} rank {ref.rank}"):
-            return self._stub.WaitSave(request, timeout=timeout_s + self.call_timeout_s,
-                                       metadata=self._metadata).status
+        operation = f"wait for step {ref.step} of run {ref.run!r} rank {ref.rank}"
+        return self._call(
+            operation,
+            lambda _: self._stub.WaitSave(
+                request, timeout=timeout_s + self.call_timeout_s, metadata=self._metadata
+            ).status,
+            idempotent=True,
+        )
 
-    def restore(self, request: pb.RestoreRequest) -> Iterator[pb.RestoreResponse]:
-        """Streams a restore; errors while iterating are mapped too."""
+    def restore(
+        self, request: pb.RestoreRequest, consume: Callable[[Iterator[pb.RestoreResponse]], T]
+    ) -> T:
+        """Streams a restore into ``consume`` and returns what it returns; a stream cut off
+        by a restarting daemon is received again from the start."""
         what = "the latest step" if not request.HasField("step") else f"step {request.step}"
-        with _mapped(f"restore {what} of run {request.run!r} rank {request.rank}"):
-            yield from self._stub.Restore(request, metadata=self._metadata)
+
+        def attempt(this: Attempt) -> T:
+            # The stream has no deadline (a large restore takes its time): a readiness
+            # probe first, so a stalled daemon is waited for under call_timeout_s.
+            self._server_info(this)
+            return consume(self._stub.Restore(request, metadata=self._metadata))
+
+        operation = f"restore {what} of run {request.run!r} rank {request.rank}"
+        return self._call(operation, attempt, idempotent=True)
 
     def list_steps(self, run: str, rank: int) -> list[pb.StepInfo]:
-        with _mapped(f"list steps of run {run!r} rank {rank}"):
-            reply = self._stub.ListSteps(
-                pb.ListStepsRequest(run=run, rank=rank), timeout=self.call_timeout_s,
-                metadata=self._metadata,
-            )
+        request = pb.ListStepsRequest(run=run, rank=rank)
+        reply = self._call(
+            f"list steps of run {run!r} rank {rank}",
+            lambda _: self._stub.ListSteps(
+                request, timeout=self.call_timeout_s, metadata=self._metadata
+            ),
+            idempotent=True,
+        )
         return list(reply.steps)
 
     def delete_step(self, ref: pb.StepRef) -> int:
-        with _mapped(f"delete step {ref.step} of run {ref.run!r} rank {ref.rank}"):
-            reply = self._stub.DeleteStep(
-                pb.DeleteStepRequest(ref=ref), timeout=self.call_timeout_s,
-                metadata=self._metadata,
-            )
-        return int(reply.deleted_steps)
+        """Deletes one step; returns the steps removed (0 when a retry found it gone)."""
+        operation = f"delete step {ref.step} of run {ref.run!r} rank {ref.rank}"
+        request = pb.DeleteStepRequest(ref=ref)
+
+        def attempt(this: Attempt) -> int:
+            try:
+                reply = self._stub.DeleteStep(
+                    request, timeout=self.call_timeout_s, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = map_rpc_error(exc, operation)
+                if this.is_retry and isinstance(error, CheckpointNotFoundError):
+                    logger.warning("%s: not found on a retry; an earlier attempt, whose "
+                                   "answer was lost, deleted it", operation)  # fmt: skip
+                    return 0
+                raise error from exc
+            return int(reply.deleted_steps)
+
+        # A delete must not time out behind a stalled daemon (DEADLINE_EXCEEDED is not
+        # retried for it), so it goes once the daemon answers a probe, in the same window.
+        deadline = time.monotonic() + self.retry.window_s
+        self.wait_ready(deadline=deadline)
+        return self._call(operation, attempt, idempotent=False, deadline=deadline)
 
     def cancel_saves(self) -> None:
         """Cancels Save streams in flight (they fail with RequestCancelledError)."""
@@ -144,6 +223,8 @@ class Connection:
                 future.cancel()
 
     def close(self) -> None:
+        """Ends retrying, cancels saves in flight and closes the channel."""
+        self._closed.set()
         self.cancel_saves()
         self.channel.close()
 
@@ -202,7 +283,7 @@ class StreamTransport(SaveTransport):
 
     def send(self, header: pb.SaveHeader, buffer: StagingBuffer, layout: Layout) -> pb.SaveStatus:
         operation = f"save step {header.step} of run {header.run!r} rank {header.rank}"
-        return self.connection.save(self._requests(header, buffer, layout), operation)
+        return self.connection.save(lambda: self._requests(header, buffer, layout), operation)
 
     def _requests(
         self, header: pb.SaveHeader, buffer: StagingBuffer, layout: Layout

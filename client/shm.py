@@ -153,7 +153,8 @@ class ShmTransport(SaveTransport):
         operation = (
             f"save step {header.step} of run {header.run!r} rank {header.rank} via shared memory"
         )
-        return self.connection.save([encode_header(with_ref)], operation)
+        request = encode_header(with_ref)
+        return self.connection.save(lambda: [request], operation)
 
     def cancel(self) -> None:
         self.connection.cancel_saves()

@@ -12,7 +12,8 @@ how the daemon gets at it:
 Call order: the checkpointer calls ``allocate`` (through the staging pool, trainer thread)
 to create staging buffers, then ``send`` once per save from its single sender thread, in
 step order. ``send`` returns the daemon's ACCEPTED status or raises a ``CkptdClientError``
-already mapped from the gRPC status.
+already mapped from the gRPC status; ``Connection.save`` has already resent the snapshot
+while the daemon restarted (up to ``reconnect_timeout_s``, see ``retry.py``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """The checkpointer's two private threads: the sender and the durability watcher.
 
 * The **sender** takes snapshots in step order, hands each to the transport, and frees the
-  staging buffer as soon as the daemon ACCEPTED it (or refused it). A daemon that is
-  restarting is waited for up to ``reconnect_timeout_s`` and the save is resent; a busy
-  daemon with ``fail_if_busy`` set marks the save skipped; a daemon that cannot open our
-  shared memory makes the sender switch to streaming for good (``fallback``).
+  staging buffer as soon as the daemon ACCEPTED it (or refused it). A busy daemon with
+  ``fail_if_busy`` set marks the save skipped; a daemon that cannot open our shared memory
+  makes the sender switch to streaming for good (``fallback``).
 * The **watcher** follows accepted saves in order with ``WaitSave`` until each is DURABLE
   or FAILED, so handles resolve without the trainer polling and failures are logged as
   they happen.
+
+Neither retries on its own: a daemon that restarts or stalls is waited for inside each
+``Connection`` call (up to ``reconnect_timeout_s``; ``retry.py``), so an error reaching
+these threads is final for that save.
 
 Neither thread ever raises into the trainer: outcomes land on the ``SaveHandle`` and in
 the ``ckptd.client`` logger.
@@ -18,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,13 +29,10 @@ from ckptd.protos.v1 import pb
 from .errors import (
     CheckpointNotFoundError,
     CkptdClientError,
-    CkptdTimeoutError,
     DaemonBusyError,
-    DaemonUnavailableError,
     RequestCancelledError,
     SaveFailedError,
     SharedMemoryRefusedError,
-    StepConflictError,
 )
 from .grpc_transport import Connection
 from .handle import SaveHandle
@@ -44,9 +43,6 @@ logger = logging.getLogger("ckptd.client")
 
 # WaitSave long-poll length: short enough for the watcher to notice close() promptly.
 WATCH_POLL_S = 2.0
-# Pauses between attempts to resend a save the daemon could not take (doubling).
-RETRY_PAUSE_S = 0.05
-MAX_RETRY_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +64,11 @@ class SaveWorker:
         transport: SaveTransport,
         pool: StagingPool,
         *,
-        reconnect_timeout_s: float,
         fallback: Callable[[], SaveTransport] | None = None,
     ) -> None:
         self.connection = connection
         self.transport = transport
         self.pool = pool
-        self.reconnect_timeout_s = reconnect_timeout_s
         self._fallback = fallback
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._accepted: queue.Queue[SaveHandle | None] = queue.Queue()
@@ -122,8 +116,6 @@ class SaveWorker:
 
     def _deliver(self, job: SaveJob) -> None:
         handle = job.handle
-        deadline: float | None = None
-        attempts = 0
         while True:
             if self._stopping.is_set():
                 self._fail(
@@ -139,24 +131,13 @@ class SaveWorker:
                 handle._set_skipped(f"daemon busy: {exc.details}")
                 logger.warning("skipped checkpoint step %d: %s", handle.step, exc)
                 return
-            except StepConflictError as exc:
-                if attempts and exc.code == "ALREADY_EXISTS":
-                    break  # an earlier attempt got through before the connection dropped
-                self._fail(handle, exc)
-                return
-            except DaemonUnavailableError as exc:
-                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
-                # A draining daemon still answers probes but refuses saves: back off.
-                self._stopping.wait(min(MAX_RETRY_PAUSE_S, RETRY_PAUSE_S * 2**attempts))
-                attempts += 1
-                if not self._reconnect(deadline):
+            except SharedMemoryRefusedError as exc:
+                if self._fallback is None:
                     self._fail(handle, exc)
                     return
+                self._switch_to_streaming(exc)
                 continue
             except CkptdClientError as exc:
-                if self._fallback is not None and isinstance(exc, SharedMemoryRefusedError):
-                    self._switch_to_streaming(exc)
-                    continue
                 self._fail(handle, exc)
                 return
             if status.state == pb.SAVE_STATE_FAILED:
@@ -168,16 +149,6 @@ class SaveWorker:
             break
         handle._set_accepted()
         self._accepted.put(handle)
-
-    def _reconnect(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or self._stopping.is_set():
-            return False
-        try:
-            self.connection.wait_ready(remaining)
-        except CkptdClientError:  # still down, or cancelled by close()
-            return False
-        return True
 
     def _switch_to_streaming(self, exc: CkptdClientError) -> None:
         assert self._fallback is not None
@@ -205,23 +176,17 @@ class SaveWorker:
 
     def _watch(self, handle: SaveHandle) -> None:
         ref = pb.StepRef(run=handle.run, rank=handle.rank, step=handle.step)
-        deadline: float | None = None
         while not self._stopping.is_set():
             try:
                 status = self.connection.wait_save(ref, WATCH_POLL_S)
             except CheckpointNotFoundError as exc:
                 self._fail(handle, _lost(handle, exc))
                 return
-            except (DaemonUnavailableError, CkptdTimeoutError, RequestCancelledError) as exc:
-                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
-                if not self._stopping.is_set() and not self._reconnect(deadline):
-                    self._fail(handle, exc)
-                    return
-                continue
             except CkptdClientError as exc:
+                if self._stopping.is_set():
+                    break  # close() cut the call off: not a failure of the save
                 self._fail(handle, exc)
                 return
-            deadline = None
             if status.state == pb.SAVE_STATE_DURABLE:
                 handle._set_durable()
                 return

@@ -97,7 +97,7 @@ def test_each_reason_reaches_the_client_and_the_cli(
 
     daemon.call(lambda engine: setattr(engine, "list_steps", fail))
     try:
-        connection = Connection(daemon.address, call_timeout_s=10)
+        connection = Connection(daemon.address, call_timeout_s=10, reconnect_timeout_s=0)
         try:
             with pytest.raises(client_errors.CkptdClientError) as info:
                 connection.list_steps("job", 3)
