@@ -46,6 +46,7 @@ from .errors import (
     StepConflictError,
     StorageFullError,
     StorageInUseError,
+    StreamIdleError,
     map_rpc_error,
 )
 
@@ -94,5 +95,6 @@ __all__ = [
     "StepInfo",
     "StorageFullError",
     "StorageInUseError",
+    "StreamIdleError",
     "map_rpc_error",
 ]

@@ -102,3 +102,10 @@ class SharedMemoryRefusedError(CkptdError, OSError):
     ``/dev/shm``, another user): the client should stream the bytes instead."""
 
     reason = "ERROR_REASON_SHARED_MEMORY_REFUSED"
+
+
+class StreamIdleError(CkptdError, TimeoutError):
+    """Raised when a save stream sends nothing for ``save_idle_timeout_s``: the daemon ends
+    it and releases its step and budget, so an idle or vanished client holds nothing."""
+
+    reason = "ERROR_REASON_STREAM_IDLE"

@@ -45,6 +45,7 @@ EXPECTED: dict[str, tuple[type[client_errors.CkptdClientError], int]] = {
     "ERROR_REASON_STORAGE_UNAVAILABLE": (client_errors.DaemonUnavailableError, EXIT_UNAVAILABLE),
     "ERROR_REASON_SHARED_MEMORY_REFUSED": (client_errors.SharedMemoryRefusedError, EXIT_FAILED),
     "ERROR_REASON_INTERNAL": (client_errors.InternalDaemonError, EXIT_FAILED),
+    "ERROR_REASON_STREAM_IDLE": (client_errors.StreamIdleError, EXIT_TEMPFAIL),
 }
 
 
