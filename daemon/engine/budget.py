@@ -12,7 +12,7 @@ Fairness has two rules, both applied whenever room appears:
   While an identity is alone (no other identity holds or waits for bytes) it may take the
   whole budget, so a single trainer loses nothing. As soon as another identity holds or
   waits, an identity may take *more* bytes only while what it holds stays within
-  ``share × capacity``; its waiters beyond that step aside (keeping their place) instead
+  ``share * capacity``; its waiters beyond that step aside (keeping their place) instead
   of blocking the queue. An identity that holds nothing may always take one save (if it
   fits), so a save larger than the share is never refused for good. Nothing is taken
   back from an identity already over its share: it gets no more until it is under it, so

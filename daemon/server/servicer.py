@@ -177,9 +177,8 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         """The stream's next message (None at its end); ``StreamIdleError`` when none comes
         within the idle timeout, so a paused or silently vanished client holds nothing."""
         try:
-            async with asyncio.timeout(self._idle_timeout_s):
-                return await anext(request_iterator, None)
-        except TimeoutError:
+            return await asyncio.wait_for(anext(request_iterator, None), self._idle_timeout_s)
+        except asyncio.TimeoutError:
             raise StreamIdleError(
                 f"the save stream sent nothing for {self._idle_timeout_s:g} s (the daemon's "
                 "stream_idle_timeout_s); it was ended and its reservation released; send the "
@@ -190,9 +189,8 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         """Writes one restore message once flow control takes it; ``StreamIdleError`` when
         the client reads nothing for the idle timeout."""
         try:
-            async with asyncio.timeout(self._idle_timeout_s):
-                await context.write(message)
-        except TimeoutError:
+            await asyncio.wait_for(context.write(message), self._idle_timeout_s)
+        except asyncio.TimeoutError:
             raise StreamIdleError(
                 f"the restore's client read nothing for {self._idle_timeout_s:g} s (the "
                 "daemon's stream_idle_timeout_s); it was ended and its memory released"
