@@ -47,6 +47,7 @@ from .errors import (
     StepConflictError,
     StorageFullError,
     StorageInUseError,
+    StreamIdleError,
     UnauthenticatedError,
     map_rpc_error,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "StepInfo",
     "StorageFullError",
     "StorageInUseError",
+    "StreamIdleError",
     "TlsFiles",
     "UnauthenticatedError",
     "map_rpc_error",

@@ -10,6 +10,7 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     ├── DaemonUnavailableError (ConnectionError)   SHUTTING_DOWN, STORAGE_UNAVAILABLE;
     │                                               UNAVAILABLE (no daemon within the timeout)
     ├── CkptdTimeoutError (TimeoutError)            DEADLINE_EXCEEDED, client-side waits
+    │   └── StreamIdleError                         STREAM_IDLE: a save stream paused too long
     ├── CheckpointNotFoundError (LookupError)       RUN_NOT_FOUND, STEP_NOT_FOUND; NOT_FOUND
     ├── InvalidCheckpointError (ValueError)         INVALID_REQUEST, INCOMPLETE_STREAM;
     │   │                                           INVALID_ARGUMENT, OUT_OF_RANGE
@@ -63,6 +64,11 @@ class DaemonUnavailableError(CkptdClientError, ConnectionError):
 
 class CkptdTimeoutError(CkptdClientError, TimeoutError):
     """Raised when a call or a wait for a save runs past its deadline."""
+
+
+class StreamIdleError(CkptdTimeoutError):
+    """Raised when the daemon ended a save stream that sent nothing for its
+    ``save_idle_timeout_s``; nothing was stored, and sending the save again is safe."""
 
 
 class CheckpointNotFoundError(CkptdClientError, LookupError):
@@ -151,6 +157,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_INTERNAL": InternalDaemonError,
     "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
+    "ERROR_REASON_STREAM_IDLE": StreamIdleError,
 }
 
 # Statuses without a known reason: from gRPC itself, or a reason newer than this client.

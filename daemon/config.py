@@ -21,8 +21,19 @@ class EngineConfig:
     """Settings of the checkpoint engine (chains, codec, budget, limits)."""
 
     # Bytes of received-but-not-yet-durable checkpoint data the daemon holds at once.
-    # Resident memory is bounded by this plus one reconstruction per active (run, rank).
+    # Resident memory is bounded by this, the reconstructions (max_resident_bytes) and the
+    # restores (max_restore_bytes); README, "Memory bound".
     max_inflight_bytes: int = 2 * GiB
+    # The fraction of max_inflight_bytes one identity (trainer) may hold while another
+    # identity holds or waits for bytes; alone, an identity may use the whole budget.
+    max_inflight_share: float = 0.5
+    # Bytes of chain-head reconstructions kept in memory, least recently used evicted
+    # first (rebuilt from storage by that chain's next save); 0 keeps every head. Heads of
+    # chains with a save in flight are never evicted.
+    max_resident_bytes: int = 4 * GiB
+    # Bytes of restored tensors held by restores being streamed; a restore waits for room
+    # (one larger than this runs alone).
+    max_restore_bytes: int = 2 * GiB
     # The defaults of the next five knobs are chosen from measured recovery evidence
     # (bench/RESULTS.md, "Chosen defaults"): b=4 is the smallest width whose restored runs
     # rework no more than exact ones; longer chains cost little restore time and save space.
@@ -48,6 +59,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_inflight_bytes <= 0:
             raise ValueError(f"max_inflight_bytes must be positive, got {self.max_inflight_bytes}")
+        if not 0.0 < self.max_inflight_share <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"max_inflight_share must be in (0, 1], got {self.max_inflight_share}"
+            )
+        if self.max_resident_bytes < 0:
+            raise ValueError(f"max_resident_bytes must be >= 0, got {self.max_resident_bytes}")
+        if self.max_restore_bytes <= 0:
+            raise ValueError(f"max_restore_bytes must be positive, got {self.max_restore_bytes}")
         if self.base_interval < 1:
             raise ValueError(f"base_interval must be >= 1, got {self.base_interval}")
         if not self.max_delta_fraction >= 0:  # also refuses NaN; 0: one delta per base
@@ -95,6 +114,10 @@ class DaemonConfig:
     max_chunk_bytes: int = 1 * MiB
     # On SIGTERM, how long accepted saves get to become durable before the daemon exits.
     drain_timeout_s: float = 60.0
+    # A save stream that sends nothing for this long is ended (DEADLINE_EXCEEDED, reason
+    # STREAM_IDLE) and its step and budget released; so is a restore whose client reads
+    # nothing for this long, releasing its restore budget.
+    stream_idle_timeout_s: float = 60.0
     log_level: str = "info"
     # "text" (key=value lines) or "json" (one object per line, for log pipelines).
     log_format: str = "text"
@@ -143,6 +166,10 @@ class DaemonConfig:
             )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.stream_idle_timeout_s > 0:  # also refuses NaN
+            raise ValueError(
+                f"stream_idle_timeout_s must be positive, got {self.stream_idle_timeout_s}"
+            )
         if parse_storage_mode(f"{self.storage_mode:o}") != self.storage_mode:
             raise ValueError(f"storage_mode {self.storage_mode:#o} is not a file mode")
         self._check_security()
@@ -309,7 +336,11 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_message_bytes": ("daemon", "max_message_bytes", parse_bytes),
     "max_chunk_bytes": ("daemon", "max_chunk_bytes", parse_bytes),
     "drain_timeout_s": ("daemon", "drain_timeout_s", float),
+    "stream_idle_timeout_s": ("daemon", "stream_idle_timeout_s", float),
     "max_inflight_bytes": ("engine", "max_inflight_bytes", parse_bytes),
+    "max_inflight_share": ("engine", "max_inflight_share", float),
+    "max_resident_bytes": ("engine", "max_resident_bytes", parse_bytes),
+    "max_restore_bytes": ("engine", "max_restore_bytes", parse_bytes),
     "max_checkpoint_bytes": ("engine", "max_checkpoint_bytes", parse_bytes),
     "base_interval": ("engine", "base_interval", int),
     "max_delta_fraction": ("engine", "max_delta_fraction", float),

@@ -115,3 +115,11 @@ class PermissionDeniedError(CkptdError, PermissionError):
     """Raised when the policy grants the caller's identity no such scope on the run."""
 
     reason = "ERROR_REASON_PERMISSION_DENIED"
+
+
+class StreamIdleError(CkptdError, TimeoutError):
+    """Raised when a stream's client sends (or reads) nothing for ``stream_idle_timeout_s``:
+    the daemon ends it and releases its step and budget, so an idle or vanished client
+    holds nothing."""
+
+    reason = "ERROR_REASON_STREAM_IDLE"

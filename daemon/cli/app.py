@@ -42,7 +42,14 @@ _SERVE_HELP = {
     "max_message_bytes": "largest gRPC message either way (e.g. 8MiB)",
     "max_chunk_bytes": "largest tensor chunk of a save, and restore chunk size (e.g. 1MiB)",
     "drain_timeout_s": "on SIGTERM, seconds accepted saves get to become durable",
+    "stream_idle_timeout_s": "seconds a save stream may send (or a restore's client read) "
+    "nothing before it is ended and its memory released",
     "max_inflight_bytes": "bytes of accepted-but-not-durable saves held at once (e.g. 2GiB)",
+    "max_inflight_share": "fraction of the in-flight budget one trainer may hold while "
+    "another holds or waits (alone it may use all of it)",
+    "max_resident_bytes": "bytes of chain-head reconstructions kept in memory, least "
+    "recently used evicted first (0: no bound)",
+    "max_restore_bytes": "bytes of restored tensors held by restores being streamed",
     "max_checkpoint_bytes": "largest single checkpoint accepted",
     "base_interval": "a lossless base every this many saves of a (run, rank)",
     "max_delta_fraction": "also a new base once the deltas since the last one outweigh "

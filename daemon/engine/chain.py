@@ -66,10 +66,12 @@ class Reconstruction:
 
 @dataclass
 class QueuedSave:
-    """An accepted save: its header, its received tensors (dropped once encoded), its state."""
+    """An accepted save: its header, its received tensors (dropped once encoded), its state,
+    and the identity whose share of the in-flight budget holds its bytes."""
 
     header: CheckpointHeader
     arrays: list[np.ndarray | None]
+    identity: str = ""
     state: SaveState = SaveState.ACCEPTED
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)

@@ -6,9 +6,11 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    from storage, removes provably uncommitted leftovers, quarantines step directories
    that may have been committed but cannot be read. Codec and storage work run in the engine's
    own thread pools, never on the loop.
-2. Saving: ``session = await engine.open_save(header)`` validates the header, reserves the
-   step (a concurrent duplicate fails) and reserves its bytes in the in-flight budget
-   (waits for room, or raises ``BusyError`` when ``header.fail_if_busy``). The transport
+2. Saving: ``session = await engine.open_save(header, identity=...)`` validates the
+   header, reserves the step (a concurrent duplicate fails) and reserves its bytes in the
+   in-flight budget under the identity's share (waits for room, or raises ``BusyError``
+   when ``header.fail_if_busy``; ``ckptd.daemon.engine.budget`` has the fairness rule). The
+   transport
    then fills the session's buffers with ``session.write(index, offset, data)`` (streamed
    chunks, in order) or ``session.fill_with(index, fill)`` (shared memory), and calls
    ``status = await session.commit()``, which checks completeness and hands the save to
@@ -16,8 +18,11 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    commit, the transport calls ``session.abort()``: budget and step are released and
    nothing durable changes. ``async with session:`` aborts on exception.
 3. ``engine.status(key)`` / ``await engine.wait(key, timeout_s)`` report a save's state.
-4. ``await engine.restore(run, rank, step | None)`` returns the verified reconstruction
-   (None = latest durable step, served from memory when it is the chain's head).
+4. ``async with engine.restoring(run, rank, step | None, identity=...) as restored:``
+   reserves the step's raw size in the restore budget (waiting for room), materializes
+   the verified reconstruction (None = latest durable step, copied from memory when it is
+   the chain's head) and holds the reservation until the transport has streamed it and
+   leaves the block. ``await engine.restore(...)`` is the same, released on return.
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
    ``await delete_run(run)``. Deleting refuses (``InvalidRequestError``) while a save of
    the same (run, rank) is in flight, rather than waiting behind it for an unbounded time.
@@ -36,16 +41,19 @@ Memory: the budget counts a save's raw bytes from ``open_save`` until it is dura
 failed. Its receive buffers are dropped tensor by tensor as soon as each is encoded (an
 exact tensor's buffer becomes the chain's new reconstruction instead of being copied);
 what the budget still covers after that is the encoded blobs on their way to storage.
-Beyond the budget, each chain holds one reconstruction (its head) in memory.
+Beyond the budget, chains hold their head reconstruction in memory, least recently used
+evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
+being streamed hold their tensors within ``max_restore_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, RestoredCheckpoint, RunInfo, SaveStatus, StepKey
@@ -53,6 +61,7 @@ from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
+from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
@@ -88,7 +97,9 @@ class Engine:
         self.config = config
         self._observer = observer or EngineObserver()
         self._pools = Pools(config.encode_workers, config.storage_workers)
-        self._budget = ByteBudget(config.max_inflight_bytes)
+        self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
+        self._restores = ByteBudget(config.max_restore_bytes, share=config.max_inflight_share)
+        self._resident = ResidentHeads(config.max_resident_bytes)
         self._repository = Repository(storage, self._pools)
         self._index = self._repository.index  # read-only queries; writes go through it
         self._pipeline = SavePipeline(self._repository, config, self._pools)
@@ -130,7 +141,9 @@ class Engine:
             removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
             removed_temporaries=temporaries))
 
-    async def open_save(self, header: CheckpointHeader) -> SaveSession:
+    async def open_save(self, header: CheckpointHeader, *, identity: str = "") -> SaveSession:
+        """Opens a save; ``identity`` names the trainer whose share of the in-flight budget
+        its bytes count against ("" when the transport knows none)."""
         self._check_accepting()
         check_header(header, self.config)
         key = header.key
@@ -139,15 +152,16 @@ class Engine:
         chain.reserved.add(key.step)
         try:
             await self._budget.acquire(
-                header.nbytes, wait=not header.fail_if_busy, what=f"save {key}"
+                header.nbytes, wait=not header.fail_if_busy, what=f"save {key}",
+                identity=identity,
             )
         except BaseException:
             self._release_step(chain, key.step)
             raise
         try:
-            session = SaveSession(header, self._accept, self._abandon)
+            session = SaveSession(header, self._accept, self._abandon, identity=identity)
         except BaseException:
-            self._budget.release(header.nbytes)
+            self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
             raise
         self._sessions.add(session)
@@ -181,20 +195,43 @@ class Engine:
         return self.status(key)
 
     async def restore(self, run: str, rank: int, step: int | None) -> RestoredCheckpoint:
+        """The verified reconstruction of ``step`` (None: the latest durable step)."""
+        async with self.restoring(run, rank, step) as restored:
+            return restored
+
+    @contextlib.asynccontextmanager
+    async def restoring(
+        self, run: str, rank: int, step: int | None, *, identity: str = ""
+    ) -> AsyncIterator[RestoredCheckpoint]:
+        """Yields the verified reconstruction of ``step`` (None: the latest durable step)
+        while its raw size is reserved in the restore budget, under ``identity``'s share; a
+        restore larger than the whole budget reserves all of it (it runs alone)."""
         check_key(run, rank, step)
         steps = self._index.steps(run, rank)
         if not steps:
             raise self._not_found(StepKey(run, rank, step or 0))
         key = StepKey(run, rank, steps[-1] if step is None else step)
+        entry = self._index.get(key)
+        if entry is None:
+            raise self._not_found(key)
+        nbytes = min(entry.manifest.raw_bytes, self._restores.capacity_bytes)
+        await self._restores.acquire(nbytes, wait=True, what=f"restore {key}", identity=identity)
+        try:
+            yield await self._materialize(key)
+        finally:
+            self._restores.release(nbytes, identity)
+
+    async def _materialize(self, key: StepKey) -> RestoredCheckpoint:
         for _attempt in range(3):
             entry = self._index.get(key)
             if entry is None:
                 raise self._not_found(key)
             manifest = entry.manifest
-            chain = self._chains.get((run, rank))
+            chain = self._chains.get((key.run, key.rank))
             head = chain.head if chain is not None else None
             try:
-                if head is not None and head.step == key.step:
+                if chain is not None and head is not None and head.step == key.step:
+                    self._touch(chain)
                     arrays = await self._repository.copy_verified(manifest, head.arrays)
                 else:
                     arrays = await self._repository.restore(key)
@@ -232,6 +269,7 @@ class Engine:
             await self._repository.delete_step(key, (head.step, head.arrays) if head else None)
             chain.invalidate(key.step)
             self._recount(chain)
+        self._touch(chain)
         self._report_head(key.run, key.rank)
         return 1
 
@@ -249,6 +287,7 @@ class Engine:
             async with chain.lock:
                 deleted += await self._repository.delete_chain(chain.run, chain.rank)
                 chain.invalidate()
+            self._touch(chain)
             self._report_head(chain.run, chain.rank)
         return deleted
 
@@ -256,6 +295,16 @@ class Engine:
     def inflight_bytes(self) -> int:
         """Bytes currently reserved in the budget (for metrics and tests)."""
         return self._budget.in_use_bytes
+
+    @property
+    def restore_bytes(self) -> int:
+        """Bytes reserved by restores being materialized or streamed."""
+        return self._restores.in_use_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of chain-head reconstructions held in memory."""
+        return self._resident.resident_bytes
 
     @property
     def inflight_saves(self) -> int:
@@ -331,7 +380,7 @@ class Engine:
             raise ShuttingDownError(SHUTDOWN_REASON)
         key = session.header.key
         chain = self._chain(key.run, key.rank)
-        save = QueuedSave(session.header, session.take_arrays())
+        save = QueuedSave(session.header, session.take_arrays(), session.identity)
         self._sessions.discard(session)
         self._inflight[key] = save
         self._accepted_at_s[key] = time.monotonic()
@@ -347,7 +396,7 @@ class Engine:
     def _abandon(self, session: SaveSession) -> None:
         """``SaveSession.abort``: gives back the budget and the step."""
         self._sessions.discard(session)
-        self._budget.release(session.nbytes)
+        self._budget.release(session.nbytes, session.identity)
         key = session.header.key
         self._release_step(self._chain(key.run, key.rank), key.step)
         self._check_idle()
@@ -362,6 +411,7 @@ class Engine:
                     continue
                 del chain.queued[save.header.key.step]
                 await self._process(chain, save)
+                self._touch(chain)
         finally:
             chain.worker = None
 
@@ -430,7 +480,7 @@ class Engine:
             self._failed[key] = save.status
             while len(self._failed) > MAX_REMEMBERED_FAILURES:
                 self._failed.popitem(last=False)
-        self._budget.release(save.header.nbytes)
+        self._budget.release(save.header.nbytes, save.identity)
         self._release_step(chain, key.step)
         self._accepted_at_s.pop(key, None)
         save.done.set()
@@ -448,6 +498,17 @@ class Engine:
 
     def _not_found(self, key: StepKey) -> LookupError:
         return self._repository.not_found(key)
+
+    def _touch(self, chain: Chain) -> None:
+        """Marks ``chain``'s head as just used and evicts least recently used heads of
+        idle chains beyond ``max_resident_bytes`` (rebuilt from storage when needed)."""
+        for evicted in self._resident.touch(chain):
+            log.info("chain head evicted from memory %s", fields(
+                run=evicted.run, rank=evicted.rank, step=evicted.step, bytes=evicted.nbytes,
+                resident_bytes=self._resident.resident_bytes))
+            self._notify(functools.partial(self._observer.head_evicted, evicted.nbytes))
+        resident = self._resident.resident_bytes
+        self._notify(lambda: self._observer.resident_heads(resident))
 
     def _recount(self, chain: Chain) -> None:
         """Refreshes the head's chain counters after a deletion reshaped its chain."""

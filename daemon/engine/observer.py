@@ -10,6 +10,9 @@ Call order, all on the engine's event loop thread (an observer must not block or
 * ``save_accepted`` once a save's bytes are all in and the pipeline took it (commit);
 * then exactly one of ``save_durable`` (its manifest is committed) or ``save_failed``
   (encode or storage failed, or the daemon shut down first);
+* ``resident_heads`` whenever the bytes of chain-head reconstructions held in memory may
+  have changed, after ``head_evicted`` for each head dropped to keep within
+  ``max_resident_bytes``;
 * ``step_quarantined`` at start, for each step directory moved to the quarantine area
   (``ckptd.daemon.store.quarantine``), then ``quarantine_size`` once with how many the area
   holds;
@@ -78,3 +81,9 @@ class EngineObserver:
 
     def quarantine_size(self, steps: int) -> None:
         """The quarantine area holds ``steps`` step directories (reported at start)."""
+
+    def resident_heads(self, nbytes: int) -> None:
+        """Chain-head reconstructions held in memory now take ``nbytes``."""
+
+    def head_evicted(self, nbytes: int) -> None:
+        """A chain's head of ``nbytes`` was dropped from memory (least recently used)."""

@@ -28,8 +28,11 @@ class SaveSession:
         header: CheckpointHeader,
         on_commit: Callable[[SaveSession], Awaitable[SaveStatus]],
         on_abort: Callable[[SaveSession], None],
+        *,
+        identity: str = "",
     ) -> None:
         self.header = header
+        self.identity = identity  # whose share of the in-flight budget the bytes count in
         self._on_commit = on_commit
         self._on_abort = on_abort
         self._buffers = [np.empty(spec.nbytes, dtype=np.uint8) for spec in header.tensors]

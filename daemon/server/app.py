@@ -99,6 +99,7 @@ class Daemon:
             self.engine = engine = Engine(self._storage, self.config.engine, self.metrics)
             self.metrics.track_inflight(lambda: engine.inflight_bytes,
                                         lambda: engine.inflight_saves)
+            self.metrics.track_restores(lambda: engine.restore_bytes)
             await self.engine.start()
             self._server, self._health = self._build_server(self.engine)
             self.address = listen.bind(self._server, self.config)
@@ -144,6 +145,7 @@ class Daemon:
         servicer = CheckpointdServicer(
             engine, self._server_info(), self.config.max_chunk_bytes, self.metrics,
             guard=self._guard(),
+            stream_idle_timeout_s=self.config.stream_idle_timeout_s,
         )
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()

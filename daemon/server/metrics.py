@@ -8,10 +8,11 @@ Who calls what (each method is thread-safe and cheap):
 
 * the engine, through the ``EngineObserver`` interface ``Metrics`` implements:
   ``save_accepted``, ``save_durable``, ``save_failed``, ``chain_head``,
-  ``step_quarantined``, ``quarantine_size``;
+  ``step_quarantined``, ``quarantine_size``, ``resident_heads``, ``head_evicted``;
 * the servicer: ``restore_done`` after a restore streamed its last chunk, ``rpc_error``
   for every error status it returns;
-* the server, once: ``track_inflight`` (read at scrape time, on the endpoint's thread).
+* the server, once: ``track_inflight`` and ``track_restores`` (read at scrape time, on the
+  endpoint's thread).
 
 Labels stay bounded: outcomes, methods, status codes and error classes are fixed sets;
 counters are daemon totals; only the per-chain gauges carry ``run`` and ``rank``, one series
@@ -107,6 +108,14 @@ class Metrics(EngineObserver):
             "inflight_bytes", "Bytes held in the in-flight budget (accepted, not yet durable).")
         self._inflight_saves = gauge(
             "inflight_saves", "Saves being received or waiting to become durable.")
+        self._resident = gauge(
+            "resident_reconstruction_bytes", "Bytes of chain-head reconstructions held in "
+            "memory (bounded by max_resident_bytes, plus heads of chains saving).")
+        self._evictions = counter(
+            "reconstruction_evictions", "Chain heads dropped from memory, least recently "
+            "used first, to stay within max_resident_bytes (rebuilt from storage on use).")
+        self._restore_bytes = gauge(
+            "restore_bytes", "Bytes held by restores being streamed (max_restore_bytes).")
         self._encode = histogram("encode_seconds",
                                  "Wall time to encode one save, first tensor to last.")
         self._latency = histogram("save_latency_seconds",
@@ -136,6 +145,12 @@ class Metrics(EngineObserver):
 
     def quarantine_size(self, steps: int) -> None:
         self._quarantine.set(steps)
+
+    def resident_heads(self, nbytes: int) -> None:
+        self._resident.set(nbytes)
+
+    def head_evicted(self, nbytes: int) -> None:
+        self._evictions.inc()
 
     def chain_head(self, run: str, rank: int, head: ChainHead | None) -> None:
         labels = (run, str(rank))
@@ -173,6 +188,10 @@ class Metrics(EngineObserver):
         """
         self._inflight_bytes.set_function(inflight_bytes)
         self._inflight_saves.set_function(inflight_saves)
+
+    def track_restores(self, restore_bytes: Callable[[], float]) -> None:
+        """Reads the restore gauge from this function at every scrape (as above)."""
+        self._restore_bytes.set_function(restore_bytes)
 
 
 class MetricsEndpoint(NamedTuple):

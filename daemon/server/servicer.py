@@ -4,10 +4,14 @@ Every handler is wrapped by ``rpc``: ``maps_errors`` (``ckptd.daemon.server.stat
 engine's errors into rich statuses naming the request's run/rank/step, so handlers raise and
 never touch them; before that,
 each error is counted in the metrics (method, code, exception class) and logged with the
-request's run, rank and step. The only logic here is the save stream's framing: header
-first, then chunks (or a shared-memory segment), then commit; any error or a client
-hanging up before the commit aborts the session, which releases its budget and leaves
-storage untouched.
+request's run, rank and step. The only logic here is the streams' framing and pacing. A
+save: header first, then chunks (or a shared-memory segment), then commit; any error, a
+client hanging up, or a stream that sends nothing for ``stream_idle_timeout_s``
+(``StreamIdleError``) before the commit aborts the session, which releases its step and
+budget and leaves storage untouched. A restore writes one message at a time and waits for
+gRPC's flow control to take each before making the next, so an unread restore holds its
+materialized tensors (counted in the engine's restore budget) and at most one chunk in
+Python, and is ended when its client reads nothing for ``stream_idle_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from ckptd.daemon.engine.core import Engine, SaveSession
-from ckptd.daemon.errors import InvalidRequestError
+from ckptd.daemon.errors import InvalidRequestError, StreamIdleError
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.server import convert, shm
-from ckptd.daemon.server.auth import Guard
+from ckptd.daemon.server.auth import ANONYMOUS, Guard
 from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
 from ckptd.daemon.server.status import maps_errors, status_for
@@ -181,20 +185,27 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
     """
 
     def __init__(
-        self, engine: Engine, server_info: pb.ServerInfo, max_chunk_bytes: int, metrics: Metrics,
-        *, guard: Guard | None = None,
+        self,
+        engine: Engine,
+        server_info: pb.ServerInfo,
+        max_chunk_bytes: int,
+        metrics: Metrics,
+        *,
+        guard: Guard | None = None,
+        stream_idle_timeout_s: float = 60.0,
     ) -> None:
         self._engine = engine
         self._server_info = server_info
         self._max_chunk_bytes = max_chunk_bytes
         self._metrics = metrics
         self._guard = guard or Guard(None, TokenTable({}), unix_socket=False, metrics=metrics)
+        self._idle_timeout_s = stream_idle_timeout_s
 
     @rpc
     async def Save(
         self, request_iterator: AsyncIterator[pb.SaveRequest], context: Context
     ) -> pb.SaveResponse:
-        message = await anext(request_iterator, None)
+        message = await self._next(request_iterator)
         if message is None or message.WhichOneof("item") != "header":
             got = "an empty stream" if message is None else "a chunk"
             raise InvalidRequestError(f"a save stream must start with its header; got {got}")
@@ -207,15 +218,14 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         if segment is not None:
             shm.check_layout(segment, header.tensors)
         # The segment is opened and checked before the step and budget are reserved.
-        # Hook for per-identity budget shares (issue 14, item 4): pass
-        # ``identity=identity`` here once ``Engine.open_save`` takes it.
         with _open_segment(segment, context) as opened:
-            session = await self._engine.open_save(header)
+            share = _share_of(identity, context)
+            session = await self._engine.open_save(header, identity=share)
             async with session:
                 if opened is None:
                     await self._receive_chunks(session, request_iterator)
                 else:
-                    await _expect_end(request_iterator, opened.ref.name)
+                    await self._expect_end(request_iterator, opened.ref.name)
                     await _copy_off_loop(session, opened)
                 status = await session.commit()
         log.info("save accepted %s", step_fields(
@@ -227,7 +237,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
     async def _receive_chunks(
         self, session: SaveSession, request_iterator: AsyncIterator[pb.SaveRequest]
     ) -> None:
-        async for message in request_iterator:
+        while (message := await self._next(request_iterator)) is not None:
             if message.WhichOneof("item") != "chunk":
                 raise InvalidRequestError("a save stream carries exactly one header; got a second")
             chunk = message.chunk
@@ -238,6 +248,37 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                     f"{self._max_chunk_bytes}; send smaller chunks"
                 )
             session.write(chunk.tensor_index, chunk.offset, chunk.data)
+
+    async def _expect_end(
+        self, request_iterator: AsyncIterator[pb.SaveRequest], segment: str
+    ) -> None:
+        if await self._next(request_iterator) is not None:
+            raise InvalidRequestError(
+                f"a save through shared memory segment {segment!r} carries no chunks; got one"
+            )
+
+    async def _next(self, request_iterator: AsyncIterator[pb.SaveRequest]) -> Any:
+        """The stream's next message (None at its end); ``StreamIdleError`` when none comes
+        within the idle timeout, so a paused or silently vanished client holds nothing."""
+        try:
+            return await asyncio.wait_for(anext(request_iterator, None), self._idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise StreamIdleError(
+                f"the save stream sent nothing for {self._idle_timeout_s:g} s (the daemon's "
+                "stream_idle_timeout_s); it was ended and its reservation released; send the "
+                "save again without pausing inside the stream"
+            ) from None
+
+    async def _write(self, context: Context, message: pb.RestoreResponse) -> None:
+        """Writes one restore message once flow control takes it; ``StreamIdleError`` when
+        the client reads nothing for the idle timeout."""
+        try:
+            await asyncio.wait_for(context.write(message), self._idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise StreamIdleError(
+                f"the restore's client read nothing for {self._idle_timeout_s:g} s (the "
+                "daemon's stream_idle_timeout_s); it was ended and its memory released"
+            ) from None
 
     @rpc
     async def WaitSave(
@@ -251,16 +292,17 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         return pb.WaitSaveResponse(status=convert.status_to_proto(status))
 
     @rpc
-    async def Restore(
-        self, request: pb.RestoreRequest, context: Context
-    ) -> AsyncIterator[pb.RestoreResponse]:
-        self._guard.require(context, Scope.READ, request.run)
+    async def Restore(self, request: pb.RestoreRequest, context: Context) -> None:
+        identity = self._guard.require(context, Scope.READ, request.run)
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
-        restored = await self._engine.restore(request.run, request.rank, step)
-        yield pb.RestoreResponse(header=convert.restore_header_to_proto(restored))
-        for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
-            yield pb.RestoreResponse(chunk=chunk)
+        async with self._engine.restoring(
+            request.run, request.rank, step, identity=_share_of(identity, context)
+        ) as restored:
+            await self._write(context, pb.RestoreResponse(
+                header=convert.restore_header_to_proto(restored)))
+            for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
+                await self._write(context, pb.RestoreResponse(chunk=chunk))
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
@@ -349,8 +391,8 @@ async def _copy_off_loop(session: SaveSession, segment: shm.OpenSegment) -> None
         raise
 
 
-async def _expect_end(request_iterator: AsyncIterator[pb.SaveRequest], segment: str) -> None:
-    async for _ in request_iterator:
-        raise InvalidRequestError(
-            f"a save through shared memory segment {segment!r} carries no chunks; got one"
-        )
+def _share_of(identity: str, context: Context) -> str:
+    """Whose share of the budgets a request counts in: its authenticated identity, or, with
+    no authentication configured (every caller anonymous), its gRPC peer, one per client
+    channel, so that separate trainers still get separate shares."""
+    return (context.peer() or identity) if identity == ANONYMOUS else identity

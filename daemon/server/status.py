@@ -40,6 +40,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.StepExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    # The client paused a save stream past save_idle_timeout_s (or vanished silently).
+    (errors.StreamIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.CorruptCheckpointError, grpc.StatusCode.DATA_LOSS),
     # A key the index names is gone from storage: data was lost, retrying will not help.
     (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
