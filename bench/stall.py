@@ -19,10 +19,15 @@ compute between checkpoints would; tensors are scaled slightly before each save 
 daemon encodes real deltas. The first save of each transport allocates its staging buffer
 and is reported separately (``first_stall_s``); stalls are medians of the warm saves.
 
+With ``--device cuda`` the state lives on the GPU: the floor is then a copy of every
+tensor into page-locked host buffers allocated beforehand (device to host, synchronized),
+which is also what ``save()`` does before it returns.
+
 Usage::
 
     python bench/stall.py                      # 10MB,100MB,1GB; shm and grpc
     python bench/stall.py --sizes 10MB,100MB --reps 3 --transports shm --loop-kinds idle
+    python bench/stall.py --device cuda --loop-kinds "" --out bench/out/stall-cuda.json
 
 Writes ``bench/out/stall.json`` and prints a summary table.
 """
@@ -61,9 +66,9 @@ TARGET_STALL_OVER_FLOOR = 1.5
 TARGET_TORCH_SAVE_OVER_STALL = 10.0
 
 
-def make_state(nbytes: int) -> dict[str, torch.Tensor]:
+def make_state(nbytes: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Float32 tensors shaped like transformer blocks (attention and MLP matrices, norms,
-    biases) adding up to about ``nbytes``."""
+    biases) adding up to about ``nbytes``, on ``device``."""
     width = 256 if nbytes <= 20 * MB else 1024 if nbytes <= 200 * MB else 2048
     shapes = {
         "attn.qkv.weight": (3 * width, width),
@@ -80,7 +85,7 @@ def make_state(nbytes: int) -> dict[str, torch.Tensor]:
     total, block = 0, 0
     while total < nbytes:
         for name, shape in shapes.items():
-            tensor = torch.randn(shape, generator=generator) * 0.02
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(device)
             state[f"blocks.{block}.{name}"] = tensor
             total += tensor.nbytes
         block += 1
@@ -109,11 +114,22 @@ class Clock:
 
 
 def bare_copy(state: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> Clock:
-    """The floor: copy every tensor into buffers allocated beforehand."""
+    """The floor: copy every tensor into buffers allocated beforehand (from a GPU: into
+    page-locked host memory, asynchronously, then wait for the copies)."""
     with Clock() as clock:
         for name, tensor in state.items():
-            targets[name].copy_(tensor)
+            targets[name].copy_(tensor, non_blocking=tensor.is_cuda)
+        if any(tensor.is_cuda for tensor in state.values()):
+            torch.cuda.synchronize()
     return clock
+
+
+def floor_targets(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Destination buffers of the floor copy: host memory (page-locked for GPU tensors)."""
+    return {
+        name: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        for name, t in state.items()
+    }
 
 
 def time_torch_save(state: dict[str, torch.Tensor], reps: int, workdir: Path) -> dict[str, Any]:
@@ -241,12 +257,12 @@ def time_ckptd(
 def measure_size(
     label: str, nbytes: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
-    state = make_state(nbytes)
+    state = make_state(nbytes, args.device)
     actual = state_bytes(state)
     print(f"[{label}] {len(state)} tensors, {actual / MB:.1f} MB", flush=True)
     reps = args.reps if nbytes < 500 * MB else max(2, args.reps // 2)
     result: dict[str, Any] = {"label": label, "bytes": actual, "tensors": len(state), "reps": reps}
-    targets = {name: torch.empty_like(t) for name, t in state.items()}
+    targets = floor_targets(state)
     bare_copy(state, targets)  # touch the targets' pages once
     result["torch_save"] = time_torch_save(state, reps, workdir)
     result["ckptd"] = {}
@@ -435,6 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(stall_loop.WORK_KINDS),
         help="training-loop iterations to time: cpu, idle (empty: none)",
     )
+    parser.add_argument("--device", default="cpu", help="where the state lives: cpu or cuda")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -463,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         },
         "command": " ".join(["python bench/stall.py", *(argv or sys.argv[1:])]),
         "results": results,
