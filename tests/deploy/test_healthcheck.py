@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 from ckptd.daemon.server.healthcheck import main
-from ckptd.protos.names import normalize_target
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "ckptd.v1.CheckpointdService"
@@ -103,17 +102,3 @@ def test_runs_as_a_module_the_way_the_image_runs_it(tcp_server: HealthServer) ->
     tcp_server.set("", NOT_SERVING)
     assert exit_code() == 1
 
-
-@pytest.mark.parametrize(
-    ("listen", "target"),
-    [
-        ("0.0.0.0:50051", "127.0.0.1:50051"),
-        ("[::]:50051", "[::1]:50051"),
-        (":50051", "127.0.0.1:50051"),
-        ("10.0.0.7:50051", "10.0.0.7:50051"),
-        ("unix:///run/ckptd/ckptd.sock", "unix:///run/ckptd/ckptd.sock"),
-        ("/run/ckptd/ckptd.sock", "unix:/run/ckptd/ckptd.sock"),
-    ],
-)
-def test_dial_target(listen: str, target: str) -> None:
-    assert normalize_target(listen) == target
