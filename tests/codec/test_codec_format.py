@@ -272,10 +272,10 @@ def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) 
 
 def test_unknown_version_is_reported() -> None:
     blob = bytearray(encode_exact(np.arange(4)))
-    blob[4] = 2
-    with pytest.raises(CodecError, match="unsupported codec format version 2"):
+    blob[4] = 3
+    with pytest.raises(CodecError, match="unsupported codec format version 3"):
         decode_exact(_reseal(bytes(blob)))
-    with pytest.raises(CodecError, match="version 2"):
+    with pytest.raises(CodecError, match="version 3"):
         blob_info(bytes(blob))
 
 
