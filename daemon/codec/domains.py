@@ -10,8 +10,10 @@
   value by between ``2^(k / 2^(m+1))`` and ``2^(k / 2^m)``: the quantization error is
   *relative* for every element, whatever its magnitude. Reconstruction adds the rounded
   representative to the reference's pattern in integer arithmetic and clamps the result to
-  ``[+0.0, largest finite]``, so it is never negative, never infinite, and an exact zero
-  stays an exact zero (pattern 0, step 0). Subnormals are the patterns just above 0
+  ``[+0.0, largest finite]``, so it is never negative and never infinite. An element that
+  is exactly zero comes back exactly zero: pattern 0 against a zero reference is step 0,
+  and an element that *becomes* zero where the quantized step misses pattern 0 (a tensor
+  collapsing to zero) is an exception (``lost_zeros``). Subnormals are the patterns just above 0
   (there the step is absolute, below every normal value).
 
   Every operation is integer arithmetic or IEEE-754 rounding of a float (no ``log``/``exp``,
@@ -86,6 +88,19 @@ class Ops:
         total += steps.astype(_I64)
         np.clip(total, 0, limit - 1, out=total)
         np.copyto(out.view(_SIGNED[self.dtype_name]), total, casting="unsafe")
+
+    def lost_zeros(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
+                   scratch: Scratch) -> np.ndarray | None:
+        """``mask`` plus, in the log domain, the elements zero in ``cur`` but not in
+        ``recon``: they are stored verbatim, so that a zero always survives."""
+        if self.domain == LINEAR:
+            return mask
+        signed = _SIGNED[self.dtype_name]
+        lost = np.equal(cur.view(signed), 0, out=scratch.get("lost", cur.size, np.bool_))
+        lost &= recon.view(signed) != 0
+        if not lost.any():
+            return mask
+        return lost if mask is None else mask | lost
 
     def _patterns(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.copyto(out, values.view(_SIGNED[self.dtype_name]), casting="unsafe")
