@@ -45,7 +45,7 @@ _I64 = np.dtype(np.int64)
 
 # Signed integer view of each float holder, and the pattern of +Inf: in-domain patterns are
 # 0 <= p < inf; the sign bit makes a pattern negative in the signed view.
-_SIGNED = {"float32": np.dtype("<i4"), "float16": np.dtype("<i2"),
+_SIGNED: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype("<i2"),
            "bfloat16": np.dtype("<i2"), "float64": np.dtype("<i8")}
 _INF_PATTERN = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
                 "float64": 0x7FF0000000000000}
