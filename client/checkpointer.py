@@ -58,10 +58,11 @@ class Checkpointer:
             hostname and boot id, and falls back to streaming if the daemon then refuses
             the segment (e.g. it runs in another container).
         bits: Default bit width of lossy tensors (1..8); None: the daemon's default.
-        policies: Ordered ``(glob, "auto"|"exact"|"lossy"|"lossy:<bits>")`` rules matched
-            against tensor names (``"optim/*"``); the first match wins. The built-in
-            rules come after them: Adam's ``*exp_avg_sq`` is exact unless a rule here
-            names it (see ``ckptd.client.policies.BUILTIN_RULES``).
+        policies: Ordered ``(glob, spec)`` rules matched against tensor names
+            (``"optim/*"``), spec ``"auto"|"exact"|"lossy[:<bits>]"|"lossy-log[:<bits>]"``;
+            the first match wins. The built-in rules come after them: Adam's
+            ``*exp_avg_sq`` is lossy-log unless a rule here names it (see
+            ``ckptd.client.policies.BUILTIN_RULES``).
         when_busy: When every staging buffer is still busy (or the daemon's budget is full):
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.

@@ -23,6 +23,8 @@ class Policy(enum.Enum):
     AUTO = "auto"
     LOSSY = "lossy"
     EXACT = "exact"
+    # Lossy in the log domain: relative error, never negative (Adam's second moment).
+    LOSSY_LOG = "lossy-log"
 
 
 

@@ -7,6 +7,9 @@ never imports the server.
   with priority promotion, entropy-codes the symbols and returns the blob together with the
   reconstruction. Chain deltas against the previous *reconstruction* (not the previous true
   value): the error then never accumulates along the chain.
+  With ``domain="log"`` the delta is taken of the values' logarithm (their IEEE-754 bit
+  patterns), for tensors that must stay non-negative: the error is relative and the
+  reconstruction is never negative (``ckptd.daemon.codec.domains``).
 * ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit.
 * ``encode_exact`` / ``decode_exact``: lossless, for bases and non-float tensors.
 * ``blob_info`` reads a blob's header.
@@ -23,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from . import delta, exact
+from .domains import DOMAINS
 from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
@@ -35,6 +39,7 @@ __all__ = [
     "BlobInfo",
     "CodecError",
     "Coder",
+    "Domain",
     "Representative",
     "blob_info",
     "decode_delta",
@@ -47,6 +52,8 @@ Representative = Literal["mean", "midrange"]
 # "zstd": symbols packed into bytes, then zstd level 1 (default: smaller and faster on real
 # deltas); "huffman": the paper's canonical Huffman code.
 Coder = Literal["zstd", "huffman"]
+# "linear": the delta of the values; "log": of their logarithm (non-negative tensors).
+Domain = Literal["linear", "log"]
 
 DEFAULT_BITS = 3
 DEFAULT_CODER: Coder = "zstd"
@@ -55,7 +62,8 @@ DEFAULT_REPRESENTATIVE: Representative = "mean"
 
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFAULT_BITS,
                  representative: Representative = DEFAULT_REPRESENTATIVE,
-                 coder: Coder = DEFAULT_CODER, bfloat16: bool = False) -> tuple[bytes, np.ndarray]:
+                 coder: Coder = DEFAULT_CODER, bfloat16: bool = False,
+                 domain: Domain = "linear") -> tuple[bytes, np.ndarray]:
     """Lossy delta of a float tensor against the reconstruction it follows.
 
     Args:
@@ -66,18 +74,23 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFA
             midrange (the paper's figure).
         coder: entropy coder of the symbols.
         bfloat16: ``current``/``reference`` hold bfloat16 words in uint16 arrays.
+        domain: ``"linear"`` quantizes ``current - reference`` (absolute error);
+            ``"log"`` quantizes the step between their logarithms (relative error, a
+            reconstruction never negative, exact zeros kept): for tensors that must stay
+            non-negative, such as Adam's second moment. Its blobs are format version 2.
 
     Returns:
         ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is
         exactly what ``decode_delta(blob, reference)`` returns. Elements whose delta is
         dropped keep the reference value; NaN/Inf elements (and the rare reconstruction that
-        would overflow) are stored verbatim.
+        would overflow; in the log domain also negative elements and ``-0.0``, of
+        ``current`` or ``reference``) are stored verbatim.
 
     Raises:
         CodecError: unsupported dtype, mismatched reference, or an invalid option.
     """
     return delta.encode_delta(current, reference, bits=bits, representative=representative,
-                              coder=coder, bfloat16=bfloat16)
+                              coder=coder, bfloat16=bfloat16, domain=domain)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
@@ -113,7 +126,8 @@ class BlobInfo:
     """What a blob's header says.
 
     ``bits`` is 0 and ``representative`` is ``"none"`` for exact blobs; ``nbytes`` is the size
-    of the decoded array in bytes (``len(blob)`` is the stored size).
+    of the decoded array in bytes (``len(blob)`` is the stored size); ``domain`` is the
+    delta's domain (``"linear"`` for exact blobs).
     """
 
     kind: Literal["delta", "exact"]
@@ -123,6 +137,7 @@ class BlobInfo:
     coder: str
     representative: str
     nbytes: int
+    domain: str = "linear"
 
 
 def blob_info(blob: bytes | memoryview) -> BlobInfo:
@@ -137,4 +152,4 @@ def blob_info(blob: bytes | memoryview) -> BlobInfo:
     kind: Literal["delta", "exact"] = "delta" if KIND_NAMES[header.kind] == "delta" else "exact"
     return BlobInfo(kind, header.dtype.name, header.shape, header.bits, CODERS[header.coder],
                     REPRESENTATIVES[header.representative],
-                    header.count * header.dtype.holder.itemsize)
+                    header.count * header.dtype.holder.itemsize, DOMAINS[header.domain])

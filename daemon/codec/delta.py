@@ -4,17 +4,18 @@ Encode makes two passes over the chunks. Pass 1 computes the float32 delta and i
 statistics (for float32 tensors the delta is parked in the output buffer, which pass 2
 overwrites with the reconstruction: no extra tensor-sized buffer). Between the passes the
 merged statistics decide promotion and representatives for the whole tensor. Pass 2 maps
-keys to symbols, entropy-codes them, and reconstructs with ``quantize.reconstruct``, which
-ends in ``quantize.add_values``, the very function decode runs on the values it decodes
-(``reps[symbol]`` of every element), so decode returns the encoder's reconstruction bit for
-bit.
+keys to symbols, entropy-codes them, and reconstructs with the domain's ``add_values``
+(``domains.Ops``), the very function decode runs on the values it decodes (``reps[symbol]``
+of every element), so decode returns the encoder's reconstruction bit for bit. The domain
+(linear, or log for tensors that must stay non-negative) changes only the delta and that
+addition; promotion, representatives and coding are the same.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import chunks, entropy, quantize
+from . import chunks, domains, entropy, quantize
 from .format import (
     CODER_IDS,
     CODERS,
@@ -26,6 +27,7 @@ from .format import (
     Header,
     Reader,
     build_blob,
+    domain_flags,
     dtype_of,
     read_chunks,
     unpack_header,
@@ -38,9 +40,9 @@ _U64 = np.dtype("<u8")
 
 
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, representative: str,
-                 coder: str, bfloat16: bool) -> tuple[bytes, np.ndarray]:
+                 coder: str, bfloat16: bool, domain: str = "linear") -> tuple[bytes, np.ndarray]:
     """See ``ckptd.daemon.codec.encode_delta``."""
-    _check_options(bits, representative, coder)
+    _check_options(bits, representative, coder, domain)
     bits = int(bits)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
@@ -48,14 +50,14 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, repre
     ref = _flat(_matching(reference, current), dtype)
     out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    name = dtype.name
+    ops = domains.Ops(domains.DOMAIN_IDS[domain], dtype.name)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
-        stats = run(lambda s: _analyze(cur[s], ref[s], out[s], name,
+        stats = run(lambda s: _analyze(cur[s], ref[s], out[s], ops,
                                        representative=representative, scratch=pool.get()), parts)
         plan = quantize.make_plan(quantize.merge(stats, representative), bits, representative)
         enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
-        coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], name,
+        coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], ops,
                                             plan=plan, enc=enc, nonfinite=stats[i].nonfinite,
                                             scratch=pool.get()), range(len(parts)))
     bodies = [body for body, _ in coded]
@@ -68,7 +70,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, repre
         *write_chunks(bodies),
     ]
     header = Header(KIND_DELTA, dtype, tuple(current.shape), bits, CODER_IDS[coder],
-                    REPRESENTATIVE_IDS[representative], 0, chunks.CHUNK_ELEMS, cur.size)
+                    REPRESENTATIVE_IDS[representative], domain_flags(ops.domain),
+                    chunks.CHUNK_ELEMS, cur.size)
     return build_blob(header, payload), out.reshape(current.shape)
 
 
@@ -95,11 +98,11 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
                                 [s.stop - s.start for s in parts], reps=reps)
     ref = _flat(reference, header.dtype)
     out = chunks.empty_output(header.count, header.dtype.holder)
-    name = header.dtype.name
+    ops = domains.Ops(header.domain, header.dtype.name)
 
     def decode_chunk(i: int) -> None:
         scratch = pool.get()
-        _decode_chunk(values_of(i, scratch), ref[parts[i]], name, out=out[parts[i]],
+        _decode_chunk(values_of(i, scratch), ref[parts[i]], ops, out=out[parts[i]],
                       scratch=scratch)
 
     with chunks.mapper(len(parts)) as run:
@@ -108,30 +111,32 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
     return out.reshape(header.shape)
 
 
-def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, *,
+def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,
              representative: str, scratch: chunks.Scratch) -> quantize.Stats:
     """Pass 1 over a chunk: the delta (parked in ``out`` for float32) and its statistics."""
     with chunks.errstate_all_ignored():
-        delta = out if name == "float32" else scratch.get("delta", cur.size, _F32)
-        quantize.delta32(cur, ref, name, delta, scratch)
+        delta = out if ops.dtype_name == "float32" else scratch.get("delta", cur.size, _F32)
+        ops.delta32(cur, ref, delta, scratch)
         return quantize.chunk_stats(delta, representative, scratch)
 
 
-def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, *,
+def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,
                   plan: quantize.Plan, enc: entropy.ChunkEncoder, nonfinite: int,
                   scratch: chunks.Scratch) -> tuple[bytes, np.ndarray | None]:
     """Pass 2 over a chunk: symbols, their coded body, reconstruction, exceptions."""
     with chunks.errstate_all_ignored():
-        if name == "float32":
+        if ops.dtype_name == "float32":
             delta = out  # pass 1 left the delta here
         else:
             delta = scratch.get("delta", cur.size, _F32)
-            quantize.delta32(cur, ref, name, delta, scratch)
+            ops.delta32(cur, ref, delta, scratch)
         keys = quantize.keys_of(delta, scratch.get("key16", cur.size, np.uint16))
         symbols = np.take(plan.lut, keys, out=scratch.get("symbols", cur.size, np.uint8))
         body = enc.encode(symbols, scratch)
-        quantize.reconstruct(symbols, ref, plan.reps, name, out=out, scratch=scratch)
-        mask = quantize.exception_mask(keys, out, name, nonfinite, scratch)
+        values = np.take(plan.reps, symbols, out=scratch.get("contrib", cur.size, _F32))
+        ops.add_values(values, ref, out, scratch)
+        mask = quantize.exception_mask(keys, out, ops.dtype_name, nonfinite, scratch)
+        mask = ops.lost_zeros(cur, out, mask, scratch)
     if mask is None:
         return body, None
     index = np.flatnonzero(mask)
@@ -139,13 +144,13 @@ def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, name: str, 
     return body, index
 
 
-def _decode_chunk(values: np.ndarray, ref: np.ndarray, name: str, *, out: np.ndarray,
+def _decode_chunk(values: np.ndarray, ref: np.ndarray, ops: domains.Ops, *, out: np.ndarray,
                   scratch: chunks.Scratch) -> None:
     if values.size != out.size:
         raise CodecError(f"corrupt blob: chunk decodes to {values.size} symbols, expected "
                          f"{out.size}")
     with chunks.errstate_all_ignored():
-        quantize.add_values(values, ref, name, out=out, scratch=scratch)
+        ops.add_values(values, ref, out, scratch)
 
 
 def _pack_exceptions(index: np.ndarray, values: np.ndarray, scratch: chunks.Scratch) -> bytes:
@@ -174,13 +179,15 @@ def _read_exceptions(reader: Reader, header: Header,
     return index.astype(np.intp), np.frombuffer(raw, header.dtype.holder, count, count * 8)
 
 
-def _check_options(bits: int, representative: str, coder: str) -> None:
+def _check_options(bits: int, representative: str, coder: str, domain: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 1 <= bits <= 8:
         raise CodecError(f"bits must be an integer in 1..8, got {bits!r}")
     if representative not in REPRESENTATIVE_IDS or representative == "none":
         raise CodecError(f"representative must be 'mean' or 'midrange', got {representative!r}")
     if coder not in CODER_IDS:
         raise CodecError(f"coder must be one of {sorted(CODER_IDS)}, got {coder!r}")
+    if domain not in domains.DOMAIN_IDS:
+        raise CodecError(f"domain must be one of {sorted(domains.DOMAIN_IDS)}, got {domain!r}")
 
 
 def _float_dtype(current: np.ndarray, bfloat16: bool) -> DType:

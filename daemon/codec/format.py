@@ -6,20 +6,27 @@ Header (``44 + 8 * ndim`` bytes)::
 
     offset size  field
     0      4     magic b"CKPD"
-    4      1     format version (1)
+    4      1     format version (1 or 2, see below)
     5      1     kind: 1 = delta (lossy, needs the reference), 2 = exact (lossless)
     6      1     dtype code (table ``DTYPES`` below; same numbers as the wire ``DType``)
     7      1     ndim (0..64)
     8      1     bits b (delta: 1..8; exact: 0)
     9      1     coder: 1 = zstd, 2 = huffman
     10     1     representative: 0 = none (exact), 1 = mean, 2 = midrange
-    11     1     flags: bit 0 = byte planes (exact blobs of multi-byte floats)
+    11     1     flags: bit 0 = byte planes (exact blobs of multi-byte floats);
+                 bit 1 = log domain (delta blobs, version 2 only: ``domains``)
     12     4     chunk_elems: elements per chunk (the last chunk may be shorter)
     16     8     count: number of elements (= product of shape)
     24     8     payload length in bytes
     32     8     xxh3_64 of the payload
     40     8*nd  shape, one u64 per dimension
     40+8nd 4     zlib.crc32 of all header bytes before it
+
+Versions: version 2 added the log domain (flag bit 1). A blob is written with the lowest
+version that can hold it: version 1 unless it is a log-domain delta. So every blob a
+version-1 reader could read is still written byte for byte as before, and a version-1 reader
+refuses a log-domain blob (which it would misread as a linear delta) by its version. This
+build reads both.
 
 The two checksums together cover every byte: a flipped bit anywhere, a truncation or trailing
 garbage is reported as ``CodecError`` before any decoding starts.
@@ -38,7 +45,8 @@ Delta payload (kind 1)::
                            huffman block lengths + bit stream (layout in ``huffman``)
 
 Decoding: element i = reference[i] + representative[symbol[i]] (symbol 0 adds -0.0), computed
-as ``quantize.add_values`` says for the dtype, then the exceptions overwrite their elements.
+as ``quantize.add_values`` says for the dtype (log domain: added to the reference's bit
+pattern, as ``domains`` says), then the exceptions overwrite their elements.
 
 Exact payload (kind 2)::
 
@@ -65,12 +73,15 @@ import numpy as np
 import xxhash
 
 MAGIC = b"CKPD"
-VERSION = 1
+VERSION = 2  # the newest this build reads and writes
+VERSION_OF_LOG_DOMAIN = 2
 KIND_DELTA = 1
 KIND_EXACT = 2
 KIND_NAMES = {KIND_DELTA: "delta", KIND_EXACT: "exact"}
 
 FLAG_BYTE_PLANES = 1
+FLAG_LOG_DOMAIN = 2
+_KNOWN_FLAGS = {1: FLAG_BYTE_PLANES, 2: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN}  # by version
 MAX_NDIM = 64
 
 CODERS = {1: "zstd", 2: "huffman"}
@@ -165,9 +176,24 @@ class Header:
         return _FIXED.size + 8 * len(self.shape) + _CRC.size
 
     @property
+    def domain(self) -> int:
+        """Domain code of a delta (``domains.LINEAR`` or ``domains.LOG``)."""
+        return 1 if self.flags & FLAG_LOG_DOMAIN else 0
+
+    @property
+    def version(self) -> int:
+        """The lowest format version that holds this blob (see the module docstring)."""
+        return VERSION_OF_LOG_DOMAIN if self.flags & FLAG_LOG_DOMAIN else 1
+
+    @property
     def nchunks(self) -> int:
         """Number of chunk bodies in the payload."""
         return -(-self.count // self.chunk_elems)
+
+
+def domain_flags(domain: int) -> int:
+    """Header flags recording a delta's domain code."""
+    return FLAG_LOG_DOMAIN if domain else 0
 
 
 def payload_hash(payload: bytes | bytearray | memoryview) -> int:
@@ -191,7 +217,7 @@ def build_blob(header: Header, parts: list[bytes]) -> bytes:
 def pack_header(header: Header) -> bytes:
     """Serializes ``header``; the trailing CRC32 covers every header byte before it."""
     fixed = _FIXED.pack(
-        MAGIC, VERSION, header.kind, header.dtype.code, len(header.shape), header.bits,
+        MAGIC, header.version, header.kind, header.dtype.code, len(header.shape), header.bits,
         header.coder, header.representative, header.flags, header.chunk_elems, header.count,
         header.payload_len, header.payload_hash,
     )
@@ -215,9 +241,9 @@ def unpack_header(blob: memoryview) -> Header:
      payload_len, p_hash) = _FIXED.unpack_from(blob)
     if magic != MAGIC:
         raise CodecError(f"not a ckptd codec blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if not 1 <= version <= VERSION:
         raise CodecError(f"unsupported codec format version {version}; this build reads "
-                         f"version {VERSION} (a newer ckptd wrote this blob?)")
+                         f"versions 1..{VERSION} (a newer ckptd wrote this blob?)")
     end = _FIXED.size + 8 * ndim
     if ndim > MAX_NDIM or len(blob) < end + _CRC.size:
         raise CodecError(f"blob truncated or corrupt: ndim {ndim}, {len(blob)} bytes")
@@ -228,6 +254,10 @@ def unpack_header(blob: memoryview) -> Header:
     header = Header(kind, _lookup(DTYPE_BY_CODE, dtype_code, "dtype"), tuple(shape), bits,
                     coder, rep, flags, chunk_elems, count, payload_len, p_hash)
     _check_fields(header)
+    if header.flags & ~_KNOWN_FLAGS[version] or (
+            header.flags & FLAG_LOG_DOMAIN and header.kind != KIND_DELTA):
+        raise CodecError(f"corrupt blob: flags {header.flags:#04x} in a version {version} "
+                         f"{KIND_NAMES[header.kind]} blob")
     if len(blob) != header.size + payload_len:
         raise CodecError(f"blob length {len(blob)} does not match its header "
                          f"({header.size} header + {payload_len} payload bytes): truncated?")

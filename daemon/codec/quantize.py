@@ -165,13 +165,6 @@ def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
     return Plan(lut, reps, sym_counts.astype(np.int64))
 
 
-def reconstruct(symbols: np.ndarray, ref: np.ndarray, reps: np.ndarray, dtype_name: str, *,
-                out: np.ndarray, scratch: Scratch) -> None:
-    """``out = ref + reps[symbols]``, rounded to the tensor's dtype (see ``add_values``)."""
-    values = np.take(reps, symbols, out=scratch.get("contrib", symbols.size, _F32))
-    add_values(values, ref, dtype_name, out=out, scratch=scratch)
-
-
 def add_values(values: np.ndarray, ref: np.ndarray, dtype_name: str, *, out: np.ndarray,
                scratch: Scratch) -> None:
     """``out = ref + values`` (float32 ``values = reps[symbols]``), rounded to the dtype.
@@ -179,7 +172,7 @@ def add_values(values: np.ndarray, ref: np.ndarray, dtype_name: str, *, out: np.
     float32 adds in float32; float16 adds in float32 and rounds to nearest even; bfloat16
     adds in float32 and rounds the words to nearest even; float64 adds in float64.
     ``out`` may alias the float32 delta buffer (it is read before this is called). Encode
-    (through ``reconstruct``) and decode both end here, which is what makes a decode equal
+    and decode both end here, which is what makes a decode equal
     the encoder's reconstruction bit for bit however ``values`` was computed.
     """
     if dtype_name in ("float32", "float64"):

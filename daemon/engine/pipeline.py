@@ -25,7 +25,7 @@ from ckptd.daemon import codec
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import StepKey, TensorSpec
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
-from ckptd.daemon.engine.validation import bits_for, is_lossy
+from ckptd.daemon.engine.validation import bits_for, domain_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
@@ -204,6 +204,7 @@ def _encode_tensor(
         representative=cast(codec.Representative, config.representative),
         coder=cast(codec.Coder, config.coder),
         bfloat16=bfloat16,
+        domain=cast(codec.Domain, domain_for(spec)),
     )
     return DELTA, blob, blob_checksum(blob), as_holder(reconstruction, spec)
 

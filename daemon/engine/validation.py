@@ -70,7 +70,7 @@ def _check_spec(spec: TensorSpec, config: EngineConfig) -> None:
         )
     if not isinstance(spec.policy, Policy):
         raise InvalidRequestError(f"tensor {spec.name!r} has unknown policy {spec.policy!r}")
-    if spec.policy is Policy.LOSSY and not info.is_float:
+    if spec.policy in (Policy.LOSSY, Policy.LOSSY_LOG) and not info.is_float:
         raise InvalidRequestError(
             f"tensor {spec.name!r} asks for a lossy policy but has dtype {info.name}; lossy "
             "compression applies to float tensors only (use exact or auto)"
@@ -117,7 +117,14 @@ def is_lossy(spec: TensorSpec, config: EngineConfig) -> bool:
     info: dtypes.DTypeInfo = spec.dtype_info
     if spec.policy is Policy.EXACT or not info.is_float:
         return False
-    return spec.policy is Policy.LOSSY or spec.numel >= config.min_lossy_elements
+    if spec.policy in (Policy.LOSSY, Policy.LOSSY_LOG):
+        return True
+    return spec.numel >= config.min_lossy_elements
+
+
+def domain_for(spec: TensorSpec) -> str:
+    """The codec domain of a lossy tensor: ``"log"`` for LOSSY_LOG, else ``"linear"``."""
+    return "log" if spec.policy is Policy.LOSSY_LOG else "linear"
 
 
 def bits_for(spec: TensorSpec, config: EngineConfig) -> int:

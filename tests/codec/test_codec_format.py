@@ -1,6 +1,7 @@
 """The serialized form is the contract: golden blobs, header layout, corruption handling.
 
-Golden blobs in ``golden/`` were written by format version 1. Decoding them must keep
+Golden blobs in ``golden/`` were written by format version 1, except ``*_log`` (version 2,
+the log domain). Decoding them must keep
 working (and give the pinned reconstruction) for as long as version 1 is readable. Encoding
 the same inputs must give the same bytes; if only a zstandard upgrade changes its output,
 ``test_golden_blobs_decode`` still passes and the files may be regenerated with
@@ -73,6 +74,16 @@ def _sparse_pair() -> tuple[np.ndarray, np.ndarray]:
     return reference, reference + np.where(h % np.uint64(1000) < 120, large, np.float32(1e-4))
 
 
+def _second_moment() -> tuple[np.ndarray, np.ndarray]:
+    """(reference, current) for the log domain: zeros, a subnormal, 1e-30..1e3, a collapse
+    to zero, NaN and a negative (the last two verbatim)."""
+    reference = np.logspace(-30, 3, 16, dtype=np.float32)
+    reference[0] = 0.0
+    current = reference * np.float32(1.5)
+    current[[1, 5, 9, 12]] = [np.float32(1e-40), 0.0, np.nan, -1.0]
+    return reference, current
+
+
 def _with_nan() -> np.ndarray:
     current = _cur16()
     current[[2, 9]] = [np.nan, -np.inf]
@@ -100,6 +111,10 @@ CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray] | None, str
     "delta_f32_nan_exceptions": (
         lambda: encode_delta(_with_nan(), _ref16())[0], _ref16,
         "c542633495314f81867b036de08cbcb7c4c72b4218839593be1c0f50dd7503f8"),
+    "delta_f32_b3_zstd_log": (
+        lambda: encode_delta(_second_moment()[1], _second_moment()[0], domain="log")[0],
+        lambda: _second_moment()[0],
+        "609654cd02d3dbc658cfefc2a05abea993ac5d5754385628834f8f1ce2983743"),
     "exact_int64_2x3": (
         lambda: encode_exact(np.arange(6, dtype=np.int64).reshape(2, 3)), None,
         "f190072c5052f4f440d4a607c25f5bced487c420806c9aab4ca5b0653e72da61"),
@@ -195,6 +210,25 @@ def test_zstd_layouts_are_pinned() -> None:
     assert _coder_bytes("legacy_delta_f32_b2_zstd_split")[:5] == b"\x01\x00\x00\x00\x01"
 
 
+def test_log_domain_header_is_version_2() -> None:
+    blob = (GOLDEN / "delta_f32_b3_zstd_log.ckpd").read_bytes()
+    assert blob[4] == 2 and blob[11] == 2  # version, flags: log domain
+    assert blob_info(blob).domain == "log"
+    assert all((GOLDEN / f"{name}.ckpd").read_bytes()[4] == 1
+               for name in (*CASES, *LEGACY) if not name.endswith("_log"))
+
+
+def test_log_flag_is_refused_where_it_cannot_be() -> None:
+    log_blob = bytearray((GOLDEN / "delta_f32_b3_zstd_log.ckpd").read_bytes())
+    log_blob[4] = 1  # a version-1 blob cannot be log-domain
+    with pytest.raises(CodecError, match="flags 0x02 in a version 1"):
+        decode_delta(_reseal(bytes(log_blob)), _second_moment()[0])
+    exact_blob = bytearray(encode_exact(_ref16()))
+    exact_blob[4], exact_blob[11] = 2, exact_blob[11] | 2
+    with pytest.raises(CodecError, match="version 2 exact blob"):
+        decode_exact(_reseal(bytes(exact_blob)))
+
+
 def test_golden_blob_info() -> None:
     info = blob_info((GOLDEN / "delta_f16_b2_huffman_midrange.ckpd").read_bytes())
     assert info == BlobInfo("delta", "float16", (16,), 2, "huffman", "midrange", 32)
@@ -272,10 +306,10 @@ def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) 
 
 def test_unknown_version_is_reported() -> None:
     blob = bytearray(encode_exact(np.arange(4)))
-    blob[4] = 2
-    with pytest.raises(CodecError, match="unsupported codec format version 2"):
+    blob[4] = 3
+    with pytest.raises(CodecError, match="unsupported codec format version 3"):
         decode_exact(_reseal(bytes(blob)))
-    with pytest.raises(CodecError, match="version 2"):
+    with pytest.raises(CodecError, match="version 3"):
         blob_info(bytes(blob))
 
 

@@ -51,6 +51,7 @@ class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_UNSPECIFIED: _ClassVar[Policy]
     POLICY_LOSSY: _ClassVar[Policy]
     POLICY_EXACT: _ClassVar[Policy]
+    POLICY_LOSSY_LOG: _ClassVar[Policy]
 
 class SaveState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -102,6 +103,7 @@ DTYPE_UINT64: Dtype
 POLICY_UNSPECIFIED: Policy
 POLICY_LOSSY: Policy
 POLICY_EXACT: Policy
+POLICY_LOSSY_LOG: Policy
 SAVE_STATE_UNSPECIFIED: SaveState
 SAVE_STATE_ACCEPTED: SaveState
 SAVE_STATE_ENCODING: SaveState

@@ -1,0 +1,152 @@
+"""The log domain: a lossy second moment never restores negative, and its chain holds.
+
+Adversarial inputs for a tensor that must stay non-negative (Adam's ``exp_avg_sq``): exact
+zeros, subnormals, values spanning 1e-30 to 1e3, a tensor that collapses to zero between
+saves, and NaN/Inf/negative elements, which are stored verbatim as the linear domain stores
+non-finite ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ckptd.daemon.codec import blob_info, decode_delta, encode_delta
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+_SIGN = np.uint32(0x80000000)
+
+
+def _patterns(values: np.ndarray) -> np.ndarray:
+    return values.view(np.int32).astype(np.int64)
+
+
+def _spanning(n: int, seed: int) -> np.ndarray:
+    """Log-uniform in [1e-30, 1e3], with exact zeros and subnormals mixed in."""
+    rng = np.random.default_rng(seed)
+    values = (10.0 ** rng.uniform(-30, 3, n)).astype(np.float32)
+    values[rng.random(n) < 0.1] = 0.0
+    values[rng.random(n) < 0.05] = np.float32(1e-40)  # subnormal
+    values[rng.random(n) < 0.02] = np.float32(1.4e-45)  # the smallest subnormal
+    return values
+
+
+def _chain(states: list[np.ndarray], bits: int) -> list[np.ndarray]:
+    """Encodes ``states`` as one chain (the first as its own reference, as a base) and checks
+    every decode against the encoder's reconstruction, bit for bit."""
+    held = states[0]
+    out = []
+    for state in states[1:]:
+        blob, recon = encode_delta(state, held, bits=bits, domain="log")
+        assert decode_delta(blob, held).tobytes() == recon.tobytes()
+        assert blob_info(blob).domain == "log"
+        held = recon
+        out.append(recon)
+    return out
+
+
+def _assert_non_negative(recon: np.ndarray) -> None:
+    assert not np.any(recon.view(np.uint32) & _SIGN), "a restored element is negative or -0.0"
+    assert np.all(np.isfinite(recon))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_adversarial_second_moment_restores_non_negative(bits: int) -> None:
+    spanning = _spanning(5000, 0)
+    states = [
+        spanning,
+        spanning * np.float32(0.5),
+        np.zeros_like(spanning),  # collapses to zero between saves
+        _spanning(5000, 1),  # and comes back, 33 decades wide
+        np.full_like(spanning, 1e-40),  # all subnormal
+        np.full_like(spanning, 1e3),
+    ]
+    for state, recon in zip(states[1:], _chain(states, bits), strict=True):
+        _assert_non_negative(recon)
+        zeros = state == 0
+        assert np.all(recon[zeros] == 0), "an exact zero did not survive"
+
+
+def test_zeros_survive_exactly_and_cost_nothing() -> None:
+    zeros = np.zeros(10_000, np.float32)
+    blob, recon = encode_delta(zeros, zeros, domain="log")
+    assert recon.tobytes() == zeros.tobytes()
+    assert len(blob) < 200
+
+
+def test_relative_error_over_thirty_decades() -> None:
+    """A 1% change of every element, whatever its magnitude, comes back within a few %:
+    the error is relative (a linear delta drops every change below the largest buckets)."""
+    reference = (10.0 ** np.linspace(-30, 3, 4096)).astype(np.float32)
+    current = reference * np.float32(1.01)
+    _, recon = encode_delta(current, reference, bits=3, domain="log")
+    assert np.max(np.abs(recon / current - 1)) < 0.02
+    _, linear = encode_delta(current, reference, bits=3)
+    assert np.median(np.abs(linear / current - 1)) > np.median(np.abs(recon / current - 1))
+
+
+def test_outside_the_domain_is_stored_verbatim() -> None:
+    """NaN, Inf, negatives and -0.0 are exceptions (as NaN/Inf are in the linear domain);
+    an element whose reference was outside the domain comes back exactly too."""
+    reference = np.linspace(0.0, 1.0, 16, dtype=np.float32)
+    current = reference * np.float32(1.1)
+    current[[1, 2, 3, 4, 5]] = [np.nan, np.inf, -np.inf, -2.5, -0.0]
+    blob, recon = encode_delta(current, reference, domain="log")
+    assert recon[[1, 2, 3, 4, 5]].tobytes() == current[[1, 2, 3, 4, 5]].tobytes()
+    assert decode_delta(blob, reference).tobytes() == recon.tobytes()
+    after = reference * np.float32(1.2)
+    _, again = encode_delta(after, recon, domain="log")
+    assert again[[1, 2, 3, 4, 5]].tobytes() == after[[1, 2, 3, 4, 5]].tobytes()
+    _assert_non_negative(again)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_every_float_dtype(dtype: str) -> None:
+    values = _spanning(3000, 2)
+    reference = values * np.float32(0.7)
+    if dtype == "bfloat16":
+        cur, ref = (values.view(np.uint32) >> 16).astype(np.uint16), (
+            reference.view(np.uint32) >> 16).astype(np.uint16)
+        blob, recon = encode_delta(cur, ref, domain="log", bfloat16=True)
+        widened = (recon.astype(np.uint32) << 16).view(np.float32)
+        assert not np.any(recon & 0x8000) and np.all(np.isfinite(widened))
+    else:
+        cur, ref = values.astype(dtype), reference.astype(dtype)
+        blob, recon = encode_delta(cur, ref, domain="log")
+        assert np.all(recon >= 0) and not np.any(np.signbit(recon))
+    assert decode_delta(blob, ref).tobytes() == recon.tobytes()
+
+
+_NON_NEGATIVE = st.one_of(
+    st.just(0.0), st.floats(float(np.float32(1.4e-45)), float(np.float32(1e-38)), width=32),
+    st.floats(float(np.float32(1e-30)), 1e3, width=32),
+    st.floats(0.0, float(np.float32(3e38)), width=32),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(hnp.arrays(np.float32, 64, elements=_NON_NEGATIVE), min_size=2,
+                      max_size=5),
+       bits=st.integers(1, 8))
+def test_log_chain_tracks_within_one_step(steps: list[np.ndarray], bits: int) -> None:
+    """Each reconstruction is within one step's error of the truth, in bit patterns (a
+    log scale): no larger than that step's largest move, however long the chain. So errors
+    never accumulate, the decode is the encoder's reconstruction bit for bit, and nothing
+    comes back negative."""
+    held = steps[0]
+    for state in steps[1:]:
+        blob, recon = encode_delta(state, held, bits=bits, domain="log")
+        assert decode_delta(blob, held).tobytes() == recon.tobytes()
+        _assert_non_negative(recon)
+        largest_move = np.max(np.abs(_patterns(state) - _patterns(held)))
+        error = np.max(np.abs(_patterns(recon) - _patterns(state)))
+        assert error <= largest_move * (1 + 2.0**-23) + 1
+        assert np.all(recon[state == 0] == 0)
+        held = recon
+
+
+def test_domain_is_checked() -> None:
+    values = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="domain must be one of"):
+        encode_delta(values, values, domain="sqrt")  # type: ignore[arg-type]
