@@ -42,8 +42,8 @@ class Setting:
             since the last one outweigh this fraction of it.
         min_lossy_elements: Float tensors smaller than this are stored exactly under AUTO.
         optim: Policy of optimizer tensors: ``"auto"`` (the daemon's rule: lossy at
-            ``bits``), ``"exact"``, ``"lossy:<bits>"``, or ``"sq-exact"`` (only Adam's
-            ``exp_avg_sq`` exact).
+            ``bits``), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
+            ``exp_avg_sq`` exact) or ``"sq-log"`` (it alone lossy in the log domain).
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
     """
@@ -73,6 +73,8 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     rules = [("optim/state/*/step", "exact")]
     if setting.optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
+    elif setting.optim == "sq-log":
+        rules.append(("optim/state/*/exp_avg_sq", "lossy-log"))
     elif setting.optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
