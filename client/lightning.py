@@ -43,7 +43,6 @@ strategies); sharded strategies (FSDP, DeepSpeed) are not supported. Lightning's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -56,8 +55,8 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from .checkpointer import Checkpointer
+from .deferred import DeferredDeletes
 from .errors import CheckpointNotFoundError
-from .handle import SaveHandle, SaveState
 
 MARKER_FORMAT = "ckptd.lightning/1"
 PATH_KEY = "lightning.path"
@@ -85,9 +84,7 @@ class CkptdCheckpointIO(CheckpointIO):
         self.allow_pickle = allow_pickle
         latest = checkpointer.latest_step()
         self._last_step = -1 if latest is None else latest
-        self._pending: list[SaveHandle] = []
-        # Steps to delete, each with the save that replaced it (None: removed outright).
-        self._doomed: list[tuple[int, SaveHandle | None]] = []
+        self._deletes = DeferredDeletes(checkpointer)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -109,15 +106,15 @@ class CkptdCheckpointIO(CheckpointIO):
         metadata = {PATH_KEY: path, GLOBAL_STEP_KEY: str(global_step)}
         handle = self.checkpointer.save(step, state, metadata=metadata)
         self._last_step = step
-        self._pending.append(handle)
+        self._deletes.saved(handle)
         replaced = read_marker(path) if os.path.isfile(path) else None
         previous = None
         if replaced is not None and self._ours(replaced):
             previous = replaced["step"]
-            self._doomed.append((previous, handle))
+            self._deletes.delete(previous, replaced_by=handle)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_marker(path, self._marker(step, previous))
-        self._delete_doomed(block=False)
+        self._deletes.flush(block=False)
 
     def load_checkpoint(
         self,
@@ -164,30 +161,13 @@ class CkptdCheckpointIO(CheckpointIO):
         if os.path.lexists(path):
             os.remove(path)
         if marker is not None and self._ours(marker):
-            self._doomed.append((marker["step"], None))
-        self._delete_doomed(block=False)
+            self._deletes.delete(marker["step"])
+        self._deletes.flush(block=False)
 
     def teardown(self) -> None:
         """Waits until every save is durable (raising the first failure), then deletes what
         ``remove_checkpoint`` and overwrites left queued."""
-        self._delete_doomed(block=True)
-
-    def _delete_doomed(self, *, block: bool) -> None:
-        if block:
-            self.checkpointer.wait()
-        elif not all(handle.done() for handle in self._pending):
-            return
-        failed = [h for h in self._pending if h.state is SaveState.FAILED]
-        self._pending = []
-        if failed and not block:
-            self.checkpointer.wait()  # raises the first failure
-        doomed, self._doomed = self._doomed, []
-        for step, replacement in doomed:
-            if replacement is not None and replacement.state is not SaveState.DURABLE:
-                continue  # a skipped save replaced nothing: the marker falls back to step
-            # Not found: never became durable, or already deleted by an earlier process.
-            with contextlib.suppress(CheckpointNotFoundError):
-                self.checkpointer.delete_step(step)
+        self._deletes.flush(block=True)
 
     def _ours(self, marker: Mapping[str, Any]) -> bool:
         ckpt = self.checkpointer
