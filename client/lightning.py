@@ -148,7 +148,7 @@ class CkptdCheckpointIO(CheckpointIO):
                 state = self.checkpointer.restore(step, map_location=location)
             except CheckpointNotFoundError:
                 continue
-            return _decode(state, self.allow_pickle)  # type: ignore[no-any-return]
+            return _decode(state, self.allow_pickle)
         raise FileNotFoundError(
             f"{path} names ckptd step {marker['step']} of run {marker['run']!r} "
             f"(previously {marker.get('previous')}), and neither step exists"
@@ -217,7 +217,7 @@ def _encode(value: Any, path: tuple[Any, ...], allow_pickle: bool) -> Any:
             (key, _encode(item, (*path, key), allow_pickle)) for key, item in value.items()
         )
         if hasattr(value, "_metadata"):
-            encoded._metadata = value._metadata
+            encoded._metadata = value._metadata  # type: ignore[attr-defined]
         return encoded
     if type(value) in (list, tuple):
         return type(value)(_encode(item, (*path, i), allow_pickle) for i, item in enumerate(value))
