@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from client_support import CheckpointerFactory
+from client_support import CheckpointerFactory, assert_same_weights
 from daemon_harness import InProcessDaemon
 
 L = pytest.importorskip("lightning")
@@ -115,12 +115,7 @@ def test_lightning_resumes_from_last_to_the_uninterrupted_weights(
     resumed = fit(root, io, resume=True)
     assert resumed.steps_run == 4 * EPOCHS - 8  # from last.ckpt at step 8, not from scratch
 
-    for name, expected in reference.state_dict().items():
-        got = resumed.state_dict()[name]
-        if lossless:
-            assert torch.equal(got, expected), name
-        else:
-            assert torch.allclose(got, expected, atol=5e-2), name
+    assert_same_weights(resumed, reference, lossless=lossless)
     # save_top_k=2 plus last.ckpt: each marker names a live step, and nothing else is left.
     markers = {p.name: read_marker(str(p)) for p in (root / "ckpts").iterdir()}
     assert len(markers) == 3 and "last.ckpt" in markers
