@@ -24,7 +24,7 @@ from ckptd.daemon.domain import RetentionPolicy, StepKey
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.store.repository import Repository
-from ckptd.daemon.store.retention import deletion_groups
+from ckptd.daemon.store.retention import plan
 
 log = get_logger("engine")
 Deleted = Callable[[str, int, list[StepKey], float], None]
@@ -88,7 +88,9 @@ class Retainer:
         try:
             while True:
                 self._again.discard(key)
-                while await self._delete_next(chain):
+                rebases = 1  # per commit: a rewrite encodes a whole base
+                while (done := await self._next(chain, rebases)) != "":
+                    rebases -= done == "rebased"
                     await asyncio.sleep(0)  # let a waiting save take the lock first
                 if key not in self._again:
                     break
@@ -98,21 +100,35 @@ class Retainer:
         finally:
             self._tasks.pop(key, None)
 
-    async def _delete_next(self, chain: Chain) -> bool:
-        """Deletes the chain's first deletion group; False when there is none."""
+    async def _next(self, chain: Chain, rebases: int) -> str:
+        """Deletes the chain's first deletion group ("deleted") or, with none left and
+        ``rebases`` allowed, rewrites the delta worth rebasing ("rebased"); "" when there
+        is nothing to do."""
         async with chain.lock:
             policy = self.policy(chain.run)
             if policy is None:
-                return False
+                return ""
             index = self._repository.index
             entries = index.entries(chain.run, chain.rank)
             other = sum(e.stored_bytes for rank in index.ranks(chain.run) if rank != chain.rank
                         for e in index.entries(chain.run, rank))
-            groups = deletion_groups(entries, policy, other_bytes=other)
-            if not groups:
-                return False
-            group = groups[0]
+            todo = plan(entries, policy, other_bytes=other)
             started_s = time.monotonic()
+            if not todo.groups:
+                if todo.rebase is None or rebases <= 0:
+                    return ""
+                head = chain.head
+                await self._repository.rebase(todo.rebase, (head.step, head.arrays)
+                                              if head is not None else None)
+                # The head keeps its counters on purpose: choose_kind then places the
+                # next bases where a run without retention places them, so later saves
+                # encode the same (bit-identical reconstructions). A head rebuilt from
+                # storage (after eviction or a restart) counts from the rewritten base.
+                log.info("retention rebased a kept step to free the steps before it %s",
+                         fields(run=chain.run, rank=chain.rank, step=todo.rebase.step,
+                                seconds=round(time.monotonic() - started_s, 4)))
+                return "rebased"
+            group = todo.groups[0]
             await self._repository.delete_group(group)
             for step in group:
                 chain.invalidate(step.step)
@@ -121,4 +137,4 @@ class Retainer:
             run=chain.run, rank=chain.rank, steps=[k.step for k in group],
             policy=policy.describe(), seconds=round(spent_s, 4)))
         self._deleted(chain.run, chain.rank, group, spent_s)
-        return True
+        return "deleted"

@@ -91,6 +91,15 @@ class Deleter:
         await self._delete_quietly([t.blob_key for t in entry.manifest.tensors], key)
         await self._delete_quietly([pending_key(key)], key)
 
+    async def rebase(self, key: StepKey, head: HeadArrays | None, commit: Commit) -> None:
+        """Rewrites the delta ``key`` as a lossless base with the same reconstruction (its
+        parent stays); refuses before writing when the storage visibly has no room."""
+        entry = self._index.get(key)
+        assert entry is not None and entry.manifest.parent_step is not None
+        parent = StepKey(key.run, key.rank, entry.manifest.parent_step)
+        await self._check_room(parent, entry)
+        await self._rebase(entry.manifest, head, commit)
+
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of the chain; returns how many."""
         keys = [e.manifest.key for e in self._index.entries(run, rank)]

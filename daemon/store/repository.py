@@ -139,6 +139,11 @@ class Repository:
         deletion groups, ``ckptd.daemon.store.retention``)."""
         await self._deleter.delete_group(keys)
 
+    async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
+        """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps
+        before it are no longer needed by it (retention's one rewrite per commit)."""
+        await self._deleter.rebase(key, head, self.commit)
+
     async def policies(self) -> dict[str, RetentionPolicy]:
         """Every run's stored retention policy."""
         return await self._pools.run_io(functools.partial(load_policies, self.storage))

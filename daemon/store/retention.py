@@ -16,21 +16,24 @@ latest step. With no ``keep_*`` rule set every step is kept. ``max_bytes`` then 
 run's stored bytes (all ranks): while over it, the chain's oldest segment (below) goes
 whole, whatever the other rules say, except the segment of the latest step.
 
-**Chain-aware deletion: keep the base, drop only what nothing kept needs.** A delta
-restores through every step from its segment's base (the nearest base at or before it) up
-to it: a chain is linear, each delta's parent is the step committed just before it. A step
-is *needed* when it is kept or a kept step of its segment comes after it. So in each
-segment the needed steps are a prefix (the base up to the last kept step) and the
-deletable ones a suffix: deleting that suffix newest first never removes a parent of a
-step that stays, and needs no rewrite. The alternative, rewriting the first kept delta as
-a lossless base (what ``ckptd rm`` does, ``ckptd.daemon.store.deletion``), was rejected
-by bytes written: a rebase writes about one base (the whole model, exactly encoded) per
-kept step that loses its base, and with ``keep_last`` that happens at every commit, the
-rewritten step itself being deleted ``keep_last`` commits later; keeping the base writes
-nothing. What it costs is footprint: a kept step pins at most its segment's prefix (fewer
-than ``base_interval`` steps), none when the rule aligns with bases (``keep_every`` a
-multiple of ``base_interval``). Writing nothing also means retention frees space on a full
-disk, where a rebase must first find room for a base.
+**Chain-aware deletion: keep the base and drop only what nothing kept needs; rewrite a
+kept delta as a base only when that frees more bytes than it writes.** A delta restores
+through every step from its segment's base (the nearest base at or before it) up to it: a
+chain is linear, each delta's parent is the step committed just before it. A step is
+*needed* when it is kept or a kept step of its segment comes after it. So in each segment
+the needed steps are a prefix (the base up to the last kept step) and the deletable ones a
+suffix: deleting that suffix newest first never removes a parent of a step that stays and
+writes nothing. The unkept steps inside the prefix are *pinned*: kept only because a kept
+delta after them needs them. Freeing them means rewriting that kept delta as a lossless
+base (what ``ckptd rm`` does, ``ckptd.daemon.store.deletion``), which writes about one
+base (the whole model, exactly encoded). Chosen by bytes: ``plan`` proposes that rewrite
+only when the run of pinned steps before the kept delta stores more than the rewrite
+would write (17/16 of the segment's base, the deleter's own estimate), so every rewrite
+shrinks the store and at most about one base's worth stays pinned per run of them. With
+``keep_last`` alone, rewriting at every commit (the rewritten step itself deleted
+``keep_last`` commits later) would write a base per save; this writes one base per
+several commits (as many as the deltas it takes to outweigh a base) and otherwise only
+deletes, which also works on a full disk. The engine does at most one rewrite per commit.
 
 A crash mid-group leaves marked directories (``pending``) that start-up removes, and
 never touches a needed step, so no kept step is ever left unrestorable.
@@ -140,19 +143,30 @@ def segments(entries: Sequence[IndexEntry]) -> list[list[IndexEntry]]:
     return cut
 
 
-def deletion_groups(
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What retention does next to one chain: free deletions first, then at most one
+    rewrite that frees more than it writes."""
+
+    groups: list[list[StepKey]]
+    rebase: StepKey | None = None
+
+
+def plan(
     entries: Sequence[IndexEntry], policy: RetentionPolicy, *, other_bytes: int = 0
-) -> list[list[StepKey]]:
-    """What to delete from one chain (oldest first) under ``policy``: groups of steps, each
-    newest first and closed under dependants (no step that stays has its parent in it), at
-    most ``MAX_GROUP_STEPS`` long. ``other_bytes``: what the run's other ranks store, for
-    ``max_bytes``."""
+) -> Plan:
+    """What to do to one chain (oldest first) under ``policy``. ``groups``: steps to
+    delete, each newest first and closed under dependants (no step that stays has its
+    parent in it), at most ``MAX_GROUP_STEPS`` long. ``rebase``: a kept delta whose
+    pinned steps (kept only because it needs them) store more than rewriting it as a
+    base would write. ``other_bytes``: what the run's other ranks store (``max_bytes``)."""
     if not entries or not policy.prunes:
-        return []
+        return Plan([])
     kept = kept_steps(entries, policy)
     doomed: list[list[IndexEntry]] = []
     remaining = sum(e.stored_bytes for e in entries) + other_bytes
     survivors: list[list[IndexEntry]] = []
+    rebase: StepKey | None = None
     for segment in segments(entries):
         last = max((i for i, e in enumerate(segment) if e.manifest.key.step in kept),
                    default=-1)
@@ -161,6 +175,7 @@ def deletion_groups(
             remaining -= sum(e.stored_bytes for e in segment[last + 1:])
         if last >= 0:
             survivors.append(segment[: last + 1])
+            rebase = rebase or _worth_rebasing(segment[: last + 1], kept)
     if policy.max_bytes:
         # The latest step's segment is never evicted for bytes.
         for segment in survivors[:-1]:
@@ -172,7 +187,24 @@ def deletion_groups(
     for run_of_steps in doomed:
         keys = [e.manifest.key for e in reversed(run_of_steps)]
         groups.extend(keys[i:i + MAX_GROUP_STEPS] for i in range(0, len(keys), MAX_GROUP_STEPS))
-    return groups
+    return Plan(groups, None if groups else rebase)
+
+
+def _worth_rebasing(needed: list[IndexEntry], kept: set[int]) -> StepKey | None:
+    """The first kept delta of a segment's needed prefix whose run of pinned steps before
+    it (back to the previous kept step, or the base) stores more than a rebase writes: its
+    tensors exactly encoded, about the base's size (``Deleter`` estimates the same)."""
+    base_bytes = needed[0].stored_bytes
+    # The base is pinned too when it is not kept itself.
+    pinned = 0 if needed[0].manifest.key.step in kept else base_bytes
+    for entry in needed[1:]:
+        if entry.manifest.key.step not in kept:
+            pinned += entry.stored_bytes
+            continue
+        if pinned > base_bytes * 17 // 16:
+            return entry.manifest.key
+        pinned = 0
+    return None
 
 
 def policy_fields(policy: RetentionPolicy) -> Mapping[str, Any]:
