@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ckptd.protos.retention import check_policy
 from ckptd.protos.v1 import pb
-
-BEST_MODES = ("min", "max")
 
 
 @dataclass(frozen=True)
@@ -46,19 +45,7 @@ class Retention:
     max_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "keep_best", "max_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Retention.{name} must be an int >= 0, got {value!r}")
-        if not (self.keep_interval_s >= 0 and math.isfinite(self.keep_interval_s)):
-            raise ValueError(
-                f"Retention.keep_interval_s must be finite and >= 0, got {self.keep_interval_s}")
-        if self.best_mode not in BEST_MODES:
-            raise ValueError(f"Retention.best_mode must be one of {BEST_MODES}, "
-                             f"got {self.best_mode!r}")
-        if self.keep_best and not self.best_metric:
-            raise ValueError(f"Retention.keep_best={self.keep_best} needs best_metric, the "
-                             "name of a metric passed to save(..., metrics=...)")
+        check_policy(self, "Retention")
 
     def to_proto(self) -> pb.RetentionPolicy:
         return pb.RetentionPolicy(

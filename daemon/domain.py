@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ckptd.protos import dtypes
 from ckptd.protos.records import SaveState
+from ckptd.protos.retention import check_policy
 
 
 class Policy(enum.Enum):
@@ -88,9 +89,6 @@ class SaveStatus:
 
 
 
-BEST_MODES = ("min", "max")
-
-
 @dataclass(frozen=True)
 class RetentionPolicy:
     """Which committed steps of a run the daemon keeps (``ckptd.daemon.store.retention``).
@@ -112,19 +110,7 @@ class RetentionPolicy:
     max_bytes: int = 0  # the run's stored bytes, all ranks together; 0: no cap
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "keep_best", "max_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"retention {name} must be an int >= 0, got {value!r}")
-        if not (self.keep_interval_s >= 0 and math.isfinite(self.keep_interval_s)):
-            raise ValueError(
-                f"retention keep_interval_s must be finite and >= 0, got {self.keep_interval_s}")
-        if self.best_mode not in BEST_MODES:
-            raise ValueError(f"retention best_mode must be one of {BEST_MODES}, "
-                             f"got {self.best_mode!r}")
-        if self.keep_best and not self.best_metric:
-            raise ValueError(f"retention keep_best={self.keep_best} needs best_metric, the "
-                             "name of a metric passed to save(..., metrics=...)")
+        check_policy(self, "retention")
 
     @property
     def prunes(self) -> bool:
