@@ -51,6 +51,7 @@ from .errors import (
     UnauthenticatedError,
     map_rpc_error,
 )
+from .retention import Retention
 
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer
@@ -87,6 +88,7 @@ __all__ = [
     "PermissionDeniedError",
     "RequestCancelledError",
     "RestoredState",
+    "Retention",
     "SaveFailedError",
     "SaveHandle",
     "SaveSkippedError",

@@ -32,6 +32,7 @@ from .header import HeaderBuilder
 from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, receive
+from .retention import Retention, check_metrics
 from .retry import Retry
 from .shm import ShmTransport, is_unix_target, same_host
 from .staging import StagingPool, plan_layout, snapshot
@@ -90,6 +91,11 @@ class Checkpointer:
             (mTLS). None: plaintext (loopback, a unix socket).
         token: Bearer token the daemon's ``--auth-tokens`` knows; None: ``$CKPTD_TOKEN``
             if set. On the daemon's unix socket, neither is needed (SECURITY.md).
+        retention: The run's retention policy, sent to the daemon once here (replacing the
+            run's stored one; it needs the ``delete`` scope); the daemon stores it with
+            the run and deletes what it no longer keeps after each commit. None: leave
+            the run's policy as it is (the daemon's default if it never had one).
+        save_interval_steps: ``should_save(step)`` is true for multiples of this.
 
     Raises:
         DaemonUnavailableError: No daemon answered within ``connect_timeout_s``.
@@ -116,8 +122,17 @@ class Checkpointer:
         snapshot: str = "copy",
         tls: TlsArg = None,
         token: str | None = None,
+        retention: Retention | None = None,
+        save_interval_steps: int = 1,
     ) -> None:
         check_run(run, rank)
+        if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) \
+                or save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be an int >= 1, got "
+                             f"{save_interval_steps!r}")
+        if retention is not None and not isinstance(retention, Retention):
+            raise ValueError(f"retention must be a ckptd.client.Retention, got {retention!r}")
+        self.save_interval_steps = save_interval_steps
         self.config = CheckpointerConfig(
             transport=transport,
             bits=check_bits(bits, "bits"),
@@ -145,6 +160,9 @@ class Checkpointer:
                 Retry(self.config.connect_timeout_s, "connect_timeout_s")
             )
             transport_impl, fallback = self._choose_transport(self.server_info)
+            if retention is not None:
+                self._connection.set_retention(
+                    pb.SetRetentionRequest(run=run, policy=retention.to_proto()))
         except BaseException:
             self._connection.close()
             raise
@@ -169,6 +187,7 @@ class Checkpointer:
         self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
+        self._latest_known = False  # whether _last_step covers steps saved before us
         self._closed = False
         # A checkpointer dropped or left open at exit still hands over its queued saves and
         # unlinks its shared memory (the threads and the pool do not reference self).
@@ -196,6 +215,7 @@ class Checkpointer:
         *,
         bits: int | None = None,
         metadata: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> SaveHandle:
         """Snapshots ``state`` as ``step`` and returns once the trainer may change it
         (with ``snapshot="overlap"``: once the copy is queued; see ``guard``).
@@ -208,6 +228,9 @@ class Checkpointer:
             bits: Bit width of lossy tensors for this save (overrides the default).
             metadata: Extra string metadata stored with the step (keys must not start
                 with ``"ckptd."``).
+            metrics: Finite numbers to store with the step (``{"val_loss": 0.31}``),
+                listed by ``step_infos`` and ranked by ``Retention.keep_best`` and
+                ``best_step``.
 
         Returns:
             The save's handle; it is already ``skipped`` when no staging buffer came free
@@ -219,9 +242,11 @@ class Checkpointer:
         """
         self._check_open()
         self._check_step(step)
+        scores = check_metrics(None if metrics is None else dict(metrics))
         flat = flatten(state)
         bits = check_bits(bits, "bits") or self.config.bits
         header = self._headers.build(step, flat, bits, metadata)
+        header.metrics.update(scores)
         layout = plan_layout([leaf.nbytes for leaf in flat.leaves])
         handle = SaveHandle(self.run, self.rank, step)
         skip = self.config.when_busy == "skip"
@@ -343,9 +368,36 @@ class Checkpointer:
             return []
         return sorted((step_info_from_message(info) for info in infos), key=lambda info: info.step)
 
-    def steps(self) -> list[int]:
-        """The committed step numbers of this run and rank, ascending."""
-        return [info.step for info in self.step_infos()]
+    def steps(self, metric: str | None = None) -> list[int]:
+        """The committed step numbers of this run and rank, ascending; with ``metric``,
+        only those saved with that metric."""
+        return [info.step for info in self.step_infos()
+                if metric is None or metric in info.metrics]
+
+    def best_step(self, metric: str, mode: str = "min") -> int | None:
+        """The committed step with the lowest (``mode="min"``) or highest (``"max"``)
+        ``metric``, the newest on a tie; None when no step has it."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        sign = 1.0 if mode == "min" else -1.0
+        scored = [(sign * info.metrics[metric], -info.step) for info in self.step_infos()
+                  if metric in info.metrics]
+        return -min(scored)[1] if scored else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due under ``save_interval_steps`` (Orbax's ``should_save``):
+        true for the first save of a run, never for a step at or before the latest saved
+        one, else when ``step`` is a multiple of ``save_interval_steps``. Asks the daemon
+        for the run's latest step once; later calls only look at this checkpointer's."""
+        self._check_open()
+        if not self._latest_known:
+            latest = self.latest_step()
+            if latest is not None and (self._last_step is None or latest > self._last_step):
+                self._last_step = latest
+            self._latest_known = True
+        if self._last_step is None:
+            return True
+        return step > self._last_step and step % self.save_interval_steps == 0
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is none."""

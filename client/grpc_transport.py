@@ -216,6 +216,18 @@ class Connection:
         self.wait_ready(deadline=deadline)
         return self._call(operation, attempt, idempotent=False, deadline=deadline)
 
+    def set_retention(self, request: pb.SetRetentionRequest) -> pb.RetentionPolicy:
+        """Stores the run's retention policy; idempotent (the same policy set twice is
+        stored twice), so retried like a read."""
+        reply = self._call(
+            f"set the retention policy of run {request.run!r}",
+            lambda _: self._stub.SetRetention(
+                request, timeout=self.call_timeout_s, metadata=self._metadata
+            ),
+            idempotent=True,
+        )
+        return reply.policy
+
     def cancel_saves(self) -> None:
         """Cancels Save streams in flight (they fail with RequestCancelledError)."""
         with self._lock:

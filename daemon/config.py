@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptd.daemon.domain import RetentionPolicy
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -55,6 +57,15 @@ class EngineConfig:
     encode_workers: int = 2
     # Threads that call the storage backend (blocking I/O, kept apart from the codec's).
     storage_workers: int = 4
+    # The retention policy of runs that set none of their own (README, "Retention");
+    # every rule 0: steps are never deleted automatically.
+    retention_keep_last: int = 0
+    retention_keep_every: int = 0
+    retention_keep_interval_s: float = 0.0
+    retention_keep_best: int = 0
+    retention_best_metric: str = ""
+    retention_best_mode: str = "min"
+    retention_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes <= 0:
@@ -85,6 +96,17 @@ class EngineConfig:
             raise ValueError(f"encode_workers must be >= 1, got {self.encode_workers}")
         if self.storage_workers < 1:
             raise ValueError(f"storage_workers must be >= 1, got {self.storage_workers}")
+        self.retention  # noqa: B018 - raises ValueError naming the bad rule
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """The default retention policy, from the ``retention_*`` fields."""
+        return RetentionPolicy(
+            keep_last=self.retention_keep_last, keep_every=self.retention_keep_every,
+            keep_interval_s=self.retention_keep_interval_s,
+            keep_best=self.retention_keep_best, best_metric=self.retention_best_metric,
+            best_mode=self.retention_best_mode, max_bytes=self.retention_max_bytes,
+        )
 
 
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -349,6 +371,13 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "coder": ("engine", "coder", _parse_lower),
     "min_lossy_elements": ("engine", "min_lossy_elements", int),
     "encode_workers": ("engine", "encode_workers", int),
+    "retention_keep_last": ("engine", "retention_keep_last", int),
+    "retention_keep_every": ("engine", "retention_keep_every", int),
+    "retention_keep_interval_s": ("engine", "retention_keep_interval_s", float),
+    "retention_keep_best": ("engine", "retention_keep_best", int),
+    "retention_best_metric": ("engine", "retention_best_metric", _parse_str),
+    "retention_best_mode": ("engine", "retention_best_mode", _parse_lower),
+    "retention_max_bytes": ("engine", "retention_max_bytes", parse_bytes),
     "tls_cert": ("daemon", "tls_cert", _parse_str),
     "tls_key": ("daemon", "tls_key", _parse_str),
     "tls_client_ca": ("daemon", "tls_client_ca", _parse_str),

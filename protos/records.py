@@ -9,7 +9,8 @@ gRPC, so the engine may use this module.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ckptd.protos.ckptd.v1 import ckptd_pb2 as pb
 
@@ -48,6 +49,7 @@ class StepInfo:
         stored_bytes: Size in storage (blobs and manifest).
         chain_depth: Deltas applied after the base to restore this step.
         created_unix_s: When the step was committed.
+        metrics: The metrics the trainer saved with the step (``save(..., metrics=...)``).
     """
 
     step: int
@@ -57,6 +59,7 @@ class StepInfo:
     stored_bytes: int
     chain_depth: int
     created_unix_s: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -78,4 +81,5 @@ def step_info_from_message(message: pb.StepInfo) -> StepInfo:
         stored_bytes=int(message.stored_bytes),
         chain_depth=int(message.chain_depth),
         created_unix_s=float(message.created_unix_s),
+        metrics=dict(message.metrics),
     )

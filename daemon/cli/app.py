@@ -60,6 +60,16 @@ _SERVE_HELP = {
     "min_lossy_elements": "float tensors with fewer elements are stored exactly (under the "
     "auto policy)",
     "encode_workers": "threads that encode checkpoints",
+    "retention_keep_last": "default retention (runs without their own policy): keep the "
+    "newest N steps (0: off)",
+    "retention_keep_every": "default retention: keep steps that are multiples of M forever",
+    "retention_keep_interval_s": "default retention: keep one step per this many seconds",
+    "retention_keep_best": "default retention: keep the K steps with the best "
+    "--retention-best-metric",
+    "retention_best_metric": "default retention: the metric keep_best ranks by",
+    "retention_best_mode": "default retention: min or max (which values are best)",
+    "retention_max_bytes": "default retention: cap on a run's stored bytes (deletes its "
+    "oldest steps)",
     "tls_cert": "PEM certificate chain: serve TLS on the TCP listener (with --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: require client certificates it signed (mTLS); the "
@@ -76,6 +86,8 @@ _SERVE_HELP = {
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
              "log_format": "FORMAT", "metrics_listen": "ADDR", "storage_mode": "MODE",
              "representative": "KIND", "coder": "CODER", "max_delta_fraction": "X",
+             "retention_keep_interval_s": "SECONDS", "retention_best_metric": "NAME",
+             "retention_best_mode": "MODE", "retention_max_bytes": "BYTES",
              "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM",
              "auth_tokens": "FILE", "auth_policy": "FILE", "insecure": "BOOL"}
 

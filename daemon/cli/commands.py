@@ -176,11 +176,11 @@ def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
     rows = [
         (rank, s.step, s.kind, "-" if s.parent_step is None else s.parent_step, s.chain_depth,
          format_bytes(s.raw_bytes), format_bytes(s.stored_bytes),
-         format_ratio(s.raw_bytes, s.stored_bytes))
+         format_ratio(s.raw_bytes, s.stored_bytes), format_metrics(s.metrics))
         for rank, steps in chains.items() for s in steps
     ]
-    print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO"),
-                       rows))
+    print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO",
+                        "METRICS"), rows))
     return 0
 
 
@@ -229,9 +229,11 @@ def _ls_runs(catalog: Catalog, as_json: bool) -> int:
         print(f"no runs in {catalog.location}", file=sys.stderr)
         return 0
     rows = [(r.run, r.rank, r.step_count, r.latest_step, format_bytes(raw[(r.run, r.rank)]),
-             format_bytes(r.stored_bytes), format_ratio(raw[(r.run, r.rank)], r.stored_bytes))
+             format_bytes(r.stored_bytes), format_ratio(raw[(r.run, r.rank)], r.stored_bytes),
+             r.retention.describe() if r.retention else "keep all")
             for r in runs]
-    print(format_table(("RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO"), rows))
+    print(format_table(("RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
+                        "RETENTION"), rows))
     return 0
 
 
@@ -258,11 +260,14 @@ def _info(catalog: Catalog, args: argparse.Namespace) -> int:
     info = resolve_step(catalog, args.run, args.rank, args.step)
     key = StepKey(args.run, args.rank, info.step)
     detail = catalog.step_detail(key)
+    retention = next((r.retention for r in catalog.list_runs()
+                      if r.run == key.run and r.rank == key.rank), None)
     if args.json:
         tensors = [dict(asdict(row.spec), policy=row.spec.policy.value, encoding=row.encoding,
                         stored_bytes=row.stored_bytes, raw_bytes=row.spec.nbytes)
                    for row in detail.tensors]
         print(json.dumps({"step": dict(asdict(info), run=key.run, rank=key.rank),
+                          "retention": asdict(retention) if retention else None,
                           "checksum": detail.checksum, "metadata": detail.metadata,
                           "tensors": tensors}, indent=2))
         return 0
@@ -270,7 +275,9 @@ def _info(catalog: Catalog, args: argparse.Namespace) -> int:
     print(f"step      {key}\nkind      {info.kind}{parent} (depth {info.chain_depth})\n"
           f"size      {format_bytes(info.raw_bytes)} raw, {format_bytes(info.stored_bytes)} "
           f"stored ({format_ratio(info.raw_bytes, info.stored_bytes)})\n"
-          f"checksum  {detail.checksum}")
+          f"checksum  {detail.checksum}\n"
+          f"metrics   {format_metrics(info.metrics)}\n"
+          f"retention {retention.describe() if retention else 'keep all'} (run {key.run})")
     for name, value in sorted(detail.metadata.items()):
         shown = value if len(value) <= 60 else f"<{len(value)} characters>"
         print(f"metadata  {name} = {shown}")
@@ -282,6 +289,11 @@ def _info(catalog: Catalog, args: argparse.Namespace) -> int:
     print(format_table(("TENSOR", "DTYPE", "SHAPE", "POLICY", "ENCODING", "RAW", "STORED",
                         "RATIO"), rows))
     return 0
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``name=value`` pairs, sorted by name ("-" for none)."""
+    return " ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items())) or "-"
 
 
 def _info_source(catalog: Catalog, as_json: bool) -> int:

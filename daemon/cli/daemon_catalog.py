@@ -68,7 +68,9 @@ class DaemonCatalog(Catalog):
         with self._mapped("list runs"):
             reply = self._stub.ListRuns(pb.ListRunsRequest(), timeout=self._timeout_s,
                                         metadata=self._metadata)
-        runs = [RunInfo(r.run, r.rank, r.step_count, r.latest_step, r.stored_bytes)
+        runs = [RunInfo(r.run, r.rank, r.step_count, r.latest_step, r.stored_bytes,
+                        convert.retention_from_proto(r.retention)
+                        if r.HasField("retention") else None)
                 for r in reply.runs]
         return sorted(runs, key=lambda r: (r.run, r.rank))
 

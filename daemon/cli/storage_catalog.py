@@ -21,6 +21,7 @@ a time, from the caller's thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import socket
@@ -89,7 +90,11 @@ class StorageCatalog(Catalog):
         return [("storage_url", self._storage.url), ("access", "direct (no daemon)")]
 
     def list_runs(self) -> list[RunInfo]:
-        return self._get_index().run_infos()
+        """The runs, each with its stored retention policy (a daemon's ``--retention-*``
+        default is not in storage: shown only through the daemon)."""
+        infos = self._get_index().run_infos()
+        policies = self._run(self._repository.policies())
+        return [dataclasses.replace(info, retention=policies.get(info.run)) for info in infos]
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)

@@ -24,8 +24,9 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    the chain's head) and holds the reservation until the transport has streamed it and
    leaves the block. ``await engine.restore(...)`` is the same, released on return.
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
-   ``await delete_run(run)``. Deleting refuses (``InvalidRequestError``) while a save of
-   the same (run, rank) is in flight, rather than waiting behind it for an unbounded time.
+   ``await delete_run(run)``, ``await set_retention(run, policy)``. Deleting refuses
+   (``InvalidRequestError``) while a save of the same (run, rank) is in flight, rather than
+   waiting behind it for an unbounded time.
 6. Observing: an ``EngineObserver`` passed at construction hears of every accepted,
    durable and failed save and of each chain's head (``ckptd.daemon.engine.observer``); the
    server passes the Prometheus ``Metrics``, the engine never knows.
@@ -33,6 +34,11 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    saves waiting for budget get it too), lets sessions already open commit, and waits
    until every accepted save is durable or failed; then ``await engine.close()`` fails
    whatever is left and stops the pools. The storage belongs to the caller, who closes it.
+
+Retention: after each durable save (and for every chain at start, and after
+``set_retention``) the chain is handed to the ``Retainer`` (``ckptd.daemon.engine.retention``),
+whose own task deletes what the run's policy no longer keeps, one bounded group per turn
+of the chain's lock; the save never waits for it.
 
 Pipeline order: one worker task per chain takes its saves strictly in step order (a step
 still streaming holds back a later one that finished first); chains run in parallel.
@@ -51,17 +57,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
 from ckptd.daemon.config import EngineConfig
-from ckptd.daemon.domain import CheckpointHeader, RestoredCheckpoint, RunInfo, SaveStatus, StepKey
+from ckptd.daemon.domain import (
+    CheckpointHeader,
+    RestoredCheckpoint,
+    RetentionPolicy,
+    RunInfo,
+    SaveStatus,
+    StepKey,
+)
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
 from ckptd.daemon.engine.resident import ResidentHeads
+from ckptd.daemon.engine.retention import Retainer
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
@@ -103,6 +118,7 @@ class Engine:
         self._repository = Repository(storage, self._pools)
         self._index = self._repository.index  # read-only queries; writes go through it
         self._pipeline = SavePipeline(self._repository, config, self._pools)
+        self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
         self._inflight: dict[StepKey, QueuedSave] = {}
@@ -120,6 +136,7 @@ class Engine:
         ``ckptd.daemon.store.index`` has the rule). A failed quarantine move fails the
         start: serving would let a new save overwrite the damaged step's blobs."""
         found = await self._repository.load()
+        await self._retainer.load()
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
         moved = await self._repository.quarantine(found.damaged)
@@ -136,6 +153,7 @@ class Engine:
         self._started = True
         for run, rank in self._index.chains():
             self._report_head(run, rank)
+            self._retainer.schedule(self._chain(run, rank))
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
@@ -246,7 +264,26 @@ class Engine:
         raise StepNotFoundError(f"step {key} changed repeatedly while being restored; retry")
 
     def list_runs(self) -> list[RunInfo]:
-        return self._index.run_infos()
+        """Every (run, rank) with steps, with the retention policy its run is under."""
+        return [dataclasses.replace(info, retention=self._retainer.policy(info.run))
+                for info in self._index.run_infos()]
+
+    def retention(self, run: str) -> RetentionPolicy | None:
+        """The policy applied to ``run``: its own, else the default (None: keep all)."""
+        check_run_name(run)
+        return self._retainer.policy(run)
+
+    async def set_retention(self, run: str, policy: RetentionPolicy) -> None:
+        """Stores ``run``'s retention policy (replacing any; also for a run with no step
+        yet) and applies it to the run's chains in the background."""
+        check_run_name(run)
+        await self._retainer.set_policy(run, policy)
+        for rank in self._index.ranks(run):
+            self._retainer.schedule(self._chain(run, rank))
+
+    async def retention_idle(self) -> None:
+        """Waits until retention has nothing left to delete (tests and benchmarks)."""
+        await self._retainer.idle()
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
@@ -327,6 +364,7 @@ class Engine:
             return
         self._draining = self._closed = True
         self._budget.close(SHUTDOWN_REASON)
+        await self._retainer.close()
         for session in list(self._sessions):
             session.abort()
         workers = [c.worker for c in self._chains.values() if c.worker is not None]
@@ -431,6 +469,10 @@ class Engine:
             return
         self._report_durable(save, committed)
         self._finish(chain, save, "")
+        self._retainer.schedule(chain)
+
+    def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
+        self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))
 
     def _report_durable(self, save: QueuedSave, committed: Committed) -> None:
         key, manifest = save.header.key, committed.entry.manifest

@@ -175,6 +175,7 @@ class SavePipeline:
             metadata=dict(save.header.metadata),
             tensors=entries,
             checksum=checksum,
+            metrics=dict(save.header.metrics),
         )
 
     async def _discard(self, key: StepKey, tensors: int) -> None:

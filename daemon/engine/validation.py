@@ -6,6 +6,7 @@ so that a client (in any language) can tell its user what to change.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 
 from ckptd.daemon.config import EngineConfig
@@ -90,6 +91,12 @@ def _check_metadata(header: CheckpointHeader, config: EngineConfig) -> None:
         size += len(name.encode("utf-8", "surrogatepass")) + len(
             value.encode("utf-8", "surrogatepass")
         )
+    for name, number in header.metrics.items():
+        if not name or not math.isfinite(number):
+            raise InvalidRequestError(
+                f"save {header.key} has metric {name[:64]!r} = {number}; metrics need a "
+                "name and a finite value")
+        size += len(name.encode("utf-8", "surrogatepass")) + 8
     if size > config.max_metadata_bytes:
         raise InvalidRequestError(
             f"save {header.key} has {size} bytes of metadata; the limit is "

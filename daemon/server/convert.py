@@ -16,6 +16,7 @@ from ckptd.daemon.domain import (
     CheckpointHeader,
     Policy,
     RestoredCheckpoint,
+    RetentionPolicy,
     RunInfo,
     SaveStatus,
     StepKey,
@@ -119,6 +120,7 @@ def header_from_proto(header: pb.SaveHeader) -> CheckpointHeader:
         tensors=tuple(spec_from_proto(i, spec) for i, spec in enumerate(header.tensors)),
         metadata=dict(header.metadata),
         fail_if_busy=header.fail_if_busy,
+        metrics=dict(header.metrics),
     )
 
 
@@ -135,7 +137,30 @@ def run_info_to_proto(info: RunInfo) -> pb.RunInfo:
         step_count=info.step_count,
         latest_step=info.latest_step,
         stored_bytes=info.stored_bytes,
+        retention=retention_to_proto(info.retention) if info.retention else None,
     )
+
+
+def retention_to_proto(policy: RetentionPolicy) -> pb.RetentionPolicy:
+    return pb.RetentionPolicy(
+        keep_last=policy.keep_last, keep_every=policy.keep_every,
+        keep_interval_s=policy.keep_interval_s, keep_best=policy.keep_best,
+        best_metric=policy.best_metric, best_mode=policy.best_mode,
+        max_bytes=policy.max_bytes,
+    )
+
+
+def retention_from_proto(message: pb.RetentionPolicy) -> RetentionPolicy:
+    """Raises ``InvalidRequestError`` naming a rule the policy cannot have."""
+    try:
+        return RetentionPolicy(
+            keep_last=message.keep_last, keep_every=message.keep_every,
+            keep_interval_s=message.keep_interval_s, keep_best=message.keep_best,
+            best_metric=message.best_metric, best_mode=message.best_mode or "min",
+            max_bytes=message.max_bytes,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
@@ -148,6 +173,7 @@ def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
         compression_ratio=info.compression_ratio,
         chain_depth=info.chain_depth,
         created_unix_s=info.created_unix_s,
+        metrics=dict(info.metrics),
     )
 
 

@@ -8,7 +8,8 @@ Who calls what (each method is thread-safe and cheap):
 
 * the engine, through the ``EngineObserver`` interface ``Metrics`` implements:
   ``save_accepted``, ``save_durable``, ``save_failed``, ``chain_head``,
-  ``step_quarantined``, ``quarantine_size``, ``resident_heads``, ``head_evicted``;
+  ``step_quarantined``, ``quarantine_size``, ``resident_heads``, ``head_evicted``,
+  ``retention_deleted``;
 * the servicer: ``restore_done`` after a restore streamed its last chunk, ``rpc_error``
   for every error status it returns;
 * the server, once: ``track_inflight`` and ``track_restores`` (read at scrape time, on the
@@ -114,6 +115,11 @@ class Metrics(EngineObserver):
         self._evictions = counter(
             "reconstruction_evictions", "Chain heads dropped from memory, least recently "
             "used first, to stay within max_resident_bytes (rebuilt from storage on use).")
+        self._retention_deleted = counter(
+            "retention_deleted_steps", "Steps deleted by retention policies (never rewritten: "
+            "only steps no kept step depends on).")
+        self._retention_seconds = counter(
+            "retention_seconds", "Wall time retention held chain locks to delete steps.")
         self._restore_bytes = gauge(
             "restore_bytes", "Bytes held by restores being streamed (max_restore_bytes).")
         self._encode = histogram("encode_seconds",
@@ -151,6 +157,10 @@ class Metrics(EngineObserver):
 
     def head_evicted(self, nbytes: int) -> None:
         self._evictions.inc()
+
+    def retention_deleted(self, run: str, rank: int, steps: int, seconds: float) -> None:
+        self._retention_deleted.inc(steps)
+        self._retention_seconds.inc(seconds)
 
     def chain_head(self, run: str, rank: int, head: ChainHead | None) -> None:
         labels = (run, str(rank))

@@ -179,9 +179,10 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
     """Adapts the ``Engine`` to the ckptd.v1 gRPC API.
 
     Each handler first asks ``guard`` (``daemon/server/auth.py``) for the scope it needs:
-    Save ``write``; WaitSave, Restore and ListSteps ``read``; DeleteStep and DeleteRun
-    ``delete``, each on the request's run. ListRuns needs an identity and lists the runs it
-    may read; GetServerInfo needs an identity only. Without ``guard``: open mode.
+    Save ``write``; WaitSave, Restore and ListSteps ``read``; DeleteStep, DeleteRun and
+    SetRetention (which deletes) ``delete``, each on the request's run. ListRuns needs an
+    identity and lists the runs it may read; GetServerInfo needs an identity only. Without
+    ``guard``: open mode.
     """
 
     def __init__(
@@ -344,6 +345,15 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         deleted = await self._engine.delete_run(request.run)
         log.info("run deleted %s", fields(run=request.run, steps=deleted))
         return pb.DeleteRunResponse(deleted_steps=deleted)
+
+    @rpc
+    async def SetRetention(
+        self, request: pb.SetRetentionRequest, context: Context
+    ) -> pb.SetRetentionResponse:
+        self._guard.require(context, Scope.DELETE, request.run)
+        policy = convert.retention_from_proto(request.policy)
+        await self._engine.set_retention(request.run, policy)
+        return pb.SetRetentionResponse(policy=convert.retention_to_proto(policy))
 
     @rpc
     async def GetServerInfo(

@@ -91,20 +91,47 @@ class Deleter:
         await self._delete_quietly([t.blob_key for t in entry.manifest.tensors], key)
         await self._delete_quietly([pending_key(key)], key)
 
+    async def rebase(self, key: StepKey, head: HeadArrays | None, commit: Commit) -> None:
+        """Rewrites the delta ``key`` as a lossless base with the same reconstruction (its
+        parent stays); refuses before writing when the storage visibly has no room."""
+        entry = self._index.get(key)
+        assert entry is not None and entry.manifest.parent_step is not None
+        parent = StepKey(key.run, key.rank, entry.manifest.parent_step)
+        await self._check_room(parent, entry)
+        await self._rebase(entry.manifest, head, commit)
+
     async def delete_chain(self, run: str, rank: int) -> int:
-        """Deletes every step of the chain: manifests newest first (an older step never
-        loses a parent it needs while a newer one still exists), then all blobs."""
-        entries = self._index.entries(run, rank)
-        keys = [e.manifest.key for e in entries]
-        await self._mark(keys)
-        manifests = [manifest_key(key) for key in reversed(keys)]
+        """Deletes every step of the chain; returns how many."""
+        keys = [e.manifest.key for e in self._index.entries(run, rank)]
+        await self.delete_group(keys)
+        return len(keys)
+
+    async def delete_group(self, keys: list[StepKey]) -> None:
+        """Deletes steps of one chain that no remaining step depends on, rewriting nothing:
+        markers, then manifests newest first (an older step never loses a parent it needs
+        while a newer one still exists), then all blobs, then the markers. Raises
+        ``ValueError`` (before deleting anything) when a step outside ``keys`` is a delta
+        on one of them."""
+        entries = [self._index.get(key) for key in keys]
+        present = [e for e in entries if e is not None]
+        if not present:
+            return
+        group = {e.manifest.key for e in present}
+        for entry in present:
+            child = self._index.child(entry.manifest.key)
+            if child is not None and child.manifest.key not in group:
+                raise ValueError(f"step {child.manifest.key} depends on step "
+                                 f"{entry.manifest.key}, which is not deletable alone")
+        ordered = sorted(group, key=lambda key: key.step)
+        await self._mark(ordered)
+        manifests = [manifest_key(key) for key in reversed(ordered)]
         await self._pools.run_io(functools.partial(self._storage.delete, manifests))
-        for key in keys:
+        for key in ordered:
             self._index.remove(key)
-        blobs = [t.blob_key for e in entries for t in e.manifest.tensors]
-        await self._delete_quietly(blobs, StepKey(run, rank, 0))
-        await self._delete_quietly([pending_key(key) for key in keys], StepKey(run, rank, 0))
-        return len(entries)
+        where = ordered[0]
+        await self._delete_quietly([t.blob_key for e in present for t in e.manifest.tensors],
+                                   where)
+        await self._delete_quietly([pending_key(key) for key in ordered], where)
 
     def dependants(self, key: StepKey) -> list[IndexEntry]:
         """The steps that need ``key`` to restore: its child delta, that one's, and so on

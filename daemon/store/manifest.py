@@ -34,6 +34,8 @@ deleted as an uncommitted leftover. ::
     chain_depth       deltas applied after that base to restore this step (0 for a base)
     created_unix_s    wall-clock time of the commit (seconds, float)
     metadata          the save's string → string metadata
+    metrics           the save's metric name → float (``val_loss``); absent when none, and
+                      read as empty from manifests written before it existed
     tensors           [{name, dtype, shape, policy, bits, encoding, blob_key, blob_bytes,
                         blob_xxh3_64, raw_bytes}] in the save's table order; policy/bits are
                        what the save asked for, encoding ("exact"|"delta") what was done
@@ -48,7 +50,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -160,6 +162,7 @@ class Manifest:
     metadata: Mapping[str, str]
     tensors: tuple[TensorEntry, ...]
     checksum: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
@@ -223,7 +226,11 @@ class Manifest:
 
 
 def _manifest_obj(m: Manifest) -> dict[str, Any]:
+    # An optional key, so that manifests without metrics keep their exact bytes and an
+    # earlier daemon (which ignores unknown keys) still reads those with them.
+    optional = {"metrics": dict(m.metrics)} if m.metrics else {}
     return {
+        **optional,
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "run": m.key.run,
@@ -269,6 +276,10 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
     metadata = obj["metadata"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map strings to strings")
+    metrics = obj.get("metrics", {})
+    if not all(isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+               for k, v in metrics.items()):
+        raise TypeError("metrics must map strings to numbers")
     return Manifest(
         key=StepKey(_text(obj["run"]), _count(obj["rank"]), _count(obj["step"])),
         kind=kind,
@@ -279,6 +290,7 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         metadata=dict(metadata),
         tensors=tuple(_entry_from_obj(item) for item in obj["tensors"]),
         checksum=_text(obj["checksum"]),
+        metrics={k: float(v) for k, v in metrics.items()},
     )
 
 

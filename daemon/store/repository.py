@@ -22,7 +22,7 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
-from ckptd.daemon.domain import StepKey
+from ckptd.daemon.domain import RetentionPolicy, StepKey
 from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools
@@ -39,6 +39,7 @@ from ckptd.daemon.store.quarantine import (
     quarantine,
 )
 from ckptd.daemon.store.restore import Restorer
+from ckptd.daemon.store.retention import load_policies, store_policy
 
 __all__ = ["HeadArrays", "Repository"]
 log = get_logger("engine")
@@ -132,6 +133,24 @@ class Repository:
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of (run, rank); returns how many."""
         return await self._deleter.delete_chain(run, rank)
+
+    async def delete_group(self, keys: list[StepKey]) -> None:
+        """Deletes steps that no remaining step depends on, rewriting nothing (retention's
+        deletion groups, ``ckptd.daemon.store.retention``)."""
+        await self._deleter.delete_group(keys)
+
+    async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
+        """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps
+        before it are no longer needed by it (retention's one rewrite per commit)."""
+        await self._deleter.rebase(key, head, self.commit)
+
+    async def policies(self) -> dict[str, RetentionPolicy]:
+        """Every run's stored retention policy."""
+        return await self._pools.run_io(functools.partial(load_policies, self.storage))
+
+    async def store_policy(self, run: str, policy: RetentionPolicy) -> None:
+        """Stores ``run``'s retention policy (one atomic put)."""
+        await self._pools.run_io(functools.partial(store_policy, self.storage, run, policy))
 
     def not_found(self, key: StepKey) -> LookupError:
         """The error for a missing ``key``: which ranks or nearby steps exist instead."""

@@ -20,7 +20,8 @@ def test_ls_lists_every_run_and_rank(cli: CliRunner, source: list[str]) -> None:
     code, out, _ = cli("ls", *source)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO"]
+    assert lines[0].split() == ["RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
+                                "RETENTION"]
     assert [line.split()[:2] for line in lines[1:]] == [["alpha", "0"], ["alpha", "1"],
                                                          ["beta", "0"]]
 
@@ -41,7 +42,7 @@ def test_ls_run_shows_base_and_delta_steps(cli: CliRunner, source: list[str]) ->
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [(row[0], row[1], row[2]) for row in rows] == [
         ("1", "1", "base"), ("1", "2", "delta"), ("1", "3", "delta")]
-    assert all(row[-1].endswith("x") for row in rows)
+    assert all(row[-2].endswith("x") and row[-1] == "-" for row in rows)  # RATIO, METRICS
 
 
 def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: Store) -> None:

@@ -24,7 +24,7 @@ from ckptd.client import (
     SaveState,
 )
 from ckptd.client.retry import Backoff, is_transient
-from conftest import CheckpointerFactory
+from client_support import CheckpointerFactory
 from daemon_harness import DaemonProcess, start_in_process
 
 SpawnDaemon = Callable[..., DaemonProcess]

@@ -141,7 +141,7 @@ class SharedMemoryRef(_message.Message):
     def __init__(self, segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SaveHeader(_message.Message):
-    __slots__ = ("run", "rank", "step", "tensors", "metadata", "shared_memory", "fail_if_busy")
+    __slots__ = ("run", "rank", "step", "tensors", "metadata", "shared_memory", "fail_if_busy", "metrics")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,13 @@ class SaveHeader(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +163,7 @@ class SaveHeader(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     FAIL_IF_BUSY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step: int
@@ -163,7 +171,8 @@ class SaveHeader(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     shared_memory: SharedMemoryRef
     fail_if_busy: bool
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., fail_if_busy: _Optional[bool] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., fail_if_busy: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor_index", "offset", "data")
@@ -265,18 +274,20 @@ class ListRunsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes")
+    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes", "retention")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
     LATEST_STEP_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step_count: int
     latest_step: int
     stored_bytes: int
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+    retention: RetentionPolicy
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -293,7 +304,14 @@ class ListStepsRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StepInfo(_message.Message):
-    __slots__ = ("step", "kind", "parent_step", "raw_bytes", "stored_bytes", "compression_ratio", "chain_depth", "created_unix_s")
+    __slots__ = ("step", "kind", "parent_step", "raw_bytes", "stored_bytes", "compression_ratio", "chain_depth", "created_unix_s", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +320,7 @@ class StepInfo(_message.Message):
     COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
     CHAIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: StepKind
     parent_step: int
@@ -310,7 +329,8 @@ class StepInfo(_message.Message):
     compression_ratio: float
     chain_depth: int
     created_unix_s: float
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListStepsResponse(_message.Message):
     __slots__ = ("steps",)
@@ -341,6 +361,38 @@ class DeleteRunResponse(_message.Message):
     DELETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     deleted_steps: int
     def __init__(self, deleted_steps: _Optional[int] = ...) -> None: ...
+
+class RetentionPolicy(_message.Message):
+    __slots__ = ("keep_last", "keep_every", "keep_interval_s", "keep_best", "best_metric", "best_mode", "max_bytes")
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
+    BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
+    BEST_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    keep_last: int
+    keep_every: int
+    keep_interval_s: float
+    keep_best: int
+    best_metric: str
+    best_mode: str
+    max_bytes: int
+    def __init__(self, keep_last: _Optional[int] = ..., keep_every: _Optional[int] = ..., keep_interval_s: _Optional[float] = ..., keep_best: _Optional[int] = ..., best_metric: _Optional[str] = ..., best_mode: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class SetRetentionRequest(_message.Message):
+    __slots__ = ("run", "policy")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    policy: RetentionPolicy
+    def __init__(self, run: _Optional[str] = ..., policy: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+
+class SetRetentionResponse(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: RetentionPolicy
+    def __init__(self, policy: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

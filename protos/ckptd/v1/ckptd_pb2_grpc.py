@@ -74,6 +74,11 @@ class CheckpointdServiceStub:
                 request_serializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.SetRetention = channel.unary_unary(
+                '/ckptd.v1.CheckpointdService/SetRetention',
+                request_serializer=ckptd_dot_v1_dot_ckptd__pb2.SetRetentionRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SetRetentionResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointdServiceServicer:
@@ -131,6 +136,13 @@ class CheckpointdServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetention(self, request, context):
+        """Stores the run's retention policy (replacing any) and applies it in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointdServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +185,11 @@ def add_CheckpointdServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.FromString,
                     response_serializer=ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'SetRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetention,
+                    request_deserializer=ckptd_dot_v1_dot_ckptd__pb2.SetRetentionRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_ckptd__pb2.SetRetentionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +408,33 @@ class CheckpointdService:
             '/ckptd.v1.CheckpointdService/GetServerInfo',
             ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoRequest.SerializeToString,
             ckptd_dot_v1_dot_ckptd__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointdService/SetRetention',
+            ckptd_dot_v1_dot_ckptd__pb2.SetRetentionRequest.SerializeToString,
+            ckptd_dot_v1_dot_ckptd__pb2.SetRetentionResponse.FromString,
             options,
             channel_credentials,
             insecure,
