@@ -32,7 +32,7 @@ def plan() -> Plan:
     return Plan(
         mode="second-moment", workloads=("lm",), seeds=(0, 1), steps={"lm": 400},
         failures_per_seed={"lm": 6}, settings=tuple(settings), confirm_defaults=False,
-        out_dir=OUT.parent, json_path=OUT.parent / "second-moment-rework-partial.json",
+        out_dir=OUT.parent, json_path=OUT,
     )
 
 
@@ -56,6 +56,7 @@ def main() -> None:
     output = run_plan(plan(), lambda line: print(line, flush=True))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(output, indent=2, default=str))
+    OUT.with_suffix(".partial.json").unlink(missing_ok=True)  # run_plan's progress file
     print(table(output))
     print(f"wrote {OUT}", file=sys.stderr)
 
