@@ -4,7 +4,8 @@ Call order, from the engine on the event loop: ``await load()`` once at start (t
 policies), then ``schedule(chain)`` for every chain found and after each durable save,
 ``await set_policy(run, policy)`` when a client sets one, and ``await close()`` at
 shutdown. Which steps go is the store's pure rule (``ckptd.daemon.store.retention``: keep
-the base, drop only what nothing kept needs, never rewrite).
+the base, drop what nothing kept needs, and rewrite a kept delta as a base only when that
+frees more bytes than it writes — at most one rewrite per commit).
 
 Off the save's critical path: a save is DURABLE before its chain is scheduled, and the
 deletions run in one task per chain (``ckptd-retention-{run}-{rank}``). That task takes
@@ -124,9 +125,11 @@ class Retainer:
                 # next bases where a run without retention places them, so later saves
                 # encode the same (bit-identical reconstructions). A head rebuilt from
                 # storage (after eviction or a restart) counts from the rewritten base.
+                spent_s = time.monotonic() - started_s
                 log.info("retention rebased a kept step to free the steps before it %s",
                          fields(run=chain.run, rank=chain.rank, step=todo.rebase.step,
-                                seconds=round(time.monotonic() - started_s, 4)))
+                                seconds=round(spent_s, 4)))
+                self._deleted(chain.run, chain.rank, [], spent_s)  # its time, no step yet
                 return "rebased"
             group = todo.groups[0]
             await self._repository.delete_group(group)

@@ -116,10 +116,11 @@ class Metrics(EngineObserver):
             "reconstruction_evictions", "Chain heads dropped from memory, least recently "
             "used first, to stay within max_resident_bytes (rebuilt from storage on use).")
         self._retention_deleted = counter(
-            "retention_deleted_steps", "Steps deleted by retention policies (never rewritten: "
-            "only steps no kept step depends on).")
+            "retention_deleted_steps", "Steps deleted by retention policies (a kept delta is "
+            "first rewritten as a base only when that frees more bytes than it writes).")
         self._retention_seconds = counter(
-            "retention_seconds", "Wall time retention held chain locks to delete steps.")
+            "retention_seconds", "Wall time retention held chain locks to delete steps and "
+            "to rewrite kept deltas as bases.")
         self._restore_bytes = gauge(
             "restore_bytes", "Bytes held by restores being streamed (max_restore_bytes).")
         self._encode = histogram("encode_seconds",
