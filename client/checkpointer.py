@@ -162,7 +162,7 @@ class Checkpointer:
             transport_impl, fallback = self._choose_transport(self.server_info)
             if retention is not None:
                 self._connection.set_retention(
-                    pb.SetRetentionRequest(run=run, policy=retention.to_proto()))
+                    pb.SetRetentionRequest(run=run, policy=retention.to_message()))
         except BaseException:
             self._connection.close()
             raise

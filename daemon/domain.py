@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ckptd.protos import dtypes
 from ckptd.protos.records import SaveState
-from ckptd.protos.retention import check_policy
+from ckptd.protos.retention import RetentionPolicy
 
 
 class Policy(enum.Enum):
@@ -90,44 +90,6 @@ class SaveStatus:
     error: str = ""
 
 
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """Which committed steps of a run the daemon keeps (``ckptd.daemon.store.retention``).
-
-    A step is kept when any rule keeps it; the latest step is always kept; a rule set to 0
-    (or an empty ``best_metric``) is off, and a policy with every ``keep_*`` rule off keeps
-    every step. ``max_bytes`` then caps the run's stored bytes, across its ranks, by
-    deleting its oldest steps even where another rule would keep them.
-    """
-
-    keep_last: int = 0  # the newest N steps
-    keep_every: int = 0  # steps that are multiples of M, forever
-    # The oldest step, then each step committed at least this long after the last step
-    # this rule kept (Orbax's keep_time_interval).
-    keep_interval_s: float = 0.0
-    keep_best: int = 0  # the K steps with the best ``best_metric``
-    best_metric: str = ""
-    best_mode: str = "min"  # "min" | "max": which values of best_metric are best
-    max_bytes: int = 0  # the run's stored bytes, all ranks together; 0: no cap
-
-    def __post_init__(self) -> None:
-        check_policy(self, "retention")
-
-    @property
-    def prunes(self) -> bool:
-        """Whether the policy may delete anything at all."""
-        keeps_some = self.keep_last or self.keep_every or self.keep_interval_s or self.keep_best
-        return bool(keeps_some or self.max_bytes)
-
-    def describe(self) -> str:
-        """One line for ``ckptd ls``/``info`` and logs, the rules that are on."""
-        parts = [f"{name}={getattr(self, name)}" for name in
-                 ("keep_last", "keep_every", "keep_interval_s", "keep_best", "max_bytes")
-                 if getattr(self, name)]
-        if self.keep_best:
-            parts.append(f"best={self.best_mode}({self.best_metric})")
-        return " ".join(parts) or "keep all"
 
 
 @dataclass(frozen=True)

@@ -137,28 +137,14 @@ def run_info_to_proto(info: RunInfo) -> pb.RunInfo:
         step_count=info.step_count,
         latest_step=info.latest_step,
         stored_bytes=info.stored_bytes,
-        retention=retention_to_proto(info.retention) if info.retention else None,
-    )
-
-
-def retention_to_proto(policy: RetentionPolicy) -> pb.RetentionPolicy:
-    return pb.RetentionPolicy(
-        keep_last=policy.keep_last, keep_every=policy.keep_every,
-        keep_interval_s=policy.keep_interval_s, keep_best=policy.keep_best,
-        best_metric=policy.best_metric, best_mode=policy.best_mode,
-        max_bytes=policy.max_bytes,
+        retention=info.retention.to_message() if info.retention else None,
     )
 
 
 def retention_from_proto(message: pb.RetentionPolicy) -> RetentionPolicy:
     """Raises ``InvalidRequestError`` naming a rule the policy cannot have."""
     try:
-        return RetentionPolicy(
-            keep_last=message.keep_last, keep_every=message.keep_every,
-            keep_interval_s=message.keep_interval_s, keep_best=message.keep_best,
-            best_metric=message.best_metric, best_mode=message.best_mode or "min",
-            max_bytes=message.max_bytes,
-        )
+        return RetentionPolicy.from_message(message)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
 

@@ -353,7 +353,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         self._guard.require(context, Scope.DELETE, request.run)
         policy = convert.retention_from_proto(request.policy)
         await self._engine.set_retention(request.run, policy)
-        return pb.SetRetentionResponse(policy=convert.retention_to_proto(policy))
+        return pb.SetRetentionResponse(policy=policy.to_message())
 
     @rpc
     async def GetServerInfo(
