@@ -62,6 +62,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import (
     CheckpointHeader,
@@ -76,6 +77,7 @@ from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
 from ckptd.daemon.engine.resident import ResidentHeads
+from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
@@ -83,14 +85,12 @@ from ckptd.daemon.errors import (
     InvalidRequestError,
     ShuttingDownError,
     StepExistsError,
-    StepNotFoundError,
     StepOrderError,
 )
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.repository import Repository
-from ckptd.daemon.store.restore import MissingBlobError
 from ckptd.protos.records import SaveState, StepInfo
 
 __all__ = ["Engine", "EngineObserver", "SaveSession"]
@@ -113,9 +113,11 @@ class Engine:
         self._observer = observer or EngineObserver()
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
-        self._restores = ByteBudget(config.max_restore_bytes, share=config.max_inflight_share)
         self._resident = ResidentHeads(config.max_resident_bytes)
         self._repository = Repository(storage, self._pools)
+        self._restores = Restores(
+            self._repository, config.max_restore_bytes, config.max_inflight_share
+        )
         self._index = self._repository.index  # read-only queries; writes go through it
         self._pipeline = SavePipeline(self._repository, config, self._pools)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
@@ -222,46 +224,15 @@ class Engine:
         self, run: str, rank: int, step: int | None, *, identity: str = ""
     ) -> AsyncIterator[RestoredCheckpoint]:
         """Yields the verified reconstruction of ``step`` (None: the latest durable step)
-        while its raw size is reserved in the restore budget, under ``identity``'s share; a
-        restore larger than the whole budget reserves all of it (it runs alone)."""
+        while its raw size is reserved in the restore budget, under ``identity``'s share
+        (``ckptd.daemon.engine.restores``)."""
         check_key(run, rank, step)
         steps = self._index.steps(run, rank)
         if not steps:
             raise self._not_found(StepKey(run, rank, step or 0))
         key = StepKey(run, rank, steps[-1] if step is None else step)
-        entry = self._index.get(key)
-        if entry is None:
-            raise self._not_found(key)
-        nbytes = min(entry.manifest.raw_bytes, self._restores.capacity_bytes)
-        await self._restores.acquire(nbytes, wait=True, what=f"restore {key}", identity=identity)
-        try:
-            yield await self._materialize(key)
-        finally:
-            self._restores.release(nbytes, identity)
-
-    async def _materialize(self, key: StepKey) -> RestoredCheckpoint:
-        for _attempt in range(3):
-            entry = self._index.get(key)
-            if entry is None:
-                raise self._not_found(key)
-            manifest = entry.manifest
-            chain = self._chains.get((key.run, key.rank))
-            head = chain.head if chain is not None else None
-            try:
-                if chain is not None and head is not None and head.step == key.step:
-                    self._touch(chain)
-                    arrays = await self._repository.copy_verified(manifest, head.arrays)
-                else:
-                    arrays = await self._repository.restore(key)
-            except MissingBlobError:
-                # A delete or rebase may have replaced the plan meanwhile: plan again, and
-                # report corruption only when the plan is still the same.
-                if self._index.get(key) is entry:
-                    raise
-                continue
-            return RestoredCheckpoint(key, manifest.specs, arrays, manifest.metadata,
-                                      manifest.checksum)
-        raise StepNotFoundError(f"step {key} changed repeatedly while being restored; retry")
+        async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
+            yield found
 
     def list_runs(self) -> list[RunInfo]:
         """Every (run, rank) with steps, with the retention policy its run is under."""
@@ -336,7 +307,7 @@ class Engine:
     @property
     def restore_bytes(self) -> int:
         """Bytes reserved by restores being materialized or streamed."""
-        return self._restores.in_use_bytes
+        return self._restores.budget.in_use_bytes
 
     @property
     def resident_bytes(self) -> int:
@@ -540,6 +511,15 @@ class Engine:
 
     def _not_found(self, key: StepKey) -> LookupError:
         return self._repository.not_found(key)
+
+    def _head_arrays(self, key: StepKey) -> tuple[np.ndarray, ...] | None:
+        """``key``'s arrays when it is its chain's head in memory (marked as just used)."""
+        chain = self._chains.get((key.run, key.rank))
+        head = chain.head if chain is not None else None
+        if chain is None or head is None or head.step != key.step:
+            return None
+        self._touch(chain)
+        return head.arrays
 
     def _touch(self, chain: Chain) -> None:
         """Marks ``chain``'s head as just used and evicts least recently used heads of

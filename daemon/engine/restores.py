@@ -1,0 +1,70 @@
+"""Serving restores: the restore budget and the verified reconstruction of one step.
+
+A restore materializes a whole step — the chain head's arrays copied from memory when the
+step is the head, otherwise rebuilt from storage along its plan — and holds it until the
+transport has streamed it. ``Restores`` bounds how many bytes of those are held at once
+(``max_restore_bytes``, under each identity's share, FIFO among waiters) so that clients
+that do not read cannot grow the daemon's memory; a restore larger than the whole budget
+reserves all of it and runs alone. Used by ``Engine.restoring`` on the event loop; the
+engine passes how to find a step's in-memory head (and mark it used), so this module
+knows nothing of chains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+from ckptd.daemon.domain import RestoredCheckpoint, StepKey
+from ckptd.daemon.engine.budget import ByteBudget
+from ckptd.daemon.errors import StepNotFoundError
+from ckptd.daemon.store.repository import Repository
+from ckptd.daemon.store.restore import MissingBlobError
+
+HeadOf = Callable[[StepKey], "tuple[np.ndarray, ...] | None"]
+"""The arrays of ``key``'s reconstruction if it is its chain's head in memory, else None."""
+# A restore that finds its plan replaced by a concurrent delete or rebase plans again.
+_ATTEMPTS = 3
+
+
+class Restores:
+    """The restore budget and the materialization of steps for restores."""
+
+    def __init__(self, repository: Repository, capacity_bytes: int, share: float) -> None:
+        self._repository = repository
+        self.budget = ByteBudget(capacity_bytes, share=share)
+
+    @contextlib.asynccontextmanager
+    async def serving(
+        self, key: StepKey, head_of: HeadOf, *, identity: str = ""
+    ) -> AsyncIterator[RestoredCheckpoint]:
+        """Yields the verified reconstruction of ``key`` while its raw size is reserved in
+        the restore budget under ``identity``'s share (waiting for room)."""
+        entry = self._repository.entry(key)
+        nbytes = min(entry.manifest.raw_bytes, self.budget.capacity_bytes)
+        await self.budget.acquire(nbytes, wait=True, what=f"restore {key}", identity=identity)
+        try:
+            yield await self._materialize(key, head_of)
+        finally:
+            self.budget.release(nbytes, identity)
+
+    async def _materialize(self, key: StepKey, head_of: HeadOf) -> RestoredCheckpoint:
+        for _attempt in range(_ATTEMPTS):
+            entry = self._repository.entry(key)
+            manifest = entry.manifest
+            try:
+                head = head_of(key)
+                if head is not None:
+                    arrays = await self._repository.copy_verified(manifest, head)
+                else:
+                    arrays = await self._repository.restore(key)
+            except MissingBlobError:
+                # A delete or rebase may have replaced the plan meanwhile: plan again, and
+                # report corruption only when the plan is still the same.
+                if self._repository.index.get(key) is entry:
+                    raise
+                continue
+            return RestoredCheckpoint(key, manifest.specs, arrays, manifest.metadata,
+                                      manifest.checksum)
+        raise StepNotFoundError(f"step {key} changed repeatedly while being restored; retry")
