@@ -252,10 +252,6 @@ class Engine:
         for rank in self._index.ranks(run):
             self._retainer.schedule(self._chain(run, rank))
 
-    async def retention_idle(self) -> None:
-        """Waits until retention has nothing left to delete (tests and benchmarks)."""
-        await self._retainer.idle()
-
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
         infos = self._index.step_infos(run, rank)

@@ -44,10 +44,6 @@ class ResidentHeads:
     def resident_bytes(self) -> int:
         return self._total
 
-    @property
-    def resident_chains(self) -> int:
-        return len(self._sizes)
-
     def touch(self, chain: Chain) -> list[Eviction]:
         """Records ``chain``'s head (none: forgets it) as the most recently used, then
         evicts idle chains' heads, oldest first, while over the bound; returns them."""

@@ -79,11 +79,6 @@ class Retainer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def idle(self) -> None:
-        """Waits until no sweeper runs (tests and benchmarks)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-
     async def _sweep(self, chain: Chain) -> None:
         key = (chain.run, chain.rank)
         try:

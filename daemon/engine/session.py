@@ -1,7 +1,8 @@
 """A save between its header and its acceptance: the receive buffers and their bookkeeping.
 
-The transport fills the buffers (``write`` for streamed chunks, ``fill_with`` or
-``fill_from`` for shared memory) from the event loop's thread, then calls ``commit`` (hand
+The transport fills the buffers (``write`` for streamed chunks, ``fill_with`` for shared
+memory, which reads straight into them; ``fill_from`` copies a whole tensor from a view)
+from the event loop's thread, then calls ``commit`` (hand
 over to the pipeline) or ``abort`` (give back the budget and the step). The session owns
 one ``np.empty`` byte buffer per tensor; after commit those buffers become the pipeline's
 input and, for exact tensors, the chain's next reconstruction, so no byte is copied twice.
