@@ -164,15 +164,20 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def daemon(workdir: Path, max_inflight_bytes: int) -> Iterator[DaemonProcess]:
-    """A ``ckptd serve`` subprocess on a unix socket, storing under ``workdir``."""
+def daemon(
+    workdir: Path, max_inflight_bytes: int, extra: tuple[str, ...] = ("--log-level", "warning")
+) -> Iterator[DaemonProcess]:
+    """A ``ckptd serve`` subprocess on a unix socket, storing under ``workdir`` (a second
+    one on the same ``workdir`` restarts on the same storage, appending to its log);
+    ``extra`` are more ``serve`` flags."""
     ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)
     command = [
         sys.executable, "-m", "ckptd.daemon.cli", "serve", "--storage", str(workdir / "store"),
         "--listen", f"unix://{workdir / 'd.sock'}", "--ready-file", str(ready),
-        "--log-level", "warning", "--max-inflight-bytes", str(max_inflight_bytes),
+        "--max-inflight-bytes", str(max_inflight_bytes), *extra,
     ]  # fmt: skip
-    with (workdir / "daemon.log").open("wb") as log:
+    with (workdir / "daemon.log").open("ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     running = DaemonProcess(proc, "")
     try:

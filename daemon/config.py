@@ -46,6 +46,9 @@ class EngineConfig:
     default_bits: int = 4
     representative: str = "mean"
     coder: str = "zstd"
+    # Lossless blobs (bases, exact tensors): "zstd" (byte planes + zstd), "none" (raw), or
+    # "auto": raw when the measured storage is faster than the coder (engine/basecoding.py).
+    base_compression: str = "auto"
     # Float tensors with fewer elements than this are stored exactly when the client leaves
     # the policy to the daemon (POLICY_UNSPECIFIED); reported as ServerInfo.lossy_min_elements.
     min_lossy_elements: int = 1024
@@ -92,6 +95,9 @@ class EngineConfig:
             )
         if self.coder not in ("zstd", "huffman"):
             raise ValueError(f"coder must be 'zstd' or 'huffman', got {self.coder!r}")
+        if self.base_compression not in ("auto", "zstd", "none"):
+            raise ValueError(f"base_compression must be 'auto', 'zstd' or 'none', got "
+                             f"{self.base_compression!r}")
         if self.encode_workers < 1:
             raise ValueError(f"encode_workers must be >= 1, got {self.encode_workers}")
         if self.storage_workers < 1:
@@ -369,6 +375,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "bits": ("engine", "default_bits", int),
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
+    "base_compression": ("engine", "base_compression", _parse_lower),
     "min_lossy_elements": ("engine", "min_lossy_elements", int),
     "encode_workers": ("engine", "encode_workers", int),
     "retention_keep_last": ("engine", "retention_keep_last", int),

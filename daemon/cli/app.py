@@ -57,6 +57,8 @@ _SERVE_HELP = {
     "bits": "default bit width of the lossy delta codec (1-8)",
     "representative": "value a kept bucket decodes to: mean or midrange",
     "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
+    "base_compression": "lossless blobs: zstd, none (raw), or auto (raw when the measured "
+                        "storage is faster than the coder)",
     "min_lossy_elements": "float tensors with fewer elements are stored exactly (under the "
     "auto policy)",
     "encode_workers": "threads that encode checkpoints",
@@ -85,7 +87,8 @@ _SERVE_HELP = {
 # No argparse choices: DaemonConfig checks flag and environment values alike, in one place.
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
              "log_format": "FORMAT", "metrics_listen": "ADDR", "storage_mode": "MODE",
-             "representative": "KIND", "coder": "CODER", "max_delta_fraction": "X",
+             "representative": "KIND", "coder": "CODER", "base_compression": "MODE",
+             "max_delta_fraction": "X",
              "retention_keep_interval_s": "SECONDS", "retention_best_metric": "NAME",
              "retention_best_mode": "MODE", "retention_max_bytes": "BYTES",
              "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM",

@@ -103,13 +103,16 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
     return delta.decode_delta(blob, reference)
 
 
-def encode_exact(array: np.ndarray, *, bfloat16: bool = False) -> bytes:
+def encode_exact(array: np.ndarray, *, bfloat16: bool = False, compress: bool = True) -> bytes:
     """Lossless blob of any table dtype (floats, ints, uints, bool), any shape, 0-d and empty.
+
+    ``compress=False`` writes the bytes raw (format version 3): no byte planes, no zstd, for
+    storage faster than the coder; ``decode_exact`` reads both.
 
     Raises:
         CodecError: the dtype is not in the codec's table (complex, object, strings, ...).
     """
-    return exact.encode_exact(array, bfloat16=bfloat16)
+    return exact.encode_exact(array, bfloat16=bfloat16, compress=compress)
 
 
 def decode_exact(blob: bytes | memoryview) -> np.ndarray:

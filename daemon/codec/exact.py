@@ -13,6 +13,7 @@ import numpy as np
 from . import chunks, entropy
 from .format import (
     CODER_IDS,
+    CODER_RAW,
     FLAG_BYTE_PLANES,
     KIND_EXACT,
     KIND_NAMES,
@@ -28,11 +29,15 @@ from .format import (
 )
 
 
-def encode_exact(array: np.ndarray, *, bfloat16: bool) -> bytes:
+def encode_exact(array: np.ndarray, *, bfloat16: bool, compress: bool = True) -> bytes:
     """See ``ckptd.daemon.codec.encode_exact``."""
     array = np.asarray(array)
     dtype = dtype_of(array, bfloat16=bfloat16)
     flat = np.ascontiguousarray(array, dtype=dtype.holder).reshape(-1)
+    if not compress:
+        header = Header(KIND_EXACT, dtype, tuple(array.shape), 0, CODER_RAW, 0, 0,
+                        max(flat.size, 1), flat.size)
+        return build_blob(header, [flat.view(np.uint8).data])
     planes = dtype.is_float and dtype.holder.itemsize > 1
     parts = chunks.bounds(flat.size, chunks.CHUNK_ELEMS)
     pool = chunks.ScratchPool()
@@ -52,7 +57,10 @@ def decode_exact(blob: bytes | memoryview) -> np.ndarray:
                          f"with its reference")
     if header.flags & ~FLAG_BYTE_PLANES:
         raise CodecError(f"corrupt blob: unknown flags {header.flags:#x}")
-    reader = Reader(verify_payload(view, header))
+    payload = verify_payload(view, header)
+    if header.coder == CODER_RAW:
+        return _decode_raw(payload, header)
+    reader = Reader(payload)
     bodies = read_chunks(reader, header.nchunks)
     reader.at_end()
     parts = chunks.bounds(header.count, header.chunk_elems)
@@ -65,6 +73,17 @@ def decode_exact(blob: bytes | memoryview) -> np.ndarray:
     with chunks.mapper(len(parts)) as run:
         run(lambda i: _decode_chunk(bodies[i], out[parts[i]], planes, pool.get()),
             range(len(parts)))
+    return out.reshape(header.shape)
+
+
+def _decode_raw(payload: memoryview, header: Header) -> np.ndarray:
+    """A raw blob's tensor: one copy out of the blob, so the array owns writable memory."""
+    expected = header.count * header.dtype.holder.itemsize
+    if len(payload) != expected:
+        raise CodecError(f"corrupt blob: raw payload of {len(payload)} bytes, "
+                         f"{header.shape} {header.dtype.name} needs {expected}")
+    out = chunks.empty_output(header.count, header.dtype.holder)
+    out.view(np.uint8)[...] = np.frombuffer(payload, np.uint8)
     return out.reshape(header.shape)
 
 

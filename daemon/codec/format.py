@@ -6,12 +6,12 @@ Header (``44 + 8 * ndim`` bytes)::
 
     offset size  field
     0      4     magic b"CKPD"
-    4      1     format version (1 or 2, see below)
+    4      1     format version (1, 2 or 3, see below)
     5      1     kind: 1 = delta (lossy, needs the reference), 2 = exact (lossless)
     6      1     dtype code (table ``DTYPES`` below; same numbers as the wire ``DType``)
     7      1     ndim (0..64)
     8      1     bits b (delta: 1..8; exact: 0)
-    9      1     coder: 1 = zstd, 2 = huffman
+    9      1     coder: 1 = zstd, 2 = huffman, 3 = raw (exact blobs, version 3 only)
     10     1     representative: 0 = none (exact), 1 = mean, 2 = midrange
     11     1     flags: bit 0 = byte planes (exact blobs of multi-byte floats);
                  bit 1 = log domain (delta blobs, version 2 only: ``domains``)
@@ -25,8 +25,10 @@ Header (``44 + 8 * ndim`` bytes)::
 Versions: version 2 added the log domain (flag bit 1). A blob is written with the lowest
 version that can hold it: version 1 unless it is a log-domain delta. So every blob a
 version-1 reader could read is still written byte for byte as before, and a version-1 reader
-refuses a log-domain blob (which it would misread as a linear delta) by its version. This
-build reads both.
+refuses a log-domain blob (which it would misread as a linear delta) by its version.
+Version 3 added raw exact blobs (coder 3): a base written uncompressed when storage is faster
+than the coder (``--base-compression``); older readers refuse them by their version. This
+build reads all three.
 
 The two checksums together cover every byte: a flipped bit anywhere, a truncation or trailing
 garbage is reported as ``CodecError`` before any decoding starts.
@@ -54,6 +56,9 @@ Exact payload (kind 2)::
     chunk bodies           zstd frames of the chunk's raw bytes (split into byte planes
                            when flag bit 0 is set: all first bytes, then all second bytes, ...)
 
+Raw exact payload (kind 2, coder 3): the tensor's little-endian bytes, nothing else
+(``chunk_elems`` = ``count``, or 1 when empty; no chunk table, no flags).
+
 Chunks exist so that encode and decode bound their temporaries and run on several cores;
 chunk bodies are independent of each other.
 
@@ -73,19 +78,25 @@ import numpy as np
 import xxhash
 
 MAGIC = b"CKPD"
-VERSION = 2  # the newest this build reads and writes
+VERSION = 3  # the newest this build reads and writes
 VERSION_OF_LOG_DOMAIN = 2
+VERSION_OF_RAW = 3
 KIND_DELTA = 1
 KIND_EXACT = 2
 KIND_NAMES = {KIND_DELTA: "delta", KIND_EXACT: "exact"}
 
 FLAG_BYTE_PLANES = 1
 FLAG_LOG_DOMAIN = 2
-_KNOWN_FLAGS = {1: FLAG_BYTE_PLANES, 2: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN}  # by version
+_KNOWN_FLAGS = {  # by version
+    1: FLAG_BYTE_PLANES,
+    2: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN,
+    3: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN,
+}
 MAX_NDIM = 64
 
-CODERS = {1: "zstd", 2: "huffman"}
+CODERS = {1: "zstd", 2: "huffman", 3: "raw"}
 CODER_IDS = {name: code for code, name in CODERS.items()}
+CODER_RAW = CODER_IDS["raw"]
 REPRESENTATIVES = {0: "none", 1: "mean", 2: "midrange"}
 REPRESENTATIVE_IDS = {name: code for code, name in REPRESENTATIVES.items()}
 
@@ -183,6 +194,8 @@ class Header:
     @property
     def version(self) -> int:
         """The lowest format version that holds this blob (see the module docstring)."""
+        if self.coder == CODER_RAW:
+            return VERSION_OF_RAW
         return VERSION_OF_LOG_DOMAIN if self.flags & FLAG_LOG_DOMAIN else 1
 
     @property
@@ -258,6 +271,8 @@ def unpack_header(blob: memoryview) -> Header:
             header.flags & FLAG_LOG_DOMAIN and header.kind != KIND_DELTA):
         raise CodecError(f"corrupt blob: flags {header.flags:#04x} in a version {version} "
                          f"{KIND_NAMES[header.kind]} blob")
+    if header.coder == CODER_RAW and version < VERSION_OF_RAW:
+        raise CodecError(f"corrupt blob: raw coder in a version {version} blob")
     if len(blob) != header.size + payload_len:
         raise CodecError(f"blob length {len(blob)} does not match its header "
                          f"({header.size} header + {payload_len} payload bytes): truncated?")
@@ -279,6 +294,9 @@ def _check_fields(h: Header) -> None:
         raise CodecError(f"corrupt blob: shape {h.shape} does not hold {h.count} elements")
     if h.chunk_elems < 1:
         raise CodecError(f"corrupt blob: chunk_elems {h.chunk_elems}")
+    if h.coder == CODER_RAW and (h.kind != KIND_EXACT or h.flags):
+        raise CodecError(f"corrupt blob: the raw coder needs an exact blob without flags, "
+                         f"got a {KIND_NAMES[h.kind]} blob with flags {h.flags:#04x}")
     if h.kind == KIND_DELTA and not (1 <= h.bits <= 8 and h.dtype.is_float
                                      and h.representative != 0):
         raise CodecError(f"corrupt blob: delta of {h.dtype.name} with bits {h.bits}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, SaveStatus, TensorSpec
+from ckptd.daemon.engine.stages import StageTimes
 from ckptd.daemon.store.manifest import BASE, DELTA, Manifest
 from ckptd.protos.records import SaveState
 
@@ -75,6 +76,7 @@ class QueuedSave:
     state: SaveState = SaveState.ACCEPTED
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    stages: StageTimes = field(default_factory=StageTimes)  # busy seconds per stage
 
     @property
     def status(self) -> SaveStatus:

@@ -386,6 +386,7 @@ class Engine:
         key = session.header.key
         chain = self._chain(key.run, key.rank)
         save = QueuedSave(session.header, session.take_arrays(), session.identity)
+        save.stages.add("receive", session.receive_s)
         self._sessions.discard(session)
         self._inflight[key] = save
         self._accepted_at_s[key] = time.monotonic()
@@ -447,11 +448,13 @@ class Engine:
         durable = DurableSave(
             key, manifest.kind, manifest.raw_bytes, committed.entry.stored_bytes,
             encode_s=committed.encode_s, latency_s=time.monotonic() - accepted_at_s,
+            stages=committed.stages,
         )
         log.info("save durable %s", step_fields(
             key, kind=durable.kind, raw_bytes=durable.raw_bytes,
             stored_bytes=durable.stored_bytes, chain_depth=manifest.chain_depth,
-            encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4)))
+            encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4),
+            **{f"{stage}_s": round(s, 4) for stage, s in durable.stages.items()}))
         self._notify(lambda: self._observer.save_durable(durable))
         self._report_head(key.run, key.rank)
 

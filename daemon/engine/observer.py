@@ -25,7 +25,7 @@ An observer that raises is logged and otherwise ignored: reporting never fails a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptd.daemon.domain import StepKey
 
@@ -43,6 +43,9 @@ class DurableSave:
     encode_s: float
     # Wall time from acceptance (commit of the stream) to durable, queueing included.
     latency_s: float
+    # Busy seconds per stage (``ckptd.daemon.engine.stages.SAVE_STAGES``): stages overlap,
+    # so they may add up to more than ``latency_s``.
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

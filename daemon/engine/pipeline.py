@@ -10,6 +10,11 @@ every blob is durable, the manifest is put — the commit point — then the mar
 and only then does the chain's head move on. On any failure the step's keys are deleted,
 the marker last (best effort; a restart removes what is left), and the head stays at the
 previous step, so the next save works as if this one never happened.
+
+Each stage's busy seconds are counted in the save's ``StageTimes``
+(``ckptd.daemon.engine.stages``) and come back in ``Committed.stages``; whether an exact
+blob is compressed is ``BaseCoding``'s choice (``ckptd.daemon.engine.basecoding``), fed by
+the same timings.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import StepKey, TensorSpec
+from ckptd.daemon.engine.basecoding import BaseCoding
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
+from ckptd.daemon.engine.stages import StageTimes
 from ckptd.daemon.engine.validation import bits_for, domain_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import get_logger, step_fields
@@ -50,12 +57,14 @@ Encoded = tuple[str, bytes, str, np.ndarray]  # encoding, blob, blob xxh3_64, re
 
 @dataclass(frozen=True)
 class Committed:
-    """A save the pipeline committed: the chain's new head, its index entry, and the wall
-    time of its encode phase (first tensor started to last tensor encoded)."""
+    """A save the pipeline committed: the chain's new head, its index entry, the wall
+    time of its encode phase (first tensor started to last tensor encoded) and the busy
+    seconds of each stage (``stages.SAVE_STAGES``)."""
 
     head: Reconstruction
     entry: IndexEntry
     encode_s: float
+    stages: dict[str, float]
 
 
 @dataclass
@@ -74,6 +83,7 @@ class SavePipeline:
         self._storage = repository.storage
         self._config = config
         self._pools = pools
+        self.base_coding = BaseCoding(config.base_compression)
 
     async def ensure_head(self, chain: Chain) -> None:
         """Makes ``chain.head`` the reconstruction of its latest committed step, restoring
@@ -100,7 +110,10 @@ class SavePipeline:
         """Encodes, writes and commits ``save``; returns the chain's new head (the caller
         advances the chain to it). Raises whatever failed, after deleting the step's
         partial keys."""
+        stages = save.stages
+        began = time.perf_counter()
         await self.ensure_head(chain)
+        stages.add("head", time.perf_counter() - began)
         header = save.header
         kind, why = choose_kind(chain.head, header.tensors, self._config)
         log.debug("encoding save %s", step_fields(header.key, kind=kind, why=why))
@@ -115,8 +128,10 @@ class SavePipeline:
             entries = tuple(entry for entry, _ in encoded)
             arrays = tuple(array for _, array in encoded)
             specs = header.tensors
-            checksum = await self._pools.run_codec(lambda: tensors_checksum(specs, arrays))
+            checksum = await self._pools.run_codec(
+                stages.timed("checksum", lambda: tensors_checksum(specs, arrays)))
             manifest = self._manifest(save, kind, previous, entries, checksum)
+            began = time.perf_counter()
             entry = await self._repository.commit(manifest)
         except asyncio.CancelledError:
             raise  # shutting down: storage may hang, so leave the keys to the next start
@@ -124,8 +139,10 @@ class SavePipeline:
             await self._discard(header.key, len(header.tensors))
             raise
         await self._repository.clear_pending(header.key)
+        stages.add("commit", time.perf_counter() - began)
         encode_s = (progress.encoded_at_s or time.monotonic()) - started_s
-        return Committed(_next_head(manifest, arrays, previous), entry, encode_s)
+        return Committed(_next_head(manifest, arrays, previous), entry, encode_s,
+                         stages.seconds())
 
     async def _encode_and_put(
         self, save: QueuedSave, previous: Reconstruction | None, progress: _Progress
@@ -143,7 +160,9 @@ class SavePipeline:
         current = save.arrays[index]
         assert current is not None
         reference = previous.arrays[index] if previous is not None else None
-        job = functools.partial(_encode_tensor, spec, current, reference, self._config)
+        compress = self.base_coding.compress()  # used only if the tensor is coded exactly
+        job = functools.partial(_encode_tensor, spec, current, reference, self._config,
+                                _Timing(save.stages, self.base_coding, compress))
         del current
         encoding, blob, digest, reconstruction = await self._pools.run_codec(job)
         save.arrays[index] = None  # the received bytes are no longer needed
@@ -153,7 +172,11 @@ class SavePipeline:
             progress.encoded_at_s = time.monotonic()
             save.state = SaveState.WRITING
         key = blob_key(save.header.key, index)
-        await self._pools.run_io(functools.partial(self._storage.put, key, blob))
+        put = functools.partial(self._storage.put, key, blob)
+        began = time.perf_counter()
+        await self._pools.run_io(save.stages.timed("write", put))
+        # Queueing for an I/O thread counts too: it is what the storage costs this save.
+        self.base_coding.written(len(blob), time.perf_counter() - began)
         return TensorEntry(spec, encoding, key, len(blob), digest), reconstruction
 
     def _manifest(
@@ -189,15 +212,31 @@ class SavePipeline:
         await self._repository.clear_pending(key)
 
 
+@dataclass(frozen=True)
+class _Timing:
+    """Where one tensor's encode reports its seconds, and whether an exact blob is
+    compressed (decided on the loop: ``BaseCoding.compress``)."""
+
+    stages: StageTimes
+    base_coding: BaseCoding
+    compress: bool
+
+
 def _encode_tensor(
-    spec: TensorSpec, current: np.ndarray, reference: np.ndarray | None, config: EngineConfig
+    spec: TensorSpec, current: np.ndarray, reference: np.ndarray | None, config: EngineConfig,
+    timing: _Timing,
 ) -> Encoded:
     """Encodes one tensor (codec pool): exact without a reference or when the policy says
     so, else a lossy delta. Returns the blob and the tensor as a restore will rebuild it."""
     bfloat16 = spec.dtype_info.is_bfloat16
+    began = time.perf_counter()
     if reference is None or not is_lossy(spec, config):
-        blob = codec.encode_exact(current, bfloat16=bfloat16)
-        return EXACT, blob, blob_checksum(blob), current
+        blob = codec.encode_exact(current, bfloat16=bfloat16, compress=timing.compress)
+        spent_s = time.perf_counter() - began
+        timing.stages.add("encode_exact", spent_s)
+        if timing.compress:
+            timing.base_coding.coded(current.nbytes, len(blob), spent_s)
+        return EXACT, blob, _blob_checksum(blob, timing.stages), current
     blob, reconstruction = codec.encode_delta(
         current,
         reference,
@@ -207,7 +246,12 @@ def _encode_tensor(
         bfloat16=bfloat16,
         domain=cast(codec.Domain, domain_for(spec)),
     )
-    return DELTA, blob, blob_checksum(blob), as_holder(reconstruction, spec)
+    timing.stages.add("encode_delta", time.perf_counter() - began)
+    return DELTA, blob, _blob_checksum(blob, timing.stages), as_holder(reconstruction, spec)
+
+
+def _blob_checksum(blob: bytes, stages: StageTimes) -> str:
+    return stages.timed("blob_checksum", lambda: blob_checksum(blob))()
 
 
 def _next_head(

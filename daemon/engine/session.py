@@ -10,6 +10,7 @@ input and, for exact tensors, the chain's next reconstruction, so no byte is cop
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -40,6 +41,8 @@ class SaveSession:
         self._received = [0] * len(header.tensors)
         self._cursor = 0  # first tensor that is not complete; chunks must go there
         self._state = _OPEN
+        self._opened_s = time.perf_counter()
+        self.receive_s = 0.0  # header to commit, once committed: the "receive" stage
         self._advance()
 
     @property
@@ -104,6 +107,7 @@ class SaveSession:
                 f"has {self._received[self._cursor]} of {spec.nbytes} bytes"
             )
         self._state = _COMMITTED
+        self.receive_s = time.perf_counter() - self._opened_s
         try:
             return await self._on_commit(self)
         except BaseException:

@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIServer
 
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
+from ckptd.daemon.engine.stages import SAVE_STAGES
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -125,6 +126,12 @@ class Metrics(EngineObserver):
             "restore_bytes", "Bytes held by restores being streamed (max_restore_bytes).")
         self._encode = histogram("encode_seconds",
                                  "Wall time to encode one save, first tensor to last.")
+        self._stage_seconds = counter(
+            "save_stage_seconds", "Busy seconds of durable saves by pipeline stage (receive, "
+            "head, encode_exact, encode_delta, blob_checksum, write, checksum, commit); "
+            "stages overlap, so their sum may exceed the wall time.", ("stage",))
+        for stage in SAVE_STAGES:
+            self._stage_seconds.labels(stage=stage)
         self._latency = histogram("save_latency_seconds",
                                   "Wall time from a save's acceptance to its commit (durable).")
         self._restore = histogram("restore_seconds",
@@ -142,6 +149,8 @@ class Metrics(EngineObserver):
         self._stored.inc(save.stored_bytes)
         self._encode.observe(save.encode_s)
         self._latency.observe(save.latency_s)
+        for stage, seconds in save.stages.items():
+            self._stage_seconds.labels(stage=stage).inc(seconds)
 
     def save_failed(self, key: StepKey, kind: str, message: str) -> None:
         self._saves.labels(outcome="failed").inc()

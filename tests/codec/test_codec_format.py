@@ -306,11 +306,44 @@ def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) 
 
 def test_unknown_version_is_reported() -> None:
     blob = bytearray(encode_exact(np.arange(4)))
-    blob[4] = 3
-    with pytest.raises(CodecError, match="unsupported codec format version 3"):
+    blob[4] = 4
+    with pytest.raises(CodecError, match="unsupported codec format version 4"):
         decode_exact(_reseal(bytes(blob)))
-    with pytest.raises(CodecError, match="version 3"):
+    with pytest.raises(CodecError, match="version 4"):
         blob_info(bytes(blob))
+
+
+@pytest.mark.parametrize("array", [
+    np.linspace(-1, 1, 1000, dtype=np.float32).reshape(10, 100),
+    np.arange(7, dtype=np.int64), np.zeros((0, 3), np.float16), np.array(2.5),
+])  # fmt: skip
+def test_raw_exact_blob_round_trips_as_version_3(array: np.ndarray) -> None:
+    blob = encode_exact(array, compress=False)
+    info = blob_info(blob)
+    assert (blob[4], info.kind, info.coder) == (3, "exact", "raw")
+    assert len(blob) == 44 + 8 * array.ndim + array.nbytes  # header and the bytes, no more
+    out = decode_exact(blob)
+    assert out.dtype == array.dtype and out.shape == array.shape and out.flags.writeable
+    np.testing.assert_array_equal(out, array)
+
+
+def test_raw_blob_refused_where_it_cannot_be() -> None:
+    raw = bytearray(encode_exact(np.arange(4, dtype=np.float32), compress=False))
+    raw[4] = 2  # an older version cannot hold the raw coder
+    with pytest.raises(CodecError, match="raw coder in a version 2 blob"):
+        decode_exact(_reseal(bytes(raw)))
+    raw[4], raw[11] = 3, 1  # byte planes on a raw blob
+    with pytest.raises(CodecError, match="got a exact blob with flags 0x01"):
+        decode_exact(_reseal(bytes(raw)))
+    delta, _ = encode_delta(np.ones(8, np.float32), np.zeros(8, np.float32))
+    forged = bytearray(delta)
+    forged[9] = 3  # a delta blob claiming the raw coder
+    with pytest.raises(CodecError, match="got a delta blob with flags"):
+        decode_delta(_reseal(bytes(forged)), np.zeros(8, np.float32))
+    short = bytearray(encode_exact(np.arange(4, dtype=np.float32), compress=False))
+    struct.pack_into("<Q", short, 16, 5)  # count 5, shape (4,): caught before the payload
+    with pytest.raises(CodecError, match="does not hold 5 elements"):
+        decode_exact(_reseal(bytes(short)))
 
 
 def test_not_a_blob() -> None:
