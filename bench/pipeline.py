@@ -353,7 +353,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
 
 
 STAGE_KEYS = ("latency_s", "receive_s", "head_s", "encode_exact_s", "encode_delta_s",
-              "blob_checksum_s", "write_s", "checksum_s", "commit_s")
+              "blob_checksum_s", "write_s", "sync_s", "checksum_s", "commit_s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 ``--base-compression``: ``zstd`` always compresses, ``none`` always writes raw, ``auto``
 (default) decides per tensor from what this daemon measured: the coder's throughput and
 compression ratio on exact blobs, and the storage's write throughput (a put, fsync
-included). Per byte of tensor, compressing costs ``1/coder + 1/(ratio * storage)`` and raw
+included: the puts and the batch's sync, per save). Per byte of tensor, compressing costs ``1/coder + 1/(ratio * storage)`` and raw
 costs ``1/storage``, so raw wins when ``storage > coder * (1 - 1/ratio)``. Float weights
 compress to only ~1.1-1.2x, so on a local disk raw nearly always wins; an object store far
 slower than the coder, or tensors that compress well (integers, masks, bf16), keep zstd.
@@ -77,7 +77,7 @@ class BaseCoding:
             self._ratio.observe(raw_bytes, float(max(stored_bytes, 1)))
 
     def written(self, nbytes: int, seconds: float) -> None:
-        """A put of ``nbytes`` took ``seconds`` (to durable)."""
+        """A save's blobs, ``nbytes`` in all, took ``seconds`` of puts and sync (busy)."""
         if nbytes < MIN_OBSERVED_BYTES:
             return
         with self._lock:

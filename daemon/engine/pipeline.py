@@ -6,7 +6,8 @@ against the head reconstruction), drop the received buffer, put the blob from th
 pool; tensors run concurrently up to the pools' width, a bound shared with every other
 chain's saves (``Pools.blob_slots``). Before the first blob, the step's ``pending``
 marker is put, so that a crash leaves a directory start-up can prove uncommitted; when
-every blob is durable, the manifest is put — the commit point — then the marker removed,
+every blob is durable (they are put as one batch, ``Storage.put_batched``, made durable by
+one ``Storage.sync``), the manifest is put — the commit point — then the marker removed,
 and only then does the chain's head move on. On any failure the step's keys are deleted,
 the marker last (best effort; a restart removes what is left), and the head stays at the
 previous step, so the next save works as if this one never happened.
@@ -128,8 +129,16 @@ class SavePipeline:
             entries = tuple(entry for entry, _ in encoded)
             arrays = tuple(array for _, array in encoded)
             specs = header.tensors
-            checksum = await self._pools.run_codec(
-                stages.timed("checksum", lambda: tensors_checksum(specs, arrays)))
+            # The blobs' one fsync batch runs while the codec pool hashes the tensors.
+            keys = [entry.blob_key for entry in entries]
+            _, checksum = await asyncio.gather(
+                self._pools.run_io(stages.timed("sync", lambda: self._storage.sync(keys))),
+                self._pools.run_codec(
+                    stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
+            )
+            spent = stages.seconds()
+            self.base_coding.written(sum(entry.blob_bytes for entry in entries),
+                                     spent["write"] + spent["sync"])
             manifest = self._manifest(save, kind, previous, entries, checksum)
             began = time.perf_counter()
             entry = await self._repository.commit(manifest)
@@ -172,11 +181,8 @@ class SavePipeline:
             progress.encoded_at_s = time.monotonic()
             save.state = SaveState.WRITING
         key = blob_key(save.header.key, index)
-        put = functools.partial(self._storage.put, key, blob)
-        began = time.perf_counter()
+        put = functools.partial(self._storage.put_batched, key, blob)
         await self._pools.run_io(save.stages.timed("write", put))
-        # Queueing for an I/O thread counts too: it is what the storage costs this save.
-        self.base_coding.written(len(blob), time.perf_counter() - began)
         return TensorEntry(spec, encoding, key, len(blob), digest), reconstruction
 
     def _manifest(

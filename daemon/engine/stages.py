@@ -14,7 +14,8 @@ Stages, in the order a save meets them:
 * ``encode_exact`` / ``encode_delta``: codec calls, lossless (bases, exact policies) or
   lossy (delta, quantize and entropy coding together: the codec times no finer);
 * ``blob_checksum``: the xxh3_64 of each blob, named in the manifest;
-* ``write``: storage puts of the blobs (a local put includes its fsync);
+* ``write``: storage puts of the blobs (``put_batched``: locally, without their fsync);
+* ``sync``: the one durability batch of the blobs (locally: their fsyncs), before the commit;
 * ``checksum``: the xxh3_128 of the reconstructed tensors, named in the manifest;
 * ``commit``: the manifest's put (the commit point) and the marker's removal.
 """
@@ -29,8 +30,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SAVE_STAGES = (
-    "receive", "head", "encode_exact", "encode_delta", "blob_checksum", "write", "checksum",
-    "commit",
+    "receive", "head", "encode_exact", "encode_delta", "blob_checksum", "write", "sync",
+    "checksum", "commit",
 )  # fmt: skip
 
 

@@ -128,7 +128,7 @@ class Metrics(EngineObserver):
                                  "Wall time to encode one save, first tensor to last.")
         self._stage_seconds = counter(
             "save_stage_seconds", "Busy seconds of durable saves by pipeline stage (receive, "
-            "head, encode_exact, encode_delta, blob_checksum, write, checksum, commit); "
+            "head, encode_exact, encode_delta, blob_checksum, write, sync, checksum, commit); "
             "stages overlap, so their sum may exceed the wall time.", ("stage",))
         for stage in SAVE_STAGES:
             self._stage_seconds.labels(stage=stage)

@@ -126,6 +126,21 @@ class Storage(abc.ABC):
         A ``memoryview`` must be C-contiguous; it is written without being copied whole.
         """
 
+    def put_batched(self, key: str, data: bytes | memoryview) -> None:
+        """Stores ``data`` under ``key`` like ``put``, except that it need not be durable
+        until ``sync`` names ``key``; the caller must not rely on it (commit anything that
+        names it) before then. A crash in between may leave the key missing, empty or
+        partial, never a key that is not in a batch.
+
+        Lets a backend pay for durability once per batch (one fsync per file and directory
+        at the end, rather than a journal commit per blob). The default is ``put``.
+        """
+        self.put(key, data)
+
+    def sync(self, keys: Iterable[str]) -> None:  # noqa: B027 (optional: put is durable)
+        """Makes the ``put_batched`` objects under ``keys`` durable; called once per batch,
+        before anything that names them is committed. The default does nothing."""
+
     @abc.abstractmethod
     def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:
         """Returns bytes ``[start, end)`` of the object, clipped to its size like a slice.

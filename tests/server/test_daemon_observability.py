@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from ckptd.daemon.config import DaemonConfig, EngineConfig
 from ckptd.daemon.logs import LOGGER_NAME, split_record
+from ckptd.daemon.engine.stages import SAVE_STAGES
 from ckptd.daemon.server.metrics import make_registry, start_metrics_server
 from ckptd.protos.v1 import pb
 from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process
@@ -100,6 +101,10 @@ def test_metrics_count_saves_bytes_restores_and_errors(observed: InProcessDaemon
     assert sample("ckptd_chain_length", **chain) == STEPS
     assert sample("ckptd_encode_seconds_count") == STEPS
     assert sample("ckptd_save_latency_seconds_count") == STEPS
+    stage = {name: sample("ckptd_save_stage_seconds_total", stage=name) for name in SAVE_STAGES}
+    # One base then deltas: each coding stage ran; every stage is exported, none negative.
+    assert stage["encode_exact"] > 0 and stage["encode_delta"] > 0 and stage["write"] > 0
+    assert min(stage.values()) >= 0
     assert sample("ckptd_restore_seconds_count") == 1
     assert sample("ckptd_bytes_restored_total") == raw
     assert sample("ckptd_rpc_errors_total", method="Restore", code="NOT_FOUND",

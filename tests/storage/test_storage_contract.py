@@ -27,6 +27,20 @@ def test_put_get_round_trip(storage: Storage) -> None:
         assert storage.size(key) == len(data)
 
 
+def test_batched_puts_read_back_and_list_like_puts_once_synced(storage: Storage) -> None:
+    objects = {f"runs/r/0/step/{i:05d}.blob": bytes([i]) * (i * 1000) for i in range(4)}
+    objects["runs/r/0/other/a.blob"] = b"elsewhere"
+    for key, data in objects.items():
+        storage.put_batched(key, memoryview(data))
+    storage.sync(list(objects))
+    storage.put_batched("runs/r/0/step/00000000.blob", b"replaced")  # overwrites, like put
+    storage.sync(["runs/r/0/step/00000000.blob"])
+    objects["runs/r/0/step/00000000.blob"] = b"replaced"
+    assert storage.list("runs/") == sorted(objects)
+    for key, data in objects.items():
+        assert storage.get(key) == data
+
+
 # Each test loops over its cases: opening an S3 client costs far more than the checks.
 RANGES = [(0, None), (10, 20), (0, 1), (1023, None), (1023, 1024), (0, 1024), (0, 5000),
           (1020, 1030), (1024, None), (2000, None), (2000, 3000), (7, 7), (1024, 1024)]

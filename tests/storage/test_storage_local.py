@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from ckptd.daemon.errors import StorageInUseError
-from ckptd.daemon.storage import LocalStorage, StorageError, open_storage
+from ckptd.daemon.storage import KeyNotFoundError, LocalStorage, StorageError, open_storage
 from ckptd.daemon.storage import local as local_module
 
 
@@ -201,3 +201,47 @@ def test_storage_mode_setting_parses_presets_and_octal_modes() -> None:
     assert config.storage_mode == 0o640
     with pytest.raises(ValueError, match="storage_mode"):
         DaemonConfig.from_settings({"storage": "/x", "storage_mode": "0777"})
+
+
+def test_batched_puts_skip_fsync_until_one_sync_per_file_and_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    keys = ["s/1/a.blob", "s/1/b.blob", "s/2/c.blob"]
+    storage.put("s/1/pending", b"")  # the directories exist, as the pending marker makes them
+    storage.put("s/2/pending", b"")
+    monkeypatch.setattr(local_module.os, "fsync", fsync)
+    for key in keys:
+        storage.put_batched(key, key.encode())
+    assert synced == []  # nothing durable yet: the batch pays once, in sync
+    storage.sync(keys)
+    files, dirs = synced[:3], synced[3:]
+    assert files == [str(tmp_path / key) for key in keys]
+    assert dirs == [str(tmp_path / "s" / "1"), str(tmp_path / "s" / "2")]
+    assert [storage.get(key) for key in keys] == [key.encode() for key in keys]
+
+
+def test_sync_of_a_vanished_or_failing_key_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put_batched("s/a.blob", b"x")
+    storage.delete(["s/a.blob"])
+    with pytest.raises(KeyNotFoundError, match=r"sync of 's/a.blob' in file://.*: it is gone "
+                       r"\(deleted before it was durable\)"):
+        storage.sync(["s/a.blob"])
+    storage.put_batched("s/b.blob", b"y")
+
+    def fail(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(local_module.os, "fsync", fail)
+    with pytest.raises(StorageError, match=r"sync of 1 keys in file://.*Input/output error"):
+        storage.sync(["s/b.blob"])
