@@ -10,13 +10,15 @@ log domain), in one run and interleaved rep by rep (``--reps``, medians reported
   future is done: DCP fsyncs its files) and ``load``;
 * ckptd through a ``ckptd serve`` subprocess (unix socket, shared memory): a base and
   then a delta from ``save()`` to DURABLE, a restore of the latest step (the chain's head,
-  in the daemon's memory); the same base through a second daemon with
-  ``--base-compression zstd`` (what every base was before ``auto``: the before/after of
-  this issue's item 4, same run); a base and a delta streamed over gRPC;
+  in the daemon's memory); the same through a second, *before* daemon: the code of
+  ``--before DIR`` (a directory holding an older ``ckptd`` package, put first on that
+  daemon's ``PYTHONPATH``; see bench/README.md), or without it this code with
+  ``--base-compression zstd``; a base and a delta streamed over gRPC;
 * once per case: a chain ``--depth`` deltas deep, then the daemon restarted and, rep by
   rep, a restore of that step (read from storage through every delta), of a base (from
   storage) and ``torch.load``; back-to-back delta saves (sustained throughput);
-* once per size (weights): sustained delta throughput at ``--encode-workers 1`` and ``2``.
+* once, at the first size (weights): sustained delta throughput per ``--worker-counts``
+  (``--encode-workers`` 1 and 2 by default).
 
 Stage times come from the daemon's own timers (``ckptd.daemon.engine.stages``: the
 ``save durable`` log line, JSON), as busy seconds per stage; restores are timed whole on
@@ -28,6 +30,7 @@ Usage::
     python bench/pipeline.py                         # 256MiB,1GiB; 3 reps
     python -m bench.pipeline --sizes 256MiB --reps 3 --depth 4
     python bench/pipeline.py --sizes 4GiB --reps 3   # alone on the machine: ~14 GB RAM
+    python bench/pipeline.py --before /tmp/ckptd-main/pkg   # before/after, same run
 
 Writes ``bench/out/pipeline.json`` and prints a markdown summary with the issue's targets.
 """
@@ -182,11 +185,23 @@ def sustained_MBps(ckpt: Checkpointer, first_step: int, saves: int, state: dict[
 
 
 @contextlib.contextmanager
-def serve(workdir: Path, budget: int, *flags: str) -> Iterator[stall.DaemonProcess]:
+def serve(
+    workdir: Path, budget: int, *flags: str, code: Path | None = None
+) -> Iterator[stall.DaemonProcess]:
+    """A daemon logging JSON; ``code``: a directory whose ``ckptd`` package it runs."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra = ("--log-level", "info", "--log-format", "json", *flags)
-    with stall.daemon(workdir, budget, extra) as proc:
-        yield proc
+    saved = os.environ.get("PYTHONPATH")
+    if code is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), saved) if p)
+    try:
+        with stall.daemon(workdir, budget, extra) as proc:
+            yield proc
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def stage_lines(workdir: Path) -> dict[str, dict[str, Any]]:
@@ -201,16 +216,16 @@ def stage_lines(workdir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def ckptd_rep(addr: str, zstd_addr: str, rep: int, state: dict[str, Any], *, kind: str,
+def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, kind: str,
               record: dict[str, list[float]]) -> None:
-    """One rep of ckptd: shm base, delta, restore latest; zstd base; gRPC base and delta."""
-    with Checkpointer(addr, run=f"{kind}-shm-{rep}", transport="shm") as ckpt:
-        record["base_save_shm"].append(durable_s(ckpt, 1, state))
-        perturb(state)
-        record["delta_save_shm"].append(durable_s(ckpt, 2, state))
-        record["restore_latest"].append(timed(ckpt.restore))
-    with Checkpointer(zstd_addr, run=f"{kind}-zstd-{rep}", transport="shm") as ckpt:
-        record["base_save_shm_zstd"].append(durable_s(ckpt, 1, state))
+    """One rep of ckptd: shm base, delta, restore latest, on this daemon and the before
+    one; gRPC base and delta."""
+    for daemon, suffix in ((addr, ""), (before_addr, "_before")):
+        with Checkpointer(daemon, run=f"{kind}-shm{suffix}-{rep}", transport="shm") as ckpt:
+            record[f"base_save_shm{suffix}"].append(durable_s(ckpt, 1, state))
+            perturb(state)
+            record[f"delta_save_shm{suffix}"].append(durable_s(ckpt, 2, state))
+            record[f"restore_latest{suffix}"].append(timed(ckpt.restore))
     with Checkpointer(addr, run=f"{kind}-grpc-{rep}", transport="grpc") as ckpt:
         record["base_save_grpc"].append(durable_s(ckpt, 1, state))
         perturb(state)
@@ -226,15 +241,17 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     record: dict[str, list[float]] = {k: [] for k in (
         "torch_save_fsync", "torch_load", "safetensors_save_fsync", "safetensors_load",
         "dcp_async_save", "dcp_load", "base_save_shm", "delta_save_shm", "restore_latest",
-        "base_save_shm_zstd", "base_save_grpc", "delta_save_grpc",
+        "base_save_shm_before", "delta_save_shm_before", "restore_latest_before",
+        "base_save_grpc", "delta_save_grpc",
     )}  # fmt: skip
-    main_dir, zstd_dir = root / f"{label}-{kind}-auto", root / f"{label}-{kind}-zstd"
+    main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
     workers = ("--encode-workers", str(args.encode_workers))
+    before_flags = () if args.before else ("--base-compression", "zstd")
     with serve(main_dir, budget, *workers) as main, \
-            serve(zstd_dir, budget, *workers, "--base-compression", "zstd") as zstd:
+            serve(before_dir, budget, *workers, *before_flags, code=args.before) as before:
         for rep in range(args.reps):
             baselines(state, root, record)
-            ckptd_rep(main.address, zstd.address, rep, state, kind=kind, record=record)
+            ckptd_rep(main.address, before.address, rep, state, kind=kind, record=record)
             print(f"[{label} {kind}] rep {rep}: " + ", ".join(
                 f"{k} {v[-1]:.2f}" for k, v in record.items()), flush=True)
         with Checkpointer(main.address, run=f"{kind}-deep", transport="shm") as ckpt:
@@ -244,7 +261,8 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
                 perturb(state)
                 ckpt.save(step, state).wait_durable()
             record["sustained_MBps"] = [sustained_MBps(ckpt, singles + 1, args.burst, state)]
-    shutil.rmtree(zstd_dir)
+    before_stages = stage_lines(before_dir)
+    shutil.rmtree(before_dir)
     deep = {"restore_deep": [], "restore_base_after_restart": [], "torch_load_deep": []}
     path = root / "deep.pt"
     torch.save(state, path)
@@ -262,7 +280,7 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     stages = stage_lines(main_dir)
     shutil.rmtree(main_dir)
     return {"size": label, "kind": kind, "bytes": nbytes, "tensors": len(flat),
-            "seconds": record, "stages": stages}
+            "seconds": record, "stages": stages, "stages_before": before_stages}
 
 
 def measure_workers(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -290,11 +308,13 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
     torch_MBps = case["bytes"] / save / 1e6
     return {
         "base_save_shm": s["base_save_shm"] / save,
-        "base_save_shm_zstd": s["base_save_shm_zstd"] / save,
+        "base_save_shm_before": s["base_save_shm_before"] / save,
         "delta_save_shm": s["delta_save_shm"] / save,
+        "delta_save_shm_before": s["delta_save_shm_before"] / save,
         "base_save_grpc": s["base_save_grpc"] / save,
         "delta_save_grpc": s["delta_save_grpc"] / save,
         "restore_latest": s["restore_latest"] / load,
+        "restore_latest_before": s["restore_latest_before"] / load,
         "restore_base_after_restart": s["restore_base_after_restart"] / s["torch_load_deep"],
         "restore_deep": s["restore_deep"] / s["torch_load_deep"],
         "sustained_over_torch_save": s["sustained_MBps"] / torch_MBps,
@@ -315,17 +335,19 @@ def stage_summary(case: dict[str, Any], run_prefix: str, step: int) -> dict[str,
 
 
 def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[str]:
-    out = ["| size | state | base shm | base shm (zstd) | delta shm | base grpc | delta grpc "
-           "| restore latest | base after restart | deep | sustained | safetensors save "
-           "| DCP async_save | torch.save+fsync s | torch.load s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| size | state | base shm | (before) | delta shm | (before) | base grpc "
+           "| delta grpc | restore latest | (before) | base after restart | deep | sustained "
+           "| safetensors save | DCP async_save | torch.save+fsync s | torch.load s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
             f"| {case['size']} | {case['kind']} | {r['base_save_shm']:.2f} "
-            f"| {r['base_save_shm_zstd']:.2f} | {r['delta_save_shm']:.2f} "
+            f"| {r['base_save_shm_before']:.2f} | {r['delta_save_shm']:.2f} "
+            f"| {r['delta_save_shm_before']:.2f} "
             f"| {r['base_save_grpc']:.2f} | {r['delta_save_grpc']:.2f} "
-            f"| {r['restore_latest']:.2f} | {r['restore_base_after_restart']:.2f} "
+            f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
+            f"| {r['restore_base_after_restart']:.2f} "
             f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
@@ -367,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-counts", default="1,2",
                         help="encode workers compared for sustained throughput (empty: skip)")
     parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="directory with an older ckptd package for the before daemon")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -388,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         for label in args.sizes:
             for kind in args.kinds:
                 cases.append(measure_case(label, kind, args, root))
-            if args.worker_counts:
+            if args.worker_counts and label == args.sizes[0]:  # the smallest: time is short
                 workers.append(measure_workers(label, args, root))
     summary = report_lines(cases, workers)
     report = {

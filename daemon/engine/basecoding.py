@@ -2,18 +2,20 @@
 
 ``--base-compression``: ``zstd`` always compresses, ``none`` always writes raw, ``auto``
 (default) decides per tensor from what this daemon measured: the coder's throughput and
-compression ratio on exact blobs, and the storage's write throughput (a put, fsync
-included: the puts and the batch's sync, per save). Per byte of tensor, compressing costs ``1/coder + 1/(ratio * storage)`` and raw
-costs ``1/storage``, so raw wins when ``storage > coder * (1 - 1/ratio)``. Float weights
-compress to only ~1.1-1.2x, so on a local disk raw nearly always wins; an object store far
-slower than the coder, or tensors that compress well (integers, masks, bf16), keep zstd.
+compression ratio on exact blobs, and the storage's write throughput (the puts of the
+blobs and each save's sync of its batch, so that an fsync counts). Per byte of tensor,
+compressing costs ``1/coder + 1/(ratio * storage)`` and raw costs ``1/storage``, so raw
+wins when ``storage > coder * (1 - 1/ratio)``. Float weights compress to only ~1.1-1.2x,
+so on a local disk raw nearly always wins; storage far slower than the coder (an object
+store over a thin link), or states that compress well overall, keep zstd. The ratio is
+the daemon's, over every tensor it compressed, not each tensor's own.
 
 Until both rates are known ``auto`` compresses (so the coder gets measured: the first
-tensors of the daemon's first base); observations decay, so the choice follows the storage
-when it slows down or speeds up.
+tensors of the daemon's first base, after which the rest of it is decided); observations
+decay, so the choice follows the storage when it slows down or speeds up.
 
-Called from the pipeline: ``compress()`` on the event loop before each exact tensor is
-handed to the codec pool; ``coded`` and ``written`` from whichever thread timed the call.
+Called from the pipeline: ``compress()`` on the event loop when an exact tensor starts;
+``coded``, ``written`` and ``synced`` from whichever thread timed the call.
 """
 
 from __future__ import annotations
@@ -77,11 +79,16 @@ class BaseCoding:
             self._ratio.observe(raw_bytes, float(max(stored_bytes, 1)))
 
     def written(self, nbytes: int, seconds: float) -> None:
-        """A save's blobs, ``nbytes`` in all, took ``seconds`` of puts and sync (busy)."""
+        """A blob's put (into its batch) of ``nbytes`` took ``seconds``."""
         if nbytes < MIN_OBSERVED_BYTES:
             return
         with self._lock:
             self._storage.observe(nbytes, seconds)
+
+    def synced(self, seconds: float) -> None:
+        """A save's batch took ``seconds`` to become durable: storage time of its bytes."""
+        with self._lock:
+            self._storage.observe(0, seconds)
 
     def rates(self) -> dict[str, float | None]:
         """What ``auto`` decides from: coder and storage MB/s, compression ratio."""

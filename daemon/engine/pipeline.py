@@ -37,6 +37,7 @@ from ckptd.daemon.engine.validation import bits_for, domain_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
+from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.index import IndexEntry
 from ckptd.daemon.store.manifest import (
     DELTA,
@@ -136,9 +137,7 @@ class SavePipeline:
                 self._pools.run_codec(
                     stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
             )
-            spent = stages.seconds()
-            self.base_coding.written(sum(entry.blob_bytes for entry in entries),
-                                     spent["write"] + spent["sync"])
+            self.base_coding.synced(stages.seconds()["sync"])
             manifest = self._manifest(save, kind, previous, entries, checksum)
             began = time.perf_counter()
             entry = await self._repository.commit(manifest)
@@ -181,8 +180,10 @@ class SavePipeline:
             progress.encoded_at_s = time.monotonic()
             save.state = SaveState.WRITING
         key = blob_key(save.header.key, index)
-        put = functools.partial(self._storage.put_batched, key, blob)
-        await self._pools.run_io(save.stages.timed("write", put))
+        put = functools.partial(_timed_put, self._storage, key, blob)
+        spent_s = await self._pools.run_io(put)
+        save.stages.add("write", spent_s)
+        self.base_coding.written(len(blob), spent_s)
         return TensorEntry(spec, encoding, key, len(blob), digest), reconstruction
 
     def _manifest(
@@ -254,6 +255,13 @@ def _encode_tensor(
     )
     timing.stages.add("encode_delta", time.perf_counter() - began)
     return DELTA, blob, _blob_checksum(blob, timing.stages), as_holder(reconstruction, spec)
+
+
+def _timed_put(storage: Storage, key: str, blob: bytes) -> float:
+    """Puts ``blob`` into the step's batch (I/O pool); returns the seconds it took."""
+    began = time.perf_counter()
+    storage.put_batched(key, blob)
+    return time.perf_counter() - began
 
 
 def _blob_checksum(blob: bytes, stages: StageTimes) -> str:
