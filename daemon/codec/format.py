@@ -72,6 +72,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -214,7 +215,7 @@ def payload_hash(payload: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-def build_blob(header: Header, parts: list[bytes]) -> bytes:
+def build_blob(header: Header, parts: Sequence[bytes | memoryview]) -> bytes:
     """``header || parts``, with the header's payload length and checksum filled in.
 
     Joins once: a base's payload is as large as the tensor, so no intermediate copy.

@@ -98,6 +98,15 @@ def test_auto_compresses_until_measured_then_follows_the_rates() -> None:
     assert coding.compress()
 
 
+def test_auto_counts_the_sync_of_a_batch_as_storage_time() -> None:
+    coding = BaseCoding("auto")
+    coding.coded(100 * MIN_OBSERVED_BYTES, 80 * MIN_OBSERVED_BYTES, 1.0)
+    coding.written(100 * MIN_OBSERVED_BYTES, 0.1)  # into the page cache: fast
+    assert not coding.compress()
+    coding.synced(9.0)  # but the fsync took 9 s: ~8 MiB/s in all, compressing wins
+    assert coding.compress()
+
+
 def test_auto_writes_raw_when_nothing_compresses() -> None:
     coding = BaseCoding("auto")
     coding.coded(4 * MIN_OBSERVED_BYTES, 4 * MIN_OBSERVED_BYTES + 100, 1.0)

@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 import pytest
 from ckptd.daemon.config import DaemonConfig, EngineConfig
-from ckptd.daemon.logs import LOGGER_NAME, split_record
 from ckptd.daemon.engine.stages import SAVE_STAGES
+from ckptd.daemon.logs import LOGGER_NAME, split_record
 from ckptd.daemon.server.metrics import make_registry, start_metrics_server
 from ckptd.protos.v1 import pb
 from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process
