@@ -62,7 +62,8 @@ except ImportError:  # run as a script: python bench/pipeline.py
     import stall  # type: ignore[no-redef]
 
 MiB = 1 << 20
-SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB, "4GiB": 4096 * MiB}
+SIZES = {"16MiB": 16 * MiB, "64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB,
+         "4GiB": 4096 * MiB}
 KINDS = ("weights", "adam")
 OUT_PATH = Path(__file__).resolve().parent / "out" / "pipeline.json"
 # The targets: ckptd over the baseline, at most.

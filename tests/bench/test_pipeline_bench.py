@@ -1,0 +1,40 @@
+"""Smoke test of the pipeline benchmark: ``python -m bench.pipeline`` runs end to end on a
+small state and writes the ratios, the daemon's stage timings and the summary it prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--sizes", "16MiB", "--kinds", "adam",
+         "--reps", "1", "--depth", "2", "--burst", "1", "--worker-counts", "1",
+         "--out", str(out)],  # its own short temporary directory: unix socket paths are short
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    [case] = report["cases"]
+    assert (case["size"], case["kind"]) == ("16MiB", "adam")
+    for name, seconds in case["seconds"].items():
+        assert len(seconds) >= 1 and all(s > 0 for s in seconds), name
+    # Every save of the run (3 reps' worth of runs, the deep chain, the burst) logged its
+    # stages; the shared-memory base and delta are in the summary.
+    base = case["stages"]["adam-shm-0/1"]
+    assert base["kind"] == "base" and base["encode_exact_s"] > 0 and "sync_s" in base
+    assert case["stages"]["adam-shm-0/2"]["encode_delta_s"] > 0
+    assert case["stages"]["adam-deep/3"]["kind"] == "delta"
+    [ratios] = report["ratios"]
+    assert ratios["restore_deep"] > 0 and ratios["sustained_over_torch_save"] > 0
+    assert report["workers"][0]["MBps"]["1"] > 0
+    assert "| 16MiB | adam |" in done.stdout and "Targets (ckptd over baseline" in done.stdout
