@@ -205,15 +205,21 @@ def serve(
             os.environ["PYTHONPATH"] = saved
 
 
-def stage_lines(workdir: Path) -> dict[str, dict[str, Any]]:
-    """The daemon's ``save durable`` lines by ``run/step``: kind, stage and total seconds."""
-    found: dict[str, dict[str, Any]] = {}
+def stage_lines(workdir: Path, msg: str = "save durable") -> dict[str, Any]:
+    """The daemon's ``msg`` lines by ``run/step`` (saves: kind, stage and total seconds), or
+    as lists of lines (``restore served``: prepare and stream seconds of each restore)."""
+    found: dict[str, Any] = {}
     for line in (workdir / "daemon.log").read_text().splitlines():
         if not line.startswith("{"):
             continue
         entry = json.loads(line)
-        if entry.get("msg") == "save durable":
-            found[f"{entry['run']}/{entry['step']}"] = entry
+        if entry.get("msg") != msg:
+            continue
+        where = f"{entry['run']}/{entry['step']}"
+        if msg == "save durable":
+            found[where] = entry
+        else:
+            found.setdefault(where, []).append(entry)
     return found
 
 
@@ -279,9 +285,11 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     path.unlink()
     record.update(deep)
     stages = stage_lines(main_dir)
+    restores = stage_lines(main_dir, "restore served")
     shutil.rmtree(main_dir)
     return {"size": label, "kind": kind, "bytes": nbytes, "tensors": len(flat),
-            "seconds": record, "stages": stages, "stages_before": before_stages}
+            "seconds": record, "stages": stages, "stages_before": before_stages,
+            "restores": restores}
 
 
 def measure_workers(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -360,6 +368,17 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             st = stage_summary(case, "shm", step)
             cells = " | ".join(f"{st.get(k, float('nan')):.2f}" for k in STAGE_KEYS)
             out.append(f"| {case['size']} | {case['kind']} | {what} | {cells} |")
+    out += ["", "Restores (daemon seconds, median: prepare = budget, copy or decode, verify; "
+            "stream = header and chunks until the client took the last):", "",
+            "| size | state | restore | prepare s | stream s |", "|---|---|---|---|---|"]
+    for case in cases:
+        for what, (prefix, step) in (("latest (head)", ("shm", 2)),
+                                     ("deep, from storage", ("deep", None))):
+            lines = restore_lines(case, prefix, step)
+            prepare = median([float(line["prepare_s"]) for line in lines])
+            stream = median([float(line["stream_s"]) for line in lines])
+            out.append(f"| {case['size']} | {case['kind']} | {what} | {prepare:.2f} "
+                       f"| {stream:.2f} |")
     for entry in workers:
         rates = ", ".join(f"{w} worker(s) {v:.0f} MB/s" for w, v in entry["MBps"].items())
         out.append(f"\nSustained delta saves at {entry['size']}: {rates}.")
@@ -373,6 +392,18 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
                         f"(>= 1: {'PASS' if sustained >= 1 else 'FAIL'})")
         out.append(f"- {case['size']} {case['kind']}: " + "; ".join(verdicts))
     return out
+
+
+def restore_lines(case: dict[str, Any], prefix: str, step: int | None) -> list[dict[str, Any]]:
+    """``restore served`` lines of runs ``{kind}-{prefix}-*`` at ``step`` (``deep``: the
+    deep run's latest step)."""
+    if prefix == "deep":
+        latest = max(int(k.rsplit("/", 1)[1]) for k in case.get("restores", {})
+                     if k.startswith(f"{case['kind']}-deep/"))
+        return list(case["restores"].get(f"{case['kind']}-deep/{latest}", []))
+    return [line for k, lines in case.get("restores", {}).items()
+            if k.startswith(f"{case['kind']}-{prefix}-") and k.endswith(f"/{step}")
+            for line in lines]
 
 
 STAGE_KEYS = ("latency_s", "receive_s", "head_s", "encode_exact_s", "encode_delta_s",

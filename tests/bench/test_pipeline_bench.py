@@ -34,6 +34,9 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert base["kind"] == "base" and base["encode_exact_s"] > 0 and "sync_s" in base
     assert case["stages"]["adam-shm-0/2"]["encode_delta_s"] > 0
     assert case["stages"]["adam-deep/3"]["kind"] == "delta"
+    served = case["restores"]["adam-shm-0/2"]  # the daemon timed the head's restore
+    assert served[0]["prepare_s"] > 0 and served[0]["stream_s"] > 0
+    assert "| 16MiB | adam | deep, from storage |" in done.stdout
     [ratios] = report["ratios"]
     assert ratios["restore_deep"] > 0 and ratios["sustained_over_torch_save"] > 0
     assert report["workers"][0]["MBps"]["1"] > 0

@@ -178,6 +178,10 @@ def test_every_line_about_a_save_or_restore_names_run_rank_and_step(
     for msg, values in about_steps:
         assert values["run"] == RUN and values["rank"] == 3, (msg, values)
         assert values["step"] in (5, 6), (msg, values)
+    (served,) = [values for msg, values in about_steps if msg == "restore served"]
+    assert served["prepare_s"] + served["stream_s"] == pytest.approx(served["seconds"], abs=2e-4)
+    durable = [values for msg, values in about_steps if msg == "save durable"]
+    assert durable and all(f"{stage}_s" in values for values in durable for stage in SAVE_STAGES)
     (refused,) = [values for msg, values in about_steps if msg == "request failed"]
     assert refused["step"] == 5 and refused["error"] == "StepExistsError"
 
