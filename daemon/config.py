@@ -66,6 +66,11 @@ class EngineConfig:
     retention_best_metric: str = ""
     retention_best_mode: str = "min"
     retention_max_bytes: int = 0
+    # For tests only, never in production: "POINT:PATH" makes the first deletion that
+    # reaches POINT (ckptd.daemon.store.deletion.PAUSE_POINTS, between two of its storage
+    # operations) write PATH and wait there, holding its chain, until the process ends, so
+    # that a test can SIGKILL the daemon provably mid-deletion. Empty (the default): off.
+    test_pause_at: str = ""
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes <= 0:
@@ -97,6 +102,9 @@ class EngineConfig:
         if self.storage_workers < 1:
             raise ValueError(f"storage_workers must be >= 1, got {self.storage_workers}")
         self.retention  # noqa: B018 - raises ValueError naming the bad rule
+        point, _, path = self.test_pause_at.partition(":")
+        if self.test_pause_at and not (point and path):
+            raise ValueError(f"test_pause_at must be POINT:PATH, got {self.test_pause_at!r}")
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -378,6 +386,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "retention_best_metric": ("engine", "retention_best_metric", _parse_str),
     "retention_best_mode": ("engine", "retention_best_mode", _parse_lower),
     "retention_max_bytes": ("engine", "retention_max_bytes", parse_bytes),
+    "test_pause_at": ("engine", "test_pause_at", _parse_str),
     "tls_cert": ("daemon", "tls_cert", _parse_str),
     "tls_key": ("daemon", "tls_key", _parse_str),
     "tls_client_ca": ("daemon", "tls_client_ca", _parse_str),

@@ -100,8 +100,12 @@ class RunInfo:
     rank: int
     step_count: int
     latest_step: int
-    stored_bytes: int
+    stored_bytes: int  # every stored step, hidden ones included (max_bytes counts them)
     retention: RetentionPolicy | None = None  # None: no policy, every step is kept
+    # Steps retention dropped that stay stored only because a kept step restores through
+    # them (not counted in step_count), and their bytes.
+    hidden_steps: int = 0
+    hidden_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -228,12 +228,14 @@ def _ls_runs(catalog: Catalog, as_json: bool) -> int:
     if not runs:
         print(f"no runs in {catalog.location}", file=sys.stderr)
         return 0
+    # RAW and RATIO are of the listed steps; STORED is every byte, HIDDEN's included.
     rows = [(r.run, r.rank, r.step_count, r.latest_step, format_bytes(raw[(r.run, r.rank)]),
              format_bytes(r.stored_bytes), format_ratio(raw[(r.run, r.rank)], r.stored_bytes),
+             f"{format_bytes(r.hidden_bytes)} ({r.hidden_steps})" if r.hidden_steps else "-",
              r.retention.describe() if r.retention else "keep all")
             for r in runs]
     print(format_table(("RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
-                        "RETENTION"), rows))
+                        "HIDDEN", "RETENTION"), rows))
     return 0
 
 

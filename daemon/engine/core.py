@@ -78,7 +78,7 @@ from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
-from ckptd.daemon.engine.retention import Retainer
+from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
@@ -114,7 +114,7 @@ class Engine:
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._resident = ResidentHeads(config.max_resident_bytes)
-        self._repository = Repository(storage, self._pools)
+        self._repository = Repository(storage, self._pools, pause_for_tests(config.test_pause_at))
         self._restores = Restores(
             self._repository, config.max_restore_bytes, config.max_inflight_share
         )
@@ -126,6 +126,9 @@ class Engine:
         self._inflight: dict[StepKey, QueuedSave] = {}
         self._accepted_at_s: dict[StepKey, float] = {}  # monotonic, for save latency
         self._failed: collections.OrderedDict[StepKey, SaveStatus] = collections.OrderedDict()
+        # Durable steps retention deleted since, so that a trainer's WaitSave arriving after
+        # the deletion still hears DURABLE (the oldest are forgotten first).
+        self._retired: collections.OrderedDict[StepKey, None] = collections.OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
@@ -195,7 +198,7 @@ class Engine:
         save = self._inflight.get(key)
         if save is not None:
             return save.status
-        if self._index.get(key) is not None:
+        if self._index.get(key) is not None or key in self._retired:
             return SaveStatus(key, SaveState.DURABLE)
         failed = self._failed.get(key)
         if failed is not None:
@@ -262,12 +265,12 @@ class Engine:
     async def delete_step(self, key: StepKey) -> int:
         """Deletes one step (rebasing the step that depends on it first); returns 1."""
         check_key(key.run, key.rank, key.step)
-        if self._index.get(key) is None:
+        if self._index.visible(key) is None:
             raise self._not_found(key)
         chain = self._chain(key.run, key.rank)
         self._check_chain_idle(chain, f"step {key}")
         async with chain.lock:
-            if self._index.get(key) is None:
+            if self._index.visible(key) is None:
                 raise self._not_found(key)
             head = chain.head
             await self._repository.delete_step(key, (head.step, head.arrays) if head else None)
@@ -439,6 +442,10 @@ class Engine:
         self._retainer.schedule(chain)
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
+        for key in keys:
+            self._retired[key] = None
+        while len(self._retired) > MAX_REMEMBERED_FAILURES:
+            self._retired.popitem(last=False)
         self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))
 
     def _report_durable(self, save: QueuedSave, committed: Committed) -> None:

@@ -138,6 +138,8 @@ def run_info_to_proto(info: RunInfo) -> pb.RunInfo:
         latest_step=info.latest_step,
         stored_bytes=info.stored_bytes,
         retention=info.retention.to_message() if info.retention else None,
+        hidden_steps=info.hidden_steps,
+        hidden_bytes=info.hidden_bytes,
     )
 
 

@@ -6,6 +6,8 @@ Layout (keys relative to the storage root; ``run`` is validated to ``[A-Za-z0-9.
     runs/{run}/{rank}/{step:020d}/{i:05d}.{tag}.blob   same, rewritten when a step is rebased
     runs/{run}/{rank}/{step:020d}/manifest.json        written last: the commit point
     runs/{run}/{rank}/{step:020d}/pending              empty; a save or delete is under way
+    runs/{run}/{rank}/{step:020d}/hidden               empty; retention dropped the step, a
+                                                       kept step still restores through it
 
 The zero-padded step keeps ``list()`` in step order. A step exists exactly when its
 manifest exists. The ``pending`` marker is put before a save's first blob and removed
@@ -15,6 +17,12 @@ without a manifest is provably uncommitted only while its marker is there. Start
 (a rebase's old blobs, the marker) and every key of a marked directory without a
 manifest; a directory whose manifest is missing (and no marker) or unreadable may have
 held a committed step and is quarantined, never deleted (``ckptd.daemon.store.quarantine``).
+The ``hidden`` marker beside a manifest takes the step out of every listing and restore
+(``ckptd.daemon.store.retention``) while its blobs stay for the kept steps restored through
+it; it is put once, atomically, and never removed while the manifest stays (a deletion
+removes it with the blobs, before ``pending``), so a crash never shows a hidden step again
+nor leaves an unmarked directory without a manifest. A ckptd older than the marker deletes
+it at start as an unnamed key: the step is listed again until the next retention pass.
 
 Manifest: a UTF-8 JSON object with sorted keys, stored as one zstd frame (``zstdcat``
 shows it). Compression matters for small models: the per-tensor entries and the client's
@@ -70,6 +78,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_MANIFEST_JSON_BYTES = 256 << 20
 _ZSTD_LEVEL = 3
 PENDING_NAME = "pending"
+HIDDEN_NAME = "hidden"
 RUNS_PREFIX = "runs/"
 BASE = "base"
 DELTA = "delta"
@@ -92,6 +101,12 @@ def pending_key(key: StepKey) -> str:
     """Key of the step's ``pending`` marker: while it exists and the manifest does not, the
     step directory holds nothing committed (a save before its commit, or a deletion)."""
     return step_prefix(key) + PENDING_NAME
+
+
+def hidden_key(key: StepKey) -> str:
+    """Key of the step's ``hidden`` marker: retention dropped the step, which stays in
+    storage only as a dependency of a kept step (``ckptd.daemon.store.retention``)."""
+    return step_prefix(key) + HIDDEN_NAME
 
 
 def blob_key(key: StepKey, index: int, tag: str = "") -> str:

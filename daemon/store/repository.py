@@ -18,6 +18,7 @@ engine's chain lock). Blocking work runs in the given ``Pools``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Sequence
 
@@ -27,9 +28,9 @@ from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.store.deletion import Deleter, HeadArrays
+from ckptd.daemon.store.deletion import Deleter, HeadArrays, Pause
 from ckptd.daemon.store.index import IndexEntry, ScanResult, StepIndex, scan
-from ckptd.daemon.store.manifest import Manifest, manifest_key, pending_key
+from ckptd.daemon.store.manifest import Manifest, hidden_key, manifest_key, pending_key
 from ckptd.daemon.store.quarantine import (
     DamagedStep,
     QuarantinedStep,
@@ -48,12 +49,12 @@ log = get_logger("engine")
 class Repository:
     """Index, restore, commit and delete over one ``Storage``."""
 
-    def __init__(self, storage: Storage, pools: Pools) -> None:
+    def __init__(self, storage: Storage, pools: Pools, pause: Pause | None = None) -> None:
         self.storage = storage
         self.index = StepIndex()
         self._pools = pools
         self._restorer = Restorer(storage, pools)
-        self._deleter = Deleter(storage, self.index, pools, self._restorer)
+        self._deleter = Deleter(storage, self.index, pools, self._restorer, pause)
 
     async def load(self) -> ScanResult:
         """(Re)builds the index from every readable manifest; returns the scan, whose
@@ -84,8 +85,9 @@ class Repository:
             functools.partial(delete_quarantined, self.storage, list(entries)))
 
     def entry(self, key: StepKey) -> IndexEntry:
-        """The committed step ``key``; raises a not-found error naming what exists."""
-        entry = self.index.get(key)
+        """The committed step ``key`` as users see it; raises a not-found error naming what
+        exists (or, for a hidden step, that retention removed it)."""
+        entry = self.index.visible(key)
         if entry is None:
             raise self.not_found(key)
         return entry
@@ -139,6 +141,15 @@ class Repository:
         deletion groups, ``ckptd.daemon.store.retention``)."""
         await self._deleter.delete_group(keys)
 
+    async def hide(self, keys: list[StepKey]) -> None:
+        """Hides steps retention dropped that a kept step still restores through: puts
+        each one's empty ``hidden`` marker (atomic), then marks it in the index."""
+        put = self.storage.put
+        await asyncio.gather(*(self._pools.run_io(functools.partial(put, hidden_key(key), b""))
+                               for key in keys))
+        for key in keys:
+            self.index.hide(key)
+
     async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
         """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps
         before it are no longer needed by it (retention's one rewrite per commit)."""
@@ -155,6 +166,12 @@ class Repository:
     def not_found(self, key: StepKey) -> LookupError:
         """The error for a missing ``key``: which ranks or nearby steps exist instead."""
         steps = self.index.steps(key.run, key.rank)
+        if self.index.get(key) is not None:  # hidden
+            return StepNotFoundError(
+                f"step {key} was removed by the run's retention policy; its data stays "
+                f"stored only while a kept step restores through it. Kept steps nearby: "
+                f"{self.index.nearby(key.run, key.rank, key.step)} (latest {steps[-1]}); "
+                f"set a policy that keeps the steps you need before they are saved")
         if not steps:
             ranks = self.index.ranks(key.run)
             where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self.known_runs()}"

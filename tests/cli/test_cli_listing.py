@@ -16,12 +16,13 @@ def test_ls_lists_every_run_and_rank(cli: CliRunner, source: list[str]) -> None:
         (run, rank, len(steps), steps[-1]) for (run, rank), steps in sorted(RUNS.items())
     ]
     assert all(0 < r["stored_bytes"] < r["raw_bytes"] for r in runs)
+    assert all(r["hidden_steps"] == r["hidden_bytes"] == 0 for r in runs)
 
     code, out, _ = cli("ls", *source)
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
-                                "RETENTION"]
+                                "HIDDEN", "RETENTION"]
     assert [line.split()[:2] for line in lines[1:]] == [["alpha", "0"], ["alpha", "1"],
                                                          ["beta", "0"]]
 

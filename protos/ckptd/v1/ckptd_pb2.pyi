@@ -274,20 +274,24 @@ class ListRunsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes", "retention")
+    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes", "retention", "hidden_steps", "hidden_bytes")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
     LATEST_STEP_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RETENTION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step_count: int
     latest_step: int
     stored_bytes: int
     retention: RetentionPolicy
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+    hidden_steps: int
+    hidden_bytes: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ..., hidden_steps: _Optional[int] = ..., hidden_bytes: _Optional[int] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
