@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from ckptd.client import Checkpointer, Retention
 from ckptd.client.errors import CheckpointNotFoundError
-from ckptd.daemon.domain import RunInfo
 from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.domain import RunInfo
 from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process, wait_until
 
 _RNG = np.random.default_rng(18)
@@ -167,16 +167,17 @@ def _mid_deletion(storage: Path, run: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("point", "base_interval", "policy", "expected"), [
+@pytest.mark.parametrize("case", [
     ("group-manifests-deleted", "4", Retention(keep_last=4, keep_every=60),
      [0, 60, 116, 117, 118, 119]),
-    # No base after 0: 30's 29 hidden deltas outweigh two rewrites, so 30 is rewritten.
+    # Bases only once deltas outweigh 8 bases: the 29 hidden deltas before 30 outweigh
+    # two rewrites, so 30 is rewritten.
     ("rebase-blobs-written", "1000", Retention(keep_last=1, keep_every=30), [0, 30, 60, 90, 119]),
 ], ids=["delete", "rewrite"])
 def test_sigkill_mid_retention_loses_nothing_kept_and_converges(
-    tmp_path: Path, spawn_daemon: SpawnDaemon, point: str, base_interval: str,
-    policy: Retention, expected: list[int],
+    tmp_path: Path, spawn_daemon: SpawnDaemon, case: tuple[str, str, Retention, list[int]],
 ) -> None:
+    point, base_interval, policy, expected = case
     storage, paused = tmp_path / "storage", tmp_path / "paused"
     first = spawn_daemon(storage, "--base-interval", base_interval,
                          "--test-pause-at", f"{point}:{paused}")
@@ -235,14 +236,16 @@ def test_saves_after_a_rewrite_restore_like_a_run_without_retention(
                 running.stop()
                 running = start_in_process(storage, engine=engine)
             later = range(25, 41)
-            kept_c = Checkpointer(running.address, "kept", transport="grpc", policies=exact)
-            plain_c = Checkpointer(running.address, "plain", transport="grpc", policies=exact)
-            with kept_c as kept, plain_c as plain:
-                _save_all(kept, later)
-                _save_all(plain, later)
-                _settled(kept, [0, 8, 16, 24, 32, 40])
+            with Checkpointer(running.address, "kept", transport="grpc",
+                              policies=exact) as kept_again, \
+                    Checkpointer(running.address, "plain", transport="grpc",
+                                 policies=exact) as plain_again:
+                _save_all(kept_again, later)
+                _save_all(plain_again, later)
+                _settled(kept_again, [0, 8, 16, 24, 32, 40])
                 for step in (24, 32, 40):
-                    ours, theirs = kept.restore_info(step), plain.restore_info(step)
+                    ours = kept_again.restore_info(step)
+                    theirs = plain_again.restore_info(step)
                     assert ours.checksum == theirs.checksum, step
                     assert np.array_equal(ours.state["w"], state_for(step)["w"]), step
     finally:
