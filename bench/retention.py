@@ -228,6 +228,21 @@ def rebases(log_path: Path) -> tuple[int, float, list[int], int]:
     return count, seconds, steps, written
 
 
+ACTIONS = {"deleted": "retention deleted steps", "hidden": "retention removed steps",
+           "rewritten": "retention rewrote"}
+
+
+def actions(log_path: Path) -> dict[str, dict[str, float]]:
+    """Retention's actions from its log, by kind: how many and their lock seconds."""
+    found = {kind: {"count": 0, "seconds": 0.0} for kind in ACTIONS}
+    for line in log_path.read_text(errors="replace").splitlines():
+        for kind, text in ACTIONS.items():
+            if text in line and (match := re.search(r"seconds[\"=: ]+([0-9.e+-]+)", line)):
+                found[kind]["count"] += 1
+                found[kind]["seconds"] += float(match.group(1))
+    return found
+
+
 def hidden_on_disk(storage: Path) -> tuple[int, int]:
     """Steps retention hid (their ``hidden`` marker) and the bytes of their directories."""
     dirs = [marker.parent for marker in storage.glob("runs/*/*/*/hidden")]
@@ -292,6 +307,7 @@ def one_run(workdir: Path, args: argparse.Namespace, retention: Retention | None
                     checks[step] = compare(saved[step], restored[step])
             result["steps_listed"] = steps
         rebase_count, rebase_s, rebase_steps, rebase_bytes = rebases(d.log_path)
+        result["retention_actions"] = actions(d.log_path)
     torch_bytes, _ = tree_bytes(torch_dir)
     result.update({
         "loop_s": loop_s, "settle_s": settle_s, "final_train_loss": trainer.loss,
@@ -394,7 +410,11 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"| retention lock time per commit (`ckptd_retention_seconds_total` / commits) | "
           f"{1e3 * w['retention_seconds_total'] / commits:.3f} ms "
           f"({w['retention_seconds_total']:.3f} s / {commits:.0f}) |")
-    print(f"| of which rewrites, per commit (from the log) | "
+    acts = w["retention_actions"]
+    print("| of which, per commit (from the log) | " + ", ".join(
+        f"{kind} {1e3 * a['seconds'] / commits:.3f} ms ({a['count']} actions)"
+        for kind, a in acts.items()) + " |")
+    print(f"| rewrites per commit (from the log) | "
           f"{1e3 * w['rebase_seconds'] / commits:.3f} ms ({w['rebase_seconds']:.3f} s) |")
     for name, run in (("with", w), ("without", wo)):
         lat, stall = run["save_to_durable"], run["stall"]

@@ -278,6 +278,7 @@ class Engine:
             self._recount(chain)
         self._touch(chain)
         self._report_head(key.run, key.rank)
+        self._retainer.schedule(chain)  # hidden steps the deleted one needed may go now
         return 1
 
     async def delete_run(self, run: str) -> int:
@@ -363,7 +364,7 @@ class Engine:
     def _check_step_free(self, chain: Chain, key: StepKey) -> None:
         if key.step in chain.reserved:
             raise StepExistsError(f"step {key} is already being saved")
-        if self._index.get(key) is not None:
+        if self._index.visible(key) is not None:  # a hidden one: the order check says why
             raise StepExistsError(f"step {key} is already saved; delete it first to replace it")
         committed = self._index.latest(key.run, key.rank)
         pending = max(chain.reserved, default=None)

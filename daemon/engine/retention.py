@@ -5,8 +5,9 @@ policies), then ``schedule(chain)`` for every chain found and after each durable
 ``await set_policy(run, policy)`` when a client sets one, and ``await close()`` at
 shutdown. Which steps go is the store's pure rule (``ckptd.daemon.store.retention``: delete
 what nothing kept needs, hide what the policy drops but a kept step still restores
-through, and rewrite a kept delta as a base only when that frees at least twice what it
-writes — at most one rewrite per commit).
+through, and rewrite a kept delta as a base only when the hidden steps before it outweigh
+the rewrite: one base for a step kept for good, four for the ``keep_last`` window's — at
+most one rewrite per commit).
 
 Off the save's critical path: a save is DURABLE before its chain is scheduled, and the
 work runs in one task per chain (``ckptd-retention-{run}-{rank}``). That task takes the

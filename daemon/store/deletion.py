@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import errno
 import functools
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -84,8 +85,19 @@ class Deleter:
         self._pause = pause or _no_pause
 
     async def delete_step(self, key: StepKey, head: HeadArrays | None, commit: Commit) -> None:
+        """Deletes ``key``, first rebasing the step that depends on it. Hidden steps that
+        depend on it (``ckptd.daemon.store.retention``) are no steps to keep: they go with
+        it, and the first listed step after them, if any, is the one rebased."""
         entry = self._index.get(key)
         assert entry is not None
+        hidden = list(itertools.takewhile(lambda e: e.hidden, self.dependants(key)))
+        if hidden:
+            after = self._index.child(hidden[-1].manifest.key)
+            if after is not None:
+                await self._check_room(key, after)
+                await self._rebase(after.manifest, head, commit)
+            await self.delete_group([key, *(e.manifest.key for e in hidden)])
+            return
         child = self._index.child(key)
         if child is not None:
             await self._check_room(key, child)
@@ -139,12 +151,15 @@ class Deleter:
         await self._pools.run_io(functools.partial(self._storage.delete, manifests))
         for key in ordered:
             self._index.remove(key)
-        where = ordered[0]
         await self._pause(PAUSE_GROUP)
-        blobs = [t.blob_key for e in present for t in e.manifest.tensors]
-        await self._delete_quietly(blobs + [hidden_key(e.manifest.key) for e in present
-                                            if e.hidden], where)
-        await self._delete_quietly([pending_key(key) for key in ordered], where)
+        # No manifest is left to need them: each step directory's blobs, then its marker,
+        # in parallel over the I/O pool (a local delete syncs each directory it touches).
+        await asyncio.gather(*(self._delete_quietly(
+            [t.blob_key for t in e.manifest.tensors]
+            + ([hidden_key(e.manifest.key)] if e.hidden else []), e.manifest.key)
+            for e in present))
+        await asyncio.gather(*(self._delete_quietly([pending_key(key)], key)
+                               for key in ordered))
 
     def dependants(self, key: StepKey) -> list[IndexEntry]:
         """The steps that need ``key`` to restore: its child delta, that one's, and so on

@@ -33,17 +33,20 @@ suffix, hidden steps included, is deleted like any other.
 **When a kept delta is rewritten as a base, chosen by bytes written.** Rewriting a kept
 delta as a lossless base (what ``ckptd rm`` does, ``ckptd.daemon.store.deletion``) frees
 the hidden steps before it and writes about one base (17/16 of the segment's base, the
-deleter's own estimate). ``plan`` proposes it only when those hidden bytes exceed
-``REBASE_HIDDEN_BASES`` (2) such estimates, so every rewrite frees at least twice what it
-writes, and never for a kept step of a closed segment (a later base exists) that only the
-``keep_last`` window keeps: the window leaves it within ``keep_last`` commits, and its
-hidden steps go with it, unwritten. So the hidden bytes before any kept step stay under
-two bases, or under one segment when the window is about to release them, and a rewrite
-needs more than a base's worth of newly hidden deltas since the last one: one rewrite per
-many commits (as many as deltas it takes to outweigh a base), never one per commit. With
-``keep_every`` a multiple of ``base_interval`` (the defaults) the kept steps are bases and
-the window's segment is freed by the next base, so retention mostly only deletes, which
-also works on a full disk. The engine does at most one rewrite per commit.
+deleter's own estimate). How long the hidden steps would otherwise stay decides:
+
+* before a step kept for good (``keep_every``, ``keep_best``, ``keep_interval_s``) they
+  stay for good, so the rewrite pays as soon as they store more than it writes
+  (``REBASE_LASTING_BASES`` = 1): the hidden bytes before such a step stay under a base;
+* before a step only the ``keep_last`` window keeps, they go unwritten once the next base
+  is written and the window moves past it (``base_interval`` saves at most), so the rewrite
+  is worth it only past four rewrites (``REBASE_WINDOW_BASES`` = 4), in the open (latest)
+  segment, and never in a closed one (the window leaves it within ``keep_last`` commits).
+
+So a rewrite needs a base's worth (or four) of newly hidden deltas since the last one: one
+per many commits, never one per commit, and at most one per commit by the engine. With
+``keep_every`` a multiple of ``base_interval``, the kept steps are bases and retention
+mostly only hides and deletes, which also works on a full disk.
 
 **Crash rule.** Deleting a group puts its ``pending`` markers, removes the manifests newest
 first, then blobs and ``hidden`` markers, then the ``pending`` markers; a crash leaves
@@ -70,11 +73,17 @@ FORMAT_NAME = "ckptd.retention"
 FORMAT_VERSION = 1
 RETENTION_PREFIX = "retention/"
 # A group is deleted (or hidden) under the chain's lock; capping it bounds how long a save
-# can wait behind retention (a longer suffix is deleted in several groups, newest first).
-MAX_GROUP_STEPS = 64
-# A kept delta is rewritten as a base only when the hidden steps it frees store more than
-# this many times what the rewrite writes (one base): each rewrite frees at least twice it.
-REBASE_HIDDEN_BASES = 2
+# can wait behind retention (a longer suffix is deleted in several groups, newest first):
+# on a local disk a step's deletion syncs its directory three times (bench/README.md).
+MAX_GROUP_STEPS = 16
+# A kept delta is rewritten as a base only when the hidden steps before it store more than
+# this many rewrites (one base each). A step kept for good (keep_every, keep_best,
+# keep_interval_s) pins its hidden steps for good: a rewrite pays as soon as it frees more
+# than it writes. A step only the keep_last window keeps is dropped soon, and the next base
+# frees its hidden steps unwritten: a rewrite must free four times what it writes
+# (bench/README.md, "Retention": 2 gave 0.065 rewrites per commit, 4 about half as many).
+REBASE_LASTING_BASES = 1
+REBASE_WINDOW_BASES = 4
 
 
 def policy_key(run: str) -> str:
@@ -171,7 +180,7 @@ def segments(entries: Sequence[IndexEntry]) -> list[list[IndexEntry]]:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What retention does next to one chain, in this order: delete (``groups``), hide
-    (``hide``), then at most one rewrite that frees at least twice what it writes."""
+    (``hide``), then at most one rewrite that frees more than it writes."""
 
     groups: list[list[StepKey]]
     hide: list[StepKey] = dataclasses.field(default_factory=list)
@@ -186,7 +195,8 @@ def plan(
     nothing needs). ``groups``: steps to delete, each newest first and closed under
     dependants (no step that stays has its parent in it), at most ``MAX_GROUP_STEPS``
     long. ``hide``: dropped steps a kept step still needs, oldest first. ``rebase``: a
-    kept delta worth rewriting as a base (module docstring). ``other_bytes``: what the
+    kept delta worth rewriting as a base (module docstring; only when nothing is left to
+    delete or hide). ``other_bytes``: what the
     run's other ranks store (``max_bytes`` counts every byte, hidden ones included)."""
     if not entries:
         return Plan([])
@@ -206,8 +216,8 @@ def plan(
         if last >= 0:
             survivors.append(segment[: last + 1])
             # A closed segment's window steps leave soon, freeing it without a rewrite.
-            worth = kept if number == len(cut) - 1 else lasting
-            rebase = rebase or _worth_rebasing(segment[: last + 1], kept, worth)
+            window_too = number == len(cut) - 1
+            rebase = rebase or _worth_rebasing(segment[: last + 1], kept, lasting, window_too)
     if policy.max_bytes:
         # The latest step's segment is never evicted for bytes.
         for segment in survivors[:-1]:
@@ -226,12 +236,13 @@ def plan(
 
 
 def _worth_rebasing(
-    needed: list[IndexEntry], kept: set[int], worth: set[int]
+    needed: list[IndexEntry], kept: set[int], lasting: set[int], window_too: bool
 ) -> StepKey | None:
-    """The first kept delta of a segment's needed prefix, among ``worth``, whose run of
-    hidden steps before it (back to the previous kept step, or the base) stores more than
-    ``REBASE_HIDDEN_BASES`` rewrites: its tensors exactly encoded, about the base's size
-    (``Deleter`` estimates the same)."""
+    """The first kept delta of a segment's needed prefix whose run of hidden steps before
+    it (back to the previous kept step, or the base) stores more than
+    ``REBASE_LASTING_BASES`` rewrites (a step kept for good) or ``REBASE_WINDOW_BASES``
+    (a step of the ``keep_last`` window, only when ``window_too``). A rewrite writes its
+    tensors exactly encoded, about the base's size (``Deleter`` estimates the same)."""
     rewrite_bytes = needed[0].stored_bytes * 17 // 16
     # The base is hidden too when it is not kept itself.
     hidden = 0 if needed[0].manifest.key.step in kept else needed[0].stored_bytes
@@ -240,7 +251,9 @@ def _worth_rebasing(
         if step not in kept:
             hidden += entry.stored_bytes
             continue
-        if step in worth and hidden > REBASE_HIDDEN_BASES * rewrite_bytes:
+        if step in lasting and hidden > REBASE_LASTING_BASES * rewrite_bytes:
+            return entry.manifest.key
+        if window_too and hidden > REBASE_WINDOW_BASES * rewrite_bytes:
             return entry.manifest.key
         hidden = 0
     return None

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from ckptd.client import Checkpointer  # noqa: E402
-from ckptd.client.hf import CkptdCallback  # noqa: E402
+import torch
+import transformers
+from ckptd.client import Checkpointer
+from ckptd.client.hf import CkptdCallback
 
 STEPS = 16  # 32 samples, batches of 4, 2 epochs
 STOP_AT = 7  # after the save at step 6: resumes mid-epoch

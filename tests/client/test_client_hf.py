@@ -11,8 +11,8 @@ from daemon_harness import InProcessDaemon
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-import hf_job  # noqa: E402
-from ckptd.client.hf import CkptdCallback  # noqa: E402
+import hf_job
+from ckptd.client.hf import CkptdCallback
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),

@@ -10,8 +10,8 @@ from client_support import CheckpointerFactory, assert_same_weights, kill_when_s
 from daemon_harness import InProcessDaemon
 
 pytest.importorskip("lightning")
-import lightning_job  # noqa: E402
-from ckptd.client.lightning import CkptdCheckpointIO, read_marker  # noqa: E402
+import lightning_job
+from ckptd.client.lightning import CkptdCheckpointIO, read_marker
 
 pytestmark = [
     # Lightning's advice on this toy setup (few workers, small batches, logging interval).

@@ -81,11 +81,11 @@ def test_keep_last_and_every_keeps_exactly_those_steps_bit_identical(
         # 151..194 are no steps any more (hidden while 195 restores through them).
         with pytest.raises(CheckpointNotFoundError):
             kept.restore(194)
-        # 150's segment is the open one: once its 44 hidden deltas outweigh two rewrites,
-        # 195 is rewritten as a base and they go.
+        # 150's segment is the open one: once its hidden deltas outweigh four rewrites,
+        # the window's oldest step is rewritten as a base and they go.
         base = max(i.stored_bytes for i in kept.step_infos() if i.kind == "base")
-        wait_until(lambda: _run_info(daemon, "kept").hidden_bytes <= 2 * base * 17 // 16,
-                   30, "hidden bytes under two rewrites")
+        wait_until(lambda: _run_info(daemon, "kept").hidden_bytes <= 4 * base * 17 // 16,
+                   30, "hidden bytes under four rewrites")
         info = _run_info(daemon, "kept")
         assert info.step_count == len(expected)
         assert info.stored_bytes == info.hidden_bytes + sum(
@@ -116,6 +116,27 @@ def test_keep_best_keeps_the_three_lowest_losses(small_bases: InProcessDaemon) -
         assert ckpt.best_step("val_loss") == best[0]
         for step in best:
             assert int(ckpt.restore(step)["step"][0]) == step
+
+
+def test_deleting_a_step_takes_the_hidden_steps_that_need_it(
+    small_bases: InProcessDaemon,
+) -> None:
+    with Checkpointer(small_bases.address, "holes", transport="grpc",
+                      retention=Retention(keep_every=3, keep_last=1)) as ckpt:
+        _save_all(ckpt, range(10))  # bases 0 and 5
+        _settled(ckpt, [0, 3, 6, 9])
+        wait_until(lambda: _run_info(small_bases, "holes").hidden_steps == 5, 30,
+                   "1, 2, 5, 7 and 8 hidden")
+        checksums = {step: ckpt.restore_info(step).checksum for step in (3, 9)}
+        # 6's dependants 7 and 8 are hidden: they go with it, and 9 is rewritten as a base;
+        # 0's are 1 and 2: 3 is rewritten. Then 5 restores nothing kept: retention drops it.
+        assert ckpt.delete_step(6) == 1 and ckpt.delete_step(0) == 1
+        assert ckpt.steps() == [3, 9]
+        wait_until(lambda: _run_info(small_bases, "holes").hidden_steps == 0, 30,
+                   "no hidden step left")
+        assert [info.kind for info in ckpt.step_infos()] == ["base", "base"]
+        for step, checksum in checksums.items():
+            assert ckpt.restore_info(step).checksum == checksum, step
 
 
 def test_max_bytes_caps_the_run(small_bases: InProcessDaemon) -> None:
@@ -170,8 +191,8 @@ def _mid_deletion(storage: Path, run: str) -> list[str]:
 @pytest.mark.parametrize("case", [
     ("group-manifests-deleted", "4", Retention(keep_last=4, keep_every=60),
      [0, 60, 116, 117, 118, 119]),
-    # Bases only once deltas outweigh 8 bases: the 29 hidden deltas before 30 outweigh
-    # two rewrites, so 30 is rewritten.
+    # Bases only once deltas outweigh 8 bases: the 29 hidden deltas before 30, kept for
+    # good, outweigh a rewrite, so 30 is rewritten.
     ("rebase-blobs-written", "1000", Retention(keep_last=1, keep_every=30), [0, 30, 60, 90, 119]),
 ], ids=["delete", "rewrite"])
 def test_sigkill_mid_retention_loses_nothing_kept_and_converges(
@@ -229,7 +250,7 @@ def test_saves_after_a_rewrite_restore_like_a_run_without_retention(
                 kept.wait(60)  # one at a time: retention runs between saves
             plain.wait(60)
             _settled(kept, [0, 8, 16, 24])
-            # Exact deltas weigh a base each: two hidden ones outweigh a rewrite's two.
+            # Exact deltas weigh a base each: 1..7 hidden before 8 outweigh a rewrite.
             wait_until(lambda: any(r.getMessage().startswith("retention rewrote")
                                    for r in caplog.records), 30, "a kept delta rewritten")
             if disturb == "restart":

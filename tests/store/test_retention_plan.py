@@ -99,16 +99,20 @@ def test_visible_steps_are_exactly_the_policys_and_no_kept_parent_goes() -> None
         assert visible(entries) == expected == kept_steps(entries, policy)
         for segment in segments(entries):  # every segment still starts at a base
             assert segment[0].manifest.kind == BASE
-        # What is hidden is needed (each segment ends with a kept step), and at most two
-        # rewrites' worth of it per segment, except in a closed segment whose kept steps
-        # only the keep_last window keeps: the window leaves it within 5 commits.
+        # What is hidden is needed (each segment ends with a kept step): at most a
+        # rewrite's worth before a step kept for good, four (and one) in the open segment,
+        # and otherwise only in a closed segment whose kept steps only the keep_last
+        # window keeps: the window leaves it within 5 commits.
         cut = segments(entries)
+        rewrite = BASE_BYTES * 17 // 16
         for number, segment in enumerate(cut):
             steps = [e.manifest.key.step for e in segment]
             assert steps[-1] in expected, steps
             hidden = sum(e.stored_bytes for e in segment if e.hidden)
-            if number == len(cut) - 1 or any(s % 100 == 0 for s in steps):
-                assert hidden <= 2 * (BASE_BYTES * 17 // 16), (step, steps, hidden)
+            if number == len(cut) - 1:
+                assert hidden <= 5 * rewrite, (step, steps, hidden)
+            elif steps[-1] % 100 == 0 and step - steps[-1] >= 5:  # out of the window
+                assert hidden <= rewrite, (step, steps, hidden)
             else:
                 assert all(s > step - 5 for s in steps if not any(
                     e.hidden for e in segment if e.manifest.key.step == s)), (step, steps)
@@ -116,20 +120,29 @@ def test_visible_steps_are_exactly_the_policys_and_no_kept_parent_goes() -> None
     assert rebases <= 300 // 50, rebases
 
 
-def test_a_lasting_kept_delta_is_rewritten_only_past_two_bases_of_hidden_steps() -> None:
+def test_a_delta_kept_for_good_is_rewritten_once_its_hidden_steps_outweigh_a_base() -> None:
     # keep_every=30 with bases every 1000 saves: 30, 60, ... are deltas kept for good.
     policy = RetentionPolicy(keep_every=30, keep_last=1)
     entries, rebases = apply(chain(61, base_interval=1000, delta_bytes=100), policy)
-    # 28 hidden deltas (2800 bytes) and the hidden base 1 before 30: more than two
-    # rewrites (2 * 1062): 30 becomes a base; before 60, 29 deltas (2900): rewritten too.
+    # 28 hidden deltas and the hidden base 1 before 30 (3800 bytes): more than a rewrite
+    # (1062): 30 becomes a base; before 60, 29 deltas (2900): rewritten too.
     assert rebases == 2 and visible(entries) == {30, 60, 61}
     assert not any(e.hidden for e in entries)
-    entries, rebases = apply(chain(61, base_interval=1000, delta_bytes=30), policy)
-    assert rebases == 0 and visible(entries) == {30, 60, 61}  # 1000 + 870 hidden: kept
+    entries, rebases = apply(chain(61, base_interval=1000, delta_bytes=2), policy)
+    assert rebases == 0 and visible(entries) == {30, 60, 61}  # 1000 + 56 hidden: kept
     assert sum(e.hidden for e in entries) == 1 + 28 + 29
 
 
-def test_at_most_one_rebase_per_plan_and_only_when_it_frees_twice_what_it_writes() -> None:
+def test_the_keep_last_window_is_rewritten_only_past_four_bases() -> None:
+    policy = RetentionPolicy(keep_last=2)
+    entries, rebases = apply(chain(44, base_interval=1000, delta_bytes=100), policy)
+    # Base 1 and the deltas 2..42 hidden: 5100 bytes > 4 * 1062 once 34 deltas were
+    # hidden, so one rewrite (of step 36), then 36..42 hidden again (600 + 1000).
+    assert rebases == 1 and visible(entries) == {43, 44}
+    assert sum(e.stored_bytes for e in entries if e.hidden) <= 4 * 1062
+
+
+def test_at_most_one_rebase_per_plan_and_only_when_it_frees_more_than_it_writes() -> None:
     policy = RetentionPolicy(keep_every=100, keep_last=1)
     entries = chain(100, base_interval=1000, delta_bytes=100)  # 98 dropped before 100
     todo = plan(entries, policy)
@@ -138,7 +151,7 @@ def test_at_most_one_rebase_per_plan_and_only_when_it_frees_twice_what_it_writes
     for e in entries[:-1]:
         e.hidden = True
     assert plan(entries, policy).rebase == StepKey("r", 0, 100)
-    small = chain(100, base_interval=1000, delta_bytes=10)  # 1000 + 980 < 2 rewrites: no
+    small = chain(100, base_interval=1000, delta_bytes=0)  # 1000 < a rewrite: no
     for e in small[:-1]:
         e.hidden = True
     assert plan(small, policy) == plan(small, policy).__class__([])
