@@ -414,8 +414,6 @@ def print_summary(results: dict[str, Any]) -> None:
     print("| of which, per commit (from the log) | " + ", ".join(
         f"{kind} {1e3 * a['seconds'] / commits:.3f} ms ({a['count']} actions)"
         for kind, a in acts.items()) + " |")
-    print(f"| rewrites per commit (from the log) | "
-          f"{1e3 * w['rebase_seconds'] / commits:.3f} ms ({w['rebase_seconds']:.3f} s) |")
     for name, run in (("with", w), ("without", wo)):
         lat, stall = run["save_to_durable"], run["stall"]
         print(f"| save→durable {name} retention, p50 / p90 / p99 / max | {lat['p50_ms']:.1f} / "

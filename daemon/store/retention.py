@@ -81,7 +81,8 @@ MAX_GROUP_STEPS = 16
 # keep_interval_s) pins its hidden steps for good: a rewrite pays as soon as it frees more
 # than it writes. A step only the keep_last window keeps is dropped soon, and the next base
 # frees its hidden steps unwritten: a rewrite must free four times what it writes
-# (bench/README.md, "Retention": 2 gave 0.065 rewrites per commit, 4 about half as many).
+# (bench/README.md, "Retention": 2 for every kept step gave 0.065 rewrites per commit,
+# these 0.029).
 REBASE_LASTING_BASES = 1
 REBASE_WINDOW_BASES = 4
 
