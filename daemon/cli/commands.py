@@ -303,7 +303,8 @@ def _info_source(catalog: Catalog, as_json: bool) -> int:
     runs: list[RunInfo] = catalog.list_runs()
     fields += [("runs", str(len({r.run for r in runs}))), ("chains", str(len(runs))),
                ("steps", str(sum(r.step_count for r in runs))),
-               ("stored_bytes", str(sum(r.stored_bytes for r in runs)))]
+               ("stored_bytes", str(sum(r.stored_bytes for r in runs))),
+               ("hidden_bytes", str(sum(r.hidden_bytes for r in runs)))]
     if as_json:
         print(json.dumps(dict(fields), indent=2))
         return 0

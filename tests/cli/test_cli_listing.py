@@ -52,6 +52,7 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     info = json.loads(out)
     assert info["storage_url"] == f"file://{store.storage_path}"
     assert (info["runs"], info["chains"], info["steps"]) == ("2", "3", "8")
+    assert info["hidden_bytes"] == "0"
     if source[0] == "--target":
         assert info["api_version"] == "ckptd.v1" and info["target"] == store.daemon.address
         assert info["lossy_min_elements"] == "1024"  # the daemon's config, over the wire

@@ -7,6 +7,7 @@ and the restart converges; metrics are stored and listed, ``should_save`` and
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from ckptd.client import Checkpointer, Retention
 from ckptd.client.errors import CheckpointNotFoundError
+from ckptd.daemon.cli.app import main as cli_main
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import RunInfo
 from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process, wait_until
@@ -114,7 +116,7 @@ def test_keep_best_keeps_the_three_lowest_losses(small_bases: InProcessDaemon) -
 
 
 def test_deleting_a_step_takes_the_hidden_steps_that_need_it(
-    small_bases: InProcessDaemon,
+    small_bases: InProcessDaemon, capsys: pytest.CaptureFixture[str],
 ) -> None:
     with Checkpointer(small_bases.address, "holes", transport="grpc",
                       retention=Retention(keep_every=3, keep_last=1)) as ckpt:
@@ -124,6 +126,15 @@ def test_deleting_a_step_takes_the_hidden_steps_that_need_it(
                    "1, 2, 5, 7 and 8 hidden")
         with pytest.raises(CheckpointNotFoundError, match="removed by the run's retention"):
             ckpt.restore(7)
+        capsys.readouterr()
+        assert cli_main(["ls", "--json", "--target", small_bases.address], {}) == 0
+        (listed,) = [r for r in json.loads(capsys.readouterr().out) if r["run"] == "holes"]
+        info = _run_info(small_bases, "holes")
+        assert (listed["step_count"], listed["hidden_steps"]) == (4, 5)
+        assert listed["hidden_bytes"] == info.hidden_bytes > 0
+        assert cli_main(["ls", "--target", small_bases.address], {}) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if "holes" in line)
+        assert "(5)" in row  # the HIDDEN column: bytes (steps)
         checksums = {step: ckpt.restore_info(step).checksum for step in (3, 9)}
         # 6's dependants 7 and 8 are hidden: they go with it, and 9 is rewritten as a base;
         # 0's are 1 and 2: 3 is rewritten. Then 5 restores nothing kept: retention drops it.
