@@ -25,6 +25,8 @@ class HeaderBuilder:
         self, run: str, rank: int, rules: tuple[PolicyRule, ...], server: pb.ServerInfo
     ) -> None:
         self.run, self.rank = run, rank
+        self.world_size = 0  # 0: no world (``Checkpointer(world_size=...)``)
+        self.reshardable = False  # set by ckptd.client.dcp: DCP saves carry their layout
         self.rules = rules
         self.server = server
         # Tensor names repeat every save; matching globs once per name keeps save() cheap.
@@ -50,7 +52,8 @@ class HeaderBuilder:
                 )
             )
         meta = {**user_metadata(metadata), STRUCTURE_KEY: flat.structure}
-        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta)
+        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta,
+                             world_size=self.world_size, reshardable=self.reshardable)
 
     def _check_limits(self, flat: FlatState) -> None:
         info = self.server
