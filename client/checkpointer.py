@@ -58,6 +58,8 @@ class Checkpointer:
             ``restore()`` mean the latest complete step, and ``restore(step)`` of a step
             some rank lacks raises ``StepIncompleteError`` naming them. Every step of a run
             keeps one world size. None: no world, each rank's steps stand alone.
+        reshardable: The saves carry their own global layout, so the run's world size may
+            change between them (``ckptd.client.dcp`` sets it: DCP reshards on load).
         transport: ``"shm"`` writes snapshots into shared memory the daemon reads in place
             (same host, over the daemon's unix socket only); ``"grpc"`` streams them;
             ``"auto"`` picks shm on a unix socket when the daemon reports this host's
@@ -115,6 +117,7 @@ class Checkpointer:
         rank: int = 0,
         *,
         world_size: int | None = None,
+        reshardable: bool = False,
         transport: str = "auto",
         bits: int | None = None,
         policies: Iterable[tuple[str, str]] | None = None,
@@ -192,7 +195,7 @@ class Checkpointer:
         self._guards: list[Guard] = []
         self._warned_unguarded = False
         self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
-        self._headers.world_size = world
+        self._headers.world_size, self._headers.reshardable = world, bool(reshardable)
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
         self._latest_known = False  # whether _last_step covers steps saved before us
