@@ -234,10 +234,10 @@ class Engine:
         A world step that some rank lacks is ``StepIncompleteError`` unless
         ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
         check_key(run, rank, step)
-        found = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
-        if found is None:
+        served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
+        if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
-        key = StepKey(run, rank, found)
+        key = StepKey(run, rank, served)
         async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
             yield found
 

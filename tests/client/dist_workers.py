@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,20 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 EXACT = [("*", "exact")]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker does: the daemon and run, where to write results, and its knobs."""
+
+    target: str
+    run: str
+    out: Path
+    crash_step: int = 0  # fsdp_train: the step whose shards the last rank never writes
+    exact: bool = True  # dtensor_save: lossless policy (else the daemon's default)
+    first: int = 1  # ddp_train: first step to train (> 1: resume from the latest first)
+    last: int = 0  # ddp_train: last step to train
+    kill_after: int | None = None  # ddp_train: every rank SIGKILLs itself after it
 PG_TIMEOUT = timedelta(seconds=120)  # a peer that died makes the others fail, not hang
 
 
@@ -77,17 +92,16 @@ class _DiesBeforeWriting(CkptdStorageWriter):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fsdp_train(rank: int, world: int, init_file: Path, target: str, run: str, out: Path,
-               crash_step: int) -> None:
+def fsdp_train(rank: int, world: int, init_file: Path, job: Job) -> None:
     """FSDP2 training of 4 ranks saving every step with DCP through ckptd (step 2 with
-    ``async_save``); at ``crash_step`` the last rank dies before writing its shards."""
+    ``async_save``); at ``job.crash_step`` the last rank dies before writing its shards."""
     _join(rank, world, init_file)
     model, optimizer = _fsdp(world)
-    writer = CkptdStorageWriter(target, run, policies=EXACT)
-    for step in range(1, crash_step + 1):
+    writer = CkptdStorageWriter(job.target, job.run, policies=EXACT)
+    for step in range(1, job.crash_step + 1):
         _train_step(model, optimizer, step)
-        if step == crash_step and rank == world - 1:
-            writer = _DiesBeforeWriting(target, run, policies=EXACT)
+        if step == job.crash_step and rank == world - 1:
+            writer = _DiesBeforeWriting(job.target, job.run, policies=EXACT)
         weights, optim = get_state_dict(model, optimizer)
         state = {"model": weights, "optim": optim, "extra": {"step": step}}
         if step == 2:
@@ -96,28 +110,28 @@ def fsdp_train(rank: int, world: int, init_file: Path, target: str, run: str, ou
             dcp.save(state, storage_writer=writer, checkpoint_id=step)
         full = _full_weights(model)
         if rank == 0:
-            torch.save(full, out / f"expected-{step}.pt")
+            torch.save(full, job.out / f"expected-{step}.pt")
     writer.close()
 
 
-def fsdp_resume(rank: int, world: int, init_file: Path, target: str, run: str,
-                out: Path) -> None:
+def fsdp_resume(rank: int, world: int, init_file: Path, job: Job) -> None:
     """Resumes the FSDP2 job on ``world`` ranks (fewer than saved it) from the latest
     complete step, then trains and saves one more step with the new world size."""
     _join(rank, world, init_file)
     model, optimizer = _fsdp(world)
     weights, optim = get_state_dict(model, optimizer)
     state = {"model": weights, "optim": optim, "extra": {"step": -1}}
-    dcp.load(state, storage_reader=CkptdStorageReader(target, run), checkpoint_id=None)
+    reader = CkptdStorageReader(job.target, job.run)
+    dcp.load(state, storage_reader=reader, checkpoint_id=None)  # the latest complete step
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     full = _full_weights(model)
     resumed = int(state["extra"]["step"])
     if rank == 0:
-        torch.save({"step": resumed, "weights": full}, out / "resumed.pt")
+        torch.save({"step": resumed, "weights": full}, job.out / "resumed.pt")
     step = resumed + 2  # after the step some ranks kept from the crashed attempt
     _train_step(model, optimizer, step)
-    writer = CkptdStorageWriter(target, run, policies=EXACT)
+    writer = CkptdStorageWriter(job.target, job.run, policies=EXACT)
     weights, optim = get_state_dict(model, optimizer)
     dcp.save({"model": weights, "optim": optim, "extra": {"step": step}},
              storage_writer=writer, checkpoint_id=step)
@@ -130,12 +144,11 @@ def _matrix(step: int) -> torch.Tensor:
     return base + 0.01 * step * torch.randn(64, 256, generator=torch.Generator().manual_seed(step))
 
 
-def dtensor_save(rank: int, world: int, init_file: Path, target: str, run: str,
-                 exact: bool) -> None:
+def dtensor_save(rank: int, world: int, init_file: Path, job: Job) -> None:
     """Saves steps 1 and 2 of a row-sharded tensor from ``world`` ranks with DCP."""
     _join(rank, world, init_file)
     mesh = init_device_mesh("cpu", (world,))
-    writer = CkptdStorageWriter(target, run, policies=EXACT if exact else None)
+    writer = CkptdStorageWriter(job.target, job.run, policies=EXACT if job.exact else None)
     for step in (1, 2):
         state = {"w": distribute_tensor(_matrix(step), mesh, [Shard(0)]),
                  "bias": torch.arange(4, dtype=torch.int64) + step}
@@ -143,47 +156,46 @@ def dtensor_save(rank: int, world: int, init_file: Path, target: str, run: str,
     writer.close()
 
 
-def dtensor_load(rank: int, world: int, init_file: Path, target: str, run: str,
-                 out: Path) -> None:
+def dtensor_load(rank: int, world: int, init_file: Path, job: Job) -> None:
     """Loads step 2 into ``world`` ranks (a different sharding) and writes the full tensor."""
     _join(rank, world, init_file)
     mesh = init_device_mesh("cpu", (world,))
     state = {"w": distribute_tensor(torch.zeros(64, 256), mesh, [Shard(0)]),
              "bias": torch.zeros(4, dtype=torch.int64)}
-    dcp.load(state, storage_reader=CkptdStorageReader(target, run), checkpoint_id=2)
+    dcp.load(state, storage_reader=CkptdStorageReader(job.target, job.run), checkpoint_id=2)
     full = state["w"].full_tensor()
     if rank == 0:
         torch.save({"w": full, "local_rows": state["w"].to_local().shape[0],
-                    "bias": state["bias"]}, out / "loaded.pt")
+                    "bias": state["bias"]}, job.out / "loaded.pt")
 
 
-def ddp_train(rank: int, world: int, init_file: Path, target: str, run: str, out: Path,
-              first: int, last: int, kill_after: int | None) -> None:
+def ddp_train(rank: int, world: int, init_file: Path, job: Job) -> None:
     """DDP on ``world`` ranks; rank 0 saves model and optimizer every step (a world of
-    one saver). Resumes from the latest complete step when ``first`` > 1; with
-    ``kill_after``, every rank SIGKILLs itself once that step is durable."""
+    one saver). Resumes from the latest complete step when ``job.first`` > 1; with
+    ``job.kill_after``, every rank SIGKILLs itself once that step is durable."""
     _join(rank, world, init_file)
     model = DistributedDataParallel(_model())
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    if first > 1:
-        with Checkpointer(target, run, rank=0, world_size=1) as reader:
+    if job.first > 1:
+        with Checkpointer(job.target, job.run, rank=0, world_size=1) as reader:
             restored = reader.restore_info()
         model.module.load_state_dict(restored.state["model"])
         optimizer.load_state_dict(restored.state["optim"])
         if rank == 0:
             torch.save({"step": restored.step, "weights": model.module.state_dict()},
-                       out / "resumed.pt")
-    saver = Checkpointer(target, run, rank=0, world_size=1, policies=EXACT) if rank == 0 \
-        else None
-    for step in range(first, last + 1):
+                       job.out / "resumed.pt")
+    saver = None
+    if rank == 0:
+        saver = Checkpointer(job.target, job.run, rank=0, world_size=1, policies=EXACT)
+    for step in range(job.first, job.last + 1):
         _train_step(model, optimizer, step)
         if saver is not None:
             saver.save(step, {"model": model.module.state_dict(),
                               "optim": optimizer.state_dict()})
             saver.wait(120)
-            torch.save(model.module.state_dict(), out / f"expected-{step}.pt")
+            torch.save(model.module.state_dict(), job.out / f"expected-{step}.pt")
         dist.barrier()
-        if step == kill_after:
+        if step == job.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     if saver is not None:
         saver.close()

@@ -20,7 +20,6 @@ import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import dist_workers
 import pytest
@@ -28,6 +27,7 @@ import torch
 from ckptd.client import Checkpointer, StepIncompleteError
 from client_support import CheckpointerFactory
 from daemon_harness import InProcessDaemon, start_in_process
+from dist_workers import Job
 
 pytestmark = pytest.mark.slow
 JOIN_TIMEOUT_S = 240.0
@@ -41,12 +41,12 @@ def tcp_daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
     running.stop()
 
 
-def _spawn(fn: Callable[..., None], world: int, tmp_path: Path, *args: Any,
+def _spawn(fn: Callable[..., None], world: int, tmp_path: Path, job: Job,
            ) -> list[multiprocessing.process.BaseProcess]:
-    """Starts ``fn(rank, world, init_file, *args)`` on ``world`` fresh interpreters."""
+    """Starts ``fn(rank, world, init_file, job)`` on ``world`` fresh interpreters."""
     init_file = tmp_path / f"pg-{uuid.uuid4().hex}"  # a file store serves one group only
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=fn, args=(rank, world, init_file, *args))
+    procs = [context.Process(target=fn, args=(rank, world, init_file, job))
              for rank in range(world)]
     for proc in procs:
         proc.start()
@@ -62,15 +62,16 @@ def _join(procs: list[multiprocessing.process.BaseProcess]) -> list[int | None]:
     return [proc.exitcode for proc in procs]
 
 
-def _run(fn: Callable[..., None], world: int, tmp_path: Path, *args: Any) -> None:
-    assert _join(_spawn(fn, world, tmp_path, *args)) == [0] * world
+def _run(fn: Callable[..., None], world: int, tmp_path: Path, job: Job) -> None:
+    assert _join(_spawn(fn, world, tmp_path, job)) == [0] * world
 
 
 def test_fsdp_ranks_resume_from_the_latest_complete_step_on_fewer_ranks(
     tcp_daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, tmp_path: Path
 ) -> None:
     run, target = "fsdp", tcp_daemon.address
-    codes = _join(_spawn(dist_workers.fsdp_train, 4, tmp_path, target, run, tmp_path, 4))
+    crashing = Job(target, run, tmp_path, crash_step=4)
+    codes = _join(_spawn(dist_workers.fsdp_train, 4, tmp_path, crashing))
     assert codes[3] == -signal.SIGKILL  # the others fail on the dead peer
     ranks = [make_checkpointer(target, run, rank=rank) for rank in range(4)]
     assert [ckpt.latest_step() for ckpt in ranks] == [3, 3, 3, 3]
@@ -78,7 +79,7 @@ def test_fsdp_ranks_resume_from_the_latest_complete_step_on_fewer_ranks(
     with pytest.raises(StepIncompleteError, match=r"ranks \[0, 3\]"):
         ranks[1].restore(4)
 
-    _run(dist_workers.fsdp_resume, 2, tmp_path, target, run, tmp_path)
+    _run(dist_workers.fsdp_resume, 2, tmp_path, Job(target, run, tmp_path))
     resumed = torch.load(tmp_path / "resumed.pt")
     expected = torch.load(tmp_path / "expected-3.pt")
     assert resumed["step"] == 3
@@ -95,8 +96,8 @@ def test_dcp_save_with_4_ranks_loads_on_2(
     exact: bool,
 ) -> None:
     run, target = "dtensor", tcp_daemon.address
-    _run(dist_workers.dtensor_save, 4, tmp_path, target, run, exact)
-    _run(dist_workers.dtensor_load, 2, tmp_path, target, run, tmp_path)
+    _run(dist_workers.dtensor_save, 4, tmp_path, Job(target, run, tmp_path, exact=exact))
+    _run(dist_workers.dtensor_load, 2, tmp_path, Job(target, run, tmp_path))
     loaded = torch.load(tmp_path / "loaded.pt")
     original = dist_workers._matrix(2)
     assert loaded["local_rows"] == 32  # resharded: 2 ranks of 32 rows, saved as 4 of 16
@@ -118,9 +119,10 @@ def test_ddp_ranks_killed_after_a_durable_step_resume_from_it(
     tcp_daemon: InProcessDaemon, tmp_path: Path
 ) -> None:
     run, target = "ddp", tcp_daemon.address
-    codes = _join(_spawn(dist_workers.ddp_train, 2, tmp_path, target, run, tmp_path, 1, 9, 3))
+    crashing = Job(target, run, tmp_path, first=1, last=9, kill_after=3)
+    codes = _join(_spawn(dist_workers.ddp_train, 2, tmp_path, crashing))
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
-    _run(dist_workers.ddp_train, 2, tmp_path, target, run, tmp_path, 4, 5, None)
+    _run(dist_workers.ddp_train, 2, tmp_path, Job(target, run, tmp_path, first=4, last=5))
     resumed = torch.load(tmp_path / "resumed.pt")
     expected = torch.load(tmp_path / "expected-3.pt")
     assert resumed["step"] == 3
