@@ -103,9 +103,13 @@ class Worlds:
     async def committed(self, key: StepKey, world_size: int) -> bool:
         """After ``key`` is committed: records its step if every rank now has it; returns
         whether the step is complete."""
-        if world_size == 0:
-            return True
-        return not await self.missing_ranks(key.run, key.step, world_size)
+        return await self.is_complete(key.run, key.step, world_size)
+
+    async def is_complete(self, run: str, step: int, world_size: int) -> bool:
+        """Like ``not missing_ranks(...)``, but stops at the first rank found missing, so
+        that ranks committing one after another through one daemon cost one storage look
+        each, not one per rank still to come."""
+        return not await self.missing_ranks(run, step, world_size, first_only=True)
 
     def missing_indexed(self, run: str, step: int, world_size: int) -> tuple[int, ...]:
         """The ranks that lack ``step`` as far as this process knows (no storage call)."""
@@ -113,9 +117,12 @@ class Worlds:
             return ()
         return self._absent_in_index(run, step, world_size)
 
-    async def missing_ranks(self, run: str, step: int, world_size: int) -> tuple[int, ...]:
-        """The ranks that have not committed ``step``, from the record, the index, then
-        storage; a complete step without a record gets it here."""
+    async def missing_ranks(
+        self, run: str, step: int, world_size: int, *, first_only: bool = False
+    ) -> tuple[int, ...]:
+        """The ranks that have not committed ``step`` (only the first with
+        ``first_only``), from the record, the index, then storage; a complete step without
+        a record gets it here."""
         if world_size == 0 or (run, step) in self._recorded:
             return ()
         key = world_key(run, step)
@@ -126,6 +133,8 @@ class Worlds:
         for rank in self._absent_in_index(run, step, world_size):
             if not await self._exists(manifest_key(StepKey(run, rank, step))):
                 missing.append(rank)
+                if first_only:
+                    break
         if missing:
             return tuple(missing)
         await self._record(run, step, world_size)
@@ -174,7 +183,7 @@ class Worlds:
         for candidate in reversed(steps):
             entry = self._index.get(StepKey(run, rank, candidate))
             size = entry.manifest.world_size if entry is not None else 0
-            if not await self.missing_ranks(run, candidate, size):
+            if await self.is_complete(run, candidate, size):
                 return candidate
         raise StepIncompleteError(
             f"run {run!r} has no step that every rank committed: rank {rank}'s steps "
