@@ -45,7 +45,7 @@ def train(rank: int, world: int, args: argparse.Namespace, init_file: str) -> No
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     model, optimizer = build(world)
-    step = 0
+    start = 0
     if args.resume:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "step": 0}
@@ -53,11 +53,11 @@ def train(rank: int, world: int, args: argparse.Namespace, init_file: str) -> No
         dcp.load(state, storage_reader=reader)  # no checkpoint_id: latest complete step
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        step = int(state["step"])
+        start = int(state["step"])
         if rank == 0:
-            print(f"resumed from step {step} on {world} ranks", flush=True)
+            print(f"resumed from step {start} on {world} ranks", flush=True)
     writer = CkptdStorageWriter(args.target, args.run)
-    for step in range(step + 1, step + args.steps + 1):
+    for step in range(start + 1, start + args.steps + 1):
         batch = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
         loss = model(batch).pow(2).mean()
         loss.backward()
