@@ -194,8 +194,8 @@ class Checkpointer:
         )
         self._guards: list[Guard] = []
         self._warned_unguarded = False
-        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
-        self._headers.world_size, self._headers.reshardable = world, bool(reshardable)
+        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info,
+                                      world_size=world, reshardable=bool(reshardable))
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
         self._latest_known = False  # whether _last_step covers steps saved before us

@@ -140,6 +140,18 @@ class Worlds:
         await self._record(run, step, world_size)
         return ()
 
+    def latest_complete_indexed(self, run: str, rank: int) -> int | None:
+        """The rank's newest world step that every rank has, as far as this process
+        knows (``missing_indexed``); None without one, or when the newest step has no
+        world (nothing to protect beyond the latest step)."""
+        for entry in reversed(self._index.entries(run, rank)):
+            manifest = entry.manifest
+            if not manifest.world_size:
+                return None
+            if not self.missing_indexed(run, manifest.key.step, manifest.world_size):
+                return manifest.key.step
+        return None
+
     def check_header(self, header: CheckpointHeader) -> None:
         """Refuses a save whose rank lies outside its world, or whose world size differs
         from the run's latest step (any rank, as indexed here) unless it is reshardable."""

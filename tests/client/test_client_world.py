@@ -10,13 +10,15 @@ missing.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from ckptd.client import Checkpointer, InvalidCheckpointError, StepIncompleteError
+from ckptd.client import Checkpointer, InvalidCheckpointError, Retention, StepIncompleteError
 from ckptd.daemon.cli.app import main as cli_main
+from ckptd.daemon.config import EngineConfig
 from client_support import CheckpointerFactory
-from daemon_harness import InProcessDaemon
+from daemon_harness import InProcessDaemon, start_in_process, wait_until
 
 RUN = "world"
 WORLD = 4
@@ -116,3 +118,23 @@ def test_a_world_size_change_is_refused(
         alone.wait(60)
     with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
         Checkpointer(daemon.address, RUN, rank=2, world_size=2)
+
+
+def test_retention_keeps_the_latest_complete_step(
+    tmp_path: Path, make_checkpointer: CheckpointerFactory
+) -> None:
+    """keep_last=1 keeps each rank's newest step and, while some rank lacks it, the latest
+    complete one too: without it the run could not be resumed at all."""
+    running = start_in_process(tmp_path / "storage", engine=EngineConfig(base_interval=1))
+    try:
+        ranks = [make_checkpointer(running.address, RUN, rank=0, world_size=2,
+                                   retention=Retention(keep_last=1)),
+                 make_checkpointer(running.address, RUN, rank=1, world_size=2)]
+        _save(ranks, 1, range(2))
+        _save(ranks, 2, [0])  # rank 1 never saves steps 2 and 3
+        _save(ranks, 3, [0])
+        wait_until(lambda: ranks[0].steps() == [1, 3], 30, "rank 0's steps [1, 3]")
+        assert [ckpt.latest_step() for ckpt in ranks] == [1, 1]
+        assert int(ranks[0].restore()["step"]) == 1
+    finally:
+        running.stop()
