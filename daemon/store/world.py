@@ -125,18 +125,19 @@ class Worlds:
         a record gets it here."""
         if world_size == 0 or (run, step) in self._recorded:
             return ()
-        key = world_key(run, step)
-        if await self._exists(key):
-            self._recorded.add((run, step))
-            return ()
-        missing = []
-        for rank in self._absent_in_index(run, step, world_size):
-            if not await self._exists(manifest_key(StepKey(run, rank, step))):
-                missing.append(rank)
-                if first_only:
-                    break
-        if missing:
-            return tuple(missing)
+        absent = self._absent_in_index(run, step, world_size)
+        if absent:  # ranks another writer may have committed, or recorded already
+            if await self._exists(world_key(run, step)):
+                self._recorded.add((run, step))
+                return ()
+            missing = []
+            for rank in absent:
+                if not await self._exists(manifest_key(StepKey(run, rank, step))):
+                    missing.append(rank)
+                    if first_only:
+                        break
+            if missing:
+                return tuple(missing)
         await self._record(run, step, world_size)
         return ()
 
