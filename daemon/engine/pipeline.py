@@ -176,6 +176,7 @@ class SavePipeline:
             tensors=entries,
             checksum=checksum,
             metrics=dict(save.header.metrics),
+            world_size=save.header.world_size,
         )
 
     async def _discard(self, key: StepKey, tensors: int) -> None:

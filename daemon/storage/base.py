@@ -10,10 +10,13 @@ keys. Concurrent calls on the *same* key (two puts, or a put racing a delete) ar
 and leave one of the outcomes, but which one is unspecified.
 
 Atomic commit: ``put`` is atomic (a reader sees the old object or the whole new one, never
-a part) and durable on return. A checkpoint is committed by putting its manifest *after*
-every blob it names is durable, so the manifest's ``put`` is the commit point and no
-separate commit method is needed; a step whose manifest is absent does not exist, and its
-orphaned blobs are garbage for the engine to delete.
+a part) and durable on return. ``put_if_absent`` is the one conditional write: it creates an
+object only where none exists, atomically with respect to every other writer of the same
+storage (other threads, processes and hosts), so two daemons racing for one key cannot both
+win; manifests and chain leases are created with it. A checkpoint is committed by
+creating its manifest *after* every blob it names is durable, so that write is the commit
+point and no separate commit method is needed; a step whose manifest is absent does not
+exist, and its orphaned blobs are garbage for the engine to delete.
 
 Keys are relative, ``/``-separated paths such as
 ``runs/r1/0/00000000000000000010/manifest.json``. They are validated here, once, so that
@@ -124,6 +127,17 @@ class Storage(abc.ABC):
 
         Atomic (readers see the old object or all of the new one) and durable on return.
         A ``memoryview`` must be C-contiguous; it is written without being copied whole.
+        """
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Creates the object ``key`` holding ``data`` only if no object exists under ``key``.
+
+        Returns True if this call created it, False if an object already existed (then
+        nothing is written and the existing object is unchanged). Of several concurrent
+        calls for one key, from any thread, process or host, exactly one returns True.
+        Atomic and durable on return like ``put``. Meant for small objects (manifests,
+        leases): a backend may send ``data`` in one request.
         """
 
     @abc.abstractmethod

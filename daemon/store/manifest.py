@@ -178,6 +178,7 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     checksum: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    world_size: int = 0  # ranks of the run's world when saved; 0: no world
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
@@ -243,7 +244,9 @@ class Manifest:
 def _manifest_obj(m: Manifest) -> dict[str, Any]:
     # An optional key, so that manifests without metrics keep their exact bytes and an
     # earlier daemon (which ignores unknown keys) still reads those with them.
-    optional = {"metrics": dict(m.metrics)} if m.metrics else {}
+    optional: dict[str, Any] = {"metrics": dict(m.metrics)} if m.metrics else {}
+    if m.world_size:
+        optional["world_size"] = m.world_size
     return {
         **optional,
         "format": FORMAT_NAME,
@@ -306,6 +309,7 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         tensors=tuple(_entry_from_obj(item) for item in obj["tensors"]),
         checksum=_text(obj["checksum"]),
         metrics={k: float(v) for k, v in metrics.items()},
+        world_size=_count(obj.get("world_size", 0)),
     )
 
 

@@ -12,7 +12,8 @@ own: the daemon's default (``ckptd serve --retention-*``) applies.
 is a multiple of ``keep_every``; for ``keep_interval_s``, the oldest step and then each
 step committed at least that long after the last one this rule kept; the ``keep_best``
 steps with the best ``best_metric`` (steps without it are not ranked); and always the
-latest step. With no ``keep_*`` rule set every step is kept. ``max_bytes`` then caps the
+latest step (and, for a run with a world, the latest step every rank has: the engine passes
+it as ``also_keep``). With no ``keep_*`` rule set every step is kept. ``max_bytes`` then caps the
 run's stored bytes (all ranks): while over it, the chain's oldest segment (below) goes
 whole, whatever the other rules say, except the segment of the latest step.
 
@@ -189,7 +190,8 @@ class Plan:
 
 
 def plan(
-    entries: Sequence[IndexEntry], policy: RetentionPolicy, *, other_bytes: int = 0
+    entries: Sequence[IndexEntry], policy: RetentionPolicy, *, other_bytes: int = 0,
+    also_keep: frozenset[int] = frozenset(),
 ) -> Plan:
     """What to do to one chain (every stored step, oldest first) under ``policy`` (a
     policy with no rule keeps every listed step, and still deletes the hidden steps
@@ -197,11 +199,14 @@ def plan(
     dependants (no step that stays has its parent in it), at most ``MAX_GROUP_STEPS``
     long. ``hide``: dropped steps a kept step still needs, oldest first. ``rebase``: a
     kept delta worth rewriting as a base (module docstring; only when nothing is left to
-    delete or hide). ``other_bytes``: what the
-    run's other ranks store (``max_bytes`` counts every byte, hidden ones included)."""
+    delete or hide). ``other_bytes``: what the run's other ranks store (``max_bytes``
+    counts every byte, hidden ones included). ``also_keep``: steps kept whatever the rules
+    say, like the ``keep_last`` window (a world run's latest complete step, which a newer
+    step some rank still lacks must not leave without a complete one)."""
     if not entries:
         return Plan([])
     window, lasting = _kept(entries, policy)
+    window |= also_keep
     kept = window | lasting
     doomed: list[list[IndexEntry]] = []
     remaining = sum(e.stored_bytes for e in entries) + other_bytes
