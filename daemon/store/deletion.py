@@ -56,7 +56,7 @@ log = get_logger("engine")
 HeadArrays = tuple[int, tuple[np.ndarray, ...]]
 """A step and its reconstruction held in memory (never modified in place)."""
 Commit = Callable[[Manifest], Awaitable[IndexEntry]]
-"""Puts a manifest and indexes it (``Repository.commit``)."""
+"""Replaces a committed manifest and indexes it (``Repository.rewrite``)."""
 # Headroom on the rebase estimate: exact blobs of a later step compress a little
 # differently from the base's, and the new manifest and file-system overhead need room.
 _ESTIMATE_SLACK_BYTES = 64 << 10

@@ -1,0 +1,85 @@
+"""Two engines (two daemons' cores) on one S3 prefix (moto on loopback): each sees what the
+other committed, one writer per chain is enforced by the store, and a rank that moves to
+the other daemon continues its chain with a delta."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
+from ckptd.daemon.store.manifest import Manifest, manifest_key
+from engine_support import RUN, SMALL, assert_same, open_engine, random_walk, save, send
+from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
+
+# catalog_refresh_s=0: every catalog read refreshes, so no test waits for staleness.
+SHARED = dataclasses.replace(SMALL, catalog_refresh_s=0.0)
+
+
+@pytest.fixture
+def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with MotoS3Server() as server:
+        server.create_bucket(TEST_BUCKET)
+        use_dummy_aws_env(monkeypatch)
+        yield server.url(TEST_BUCKET)
+
+
+@pytest.mark.slow
+def test_a_second_daemon_lists_restores_and_deletes_what_the_first_committed(
+    s3_url: str,
+) -> None:
+    states = list(random_walk(3, 3))
+
+    async def scenario() -> None:
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            assert b.list_runs() == []
+            for rank in (0, 1):
+                for step, state in enumerate(states):
+                    await save(a, step, state, rank=rank)
+            await b.refresh_catalog()
+            assert [(i.run, i.rank, i.step_count) for i in b.list_runs()] == [
+                (RUN, 0, 3), (RUN, 1, 3)]
+            assert_same(await b.restore(RUN, 1, None), await a.restore(RUN, 1, 2))
+            assert_same(await b.restore(RUN, 0, 1), await a.restore(RUN, 0, 1))
+            with pytest.raises(RunNotFoundError, match="run 'nope'"):
+                await b.restore("nope", 0, None)
+            # A holds both chains: B may read them but not write them.
+            with pytest.raises(ChainLeasedError, match=r"run 'run-a' rank 0: ckptd \(pid"):
+                await b.delete_step(StepKey(RUN, 0, 0))
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            # A's clean close released its leases: B deletes at once; A sees it.
+            assert await b.delete_run(RUN) == 6
+            await a.refresh_catalog()
+            assert a.list_runs() == []
+            with pytest.raises(RunNotFoundError):
+                await a.restore(RUN, 0, None)
+
+    asyncio.run(scenario())
+
+
+def test_a_rank_moving_to_another_daemon_continues_its_chain_with_a_delta(
+    s3_url: str,
+) -> None:
+    states = list(random_walk(5, 4))
+
+    async def scenario() -> None:
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            for step in (0, 1):
+                await save(a, step, states[step])
+            with pytest.raises(ChainLeasedError, match="generation 1, expires in"):
+                await send(b, 2, states[2])
+            expected = await a.restore(RUN, 0, 1)
+        async with open_engine(s3_url, SHARED) as b:
+            await save(b, 2, states[2])  # the lease was released: B takes generation 2
+            data = b.storage.get(manifest_key(StepKey(RUN, 0, 2)))
+            manifest = Manifest.from_bytes(data, "step 2")
+            assert (manifest.kind, manifest.parent_step, manifest.lease_generation) == (
+                "delta", 1, 2)
+            assert_same(await b.restore(RUN, 0, 1), expected)
+            await save(b, 3, states[3])
+            assert [i.kind for i in b.list_steps(RUN, 0)] == ["base", "delta", "delta", "delta"]
+
+    asyncio.run(scenario())
