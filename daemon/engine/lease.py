@@ -8,8 +8,10 @@ the rules). Call order, all on the engine's event loop:
   read afresh from storage (``Repository.scan_chain``), the next generation is taken with
   that scan's latest step as its fencing point, the index's entries of the chain are
   replaced by the scan's, what the previous holder left half-done (uncommitted and void
-  step directories) is deleted, and the chain's in-memory head is dropped, so that the
-  next save rebuilds it from storage and continues the chain with a delta. A live lease of
+  step directories) is deleted, and the chain's in-memory head is dropped unless it is
+  still the chain's latest step (same step and checksum: this daemon took the lease back
+  after an idle release), so that the next save rebuilds it from storage and continues the
+  chain with a delta. A live lease of
   another daemon raises ``ChainLeasedError`` naming it.
 * ``await fence(chain)`` just before a commit: checks the lease is still this daemon's
   (unexpired, and still the chain's highest generation) and returns the generation the
@@ -160,7 +162,11 @@ class ChainLeases:
         lease = await self._pools.run_io(take)
         self._held[key] = lease
         self._repository.replace_chain(key, found.entries)
-        chain.invalidate()
+        latest = max(found.entries, key=lambda e: e.manifest.key.step, default=None)
+        head = chain.head
+        if head is None or latest is None or (head.step, head.checksum) != (
+                latest.manifest.key.step, latest.manifest.checksum):
+            chain.invalidate()  # another writer moved the chain: rebuilt from storage
         log.info("chain lease taken %s", fields(
             run=chain.run, rank=chain.rank, generation=lease.generation, after_step=after,
             steps=len(found.entries), leftover_keys=len(found.garbage)))

@@ -95,6 +95,14 @@ class Repository:
         """One chain's committed steps in storage, read afresh (nothing cached)."""
         return await scan(self.storage, self._pools.run_io, chain=(run, rank))
 
+    async def reread_chain(self, run: str, rank: int) -> None:
+        """Re-reads one chain from storage into the index unless this process holds it
+        (another writer may have rewritten a manifest the index still caches)."""
+        if not self._held(run, rank):
+            found = await self.scan_chain(run, rank)
+            if not self._held(run, rank):
+                self.replace_chain((run, rank), found.entries)
+
     def replace_chain(self, chain: ChainKey, entries: Sequence[IndexEntry]) -> None:
         """Makes ``entries`` the chain's indexed steps."""
         for step in self.index.steps(*chain):

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
+from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
+from ckptd.protos.records import SaveState
 from engine_support import RUN, SMALL, assert_same, open_engine, random_walk, save, send
 from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
 
@@ -81,5 +85,37 @@ def test_a_rank_moving_to_another_daemon_continues_its_chain_with_a_delta(
             assert_same(await b.restore(RUN, 0, 1), expected)
             await save(b, 3, states[3])
             assert [i.kind for i in b.list_steps(RUN, 0)] == ["base", "delta", "delta", "delta"]
+
+    asyncio.run(scenario())
+
+
+def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
+    tmp_path: Path,
+) -> None:
+    states = list(random_walk(7, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            for step in (0, 1):
+                await save(engine, step, states[step])
+            # Another daemon takes the chain over (as once this one's lease had expired),
+            # fencing it at step 1.
+            storage = engine.storage
+            lease.take(storage, RUN, 0, "daemon-b", ttl_s=30, now_unix_s=time.time() + 3600,
+                       after_step=1)
+            accepted = await send(engine, 2, states[2])
+            failed = await engine.wait(accepted.key, 60)
+            assert failed.state is SaveState.FAILED
+            assert "ChainLeasedError" in failed.error and "daemon-b" in failed.error
+            assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
+            # A commit that slipped past the check (a writer paused between its check and
+            # its manifest) is void: readers skip it and the next holder deletes it.
+            step1 = Manifest.from_bytes(storage.get(manifest_key(StepKey(RUN, 0, 1))), "1")
+            late = dataclasses.replace(step1, key=StepKey(RUN, 0, 2), kind="delta",
+                                       parent_step=1)
+            assert storage.put_if_absent(manifest_key(late.key), late.to_bytes())
+        async with open_engine(tmp_path) as engine:
+            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
+            assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
 
     asyncio.run(scenario())
