@@ -64,6 +64,7 @@ def test_a_second_daemon_lists_restores_and_deletes_what_the_first_committed(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_rank_moving_to_another_daemon_continues_its_chain_with_a_delta(
     s3_url: str,
 ) -> None:
