@@ -120,3 +120,27 @@ def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
             assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
 
     asyncio.run(scenario())
+
+
+def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
+    tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.2)
+    states = list(random_walk(9, 2))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            await save(engine, 0, states[0])
+            first = lease.read_current(engine.storage, RUN, 0)
+            assert first is not None and not first.released
+            deadline = time.monotonic() + 30
+            while not (current := lease.read_current(engine.storage, RUN, 0)).released:
+                assert time.monotonic() < deadline, current
+                await asyncio.sleep(0.05)
+            assert current.generation == first.generation
+            await save(engine, 1, states[1])
+            again = lease.read_current(engine.storage, RUN, 0)
+            assert again is not None and (again.generation, again.after_step) == (2, 0)
+            assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "delta"]
+
+    asyncio.run(scenario())
