@@ -12,6 +12,7 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     ├── CkptdTimeoutError (TimeoutError)            DEADLINE_EXCEEDED, client-side waits
     │   └── StreamIdleError                         STREAM_IDLE: a save stream paused too long
     ├── CheckpointNotFoundError (LookupError)       RUN_NOT_FOUND, STEP_NOT_FOUND; NOT_FOUND
+    │   └── StepIncompleteError                     STEP_INCOMPLETE: a rank of the world lacks it
     ├── InvalidCheckpointError (ValueError)         INVALID_REQUEST, INCOMPLETE_STREAM;
     │   │                                           INVALID_ARGUMENT, OUT_OF_RANGE
     │   └── StepConflictError                       STEP_EXISTS, STEP_ORDER; ALREADY_EXISTS,
@@ -75,6 +76,12 @@ class StreamIdleError(CkptdTimeoutError):
 
 class CheckpointNotFoundError(CkptdClientError, LookupError):
     """Raised when the requested run, rank or step does not exist in the daemon."""
+
+
+class StepIncompleteError(CheckpointNotFoundError):
+    """Raised when a step (or the latest complete step) of a run with a world is asked for
+    before every rank committed it; the message names the missing ranks. Restore an
+    earlier step, or this rank's own copy with ``allow_incomplete=True``."""
 
 
 class InvalidCheckpointError(CkptdClientError, ValueError):
@@ -167,6 +174,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
     "ERROR_REASON_STREAM_IDLE": StreamIdleError,
+    "ERROR_REASON_STEP_INCOMPLETE": StepIncompleteError,
 }
 
 # Statuses without a known reason: from gRPC itself, or a reason newer than this client.

@@ -75,6 +75,10 @@ class CheckpointHeader:
     # Scalars the trainer reports with the step (``val_loss``), stored in the manifest and
     # ranked by a retention policy's ``keep_best``.
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # Ranks of the run's world (0: no world; ``ckptd.daemon.store.world``), and whether the
+    # step may change it (a torch.distributed.checkpoint save, resharded when loaded).
+    world_size: int = 0
+    reshardable: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -125,6 +125,14 @@ class PermissionDeniedError(CkptdError, PermissionError):
     reason = "ERROR_REASON_PERMISSION_DENIED"
 
 
+class StepIncompleteError(CkptdError, LookupError):
+    """Raised when a step of a run with a world is restored (or a latest complete step is
+    asked for) before every rank of that world committed it; the message names the
+    missing ranks."""
+
+    reason = "ERROR_REASON_STEP_INCOMPLETE"
+
+
 class StreamIdleError(CkptdError, TimeoutError):
     """Raised when a stream's client sends (or reads) nothing for ``stream_idle_timeout_s``:
     the daemon ends it and releases its step and budget, so an idle or vanished client

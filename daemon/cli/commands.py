@@ -24,7 +24,7 @@ from typing import Any
 from ckptd.client.credentials import TOKEN_ENV, TlsFiles, resolve_token
 from ckptd.client.errors import CkptdClientError, DaemonBusyError
 from ckptd.daemon.cli.catalog import Catalog, open_catalog
-from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
+from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table, format_world
 from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
 from ckptd.daemon.store.quarantine import QuarantinedStep
@@ -173,14 +173,17 @@ def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
             str(rank): [dict(asdict(s), compression_ratio=s.compression_ratio) for s in steps]
             for rank, steps in chains.items()}}, indent=2))
         return 0
+    # The WORLD column only for runs saved with a world, so other listings read as before.
+    worlds = any(s.world_size for steps in chains.values() for s in steps)
     rows = [
         (rank, s.step, s.kind, "-" if s.parent_step is None else s.parent_step, s.chain_depth,
          format_bytes(s.raw_bytes), format_bytes(s.stored_bytes),
          format_ratio(s.raw_bytes, s.stored_bytes), format_metrics(s.metrics))
+        + ((format_world(s.world_size, s.missing_ranks),) if worlds else ())
         for rank, steps in chains.items() for s in steps
     ]
     print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO",
-                        "METRICS"), rows))
+                        "METRICS") + (("WORLD",) if worlds else ()), rows))
     return 0
 
 

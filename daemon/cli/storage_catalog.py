@@ -98,7 +98,8 @@ class StorageCatalog(Catalog):
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
-        infos = self._get_index().step_infos(run, rank)
+        self._get_index()
+        infos = self._repository.step_infos(run, rank)
         if not infos:
             raise self._not_found(StepKey(run, rank, 0))
         return infos

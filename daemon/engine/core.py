@@ -167,6 +167,7 @@ class Engine:
         held = len(await self._repository.quarantined())
         self._notify(lambda: self._observer.quarantine_size(held))
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
+        repaired = await self._repository.worlds.repair()
         self._started = True
         self._leases.start()
         for run, rank in self._index.chains():
@@ -175,13 +176,14 @@ class Engine:
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
-            removed_temporaries=temporaries))
+            removed_temporaries=temporaries, repaired_worlds=repaired))
 
     async def open_save(self, header: CheckpointHeader, *, identity: str = "") -> SaveSession:
         """Opens a save; ``identity`` names the trainer whose share of the in-flight budget
         its bytes count against ("" when the transport knows none)."""
         self._check_accepting()
         check_header(header, self.config)
+        self._repository.worlds.check_header(header)
         key = header.key
         chain = self._chain(key.run, key.rank)
         await self._leases.hold(chain)
@@ -232,26 +234,32 @@ class Engine:
             return save.status
         return self.status(key)
 
-    async def restore(self, run: str, rank: int, step: int | None) -> RestoredCheckpoint:
+    async def restore(
+        self, run: str, rank: int, step: int | None, *, allow_incomplete: bool = False
+    ) -> RestoredCheckpoint:
         """The verified reconstruction of ``step`` (None: the latest durable step)."""
-        async with self.restoring(run, rank, step) as restored:
-            return restored
+        async with self.restoring(run, rank, step, allow_incomplete=allow_incomplete) as found:
+            return found
 
     @contextlib.asynccontextmanager
     async def restoring(
-        self, run: str, rank: int, step: int | None, *, identity: str = ""
+        self, run: str, rank: int, step: int | None, *, identity: str = "",
+        allow_incomplete: bool = False,
     ) -> AsyncIterator[RestoredCheckpoint]:
-        """Yields the verified reconstruction of ``step`` (None: the latest durable step)
-        while its raw size is reserved in the restore budget, under ``identity``'s share
-        (``ckptd.daemon.engine.restores``)."""
+        """Yields the verified reconstruction of ``step`` (None: the latest durable step;
+        for a run with a world, the latest complete one) while its raw size is reserved in
+        the restore budget, under ``identity``'s share (``ckptd.daemon.engine.restores``).
+        A world step that some rank lacks is ``StepIncompleteError`` unless
+        ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
         check_key(run, rank, step)
         await self._catalog.fresh()
-        steps = self._index.steps(run, rank)
-        if (not steps or step not in (None, *steps)) and await self._catalog.miss():
-            steps = self._index.steps(run, rank)
-        if not steps:
+        known = self._index.steps(run, rank)
+        if not known or step not in (None, *known):
+            await self._catalog.miss()  # read through: another daemon may have saved it
+        served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
+        if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
-        key = StepKey(run, rank, steps[-1] if step is None else step)
+        key = StepKey(run, rank, served)
         async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
             yield found
 
@@ -288,8 +296,9 @@ class Engine:
             self._schedule_retention(self._chain(run, rank))
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
+        """The chain's steps; a world step lists the ranks known to lack it."""
         check_key(run, rank)
-        infos = self._index.step_infos(run, rank)
+        infos = self._repository.step_infos(run, rank)
         if not infos:
             raise self._not_found(StepKey(run, rank, 0))
         return infos
@@ -476,6 +485,7 @@ class Engine:
             self._finish(chain, save, error, type(exc).__name__)
             return
         self._report_durable(save, committed)
+        await self._record_world(save.header)
         self._finish(chain, save, "")
         self._schedule_retention(chain)
 
@@ -486,6 +496,15 @@ class Engine:
         """Retention writes the chain: on a shared storage only while this daemon holds it."""
         if not self.storage.shared or self._leases.holds(chain.run, chain.rank):
             self._retainer.schedule(chain)
+
+    async def _record_world(self, header: CheckpointHeader) -> None:
+        """Records the step's world as complete if this commit completed it; a failure is
+        logged and repaired lazily (``ckptd.daemon.store.world``): the save is durable."""
+        try:
+            await self._repository.worlds.committed(header.key, header.world_size)
+        except Exception as exc:
+            log.warning("cannot record a complete world step; repaired later %s",
+                        step_fields(header.key, error=f"{type(exc).__name__}: {exc}"))
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
         self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))

@@ -193,6 +193,7 @@ class SavePipeline:
             checksum=checksum,
             metrics=dict(save.header.metrics),
             lease_generation=generation,
+            world_size=save.header.world_size,
         )
 
     async def _discard(self, key: StepKey, tensors: int) -> None:

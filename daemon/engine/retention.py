@@ -108,7 +108,9 @@ class Retainer:
             entries = index.entries(chain.run, chain.rank)
             other = sum(e.stored_bytes for rank in index.ranks(chain.run) if rank != chain.rank
                         for e in index.entries(chain.run, rank))
-            todo = plan(entries, policy, other_bytes=other)
+            complete = self._repository.worlds.latest_complete_indexed(chain.run, chain.rank)
+            todo = plan(entries, policy, other_bytes=other,
+                        also_keep=frozenset(() if complete is None else (complete,)))
             started_s = time.monotonic()
             if not todo.groups:
                 if todo.rebase is None or rebases <= 0:

@@ -298,7 +298,8 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
         async with self._engine.restoring(
-            request.run, request.rank, step, identity=_share_of(identity, context)
+            request.run, request.rank, step, identity=_share_of(identity, context),
+            allow_incomplete=request.allow_incomplete,
         ) as restored:
             await self._write(context, pb.RestoreResponse(
                 header=convert.restore_header_to_proto(restored)))

@@ -35,6 +35,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     # The request is well formed, but the chain's state forbids it (step not after latest).
     (errors.StepOrderError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The step exists for this rank, but not yet for every rank of its world.
+    (errors.StepIncompleteError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RunNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StepNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StepExistsError, grpc.StatusCode.ALREADY_EXISTS),

@@ -113,7 +113,7 @@ class StepIndex:
             StepInfo(step=m.key.step, kind=m.kind, parent_step=m.parent_step,
                      raw_bytes=m.raw_bytes, stored_bytes=e.stored_bytes,
                      chain_depth=m.chain_depth, created_unix_s=m.created_unix_s,
-                     metrics=dict(m.metrics))
+                     metrics=dict(m.metrics), world_size=m.world_size)
             for e in self.entries(run, rank)
             for m in (e.manifest,)
         ]

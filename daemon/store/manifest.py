@@ -173,6 +173,7 @@ class Manifest:
     checksum: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     lease_generation: int = 0
+    world_size: int = 0  # ranks of the run's world when saved; 0: no world
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
@@ -241,6 +242,8 @@ def _manifest_obj(m: Manifest) -> dict[str, Any]:
     optional: dict[str, Any] = {"metrics": dict(m.metrics)} if m.metrics else {}
     if m.lease_generation:
         optional["lease_generation"] = m.lease_generation
+    if m.world_size:
+        optional["world_size"] = m.world_size
     return {
         **optional,
         "format": FORMAT_NAME,
@@ -304,6 +307,7 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         checksum=_text(obj["checksum"]),
         metrics={k: float(v) for k, v in metrics.items()},
         lease_generation=_count(obj.get("lease_generation", 0)),
+        world_size=_count(obj.get("world_size", 0)),
     )
 
 

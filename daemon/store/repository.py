@@ -26,6 +26,7 @@ plan gone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -48,6 +49,8 @@ from ckptd.daemon.store.quarantine import (
 )
 from ckptd.daemon.store.restore import Restorer
 from ckptd.daemon.store.retention import load_policies, store_policy
+from ckptd.daemon.store.world import Worlds
+from ckptd.protos.records import StepInfo
 
 __all__ = ["HeadArrays", "Repository"]
 log = get_logger("engine")
@@ -67,6 +70,7 @@ class Repository:
         self._pools = pools
         self._restorer = Restorer(storage, pools)
         self._deleter = Deleter(storage, self.index, pools, self._restorer)
+        self.worlds = Worlds(storage, self.index, pools.run_io)
 
     async def load(self) -> ScanResult:
         """(Re)builds the index from every readable manifest; returns the scan, whose
@@ -75,6 +79,7 @@ class Repository:
         self.index.clear()
         for entry in found.entries:
             self.index.add(entry)
+        await self.worlds.load()
         return found
 
     async def refresh(self) -> None:
@@ -188,19 +193,41 @@ class Repository:
         self.index.add(entry)
         return entry
 
+    def step_infos(self, run: str, rank: int) -> list[StepInfo]:
+        """The committed steps of one chain, oldest first, each with the ranks of its
+        world that this process knows lack it (``Worlds.missing_indexed``)."""
+        return [dataclasses.replace(info, missing_ranks=self.worlds.missing_indexed(
+                    run, info.step, info.world_size)) if info.world_size else info
+                for info in self.index.step_infos(run, rank)]
+
     async def delete_step(self, key: StepKey, head: HeadArrays | None = None) -> None:
         """Deletes ``key``, first rebasing the step that depends on it (from ``head``, the
         caller's in-memory reconstruction of some step, when it is that dependant)."""
+        await self._forget_worlds([key])
         await self._deleter.delete_step(key, head, self.rewrite)
 
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of (run, rank); returns how many."""
+        steps = self.index.steps(run, rank)
+        await self._forget_worlds([StepKey(run, rank, step) for step in steps])
         return await self._deleter.delete_chain(run, rank)
 
     async def delete_group(self, keys: list[StepKey]) -> None:
         """Deletes steps that no remaining step depends on, rewriting nothing (retention's
         deletion groups, ``ckptd.daemon.store.retention``)."""
+        await self._forget_worlds(keys)
         await self._deleter.delete_group(keys)
+
+    async def _forget_worlds(self, keys: Sequence[StepKey]) -> None:
+        """Deletes the completion records of the world steps among ``keys`` (a step one
+        rank no longer has is not complete), before any of them is deleted."""
+        by_run: dict[str, list[int]] = {}
+        for key in keys:
+            entry = self.index.get(key)
+            if entry is not None and entry.manifest.world_size:
+                by_run.setdefault(key.run, []).append(key.step)
+        for run, steps in by_run.items():
+            await self.worlds.forget(run, steps)
 
     async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
         """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps

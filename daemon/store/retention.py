@@ -12,7 +12,8 @@ own: the daemon's default (``ckptd serve --retention-*``) applies.
 is a multiple of ``keep_every``; for ``keep_interval_s``, the oldest step and then each
 step committed at least that long after the last one this rule kept; the ``keep_best``
 steps with the best ``best_metric`` (steps without it are not ranked); and always the
-latest step. With no ``keep_*`` rule set every step is kept. ``max_bytes`` then caps the
+latest step (and, for a run with a world, the latest step every rank has: the engine passes
+it as ``also_keep``). With no ``keep_*`` rule set every step is kept. ``max_bytes`` then caps the
 run's stored bytes (all ranks): while over it, the chain's oldest segment (below) goes
 whole, whatever the other rules say, except the segment of the latest step.
 
@@ -153,16 +154,19 @@ class Plan:
 
 
 def plan(
-    entries: Sequence[IndexEntry], policy: RetentionPolicy, *, other_bytes: int = 0
+    entries: Sequence[IndexEntry], policy: RetentionPolicy, *, other_bytes: int = 0,
+    also_keep: frozenset[int] = frozenset(),
 ) -> Plan:
     """What to do to one chain (oldest first) under ``policy``. ``groups``: steps to
     delete, each newest first and closed under dependants (no step that stays has its
     parent in it), at most ``MAX_GROUP_STEPS`` long. ``rebase``: a kept delta whose
     pinned steps (kept only because it needs them) store more than rewriting it as a
-    base would write. ``other_bytes``: what the run's other ranks store (``max_bytes``)."""
+    base would write. ``other_bytes``: what the run's other ranks store (``max_bytes``).
+    ``also_keep``: steps kept whatever the rules say (a world run's latest complete step,
+    which a newer step some rank still lacks must not leave without a complete one)."""
     if not entries or not policy.prunes:
         return Plan([])
-    kept = kept_steps(entries, policy)
+    kept = kept_steps(entries, policy) | also_keep
     doomed: list[list[IndexEntry]] = []
     remaining = sum(e.stored_bytes for e in entries) + other_bytes
     survivors: list[list[IndexEntry]] = []

@@ -49,6 +49,7 @@ EXPECTED: dict[str, tuple[type[client_errors.CkptdClientError], int]] = {
     "ERROR_REASON_UNAUTHENTICATED": (client_errors.UnauthenticatedError, EXIT_FAILED),
     "ERROR_REASON_PERMISSION_DENIED": (client_errors.PermissionDeniedError, EXIT_FAILED),
     "ERROR_REASON_STREAM_IDLE": (client_errors.StreamIdleError, EXIT_TEMPFAIL),
+    "ERROR_REASON_STEP_INCOMPLETE": (client_errors.StepIncompleteError, EXIT_FAILED),
 }
 
 
