@@ -5,10 +5,11 @@ loopback, in this process) and the same states, so their ratio is what the secon
 changes. Daemons are ``ckptd serve`` subprocesses; each rank is a ``Checkpointer`` (gRPC
 streaming, as a node daemon reached over TCP is) driven from its own thread.
 
-* **step** — per step, every rank calls ``save`` at the same instant and waits until its
-  save is DURABLE; the step's time is from the first ``save`` call to the last rank
-  durable ("all 4 ranks durable": with i15w's world commit this is the time to a
-  complete step; that commit is not on this branch).
+* **step** — per step, every rank (of a world of 4: ``world_size=4``) calls ``save`` at the
+  same instant and waits until its save is DURABLE; the step's time is from the first
+  ``save`` call to the last rank durable. That is the time to a *complete* step: the
+  daemon that commits a world's last rank records the completion before it reports that
+  save durable (checked: ``latest_step()`` is the last step afterwards).
 * **restore** — after the last step, every rank restores it at once through its own
   daemon (the chain head in that daemon's memory), then through a daemon that did not save
   it (read from storage, as on a host the rank moved to: the other daemon, or with one
@@ -115,8 +116,8 @@ def _layout(url: str, workdir: Path, daemons: int, args: argparse.Namespace) -> 
     try:
         home = [started[rank * daemons // RANKS] for rank in range(RANKS)]
         other = [started[(rank * daemons // RANKS + 1) % daemons] for rank in range(RANKS)]
-        ranks = [Checkpointer(home[rank].address, run, rank=rank, transport="grpc",
-                              connect_timeout_s=60) for rank in range(RANKS)]
+        ranks = [Checkpointer(home[rank].address, run, rank=rank, world_size=RANKS,
+                              transport="grpc", connect_timeout_s=60) for rank in range(RANKS)]
         states = [[_state(rank, step, elements) for step in range(args.steps)]
                   for rank in range(RANKS)]
         steps_s = [
@@ -125,14 +126,15 @@ def _layout(url: str, workdir: Path, daemons: int, args: argparse.Namespace) -> 
                 for ckpt in ranks])
             for step in range(args.steps)]
         last = args.steps - 1
+        assert {ckpt.latest_step() for ckpt in ranks} == {last}  # complete on every rank
         own_s = _all_at_once([lambda c=ckpt: c.restore(last) for ckpt in ranks])
         for ckpt in ranks:
             ckpt.close()
         if daemons == 1:
             started.append(Daemon(url, workdir))
             other = [started[1]] * RANKS
-        movers = [Checkpointer(other[rank].address, run, rank=rank, transport="grpc",
-                               connect_timeout_s=60) for rank in range(RANKS)]
+        movers = [Checkpointer(other[rank].address, run, rank=rank, world_size=RANKS,
+                               transport="grpc", connect_timeout_s=60) for rank in range(RANKS)]
         moved_s = _all_at_once([lambda c=ckpt: c.restore(last) for ckpt in movers])
         restored = movers[0].restore(last)["weight"]
         assert torch.allclose(restored, states[0][last]["weight"], atol=0.05)
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "two_daemons": two,
         "ratio_two_over_one": {key: two[key] / one[key] for key in one},
         "raw": {"one_daemon": results[1], "two_daemons": results[2]},
-        "note": "step = all 4 ranks durable (no world commit on this branch)",
+        "note": "step = first save call to the world's step complete (all 4 ranks durable)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
