@@ -153,6 +153,10 @@ class ChainLeases:
 
     async def _take(self, chain: Chain) -> store.Lease:
         key = (chain.run, chain.rank)
+        free = functools.partial(store.check_free, self._storage, chain.run, chain.rank,
+                                 self.holder, now_unix_s=self._clock(),
+                                 exclusive=not self._storage.shared)
+        await self._pools.run_io(free)
         found = await self._repository.scan_chain(*key)
         after = max((entry.manifest.key.step for entry in found.entries), default=None)
         take = functools.partial(

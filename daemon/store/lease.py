@@ -27,8 +27,10 @@ The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local
   *void* when some later generation has ``after_step < s``: it was committed by a writer
   that had already lost the chain (paused or partitioned past its expiry), after the new
   holder had decided where the chain continues. Readers skip void manifests (``scan``);
-  the chain's next holder deletes them. The taker lists the chain's manifests *before* it
-  creates its generation, so a commit it did not see is always after ``after_step``.
+  the chain's next holder deletes them. The taker lists the chain's manifests once it has
+  seen the previous lease released or expired (``check_free``) and *before* it creates its
+  generation: every commit made under the previous lease is in that listing, and a commit
+  it did not see is always after ``after_step``.
 
 Assumptions, stated in the README: wall clocks of the daemons agree well within
 ``lease_ttl_s`` (expiry is wall time, compared by each reader), and the store's listing is
@@ -159,17 +161,32 @@ def is_void(generation: int, step: int, leases: Sequence[Lease]) -> bool:
     )
 
 
+def check_free(
+    storage: Storage, run: str, rank: int, holder: str, *, now_unix_s: float,
+    exclusive: bool = False,
+) -> None:
+    """Raises ``ChainLeasedError`` while another holder's lease of the chain is live.
+
+    A taker calls it *before* listing the chain for its fencing point: the previous holder
+    commits nothing after its release (or, by the clock assumption, after its expiry), so
+    a listing made once the lease is seen free contains every commit made under it."""
+    current = read_current(storage, run, rank)
+    if (current is not None and current.holder != holder and current.live(now_unix_s)
+            and not exclusive):
+        raise _leased(current, now_unix_s)
+
+
 def take(
     storage: Storage, run: str, rank: int, holder: str, *, ttl_s: float, now_unix_s: float,
     after_step: int | None, exclusive: bool = False,
 ) -> Lease:
     """Takes the next generation of the chain's lease for ``holder``.
 
-    ``after_step`` is the latest valid step the caller found in storage *before* calling
-    (the fencing point). Raises ``ChainLeasedError`` when another holder's lease is live,
-    or another taker won the race for the generation. ``exclusive``: the caller holds the
-    whole storage (``Storage.claim`` locked it), so a live lease is a crashed holder's and
-    is taken over at once.
+    ``after_step`` is the latest valid step the caller found in storage after
+    ``check_free`` passed (the fencing point). Raises ``ChainLeasedError`` when another
+    holder's lease is live, or another taker won the race for the generation.
+    ``exclusive``: the caller holds the whole storage (``Storage.claim`` locked it), so a
+    live lease is a crashed holder's and is taken over at once.
     """
     current = read_current(storage, run, rank)
     if (current is not None and current.holder != holder and current.live(now_unix_s)

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ckptd.daemon.cli.storage_catalog import StorageCatalog
 from ckptd.daemon.domain import StepKey
 from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
+from ckptd.daemon.storage import open_storage
 from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 from ckptd.protos.records import SaveState
@@ -144,3 +146,27 @@ def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
             assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "delta"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
+    states = list(random_walk(11, 2))
+
+    def refused() -> None:  # `ckptd rm --storage` while a daemon writes the chain
+        with StorageCatalog.open(s3_url) as catalog:
+            with pytest.raises(ChainLeasedError, match=r"run 'run-a' rank 0"):
+                catalog.delete_step(StepKey(RUN, 0, 0))
+            assert [i.step for i in catalog.list_steps(RUN, 0)] == [0, 1]
+
+    async def write() -> None:
+        async with open_engine(s3_url, SHARED) as a:
+            for step in (0, 1):
+                await save(a, step, states[step])
+            await asyncio.to_thread(refused)
+
+    asyncio.run(write())
+    with StorageCatalog.open(s3_url) as catalog:  # the daemon released its lease on close
+        assert catalog.delete_step(StepKey(RUN, 0, 0)) == 1
+        assert [i.step for i in catalog.list_steps(RUN, 0)] == [1]
+        current = lease.read_current(open_storage(s3_url), RUN, 0)
+        assert current is not None and current.released and current.after_step == 1
