@@ -101,3 +101,15 @@ def test_void_manifests_are_those_after_a_later_generations_fence() -> None:
 def test_a_malformed_record_is_named() -> None:
     with pytest.raises(ValueError, match="lease record leases/r/0/x is malformed"):
         Lease.from_bytes(b'{"format": "other"}', "leases/r/0/x")
+
+
+def test_check_free_refuses_only_another_holders_live_lease(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0)  # never leased
+    held = _take(storage, "daemon-a", T0)
+    with pytest.raises(ChainLeasedError, match="daemon-a"):
+        lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0 + 1)
+    lease.check_free(storage, "r", 0, "daemon-a", now_unix_s=T0 + 1)  # its own
+    lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0 + TTL_S)  # expired
+    lease.release(storage, held, now_unix_s=T0 + 2)
+    lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0 + 3)  # released
