@@ -485,7 +485,7 @@ class Engine:
             self._finish(chain, save, error, type(exc).__name__)
             return
         self._report_durable(save, committed)
-        await self._record_world(save.header)
+        await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
         self._schedule_retention(chain)
 
@@ -496,15 +496,6 @@ class Engine:
         """Retention writes the chain: on a shared storage only while this daemon holds it."""
         if not self.storage.shared or self._leases.holds(chain.run, chain.rank):
             self._retainer.schedule(chain)
-
-    async def _record_world(self, header: CheckpointHeader) -> None:
-        """Records the step's world as complete if this commit completed it; a failure is
-        logged and repaired lazily (``ckptd.daemon.store.world``): the save is durable."""
-        try:
-            await self._repository.worlds.committed(header.key, header.world_size)
-        except Exception as exc:
-            log.warning("cannot record a complete world step; repaired later %s",
-                        step_fields(header.key, error=f"{type(exc).__name__}: {exc}"))
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
         self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))

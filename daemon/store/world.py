@@ -35,7 +35,7 @@ from typing import Any
 
 from ckptd.daemon.domain import CheckpointHeader, StepKey
 from ckptd.daemon.errors import InvalidRequestError, KeyNotFoundError, StepIncompleteError
-from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.index import RunInPool, StepIndex
 from ckptd.daemon.store.manifest import Manifest, manifest_key
@@ -102,8 +102,14 @@ class Worlds:
 
     async def committed(self, key: StepKey, world_size: int) -> bool:
         """After ``key`` is committed: records its step if every rank now has it; returns
-        whether the step is complete."""
-        return await self.is_complete(key.run, key.step, world_size)
+        whether the step is known complete. A storage failure is logged, not raised: the
+        save is durable already, and a missing record is repaired later."""
+        try:
+            return await self.is_complete(key.run, key.step, world_size)
+        except Exception as exc:
+            log.warning("cannot check or record a world step; repaired later %s",
+                        step_fields(key, error=f"{type(exc).__name__}: {exc}"))
+            return False
 
     async def is_complete(self, run: str, step: int, world_size: int) -> bool:
         """Like ``not missing_ranks(...)``, but stops at the first rank found missing, so
