@@ -30,6 +30,7 @@ from ckptd.protos.records import SaveState, StepInfo
 
 from .credentials import TlsFiles
 from .errors import (
+    ChainLeasedError,
     CheckpointNotFoundError,
     CkptdClientError,
     CkptdTimeoutError,
@@ -77,6 +78,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ChainLeasedError",
     "CheckpointNotFoundError",
     "Checkpointer",
     "CkptdClientError",

@@ -19,6 +19,8 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     │                                               FAILED_PRECONDITION, ABORTED
     ├── SharedMemoryRefusedError (OSError)          SHARED_MEMORY_REFUSED: stream instead
     ├── StorageInUseError                           STORAGE_IN_USE: an operator must act
+    │   └── ChainLeasedError                        CHAIN_LEASED: another daemon writes
+    │                                               this (run, rank); retry after its lease
     ├── StorageFullError (OSError)                  STORAGE_FULL: free space first
     ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
     │   └── SaveSkippedError                        a save the client skipped (busy)
@@ -100,6 +102,12 @@ class StorageInUseError(CkptdClientError):
     (another daemon, a direct ``ckptd rm``); retrying will not help until one stops."""
 
 
+class ChainLeasedError(StorageInUseError):
+    """Raised when another daemon on the same storage holds the writer lease of the save's
+    (run, rank) chain; the message names the holder and its expiry. Save through that
+    daemon, or retry once the lease expired (released at once by a clean close)."""
+
+
 class StorageFullError(CkptdClientError, OSError):
     """Raised when the daemon's storage has no room for a write the call needs (a save's
     blobs, a deletion's rebase); nothing was changed. Free space (the message names a
@@ -158,6 +166,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_CORRUPT_CHECKPOINT": CorruptCheckpointError,
     "ERROR_REASON_DATA_MISSING": CorruptCheckpointError,
     "ERROR_REASON_STORAGE_IN_USE": StorageInUseError,
+    "ERROR_REASON_CHAIN_LEASED": ChainLeasedError,
     "ERROR_REASON_STORAGE_FULL": StorageFullError,
     "ERROR_REASON_STORAGE_UNAVAILABLE": DaemonUnavailableError,
     "ERROR_REASON_SHARED_MEMORY_REFUSED": SharedMemoryRefusedError,

@@ -35,6 +35,13 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    until every accepted save is durable or failed; then ``await engine.close()`` fails
    whatever is left and stops the pools. The storage belongs to the caller, who closes it.
 
+Many daemons on one storage: a chain is written only under this daemon's lease of it
+(``ckptd.daemon.engine.lease``: taken by ``open_save`` and the deletes, checked before each
+commit, renewed in the background, released by ``close``), and on a shared storage the
+catalog reads refresh from storage with bounded staleness (``ckptd.daemon.engine.catalog``;
+the server calls ``refresh_catalog`` before listings). On a shared storage start-up leaves
+leftovers alone: each chain's next lease taker removes its own.
+
 Retention: after each durable save (and for every chain at start, and after
 ``set_retention``) the chain is handed to the ``Retainer`` (``ckptd.daemon.engine.retention``),
 whose own task deletes what the run's policy no longer keeps, one bounded group per turn
@@ -73,7 +80,9 @@ from ckptd.daemon.domain import (
     StepKey,
 )
 from ckptd.daemon.engine.budget import ByteBudget
+from ckptd.daemon.engine.catalog import CatalogRefresh
 from ckptd.daemon.engine.chain import Chain, QueuedSave
+from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
 from ckptd.daemon.engine.resident import ResidentHeads
@@ -114,12 +123,17 @@ class Engine:
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._resident = ResidentHeads(config.max_resident_bytes)
-        self._repository = Repository(storage, self._pools, pause_for_tests(config.test_pause_at))
+        self._repository = Repository(storage, self._pools,
+                                      pause_for_tests(config.test_pause_at), held=self._holds)
+        self._leases = ChainLeases(self._repository, self._pools, config, self._chain)
+        self._catalog = CatalogRefresh(self._repository, config.catalog_refresh_s,
+                                       enabled=storage.shared)
         self._restores = Restores(
             self._repository, config.max_restore_bytes, config.max_inflight_share
         )
         self._index = self._repository.index  # read-only queries; writes go through it
-        self._pipeline = SavePipeline(self._repository, config, self._pools)
+        self._pipeline = SavePipeline(self._repository, config, self._pools,
+                                      fence=self._leases.fence)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
@@ -142,6 +156,8 @@ class Engine:
         start: serving would let a new save overwrite the damaged step's blobs."""
         found = await self._repository.load()
         await self._retainer.load()
+        if self.storage.shared:  # another daemon's save in progress looks the same
+            found.garbage, found.damaged = [], []
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
         moved = await self._repository.quarantine(found.damaged)
@@ -157,9 +173,10 @@ class Engine:
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
         repaired = await self._repository.worlds.repair()
         self._started = True
+        self._leases.start()
         for run, rank in self._index.chains():
             self._report_head(run, rank)
-            self._retainer.schedule(self._chain(run, rank))
+            self._schedule_retention(self._chain(run, rank))
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
@@ -173,6 +190,8 @@ class Engine:
         self._repository.worlds.check_header(header)
         key = header.key
         chain = self._chain(key.run, key.rank)
+        await self._leases.hold(chain)
+        self._check_accepting()
         self._check_step_free(chain, key)
         chain.reserved.add(key.step)
         try:
@@ -237,12 +256,30 @@ class Engine:
         A world step that some rank lacks is ``StepIncompleteError`` unless
         ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
         check_key(run, rank, step)
+        await self._catalog.fresh()
+        known = self._index.steps(run, rank)
+        if not known or step not in (None, *known):
+            await self._catalog.miss()  # read through: another daemon may have saved it
         served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
         if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
         key = StepKey(run, rank, served)
         async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
             yield found
+
+    async def refresh_catalog(self, run: str | None = None, rank: int | None = None) -> None:
+        """Brings the catalog within ``catalog_refresh_s`` of storage before a listing (and
+        reads storage at once for a chain it does not know); a no-op on unshared storage."""
+        await self._catalog.fresh()
+        if run is None:
+            return
+        if rank is None:
+            check_run_name(run)
+        else:
+            check_key(run, rank)
+        known = self._index.ranks(run) if rank is None else self._index.steps(run, rank)
+        if not known:
+            await self._catalog.miss()
 
     def list_runs(self) -> list[RunInfo]:
         """Every (run, rank) with steps, with the retention policy its run is under."""
@@ -260,7 +297,7 @@ class Engine:
         check_run_name(run)
         await self._retainer.set_policy(run, policy)
         for rank in self._index.ranks(run):
-            self._retainer.schedule(self._chain(run, rank))
+            self._schedule_retention(self._chain(run, rank))
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         """The chain's steps; a world step lists the ranks known to lack it."""
@@ -273,10 +310,12 @@ class Engine:
     async def delete_step(self, key: StepKey) -> int:
         """Deletes one step (rebasing the step that depends on it first); returns 1."""
         check_key(key.run, key.rank, key.step)
-        if self._index.visible(key) is None:
+        await self.refresh_catalog(key.run, key.rank)
+        if self._index.visible(key) is None and not await self._catalog.miss():
             raise self._not_found(key)
         chain = self._chain(key.run, key.rank)
         self._check_chain_idle(chain, f"step {key}")
+        await self._leases.hold(chain)
         async with chain.lock:
             if self._index.visible(key) is None:
                 raise self._not_found(key)
@@ -292,12 +331,15 @@ class Engine:
     async def delete_run(self, run: str) -> int:
         """Deletes every step of every rank of ``run``; returns how many."""
         check_run_name(run)
+        await self.refresh_catalog(run)
         ranks = self._index.ranks(run)
         if not ranks:
             raise self._repository.run_not_found(run)
         chains = [self._chain(run, rank) for rank in ranks]
         for chain in chains:
             self._check_chain_idle(chain, f"run {run!r}")
+        for chain in chains:
+            await self._leases.hold(chain)
         deleted = 0
         for chain in chains:
             async with chain.lock:
@@ -353,6 +395,7 @@ class Engine:
         for chain in self._chains.values():
             for save in list(chain.queued.values()):
                 self._finish(chain, save, "the daemon shut down before the save was encoded")
+        await self._leases.close()
         await self._pools.shutdown()
 
     # -- internals ------------------------------------------------------------------------
@@ -449,7 +492,15 @@ class Engine:
         self._report_durable(save, committed)
         await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
-        self._retainer.schedule(chain)
+        self._schedule_retention(chain)
+
+    def _holds(self, run: str, rank: int) -> bool:
+        return self._leases.holds(run, rank)
+
+    def _schedule_retention(self, chain: Chain) -> None:
+        """Retention writes the chain: on a shared storage only while this daemon holds it."""
+        if not self.storage.shared or self._leases.holds(chain.run, chain.rank):
+            self._retainer.schedule(chain)
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
         for key in keys:

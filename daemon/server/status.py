@@ -47,6 +47,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.CorruptCheckpointError, grpc.StatusCode.DATA_LOSS),
     # A key the index names is gone from storage: data was lost, retrying will not help.
     (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
+    # Another daemon writes this chain (its lease names it); free once that lease expires.
+    (errors.ChainLeasedError, grpc.StatusCode.FAILED_PRECONDITION),
     # Another process writes the storage: waiting will not help until an operator acts.
     (errors.StorageInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     # The client's segment is not on this host (or not ours to read): it should stream.

@@ -120,6 +120,11 @@ class Storage(abc.ABC):
     """
 
     url: str
+    # Whether other processes (daemons on other hosts) may write this storage while this one
+    # does: true for object stores, which have no lock; false for a local directory, which
+    # ``claim`` locks. On shared storage the engine recovers a chain's leftovers only under
+    # the chain's lease and refreshes its catalog from storage (README, "Many hosts").
+    shared: bool = False
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None:

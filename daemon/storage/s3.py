@@ -51,6 +51,8 @@ class S3Storage(Storage):
     """Objects under ``s3://bucket/prefix``; ``put`` is a single PutObject below
     ``multipart_threshold_bytes`` and a multipart upload above it."""
 
+    shared = True  # every host's daemon may write the same bucket and prefix
+
     def __init__(
         self,
         bucket: str,

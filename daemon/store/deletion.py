@@ -58,7 +58,7 @@ log = get_logger("engine")
 HeadArrays = tuple[int, tuple[np.ndarray, ...]]
 """A step and its reconstruction held in memory (never modified in place)."""
 Commit = Callable[[Manifest], Awaitable[IndexEntry]]
-"""Puts a manifest and indexes it (``Repository.commit``)."""
+"""Replaces a committed manifest and indexes it (``Repository.rewrite``)."""
 Pause = Callable[[str], Awaitable[None]]
 """Awaited between two storage operations of a deletion, with the point's name: a test hook
 (``EngineConfig.test_pause_at``) that stops there; by default it returns at once."""

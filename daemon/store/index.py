@@ -17,7 +17,7 @@ import asyncio
 import bisect
 import collections
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -25,6 +25,7 @@ from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+from ckptd.daemon.store.lease import LEASES_PREFIX, Lease, chain_prefix, is_void, read_all
 from ckptd.daemon.store.manifest import (
     BASE,
     MANIFEST_NAME,
@@ -208,8 +209,14 @@ class _Unreadable:
     newer: bool
 
 
-async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
-    """Reads every manifest under ``runs/`` and classifies each step directory.
+async def scan(
+    storage: Storage,
+    run_in_pool: RunInPool,
+    chain: ChainKey | None = None,
+    known: Mapping[str, IndexEntry] | None = None,
+) -> ScanResult:
+    """Reads every manifest under ``runs/`` (or one ``chain``'s) and classifies each step
+    directory; a manifest key in ``known`` is taken from it instead of read again.
 
     * a readable manifest: the step is committed, hidden when its ``hidden`` marker is
       there; every other key of its directory the manifest does not name (a crashed
@@ -219,12 +226,17 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
     * no manifest and no marker, or a manifest that is damaged: the step may have been
       committed, so the directory is ``damaged`` (the engine quarantines it);
     * a manifest of a newer format version is logged and left alone for the ckptd that
-      wrote it: neither indexed nor deleted.
+      wrote it: neither indexed nor deleted;
+    * a void manifest (committed by a writer whose chain lease a later generation had
+      fenced off, ``ckptd.daemon.store.lease``): not committed; every key is garbage.
 
     The rule needs the marker only for directories without a manifest, so stores written
     before the marker existed read the same: their committed steps have manifests.
     """
-    keys = await run_in_pool(lambda: storage.list(RUNS_PREFIX))
+    runs_prefix = RUNS_PREFIX if chain is None else f"{RUNS_PREFIX}{chain[0]}/{chain[1]}/"
+    lease_prefix = LEASES_PREFIX if chain is None else chain_prefix(*chain)
+    leases = await run_in_pool(lambda: read_all(storage, lease_prefix))
+    keys = await run_in_pool(lambda: storage.list(runs_prefix))
     by_step: dict[StepKey, list[str]] = collections.defaultdict(list)
     for key in keys:
         parsed = parse_key(key)
@@ -233,7 +245,10 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
             continue
         by_step[parsed[0]].append(key)
     committed = [step for step, names in by_step.items() if manifest_key(step) in names]
-    loaded = await asyncio.gather(*(_load(storage, run_in_pool, step) for step in committed))
+    cached = known or {}
+    loaded = await asyncio.gather(*(
+        _cached(cached[manifest_key(step)]) if manifest_key(step) in cached
+        else _load(storage, run_in_pool, step) for step in committed))
     result = ScanResult(entries=[], garbage=[])
     for step, names in by_step.items():
         if manifest_key(step) in names:
@@ -243,7 +258,9 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
         else:
             result.damaged.append(DamagedStep(step, tuple(names), "manifest missing"))
     for step, outcome in zip(committed, loaded, strict=True):
-        if isinstance(outcome, IndexEntry):
+        if isinstance(outcome, IndexEntry) and _void(outcome.manifest, leases):
+            result.garbage.extend(by_step[step])
+        elif isinstance(outcome, IndexEntry):
             hidden = hidden_key(step) in by_step[step]
             result.entries.append(dataclasses.replace(outcome, hidden=hidden))
             named = {tensor.blob_key for tensor in outcome.manifest.tensors}
@@ -252,6 +269,20 @@ async def scan(storage: Storage, run_in_pool: RunInPool) -> ScanResult:
         elif isinstance(outcome, _Unreadable) and not outcome.newer:
             result.damaged.append(DamagedStep(step, tuple(by_step[step]), outcome.reason))
     return result
+
+
+async def _cached(entry: IndexEntry) -> IndexEntry:
+    return entry
+
+
+def _void(manifest: Manifest, leases: dict[ChainKey, list[Lease]]) -> bool:
+    key = manifest.key
+    if not is_void(manifest.lease_generation, key.step, leases.get((key.run, key.rank), ())):
+        return False
+    log.warning("ignoring a step committed by a writer that had lost its chain lease %s",
+                fields(run=key.run, rank=key.rank, step=key.step,
+                       lease_generation=manifest.lease_generation))
+    return True
 
 
 async def _load(

@@ -51,6 +51,15 @@ deleted as an uncommitted leftover. ::
     stored_bytes      sum of blob_bytes (the manifest's own size is not included)
     checksum          ``tensors_checksum`` of the reconstructed tensors (xxh3_128, hex)
     checksum_algorithm "xxh3_128"
+    lease_generation  the chain's writer-lease generation the step was committed under
+                      (``ckptd.daemon.store.lease``: a manifest a later generation fenced
+                      off is void); absent (read as 0) before leases existed
+
+A save creates its manifest with ``Storage.put_if_absent``: a step's manifest never
+overwrites another's, so two writers of one step cannot both commit it. The one rewrite
+is a rebase (a deletion or retention making a delta into a base, or renumbering the deltas
+after it): the chain's lease holder replaces the manifest with one of the same step and
+checksum (``Repository.rewrite``), whose blobs have fresh names.
 """
 
 from __future__ import annotations
@@ -178,6 +187,7 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     checksum: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    lease_generation: int = 0
     world_size: int = 0  # ranks of the run's world when saved; 0: no world
 
     @property
@@ -245,6 +255,8 @@ def _manifest_obj(m: Manifest) -> dict[str, Any]:
     # An optional key, so that manifests without metrics keep their exact bytes and an
     # earlier daemon (which ignores unknown keys) still reads those with them.
     optional: dict[str, Any] = {"metrics": dict(m.metrics)} if m.metrics else {}
+    if m.lease_generation:
+        optional["lease_generation"] = m.lease_generation
     if m.world_size:
         optional["world_size"] = m.world_size
     return {
@@ -309,6 +321,7 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         tensors=tuple(_entry_from_obj(item) for item in obj["tensors"]),
         checksum=_text(obj["checksum"]),
         metrics={k: float(v) for k, v in metrics.items()},
+        lease_generation=_count(obj.get("lease_generation", 0)),
         world_size=_count(obj.get("world_size", 0)),
     )
 

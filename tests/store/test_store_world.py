@@ -56,13 +56,15 @@ async def _commit(repo: Repository, rank: int, step: int, world_size: int) -> No
 
 
 class _Counting(LocalStorage):
-    """Local storage that remembers what each ``put_if_absent`` returned."""
+    """Local storage that remembers what each ``put_if_absent`` of a world record returned
+    (manifests are created with it too)."""
 
     created: list[bool]
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
         result = super().put_if_absent(key, data)
-        self.created.append(result)
+        if key.startswith("worlds/"):
+            self.created.append(result)
         return result
 
 

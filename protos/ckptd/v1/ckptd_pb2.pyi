@@ -29,6 +29,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_PERMISSION_DENIED: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_IDLE: _ClassVar[ErrorReason]
     ERROR_REASON_STEP_INCOMPLETE: _ClassVar[ErrorReason]
+    ERROR_REASON_CHAIN_LEASED: _ClassVar[ErrorReason]
 
 class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -88,6 +89,7 @@ ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_PERMISSION_DENIED: ErrorReason
 ERROR_REASON_STREAM_IDLE: ErrorReason
 ERROR_REASON_STEP_INCOMPLETE: ErrorReason
+ERROR_REASON_CHAIN_LEASED: ErrorReason
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
