@@ -10,14 +10,16 @@ the run goes (the torch.save footprint is measured on disk at the end, not estim
 Each save waits for DURABLE before the next training step (save→durable latency).
 
 At the end, once the daemon's retention is idle: bytes of every file under the ckptd
-storage directory versus the kept torch.save files; the kept steps (they must be exactly
-the policy's); every kept step restored and compared with what was saved (integer and
+storage directory (hidden steps included: dropped steps a kept delta still restores
+through) versus the kept torch.save files; the listed steps (they must be exactly the
+policy's); every kept step restored and compared with what was saved (integer and
 exactly-encoded tensors bit for bit, lossy ones by their largest error); retention's cost
-from the metrics endpoint (``ckptd_retention_seconds_total`` over durable saves, deleted
-steps) plus the rebases its log reports (a rebase rewrites a kept delta as a base; its time
-is not in that counter). A second run with the same seed and no retention gives the
-save→durable latency without retention, the store's footprint without it, and a reference:
-every kept step of the first run must restore bit-identical to the same step of this one.
+from the metrics endpoint (``ckptd_retention_seconds_total``, rewrites included, over
+durable saves; removed steps) plus the rewrites its log reports (a kept delta rewritten as
+a base: how many, their time, the bytes they wrote). A second run with the same seed and
+no retention gives the save→durable latency without retention, the store's footprint
+without it (what the saves wrote), and a reference: every kept step of the first run must
+restore bit-identical to the same step of this one.
 
 Usage (from the repository root)::
 
@@ -207,18 +209,44 @@ def wait_retention(daemon: Daemon, ckpt: Checkpointer,
     return steps, time.perf_counter() - started
 
 
-def rebases(log_path: Path) -> tuple[int, float, list[int]]:
-    """Rebases retention logged: how many, their seconds, the steps rewritten."""
-    count, seconds, steps = 0, 0.0, []
+def rebases(log_path: Path) -> tuple[int, float, list[int], int]:
+    """Rewrites retention logged: how many, their seconds, the steps rewritten, the bytes
+    they wrote (the rewritten bases' stored bytes)."""
+    count, seconds, steps, written = 0, 0.0, [], 0
     for line in log_path.read_text(errors="replace").splitlines():
-        if "retention rebased" not in line:
+        if "rebased step" in line:
+            if match := re.search(r"stored_bytes[\"=: ]+([0-9]+)", line):
+                written += int(match.group(1))
+            continue
+        if "retention rewrote" not in line:
             continue
         count += 1
         if match := re.search(r"seconds[\"=: ]+([0-9.e+-]+)", line):
             seconds += float(match.group(1))
-        if match := re.search(r"step[\"=: ]+([0-9]+)", line):
+        if match := re.search(r"steps[\"=: ]+\[([0-9]+)\]", line):
             steps.append(int(match.group(1)))
-    return count, seconds, steps
+    return count, seconds, steps, written
+
+
+ACTIONS = {"deleted": "retention deleted steps", "hidden": "retention removed steps",
+           "rewritten": "retention rewrote"}
+
+
+def actions(log_path: Path) -> dict[str, dict[str, float]]:
+    """Retention's actions from its log, by kind: how many and their lock seconds."""
+    found = {kind: {"count": 0, "seconds": 0.0} for kind in ACTIONS}
+    for line in log_path.read_text(errors="replace").splitlines():
+        for kind, text in ACTIONS.items():
+            if text in line and (match := re.search(r"seconds[\"=: ]+([0-9.e+-]+)", line)):
+                found[kind]["count"] += 1
+                found[kind]["seconds"] += float(match.group(1))
+    return found
+
+
+def hidden_on_disk(storage: Path) -> tuple[int, int]:
+    """Steps retention hid (their ``hidden`` marker) and the bytes of their directories."""
+    dirs = [marker.parent for marker in storage.glob("runs/*/*/*/hidden")]
+    return len(dirs), sum(tree_bytes(d)[0] for d in dirs)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -267,6 +295,7 @@ def one_run(workdir: Path, args: argparse.Namespace, retention: Retention | None
             loop_s = time.perf_counter() - started
             steps, settle_s = wait_retention(d, ckpt)
             store_bytes, store_files = tree_bytes(d.storage)
+            hidden_steps, hidden_bytes = hidden_on_disk(d.storage)
             durable = d.metric("ckptd_saves_total", '{outcome="durable"}')
             retention_s = d.metric("ckptd_retention_seconds_total")
             deleted = d.metric("ckptd_retention_deleted_steps_total")
@@ -274,10 +303,11 @@ def one_run(workdir: Path, args: argparse.Namespace, retention: Retention | None
             checks: dict[int, dict[str, Any]] = {}
             for step in steps if restore_steps is None else restore_steps:
                 restored[step] = flat_tensors(ckpt.restore(step))
-                if step in saved:  # the policy's steps; the others are pinned bases
+                if step in saved:  # the policy's steps
                     checks[step] = compare(saved[step], restored[step])
             result["steps_listed"] = steps
-        rebase_count, rebase_s, rebase_steps = rebases(d.log_path)
+        rebase_count, rebase_s, rebase_steps, rebase_bytes = rebases(d.log_path)
+        result["retention_actions"] = actions(d.log_path)
     torch_bytes, _ = tree_bytes(torch_dir)
     result.update({
         "loop_s": loop_s, "settle_s": settle_s, "final_train_loss": trainer.loss,
@@ -285,9 +315,11 @@ def one_run(workdir: Path, args: argparse.Namespace, retention: Retention | None
         "stall": percentiles(stalls), "save_to_durable": percentiles(latencies),
         "latency_ms_by_step": [round(1e3 * x, 3) for x in latencies],
         "store_bytes": store_bytes, "store_files": store_files,
+        "hidden_steps": hidden_steps, "hidden_bytes": hidden_bytes,
         "durable_saves": durable, "retention_seconds_total": retention_s,
         "retention_deleted_steps_total": deleted, "rebases": rebase_count,
         "rebase_seconds": rebase_s, "rebased_steps": rebase_steps,
+        "rebase_bytes_written": rebase_bytes,
         "restore_checks": {str(k): v for k, v in checks.items()},
     })
     if retention is not None:
@@ -330,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "expected_kept": expected, "with_retention": with_ret, "without_retention": without,
         "kept_identical_to_run_without_retention": same, "elapsed_s": time.perf_counter() - began,
     }
-    with_ret["pinned_steps"] = sorted(set(with_ret["steps_listed"]) - set(expected))
-    ok = (set(expected) <= set(with_ret["steps_listed"])
+    ok = (with_ret["steps_listed"] == expected
           and with_ret["torch_save_kept_steps"] == expected
           and all(c.get("same_tensors") for c in with_ret["restore_checks"].values())
           and all(same.values()))
@@ -352,11 +383,13 @@ def print_summary(results: dict[str, Any]) -> None:
           f"{results['elapsed_s']:.0f} s in all")
     print("| measure | value |")
     print("| --- | --- |")
-    print(f"| steps left in the store | {len(w['steps_listed'])}: {w['steps_listed']}; the "
-          f"policy's {len(results['expected_kept'])} plus {len(w['pinned_steps'])} pinned "
-          f"bases {w['pinned_steps']} (settled {w['settle_s']:.1f} s after the last save) |")
+    exact = "exactly the policy's" if w["steps_listed"] == results["expected_kept"] else (
+        f"the policy's are {results['expected_kept']}")
+    print(f"| steps listed | {len(w['steps_listed'])}: {w['steps_listed']}; {exact} "
+          f"(settled {w['settle_s']:.1f} s after the last save) |")
     print(f"| ckptd store on disk (all files) | {w['store_bytes'] / MB:.2f} MB "
-          f"({w['store_files']} files) |")
+          f"({w['store_files']} files), of which hidden (steps a kept one restores "
+          f"through) {w['hidden_bytes'] / MB:.2f} MB ({w['hidden_steps']} steps) |")
     print(f"| torch.save files kept by the same policy (on disk) | "
           f"{w['torch_save_kept_bytes'] / MB:.2f} MB ({len(w['torch_save_kept_steps'])} files "
           f"of {w['torch_save_file_bytes_median'] / MB:.2f} MB) |")
@@ -370,13 +403,17 @@ def print_summary(results: dict[str, Any]) -> None:
           f"{len(w['steps_listed'])}; per step {max(c.get('bit_identical', 0) for c in checks)} "
           f"tensors exact, {max(c.get('lossy', 0) for c in checks)} lossy (max err / max |x| "
           f"{max(c.get('max_err_over_max_abs', 0.0) for c in checks):.2e}) |")
-    print(f"| retention deleted steps | {w['retention_deleted_steps_total']:.0f}; rebases "
-          f"{w['rebases']} ({w['rebases'] / commits:.2f} per commit) |")
+    print(f"| retention removed steps (deleted or hidden) | "
+          f"{w['retention_deleted_steps_total']:.0f}; rewrites {w['rebases']} "
+          f"({w['rebases'] / commits:.3f} per commit) writing {w['rebase_bytes_written'] / MB:.2f}"
+          f" MB ({w['rebase_bytes_written'] / wo['store_bytes']:.3f} of what the saves wrote) |")
     print(f"| retention lock time per commit (`ckptd_retention_seconds_total` / commits) | "
           f"{1e3 * w['retention_seconds_total'] / commits:.3f} ms "
           f"({w['retention_seconds_total']:.3f} s / {commits:.0f}) |")
-    print(f"| rebase time per commit (from the log) | "
-          f"{1e3 * w['rebase_seconds'] / commits:.3f} ms ({w['rebase_seconds']:.3f} s) |")
+    acts = w["retention_actions"]
+    print("| of which, per commit (from the log) | " + ", ".join(
+        f"{kind} {1e3 * a['seconds'] / commits:.3f} ms ({a['count']} actions)"
+        for kind, a in acts.items()) + " |")
     for name, run in (("with", w), ("without", wo)):
         lat, stall = run["save_to_durable"], run["stall"]
         print(f"| save→durable {name} retention, p50 / p90 / p99 / max | {lat['p50_ms']:.1f} / "

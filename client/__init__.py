@@ -30,6 +30,7 @@ from ckptd.protos.records import SaveState, StepInfo
 
 from .credentials import TlsFiles
 from .errors import (
+    ChainLeasedError,
     CheckpointNotFoundError,
     CkptdClientError,
     CkptdTimeoutError,
@@ -45,6 +46,7 @@ from .errors import (
     SharedMemoryRefusedError,
     SnapshotConflictError,
     StepConflictError,
+    StepIncompleteError,
     StorageFullError,
     StorageInUseError,
     StreamIdleError,
@@ -76,6 +78,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ChainLeasedError",
     "CheckpointNotFoundError",
     "Checkpointer",
     "CkptdClientError",
@@ -96,6 +99,7 @@ __all__ = [
     "SharedMemoryRefusedError",
     "SnapshotConflictError",
     "StepConflictError",
+    "StepIncompleteError",
     "StepInfo",
     "StorageFullError",
     "StorageInUseError",

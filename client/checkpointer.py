@@ -23,7 +23,7 @@ from ckptd.protos.names import normalize_target
 from ckptd.protos.records import StepInfo, step_info_from_message
 from ckptd.protos.v1 import pb
 
-from .config import CheckpointerConfig, check_run
+from .config import CheckpointerConfig, check_run, check_world
 from .credentials import TlsArg, resolve_token, tls_files
 from .errors import CheckpointNotFoundError, CkptdTimeoutError
 from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
@@ -53,6 +53,13 @@ class Checkpointer:
         target: The daemon's address: ``"host:port"``, ``"unix:///path"`` or ``"unix:/path"``.
         run: The training job's name (1-128 characters from ``[A-Za-z0-9._-]``).
         rank: Which shard of the job's state this process saves (0 for one process).
+        world_size: How many ranks save the run (``torch.distributed.get_world_size()``).
+            A step is then *complete* once every rank committed it: ``latest_step`` and
+            ``restore()`` mean the latest complete step, and ``restore(step)`` of a step
+            some rank lacks raises ``StepIncompleteError`` naming them. Every step of a run
+            keeps one world size. None: no world, each rank's steps stand alone.
+        reshardable: The saves carry their own global layout, so the run's world size may
+            change between them (``ckptd.client.dcp`` sets it: DCP reshards on load).
         transport: ``"shm"`` writes snapshots into shared memory the daemon reads in place
             (same host, over the daemon's unix socket only); ``"grpc"`` streams them;
             ``"auto"`` picks shm on a unix socket when the daemon reports this host's
@@ -109,6 +116,8 @@ class Checkpointer:
         run: str,
         rank: int = 0,
         *,
+        world_size: int | None = None,
+        reshardable: bool = False,
         transport: str = "auto",
         bits: int | None = None,
         policies: Iterable[tuple[str, str]] | None = None,
@@ -126,6 +135,7 @@ class Checkpointer:
         save_interval_steps: int = 1,
     ) -> None:
         check_run(run, rank)
+        world = check_world(rank, world_size)
         if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) \
                 or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be an int >= 1, got "
@@ -184,7 +194,8 @@ class Checkpointer:
         )
         self._guards: list[Guard] = []
         self._warned_unguarded = False
-        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info)
+        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info,
+                                      world_size=world, reshardable=bool(reshardable))
         self._handles: list[SaveHandle] = []
         self._last_step: int | None = None
         self._latest_known = False  # whether _last_step covers steps saved before us
@@ -339,22 +350,39 @@ class Checkpointer:
                 assert error is not None
                 raise error
 
-    def restore(self, step: int | None = None, *, map_location: str | torch.device = "cpu") -> Any:
-        """Returns the state saved at ``step`` (None: the latest durable step), rebuilt with
-        the same containers, dtypes and shapes, tensors on ``map_location``.
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        map_location: str | torch.device = "cpu",
+        allow_incomplete: bool = False,
+    ) -> Any:
+        """Returns the state saved at ``step`` (None: the latest durable step; for a run
+        saved with a world, the latest step every rank committed), rebuilt with the same
+        containers, dtypes and shapes, tensors on ``map_location``. ``allow_incomplete``
+        returns this rank's own copy of a step other ranks lack (with ``step=None``, this
+        rank's latest step).
 
         Raises:
             CheckpointNotFoundError: The run, rank or step does not exist.
+            StepIncompleteError: A rank of the step's world has not committed it (or no step
+                is complete); the message names the missing ranks.
             DaemonUnavailableError: No daemon answered within ``reconnect_timeout_s``.
         """
-        return self.restore_info(step, map_location=map_location).state
+        return self.restore_info(
+            step, map_location=map_location, allow_incomplete=allow_incomplete).state
 
     def restore_info(
-        self, step: int | None = None, *, map_location: str | torch.device = "cpu"
+        self,
+        step: int | None = None,
+        *,
+        map_location: str | torch.device = "cpu",
+        allow_incomplete: bool = False,
     ) -> RestoredState:
         """Like ``restore`` but also returns the step number, metadata and checksum."""
         self._check_open()
-        request = pb.RestoreRequest(run=self.run, rank=self.rank)
+        request = pb.RestoreRequest(run=self.run, rank=self.rank,
+                                    allow_incomplete=allow_incomplete)
         if step is not None:
             request.step = step
         return self._connection.restore(request, lambda stream: receive(stream, map_location))
@@ -391,7 +419,7 @@ class Checkpointer:
         for the run's latest step once; later calls only look at this checkpointer's."""
         self._check_open()
         if not self._latest_known:
-            latest = self.latest_step()
+            latest = max(self.steps(), default=None)  # this rank's own: steps only grow
             if latest is not None and (self._last_step is None or latest > self._last_step):
                 self._last_step = latest
             self._latest_known = True
@@ -400,9 +428,10 @@ class Checkpointer:
         return step > self._last_step and step % self.save_interval_steps == 0
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None when there is none."""
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step (for a run saved with a world, the newest step every
+        rank committed), or None when there is none."""
+        complete = [info.step for info in self.step_infos() if info.complete]
+        return complete[-1] if complete else None
 
     def delete_step(self, step: int) -> int:
         """Deletes one committed step (later steps stay restorable); returns steps removed

@@ -56,6 +56,21 @@ class CheckpointerConfig:
             raise ValueError(f"staging_buffers must be >= 1, got {self.staging_buffers}")
 
 
+def check_world(rank: int, world_size: int | None) -> int:
+    """The wire's world size (0: no world) after checking that ``rank`` lies inside it."""
+    if world_size is None:
+        return 0
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not (
+            1 <= world_size <= MAX_RANK + 1):
+        raise ValueError(f"world_size must be an int in 1..{MAX_RANK + 1} or None, got "
+                         f"{world_size!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} ranks (0.."
+                         f"{world_size - 1}); pass the rank and world size torch.distributed "
+                         "reports (get_rank(), get_world_size())")
+    return world_size
+
+
 def check_run(run: str, rank: int) -> None:
     """Rejects run names and ranks the daemon would refuse, before any connection."""
     if (problem := run_name_problem(run)) is not None:

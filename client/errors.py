@@ -12,12 +12,15 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     ├── CkptdTimeoutError (TimeoutError)            DEADLINE_EXCEEDED, client-side waits
     │   └── StreamIdleError                         STREAM_IDLE: a save stream paused too long
     ├── CheckpointNotFoundError (LookupError)       RUN_NOT_FOUND, STEP_NOT_FOUND; NOT_FOUND
+    │   └── StepIncompleteError                     STEP_INCOMPLETE: a rank of the world lacks it
     ├── InvalidCheckpointError (ValueError)         INVALID_REQUEST, INCOMPLETE_STREAM;
     │   │                                           INVALID_ARGUMENT, OUT_OF_RANGE
     │   └── StepConflictError                       STEP_EXISTS, STEP_ORDER; ALREADY_EXISTS,
     │                                               FAILED_PRECONDITION, ABORTED
     ├── SharedMemoryRefusedError (OSError)          SHARED_MEMORY_REFUSED: stream instead
     ├── StorageInUseError                           STORAGE_IN_USE: an operator must act
+    │   └── ChainLeasedError                        CHAIN_LEASED: another daemon writes
+    │                                               this (run, rank); retry after its lease
     ├── StorageFullError (OSError)                  STORAGE_FULL: free space first
     ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
     │   └── SaveSkippedError                        a save the client skipped (busy)
@@ -75,6 +78,12 @@ class CheckpointNotFoundError(CkptdClientError, LookupError):
     """Raised when the requested run, rank or step does not exist in the daemon."""
 
 
+class StepIncompleteError(CheckpointNotFoundError):
+    """Raised when a step (or the latest complete step) of a run with a world is asked for
+    before every rank committed it; the message names the missing ranks. Restore an
+    earlier step, or this rank's own copy with ``allow_incomplete=True``."""
+
+
 class InvalidCheckpointError(CkptdClientError, ValueError):
     """Raised when the daemon refuses a request as malformed or beyond its limits."""
 
@@ -91,6 +100,12 @@ class SharedMemoryRefusedError(CkptdClientError, OSError):
 class StorageInUseError(CkptdClientError):
     """Raised when the daemon refuses to write because another process writes its storage
     (another daemon, a direct ``ckptd rm``); retrying will not help until one stops."""
+
+
+class ChainLeasedError(StorageInUseError):
+    """Raised when another daemon on the same storage holds the writer lease of the save's
+    (run, rank) chain; the message names the holder and its expiry. Save through that
+    daemon, or retry once the lease expired (released at once by a clean close)."""
 
 
 class StorageFullError(CkptdClientError, OSError):
@@ -151,6 +166,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_CORRUPT_CHECKPOINT": CorruptCheckpointError,
     "ERROR_REASON_DATA_MISSING": CorruptCheckpointError,
     "ERROR_REASON_STORAGE_IN_USE": StorageInUseError,
+    "ERROR_REASON_CHAIN_LEASED": ChainLeasedError,
     "ERROR_REASON_STORAGE_FULL": StorageFullError,
     "ERROR_REASON_STORAGE_UNAVAILABLE": DaemonUnavailableError,
     "ERROR_REASON_SHARED_MEMORY_REFUSED": SharedMemoryRefusedError,
@@ -158,6 +174,7 @@ _BY_REASON: dict[str, type[CkptdClientError]] = {
     "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
     "ERROR_REASON_STREAM_IDLE": StreamIdleError,
+    "ERROR_REASON_STEP_INCOMPLETE": StepIncompleteError,
 }
 
 # Statuses without a known reason: from gRPC itself, or a reason newer than this client.

@@ -22,9 +22,12 @@ class HeaderBuilder:
     """Turns flattened states into headers for one checkpointer (trainer thread only)."""
 
     def __init__(
-        self, run: str, rank: int, rules: tuple[PolicyRule, ...], server: pb.ServerInfo
+        self, run: str, rank: int, rules: tuple[PolicyRule, ...], server: pb.ServerInfo,
+        *, world_size: int = 0, reshardable: bool = False,
     ) -> None:
         self.run, self.rank = run, rank
+        self.world_size = world_size  # 0: no world (``Checkpointer(world_size=...)``)
+        self.reshardable = reshardable  # ckptd.client.dcp: DCP saves carry their layout
         self.rules = rules
         self.server = server
         # Tensor names repeat every save; matching globs once per name keeps save() cheap.
@@ -50,7 +53,8 @@ class HeaderBuilder:
                 )
             )
         meta = {**user_metadata(metadata), STRUCTURE_KEY: flat.structure}
-        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta)
+        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta,
+                             world_size=self.world_size, reshardable=self.reshardable)
 
     def _check_limits(self, flat: FlatState) -> None:
         info = self.server

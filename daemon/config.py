@@ -69,6 +69,23 @@ class EngineConfig:
     retention_best_metric: str = ""
     retention_best_mode: str = "min"
     retention_max_bytes: int = 0
+    # For tests only, never in production: "POINT:PATH" makes the first deletion that
+    # reaches POINT (ckptd.daemon.store.deletion.PAUSE_POINTS, between two of its storage
+    # operations) write PATH and wait there, holding its chain, until the process ends, so
+    # that a test can SIGKILL the daemon provably mid-deletion. Empty (the default): off.
+    test_pause_at: str = ""
+    # Many daemons on one storage (README, "Many hosts"). A chain's writer lease lasts this
+    # long past its last renewal: the longest a crashed daemon's ranks wait before another
+    # daemon may take their chains over. Clocks of the hosts must agree well within it.
+    lease_ttl_s: float = 30.0
+    # How often held leases are renewed (at most a third of lease_ttl_s, so that two
+    # renewals may fail before a lease lapses); a lease whose chain saw no save for
+    # lease_ttl_s is released instead.
+    lease_renew_interval_s: float = 10.0
+    # The catalog (list, restore, delete) reads steps other daemons committed at most this
+    # long after they were committed; a run or step the catalog does not know is looked up
+    # in storage at once.
+    catalog_refresh_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes <= 0:
@@ -103,6 +120,21 @@ class EngineConfig:
         if self.storage_workers < 1:
             raise ValueError(f"storage_workers must be >= 1, got {self.storage_workers}")
         self.retention  # noqa: B018 - raises ValueError naming the bad rule
+        point, _, path = self.test_pause_at.partition(":")
+        if self.test_pause_at and not (point and path):
+            raise ValueError(f"test_pause_at must be POINT:PATH, got {self.test_pause_at!r}")
+        self._check_leases()
+
+    def _check_leases(self) -> None:
+        if not self.lease_ttl_s > 0:  # also refuses NaN
+            raise ValueError(f"lease_ttl_s must be positive, got {self.lease_ttl_s}")
+        if not 0 < self.lease_renew_interval_s <= self.lease_ttl_s / 3:
+            raise ValueError(
+                f"lease_renew_interval_s must be in (0, lease_ttl_s / 3 = "
+                f"{self.lease_ttl_s / 3:g}], got {self.lease_renew_interval_s}"
+            )
+        if not self.catalog_refresh_s >= 0:
+            raise ValueError(f"catalog_refresh_s must be >= 0, got {self.catalog_refresh_s}")
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -385,6 +417,10 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "retention_best_metric": ("engine", "retention_best_metric", _parse_str),
     "retention_best_mode": ("engine", "retention_best_mode", _parse_lower),
     "retention_max_bytes": ("engine", "retention_max_bytes", parse_bytes),
+    "test_pause_at": ("engine", "test_pause_at", _parse_str),
+    "lease_ttl_s": ("engine", "lease_ttl_s", float),
+    "lease_renew_interval_s": ("engine", "lease_renew_interval_s", float),
+    "catalog_refresh_s": ("engine", "catalog_refresh_s", float),
     "tls_cert": ("daemon", "tls_cert", _parse_str),
     "tls_key": ("daemon", "tls_key", _parse_str),
     "tls_client_ca": ("daemon", "tls_client_ca", _parse_str),

@@ -75,6 +75,10 @@ class CheckpointHeader:
     # Scalars the trainer reports with the step (``val_loss``), stored in the manifest and
     # ranked by a retention policy's ``keep_best``.
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # Ranks of the run's world (0: no world; ``ckptd.daemon.store.world``), and whether the
+    # step may change it (a torch.distributed.checkpoint save, resharded when loaded).
+    world_size: int = 0
+    reshardable: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -100,8 +104,12 @@ class RunInfo:
     rank: int
     step_count: int
     latest_step: int
-    stored_bytes: int
+    stored_bytes: int  # every stored step, hidden ones included (max_bytes counts them)
     retention: RetentionPolicy | None = None  # None: no policy, every step is kept
+    # Steps retention dropped that stay stored only because a kept step restores through
+    # them (not counted in step_count), and their bytes.
+    hidden_steps: int = 0
+    hidden_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,14 @@ class StorageInUseError(StorageError):
     reason = "ERROR_REASON_STORAGE_IN_USE"
 
 
+class ChainLeasedError(StorageInUseError):
+    """Raised when another daemon holds the writer lease of a (run, rank) chain (or took it
+    over from this one): one writer per chain, enforced by the store; the message names the
+    holder and when its lease expires."""
+
+    reason = "ERROR_REASON_CHAIN_LEASED"
+
+
 class SharedMemoryRefusedError(CkptdError, OSError):
     """Raised when the daemon cannot open a save's shared-memory segment (another host or
     ``/dev/shm``, another user): the client should stream the bytes instead."""
@@ -115,6 +123,14 @@ class PermissionDeniedError(CkptdError, PermissionError):
     """Raised when the policy grants the caller's identity no such scope on the run."""
 
     reason = "ERROR_REASON_PERMISSION_DENIED"
+
+
+class StepIncompleteError(CkptdError, LookupError):
+    """Raised when a step of a run with a world is restored (or a latest complete step is
+    asked for) before every rank of that world committed it; the message names the
+    missing ranks."""
+
+    reason = "ERROR_REASON_STEP_INCOMPLETE"
 
 
 class StreamIdleError(CkptdError, TimeoutError):

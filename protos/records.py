@@ -50,6 +50,9 @@ class StepInfo:
         chain_depth: Deltas applied after the base to restore this step.
         created_unix_s: When the step was committed.
         metrics: The metrics the trainer saved with the step (``save(..., metrics=...)``).
+        world_size: Ranks of the run's world when the step was saved (0: no world).
+        missing_ranks: Ranks of that world that have not committed the step (empty: the
+            step is complete; always empty without a world).
     """
 
     step: int
@@ -60,6 +63,13 @@ class StepInfo:
     chain_depth: int
     created_unix_s: float
     metrics: Mapping[str, float] = field(default_factory=dict)
+    world_size: int = 0
+    missing_ranks: tuple[int, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every rank of the step's world committed it (always, without a world)."""
+        return not self.missing_ranks
 
     @property
     def compression_ratio(self) -> float:
@@ -82,4 +92,6 @@ def step_info_from_message(message: pb.StepInfo) -> StepInfo:
         chain_depth=int(message.chain_depth),
         created_unix_s=float(message.created_unix_s),
         metrics=dict(message.metrics),
+        world_size=int(message.world_size),
+        missing_ranks=tuple(int(rank) for rank in message.missing_ranks),
     )

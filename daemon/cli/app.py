@@ -72,6 +72,15 @@ _SERVE_HELP = {
     "retention_best_mode": "default retention: min or max (which values are best)",
     "retention_max_bytes": "default retention: cap on a run's stored bytes (deletes its "
     "oldest steps)",
+    "test_pause_at": "TESTS ONLY, never in production: POINT:PATH stops the first deletion "
+    "reaching POINT (group-manifests-deleted, rebase-blobs-written), writing PATH, until the "
+    "daemon is killed",
+    "lease_ttl_s": "seconds a chain's writer lease outlives its last renewal: how long "
+    "another daemon waits before taking over a crashed daemon's chains",
+    "lease_renew_interval_s": "seconds between renewals of held leases (at most a third "
+    "of --lease-ttl-s)",
+    "catalog_refresh_s": "seconds the catalog may lag steps other daemons on the same "
+    "storage committed",
     "tls_cert": "PEM certificate chain: serve TLS on the TCP listener (with --tls-key)",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: require client certificates it signed (mTLS); the "
@@ -91,6 +100,9 @@ _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "L
              "max_delta_fraction": "X",
              "retention_keep_interval_s": "SECONDS", "retention_best_metric": "NAME",
              "retention_best_mode": "MODE", "retention_max_bytes": "BYTES",
+             "test_pause_at": "POINT:PATH",
+             "lease_ttl_s": "SECONDS", "lease_renew_interval_s": "SECONDS",
+             "catalog_refresh_s": "SECONDS",
              "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM",
              "auth_tokens": "FILE", "auth_policy": "FILE", "insecure": "BOOL"}
 

@@ -24,7 +24,7 @@ from typing import Any
 from ckptd.client.credentials import TOKEN_ENV, TlsFiles, resolve_token
 from ckptd.client.errors import CkptdClientError, DaemonBusyError
 from ckptd.daemon.cli.catalog import Catalog, open_catalog
-from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table
+from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table, format_world
 from ckptd.daemon.domain import RunInfo, StepKey
 from ckptd.daemon.errors import CkptdError, RunNotFoundError, StepNotFoundError
 from ckptd.daemon.store.quarantine import QuarantinedStep
@@ -173,14 +173,17 @@ def _ls(catalog: Catalog, args: argparse.Namespace) -> int:
             str(rank): [dict(asdict(s), compression_ratio=s.compression_ratio) for s in steps]
             for rank, steps in chains.items()}}, indent=2))
         return 0
+    # The WORLD column only for runs saved with a world, so other listings read as before.
+    worlds = any(s.world_size for steps in chains.values() for s in steps)
     rows = [
         (rank, s.step, s.kind, "-" if s.parent_step is None else s.parent_step, s.chain_depth,
          format_bytes(s.raw_bytes), format_bytes(s.stored_bytes),
          format_ratio(s.raw_bytes, s.stored_bytes), format_metrics(s.metrics))
+        + ((format_world(s.world_size, s.missing_ranks),) if worlds else ())
         for rank, steps in chains.items() for s in steps
     ]
     print(format_table(("RANK", "STEP", "KIND", "PARENT", "DEPTH", "RAW", "STORED", "RATIO",
-                        "METRICS"), rows))
+                        "METRICS") + (("WORLD",) if worlds else ()), rows))
     return 0
 
 
@@ -228,12 +231,14 @@ def _ls_runs(catalog: Catalog, as_json: bool) -> int:
     if not runs:
         print(f"no runs in {catalog.location}", file=sys.stderr)
         return 0
+    # RAW and RATIO are of the listed steps; STORED is every byte, HIDDEN's included.
     rows = [(r.run, r.rank, r.step_count, r.latest_step, format_bytes(raw[(r.run, r.rank)]),
              format_bytes(r.stored_bytes), format_ratio(raw[(r.run, r.rank)], r.stored_bytes),
+             f"{format_bytes(r.hidden_bytes)} ({r.hidden_steps})" if r.hidden_steps else "-",
              r.retention.describe() if r.retention else "keep all")
             for r in runs]
     print(format_table(("RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
-                        "RETENTION"), rows))
+                        "HIDDEN", "RETENTION"), rows))
     return 0
 
 
@@ -301,7 +306,8 @@ def _info_source(catalog: Catalog, as_json: bool) -> int:
     runs: list[RunInfo] = catalog.list_runs()
     fields += [("runs", str(len({r.run for r in runs}))), ("chains", str(len(runs))),
                ("steps", str(sum(r.step_count for r in runs))),
-               ("stored_bytes", str(sum(r.stored_bytes for r in runs)))]
+               ("stored_bytes", str(sum(r.stored_bytes for r in runs))),
+               ("hidden_bytes", str(sum(r.hidden_bytes for r in runs)))]
     if as_json:
         print(json.dumps(dict(fields), indent=2))
         return 0

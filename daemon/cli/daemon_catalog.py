@@ -70,7 +70,8 @@ class DaemonCatalog(Catalog):
                                         metadata=self._metadata)
         runs = [RunInfo(r.run, r.rank, r.step_count, r.latest_step, r.stored_bytes,
                         convert.retention_from_proto(r.retention)
-                        if r.HasField("retention") else None)
+                        if r.HasField("retention") else None,
+                        hidden_steps=r.hidden_steps, hidden_bytes=r.hidden_bytes)
                 for r in reply.runs]
         return sorted(runs, key=lambda r: (r.run, r.rank))
 

@@ -31,6 +31,17 @@ def format_ratio(raw_bytes: int, stored_bytes: int) -> str:
     return f"{raw_bytes / stored_bytes:.1f}x" if stored_bytes else "-"
 
 
+def format_world(world_size: int, missing_ranks: Sequence[int]) -> str:
+    """A step's completeness: ``4/4``, ``3/4 missing 3``, or ``-`` without a world."""
+    if not world_size:
+        return "-"
+    text = f"{world_size - len(missing_ranks)}/{world_size}"
+    if missing_ranks:
+        shown = ",".join(str(rank) for rank in missing_ranks[:8])
+        text += f" missing {shown}" + ("..." if len(missing_ranks) > 8 else "")
+    return text
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned text columns separated by two spaces (numbers included: the columns
     hold units, and left alignment keeps each line greppable)."""

@@ -11,7 +11,10 @@ quarantined (``quarantined``, ``delete_quarantined``; deleting claims the storag
 Writing (``delete_*``) while a daemon serves the same storage would leave the daemon's
 index and head reconstruction stale, so it first claims the storage's one-writer lock
 (``Storage.claim``), which a serving daemon holds: the deletion is refused, naming the
-holder; delete through the daemon (``--target``) instead. Reading is safe at any time
+holder; delete through the daemon (``--target``) instead. An object store has no such
+lock (``Storage.shared``): there each deletion takes the chain's writer lease
+(``ckptd.daemon.store.lease``) for as long as it runs, so it is refused while any daemon
+writes that chain, and releases it after. Reading is safe at any time
 (manifests are the commit point).
 
 The engine's code is asynchronous; this class runs it on a private event loop, one call at
@@ -21,11 +24,14 @@ a time, from the caller's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
 import socket
-from collections.abc import Coroutine
+import time
+import uuid
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +42,7 @@ from ckptd.daemon.errors import StorageError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.daemon.store.index import IndexEntry, StepIndex
+from ckptd.daemon.store.lease import Lease, check_free, new_holder, release, take
 from ckptd.daemon.store.quarantine import DamagedStep, QuarantinedStep
 from ckptd.daemon.store.repository import Repository
 from ckptd.protos.records import StepInfo
@@ -45,6 +52,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Enough threads to overlap reads with decoding; the CLI is one short-lived process.
 _CODEC_WORKERS = max(1, min(4, os.cpu_count() or 1))
 _IO_WORKERS = 4
+# How long a direct deletion's chain leases last if it dies holding them (not renewed: a
+# deletion that outlives it no longer excludes a daemon, so keep it generous).
+_RM_LEASE_TTL_S = 600.0
 
 
 def local_path(url: str) -> Path | None:
@@ -98,7 +108,8 @@ class StorageCatalog(Catalog):
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
         check_key(run, rank)
-        infos = self._get_index().step_infos(run, rank)
+        self._get_index()
+        infos = self._repository.step_infos(run, rank)
         if not infos:
             raise self._not_found(StepKey(run, rank, 0))
         return infos
@@ -121,7 +132,8 @@ class StorageCatalog(Catalog):
     def delete_step(self, key: StepKey) -> int:
         self._claim()
         self._entry(key)
-        self._run(self._repository.delete_step(key))
+        with self._leased([(key.run, key.rank)]):
+            self._run(self._repository.delete_step(key))
         return 1
 
     def delete_run(self, run: str) -> int:
@@ -130,7 +142,8 @@ class StorageCatalog(Catalog):
         ranks = self._get_index().ranks(run)
         if not ranks:
             raise self._repository.run_not_found(run)
-        return sum(self._run(self._repository.delete_chain(run, rank)) for rank in ranks)
+        with self._leased([(run, rank) for rank in ranks]):
+            return sum(self._run(self._repository.delete_chain(run, rank)) for rank in ranks)
 
     def damaged(self) -> list[DamagedStep]:
         self._get_index()
@@ -172,6 +185,29 @@ class StorageCatalog(Catalog):
             self._storage.claim(f"ckptd rm (pid {os.getpid()} on {socket.gethostname()})")
             self._claimed = True
             self._loaded = False
+
+    @contextlib.contextmanager
+    def _leased(self, chains: list[tuple[str, int]]) -> Iterator[None]:
+        """Holds the chains' writer leases on shared storage (refused, naming the holder,
+        while a daemon writes one), released on exit; a no-op where ``_claim`` locked."""
+        if not self._storage.shared:
+            yield
+            return
+        holder = new_holder("ckptd rm", os.getpid(), uuid.uuid4().hex[:12])
+        held: list[Lease] = []
+        try:
+            for run, rank in chains:
+                check_free(self._storage, run, rank, holder, now_unix_s=time.time())
+            self._loaded = False  # listed again now: after_step must see every commit
+            for run, rank in chains:
+                held.append(take(self._storage, run, rank, holder, ttl_s=_RM_LEASE_TTL_S,
+                                 now_unix_s=time.time(),
+                                 after_step=self._get_index().latest(run, rank)))
+            yield
+        finally:
+            for lease in held:
+                with contextlib.suppress(StorageError):
+                    release(self._storage, lease, now_unix_s=time.time())
 
     def _entry(self, key: StepKey) -> IndexEntry:
         check_key(key.run, key.rank, key.step)

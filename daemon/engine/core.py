@@ -35,6 +35,13 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    until every accepted save is durable or failed; then ``await engine.close()`` fails
    whatever is left and stops the pools. The storage belongs to the caller, who closes it.
 
+Many daemons on one storage: a chain is written only under this daemon's lease of it
+(``ckptd.daemon.engine.lease``: taken by ``open_save`` and the deletes, checked before each
+commit, renewed in the background, released by ``close``), and on a shared storage the
+catalog reads refresh from storage with bounded staleness (``ckptd.daemon.engine.catalog``;
+the server calls ``refresh_catalog`` before listings). On a shared storage start-up leaves
+leftovers alone: each chain's next lease taker removes its own.
+
 Retention: after each durable save (and for every chain at start, and after
 ``set_retention``) the chain is handed to the ``Retainer`` (``ckptd.daemon.engine.retention``),
 whose own task deletes what the run's policy no longer keeps, one bounded group per turn
@@ -73,12 +80,14 @@ from ckptd.daemon.domain import (
     StepKey,
 )
 from ckptd.daemon.engine.budget import ByteBudget
+from ckptd.daemon.engine.catalog import CatalogRefresh
 from ckptd.daemon.engine.chain import Chain, QueuedSave
+from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
 from ckptd.daemon.engine.pipeline import Committed, SavePipeline
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
-from ckptd.daemon.engine.retention import Retainer
+from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
@@ -114,18 +123,26 @@ class Engine:
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._resident = ResidentHeads(config.max_resident_bytes)
-        self._repository = Repository(storage, self._pools)
+        self._repository = Repository(storage, self._pools,
+                                      pause_for_tests(config.test_pause_at), held=self._holds)
+        self._leases = ChainLeases(self._repository, self._pools, config, self._chain)
+        self._catalog = CatalogRefresh(self._repository, config.catalog_refresh_s,
+                                       enabled=storage.shared)
         self._restores = Restores(
             self._repository, config.max_restore_bytes, config.max_inflight_share
         )
         self._index = self._repository.index  # read-only queries; writes go through it
-        self._pipeline = SavePipeline(self._repository, config, self._pools)
+        self._pipeline = SavePipeline(self._repository, config, self._pools,
+                                      fence=self._leases.fence)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
         self._inflight: dict[StepKey, QueuedSave] = {}
         self._accepted_at_s: dict[StepKey, float] = {}  # monotonic, for save latency
         self._failed: collections.OrderedDict[StepKey, SaveStatus] = collections.OrderedDict()
+        # Durable steps retention deleted since, so that a trainer's WaitSave arriving after
+        # the deletion still hears DURABLE (the oldest are forgotten first).
+        self._retired: collections.OrderedDict[StepKey, None] = collections.OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
@@ -139,6 +156,8 @@ class Engine:
         start: serving would let a new save overwrite the damaged step's blobs."""
         found = await self._repository.load()
         await self._retainer.load()
+        if self.storage.shared:  # another daemon's save in progress looks the same
+            found.garbage, found.damaged = [], []
         if found.garbage:
             await self._pools.run_io(lambda: self.storage.delete(found.garbage))
         moved = await self._repository.quarantine(found.damaged)
@@ -152,22 +171,27 @@ class Engine:
         held = len(await self._repository.quarantined())
         self._notify(lambda: self._observer.quarantine_size(held))
         temporaries = await self._pools.run_io(self.storage.cleanup_temporaries)
+        repaired = await self._repository.worlds.repair()
         self._started = True
+        self._leases.start()
         for run, rank in self._index.chains():
             self._report_head(run, rank)
-            self._retainer.schedule(self._chain(run, rank))
+            self._schedule_retention(self._chain(run, rank))
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
             removed_keys=len(found.garbage), quarantined=len(moved), in_quarantine=held,
-            removed_temporaries=temporaries))
+            removed_temporaries=temporaries, repaired_worlds=repaired))
 
     async def open_save(self, header: CheckpointHeader, *, identity: str = "") -> SaveSession:
         """Opens a save; ``identity`` names the trainer whose share of the in-flight budget
         its bytes count against ("" when the transport knows none)."""
         self._check_accepting()
         check_header(header, self.config)
+        self._repository.worlds.check_header(header)
         key = header.key
         chain = self._chain(key.run, key.rank)
+        await self._leases.hold(chain)
+        self._check_accepting()
         self._check_step_free(chain, key)
         chain.reserved.add(key.step)
         try:
@@ -195,7 +219,7 @@ class Engine:
         save = self._inflight.get(key)
         if save is not None:
             return save.status
-        if self._index.get(key) is not None:
+        if self._index.get(key) is not None or key in self._retired:
             return SaveStatus(key, SaveState.DURABLE)
         failed = self._failed.get(key)
         if failed is not None:
@@ -214,25 +238,48 @@ class Engine:
             return save.status
         return self.status(key)
 
-    async def restore(self, run: str, rank: int, step: int | None) -> RestoredCheckpoint:
+    async def restore(
+        self, run: str, rank: int, step: int | None, *, allow_incomplete: bool = False
+    ) -> RestoredCheckpoint:
         """The verified reconstruction of ``step`` (None: the latest durable step)."""
-        async with self.restoring(run, rank, step) as restored:
-            return restored
+        async with self.restoring(run, rank, step, allow_incomplete=allow_incomplete) as found:
+            return found
 
     @contextlib.asynccontextmanager
     async def restoring(
-        self, run: str, rank: int, step: int | None, *, identity: str = ""
+        self, run: str, rank: int, step: int | None, *, identity: str = "",
+        allow_incomplete: bool = False,
     ) -> AsyncIterator[RestoredCheckpoint]:
-        """Yields the verified reconstruction of ``step`` (None: the latest durable step)
-        while its raw size is reserved in the restore budget, under ``identity``'s share
-        (``ckptd.daemon.engine.restores``)."""
+        """Yields the verified reconstruction of ``step`` (None: the latest durable step;
+        for a run with a world, the latest complete one) while its raw size is reserved in
+        the restore budget, under ``identity``'s share (``ckptd.daemon.engine.restores``).
+        A world step that some rank lacks is ``StepIncompleteError`` unless
+        ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
         check_key(run, rank, step)
-        steps = self._index.steps(run, rank)
-        if not steps:
+        await self._catalog.fresh()
+        known = self._index.steps(run, rank)
+        if not known or step not in (None, *known):
+            await self._catalog.miss()  # read through: another daemon may have saved it
+        served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
+        if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
-        key = StepKey(run, rank, steps[-1] if step is None else step)
+        key = StepKey(run, rank, served)
         async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
             yield found
+
+    async def refresh_catalog(self, run: str | None = None, rank: int | None = None) -> None:
+        """Brings the catalog within ``catalog_refresh_s`` of storage before a listing (and
+        reads storage at once for a chain it does not know); a no-op on unshared storage."""
+        await self._catalog.fresh()
+        if run is None:
+            return
+        if rank is None:
+            check_run_name(run)
+        else:
+            check_key(run, rank)
+        known = self._index.ranks(run) if rank is None else self._index.steps(run, rank)
+        if not known:
+            await self._catalog.miss()
 
     def list_runs(self) -> list[RunInfo]:
         """Every (run, rank) with steps, with the retention policy its run is under."""
@@ -250,11 +297,12 @@ class Engine:
         check_run_name(run)
         await self._retainer.set_policy(run, policy)
         for rank in self._index.ranks(run):
-            self._retainer.schedule(self._chain(run, rank))
+            self._schedule_retention(self._chain(run, rank))
 
     def list_steps(self, run: str, rank: int) -> list[StepInfo]:
+        """The chain's steps; a world step lists the ranks known to lack it."""
         check_key(run, rank)
-        infos = self._index.step_infos(run, rank)
+        infos = self._repository.step_infos(run, rank)
         if not infos:
             raise self._not_found(StepKey(run, rank, 0))
         return infos
@@ -262,12 +310,14 @@ class Engine:
     async def delete_step(self, key: StepKey) -> int:
         """Deletes one step (rebasing the step that depends on it first); returns 1."""
         check_key(key.run, key.rank, key.step)
-        if self._index.get(key) is None:
+        await self.refresh_catalog(key.run, key.rank)
+        if self._index.visible(key) is None and not await self._catalog.miss():
             raise self._not_found(key)
         chain = self._chain(key.run, key.rank)
         self._check_chain_idle(chain, f"step {key}")
+        await self._leases.hold(chain)
         async with chain.lock:
-            if self._index.get(key) is None:
+            if self._index.visible(key) is None:
                 raise self._not_found(key)
             head = chain.head
             await self._repository.delete_step(key, (head.step, head.arrays) if head else None)
@@ -275,17 +325,21 @@ class Engine:
             self._recount(chain)
         self._touch(chain)
         self._report_head(key.run, key.rank)
+        self._retainer.schedule(chain)  # hidden steps the deleted one needed may go now
         return 1
 
     async def delete_run(self, run: str) -> int:
         """Deletes every step of every rank of ``run``; returns how many."""
         check_run_name(run)
+        await self.refresh_catalog(run)
         ranks = self._index.ranks(run)
         if not ranks:
             raise self._repository.run_not_found(run)
         chains = [self._chain(run, rank) for rank in ranks]
         for chain in chains:
             self._check_chain_idle(chain, f"run {run!r}")
+        for chain in chains:
+            await self._leases.hold(chain)
         deleted = 0
         for chain in chains:
             async with chain.lock:
@@ -341,6 +395,7 @@ class Engine:
         for chain in self._chains.values():
             for save in list(chain.queued.values()):
                 self._finish(chain, save, "the daemon shut down before the save was encoded")
+        await self._leases.close()
         await self._pools.shutdown()
 
     # -- internals ------------------------------------------------------------------------
@@ -360,7 +415,7 @@ class Engine:
     def _check_step_free(self, chain: Chain, key: StepKey) -> None:
         if key.step in chain.reserved:
             raise StepExistsError(f"step {key} is already being saved")
-        if self._index.get(key) is not None:
+        if self._index.visible(key) is not None:  # a hidden one: the order check says why
             raise StepExistsError(f"step {key} is already saved; delete it first to replace it")
         committed = self._index.latest(key.run, key.rank)
         pending = max(chain.reserved, default=None)
@@ -436,10 +491,23 @@ class Engine:
             self._finish(chain, save, error, type(exc).__name__)
             return
         self._report_durable(save, committed)
+        await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
-        self._retainer.schedule(chain)
+        self._schedule_retention(chain)
+
+    def _holds(self, run: str, rank: int) -> bool:
+        return self._leases.holds(run, rank)
+
+    def _schedule_retention(self, chain: Chain) -> None:
+        """Retention writes the chain: on a shared storage only while this daemon holds it."""
+        if not self.storage.shared or self._leases.holds(chain.run, chain.rank):
+            self._retainer.schedule(chain)
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
+        for key in keys:
+            self._retired[key] = None
+        while len(self._retired) > MAX_REMEMBERED_FAILURES:
+            self._retired.popitem(last=False)
         self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))
 
     def _report_durable(self, save: QueuedSave, committed: Committed) -> None:

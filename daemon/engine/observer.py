@@ -89,8 +89,9 @@ class EngineObserver:
         """Chain-head reconstructions held in memory now take ``nbytes``."""
 
     def retention_deleted(self, run: str, rank: int, steps: int, seconds: float) -> None:
-        """Retention deleted ``steps`` steps of ``run``/``rank`` in one group, taking
-        ``seconds`` under the chain's lock."""
+        """Retention removed ``steps`` steps of ``run``/``rank`` in one action (deleted, or
+        hidden; 0 for a rewrite or for deleting steps hidden before), taking ``seconds``
+        under the chain's lock."""
 
     def head_evicted(self, nbytes: int) -> None:
         """A chain's head of ``nbytes`` was dropped from memory (least recently used)."""

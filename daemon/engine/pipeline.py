@@ -7,7 +7,9 @@ pool; tensors run concurrently up to the pools' width, a bound shared with every
 chain's saves (``Pools.blob_slots``). Before the first blob, the step's ``pending``
 marker is put, so that a crash leaves a directory start-up can prove uncommitted; when
 every blob is durable (they are put as one batch, ``Storage.put_batched``, made durable by
-one ``Storage.sync``), the manifest is put — the commit point — then the marker removed,
+one ``Storage.sync``), the chain's lease is checked (``fence``: a daemon that lost the
+chain commits nothing) and the manifest is created, recording the lease generation — the
+commit point — then the marker removed,
 and only then does the chain's head move on. On any failure the step's keys are deleted,
 the marker last (best effort; a restart removes what is left), and the head stays at the
 previous step, so the next save works as if this one never happened.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -80,8 +83,17 @@ class _Progress:
 class SavePipeline:
     """Turns an accepted save into a committed step and the chain's next reconstruction."""
 
-    def __init__(self, repository: Repository, config: EngineConfig, pools: Pools) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        config: EngineConfig,
+        pools: Pools,
+        fence: Callable[[Chain], Awaitable[int]] | None = None,
+    ) -> None:
+        """``fence(chain)`` returns the lease generation a commit records, or raises when
+        this daemon no longer holds the chain (``ChainLeases.fence``); None: no leases."""
         self._repository = repository
+        self._fence = fence
         self._storage = repository.storage
         self._config = config
         self._pools = pools
@@ -138,7 +150,9 @@ class SavePipeline:
                     stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
             )
             self.base_coding.synced(stages.seconds()["sync"])
-            manifest = self._manifest(save, kind, previous, entries, checksum)
+            generation = await self._fence(chain) if self._fence is not None else 0
+            manifest = self._manifest(save, kind, previous, entries, checksum,
+                                      generation=generation)
             began = time.perf_counter()
             entry = await self._repository.commit(manifest)
         except asyncio.CancelledError:
@@ -193,6 +207,8 @@ class SavePipeline:
         previous: Reconstruction | None,
         entries: tuple[TensorEntry, ...],
         checksum: str,
+        *,
+        generation: int,
     ) -> Manifest:
         key = save.header.key
         return Manifest(
@@ -206,6 +222,8 @@ class SavePipeline:
             tensors=entries,
             checksum=checksum,
             metrics=dict(save.header.metrics),
+            lease_generation=generation,
+            world_size=save.header.world_size,
         )
 
     async def _discard(self, key: StepKey, tensors: int) -> None:

@@ -50,6 +50,7 @@ class Restores:
             self.budget.release(nbytes, identity)
 
     async def _materialize(self, key: StepKey, head_of: HeadOf) -> RestoredCheckpoint:
+        reread = False
         for _attempt in range(_ATTEMPTS):
             entry = self._repository.entry(key)
             manifest = entry.manifest
@@ -63,7 +64,11 @@ class Restores:
                 # A delete or rebase may have replaced the plan meanwhile: plan again, and
                 # report corruption only when the plan is still the same.
                 if self._repository.index.get(key) is entry:
-                    raise
+                    if reread:
+                        raise
+                    # Another daemon may have rebased the chain: read its manifests again.
+                    await self._repository.reread_chain(key.run, key.rank)
+                    reread = True
                 continue
             return RestoredCheckpoint(key, manifest.specs, arrays, manifest.metadata,
                                       manifest.checksum)

@@ -3,16 +3,19 @@
 Call order, from the engine on the event loop: ``await load()`` once at start (the stored
 policies), then ``schedule(chain)`` for every chain found and after each durable save,
 ``await set_policy(run, policy)`` when a client sets one, and ``await close()`` at
-shutdown. Which steps go is the store's pure rule (``ckptd.daemon.store.retention``: keep
-the base, drop what nothing kept needs, and rewrite a kept delta as a base only when that
-frees more bytes than it writes — at most one rewrite per commit).
+shutdown. Which steps go is the store's pure rule (``ckptd.daemon.store.retention``: delete
+what nothing kept needs, hide what the policy drops but a kept step still restores
+through, and rewrite a kept delta as a base only when the hidden steps before it outweigh
+the rewrite: one base for a step kept for good, four for the ``keep_last`` window's — at
+most one rewrite per commit).
 
 Off the save's critical path: a save is DURABLE before its chain is scheduled, and the
-deletions run in one task per chain (``ckptd-retention-{run}-{rank}``). That task takes
-the chain's lock for one deletion group at a time (at most ``MAX_GROUP_STEPS`` steps, a
-handful of storage calls, no encoding), then replans from the index; the chain's save
-worker, waiting for the same FIFO lock, runs between two groups. So a save waits at most
-one group, and a backlog (a new policy, a start over an old store) drains a group per turn.
+work runs in one task per chain (``ckptd-retention-{run}-{rank}``). That task takes the
+chain's lock for one bounded action at a time (delete or hide at most ``MAX_GROUP_STEPS``
+steps: a handful of storage calls, no encoding; or the one rewrite), then replans from the
+index; the chain's save worker, waiting for the same FIFO lock, runs between two actions.
+So a save waits at most one action, and a backlog (a new policy, a start over an old
+store) drains an action per turn.
 """
 
 from __future__ import annotations
@@ -20,16 +23,40 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ckptd.daemon.domain import RetentionPolicy, StepKey
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.store.deletion import PAUSE_POINTS, Pause
 from ckptd.daemon.store.repository import Repository
-from ckptd.daemon.store.retention import plan
+from ckptd.daemon.store.retention import MAX_GROUP_STEPS, plan
 
 log = get_logger("engine")
+
+
+def pause_for_tests(spec: str) -> Pause | None:
+    """The deleter's pause for ``EngineConfig.test_pause_at`` ("POINT:PATH"; "" is None):
+    at POINT it writes PATH (the point's name) and waits until the process is killed.
+    Harmless unless set: a test hook, documented as one (README, settings)."""
+    if not spec:
+        return None
+    point, _, path = spec.partition(":")
+    if point not in PAUSE_POINTS:
+        raise ValueError(f"test_pause_at names point {point!r}; known: {PAUSE_POINTS}")
+
+    async def pause(reached: str) -> None:
+        if reached != point:
+            return
+        log.warning("paused for a test until killed %s", fields(point=point, path=path))
+        await asyncio.to_thread(Path(path).write_text, point)
+        await asyncio.Event().wait()
+
+    return pause
+
 Deleted = Callable[[str, int, list[StepKey], float], None]
-"""Hears of each group deleted: run, rank, the steps, seconds spent."""
+"""Hears of each action: run, rank, the steps it removed from users' view (deleted, or
+hidden; a rewrite removes none), seconds spent under the chain's lock."""
 
 
 class Retainer:
@@ -60,9 +87,11 @@ class Retainer:
         log.info("retention policy set %s", fields(run=run, policy=policy.describe()))
 
     def schedule(self, chain: Chain) -> None:
-        """Makes the chain's sweeper run (again) if its run has a pruning policy."""
+        """Makes the chain's sweeper run (again) if its run has a pruning policy or the
+        chain holds hidden steps (whose bytes go once nothing kept needs them)."""
         policy = self.policy(chain.run)
-        if self._closed or policy is None or not policy.prunes:
+        prunes = policy is not None and policy.prunes
+        if self._closed or not (prunes or self._has_hidden(chain)):
             return
         key = (chain.run, chain.rank)
         if key in self._tasks:
@@ -70,6 +99,9 @@ class Retainer:
             return
         name = f"ckptd-retention-{chain.run}-{chain.rank}"
         self._tasks[key] = asyncio.create_task(self._sweep(chain), name=name)
+
+    def _has_hidden(self, chain: Chain) -> bool:
+        return any(e.hidden for e in self._repository.index.entries(chain.run, chain.rank))
 
     async def close(self) -> None:
         """Stops every sweeper; a group cut short is finished by the next start."""
@@ -97,42 +129,50 @@ class Retainer:
             self._tasks.pop(key, None)
 
     async def _next(self, chain: Chain, rebases: int) -> str:
-        """Deletes the chain's first deletion group ("deleted") or, with none left and
-        ``rebases`` allowed, rewrites the delta worth rebasing ("rebased"); "" when there
-        is nothing to do."""
+        """One action under the chain's lock: delete the first deletion group
+        ("deleted"), else hide the dropped steps a kept one needs ("hidden"), else, with
+        ``rebases`` allowed, rewrite the delta worth it ("rebased"); "" when nothing is
+        left to do."""
         async with chain.lock:
-            policy = self.policy(chain.run)
-            if policy is None:
-                return ""
+            policy = self.policy(chain.run) or RetentionPolicy()
             index = self._repository.index
             entries = index.entries(chain.run, chain.rank)
             other = sum(e.stored_bytes for rank in index.ranks(chain.run) if rank != chain.rank
                         for e in index.entries(chain.run, rank))
-            todo = plan(entries, policy, other_bytes=other)
+            complete = self._repository.worlds.latest_complete_indexed(chain.run, chain.rank)
+            todo = plan(entries, policy, other_bytes=other,
+                        also_keep=frozenset(() if complete is None else (complete,)))
             started_s = time.monotonic()
-            if not todo.groups:
-                if todo.rebase is None or rebases <= 0:
-                    return ""
-                head = chain.head
-                await self._repository.rebase(todo.rebase, (head.step, head.arrays)
-                                              if head is not None else None)
-                # The head keeps its counters on purpose: choose_kind then places the
-                # next bases where a run without retention places them, so later saves
-                # encode the same (bit-identical reconstructions). A head rebuilt from
-                # storage (after eviction or a restart) counts from the rewritten base.
-                spent_s = time.monotonic() - started_s
-                log.info("retention rebased a kept step to free the steps before it %s",
-                         fields(run=chain.run, rank=chain.rank, step=todo.rebase.step,
-                                seconds=round(spent_s, 4)))
-                self._deleted(chain.run, chain.rank, [], spent_s)  # its time, no step yet
-                return "rebased"
-            group = todo.groups[0]
-            await self._repository.delete_group(group)
-            for step in group:
-                chain.invalidate(step.step)
+            if todo.groups:
+                group = todo.groups[0]
+                removed = [key for key in group if (entry := index.get(key)) is not None
+                           and not entry.hidden]  # hidden ones were counted when hidden
+                await self._repository.delete_group(group)
+                for step in group:
+                    chain.invalidate(step.step)
+                done, what = "deleted", "retention deleted steps %s"
+            elif todo.hide:
+                group = removed = todo.hide[:MAX_GROUP_STEPS]
+                await self._repository.hide(group)
+                done, what = "hidden", ("retention removed steps a kept step still restores "
+                                        "through; their data stays hidden %s")
+            elif todo.rebase is not None and rebases > 0:
+                await self._rebase(chain, todo.rebase)
+                group, removed = [todo.rebase], []
+                done, what = "rebased", ("retention rewrote a kept step as a base to free "
+                                         "the hidden steps before it %s")
+            else:
+                return ""
         spent_s = time.monotonic() - started_s
-        log.info("retention deleted steps %s", fields(
-            run=chain.run, rank=chain.rank, steps=[k.step for k in group],
-            policy=policy.describe(), seconds=round(spent_s, 4)))
-        self._deleted(chain.run, chain.rank, group, spent_s)
-        return "deleted"
+        log.info(what, fields(run=chain.run, rank=chain.rank, steps=[k.step for k in group],
+                              policy=policy.describe(), seconds=round(spent_s, 4)))
+        self._deleted(chain.run, chain.rank, removed, spent_s)
+        return done
+
+    async def _rebase(self, chain: Chain, key: StepKey) -> None:
+        head = chain.head
+        await self._repository.rebase(key, (head.step, head.arrays) if head else None)
+        # The head keeps its counters on purpose: choose_kind then places the next bases
+        # where a run without retention places them, so later saves encode the same
+        # (bit-identical reconstructions). A head rebuilt from storage (after eviction or
+        # a restart) counts from the rewritten base.

@@ -121,6 +121,8 @@ def header_from_proto(header: pb.SaveHeader) -> CheckpointHeader:
         metadata=dict(header.metadata),
         fail_if_busy=header.fail_if_busy,
         metrics=dict(header.metrics),
+        world_size=header.world_size,
+        reshardable=header.reshardable,
     )
 
 
@@ -138,6 +140,8 @@ def run_info_to_proto(info: RunInfo) -> pb.RunInfo:
         latest_step=info.latest_step,
         stored_bytes=info.stored_bytes,
         retention=info.retention.to_message() if info.retention else None,
+        hidden_steps=info.hidden_steps,
+        hidden_bytes=info.hidden_bytes,
     )
 
 
@@ -160,6 +164,8 @@ def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
         chain_depth=info.chain_depth,
         created_unix_s=info.created_unix_s,
         metrics=dict(info.metrics),
+        world_size=info.world_size,
+        missing_ranks=list(info.missing_ranks),
     )
 
 

@@ -117,8 +117,8 @@ class Metrics(EngineObserver):
             "reconstruction_evictions", "Chain heads dropped from memory, least recently "
             "used first, to stay within max_resident_bytes (rebuilt from storage on use).")
         self._retention_deleted = counter(
-            "retention_deleted_steps", "Steps deleted by retention policies (a kept delta is "
-            "first rewritten as a base only when that frees more bytes than it writes).")
+            "retention_deleted_steps", "Steps removed by retention policies: deleted, or "
+            "hidden while a kept step still restores through them (counted once).")
         self._retention_seconds = counter(
             "retention_seconds", "Wall time retention held chain locks to delete steps and "
             "to rewrite kept deltas as bases.")

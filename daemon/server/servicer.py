@@ -298,7 +298,8 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
         async with self._engine.restoring(
-            request.run, request.rank, step, identity=_share_of(identity, context)
+            request.run, request.rank, step, identity=_share_of(identity, context),
+            allow_incomplete=request.allow_incomplete,
         ) as restored:
             # Materializing (budget, copy or decode, verify) vs streaming: which one to speed up.
             prepare_s = time.monotonic() - started_s
@@ -318,6 +319,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         self, request: pb.ListRunsRequest, context: Context
     ) -> pb.ListRunsResponse:
         identity = self._guard.identify(context)
+        await self._engine.refresh_catalog()
         runs = [info for info in self._engine.list_runs()
                 if self._guard.allows(identity, Scope.READ, info.run)]
         return pb.ListRunsResponse(runs=[convert.run_info_to_proto(info) for info in runs])
@@ -327,6 +329,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         self, request: pb.ListStepsRequest, context: Context
     ) -> pb.ListStepsResponse:
         self._guard.require(context, Scope.READ, request.run)
+        await self._engine.refresh_catalog(request.run, request.rank)
         steps = self._engine.list_steps(request.run, request.rank)
         return pb.ListStepsResponse(steps=[convert.step_info_to_proto(info) for info in steps])
 

@@ -35,6 +35,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     # The request is well formed, but the chain's state forbids it (step not after latest).
     (errors.StepOrderError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The step exists for this rank, but not yet for every rank of its world.
+    (errors.StepIncompleteError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RunNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StepNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StepExistsError, grpc.StatusCode.ALREADY_EXISTS),
@@ -45,6 +47,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.CorruptCheckpointError, grpc.StatusCode.DATA_LOSS),
     # A key the index names is gone from storage: data was lost, retrying will not help.
     (errors.KeyNotFoundError, grpc.StatusCode.DATA_LOSS),
+    # Another daemon writes this chain (its lease names it); free once that lease expires.
+    (errors.ChainLeasedError, grpc.StatusCode.FAILED_PRECONDITION),
     # Another process writes the storage: waiting will not help until an operator acts.
     (errors.StorageInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     # The client's segment is not on this host (or not ours to read): it should stream.

@@ -10,10 +10,13 @@ keys. Concurrent calls on the *same* key (two puts, or a put racing a delete) ar
 and leave one of the outcomes, but which one is unspecified.
 
 Atomic commit: ``put`` is atomic (a reader sees the old object or the whole new one, never
-a part) and durable on return. A checkpoint is committed by putting its manifest *after*
-every blob it names is durable, so the manifest's ``put`` is the commit point and no
-separate commit method is needed; a step whose manifest is absent does not exist, and its
-orphaned blobs are garbage for the engine to delete.
+a part) and durable on return. ``put_if_absent`` is the one conditional write: it creates an
+object only where none exists, atomically with respect to every other writer of the same
+storage (other threads, processes and hosts), so two daemons racing for one key cannot both
+win; manifests and chain leases are created with it. A checkpoint is committed by
+creating its manifest *after* every blob it names is durable, so that write is the commit
+point and no separate commit method is needed; a step whose manifest is absent does not
+exist, and its orphaned blobs are garbage for the engine to delete.
 
 Keys are relative, ``/``-separated paths such as
 ``runs/r1/0/00000000000000000010/manifest.json``. They are validated here, once, so that
@@ -117,6 +120,11 @@ class Storage(abc.ABC):
     """
 
     url: str
+    # Whether other processes (daemons on other hosts) may write this storage while this one
+    # does: true for object stores, which have no lock; false for a local directory, which
+    # ``claim`` locks. On shared storage the engine recovers a chain's leftovers only under
+    # the chain's lease and refreshes its catalog from storage (README, "Many hosts").
+    shared: bool = False
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None:
@@ -140,6 +148,17 @@ class Storage(abc.ABC):
     def sync(self, keys: Iterable[str]) -> None:  # noqa: B027 (optional: put is durable)
         """Makes the ``put_batched`` objects under ``keys`` durable; called once per batch,
         before anything that names them is committed. The default does nothing."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Creates the object ``key`` holding ``data`` only if no object exists under ``key``.
+
+        Returns True if this call created it, False if an object already existed (then
+        nothing is written and the existing object is unchanged). Of several concurrent
+        calls for one key, from any thread, process or host, exactly one returns True.
+        Atomic and durable on return like ``put``. Meant for small objects (manifests,
+        leases): a backend may send ``data`` in one request.
+        """
 
     @abc.abstractmethod
     def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:

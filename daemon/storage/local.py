@@ -3,10 +3,12 @@
 Atomicity comes from the POSIX rename: ``put`` writes ``<dir>/.tmp-<uuid>-<name>`` in the
 target's own directory (same file system, so the rename cannot degrade to a copy), fsyncs
 the file, renames it over the target and fsyncs the directory, so the new entry survives a
-power loss. A crash leaves at most the temporary behind; ``list`` never shows it and
-``cleanup_temporaries`` removes it. ``put_batched`` does the same without the fsyncs
-(starting the writeback instead), and ``sync`` fsyncs a whole batch's files and then each
-directory once: the save pipeline's blobs, before their manifest.
+power loss. ``put_if_absent`` links the temporary to the target instead of renaming it:
+``link(2)`` refuses an existing name atomically. A crash leaves at most the
+temporary behind; ``list`` never shows it and ``cleanup_temporaries`` removes it.
+``put_batched`` does what ``put`` does without the fsyncs (starting the writeback instead),
+and ``sync`` fsyncs a whole batch's files and then each directory once: the save
+pipeline's blobs, before their manifest.
 
 ``claim`` takes an exclusive ``flock`` on ``<root>/.ckptd.lock`` (outside the key space) and
 writes the holder's description into it; the kernel drops the lock when the holder closes
@@ -143,24 +145,36 @@ class LocalStorage(Storage):
     def _put(self, key: str, data: bytes | memoryview, *, durable: bool) -> None:
         path = self._path(key)
         view = memoryview(data).cast("B")
-        tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name[:_TEMP_NAME_CHARS]}"
+        tmp = _temp_path(path)
         try:
-            fd = self._create_temp(tmp)
-            try:
-                _write_all(fd, view)
-                if durable:
-                    os.fsync(fd)
-                else:
-                    _start_writeback(fd)
-            finally:
-                os.close(fd)
+            self._write_temp(tmp, view, durable=durable)
             os.replace(tmp, path)
             if durable:
                 _fsync_dir(path.parent)
         except OSError as exc:
             _unlink_quietly(tmp)
-            error = StorageFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
-            raise error(f"put {key!r} ({len(view)} bytes) in {self.url} failed: {exc}") from exc
+            raise _write_error("put", key, len(view), self.url, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Writes and fsyncs a temporary, then ``link(2)``s it to the final name: the link
+        fails with EEXIST when the name exists, atomically (unlike a check then a rename),
+        and the name never shows a partly written file. The temporary is then unlinked."""
+        path = self._path(key)
+        view = memoryview(data).cast("B")
+        tmp = _temp_path(path)
+        try:
+            self._write_temp(tmp, view)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                _unlink_quietly(tmp)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _write_error("put_if_absent", key, len(view), self.url, exc) from exc
+        return True
 
     def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:
         path = self._path(key)
@@ -257,6 +271,19 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
+    def _write_temp(self, tmp: Path, view: memoryview, *, durable: bool = True) -> None:
+        """Creates ``tmp`` (and its directories) holding ``view``, fsynced (or, not
+        ``durable``, its writeback started for a later ``sync``)."""
+        fd = self._create_temp(tmp)
+        try:
+            _write_all(fd, view)
+            if durable:
+                os.fsync(fd)
+            else:
+                _start_writeback(fd)
+        finally:
+            os.close(fd)
+
     def _create_temp(self, tmp: Path) -> int:
         """Creates the directory chain and the temporary; retries if a delete prunes the dir."""
         for attempt in range(_MKDIR_ATTEMPTS):
@@ -314,6 +341,19 @@ class LocalStorage(Storage):
                 except OSError:
                     break
                 directory = directory.parent
+
+
+def _temp_path(path: Path) -> Path:
+    """A unique temporary beside ``path`` (same directory: same file system for the rename)."""
+    return path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name[:_TEMP_NAME_CHARS]}"
+
+
+def _write_error(
+    operation: str, key: str, size: int, url: str, exc: OSError
+) -> StorageError:
+    """``StorageFullError`` for a full disk or quota, else ``StorageError``."""
+    error = StorageFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StorageError
+    return error(f"{operation} {key!r} ({size} bytes) in {url} failed: {exc}")
 
 
 def _is_temp(key: str) -> bool:

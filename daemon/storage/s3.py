@@ -2,8 +2,10 @@
 
 Keys live under ``s3://bucket/prefix/``. Atomicity is the store's: a ``PutObject`` or a
 completed multipart upload becomes visible whole or not at all, and is durable when the
-call returns, so ``put`` needs no temporary name. A crash in the middle of a multipart
-upload leaves invisible parts that cost storage until ``cleanup_temporaries`` aborts them.
+call returns, so ``put`` needs no temporary name. ``put_if_absent`` is S3's conditional
+write (``If-None-Match: *``, AWS S3 since 2024, MinIO, moto), decided by the store.
+A crash in the middle of a multipart upload leaves invisible parts that cost storage until
+``cleanup_temporaries`` aborts them.
 
 Credentials and the endpoint follow boto3's usual chain (environment, config files,
 instance roles; ``AWS_ENDPOINT_URL``), unless the URL or the options name an endpoint.
@@ -38,6 +40,8 @@ MiB = 1 << 20
 # S3 caps DeleteObjects at this many keys per request.
 _DELETE_BATCH = 1000
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# What a conditional write that lost answers: the key exists, or a concurrent one is racing.
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 # Query parameters an s3:// URL may carry, mapped to constructor options.
 _QUERY_OPTIONS = {"endpoint_url": "endpoint_url", "region": "region_name"}
 _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error)
@@ -46,6 +50,8 @@ _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error)
 class S3Storage(Storage):
     """Objects under ``s3://bucket/prefix``; ``put`` is a single PutObject below
     ``multipart_threshold_bytes`` and a multipart upload above it."""
+
+    shared = True  # every host's daemon may write the same bucket and prefix
 
     def __init__(
         self,
@@ -149,6 +155,27 @@ class S3Storage(Storage):
                 )
         except (botocore.exceptions.ClientError, *_BOTO_ERRORS) as exc:
             raise self._error(f"put ({len(view)} bytes)", obj, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """One PutObject with ``If-None-Match: *`` (whatever the size: the objects it is for
+        are small, and one request is one decision). S3 answers 412 PreconditionFailed when
+        the key exists and 409 ConditionalRequestConflict when another conditional write of
+        it is in flight: both mean this call did not create it.
+
+        A request retried by botocore after a lost response may find its own first attempt
+        and report False; callers write content that names them, so they can tell."""
+        obj = self._object_key(key)
+        view = memoryview(data).cast("B")
+        body = data if isinstance(data, bytes) else _ViewReader(view)
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=obj, Body=body, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in _CONDITION_FAILED_CODES:
+                return False
+            raise self._error(f"put_if_absent ({len(view)} bytes)", obj, exc) from exc
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"put_if_absent ({len(view)} bytes)", obj, exc) from exc
+        return True
 
     def get(self, key: str, *, start: int = 0, end: int | None = None) -> bytes:
         obj = self._object_key(key)

@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import errno
 import functools
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -46,6 +47,7 @@ from ckptd.daemon.store.manifest import (
     TensorEntry,
     blob_checksum,
     blob_key,
+    hidden_key,
     manifest_key,
     pending_key,
     tensors_checksum,
@@ -56,7 +58,13 @@ log = get_logger("engine")
 HeadArrays = tuple[int, tuple[np.ndarray, ...]]
 """A step and its reconstruction held in memory (never modified in place)."""
 Commit = Callable[[Manifest], Awaitable[IndexEntry]]
-"""Puts a manifest and indexes it (``Repository.commit``)."""
+"""Replaces a committed manifest and indexes it (``Repository.rewrite``)."""
+Pause = Callable[[str], Awaitable[None]]
+"""Awaited between two storage operations of a deletion, with the point's name: a test hook
+(``EngineConfig.test_pause_at``) that stops there; by default it returns at once."""
+PAUSE_GROUP = "group-manifests-deleted"  # a group's manifests gone, its blobs not yet
+PAUSE_REBASE = "rebase-blobs-written"  # a rewrite's exact blobs put, its manifest not yet
+PAUSE_POINTS = (PAUSE_GROUP, PAUSE_REBASE)
 # Headroom on the rebase estimate: exact blobs of a later step compress a little
 # differently from the base's, and the new manifest and file-system overhead need room.
 _ESTIMATE_SLACK_BYTES = 64 << 10
@@ -66,15 +74,30 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 class Deleter:
     """Deletes steps and runs from storage and the index, rebasing dependants first."""
 
-    def __init__(self, storage: Storage, index: StepIndex, pools: Pools, restorer: Restorer):
+    def __init__(
+        self, storage: Storage, index: StepIndex, pools: Pools, restorer: Restorer,
+        pause: Pause | None = None,
+    ) -> None:
         self._storage = storage
         self._index = index
         self._pools = pools
         self._restorer = restorer
+        self._pause = pause or _no_pause
 
     async def delete_step(self, key: StepKey, head: HeadArrays | None, commit: Commit) -> None:
+        """Deletes ``key``, first rebasing the step that depends on it. Hidden steps that
+        depend on it (``ckptd.daemon.store.retention``) are no steps to keep: they go with
+        it, and the first listed step after them, if any, is the one rebased."""
         entry = self._index.get(key)
         assert entry is not None
+        hidden = list(itertools.takewhile(lambda e: e.hidden, self.dependants(key)))
+        if hidden:
+            after = self._index.child(hidden[-1].manifest.key)
+            if after is not None:
+                await self._check_room(key, after)
+                await self._rebase(after.manifest, head, commit)
+            await self.delete_group([key, *(e.manifest.key for e in hidden)])
+            return
         child = self._index.child(key)
         if child is not None:
             await self._check_room(key, child)
@@ -128,10 +151,15 @@ class Deleter:
         await self._pools.run_io(functools.partial(self._storage.delete, manifests))
         for key in ordered:
             self._index.remove(key)
-        where = ordered[0]
-        await self._delete_quietly([t.blob_key for e in present for t in e.manifest.tensors],
-                                   where)
-        await self._delete_quietly([pending_key(key) for key in ordered], where)
+        await self._pause(PAUSE_GROUP)
+        # No manifest is left to need them: each step directory's blobs, then its marker,
+        # in parallel over the I/O pool (a local delete syncs each directory it touches).
+        await asyncio.gather(*(self._delete_quietly(
+            [t.blob_key for t in e.manifest.tensors]
+            + ([hidden_key(e.manifest.key)] if e.hidden else []), e.manifest.key)
+            for e in present))
+        await asyncio.gather(*(self._delete_quietly([pending_key(key)], key)
+                               for key in ordered))
 
     def dependants(self, key: StepKey) -> list[IndexEntry]:
         """The steps that need ``key`` to restore: its child delta, that one's, and so on
@@ -202,6 +230,7 @@ class Deleter:
                 child, kind=BASE, parent_step=None, base_step=child.key.step, chain_depth=0,
                 tensors=tuple(entries),
             )
+            await self._pause(PAUSE_REBASE)
             await commit(rebased)
         except BaseException:
             keys = [blob_key(child.key, i, tag) for i in range(len(arrays))]
@@ -251,6 +280,10 @@ class Deleter:
         except Exception as exc:
             log.warning("cannot delete blobs; removed at next start %s",
                         step_fields(key, count=len(keys), error=str(exc)))
+
+
+async def _no_pause(point: str) -> None:
+    return None
 
 
 def _out_of_space(exc: BaseException) -> bool:

@@ -6,6 +6,8 @@ Layout (keys relative to the storage root; ``run`` is validated to ``[A-Za-z0-9.
     runs/{run}/{rank}/{step:020d}/{i:05d}.{tag}.blob   same, rewritten when a step is rebased
     runs/{run}/{rank}/{step:020d}/manifest.json        written last: the commit point
     runs/{run}/{rank}/{step:020d}/pending              empty; a save or delete is under way
+    runs/{run}/{rank}/{step:020d}/hidden               empty; retention dropped the step, a
+                                                       kept step still restores through it
 
 The zero-padded step keeps ``list()`` in step order. A step exists exactly when its
 manifest exists. The ``pending`` marker is put before a save's first blob and removed
@@ -15,6 +17,12 @@ without a manifest is provably uncommitted only while its marker is there. Start
 (a rebase's old blobs, the marker) and every key of a marked directory without a
 manifest; a directory whose manifest is missing (and no marker) or unreadable may have
 held a committed step and is quarantined, never deleted (``ckptd.daemon.store.quarantine``).
+The ``hidden`` marker beside a manifest takes the step out of every listing and restore
+(``ckptd.daemon.store.retention``) while its blobs stay for the kept steps restored through
+it; it is put once, atomically, and never removed while the manifest stays (a deletion
+removes it with the blobs, before ``pending``), so a crash never shows a hidden step again
+nor leaves an unmarked directory without a manifest. A ckptd older than the marker deletes
+it at start as an unnamed key: the step is listed again until the next retention pass.
 
 Manifest: a UTF-8 JSON object with sorted keys, stored as one zstd frame (``zstdcat``
 shows it). Compression matters for small models: the per-tensor entries and the client's
@@ -43,6 +51,15 @@ deleted as an uncommitted leftover. ::
     stored_bytes      sum of blob_bytes (the manifest's own size is not included)
     checksum          ``tensors_checksum`` of the reconstructed tensors (xxh3_128, hex)
     checksum_algorithm "xxh3_128"
+    lease_generation  the chain's writer-lease generation the step was committed under
+                      (``ckptd.daemon.store.lease``: a manifest a later generation fenced
+                      off is void); absent (read as 0) before leases existed
+
+A save creates its manifest with ``Storage.put_if_absent``: a step's manifest never
+overwrites another's, so two writers of one step cannot both commit it. The one rewrite
+is a rebase (a deletion or retention making a delta into a base, or renumbering the deltas
+after it): the chain's lease holder replaces the manifest with one of the same step and
+checksum (``Repository.rewrite``), whose blobs have fresh names.
 """
 
 from __future__ import annotations
@@ -70,6 +87,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_MANIFEST_JSON_BYTES = 256 << 20
 _ZSTD_LEVEL = 3
 PENDING_NAME = "pending"
+HIDDEN_NAME = "hidden"
 RUNS_PREFIX = "runs/"
 BASE = "base"
 DELTA = "delta"
@@ -92,6 +110,12 @@ def pending_key(key: StepKey) -> str:
     """Key of the step's ``pending`` marker: while it exists and the manifest does not, the
     step directory holds nothing committed (a save before its commit, or a deletion)."""
     return step_prefix(key) + PENDING_NAME
+
+
+def hidden_key(key: StepKey) -> str:
+    """Key of the step's ``hidden`` marker: retention dropped the step, which stays in
+    storage only as a dependency of a kept step (``ckptd.daemon.store.retention``)."""
+    return step_prefix(key) + HIDDEN_NAME
 
 
 def blob_key(key: StepKey, index: int, tag: str = "") -> str:
@@ -163,6 +187,8 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     checksum: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    lease_generation: int = 0
+    world_size: int = 0  # ranks of the run's world when saved; 0: no world
 
     @property
     def specs(self) -> tuple[TensorSpec, ...]:
@@ -228,7 +254,11 @@ class Manifest:
 def _manifest_obj(m: Manifest) -> dict[str, Any]:
     # An optional key, so that manifests without metrics keep their exact bytes and an
     # earlier daemon (which ignores unknown keys) still reads those with them.
-    optional = {"metrics": dict(m.metrics)} if m.metrics else {}
+    optional: dict[str, Any] = {"metrics": dict(m.metrics)} if m.metrics else {}
+    if m.lease_generation:
+        optional["lease_generation"] = m.lease_generation
+    if m.world_size:
+        optional["world_size"] = m.world_size
     return {
         **optional,
         "format": FORMAT_NAME,
@@ -291,6 +321,8 @@ def _manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         tensors=tuple(_entry_from_obj(item) for item in obj["tensors"]),
         checksum=_text(obj["checksum"]),
         metrics={k: float(v) for k, v in metrics.items()},
+        lease_generation=_count(obj.get("lease_generation", 0)),
+        world_size=_count(obj.get("world_size", 0)),
     )
 
 

@@ -13,23 +13,33 @@ Call order, from one event loop's thread: ``await load()`` once (a sole writer t
 ``mark_pending`` → blob puts → ``commit`` → ``clear_pending`` (a save),
 ``delete_step``/``delete_chain``, and the quarantine's ``quarantined`` and
 ``delete_quarantined``. Callers serialise writes to one (run, rank) themselves (the
-engine's chain lock). Blocking work runs in the given ``Pools``.
+engine's chain lock and its lease, ``ckptd.daemon.store.lease``). Blocking work runs in the
+given ``Pools``.
+
+Many daemons on one storage: the index is a cache of storage. ``refresh`` brings in what
+other writers committed (and drops what they deleted) for every chain ``held`` does not
+name (the chains this process writes are authoritative in memory: a refresh that listed
+storage just before one of its own commits must not drop that commit); ``scan_chain``
+and ``replace_chain`` re-read one chain, when its lease is taken or a restore finds its
+plan gone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from ckptd.daemon.domain import RetentionPolicy, StepKey
-from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
+from ckptd.daemon.errors import RunNotFoundError, StepExistsError, StepNotFoundError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage.base import Storage
-from ckptd.daemon.store.deletion import Deleter, HeadArrays
-from ckptd.daemon.store.index import IndexEntry, ScanResult, StepIndex, scan
-from ckptd.daemon.store.manifest import Manifest, manifest_key, pending_key
+from ckptd.daemon.store.deletion import Deleter, HeadArrays, Pause
+from ckptd.daemon.store.index import ChainKey, IndexEntry, ScanResult, StepIndex, scan
+from ckptd.daemon.store.manifest import Manifest, hidden_key, manifest_key, pending_key
 from ckptd.daemon.store.quarantine import (
     DamagedStep,
     QuarantinedStep,
@@ -40,6 +50,8 @@ from ckptd.daemon.store.quarantine import (
 )
 from ckptd.daemon.store.restore import Restorer
 from ckptd.daemon.store.retention import load_policies, store_policy
+from ckptd.daemon.store.world import Worlds
+from ckptd.protos.records import StepInfo
 
 __all__ = ["HeadArrays", "Repository"]
 log = get_logger("engine")
@@ -48,12 +60,23 @@ log = get_logger("engine")
 class Repository:
     """Index, restore, commit and delete over one ``Storage``."""
 
-    def __init__(self, storage: Storage, pools: Pools) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        pools: Pools,
+        pause: Pause | None = None,
+        held: Callable[[str, int], bool] | None = None,
+    ) -> None:
+        """``pause``: the deletions' test hook (``ckptd.daemon.store.deletion.Pause``).
+        ``held(run, rank)`` says whether this process writes that chain (holds its lease);
+        ``refresh`` leaves those chains' entries alone. None: it writes none."""
         self.storage = storage
         self.index = StepIndex()
+        self._held = held or (lambda run, rank: False)
         self._pools = pools
         self._restorer = Restorer(storage, pools)
-        self._deleter = Deleter(storage, self.index, pools, self._restorer)
+        self._deleter = Deleter(storage, self.index, pools, self._restorer, pause)
+        self.worlds = Worlds(storage, self.index, pools.run_io)
 
     async def load(self) -> ScanResult:
         """(Re)builds the index from every readable manifest; returns the scan, whose
@@ -62,7 +85,41 @@ class Repository:
         self.index.clear()
         for entry in found.entries:
             self.index.add(entry)
+        await self.worlds.load()
         return found
+
+    async def refresh(self) -> None:
+        """Re-reads what is committed in storage (reading only manifests it does not know)
+        into the index, except for the chains this process holds."""
+        known = {manifest_key(e.manifest.key): e for run, rank in self.index.chains()
+                 for e in self.index.entries(run, rank)}
+        found = await scan(self.storage, self._pools.run_io, known=known)
+        by_chain: dict[ChainKey, list[IndexEntry]] = {}
+        for entry in found.entries:
+            by_chain.setdefault((entry.manifest.key.run, entry.manifest.key.rank), []).append(
+                entry)
+        for chain in set(self.index.chains()) | set(by_chain):
+            if not self._held(*chain):
+                self.replace_chain(chain, by_chain.get(chain, []))
+
+    async def scan_chain(self, run: str, rank: int) -> ScanResult:
+        """One chain's committed steps in storage, read afresh (nothing cached)."""
+        return await scan(self.storage, self._pools.run_io, chain=(run, rank))
+
+    async def reread_chain(self, run: str, rank: int) -> None:
+        """Re-reads one chain from storage into the index unless this process holds it
+        (another writer may have rewritten a manifest the index still caches)."""
+        if not self._held(run, rank):
+            found = await self.scan_chain(run, rank)
+            if not self._held(run, rank):
+                self.replace_chain((run, rank), found.entries)
+
+    def replace_chain(self, chain: ChainKey, entries: Sequence[IndexEntry]) -> None:
+        """Makes ``entries`` the chain's indexed steps."""
+        for step in self.index.steps(*chain):
+            self.index.remove(StepKey(chain[0], chain[1], step))
+        for entry in entries:
+            self.index.add(entry)
 
     async def quarantine(self, damaged: Sequence[DamagedStep]) -> list[QuarantinedStep]:
         """Moves each damaged step directory to the quarantine area; only a sole writer may
@@ -84,8 +141,9 @@ class Repository:
             functools.partial(delete_quarantined, self.storage, list(entries)))
 
     def entry(self, key: StepKey) -> IndexEntry:
-        """The committed step ``key``; raises a not-found error naming what exists."""
-        entry = self.index.get(key)
+        """The committed step ``key`` as users see it; raises a not-found error naming what
+        exists (or, for a hidden step, that retention removed it)."""
+        entry = self.index.visible(key)
         if entry is None:
             raise self.not_found(key)
         return entry
@@ -116,8 +174,25 @@ class Repository:
                         step_fields(key, error=str(exc)))
 
     async def commit(self, manifest: Manifest) -> IndexEntry:
-        """Puts ``manifest`` (the commit point: its blobs must be durable already) and
-        indexes it; the step exists from here on."""
+        """Creates ``manifest`` (the commit point: its blobs must be durable already) and
+        indexes it; the step exists from here on. The manifest is created only where none
+        exists (``put_if_absent``): ``StepExistsError`` if another writer committed it."""
+        data = manifest.to_bytes()
+        key = manifest_key(manifest.key)
+        create = functools.partial(self.storage.put_if_absent, key, data)
+        if not await self._pools.run_io(create):
+            raise StepExistsError(
+                f"step {manifest.key} was committed by another writer meanwhile ({key} exists); "
+                "this save is not committed"
+            )
+        entry = IndexEntry(manifest, len(data))
+        self.index.add(entry)
+        return entry
+
+    async def rewrite(self, manifest: Manifest) -> IndexEntry:
+        """Replaces a committed step's manifest with ``manifest`` (a rebase: same step and
+        checksum, freshly named blobs) and indexes it; the one manifest overwrite, made
+        only by the chain's writer."""
         data = manifest.to_bytes()
         put = functools.partial(self.storage.put, manifest_key(manifest.key), data)
         await self._pools.run_io(put)
@@ -125,24 +200,57 @@ class Repository:
         self.index.add(entry)
         return entry
 
+    def step_infos(self, run: str, rank: int) -> list[StepInfo]:
+        """The committed steps of one chain, oldest first, each with the ranks of its
+        world that this process knows lack it (``Worlds.missing_indexed``)."""
+        return [dataclasses.replace(info, missing_ranks=self.worlds.missing_indexed(
+                    run, info.step, info.world_size)) if info.world_size else info
+                for info in self.index.step_infos(run, rank)]
+
     async def delete_step(self, key: StepKey, head: HeadArrays | None = None) -> None:
         """Deletes ``key``, first rebasing the step that depends on it (from ``head``, the
         caller's in-memory reconstruction of some step, when it is that dependant)."""
-        await self._deleter.delete_step(key, head, self.commit)
+        await self._forget_worlds([key])
+        await self._deleter.delete_step(key, head, self.rewrite)
 
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of (run, rank); returns how many."""
+        steps = self.index.steps(run, rank)
+        await self._forget_worlds([StepKey(run, rank, step) for step in steps])
         return await self._deleter.delete_chain(run, rank)
 
     async def delete_group(self, keys: list[StepKey]) -> None:
         """Deletes steps that no remaining step depends on, rewriting nothing (retention's
         deletion groups, ``ckptd.daemon.store.retention``)."""
+        await self._forget_worlds(keys)
         await self._deleter.delete_group(keys)
+
+    async def hide(self, keys: list[StepKey]) -> None:
+        """Hides steps retention dropped that a kept step still restores through: puts
+        each one's empty ``hidden`` marker (atomic), then marks it in the index. A hidden
+        world step is no longer complete: its record goes first, as for a deletion."""
+        await self._forget_worlds(keys)
+        put = self.storage.put
+        await asyncio.gather(*(self._pools.run_io(functools.partial(put, hidden_key(key), b""))
+                               for key in keys))
+        for key in keys:
+            self.index.hide(key)
+
+    async def _forget_worlds(self, keys: Sequence[StepKey]) -> None:
+        """Deletes the completion records of the world steps among ``keys`` (a step one
+        rank no longer has is not complete), before any of them is deleted."""
+        by_run: dict[str, list[int]] = {}
+        for key in keys:
+            entry = self.index.get(key)
+            if entry is not None and entry.manifest.world_size:
+                by_run.setdefault(key.run, []).append(key.step)
+        for run, steps in by_run.items():
+            await self.worlds.forget(run, steps)
 
     async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
         """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps
         before it are no longer needed by it (retention's one rewrite per commit)."""
-        await self._deleter.rebase(key, head, self.commit)
+        await self._deleter.rebase(key, head, self.rewrite)
 
     async def policies(self) -> dict[str, RetentionPolicy]:
         """Every run's stored retention policy."""
@@ -155,6 +263,12 @@ class Repository:
     def not_found(self, key: StepKey) -> LookupError:
         """The error for a missing ``key``: which ranks or nearby steps exist instead."""
         steps = self.index.steps(key.run, key.rank)
+        if self.index.get(key) is not None:  # hidden
+            return StepNotFoundError(
+                f"step {key} was removed by the run's retention policy; its data stays "
+                f"stored only while a kept step restores through it. Kept steps nearby: "
+                f"{self.index.nearby(key.run, key.rank, key.step)} (latest {steps[-1]}); "
+                f"set a policy that keeps the steps you need before they are saved")
         if not steps:
             ranks = self.index.ranks(key.run)
             where = f"ranks with steps: {ranks}" if ranks else f"known runs: {self.known_runs()}"

@@ -16,12 +16,13 @@ def test_ls_lists_every_run_and_rank(cli: CliRunner, source: list[str]) -> None:
         (run, rank, len(steps), steps[-1]) for (run, rank), steps in sorted(RUNS.items())
     ]
     assert all(0 < r["stored_bytes"] < r["raw_bytes"] for r in runs)
+    assert all(r["hidden_steps"] == r["hidden_bytes"] == 0 for r in runs)
 
     code, out, _ = cli("ls", *source)
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["RUN", "RANK", "STEPS", "LATEST", "RAW", "STORED", "RATIO",
-                                "RETENTION"]
+                                "HIDDEN", "RETENTION"]
     assert [line.split()[:2] for line in lines[1:]] == [["alpha", "0"], ["alpha", "1"],
                                                          ["beta", "0"]]
 
@@ -51,6 +52,7 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     info = json.loads(out)
     assert info["storage_url"] == f"file://{store.storage_path}"
     assert (info["runs"], info["chains"], info["steps"]) == ("2", "3", "8")
+    assert info["hidden_bytes"] == "0"
     if source[0] == "--target":
         assert info["api_version"] == "ckptd.v1" and info["target"] == store.daemon.address
         assert info["lossy_min_elements"] == "1024"  # the daemon's config, over the wire

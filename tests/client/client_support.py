@@ -3,12 +3,16 @@ have a ``conftest.py``, and ``from conftest import`` would pick whichever came f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from ckptd.client import Checkpointer
 from ckptd.protos.segments import SEGMENT_PREFIX
+from daemon_harness import wait_until
 
 SHM_DIR = Path("/dev/shm")
 CheckpointerFactory = Callable[..., Checkpointer]
@@ -30,3 +34,24 @@ def assert_same_weights(
             assert torch.equal(tensor, reference[name]), name
         else:
             assert torch.allclose(tensor, reference[name], atol=atol), name
+
+
+def kill_when_signalled(script: Path, args: Sequence[str], signal: Path, log: Path) -> None:
+    """Runs ``python script *args`` (a trainer), waits until it writes ``signal`` (every
+    checkpoint it made is durable and it stands still mid-training), then SIGKILLs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        def signalled() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the trainer exited with {proc.returncode} before "
+                                     f"it was killed:\n{log.read_text()[-4000:]}")
+            return signal.exists()
+
+        wait_until(signalled, 180, f"{script.name} to checkpoint and stop")
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -9, proc.returncode  # SIGKILL, not an exit of its own

@@ -392,6 +392,21 @@ def test_daemonset_service_and_trainer_agree() -> None:
     assert client_labels.items() <= trainer_spec["metadata"]["labels"].items()
 
 
+def test_daemonset_shares_one_object_store_with_valid_lease_settings() -> None:
+    # One daemon per node on one S3 prefix: leases and the catalog's staleness bound are set
+    # explicitly, and the daemon's own config accepts them (renewals at most a third of
+    # the lease, so two may fail before a lease lapses).
+    (daemonset,) = [d for d in k8s_docs() if d["kind"] == "DaemonSet"]
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    env = container_env(container)
+    assert env["CKPTD_STORAGE"].startswith("s3://")
+    settings = {key.removeprefix("CKPTD_").lower(): value for key, value in env.items()
+                if key.startswith("CKPTD_")}
+    config = DaemonConfig.from_settings(settings)
+    assert {"lease_ttl_s", "lease_renew_interval_s", "catalog_refresh_s"} <= set(settings)
+    assert config.engine.lease_renew_interval_s * 3 <= config.engine.lease_ttl_s
+
+
 # systemd ---------------------------------------------------------------------------------
 
 UNIT = DEPLOY / "systemd" / "ckptd.service"

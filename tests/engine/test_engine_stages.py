@@ -175,9 +175,15 @@ def test_sync_makes_every_blob_of_the_batch_durable_before_the_manifest(
                 order.append(("put", [key]))
                 real_put(key, data)
 
+            def put_if_absent(key: str, data: bytes | memoryview) -> bool:
+                order.append(("put", [key]))  # the manifest: a conditional create
+                return real_put_if_absent(key, data)
+
+            real_put_if_absent = storage.put_if_absent
             monkeypatch.setattr(storage, "put_batched", batched)
             monkeypatch.setattr(storage, "sync", sync)
             monkeypatch.setattr(storage, "put", put)
+            monkeypatch.setattr(storage, "put_if_absent", put_if_absent)
             await save(engine, 1, state)
 
     asyncio.run(scenario())

@@ -41,6 +41,7 @@ EXPECTED: dict[str, tuple[type[client_errors.CkptdClientError], int]] = {
     "ERROR_REASON_CORRUPT_CHECKPOINT": (client_errors.CorruptCheckpointError, EXIT_FAILED),
     "ERROR_REASON_DATA_MISSING": (client_errors.CorruptCheckpointError, EXIT_FAILED),
     "ERROR_REASON_STORAGE_IN_USE": (client_errors.StorageInUseError, EXIT_FAILED),
+    "ERROR_REASON_CHAIN_LEASED": (client_errors.ChainLeasedError, EXIT_FAILED),
     "ERROR_REASON_STORAGE_FULL": (client_errors.StorageFullError, EXIT_FAILED),
     "ERROR_REASON_STORAGE_UNAVAILABLE": (client_errors.DaemonUnavailableError, EXIT_UNAVAILABLE),
     "ERROR_REASON_SHARED_MEMORY_REFUSED": (client_errors.SharedMemoryRefusedError, EXIT_FAILED),
@@ -48,6 +49,7 @@ EXPECTED: dict[str, tuple[type[client_errors.CkptdClientError], int]] = {
     "ERROR_REASON_UNAUTHENTICATED": (client_errors.UnauthenticatedError, EXIT_FAILED),
     "ERROR_REASON_PERMISSION_DENIED": (client_errors.PermissionDeniedError, EXIT_FAILED),
     "ERROR_REASON_STREAM_IDLE": (client_errors.StreamIdleError, EXIT_TEMPFAIL),
+    "ERROR_REASON_STEP_INCOMPLETE": (client_errors.StepIncompleteError, EXIT_FAILED),
 }
 
 

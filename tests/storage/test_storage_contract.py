@@ -224,3 +224,35 @@ def test_move_renames_an_object_and_replaces_the_target(storage: Storage) -> Non
 def test_free_bytes_is_a_count_or_unknown(storage: Storage) -> None:
     free = storage.free_bytes()
     assert free is None or free > 0
+
+
+def test_put_if_absent_creates_once_and_never_overwrites(storage: Storage) -> None:
+    assert storage.put_if_absent("runs/r1/0/m.json", b"first") is True
+    assert storage.put_if_absent("runs/r1/0/m.json", b"second, longer") is False
+    assert storage.get("runs/r1/0/m.json") == b"first"
+    assert storage.list() == ["runs/r1/0/m.json"]  # the loser leaves no temporary behind
+    storage.delete(["runs/r1/0/m.json"])
+    assert storage.put_if_absent("runs/r1/0/m.json", memoryview(b"again")) is True
+    assert storage.get("runs/r1/0/m.json") == b"again"
+
+
+def test_put_if_absent_refuses_a_key_made_by_put(storage: Storage) -> None:
+    storage.put("leases/r1/0", b"held")
+    assert storage.put_if_absent("leases/r1/0", b"mine") is False
+    assert storage.get("leases/r1/0") == b"held"
+    with pytest.raises(ValueError, match="invalid storage key"):
+        storage.put_if_absent("a/../b", b"x")
+
+
+def test_put_if_absent_race_has_exactly_one_winner(storage: Storage) -> None:
+    # Each round, two threads race for a fresh key; every round has one winner, whose
+    # bytes are the object's.
+    rounds = 20
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i in range(rounds):
+            key = f"leases/race/{i:03d}"
+            results = list(pool.map(lambda who, key=key: storage.put_if_absent(
+                key, f"writer-{who}".encode()), range(2)))
+            assert sorted(results) == [False, True], (key, results)
+            assert storage.get(key) == f"writer-{results.index(True)}".encode()
+    assert len(storage.list("leases/race/")) == rounds

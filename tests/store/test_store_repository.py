@@ -203,3 +203,34 @@ def test_scan_tells_committed_uncommitted_and_damaged_apart(tmp_path: Path, pool
         assert await repo.quarantined() == []
 
     asyncio.run(scenario())
+
+
+def test_a_hidden_step_stays_hidden_after_reload_and_its_dependant_restores(
+    tmp_path: Path, pools: Pools
+) -> None:
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        base, base_arrays = await _commit(repo, 1, _state(1))
+        middle, middle_arrays = await _commit(repo, 2, _state(2), base, base_arrays)
+        last, last_arrays = await _commit(repo, 3, _state(3), middle, middle_arrays)
+
+        await repo.hide([middle.key])
+
+        reloaded = Repository(LocalStorage(tmp_path), pools)
+        found = await reloaded.load()
+        assert not found.garbage  # the marker is named, not a leftover
+        assert reloaded.index.steps("run-a", 0) == [1, 3]
+        assert [i.step for i in reloaded.index.step_infos("run-a", 0)] == [1, 3]
+        info = reloaded.index.run_infos()[0]
+        assert (info.step_count, info.hidden_steps) == (2, 1)
+        assert info.hidden_bytes == reloaded.index.get(middle.key).stored_bytes  # type: ignore[union-attr]
+        with pytest.raises(StepNotFoundError, match="removed by the run's retention"):
+            reloaded.entry(middle.key)
+        assert _same(await reloaded.restore(last.key), last_arrays)  # through step 2
+
+        await reloaded.delete_group([last.key, middle.key])
+        assert not (tmp_path / "runs/run-a/0" / f"{2:020d}").exists()
+        assert reloaded.index.steps("run-a", 0) == [1]
+
+    asyncio.run(scenario())

@@ -28,6 +28,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
     ERROR_REASON_PERMISSION_DENIED: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_IDLE: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_INCOMPLETE: _ClassVar[ErrorReason]
+    ERROR_REASON_CHAIN_LEASED: _ClassVar[ErrorReason]
 
 class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -86,6 +88,8 @@ ERROR_REASON_STORAGE_FULL: ErrorReason
 ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_PERMISSION_DENIED: ErrorReason
 ERROR_REASON_STREAM_IDLE: ErrorReason
+ERROR_REASON_STEP_INCOMPLETE: ErrorReason
+ERROR_REASON_CHAIN_LEASED: ErrorReason
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
@@ -141,7 +145,7 @@ class SharedMemoryRef(_message.Message):
     def __init__(self, segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SaveHeader(_message.Message):
-    __slots__ = ("run", "rank", "step", "tensors", "metadata", "shared_memory", "fail_if_busy", "metrics")
+    __slots__ = ("run", "rank", "step", "tensors", "metadata", "shared_memory", "fail_if_busy", "metrics", "world_size", "reshardable")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +168,8 @@ class SaveHeader(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     FAIL_IF_BUSY_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESHARDABLE_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step: int
@@ -172,7 +178,9 @@ class SaveHeader(_message.Message):
     shared_memory: SharedMemoryRef
     fail_if_busy: bool
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., fail_if_busy: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    world_size: int
+    reshardable: bool
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., fail_if_busy: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ..., world_size: _Optional[int] = ..., reshardable: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor_index", "offset", "data")
@@ -233,14 +241,16 @@ class WaitSaveResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SaveStatus, _Mapping]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("run", "rank", "step")
+    __slots__ = ("run", "rank", "step", "allow_incomplete")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step: int
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    allow_incomplete: bool
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., allow_incomplete: _Optional[bool] = ...) -> None: ...
 
 class RestoreHeader(_message.Message):
     __slots__ = ("ref", "tensors", "metadata", "checksum")
@@ -274,20 +284,24 @@ class ListRunsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes", "retention")
+    __slots__ = ("run", "rank", "step_count", "latest_step", "stored_bytes", "retention", "hidden_steps", "hidden_bytes")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
     LATEST_STEP_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RETENTION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step_count: int
     latest_step: int
     stored_bytes: int
     retention: RetentionPolicy
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+    hidden_steps: int
+    hidden_bytes: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step_count: _Optional[int] = ..., latest_step: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ..., hidden_steps: _Optional[int] = ..., hidden_bytes: _Optional[int] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -304,7 +318,7 @@ class ListStepsRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StepInfo(_message.Message):
-    __slots__ = ("step", "kind", "parent_step", "raw_bytes", "stored_bytes", "compression_ratio", "chain_depth", "created_unix_s", "metrics")
+    __slots__ = ("step", "kind", "parent_step", "raw_bytes", "stored_bytes", "compression_ratio", "chain_depth", "created_unix_s", "metrics", "world_size", "missing_ranks")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +335,8 @@ class StepInfo(_message.Message):
     CHAIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: StepKind
     parent_step: int
@@ -330,7 +346,9 @@ class StepInfo(_message.Message):
     chain_depth: int
     created_unix_s: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    world_size: int
+    missing_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[_Union[StepKind, str]] = ..., parent_step: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., chain_depth: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., world_size: _Optional[int] = ..., missing_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListStepsResponse(_message.Message):
     __slots__ = ("steps",)

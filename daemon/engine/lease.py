@@ -1,0 +1,213 @@
+"""The chain leases this daemon holds: taken at a chain's first write, renewed, released.
+
+One writer per (run, rank) chain, enforced by the store (``ckptd.daemon.store.lease`` has
+the rules). Call order, all on the engine's event loop:
+
+* ``await hold(chain)`` before any write to a chain (``Engine.open_save``, deletes): a
+  live lease of this daemon returns at once; otherwise, under ``chain.lock``, the chain is
+  read afresh from storage (``Repository.scan_chain``), the next generation is taken with
+  that scan's latest step as its fencing point, the index's entries of the chain are
+  replaced by the scan's, what the previous holder left half-done (uncommitted and void
+  step directories) is deleted, and the chain's in-memory head is dropped unless it is
+  still the chain's latest step (same step and checksum: this daemon took the lease back
+  after an idle release), so that the next save rebuilds it from storage and continues the
+  chain with a delta. A live lease of
+  another daemon raises ``ChainLeasedError`` naming it.
+* ``await fence(chain)`` just before a commit: checks the lease is still this daemon's
+  (unexpired, and still the chain's highest generation) and returns the generation the
+  manifest records; a lost lease raises ``ChainLeasedError`` and the save fails.
+* ``start()`` runs the renewal task: every ``lease_renew_interval_s`` each held lease is
+  renewed, or released once its chain saw no write for ``lease_ttl_s``; a renewal that
+  finds the lease lost drops it (later saves take it again or are refused).
+* ``await close()`` stops the task and releases every held lease, so that after a clean
+  shutdown another daemon takes the chains at once instead of waiting for the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+import uuid
+from collections.abc import Callable
+
+from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.engine.chain import Chain
+from ckptd.daemon.errors import ChainLeasedError, StorageError
+from ckptd.daemon.logs import fields, get_logger
+from ckptd.daemon.pools import Pools
+from ckptd.daemon.store import lease as store
+from ckptd.daemon.store.index import ChainKey
+from ckptd.daemon.store.repository import Repository
+
+log = get_logger("engine")
+
+
+class ChainLeases:
+    """This daemon's writer leases, one per chain it writes."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        pools: Pools,
+        config: EngineConfig,
+        chain_of: Callable[[str, int], Chain],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.holder = store.new_holder("ckptd", os.getpid(), uuid.uuid4().hex[:12])
+        self._repository = repository
+        self._storage = repository.storage
+        self._pools = pools
+        self._config = config
+        self._chain_of = chain_of
+        self._clock = clock
+        self._held: dict[ChainKey, store.Lease] = {}
+        self._used_at_s: dict[ChainKey, float] = {}  # monotonic: last write through it
+        self._task: asyncio.Task[None] | None = None
+
+    def holds(self, run: str, rank: int) -> bool:
+        """Whether this daemon writes the chain (its lease is held and unexpired)."""
+        lease = self._held.get((run, rank))
+        return lease is not None and lease.live(self._clock())
+
+    async def hold(self, chain: Chain) -> store.Lease:
+        """This daemon's live lease of ``chain``, taken first if need be (see above)."""
+        key = (chain.run, chain.rank)
+        self._used_at_s[key] = time.monotonic()
+        if self.holds(*key):
+            return self._held[key]
+        async with chain.lock:
+            if self.holds(*key):
+                return self._held[key]
+            return await self._take(chain)
+
+    async def fence(self, chain: Chain) -> int:
+        """The generation a commit of ``chain`` records, after checking in storage that
+        the lease is still this daemon's; ``ChainLeasedError`` if it is lost."""
+        key = (chain.run, chain.rank)
+        lease = self._held.get(key)
+        if lease is None:
+            raise ChainLeasedError(
+                f"this daemon no longer holds the writer lease of {chain.run}/rank{chain.rank} "
+                "(it was lost while the save was encoded); the save is not committed"
+            )
+        check = functools.partial(store.check_current, self._storage, lease,
+                                  now_unix_s=self._clock())
+        try:
+            await self._pools.run_io(check)
+        except ChainLeasedError:
+            self._lost(key)
+            raise
+        return lease.generation
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._renew_every(), name="ckptd-leases")
+
+    async def close(self) -> None:
+        """Stops renewing and releases every held lease (best effort: an unreleased lease
+        expires by itself)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for key in list(self._held):
+            await self._release(key)
+
+    async def renew_all(self) -> None:
+        """One renewal round: renew the leases of chains written within ``lease_ttl_s``,
+        release the others."""
+        idle_after_s = time.monotonic() - self._config.lease_ttl_s
+        for key, lease in list(self._held.items()):
+            chain = self._chain_of(*key)
+            busy = chain.reserved or chain.queued or chain.lock.locked()
+            if not busy and self._used_at_s.get(key, 0.0) < idle_after_s:
+                await self._release(key)
+                continue
+            renew = functools.partial(store.renew, self._storage, lease,
+                                      ttl_s=self._config.lease_ttl_s, now_unix_s=self._clock())
+            try:
+                renewed = await self._pools.run_io(renew)
+            except ChainLeasedError as exc:
+                log.error("chain lease lost; this daemon stops writing the chain %s",
+                          fields(run=key[0], rank=key[1], error=str(exc)))
+                self._lost(key)
+                continue
+            except StorageError as exc:
+                log.warning("cannot renew chain lease; retrying %s",
+                            fields(run=key[0], rank=key[1], error=str(exc)))
+                continue
+            if self._held.get(key) is lease:
+                self._held[key] = renewed
+
+    async def _renew_every(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.lease_renew_interval_s)
+            try:
+                await self.renew_all()
+            except Exception:
+                log.exception("lease renewal round failed")
+
+    async def _take(self, chain: Chain) -> store.Lease:
+        key = (chain.run, chain.rank)
+        free = functools.partial(store.check_free, self._storage, chain.run, chain.rank,
+                                 self.holder, now_unix_s=self._clock(),
+                                 exclusive=not self._storage.shared)
+        await self._pools.run_io(free)
+        found = await self._repository.scan_chain(*key)
+        after = max((entry.manifest.key.step for entry in found.entries), default=None)
+        take = functools.partial(
+            store.take, self._storage, chain.run, chain.rank, self.holder,
+            ttl_s=self._config.lease_ttl_s, now_unix_s=self._clock(), after_step=after,
+            exclusive=not self._storage.shared)
+        lease = await self._pools.run_io(take)
+        self._held[key] = lease
+        self._repository.replace_chain(key, found.entries)
+        latest = max(found.entries, key=lambda e: e.manifest.key.step, default=None)
+        head = chain.head
+        if head is None or latest is None or (head.step, head.checksum) != (
+                latest.manifest.key.step, latest.manifest.checksum):
+            chain.invalidate()  # another writer moved the chain: rebuilt from storage
+        log.info("chain lease taken %s", fields(
+            run=chain.run, rank=chain.rank, generation=lease.generation, after_step=after,
+            steps=len(found.entries), leftover_keys=len(found.garbage)))
+        await self._clean(chain, found.garbage)
+        for moved in await self._repository.quarantine(found.damaged):
+            log.error("quarantined a step that may have been committed; see `ckptd ls "
+                      "--quarantined` %s", fields(run=chain.run, rank=chain.rank,
+                                                   step=moved.key.step, reason=moved.reason))
+        return lease
+
+    async def _clean(self, chain: Chain, garbage: list[str]) -> None:
+        """Deletes the previous holder's uncommitted and void step directories (best
+        effort: the next taker finds whatever is left)."""
+        if not garbage:
+            return
+        try:
+            await self._pools.run_io(functools.partial(self._storage.delete, garbage))
+        except StorageError as exc:
+            log.warning("cannot remove a previous writer's leftovers %s",
+                        fields(run=chain.run, rank=chain.rank, error=str(exc)))
+
+    async def _release(self, key: ChainKey) -> None:
+        lease = self._held.pop(key, None)
+        self._used_at_s.pop(key, None)
+        if lease is None:
+            return
+        release = functools.partial(store.release, self._storage, lease,
+                                    now_unix_s=self._clock())
+        try:
+            await self._pools.run_io(release)
+        except (ChainLeasedError, StorageError) as exc:
+            log.warning("cannot release chain lease; it expires by itself %s",
+                        fields(run=key[0], rank=key[1], error=str(exc)))
+            return
+        log.info("chain lease released %s", fields(run=key[0], rank=key[1],
+                                                     generation=lease.generation))
+
+    def _lost(self, key: ChainKey) -> None:
+        self._held.pop(key, None)
+        self._used_at_s.pop(key, None)

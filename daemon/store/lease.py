@@ -1,0 +1,245 @@
+"""Chain leases: one writer per (run, rank) chain, enforced by the store's conditional create.
+
+Many daemons may share one storage (one per host on an object store, README "Many hosts");
+nothing but the store decides between them. Layout::
+
+    leases/{run}/{rank}/{generation:020d}.json   one record per generation of the lease
+
+A record is UTF-8 JSON: ``format`` "ckptd.lease", ``version`` 1, ``run``, ``rank``,
+``generation``, ``holder`` (which daemon: host, pid, a per-process id), ``expires_unix_s``,
+``after_step`` (the fencing point, below) and ``released``.
+
+The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local disk alike):
+
+* The chain's *current* lease is its highest generation.
+* **Take**: a daemon that finds no current lease, or one released or expired by its own
+  clock, creates generation ``g + 1`` with ``put_if_absent``; of two racing takers exactly
+  one succeeds, the other gets ``ChainLeasedError`` naming the winner. A live lease of
+  another holder is refused the same way, naming the holder and its expiry.
+* **Renew / release**: only the holder of generation ``g`` writes ``g``'s record (a later
+  expiry, or ``released``), and only after listing the chain's leases shows ``g`` is still
+  the highest. A taker only creates ``g + 1`` once ``g`` expired, so a holder that renews in
+  time (``lease_renew_interval_s`` is at most a third of ``lease_ttl_s``) is never raced;
+  one that finds a newer generation has lost the chain and stops writing it.
+* **Fencing**: every manifest records the generation it was committed under
+  (``Manifest.lease_generation``), and each taker records in its new generation the latest
+  step it found committed, ``after_step``. A manifest of generation ``g`` at step ``s`` is
+  *void* when some later generation has ``after_step < s``: it was committed by a writer
+  that had already lost the chain (paused or partitioned past its expiry), after the new
+  holder had decided where the chain continues. Readers skip void manifests (``scan``);
+  the chain's next holder deletes them. The taker lists the chain's manifests once it has
+  seen the previous lease released or expired (``check_free``) and *before* it creates its
+  generation: every commit made under the previous lease is in that listing, and a commit
+  it did not see is always after ``after_step``.
+
+Assumptions, stated in the README: wall clocks of the daemons agree well within
+``lease_ttl_s`` (expiry is wall time, compared by each reader), and the store's listing is
+strongly consistent (S3 is since 2020; a local directory is).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+from ckptd.daemon.errors import ChainLeasedError, CorruptCheckpointError
+from ckptd.daemon.storage.base import KeyNotFoundError, Storage
+
+FORMAT_NAME = "ckptd.lease"
+FORMAT_VERSION = 1
+LEASES_PREFIX = "leases/"
+_KEY_RE = re.compile(r"leases/(?P<run>[A-Za-z0-9._-]+)/(?P<rank>[0-9]+)/(?P<gen>[0-9]{20})\.json")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One generation of a chain's writer lease, as stored."""
+
+    run: str
+    rank: int
+    generation: int
+    holder: str
+    expires_unix_s: float
+    after_step: int | None
+    released: bool = False
+
+    def live(self, now_unix_s: float) -> bool:
+        """Whether the lease still excludes other writers at wall time ``now_unix_s``."""
+        return not self.released and now_unix_s < self.expires_unix_s
+
+    def to_bytes(self) -> bytes:
+        obj = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Lease:
+        try:
+            obj = json.loads(data)
+            if obj.get("format") != FORMAT_NAME or obj.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format {obj.get('format')!r} version {obj.get('version')!r}")
+            after = obj["after_step"]
+            return cls(
+                run=str(obj["run"]), rank=int(obj["rank"]), generation=int(obj["generation"]),
+                holder=str(obj["holder"]), expires_unix_s=float(obj["expires_unix_s"]),
+                after_step=None if after is None else int(after),
+                released=bool(obj["released"]),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"lease record {where} is malformed: {exc!r}") from exc
+
+
+def chain_prefix(run: str, rank: int) -> str:
+    return f"{LEASES_PREFIX}{run}/{rank}/"
+
+
+def lease_key(run: str, rank: int, generation: int) -> str:
+    return f"{chain_prefix(run, rank)}{generation:020d}.json"
+
+
+def parse_lease_key(key: str) -> tuple[str, int, int] | None:
+    """(run, rank, generation) of a lease key; None for any other key."""
+    match = _KEY_RE.fullmatch(key)
+    return None if match is None else (match["run"], int(match["rank"]), int(match["gen"]))
+
+
+def new_holder(label: str, pid: int, instance: str) -> str:
+    """The holder text of one daemon process: readable in errors, unique per process."""
+    return f"{label} (pid {pid} on {socket.gethostname()}, id {instance})"
+
+
+def describe(lease: Lease, now_unix_s: float) -> str:
+    """The lease as an error message shows it: holder, generation and expiry."""
+    left = lease.expires_unix_s - now_unix_s
+    when = f"expires in {left:.1f} s" if left > 0 else f"expired {-left:.1f} s ago"
+    return f"{lease.holder} (generation {lease.generation}, {when})"
+
+
+def read_generations(storage: Storage, run: str, rank: int) -> list[int]:
+    """The chain's lease generations in storage, ascending."""
+    keys = storage.list(chain_prefix(run, rank))
+    return sorted(parsed[2] for key in keys if (parsed := parse_lease_key(key)) is not None)
+
+
+def read_current(storage: Storage, run: str, rank: int) -> Lease | None:
+    """The chain's current (highest-generation) lease, or None when it never had one."""
+    for generation in reversed(read_generations(storage, run, rank)):
+        key = lease_key(run, rank, generation)
+        try:
+            return Lease.from_bytes(storage.get(key), key)
+        except KeyNotFoundError:
+            continue  # pruned between the listing and the read: take the one below
+    return None
+
+
+def read_all(storage: Storage, prefix: str = LEASES_PREFIX) -> dict[tuple[str, int], list[Lease]]:
+    """Every lease record under ``prefix``, per chain, in generation order (for fencing)."""
+    chains: dict[tuple[str, int], list[Lease]] = {}
+    for key in storage.list(prefix):
+        parsed = parse_lease_key(key)
+        if parsed is None:
+            continue
+        try:
+            lease = Lease.from_bytes(storage.get(key), key)
+        except KeyNotFoundError:
+            continue
+        chains.setdefault((parsed[0], parsed[1]), []).append(lease)
+    for leases in chains.values():
+        leases.sort(key=lambda lease: lease.generation)
+    return chains
+
+
+def is_void(generation: int, step: int, leases: Sequence[Lease]) -> bool:
+    """Whether a manifest of ``generation`` at ``step`` was committed after a later
+    generation's taker fenced the chain at ``after_step`` (see the module docstring); a
+    taker that found no step (``after_step`` None) voids every earlier generation's."""
+    return any(
+        lease.generation > generation and (lease.after_step is None or step > lease.after_step)
+        for lease in leases
+    )
+
+
+def check_free(
+    storage: Storage, run: str, rank: int, holder: str, *, now_unix_s: float,
+    exclusive: bool = False,
+) -> None:
+    """Raises ``ChainLeasedError`` while another holder's lease of the chain is live.
+
+    A taker calls it *before* listing the chain for its fencing point: the previous holder
+    commits nothing after its release (or, by the clock assumption, after its expiry), so
+    a listing made once the lease is seen free contains every commit made under it."""
+    current = read_current(storage, run, rank)
+    if (current is not None and current.holder != holder and current.live(now_unix_s)
+            and not exclusive):
+        raise _leased(current, now_unix_s)
+
+
+def take(
+    storage: Storage, run: str, rank: int, holder: str, *, ttl_s: float, now_unix_s: float,
+    after_step: int | None, exclusive: bool = False,
+) -> Lease:
+    """Takes the next generation of the chain's lease for ``holder``.
+
+    ``after_step`` is the latest valid step the caller found in storage after
+    ``check_free`` passed (the fencing point). Raises ``ChainLeasedError`` when another
+    holder's lease is live, or another taker won the race for the generation.
+    ``exclusive``: the caller holds the whole storage (``Storage.claim`` locked it), so a
+    live lease is a crashed holder's and is taken over at once.
+    """
+    current = read_current(storage, run, rank)
+    if (current is not None and current.holder != holder and current.live(now_unix_s)
+            and not exclusive):
+        raise _leased(current, now_unix_s)
+    generation = current.generation + 1 if current is not None else 1
+    lease = Lease(run, rank, generation, holder, now_unix_s + ttl_s, after_step)
+    if storage.put_if_absent(lease_key(run, rank, generation), lease.to_bytes()):
+        return lease
+    winner = read_current(storage, run, rank)
+    if winner == lease:  # a retried request whose first attempt created it
+        return lease
+    raise _leased(winner or current or lease, now_unix_s)
+
+
+def renew(storage: Storage, lease: Lease, *, ttl_s: float, now_unix_s: float) -> Lease:
+    """Extends ``lease`` to ``now + ttl_s``; ``ChainLeasedError`` if it is lost already
+    (a newer generation exists, or it expired by the holder's own clock)."""
+    return _rewrite(storage, lease, replace(lease, expires_unix_s=now_unix_s + ttl_s),
+                    now_unix_s)
+
+
+def release(storage: Storage, lease: Lease, *, now_unix_s: float) -> Lease:
+    """Marks ``lease`` released, so that another daemon may take the chain at once."""
+    return _rewrite(storage, lease, replace(lease, released=True, expires_unix_s=now_unix_s),
+                    now_unix_s)
+
+
+def check_current(storage: Storage, lease: Lease, *, now_unix_s: float) -> None:
+    """Raises ``ChainLeasedError`` unless ``lease`` is still the chain's current lease and
+    unexpired: what a commit checks just before it creates its manifest."""
+    if not lease.live(now_unix_s):
+        raise ChainLeasedError(
+            f"the lease of {lease.run}/rank{lease.rank} held by this daemon expired "
+            f"{now_unix_s - lease.expires_unix_s:.1f} s ago (renewals failed or were late); "
+            "the save is not committed: save it again"
+        )
+    generations = read_generations(storage, lease.run, lease.rank)
+    if generations and generations[-1] != lease.generation:
+        current = read_current(storage, lease.run, lease.rank)
+        raise _leased(current or lease, now_unix_s, lost=True)
+
+
+def _rewrite(storage: Storage, lease: Lease, updated: Lease, now_unix_s: float) -> Lease:
+    check_current(storage, lease, now_unix_s=now_unix_s)
+    storage.put(lease_key(lease.run, lease.rank, lease.generation), updated.to_bytes())
+    return updated
+
+
+def _leased(current: Lease, now_unix_s: float, *, lost: bool = False) -> ChainLeasedError:
+    what = "took over" if lost else "holds"
+    return ChainLeasedError(
+        f"another daemon {what} the writer lease of run {current.run!r} rank {current.rank}: "
+        f"{describe(current, now_unix_s)}; save through that daemon, or retry after the "
+        "lease expires (a clean close releases it at once)"
+    )

@@ -1,0 +1,172 @@
+"""Two engines (two daemons' cores) on one S3 prefix (moto on loopback): each sees what the
+other committed, one writer per chain is enforced by the store, and a rank that moves to
+the other daemon continues its chain with a delta."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ckptd.daemon.cli.storage_catalog import StorageCatalog
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
+from ckptd.daemon.storage import open_storage
+from ckptd.daemon.store import lease
+from ckptd.daemon.store.manifest import Manifest, manifest_key
+from ckptd.protos.records import SaveState
+from engine_support import RUN, SMALL, assert_same, open_engine, random_walk, save, send
+from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
+
+# catalog_refresh_s=0: every catalog read refreshes, so no test waits for staleness.
+SHARED = dataclasses.replace(SMALL, catalog_refresh_s=0.0)
+
+
+@pytest.fixture
+def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with MotoS3Server() as server:
+        server.create_bucket(TEST_BUCKET)
+        use_dummy_aws_env(monkeypatch)
+        yield server.url(TEST_BUCKET)
+
+
+@pytest.mark.slow
+def test_a_second_daemon_lists_restores_and_deletes_what_the_first_committed(
+    s3_url: str,
+) -> None:
+    states = list(random_walk(3, 3))
+
+    async def scenario() -> None:
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            assert b.list_runs() == []
+            for rank in (0, 1):
+                for step, state in enumerate(states):
+                    await save(a, step, state, rank=rank)
+            await b.refresh_catalog()
+            assert [(i.run, i.rank, i.step_count) for i in b.list_runs()] == [
+                (RUN, 0, 3), (RUN, 1, 3)]
+            assert_same(await b.restore(RUN, 1, None), await a.restore(RUN, 1, 2))
+            assert_same(await b.restore(RUN, 0, 1), await a.restore(RUN, 0, 1))
+            with pytest.raises(RunNotFoundError, match="run 'nope'"):
+                await b.restore("nope", 0, None)
+            # A holds both chains: B may read them but not write them.
+            with pytest.raises(ChainLeasedError, match=r"run 'run-a' rank 0: ckptd \(pid"):
+                await b.delete_step(StepKey(RUN, 0, 0))
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            # A's clean close released its leases: B deletes at once; A sees it.
+            assert await b.delete_run(RUN) == 6
+            await a.refresh_catalog()
+            assert a.list_runs() == []
+            with pytest.raises(RunNotFoundError):
+                await a.restore(RUN, 0, None)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_rank_moving_to_another_daemon_continues_its_chain_with_a_delta(
+    s3_url: str,
+) -> None:
+    states = list(random_walk(5, 4))
+
+    async def scenario() -> None:
+        async with open_engine(s3_url, SHARED) as a, open_engine(s3_url, SHARED) as b:
+            for step in (0, 1):
+                await save(a, step, states[step])
+            with pytest.raises(ChainLeasedError, match="generation 1, expires in"):
+                await send(b, 2, states[2])
+            expected = await a.restore(RUN, 0, 1)
+        async with open_engine(s3_url, SHARED) as b:
+            await save(b, 2, states[2])  # the lease was released: B takes generation 2
+            data = b.storage.get(manifest_key(StepKey(RUN, 0, 2)))
+            manifest = Manifest.from_bytes(data, "step 2")
+            assert (manifest.kind, manifest.parent_step, manifest.lease_generation) == (
+                "delta", 1, 2)
+            assert_same(await b.restore(RUN, 0, 1), expected)
+            await save(b, 3, states[3])
+            assert [i.kind for i in b.list_steps(RUN, 0)] == ["base", "delta", "delta", "delta"]
+
+    asyncio.run(scenario())
+
+
+def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
+    tmp_path: Path,
+) -> None:
+    states = list(random_walk(7, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            for step in (0, 1):
+                await save(engine, step, states[step])
+            # Another daemon takes the chain over (as once this one's lease had expired),
+            # fencing it at step 1.
+            storage = engine.storage
+            lease.take(storage, RUN, 0, "daemon-b", ttl_s=30, now_unix_s=time.time() + 3600,
+                       after_step=1)
+            accepted = await send(engine, 2, states[2])
+            failed = await engine.wait(accepted.key, 60)
+            assert failed.state is SaveState.FAILED
+            assert "ChainLeasedError" in failed.error and "daemon-b" in failed.error
+            assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
+            # A commit that slipped past the check (a writer paused between its check and
+            # its manifest) is void: readers skip it and the next holder deletes it.
+            step1 = Manifest.from_bytes(storage.get(manifest_key(StepKey(RUN, 0, 1))), "1")
+            late = dataclasses.replace(step1, key=StepKey(RUN, 0, 2), kind="delta",
+                                       parent_step=1)
+            assert storage.put_if_absent(manifest_key(late.key), late.to_bytes())
+        async with open_engine(tmp_path) as engine:
+            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
+            assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
+    tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.2)
+    states = list(random_walk(9, 2))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            await save(engine, 0, states[0])
+            first = lease.read_current(engine.storage, RUN, 0)
+            assert first is not None and not first.released
+            deadline = time.monotonic() + 30
+            while not (current := lease.read_current(engine.storage, RUN, 0)).released:
+                assert time.monotonic() < deadline, current
+                await asyncio.sleep(0.05)
+            assert current.generation == first.generation
+            await save(engine, 1, states[1])
+            again = lease.read_current(engine.storage, RUN, 0)
+            assert again is not None and (again.generation, again.after_step) == (2, 0)
+            assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "delta"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
+    states = list(random_walk(11, 2))
+
+    def refused() -> None:  # `ckptd rm --storage` while a daemon writes the chain
+        with StorageCatalog.open(s3_url) as catalog:
+            with pytest.raises(ChainLeasedError, match=r"run 'run-a' rank 0"):
+                catalog.delete_step(StepKey(RUN, 0, 0))
+            assert [i.step for i in catalog.list_steps(RUN, 0)] == [0, 1]
+
+    async def write() -> None:
+        async with open_engine(s3_url, SHARED) as a:
+            for step in (0, 1):
+                await save(a, step, states[step])
+            await asyncio.to_thread(refused)
+
+    asyncio.run(write())
+    with StorageCatalog.open(s3_url) as catalog:  # the daemon released its lease on close
+        assert catalog.delete_step(StepKey(RUN, 0, 0)) == 1
+        assert [i.step for i in catalog.list_steps(RUN, 0)] == [1]
+        current = lease.read_current(open_storage(s3_url), RUN, 0)
+        assert current is not None and current.released and current.after_step == 1
