@@ -242,17 +242,3 @@ def test_put_if_absent_refuses_a_key_made_by_put(storage: Storage) -> None:
     assert storage.get("leases/r1/0") == b"held"
     with pytest.raises(ValueError, match="invalid storage key"):
         storage.put_if_absent("a/../b", b"x")
-
-
-def test_put_if_absent_race_has_exactly_one_winner(storage: Storage) -> None:
-    # Each round, two threads race for a fresh key; every round has one winner, whose
-    # bytes are the object's.
-    rounds = 20
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for i in range(rounds):
-            key = f"leases/race/{i:03d}"
-            results = list(pool.map(lambda who, key=key: storage.put_if_absent(
-                key, f"writer-{who}".encode()), range(2)))
-            assert sorted(results) == [False, True], (key, results)
-            assert storage.get(key) == f"writer-{results.index(True)}".encode()
-    assert len(storage.list("leases/race/")) == rounds

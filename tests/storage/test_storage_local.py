@@ -245,3 +245,21 @@ def test_sync_of_a_vanished_or_failing_key_raises(
     monkeypatch.setattr(local_module.os, "fsync", fail)
     with pytest.raises(StorageError, match=r"sync of 1 keys in file://.*Input/output error"):
         storage.sync(["s/b.blob"])
+
+
+def test_put_if_absent_race_has_exactly_one_winner(tmp_path: Path) -> None:
+    # Local only: on S3 the atomicity of If-None-Match is the server's (AWS guarantees it),
+    # and moto, the loopback stand-in, checks and writes without a lock, so a race there
+    # would test moto. The contract suite checks the sequential semantics on every backend.
+    storage = LocalStorage(tmp_path)
+    # Each round, two threads race for a fresh key; every round has one winner, whose
+    # bytes are the object's.
+    rounds = 20
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i in range(rounds):
+            key = f"leases/race/{i:03d}"
+            results = list(pool.map(lambda who, key=key: storage.put_if_absent(
+                key, f"writer-{who}".encode()), range(2)))
+            assert sorted(results) == [False, True], (key, results)
+            assert storage.get(key) == f"writer-{results.index(True)}".encode()
+    assert len(storage.list("leases/race/")) == rounds
