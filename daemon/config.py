@@ -15,6 +15,8 @@ from typing import Any
 from ckptd.daemon.domain import RetentionPolicy
 
 GiB = 1 << 30
+# ``EngineConfig.default_bits`` (and ``ServerInfo.default_bits``) of the adaptive width.
+AUTO_BITS = 0
 MiB = 1 << 20
 
 
@@ -43,7 +45,12 @@ class EngineConfig:
     base_interval: int = 50
     # Also a new base once the deltas since the base outweigh this fraction of it.
     max_delta_fraction: float = 8.0
+    # Bit width of lossy tensors whose client gives none; 0 = AUTO_BITS: per tensor and
+    # per save the smallest width whose dropped buckets add at most auto_bits_max_error
+    # relative L2 error to the change (``ckptd.daemon.codec.encode_delta``, bits="auto").
     default_bits: int = 4
+    # The error budget of AUTO_BITS, in [0, 1).
+    auto_bits_max_error: float = 0.1
     representative: str = "mean"
     coder: str = "zstd"
     # Float tensors with fewer elements than this are stored exactly when the client leaves
@@ -84,8 +91,12 @@ class EngineConfig:
             raise ValueError(f"max_delta_fraction must be >= 0, got {self.max_delta_fraction}")
         if self.min_lossy_elements < 1:
             raise ValueError(f"min_lossy_elements must be >= 1, got {self.min_lossy_elements}")
-        if not 1 <= self.default_bits <= 8:
-            raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}")
+        if not 0 <= self.default_bits <= 8:
+            raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}; 0 "
+                             "(--bits auto) picks a width per tensor and save")
+        if not 0.0 <= self.auto_bits_max_error < 1.0:  # also refuses NaN
+            raise ValueError(
+                f"auto_bits_max_error must be in [0, 1), got {self.auto_bits_max_error}")
         if self.representative not in ("mean", "midrange"):
             raise ValueError(
                 f"representative must be 'mean' or 'midrange', got {self.representative!r}"
@@ -331,6 +342,12 @@ def is_loopback(listen: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def parse_bits(text: str) -> int:
+    """``"1"``..``"8"``, or ``"auto"`` (``AUTO_BITS``): the default bit width setting."""
+    text = text.strip().lower()
+    return AUTO_BITS if text == "auto" else int(text)
+
+
 def _parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "1", "yes", "false", "0", "no", ""):
@@ -366,7 +383,8 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_checkpoint_bytes": ("engine", "max_checkpoint_bytes", parse_bytes),
     "base_interval": ("engine", "base_interval", int),
     "max_delta_fraction": ("engine", "max_delta_fraction", float),
-    "bits": ("engine", "default_bits", int),
+    "bits": ("engine", "default_bits", parse_bits),
+    "auto_bits_max_error": ("engine", "auto_bits_max_error", float),
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
     "min_lossy_elements": ("engine", "min_lossy_elements", int),

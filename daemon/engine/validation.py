@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from typing import Literal
 
-from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.config import AUTO_BITS, EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, Policy, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.protos import dtypes
@@ -134,5 +135,8 @@ def domain_for(spec: TensorSpec) -> str:
     return "log" if spec.policy is Policy.LOSSY_LOG else "linear"
 
 
-def bits_for(spec: TensorSpec, config: EngineConfig) -> int:
-    return spec.bits or config.default_bits
+def bits_for(spec: TensorSpec, config: EngineConfig) -> int | Literal["auto"]:
+    """The tensor's bit width: its own, else the daemon's default (``"auto"`` for
+    ``AUTO_BITS``: the codec picks per tensor and save)."""
+    bits = spec.bits or config.default_bits
+    return "auto" if bits == AUTO_BITS else bits
