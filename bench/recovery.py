@@ -13,9 +13,11 @@ Usage (from the repository root)::
     python -m bench.recovery --quick    # a smoke-sized sweep -> bench/out/quick/
     python -m bench.recovery --report-only bench/out/recovery-full.json
 
-The sweep is pruned one factor at a time: the full b x K grid with every other knob at the
-current defaults, then single-knob variations around b=3, K=10 (representative, coder,
-base interval, optimizer-state policy), then the chosen defaults confirmed on their own.
+The sweep is pruned one factor at a time: the b x K grid (fixed widths and the adaptive
+``bits="auto"`` at a few error budgets) with every other knob at the shipped defaults on
+the small workloads, lossy small tensors as a variation, then the chosen defaults
+confirmed on their own; the 22M-parameter decoder (``gpt``, ``gpt-bf16``) runs only the
+adaptive default and a fixed-width neighbour (it costs ~0.5 s a step on one CPU thread).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench.recovery_analysis import choose_defaults, matching_rows, summarize
+from bench.recovery_analysis import DECODERS, choose_defaults, matching_rows, summarize
 from bench.recovery_ckptd import Setting, run_setting
 from bench.recovery_protocol import Reference, run_reference
 from bench.recovery_report import write_report
@@ -61,60 +63,78 @@ class Plan:
     out_dir: Path
     json_path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    # Workloads that run only some settings, by name (``"name@0"``: with seed 0 only), and
+    # only their first n seeds.
+    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    seed_count: dict[str, int] = field(default_factory=dict)
+
+    def settings_of(self, workload: str, seed: int) -> tuple[Setting, ...]:
+        names = self.only.get(workload)
+        if names is None:
+            return self.settings
+        allowed = {n.partition("@")[0] for n in names
+                   if not n.partition("@")[2] or int(n.partition("@")[2]) == seed}
+        return tuple(s for s in self.settings if s.name in allowed)
+
+    def seeds_of(self, workload: str) -> tuple[int, ...]:
+        return self.seeds[: self.seed_count.get(workload, len(self.seeds))]
 
 
-def grid_settings(bits: tuple[int, ...], intervals: tuple[int, ...]) -> list[Setting]:
+def grid_settings(bits: tuple[int | str, ...], intervals: tuple[int, ...]) -> list[Setting]:
     """The exact baseline and every (b, K) pair, all other knobs at the sweep's centre."""
     out = []
     for k in intervals:
         # Exact restores replay the reference (rework read off its curve); resuming from the
         # smallest K's exact chain checks that replay, through the daemon.
         out.append(Setting(f"exact-K{k}", "exact", k, None, measure_rework=k == min(intervals)))
-        out.extend(Setting(f"b{b}-K{k}", "grid", k, b) for b in bits)
+        out.extend(Setting(f"{_bits_label(b)}-K{k}", "grid", k, b) for b in bits)
     return out
 
 
+def _bits_label(bits: int | str) -> str:
+    """``b4`` for a fixed width, ``auto0.05`` for the adaptive one at that budget."""
+    return f"b{bits}" if isinstance(bits, int) else str(bits).replace(":", "")
+
+
 def variation_settings() -> list[Setting]:
-    """One knob at a time around b=3, K=10 (the current default bit width)."""
+    """One knob at a time around the default widths at K=10: small float tensors (biases,
+    LayerNorm, LeNet's first conv) lossy too, and Adam's second moment exact, to compare
+    with the built-in log domain."""
     return [
-        Setting("b3-K10-midrange", "representative", 10, 3, representative="midrange"),
-        Setting("b3-K10-huffman", "coder", 10, 3, coder="huffman"),
-        # Small float tensors (biases, LayerNorm, LeNet's first conv) lossy too.
-        Setting("b3-K10-minlossy1", "min_lossy", 10, 3, min_lossy_elements=1),
-        *(Setting(f"b3-K10-base{n}", "base_interval", 10, 3, base_interval=n,
-                  measure_rework=False) for n in (5, 10, 50)),
-        # The engine also starts a base once the deltas outweigh max_delta_fraction of it;
-        # these show the base interval alone.
-        *(Setting(f"b3-K10-base{n}-frac8", "base_interval", 10, 3, base_interval=n,
-                  max_delta_fraction=8.0, measure_rework=False) for n in (20, 50)),
-        Setting("b2-K10-optim-exact", "optim", 10, 2, optim="exact"),
-        *(Setting(f"b2-K{k}-optim-lossy4", "optim", k, 2, optim="lossy:4") for k in (10, 50)),
-        Setting("b3-K10-optim-exact", "optim", 10, 3, optim="exact"),
-        *(Setting(f"b3-K{k}-optim-lossy5", "optim", k, 3, optim="lossy:5") for k in (10, 50)),
-        Setting("b3-K50-optim-exact", "optim", 50, 3, optim="exact"),
-        Setting("b4-K10-optim-exact", "optim", 10, 4, optim="exact"),
-        Setting("b4-K50-optim-exact", "optim", 50, 4, optim="exact"),
-        # Adam's second moment alone exact: lossy reconstructions of it can turn negative.
-        *(Setting(f"b{b}-K{k}-optim-sq-exact", "optim", k, b, optim="sq-exact")
-          for b in (3, 4) for k in (10, 50)),
+        Setting("b4-K10-minlossy1", "min_lossy", 10, 4, min_lossy_elements=1),
+        Setting("auto0.2-K10-minlossy1", "min_lossy", 10, "auto:0.2", min_lossy_elements=1),
+        *(Setting(f"b4-K{k}-optim-sq-exact", "optim", k, 4, optim="sq-exact")
+          for k in (10, 50)),
     ]
+
+
+# The adaptive width's error budgets the sweep measures (relative L2 error of the dropped
+# part of a delta).
+AUTO_BUDGETS = ("auto:0.1", "auto:0.2", "auto:0.3")
+# The decoder runs the adaptive width at the middle budget at both K, and the fixed widths
+# b=3 and 4 with one seed (sized to finish in well under an hour on 2 shared cores).
+_DECODER_SETTINGS = ("auto0.2-K10", "auto0.2-K50", "b3-K10@0", "b4-K10@0")
 
 
 def full_plan() -> Plan:
     return Plan(
         mode="full",
-        workloads=("logreg", "lenet", "lm"),
+        workloads=("logreg", "lenet", "lm", "gpt", "gpt-bf16"),
         seeds=(0, 1),
-        steps={"logreg": 400, "lenet": 400, "lm": 400},
+        steps={"logreg": 400, "lenet": 400, "lm": 400, "gpt": 400, "gpt-bf16": 150},
         # Resuming the digits models costs milliseconds a step: more failures, less noise.
-        # Sized to finish in < 50 min on 2 shared cores (~20 min measured; an LM setting
-        # with 6 failures takes ~10 s at K=10, up to ~50 s at K=50 when restores run to
-        # the cap); the digits models resume in milliseconds a step: more failures there.
-        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 8},
-        settings=tuple(grid_settings((2, 3, 4, 5), (10, 50)) + variation_settings()),
+        # An LM setting with 8 failures takes ~10 s at K=10, up to ~50 s at K=50 when
+        # restores run to the cap. The decoder costs ~0.5 s a step (train + held-out eval)
+        # and ~2 s a save on 2 shared cores: 3 failures per seed, its default settings only,
+        # the bf16-autocast variant with one seed at K=10.
+        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 8, "gpt": 3, "gpt-bf16": 2},
+        settings=tuple(grid_settings((2, 3, 4, *AUTO_BUDGETS), (10, 50))
+                       + variation_settings()),
         confirm_defaults=True,
         out_dir=_BENCH,
         json_path=_BENCH / "out" / "recovery-full.json",
+        only={"gpt": _DECODER_SETTINGS, "gpt-bf16": ("auto0.2-K10",)},
+        seed_count={"gpt-bf16": 1},
     )
 
 
@@ -148,13 +168,14 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as scratch:
         for name in plan.workloads:
             workload = make_workload(name)
-            for seed in plan.seeds:
-                reference = run_reference(workload, seed, plan.steps[name], _snapshot_every(plan))
+            for seed in plan.seeds_of(name):
+                reference = run_reference(workload, seed, plan.steps[name],
+                                          _snapshot_every(plan), spill_dir=scratch)
                 log(f"{name} seed {seed}: reference {reference.steps} steps in "
                     f"{reference.train_seconds:.1f} s, final loss {reference.eval_loss[-1]:.4f}")
                 references.append((workload, reference))
                 results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
-                                     log=log) for setting in plan.settings]
+                                     log=log) for setting in plan.settings_of(name, seed)]
                 _save_partial(plan, references, results)
         output: dict[str, Any] = {"mode": plan.mode, "plan": _plan_summary(plan),
                   "references": [reference.summary() for _, reference in references],
@@ -167,7 +188,8 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 log(f"confirming chosen defaults {chosen['label']}")
             for workload, reference in references:
                 results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
-                                     log=log) for setting in extra]
+                                     log=log) for setting, names in extra
+                            if workload.name in names]
     output["seconds"] = time.perf_counter() - started
     output["provenance"] = {**provenance, "loadavg_1m_at_end": os.getloadavg()[0]}
     return output
@@ -215,19 +237,24 @@ def _run_one(plan: Plan, workload: Workload, reference: Reference, setting: Sett
 
 def _confirmation_settings(
     plan: Plan, output: dict[str, Any], chosen: dict[str, Any]
-) -> list[Setting]:
-    """The chosen defaults at every K of the plan, unless the sweep already measured them."""
+) -> list[tuple[Setting, set[str]]]:
+    """The chosen defaults at every K of the plan, on the workloads where the sweep did not
+    already measure them."""
     measured = {(row["workload"], row["interval"]) for row in
                 matching_rows(summarize(output), chosen)}
     extra = []
     for k in sorted({s.interval for s in plan.settings}):
-        if all((name, k) in measured for name in plan.workloads):
+        # The decoders run their own few settings only (they check the choice, at the
+        # adaptive default; RESULTS.md says where that differs from the chosen).
+        missing = {name for name in plan.workloads if (name, k) not in measured
+                   and name not in DECODERS}
+        if not missing:
             continue
-        extra.append(Setting(
+        extra.append((Setting(
             f"chosen-K{k}", "chosen", k, chosen["bits"], representative=chosen["representative"],
             coder=chosen["coder"], base_interval=chosen["base_interval"],
             max_delta_fraction=chosen["max_delta_fraction"],
-            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]))
+            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]), missing))
     return extra
 
 
@@ -242,6 +269,7 @@ def _snapshot_every(plan: Plan) -> int:
 
 def _plan_summary(plan: Plan) -> dict[str, Any]:
     return {"workloads": plan.workloads, "seeds": plan.seeds, "steps": plan.steps,
+            "only": plan.only, "seed_count": plan.seed_count,
             "failures_per_seed": plan.failures_per_seed,
             "force_lossy": sorted(_FORCE_LOSSY & set(plan.workloads)),
             "torch_threads": torch.get_num_threads()}
