@@ -16,6 +16,7 @@ summary on stdout.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import zstandard
-
 from ckptd.daemon.codec import encode_delta, encode_exact
 
 from bench.workloads import make_workload
@@ -61,7 +61,7 @@ def measure(name: str) -> dict[str, Any]:
             states.append(_small_floats(trainer.state()))
     totals: dict[str, list[float]] = {"exact": [], "xor": []}
     errors: dict[str, list[float]] = {}
-    for previous, current in zip(states, states[1:], strict=False):
+    for previous, current in itertools.pairwise(states):
         sizes = {"exact": 0, "xor": 0, **{f"lossy-b{b}": 0 for b in _WIDTHS}}
         for key, value in current.items():
             sizes["exact"] += len(encode_exact(value))
