@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,14 @@ def variation_settings() -> list[Setting]:
 # The adaptive width's error budgets the sweep measures (relative L2 error of the dropped
 # part of a delta).
 AUTO_BUDGETS = ("auto:0.1", "auto:0.2", "auto:0.3")
-# The decoder runs the adaptive width at the middle budget at both K, and the fixed widths
-# b=3 and 4 with one seed (sized to finish in well under an hour on 2 shared cores).
-_DECODER_SETTINGS = ("auto0.2-K10", "auto0.2-K50", "b3-K10@0", "b4-K10@0")
+# The decoder runs the adaptive width at the middle budget at both K, and the fixed width
+# b=3 with one seed (sized to finish in well under an hour on 2 shared cores).
+_DECODER_SETTINGS = ("auto0.2-K10", "auto0.2-K50", "b3-K10@0")
+# The small transformer skips what the digits models already rule out or that costs its
+# K=50 restores the most (b=2, the budget nearest b=4, exp_avg_sq exact: bench/README.md).
+_LM_SETTINGS = ("exact-K10", "exact-K50", "b3-K10", "b3-K50", "b4-K10", "b4-K50",
+                "auto0.2-K10", "auto0.2-K50", "auto0.3-K10", "auto0.3-K50",
+                "b4-K10-minlossy1", "auto0.2-K10-minlossy1")
 
 
 def full_plan() -> Plan:
@@ -123,17 +128,17 @@ def full_plan() -> Plan:
         seeds=(0, 1),
         steps={"logreg": 400, "lenet": 400, "lm": 400, "gpt": 400, "gpt-bf16": 150},
         # Resuming the digits models costs milliseconds a step: more failures, less noise.
-        # An LM setting with 8 failures takes ~10 s at K=10, up to ~50 s at K=50 when
-        # restores run to the cap. The decoder costs ~0.5 s a step (train + held-out eval)
-        # and ~2 s a save on 2 shared cores: 3 failures per seed, its default settings only,
-        # the bf16-autocast variant with one seed at K=10.
-        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 8, "gpt": 3, "gpt-bf16": 2},
+        # An LM setting with 6 failures takes 30-40 s at K=10 on 2 cores shared with a
+        # load of ~10, more at K=50 when restores run to the cap. The decoder costs
+        # ~0.7-1 s a step (train + held-out eval) and ~3.5 s a save there: 3 failures per
+        # seed, its default settings only, the bf16-autocast variant with one seed at K=10.
+        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 6, "gpt": 3, "gpt-bf16": 2},
         settings=tuple(grid_settings((2, 3, 4, *AUTO_BUDGETS), (10, 50))
                        + variation_settings()),
         confirm_defaults=True,
         out_dir=_BENCH,
         json_path=_BENCH / "out" / "recovery-full.json",
-        only={"gpt": _DECODER_SETTINGS, "gpt-bf16": ("auto0.2-K10",)},
+        only={"lm": _LM_SETTINGS, "gpt": _DECODER_SETTINGS, "gpt-bf16": ("auto0.2-K10",)},
         seed_count={"gpt-bf16": 1},
     )
 
@@ -156,15 +161,19 @@ def quick_plan(out_dir: Path) -> Plan:
     )
 
 
-def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+def run_plan(plan: Plan, log: Callable[[str], None],
+             earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs every (workload, seed, setting) of ``plan``; returns the JSON-ready results.
 
-    The reference runs (and their checkpoints, ~150 MB for the full plan) stay in memory
-    until the chosen defaults have been confirmed, so nothing is trained twice."""
+    The reference runs stay in memory (the decoder's on disk) until the chosen defaults
+    have been confirmed, so nothing is trained twice. ``earlier`` (a partial result file of
+    an interrupted run): a (workload, seed) whose every setting it holds, unchanged, is
+    taken from it instead of being run again (its reference is retrained, the same bits)."""
     started = time.perf_counter()
     provenance = _provenance()
     references: list[tuple[Workload, Reference]] = []
-    results = []
+    results: list[dict[str, Any]] = []
+    reused: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as scratch:
         for name in plan.workloads:
             workload = make_workload(name)
@@ -174,8 +183,16 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 log(f"{name} seed {seed}: reference {reference.steps} steps in "
                     f"{reference.train_seconds:.1f} s, final loss {reference.eval_loss[-1]:.4f}")
                 references.append((workload, reference))
-                results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
-                                     log=log) for setting in plan.settings_of(name, seed)]
+                settings = plan.settings_of(name, seed)
+                kept = _earlier_results(earlier, name, seed, settings)
+                if kept is not None:
+                    log(f"  {name} seed {seed}: {len(kept)} settings taken from the earlier run")
+                    reused.append(f"{name} seed {seed}")
+                    results += kept
+                else:
+                    results += [_run_one(plan, workload, reference, setting,
+                                         scratch=Path(scratch), log=log)
+                                for setting in settings]
                 _save_partial(plan, references, results)
         output: dict[str, Any] = {"mode": plan.mode, "plan": _plan_summary(plan),
                   "references": [reference.summary() for _, reference in references],
@@ -192,7 +209,26 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                             if workload.name in names]
     output["seconds"] = time.perf_counter() - started
     output["provenance"] = {**provenance, "loadavg_1m_at_end": os.getloadavg()[0]}
+    if reused:
+        output["provenance"]["reused"] = {
+            "runs": reused, **{k: (earlier or {}).get("provenance", {}).get(k)
+                               for k in ("git_commit", "date")}}
     return output
+
+
+def _earlier_results(earlier: dict[str, Any] | None, workload: str, seed: int,
+                     settings: tuple[Setting, ...]) -> list[dict[str, Any]] | None:
+    """The earlier run's results of every setting of (workload, seed), or None unless it
+    holds all of them with the same parameters."""
+    if earlier is None:
+        return None
+    found = {r["setting"]["name"]: r for r in earlier["results"]
+             if (r["workload"], r["seed"]) == (workload, seed)}
+    kept = [found.get(s.name) for s in settings]
+    if any(r is None or r["setting"] != json.loads(json.dumps(asdict(s)))
+           for r, s in zip(kept, settings, strict=True)):
+        return None
+    return [r for r in kept if r is not None]
 
 
 def _save_partial(plan: Plan, references: list[tuple[Workload, Reference]],
@@ -200,6 +236,7 @@ def _save_partial(plan: Plan, references: list[tuple[Workload, Reference]],
     """What is measured so far, next to the result file: a sweep that dies late can still
     be reported on (``--report-only``) instead of being rerun."""
     partial = {"mode": plan.mode, "plan": _plan_summary(plan), "seconds": 0.0,
+               "provenance": _provenance(),
                "references": [reference.summary() for _, reference in references],
                "results": results}
     plan.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--report-only", type=Path, metavar="JSON",
                       help="rewrite RESULTS.md and plots from a saved result file")
     parser.add_argument("--out", type=Path, help="where RESULTS.md and plots/ go")
+    parser.add_argument("--resume", type=Path, metavar="PARTIAL_JSON",
+                        help="take the (workload, seed)s an interrupted run finished from its "
+                             "partial result file (bench/out/recovery-full.partial.json)")
     args = parser.parse_args(argv)
     # One intra-op thread: bit-identical replays, and fair timings on a shared machine.
     torch.set_num_threads(1)
@@ -294,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = full_plan() if args.full else quick_plan(args.out or _BENCH / "out" / "quick")
     if args.out:
         plan = replace(plan, out_dir=args.out, json_path=args.out / plan.json_path.name)
-    output = run_plan(plan, log=lambda line: print(line, flush=True))
+    earlier = json.loads(args.resume.read_text()) if args.resume else None
+    output = run_plan(plan, log=lambda line: print(line, flush=True), earlier=earlier)
     plan.json_path.parent.mkdir(parents=True, exist_ok=True)
     plan.json_path.write_text(json.dumps(output))
     plan.json_path.with_suffix(".partial.json").unlink(missing_ok=True)
