@@ -38,9 +38,10 @@ class EngineConfig:
     # Bytes of restored tensors held by restores being streamed; a restore waits for room
     # (one larger than this runs alone).
     max_restore_bytes: int = 2 * GiB
-    # The defaults of the next five knobs are chosen from measured recovery evidence
-    # (bench/RESULTS.md, "Chosen defaults"): b=4 is the smallest width whose restored runs
-    # rework no more than exact ones; longer chains cost little restore time and save space.
+    # The defaults of the next knobs are chosen from measured recovery evidence
+    # (bench/RESULTS.md, "Chosen defaults"): the adaptive width at a 0.2 budget had the
+    # lowest worst-case rework of the widths measured; longer chains cost little restore
+    # time and save space.
     # A new lossless base every this many saves of a (run, rank).
     base_interval: int = 50
     # Also a new base once the deltas since the base outweigh this fraction of it.
@@ -48,9 +49,9 @@ class EngineConfig:
     # Bit width of lossy tensors whose client gives none; 0 = AUTO_BITS: per tensor and
     # per save the smallest width whose dropped buckets add at most auto_bits_max_error
     # relative L2 error to the change (``ckptd.daemon.codec.encode_delta``, bits="auto").
-    default_bits: int = 4
+    default_bits: int = AUTO_BITS
     # The error budget of AUTO_BITS, in [0, 1).
-    auto_bits_max_error: float = 0.1
+    auto_bits_max_error: float = 0.2
     representative: str = "mean"
     coder: str = "zstd"
     # Float tensors with fewer elements than this are stored exactly when the client leaves

@@ -32,7 +32,7 @@ _COUNT_SHIFT = 43
 MAX_STATS_ELEMS = 1 << 20
 # bits="auto": the default relative L2 error the dropped buckets may add to a delta
 # (``auto_bits``); chosen from bench/RESULTS.md.
-AUTO_MAX_ERROR = 0.1
+AUTO_MAX_ERROR = 0.2
 _F32 = np.dtype(np.float32)
 
 

@@ -80,7 +80,8 @@ def _check_spec(spec: TensorSpec, config: EngineConfig) -> None:
     if not 0 <= spec.bits <= MAX_BITS:
         raise InvalidRequestError(
             f"tensor {spec.name!r} asks for {spec.bits} bits; use 1..{MAX_BITS}, or 0 for the "
-            f"daemon's default ({config.default_bits})"
+            f"daemon's default "
+            f"({'auto' if config.default_bits == AUTO_BITS else config.default_bits})"
         )
 
 

@@ -27,7 +27,7 @@ def test_half_precision_tensors_are_stored_lossy_and_restore_their_dtype(
     weight = torch.randn(64, 256, generator=generator).to(dtype)
     second = (torch.randn(64, 256, generator=generator) ** 2 * 1e-4).to(dtype)
     second[0, :16] = 0  # zeros stay zero
-    ckpt = make_checkpointer(daemon.address, f"half-{dtype}")
+    ckpt = make_checkpointer(daemon.address, f"half-{dtype}", bits=4)
     saved = []
     for step in range(3):
         saved.append(_state(weight, second))

@@ -35,7 +35,7 @@ def test_a_flat_change_gets_few_bits_and_a_busy_one_more() -> None:
     busy_blob, _ = encode_delta(busy, reference, bits="auto")
     assert blob_info(flat_blob).bits == 2
     assert np.array_equal(flat_recon, flat)  # both buckets kept, each of one value
-    assert blob_info(busy_blob).bits >= 4
+    assert blob_info(busy_blob).bits >= 3  # a Gaussian spans many exponents
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.02, 0.1, 0.3, 0.6])
