@@ -70,7 +70,15 @@ def _provenance(found: dict[str, Any] | None) -> str:
     return (f"\n\nMeasured {found['date']} at commit `{found['git_commit'] or 'unknown'}` "
             f"(files changed on top of it: {changed}) on {found['cpu_count']} shared cores, "
             f"1-min load average {found['loadavg_1m_at_start']:.1f} at start and "
-            f"{found['loadavg_1m_at_end']:.1f} at end.")
+            f"{found['loadavg_1m_at_end']:.1f} at end." + _reused(found.get("reused")))
+
+
+def _reused(found: dict[str, Any] | None) -> str:
+    if not found:
+        return ""
+    return (f" The results of {', '.join(found['runs'])} were taken unchanged from an "
+            f"interrupted run of the same plan (`--resume`), measured {found['date']} at "
+            f"commit `{found['git_commit']}`.")
 
 
 def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str, Any]) -> str:
