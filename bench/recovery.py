@@ -315,7 +315,8 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--full", action="store_true", help="the whole sweep (~20 min, 2 cores)")
+    mode.add_argument("--full", action="store_true",
+                      help="the whole sweep (~40 min, 2 shared cores)")
     mode.add_argument("--quick", action="store_true", help="a smoke-sized sweep (< 1 min)")
     mode.add_argument("--report-only", type=Path, metavar="JSON",
                       help="rewrite RESULTS.md and plots from a saved result file")
