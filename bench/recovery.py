@@ -13,9 +13,11 @@ Usage (from the repository root)::
     python -m bench.recovery --quick    # a smoke-sized sweep -> bench/out/quick/
     python -m bench.recovery --report-only bench/out/recovery-full.json
 
-The sweep is pruned one factor at a time: the full b x K grid with every other knob at the
-current defaults, then single-knob variations around b=3, K=10 (representative, coder,
-base interval, optimizer-state policy), then the chosen defaults confirmed on their own.
+The sweep is pruned one factor at a time: the b x K grid (fixed widths and the adaptive
+``bits="auto"`` at a few error budgets) with every other knob at the shipped defaults on
+the small workloads, lossy small tensors as a variation, then the chosen defaults
+confirmed on their own; the 22M-parameter decoder (``gpt``, ``gpt-bf16``) runs only the
+adaptive default and a fixed-width neighbour (it costs ~0.5 s a step on one CPU thread).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.recovery_analysis import choose_defaults, matching_rows, summarize
+from bench.recovery_analysis import DECODERS, choose_defaults, matching_rows, summarize
 from bench.recovery_ckptd import Setting, run_setting
 from bench.recovery_protocol import Reference, run_reference
 from bench.recovery_report import write_report
@@ -61,60 +63,83 @@ class Plan:
     out_dir: Path
     json_path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    # Workloads that run only some settings, by name (``"name@0"``: with seed 0 only), and
+    # only their first n seeds.
+    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    seed_count: dict[str, int] = field(default_factory=dict)
+
+    def settings_of(self, workload: str, seed: int) -> tuple[Setting, ...]:
+        names = self.only.get(workload)
+        if names is None:
+            return self.settings
+        allowed = {n.partition("@")[0] for n in names
+                   if not n.partition("@")[2] or int(n.partition("@")[2]) == seed}
+        return tuple(s for s in self.settings if s.name in allowed)
+
+    def seeds_of(self, workload: str) -> tuple[int, ...]:
+        return self.seeds[: self.seed_count.get(workload, len(self.seeds))]
 
 
-def grid_settings(bits: tuple[int, ...], intervals: tuple[int, ...]) -> list[Setting]:
+def grid_settings(bits: tuple[int | str, ...], intervals: tuple[int, ...]) -> list[Setting]:
     """The exact baseline and every (b, K) pair, all other knobs at the sweep's centre."""
     out = []
     for k in intervals:
         # Exact restores replay the reference (rework read off its curve); resuming from the
         # smallest K's exact chain checks that replay, through the daemon.
         out.append(Setting(f"exact-K{k}", "exact", k, None, measure_rework=k == min(intervals)))
-        out.extend(Setting(f"b{b}-K{k}", "grid", k, b) for b in bits)
+        out.extend(Setting(f"{_bits_label(b)}-K{k}", "grid", k, b) for b in bits)
     return out
 
 
+def _bits_label(bits: int | str) -> str:
+    """``b4`` for a fixed width, ``auto0.05`` for the adaptive one at that budget."""
+    return f"b{bits}" if isinstance(bits, int) else str(bits).replace(":", "")
+
+
 def variation_settings() -> list[Setting]:
-    """One knob at a time around b=3, K=10 (the current default bit width)."""
+    """One knob at a time around the default widths at K=10: small float tensors (biases,
+    LayerNorm, LeNet's first conv) lossy too, and Adam's second moment exact, to compare
+    with the built-in log domain."""
     return [
-        Setting("b3-K10-midrange", "representative", 10, 3, representative="midrange"),
-        Setting("b3-K10-huffman", "coder", 10, 3, coder="huffman"),
-        # Small float tensors (biases, LayerNorm, LeNet's first conv) lossy too.
-        Setting("b3-K10-minlossy1", "min_lossy", 10, 3, min_lossy_elements=1),
-        *(Setting(f"b3-K10-base{n}", "base_interval", 10, 3, base_interval=n,
-                  measure_rework=False) for n in (5, 10, 50)),
-        # The engine also starts a base once the deltas outweigh max_delta_fraction of it;
-        # these show the base interval alone.
-        *(Setting(f"b3-K10-base{n}-frac8", "base_interval", 10, 3, base_interval=n,
-                  max_delta_fraction=8.0, measure_rework=False) for n in (20, 50)),
-        Setting("b2-K10-optim-exact", "optim", 10, 2, optim="exact"),
-        *(Setting(f"b2-K{k}-optim-lossy4", "optim", k, 2, optim="lossy:4") for k in (10, 50)),
-        Setting("b3-K10-optim-exact", "optim", 10, 3, optim="exact"),
-        *(Setting(f"b3-K{k}-optim-lossy5", "optim", k, 3, optim="lossy:5") for k in (10, 50)),
-        Setting("b3-K50-optim-exact", "optim", 50, 3, optim="exact"),
-        Setting("b4-K10-optim-exact", "optim", 10, 4, optim="exact"),
-        Setting("b4-K50-optim-exact", "optim", 50, 4, optim="exact"),
-        # Adam's second moment alone exact: lossy reconstructions of it can turn negative.
-        *(Setting(f"b{b}-K{k}-optim-sq-exact", "optim", k, b, optim="sq-exact")
-          for b in (3, 4) for k in (10, 50)),
+        Setting("b4-K10-minlossy1", "min_lossy", 10, 4, min_lossy_elements=1),
+        Setting("auto0.2-K10-minlossy1", "min_lossy", 10, "auto:0.2", min_lossy_elements=1),
+        *(Setting(f"b4-K{k}-optim-sq-exact", "optim", k, 4, optim="sq-exact")
+          for k in (10, 50)),
     ]
+
+
+# The adaptive width's error budgets the sweep measures (relative L2 error of the dropped
+# part of a delta).
+AUTO_BUDGETS = ("auto:0.1", "auto:0.2", "auto:0.3")
+# The decoder runs the adaptive width at the middle budget at both K, and the fixed width
+# b=3 with one seed (sized to finish in well under an hour on 2 shared cores).
+_DECODER_SETTINGS = ("auto0.2-K10", "auto0.2-K50", "b3-K10@0")
+# The small transformer skips what the digits models already rule out or that costs its
+# K=50 restores the most (b=2, the budget nearest b=4, exp_avg_sq exact: bench/README.md).
+_LM_SETTINGS = ("exact-K10", "exact-K50", "b3-K10", "b3-K50", "b4-K10", "b4-K50",
+                "auto0.2-K10", "auto0.2-K50", "auto0.3-K10", "auto0.3-K50",
+                "b4-K10-minlossy1", "auto0.2-K10-minlossy1")
 
 
 def full_plan() -> Plan:
     return Plan(
         mode="full",
-        workloads=("logreg", "lenet", "lm"),
+        workloads=("logreg", "lenet", "lm", "gpt", "gpt-bf16"),
         seeds=(0, 1),
-        steps={"logreg": 400, "lenet": 400, "lm": 400},
+        steps={"logreg": 400, "lenet": 400, "lm": 400, "gpt": 400, "gpt-bf16": 150},
         # Resuming the digits models costs milliseconds a step: more failures, less noise.
-        # Sized to finish in < 50 min on 2 shared cores (~20 min measured; an LM setting
-        # with 6 failures takes ~10 s at K=10, up to ~50 s at K=50 when restores run to
-        # the cap); the digits models resume in milliseconds a step: more failures there.
-        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 8},
-        settings=tuple(grid_settings((2, 3, 4, 5), (10, 50)) + variation_settings()),
+        # An LM setting with 6 failures takes 30-40 s at K=10 on 2 cores shared with a
+        # load of ~10, more at K=50 when restores run to the cap. The decoder costs
+        # ~0.7-1 s a step (train + held-out eval) and ~3.5 s a save there: 3 failures per
+        # seed, its default settings only, the bf16-autocast variant with one seed at K=10.
+        failures_per_seed={"logreg": 12, "lenet": 16, "lm": 6, "gpt": 3, "gpt-bf16": 2},
+        settings=tuple(grid_settings((2, 3, 4, *AUTO_BUDGETS), (10, 50))
+                       + variation_settings()),
         confirm_defaults=True,
         out_dir=_BENCH,
         json_path=_BENCH / "out" / "recovery-full.json",
+        only={"lm": _LM_SETTINGS, "gpt": _DECODER_SETTINGS, "gpt-bf16": ("auto0.2-K10",)},
+        seed_count={"gpt-bf16": 1},
     )
 
 
@@ -136,25 +161,38 @@ def quick_plan(out_dir: Path) -> Plan:
     )
 
 
-def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+def run_plan(plan: Plan, log: Callable[[str], None],
+             earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs every (workload, seed, setting) of ``plan``; returns the JSON-ready results.
 
-    The reference runs (and their checkpoints, ~150 MB for the full plan) stay in memory
-    until the chosen defaults have been confirmed, so nothing is trained twice."""
+    The reference runs stay in memory (the decoder's on disk) until the chosen defaults
+    have been confirmed, so nothing is trained twice. ``earlier`` (a partial result file of
+    an interrupted run): a (workload, seed) whose every setting it holds, unchanged, is
+    taken from it instead of being run again (its reference is retrained, the same bits)."""
     started = time.perf_counter()
     provenance = _provenance()
     references: list[tuple[Workload, Reference]] = []
-    results = []
+    results: list[dict[str, Any]] = []
+    reused: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as scratch:
         for name in plan.workloads:
             workload = make_workload(name)
-            for seed in plan.seeds:
-                reference = run_reference(workload, seed, plan.steps[name], _snapshot_every(plan))
+            for seed in plan.seeds_of(name):
+                reference = run_reference(workload, seed, plan.steps[name],
+                                          _snapshot_every(plan), spill_dir=scratch)
                 log(f"{name} seed {seed}: reference {reference.steps} steps in "
                     f"{reference.train_seconds:.1f} s, final loss {reference.eval_loss[-1]:.4f}")
                 references.append((workload, reference))
-                results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
-                                     log=log) for setting in plan.settings]
+                settings = plan.settings_of(name, seed)
+                kept = _earlier_results(earlier, name, seed, settings)
+                if kept is not None:
+                    log(f"  {name} seed {seed}: {len(kept)} settings taken from the earlier run")
+                    reused.append(f"{name} seed {seed}")
+                    results += kept
+                else:
+                    results += [_run_one(plan, workload, reference, setting,
+                                         scratch=Path(scratch), log=log)
+                                for setting in settings]
                 _save_partial(plan, references, results)
         output: dict[str, Any] = {"mode": plan.mode, "plan": _plan_summary(plan),
                   "references": [reference.summary() for _, reference in references],
@@ -167,10 +205,30 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 log(f"confirming chosen defaults {chosen['label']}")
             for workload, reference in references:
                 results += [_run_one(plan, workload, reference, setting, scratch=Path(scratch),
-                                     log=log) for setting in extra]
+                                     log=log) for setting, names in extra
+                            if workload.name in names]
     output["seconds"] = time.perf_counter() - started
     output["provenance"] = {**provenance, "loadavg_1m_at_end": os.getloadavg()[0]}
+    if reused:
+        output["provenance"]["reused"] = {
+            "runs": reused, **{k: (earlier or {}).get("provenance", {}).get(k)
+                               for k in ("git_commit", "date")}}
     return output
+
+
+def _earlier_results(earlier: dict[str, Any] | None, workload: str, seed: int,
+                     settings: tuple[Setting, ...]) -> list[dict[str, Any]] | None:
+    """The earlier run's results of every setting of (workload, seed), or None unless it
+    holds all of them with the same parameters."""
+    if earlier is None:
+        return None
+    found = {r["setting"]["name"]: r for r in earlier["results"]
+             if (r["workload"], r["seed"]) == (workload, seed)}
+    kept = [found.get(s.name) for s in settings]
+    if any(r is None or r["setting"] != json.loads(json.dumps(asdict(s)))
+           for r, s in zip(kept, settings, strict=True)):
+        return None
+    return [r for r in kept if r is not None]
 
 
 def _save_partial(plan: Plan, references: list[tuple[Workload, Reference]],
@@ -178,6 +236,7 @@ def _save_partial(plan: Plan, references: list[tuple[Workload, Reference]],
     """What is measured so far, next to the result file: a sweep that dies late can still
     be reported on (``--report-only``) instead of being rerun."""
     partial = {"mode": plan.mode, "plan": _plan_summary(plan), "seconds": 0.0,
+               "provenance": _provenance(),
                "references": [reference.summary() for _, reference in references],
                "results": results}
     plan.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,19 +274,24 @@ def _run_one(plan: Plan, workload: Workload, reference: Reference, setting: Sett
 
 def _confirmation_settings(
     plan: Plan, output: dict[str, Any], chosen: dict[str, Any]
-) -> list[Setting]:
-    """The chosen defaults at every K of the plan, unless the sweep already measured them."""
+) -> list[tuple[Setting, set[str]]]:
+    """The chosen defaults at every K of the plan, on the workloads where the sweep did not
+    already measure them."""
     measured = {(row["workload"], row["interval"]) for row in
                 matching_rows(summarize(output), chosen)}
     extra = []
     for k in sorted({s.interval for s in plan.settings}):
-        if all((name, k) in measured for name in plan.workloads):
+        # The decoders run their own few settings only (they check the choice, at the
+        # adaptive default; RESULTS.md says where that differs from the chosen).
+        missing = {name for name in plan.workloads if (name, k) not in measured
+                   and name not in DECODERS}
+        if not missing:
             continue
-        extra.append(Setting(
+        extra.append((Setting(
             f"chosen-K{k}", "chosen", k, chosen["bits"], representative=chosen["representative"],
             coder=chosen["coder"], base_interval=chosen["base_interval"],
             max_delta_fraction=chosen["max_delta_fraction"],
-            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]))
+            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]), missing))
     return extra
 
 
@@ -242,6 +306,7 @@ def _snapshot_every(plan: Plan) -> int:
 
 def _plan_summary(plan: Plan) -> dict[str, Any]:
     return {"workloads": plan.workloads, "seeds": plan.seeds, "steps": plan.steps,
+            "only": plan.only, "seed_count": plan.seed_count,
             "failures_per_seed": plan.failures_per_seed,
             "force_lossy": sorted(_FORCE_LOSSY & set(plan.workloads)),
             "torch_threads": torch.get_num_threads()}
@@ -250,11 +315,15 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--full", action="store_true", help="the whole sweep (~20 min, 2 cores)")
+    mode.add_argument("--full", action="store_true",
+                      help="the whole sweep (~40 min, 2 shared cores)")
     mode.add_argument("--quick", action="store_true", help="a smoke-sized sweep (< 1 min)")
     mode.add_argument("--report-only", type=Path, metavar="JSON",
                       help="rewrite RESULTS.md and plots from a saved result file")
     parser.add_argument("--out", type=Path, help="where RESULTS.md and plots/ go")
+    parser.add_argument("--resume", type=Path, metavar="PARTIAL_JSON",
+                        help="take the (workload, seed)s an interrupted run finished from its "
+                             "partial result file (bench/out/recovery-full.partial.json)")
     args = parser.parse_args(argv)
     # One intra-op thread: bit-identical replays, and fair timings on a shared machine.
     torch.set_num_threads(1)
@@ -266,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = full_plan() if args.full else quick_plan(args.out or _BENCH / "out" / "quick")
     if args.out:
         plan = replace(plan, out_dir=args.out, json_path=args.out / plan.json_path.name)
-    output = run_plan(plan, log=lambda line: print(line, flush=True))
+    earlier = json.loads(args.resume.read_text()) if args.resume else None
+    output = run_plan(plan, log=lambda line: print(line, flush=True), earlier=earlier)
     plan.json_path.parent.mkdir(parents=True, exist_ok=True)
     plan.json_path.write_text(json.dumps(output))
     plan.json_path.with_suffix(".partial.json").unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.client import Checkpointer
-from ckptd.daemon.config import DaemonConfig, EngineConfig
+from ckptd.daemon.codec import blob_info
+from ckptd.daemon.config import AUTO_BITS, DaemonConfig, EngineConfig
 from ckptd.daemon.server.app import serve_in_thread
 from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest
 
@@ -26,6 +28,8 @@ from bench.recovery_protocol import Reference, plan_failures, resume
 from bench.workloads import Workload
 
 _RESTORE_REPEATS = 3
+# A state this big is restored once per timing (the decoder's take seconds each).
+_ONE_REPEAT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,17 @@ class Setting:
         group: Which part of the sweep it belongs to (``grid``, ``exact``, ``representative``,
             ``coder``, ``base_interval``, ``optim``, ``chosen``).
         interval: K, training steps between two checkpoints.
-        bits: Bit width of lossy tensors; None stores everything exactly (the baseline).
+        bits: Bit width of lossy tensors; ``"auto:<share>"`` the daemon's adaptive width
+            with that error budget (``auto_bits_max_error``); None stores everything
+            exactly (the baseline).
         max_delta_fraction: The engine's other base trigger: a new base once the deltas
             since the last one outweigh this fraction of it.
         min_lossy_elements: Float tensors smaller than this are stored exactly under AUTO.
-        optim: Policy of optimizer tensors: ``"auto"`` (the daemon's rule: lossy at
-            ``bits``), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
-            ``exp_avg_sq`` exact) or ``"sq-log"`` (it alone lossy in the log domain).
+        optim: Policy of optimizer tensors: ``"sq-log"`` (the client's built-in rules: Adam's
+            ``exp_avg_sq`` lossy in the log domain, the rest as the daemon decides),
+            ``"auto"`` (the daemon's rule for all, ``exp_avg_sq`` lossy in the linear
+            domain), ``"exact"``, ``"lossy:<bits>"`` or ``"sq-exact"`` (only Adam's
+            ``exp_avg_sq`` exact).
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
     """
@@ -51,14 +59,19 @@ class Setting:
     name: str
     group: str
     interval: int
-    bits: int | None
+    bits: int | str | None
     representative: str = "mean"
     coder: str = "zstd"
-    base_interval: int = 20
-    max_delta_fraction: float = 1.0
+    base_interval: int = 50
+    max_delta_fraction: float = 8.0
     min_lossy_elements: int = 1024
-    optim: str = "auto"
+    optim: str = "sq-log"
     measure_rework: bool = True
+
+    @property
+    def fixed_bits(self) -> int | None:
+        """The client's bit width: None for the exact baseline and the adaptive width."""
+        return self.bits if isinstance(self.bits, int) else None
 
 
 def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]]:
@@ -74,7 +87,7 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     if setting.optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif setting.optim == "sq-log":
-        rules.append(("optim/state/*/exp_avg_sq", "lossy-log"))
+        pass  # the client's built-in rule: lossy-log
     elif setting.optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
@@ -86,11 +99,14 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
 
 
 def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
+    auto = isinstance(setting.bits, str)
     engine = EngineConfig(
         base_interval=setting.base_interval,
         max_delta_fraction=setting.max_delta_fraction,
         min_lossy_elements=setting.min_lossy_elements,
-        default_bits=setting.bits or EngineConfig.default_bits,
+        default_bits=AUTO_BITS if auto else setting.fixed_bits or EngineConfig.default_bits,
+        auto_bits_max_error=(float(str(setting.bits).partition(":")[2]) if auto
+                               else EngineConfig.auto_bits_max_error),
         representative=setting.representative,
         coder=setting.coder,
     )
@@ -115,13 +131,14 @@ def run_setting(
     storage = workdir / f"{workload.name}-{setting.name}-s{reference.seed}"
     run = f"{workload.name}-{setting.name}-seed{reference.seed}"
     with serve_in_thread(daemon_config(setting, storage)) as daemon, Checkpointer(
-        daemon.address, run, bits=setting.bits, policies=client_policies(setting, force_lossy),
-        staging_buffers=4,
+        daemon.address, run, bits=setting.fixed_bits,
+        policies=client_policies(setting, force_lossy), staging_buffers=4,
     ) as checkpointer:
         steps = list(range(setting.interval, reference.steps + 1, setting.interval))
         save_calls, save_total = _save_all(checkpointer, reference, steps)
         infos = checkpointer.step_infos()
-        timings = _restore_timings(checkpointer, infos)
+        timings = _restore_timings(
+            checkpointer, infos, 1 if reference.raw_bytes > _ONE_REPEAT_BYTES else _RESTORE_REPEATS)
         resumes = []
         if setting.measure_rework:
             candidates = [i.step for i in infos if i.kind == "delta" or setting.bits is None]
@@ -132,6 +149,9 @@ def run_setting(
                               checkpointer.restore))
                 for failure in failures
             ]
+    breakdown = _breakdown(storage, infos)
+    disk_bytes = _disk_bytes(storage)
+    shutil.rmtree(storage, ignore_errors=True)  # the decoder's chains take GBs
     return {
         "setting": asdict(setting),
         "workload": workload.name,
@@ -142,8 +162,8 @@ def run_setting(
              "torch_save_bytes": reference.torch_save_bytes[i.step]}
             for i in infos
         ],
-        "disk_bytes": _disk_bytes(storage),
-        "delta_breakdown": _breakdown(storage, infos),
+        "disk_bytes": disk_bytes,
+        "delta_breakdown": breakdown,
         "save_call_seconds_median": statistics.median(save_calls),
         "save_to_durable_seconds": save_total,
         "restore_seconds": timings,
@@ -168,7 +188,8 @@ def _save_all(
     return calls, time.perf_counter() - started
 
 
-def _restore_timings(checkpointer: Checkpointer, infos: list[Any]) -> dict[str, Any]:
+def _restore_timings(checkpointer: Checkpointer, infos: list[Any],
+                     repeats: int) -> dict[str, Any]:
     """Best of a few restores of the latest step (served from the daemon's memory), the
     oldest step, and the step deepest in a chain other than the latest (base + most deltas,
     from storage)."""
@@ -177,7 +198,7 @@ def _restore_timings(checkpointer: Checkpointer, infos: list[Any]) -> dict[str, 
     out: dict[str, Any] = {"deepest_step": deepest.step, "deepest_depth": deepest.chain_depth}
     for label, step in targets.items():
         best = float("inf")
-        for _ in range(_RESTORE_REPEATS):
+        for _ in range(repeats):
             before = time.perf_counter()
             checkpointer.restore(step)
             best = min(best, time.perf_counter() - before)
@@ -208,6 +229,11 @@ def _breakdown(storage: Path, infos: list[Any]) -> dict[str, int]:
         for entry in manifest.tensors:
             part = entry.spec.name.split("/", 1)[0]
             kind = "lossy" if entry.encoding == "delta" else "exact"
+            if kind == "lossy" and (storage / entry.blob_key).is_file():
+                # The width the blob was written with (bits="auto" picks it per tensor).
+                bits = blob_info((storage / entry.blob_key).read_bytes()).bits
+                out[f"bits{bits}_elements"] = (out.get(f"bits{bits}_elements", 0)
+                                               + math.prod(entry.spec.shape))
             for key, value in ((f"{part}_{kind}", entry.blob_bytes),
                                (f"{kind}_elements", math.prod(entry.spec.shape))):
                 out[key] = out.get(key, 0) + value

@@ -12,15 +12,15 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench.recovery_analysis import (
-    CNN_DELTA_TARGET,
     HISTORY_CHECKPOINTS,
-    LM_DELTA_TARGET,
     REWORK_BOUND,
+    TARGETS,
+    bits_key,
 )
 from bench.recovery_protocol import MIN_RESUME_STEPS, ema
 
 _DPI = 110
-_DELTA_TARGETS = {"lenet": CNN_DELTA_TARGET, "lm": LM_DELTA_TARGET}
+_DELTA_TARGETS = {name: delta for name, (delta, _) in TARGETS.items() if delta is not None}
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
@@ -55,7 +55,7 @@ def _compression_vs_rework(rows: list[dict[str, Any]], workloads: list[str], pat
         for interval, colour in zip(sorted({r["interval"] for r in mine}), ("C0", "C1", "C2"),
                                     strict=False):
             grid = sorted((r for r in mine if r["group"] == "grid" and r["interval"] == interval),
-                          key=lambda r: r["bits"])
+                          key=lambda r: bits_key(r["bits"]))
             ax.plot([r["delta_ratio"] for r in grid], [r["rework_ratio"] for r in grid], "o-",
                     color=colour, label=f"K={interval}, optim AUTO")
             for r in grid:
@@ -140,7 +140,7 @@ def _loss_around_failure(output: dict[str, Any], workloads: list[str], path: Pat
                 and r["setting"]["group"] == "grid"]
         interval = min(r["setting"]["interval"] for r in mine)
         mine = sorted((r for r in mine if r["setting"]["interval"] == interval),
-                      key=lambda r: r["setting"]["bits"])
+                      key=lambda r: bits_key(r["setting"]["bits"]))
         _example(grid[0][column], workload, references, mine, interval)
         _excess(grid[1][column], references, mine, interval)
     return _save(figure, path)
@@ -150,7 +150,7 @@ def _example(ax: Any, workload: str, references: dict[int, Any], results: list[A
              interval: int) -> None:
     seed = min(references)
     seeded = [r for r in results if r["seed"] == seed]
-    anchor = next((r for r in seeded if r["setting"]["bits"] == 3), seeded[0])
+    anchor = next((r for r in seeded if r["setting"]["bits"] == 4), seeded[0])
     pick = anchor["resumes"][len(anchor["resumes"]) // 2]
     s, f = pick["restore_step"], pick["failed_at"]
     smooth = ema(references[seed]["eval_loss"], references[seed]["eval_loss"][0])
@@ -175,7 +175,7 @@ def _example(ax: Any, workload: str, references: dict[int, Any], results: list[A
 
 def _excess(ax: Any, references: dict[int, Any], results: list[Any], interval: int) -> None:
     horizon = MIN_RESUME_STEPS + 1
-    for bits in sorted({r["setting"]["bits"] for r in results}):
+    for bits in sorted({r["setting"]["bits"] for r in results}, key=bits_key):
         gaps: list[list[float]] = [[] for _ in range(horizon)]
         for result in (r for r in results if r["setting"]["bits"] == bits):
             reference = references[result["seed"]]

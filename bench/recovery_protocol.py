@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,9 @@ MIN_RESUME_STEPS = 10
 # Failures fall in [WARMUP, END] of the run: the first steps of a run (digits CNN's
 # initial plateau) say little about a checkpoint, and the failure needs reference steps.
 _FAILURE_WINDOW = (0.2, 0.9)
+# A state bigger than this is kept as a torch.save file rather than in memory: the
+# decoder's 40 checkpoints would hold ~11 GB per seed (bench/README.md, memory).
+_SPILL_BYTES = 64 << 20
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Reference:
     torch_save_bytes: dict[int, int]  # step -> size of torch.save of that checkpoint
     raw_bytes: int  # bytes of every tensor of one checkpoint
     train_seconds: float
-    snapshots: dict[int, dict[str, Any]] = field(repr=False)
+    snapshots: Mapping[int, dict[str, Any]] = field(repr=False)
 
     @property
     def smoothed(self) -> list[float]:
@@ -100,6 +103,9 @@ class Resume:
     restored_eval_loss: float  # held-out loss of the restored state, before any step
     restored_error: dict[str, float]  # relative L2 error of "model" / "optim" tensors
     negative_second_moments: int  # elements < 0 in the restored Adam exp_avg_sq tensors
+    # Relative L2 error of the Adam update direction m_hat / (sqrt(v_hat) + eps) computed
+    # from the restored moments, per parameter group (empty for SGD).
+    update_error: dict[str, float]
     eval_loss: list[float]  # from restore_step (index 0) onwards
     eval_accuracy: list[float]
     restore_seconds: float
@@ -155,12 +161,47 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
-def run_reference(workload: Workload, seed: int, steps: int, snapshot_every: int) -> Reference:
+class _SpilledStates(Mapping[int, dict[str, Any]]):
+    """Snapshots kept as the ``torch.save`` files that are also their size baseline."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._steps: list[int] = []
+
+    def put(self, step: int, state: dict[str, Any]) -> int:
+        path = os.path.join(self._directory, f"{step}.pt")
+        torch.save(state, path)
+        self._steps.append(step)
+        return os.path.getsize(path)
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        if step not in self._steps:
+            raise KeyError(step)
+        state: dict[str, Any] = torch.load(os.path.join(self._directory, f"{step}.pt"),
+                                           weights_only=True)
+        return state
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+def run_reference(workload: Workload, seed: int, steps: int, snapshot_every: int,
+                  spill_dir: str | None = None) -> Reference:
     """Trains ``steps`` steps, evaluating after each and keeping every ``snapshot_every``-th
-    state; measures torch.save of each kept state in a temporary directory."""
+    state; measures torch.save of each kept state in a temporary directory. States larger
+    than ``_SPILL_BYTES`` are kept as those files under ``spill_dir`` (required then)."""
     trainer = workload.trainer(seed)
     losses, accuracies, train_losses = [], [], []
-    snapshots: dict[int, dict[str, Any]] = {}
+    snapshots: Any = {}
+    sizes: dict[int, int] = {}
+    if state_nbytes(trainer.state()["model"]) * 3 > _SPILL_BYTES:  # weights + Adam moments
+        if spill_dir is None:
+            raise ValueError(f"{workload.name}'s states need a spill_dir")
+        snapshots = _SpilledStates(tempfile.mkdtemp(prefix=f"{workload.name}-s{seed}-",
+                                                    dir=spill_dir))
     started = time.perf_counter()
     first = trainer.evaluate()
     losses.append(first.loss)
@@ -171,11 +212,15 @@ def run_reference(workload: Workload, seed: int, steps: int, snapshot_every: int
         losses.append(evaluation.loss)
         accuracies.append(evaluation.accuracy)
         if trainer.step % snapshot_every == 0:
-            snapshots[trainer.step] = trainer.state()
+            if isinstance(snapshots, _SpilledStates):
+                sizes[trainer.step] = snapshots.put(trainer.step, trainer.state())
+            else:
+                snapshots[trainer.step] = trainer.state()
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="ckptd-torchsave-") as directory:
-        sizes = {step: torch_save_size(state, directory) for step, state in snapshots.items()}
-    raw = state_nbytes(next(iter(snapshots.values())))
+        sizes = sizes or {step: torch_save_size(state, directory)
+                          for step, state in snapshots.items()}
+    raw = state_nbytes(trainer.state())
     return Reference(workload.name, seed, steps, snapshot_every, losses, accuracies,
                      train_losses, sizes, raw, seconds, snapshots)
 
@@ -222,6 +267,50 @@ def negative_second_moments(state: dict[str, Any]) -> int:
     return sum(int((m["exp_avg_sq"] < 0).sum()) for m in moments if "exp_avg_sq" in m)
 
 
+def update_errors(restored: dict[str, Any], original: dict[str, Any],
+                  groups: dict[int, str]) -> dict[str, float]:
+    """Relative L2 error of Adam's next update direction ``m_hat / (sqrt(v_hat) + eps)``
+    from the restored moments against the original's, pooled per parameter group
+    (``groups``: optimizer-state index -> group name). What a restore must bring back is
+    this direction, not the moments one by one; empty without Adam state."""
+    states, eps = original["optim"].get("state", {}), 1e-8
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for index, state in states.items():
+        if "exp_avg_sq" not in state:
+            continue
+        back = restored["optim"]["state"][index]
+        exact, lossy = (s["exp_avg"].double() / (s["exp_avg_sq"].double().sqrt() + eps)
+                        for s in (state, back))
+        name = groups.get(int(index), "other")
+        num[name] = num.get(name, 0.0) + float(torch.sum((lossy - exact) ** 2))
+        den[name] = den.get(name, 0.0) + float(torch.sum(exact ** 2))
+    return {name: math.sqrt(num[name] / den[name]) if den[name] else 0.0 for name in num}
+
+
+def parameter_groups(trainer: Trainer) -> dict[int, str]:
+    """Optimizer-state index -> a coarse group of its parameter (embedding, attention,
+    mlp, head, norm/bias, conv, linear), by the parameter's module name and rank."""
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    out = {}
+    for index, param in enumerate(params):
+        name = names.get(id(param), "")
+        if param.dim() < 2:
+            out[index] = "norm/bias"
+        elif name.startswith(("tok", "pos")):
+            out[index] = "embedding"
+        elif ".qkv." in name or ".proj." in name:
+            out[index] = "attention"
+        elif ".fc" in name:
+            out[index] = "mlp"
+        elif name.startswith("head"):
+            out[index] = "head"
+        else:
+            out[index] = "conv" if param.dim() > 2 else "linear"
+    return out
+
+
 def _float_pairs(a: Any, b: Any) -> Any:
     if isinstance(b, torch.Tensor):
         if b.is_floating_point() and b.dim() > 0:
@@ -250,7 +339,10 @@ def resume(
     restore_seconds = time.perf_counter() - started
     trainer = workload.trainer(reference.seed)
     trainer.load(state, s)
-    errors = relative_errors(state, reference.snapshots[s])
+    original = reference.snapshots[s]
+    errors = relative_errors(state, original)
+    direction = update_errors(state, original, parameter_groups(trainer))
+    del original
     negatives = negative_second_moments(state)
     smoothed_ref = reference.smoothed
     target = smoothed_ref[f]
@@ -263,7 +355,8 @@ def resume(
     diverged = any(math.isnan(x) for x in losses)
     exact = replay_rework(smoothed_ref, s, f)
     return Resume(s, f, target, rework, exact, reached is None or reached + 1 > cap, diverged,
-                  losses[0], errors, negatives, losses, accuracies, restore_seconds)
+                  losses[0], errors, negatives, direction, losses, accuracies,
+                  restore_seconds)
 
 
 def _train_until(

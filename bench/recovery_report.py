@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.client.policies import BUILTIN_RULES, parse_spec
-from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.config import AUTO_BITS, EngineConfig
 
 from bench.recovery_analysis import (
     HISTORY_CHECKPOINTS,
     REWORK_BOUND,
     SWEEP_CENTRE,
+    bits_key,
     choose_defaults,
     evaluate_targets,
     matching_rows,
@@ -39,6 +40,7 @@ def write_report(output: dict[str, Any], out_dir: Path) -> Path:
         _protocol(output),
         _tables(rows),
         _breakdown(output, rows, chosen),
+        _update_errors(rows),
         "## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in plots),
         _notes(rows, output),
     ]
@@ -68,7 +70,15 @@ def _provenance(found: dict[str, Any] | None) -> str:
     return (f"\n\nMeasured {found['date']} at commit `{found['git_commit'] or 'unknown'}` "
             f"(files changed on top of it: {changed}) on {found['cpu_count']} shared cores, "
             f"1-min load average {found['loadavg_1m_at_start']:.1f} at start and "
-            f"{found['loadavg_1m_at_end']:.1f} at end.")
+            f"{found['loadavg_1m_at_end']:.1f} at end." + _reused(found.get("reused")))
+
+
+def _reused(found: dict[str, Any] | None) -> str:
+    if not found:
+        return ""
+    return (f" The results of {', '.join(found['runs'])} were taken unchanged from an "
+            f"interrupted run of the same plan (`--resume`), measured {found['date']} at "
+            f"commit `{found['git_commit']}`.")
 
 
 def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str, Any]) -> str:
@@ -106,11 +116,19 @@ def _defaults(chosen: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_ENGINE_FIELDS = (("default_bits", "bits"), ("representative", "representative"),
+_ENGINE_FIELDS = (("representative", "representative"),
                   ("coder", "coder"), ("base_interval", "base_interval"),
                   ("max_delta_fraction", "max_delta_fraction"),
                   ("min_lossy_elements", "min_lossy_elements"))
-_OPTIM_RULES = {"sq-exact": ("*exp_avg_sq", "exact"), "exact": ("optim/*", "exact")}
+_OPTIM_RULES = {"sq-exact": ("*exp_avg_sq", "exact"), "exact": ("optim/*", "exact"),
+                "sq-log": ("*exp_avg_sq", "lossy-log")}
+
+
+def _engine_bits(bits: int | str) -> tuple[int, float | None]:
+    """``EngineConfig`` (default_bits, auto_bits_max_error) of a setting's bits."""
+    if isinstance(bits, str):
+        return AUTO_BITS, float(bits.partition(":")[2])
+    return bits, None
 
 
 def _shipped(chosen: dict[str, Any]) -> str:
@@ -118,17 +136,23 @@ def _shipped(chosen: dict[str, Any]) -> str:
     shipped = EngineConfig()
     differ = [f"`EngineConfig.{field}` ships {getattr(shipped, field)!r}, chosen {chosen[key]!r}"
               for field, key in _ENGINE_FIELDS if getattr(shipped, field) != chosen[key]]
+    bits, budget = _engine_bits(chosen["bits"])
+    if shipped.default_bits != bits or budget not in (None, shipped.auto_bits_max_error):
+        differ.append(f"`EngineConfig.default_bits` ships {shipped.default_bits!r} "
+                      f"(auto_bits_max_error {shipped.auto_bits_max_error:g}), chosen "
+                      f"{chosen['bits']!r}")
     builtin = {(rule.pattern, rule.policy) for rule in BUILTIN_RULES}
     rule = _OPTIM_RULES.get(chosen["optim"])
     if rule is not None and (rule[0], parse_spec(rule[1])[0]) not in builtin:
         differ.append(f"the client has no built-in rule `{rule!r}`")
-    if rule is None and chosen["optim"] != "auto":
+    if rule is None:
         differ.append(f"optimizer policy {chosen['optim']!r} has no built-in rule")
     if differ:
         return "**The shipped defaults differ from these:** " + "; ".join(differ) + "."
     return ("These are ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds the "
             "engine's, and the client's built-in policy rules (`ckptd.client.policies."
-            "BUILTIN_RULES`, consulted after the user's) keep `exp_avg_sq` exact.")
+            "BUILTIN_RULES`, consulted after the user's) store `exp_avg_sq` lossy in the log "
+            "domain (`lossy-log`).")
 
 
 def _protocol(output: dict[str, Any]) -> str:
@@ -145,9 +169,13 @@ def _protocol(output: dict[str, Any]) -> str:
 Workloads (`bench/workloads.py`): `logreg` = multinomial logistic regression and `lenet` = a
 LeNet-5-style CNN (5x5 convs, 2x2 pools, 120-84-10) on scikit-learn's bundled digits, SGD
 with momentum 0.9; `lm` = a 2-layer, d=64, 4-head, context-64 byte-level transformer on six
-stdlib source files, AdamW. Evaluation is on a fixed held-out set (360 digits; 32 windows of
-held-out text). The batch of step t is a pure function of (seed, t), so a restored run sees
-the batches the original saw after the restored step (the data-loader position is the step).
+stdlib source files, AdamW; `gpt` = a 22.4M-parameter GPT-style byte-level decoder (7 layers,
+d=512, 8 heads, context 32, batch 4) on the first 4 MiB of the stdlib's top-level `*.py`
+files, AdamW (betas 0.9/0.95, weight decay 0.1 on matrices) with a 40-step linear warmup;
+`gpt-bf16` = the same with bfloat16 autocast (fp32 weights and optimizer state). Evaluation
+is on a fixed held-out set (360 digits; 32 windows of held-out text, 16 for the decoder).
+The batch of step t is a pure function of (seed, t), so a restored run sees the batches the
+original saw after the restored step (the data-loader position is the step).
 
 | workload | seed | steps | checkpoint (raw tensors) | final held-out loss | accuracy | train time |
 |---|---:|---:|---:|---:|---:|---:|
@@ -183,14 +211,17 @@ checkpoints in order through `ckptd.client.Checkpointer` (the calls a trainer ma
 * **final**: the middle failure of each seed also trains on to the end of the run; its final
   held-out loss/accuracy is compared with the reference's.
 
-Sweep (pruned one factor at a time): the full b in {{2,3,4,5}} x K in {{10,50}} grid with
-everything else at the sweep's centre (bits 3, mean, zstd, base interval 20, optimizer state AUTO)
-plus the exact baseline per K; then around b=3, K=10: midrange representative, Huffman coder, base
-interval 5/10/50 and 20/50 with max_delta_fraction 8 (sizes and restore times only), lossy small
-tensors (min_lossy_elements 1); optimizer state exact at b=2 (K=10) and b=3, 4 (K=10, 50), at b+2
-(b=2, 3; K=10, 50), and only Adam's `exp_avg_sq` exact (b=3, 4; K=10, 50); finally the chosen
-defaults on their own at both K where the sweep lacked them. The exact-K50 chain
-is measured for size only (exact restores replay the reference; exact-K10 checks it).
+Sweep (pruned one factor at a time): b in {{2,3,4}} and bits="auto" at budgets 0.01, 0.05
+and 0.2 (`auto<share>`: the share of a delta's changed elements it may drop) x K in {{10,50}}
+with everything else at the sweep's centre (ckptd's defaults: mean, zstd, base interval 50,
+max_delta_fraction 8, Adam's `exp_avg_sq` lossy-log by the client's built-in rule), plus the
+exact baseline per K; then lossy small tensors (min_lossy_elements 1) at b=4 and auto0.05
+(K=10), and `exp_avg_sq` exact at b=4 (K=10, 50); finally the chosen defaults on their own at
+both K where the sweep lacked them. The decoder runs only `auto0.05` and `b4` at both K
+(`gpt-bf16`: one seed, `auto0.05-K10`), and takes no part in choosing the defaults: its
+rows check them. The exact-K50 chain is measured for size only (exact restores replay the
+reference; exact-K10 checks it on the small workloads; the decoder's exact rework is read
+off its reference the same way).
 Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
 lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""
 
@@ -250,7 +281,7 @@ def _tables(rows: list[dict[str, Any]]) -> str:
     for workload in sorted({r["workload"] for r in rows}):
         mine = sorted((r for r in rows if r["workload"] == workload),
                       key=lambda r: (order.get(r["group"], 3), r["group"], r["interval"],
-                                     r["bits"] or 0, r["name"]))
+                                     bits_key(r["bits"]), r["name"]))
         parts += ["", f"### {workload}", "", head, rule]
         parts += ["| " + " | ".join(fn(r) for _, fn in _COLUMNS) + " |" for r in mine]
     return "\n".join(parts)
@@ -263,8 +294,9 @@ def _breakdown(output: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[
     """Where the bytes of one delta go at the chosen defaults (last delta of the first seed)."""
     lines = ["## Where a delta's bytes go (chosen defaults, last delta of seed "
              f"{output['plan']['seeds'][0]})", "",
-             "| workload | K | tensors | total | " + " | ".join(_PARTS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(_PARTS)]
+             "| workload | K | tensors | total | " + " | ".join(_PARTS) + " | lossy elements "
+             "by width |",
+             "|---|---:|---:|---:|" + "---:|" * len(_PARTS) + "---|"]
     for row in sorted(matching_rows(rows, chosen), key=lambda r: (r["workload"], r["interval"])):
         result = next(r for r in output["results"] if r["workload"] == row["workload"]
                       and r["setting"]["name"] == row["name"])
@@ -275,10 +307,37 @@ def _breakdown(output: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[
         cells = " | ".join(f"{parts.get(p, 0) / 1024:.1f} KiB ({parts.get(p, 0) / total:.0%})"
                            for p in _PARTS)
         lines.append(f"| {row['workload']} | {row['interval']} | {parts['tensors']} | "
-                     f"{total / 1024:.1f} KiB | {cells} |")
+                     f"{total / 1024:.1f} KiB | {cells} | {_widths(parts)} |")
     lines += ["", "`*_exact` inside a delta: tensors under the AUTO size threshold, policies "
               "marked exact, and Adam's step counters; the manifest is JSON (tensor table, "
               "checksums and the client's structure document)."]
+    return "\n".join(lines)
+
+
+def _widths(parts: dict[str, Any]) -> str:
+    """``b3 40%, b4 60%``: the lossy elements of a delta by the width their blob used."""
+    counts = {int(k[4:-9]): v for k, v in parts.items()
+              if k.startswith("bits") and k.endswith("_elements")}
+    total = sum(counts.values())
+    return ", ".join(f"b{b} {n / total:.0%}" for b, n in sorted(counts.items())) or "-"
+
+
+def _update_errors(rows: list[dict[str, Any]]) -> str:
+    """The restored Adam update direction's relative error per parameter group."""
+    adam = [r for r in rows if r.get("update_error")]
+    groups = sorted({g for r in adam for g in r["update_error"]})
+    lines = ["## Restored Adam update direction", "",
+             "Relative L2 error of `m_hat / (sqrt(v_hat) + eps)` computed from the restored "
+             "moments against the original's at the restored step, per parameter group "
+             "(median over failures): what a lossy first and second moment do to the next "
+             "update.", "",
+             "| workload | setting | " + " | ".join(groups) + " |",
+             "|---|---|" + "---:|" * len(groups)]
+    for r in sorted(adam, key=lambda r: (r["workload"], r["interval"], bits_key(r["bits"]),
+                                         r["name"])):
+        cells = " | ".join(f"{r['update_error'][g]:.3f}" if g in r["update_error"] else "-"
+                           for g in groups)
+        lines.append(f"| {r['workload']} | `{r['name']}` | {cells} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ from them, so the workloads here are real (small) training runs rather than tens
 * ``lm`` - a 2-layer, d=64, context-64 byte-level transformer language model trained with
   AdamW on a few source files of the Python standard library (``sysconfig``'s ``stdlib``):
   Adam's two moment tensors are the optimizer state a lossy codec is most likely to hurt.
+* ``gpt`` - a GPT-style byte-level decoder of 22.4M parameters (7 layers, d=512, 8 heads,
+  context 32), AdamW with linear warmup and weight decay, on every top-level ``*.py`` file
+  of the standard library (the first 4 MiB, sorted by name); ``gpt-bf16`` is the same run
+  with bfloat16 autocast (fp32 master weights and optimizer state, bf16 matmuls). Sized
+  for 2 shared CPU cores: a short context and a small batch (``bench/README.md``).
 
 Every run is a pure function of ``(workload, seed, step)``: initialisation is seeded inside
 ``torch.random.fork_rng`` and the batch of step ``t`` depends only on ``(seed, t)``. That is
@@ -43,6 +48,13 @@ _LM_FILES = ("textwrap.py", "string.py", "glob.py", "fnmatch.py", "shlex.py", "h
 _LM_CONTEXT = 64
 _LM_HELD_OUT_FRACTION = 0.1
 _LM_EVAL_SEQUENCES = 32
+# The decoder: 7 x 12 d^2 + embeddings = 22.4M parameters (the issue asks >= 20M).
+_GPT_WIDTH, _GPT_LAYERS, _GPT_HEADS, _GPT_CONTEXT = 512, 7, 8, 32
+_GPT_TEXT_BYTES = 4 << 20
+_GPT_BATCH = 4
+# Held-out windows evaluated after every step (as many tokens as 4 training steps).
+_GPT_EVAL_SEQUENCES = 16
+_GPT_LR, _GPT_WARMUP_STEPS, _GPT_WEIGHT_DECAY = 1e-3, 40, 0.1
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,10 @@ class Trainer:
     def train_step(self) -> float:
         """Takes one optimizer step on batch ``step + 1``; returns its training loss."""
         x, y = self.workload.batch(self.seed, self.step + 1)
+        if self.workload.lr_at is not None:
+            # A pure function of the step (no scheduler state to checkpoint).
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.workload.lr_at(self.step + 1)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.workload.loss(self.model, x, y)
@@ -100,7 +116,8 @@ class Trainer:
         """Loss and accuracy on the fixed held-out set (no noise from batch sampling)."""
         self.model.eval()
         data = self.workload.data
-        logits = self.model(data.test_x)
+        with _autocast(self.workload.bf16_autocast):
+            logits = self.model(data.test_x).float()
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_y = data.test_y.reshape(-1)
         loss = F.cross_entropy(flat_logits, flat_y)
@@ -137,6 +154,10 @@ class Workload:
     # epoch, like a DataLoader); the LM's ~10^5 windows are drawn per step instead.
     epoch_size: int
     per_epoch_shuffle: bool = True
+    # Learning rate of (1-based) step t, set before each step; None: the optimizer's own.
+    lr_at: Callable[[int], float] | None = None
+    # Forward passes under torch.autocast("cpu", bfloat16).
+    bf16_autocast: bool = False
 
     def trainer(self, seed: int) -> Trainer:
         """A fresh run: parameters initialised from ``seed``, optimizer state empty."""
@@ -157,7 +178,8 @@ class Workload:
         return self.take(self.data, rows)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
+        with _autocast(self.bf16_autocast):
+            logits = model(x).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def parameter_count(self) -> int:
@@ -232,10 +254,11 @@ class _Block(nn.Module):
 class TinyLM(nn.Module):
     """Byte-level GPT: 256-symbol vocabulary, learned positions, untied output head."""
 
-    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4,
+                 context: int = _LM_CONTEXT) -> None:
         super().__init__()
         self.tok = nn.Embedding(256, width)
-        self.pos = nn.Embedding(_LM_CONTEXT, width)
+        self.pos = nn.Embedding(context, width)
         self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, 256)
@@ -254,22 +277,70 @@ def _stdlib_text() -> bytes:
     return b"\n".join(open(os.path.join(root, name), "rb").read() for name in _LM_FILES)
 
 
-def _lm_data() -> _Data:
-    tokens = torch.from_numpy(np.frombuffer(_stdlib_text(), dtype=np.uint8).astype(np.int64))
+def _stdlib_corpus(limit_bytes: int) -> bytes:
+    """Every top-level ``*.py`` of the standard library, sorted by name, cut at
+    ``limit_bytes``: a larger corpus for the decoder (never downloaded)."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = bytearray()
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py") and len(out) < limit_bytes:
+            with open(os.path.join(root, name), "rb") as f:
+                out += f.read() + b"\n"
+    return bytes(out[:limit_bytes])
+
+
+def _lm_data(text: bytes | None = None, context: int = _LM_CONTEXT,
+             eval_sequences: int = _LM_EVAL_SEQUENCES) -> _Data:
+    text = _stdlib_text() if text is None else text
+    tokens = torch.from_numpy(np.frombuffer(text, dtype=np.uint8).astype(np.int64))
     split = int(len(tokens) * (1 - _LM_HELD_OUT_FRACTION))
     train, test = tokens[:split], tokens[split:]
     # Fixed, evenly spaced held-out windows: evaluation sees the same bytes every time.
-    starts = np.linspace(0, len(test) - _LM_CONTEXT - 1, _LM_EVAL_SEQUENCES).astype(np.int64)
-    test_x = torch.stack([test[s : s + _LM_CONTEXT] for s in starts])
-    test_y = torch.stack([test[s + 1 : s + _LM_CONTEXT + 1] for s in starts])
+    starts = np.linspace(0, len(test) - context - 1, eval_sequences).astype(np.int64)
+    test_x = torch.stack([test[s : s + context] for s in starts])
+    test_y = torch.stack([test[s + 1 : s + context + 1] for s in starts])
     # Training windows start at every offset; train_x holds the stream, train_y is unused.
     return _Data(train, train, test_x, test_y)
 
 
-def _take_windows(data: _Data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.from_numpy(rows).unsqueeze(1) + torch.arange(_LM_CONTEXT + 1)
-    windows = data.train_x[starts]
-    return windows[:, :-1], windows[:, 1:]
+def _windows(context: int) -> Callable[[_Data, np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
+    def take(data: _Data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.from_numpy(rows).unsqueeze(1) + torch.arange(context + 1)
+        windows = data.train_x[starts]
+        return windows[:, :-1], windows[:, 1:]
+    return take
+
+
+def _autocast(enabled: bool) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _gpt_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices (embeddings included) and none on biases and
+    LayerNorm, the usual GPT recipe: two parameter groups in the optimizer state."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": _GPT_WEIGHT_DECAY},
+                              {"params": other, "weight_decay": 0.0}],
+                             lr=_GPT_LR, betas=(0.9, 0.95))
+
+
+def _gpt_lr(step: int) -> float:
+    """Linear warmup over the first steps, then constant (the runs are short)."""
+    return _GPT_LR * min(1.0, step / _GPT_WARMUP_STEPS)
+
+
+def _gpt(bf16: bool) -> Workload:
+    data = _lm_data(_stdlib_corpus(_GPT_TEXT_BYTES), _GPT_CONTEXT, _GPT_EVAL_SEQUENCES)
+    return Workload(
+        "gpt-bf16" if bf16 else "gpt",
+        f"{_GPT_LAYERS}-layer d={_GPT_WIDTH} byte GPT, stdlib text, AdamW+warmup"
+        + (", bf16 autocast" if bf16 else ""),
+        data, _GPT_BATCH,
+        lambda: TinyLM(_GPT_WIDTH, _GPT_LAYERS, _GPT_HEADS, _GPT_CONTEXT),
+        _gpt_optimizer, _windows(_GPT_CONTEXT), len(data.train_x) - _GPT_CONTEXT - 1, False,
+        lr_at=_gpt_lr, bf16_autocast=bf16,
+    )
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -294,9 +365,11 @@ def make_workload(name: str) -> Workload:
         data = _lm_data()
         return Workload(
             "lm", "2-layer d=64 byte transformer, stdlib text, AdamW", data, 16,
-            TinyLM, _adamw, _take_windows, len(data.train_x) - _LM_CONTEXT - 1, False,
+            TinyLM, _adamw, _windows(_LM_CONTEXT), len(data.train_x) - _LM_CONTEXT - 1, False,
         )
+    if name in ("gpt", "gpt-bf16"):
+        return _gpt(bf16=name == "gpt-bf16")
     raise ValueError(f"unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
 
 
-WORKLOADS = ("logreg", "lenet", "lm")
+WORKLOADS = ("logreg", "lenet", "lm", "gpt", "gpt-bf16")

@@ -15,6 +15,8 @@ from typing import Any
 from ckptd.daemon.domain import RetentionPolicy
 
 GiB = 1 << 30
+# ``EngineConfig.default_bits`` (and ``ServerInfo.default_bits``) of the adaptive width.
+AUTO_BITS = 0
 MiB = 1 << 20
 
 
@@ -36,14 +38,20 @@ class EngineConfig:
     # Bytes of restored tensors held by restores being streamed; a restore waits for room
     # (one larger than this runs alone).
     max_restore_bytes: int = 2 * GiB
-    # The defaults of the next five knobs are chosen from measured recovery evidence
-    # (bench/RESULTS.md, "Chosen defaults"): b=4 is the smallest width whose restored runs
-    # rework no more than exact ones; longer chains cost little restore time and save space.
+    # The defaults of the next knobs are chosen from measured recovery evidence
+    # (bench/RESULTS.md, "Chosen defaults"): the adaptive width at a 0.2 budget had the
+    # lowest worst-case rework of the widths measured; longer chains cost little restore
+    # time and save space.
     # A new lossless base every this many saves of a (run, rank).
     base_interval: int = 50
     # Also a new base once the deltas since the base outweigh this fraction of it.
     max_delta_fraction: float = 8.0
-    default_bits: int = 4
+    # Bit width of lossy tensors whose client gives none; 0 = AUTO_BITS: per tensor and
+    # per save the smallest width whose dropped buckets add at most auto_bits_max_error
+    # relative L2 error to the change (``ckptd.daemon.codec.encode_delta``, bits="auto").
+    default_bits: int = AUTO_BITS
+    # The error budget of AUTO_BITS, in [0, 1).
+    auto_bits_max_error: float = 0.2
     representative: str = "mean"
     coder: str = "zstd"
     # Lossless blobs (bases, exact tensors): "zstd" (byte planes + zstd), "none" (raw), or
@@ -104,8 +112,12 @@ class EngineConfig:
             raise ValueError(f"max_delta_fraction must be >= 0, got {self.max_delta_fraction}")
         if self.min_lossy_elements < 1:
             raise ValueError(f"min_lossy_elements must be >= 1, got {self.min_lossy_elements}")
-        if not 1 <= self.default_bits <= 8:
-            raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}")
+        if not 0 <= self.default_bits <= 8:
+            raise ValueError(f"default_bits must be in 1..8, got {self.default_bits}; 0 "
+                             "(--bits auto) picks a width per tensor and save")
+        if not 0.0 <= self.auto_bits_max_error < 1.0:  # also refuses NaN
+            raise ValueError(
+                f"auto_bits_max_error must be in [0, 1), got {self.auto_bits_max_error}")
         if self.representative not in ("mean", "midrange"):
             raise ValueError(
                 f"representative must be 'mean' or 'midrange', got {self.representative!r}"
@@ -369,6 +381,12 @@ def is_loopback(listen: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def parse_bits(text: str) -> int:
+    """``"1"``..``"8"``, or ``"auto"`` (``AUTO_BITS``): the default bit width setting."""
+    text = text.strip().lower()
+    return AUTO_BITS if text == "auto" else int(text)
+
+
 def _parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "1", "yes", "false", "0", "no", ""):
@@ -404,7 +422,8 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_checkpoint_bytes": ("engine", "max_checkpoint_bytes", parse_bytes),
     "base_interval": ("engine", "base_interval", int),
     "max_delta_fraction": ("engine", "max_delta_fraction", float),
-    "bits": ("engine", "default_bits", int),
+    "bits": ("engine", "default_bits", parse_bits),
+    "auto_bits_max_error": ("engine", "auto_bits_max_error", float),
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
     "base_compression": ("engine", "base_compression", _parse_lower),

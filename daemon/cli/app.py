@@ -54,7 +54,10 @@ _SERVE_HELP = {
     "base_interval": "a lossless base every this many saves of a (run, rank)",
     "max_delta_fraction": "also a new base once the deltas since the last one outweigh "
     "this fraction of its size",
-    "bits": "default bit width of the lossy delta codec (1-8)",
+    "bits": "default bit width of the lossy delta codec (1-8), or auto: per tensor and save "
+    "the smallest within --auto-bits-max-error",
+    "auto_bits_max_error": "error budget of --bits auto: relative L2 error the dropped "
+    "buckets may add to a tensor's change (0-1)",
     "representative": "value a kept bucket decodes to: mean or midrange",
     "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
     "base_compression": "lossless blobs: zstd, none (raw), or auto (raw when the measured "

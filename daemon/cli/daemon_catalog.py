@@ -22,6 +22,7 @@ from ckptd.client.credentials import TlsFiles, call_metadata, open_channel
 from ckptd.client.errors import CorruptCheckpointError, map_rpc_error
 from ckptd.daemon import errors
 from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
+from ckptd.daemon.config import AUTO_BITS
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey, TensorSpec
 from ckptd.daemon.server import convert
 from ckptd.protos import streams
@@ -32,10 +33,18 @@ from ckptd.protos.v1 import pb, pb_grpc
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.
 _MAX_RECEIVE_BYTES = 1 << 30
 _INFO_FIELDS = ("version", "api_version", "storage_url", "hostname", "default_bits",
-                "base_interval", "lossy_min_elements", "max_inflight_bytes",
-                "max_checkpoint_bytes", "max_message_bytes", "max_chunk_bytes", "max_tensors",
-                "shared_memory")
+                "auto_bits_max_error", "base_interval", "lossy_min_elements",
+                "max_inflight_bytes", "max_checkpoint_bytes", "max_message_bytes",
+                "max_chunk_bytes", "max_tensors", "shared_memory")
 
+
+
+def _info_value(info: pb.ServerInfo, name: str) -> str:
+    """One ServerInfo field as ``ckptd info`` prints it (a wire float32 rounded back)."""
+    value = getattr(info, name)
+    if name == "default_bits" and value == AUTO_BITS:
+        return "auto"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 class DaemonCatalog(Catalog):
@@ -61,7 +70,7 @@ class DaemonCatalog(Catalog):
             response = self._stub.GetServerInfo(pb.GetServerInfoRequest(),
                                                 timeout=self._timeout_s, metadata=self._metadata)
         info = response.info
-        return [("target", self.target)] + [(name, str(getattr(info, name)))
+        return [("target", self.target)] + [(name, _info_value(info, name))
                                             for name in _INFO_FIELDS]
 
     def list_runs(self) -> list[RunInfo]:

@@ -28,11 +28,13 @@ import numpy as np
 from . import delta, exact
 from .domains import DOMAINS
 from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
+from .quantize import AUTO_MAX_ERROR
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("ckptd.daemon.codec supports little-endian hosts only")
 
 __all__ = [
+    "AUTO_MAX_ERROR",
     "DEFAULT_BITS",
     "DEFAULT_CODER",
     "DEFAULT_REPRESENTATIVE",
@@ -60,16 +62,21 @@ DEFAULT_CODER: Coder = "zstd"
 DEFAULT_REPRESENTATIVE: Representative = "mean"
 
 
-def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFAULT_BITS,
+def encode_delta(current: np.ndarray, reference: np.ndarray, *,
+                 bits: int | Literal["auto"] = DEFAULT_BITS,
                  representative: Representative = DEFAULT_REPRESENTATIVE,
                  coder: Coder = DEFAULT_CODER, bfloat16: bool = False,
-                 domain: Domain = "linear") -> tuple[bytes, np.ndarray]:
+                 domain: Domain = "linear",
+                 auto_max_error: float = AUTO_MAX_ERROR) -> tuple[bytes, np.ndarray]:
     """Lossy delta of a float tensor against the reconstruction it follows.
 
     Args:
         current: float32/float16/float64 array, or bfloat16 as raw uint16 words.
         reference: the previous reconstruction; same shape and dtype as ``current``.
-        bits: symbol width b in 1..8; ``2^b - 1`` exponent buckets are kept.
+        bits: symbol width b in 1..8; ``2^b - 1`` exponent buckets are kept. ``"auto"``:
+            the smallest b whose dropped buckets hold at most ``auto_max_error`` of the
+            delta's L2 norm, chosen per call from the bucket statistics (no second
+            encode); the blob's header records the b chosen (``blob_info(blob).bits``).
         representative: value of a kept bucket: its mean (least squared error) or its
             midrange (the paper's figure).
         coder: entropy coder of the symbols.
@@ -78,6 +85,10 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFA
             ``"log"`` quantizes the step between their logarithms (relative error, a
             reconstruction never negative, exact zeros kept): for tensors that must stay
             non-negative, such as Adam's second moment. Its blobs are format version 2.
+        auto_max_error: the error budget of ``bits="auto"`` in [0, 1): the relative L2
+            error the dropped buckets may add to the reconstructed change (a dropped
+            element is restored as no change; the kept buckets' own error, ~20 % of the
+            change, is the same at every b). Ignored for a fixed ``bits``.
 
     Returns:
         ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is
@@ -90,7 +101,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int = DEFA
         CodecError: unsupported dtype, mismatched reference, or an invalid option.
     """
     return delta.encode_delta(current, reference, bits=bits, representative=representative,
-                              coder=coder, bfloat16=bfloat16, domain=domain)
+                              coder=coder, bfloat16=bfloat16, domain=domain,
+                              auto_max_error=auto_max_error)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:

@@ -35,15 +35,17 @@ from .format import (
     write_chunks,
 )
 
+AUTO = "auto"
 _F32 = np.dtype("<f4")
 _U64 = np.dtype("<u8")
 
 
-def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, representative: str,
-                 coder: str, bfloat16: bool, domain: str = "linear") -> tuple[bytes, np.ndarray]:
+def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
+                 representative: str, coder: str, bfloat16: bool, domain: str = "linear",
+                 auto_max_error: float = quantize.AUTO_MAX_ERROR,
+                 ) -> tuple[bytes, np.ndarray]:
     """See ``ckptd.daemon.codec.encode_delta``."""
-    _check_options(bits, representative, coder, domain)
-    bits = int(bits)
+    _check_options(bits, representative, coder, domain, auto_max_error)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
@@ -55,7 +57,11 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int, repre
     with chunks.mapper(len(parts)) as run:
         stats = run(lambda s: _analyze(cur[s], ref[s], out[s], ops,
                                        representative=representative, scratch=pool.get()), parts)
-        plan = quantize.make_plan(quantize.merge(stats, representative), bits, representative)
+        merged = quantize.merge(stats, representative)
+        # The width is chosen between the passes: pass 1's statistics do not depend on it.
+        bits = (quantize.auto_bits(merged, auto_max_error, representative) if bits == AUTO
+                else int(bits))
+        plan = quantize.make_plan(merged, bits, representative)
         enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
         coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], ops,
                                             plan=plan, enc=enc, nonfinite=stats[i].nonfinite,
@@ -179,9 +185,13 @@ def _read_exceptions(reader: Reader, header: Header,
     return index.astype(np.intp), np.frombuffer(raw, header.dtype.holder, count, count * 8)
 
 
-def _check_options(bits: int, representative: str, coder: str, domain: str) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 1 <= bits <= 8:
-        raise CodecError(f"bits must be an integer in 1..8, got {bits!r}")
+def _check_options(bits: int | str, representative: str, coder: str, domain: str,
+                   auto_max_error: float) -> None:
+    if bits == AUTO:
+        if not 0.0 <= auto_max_error < 1.0:  # also refuses NaN
+            raise CodecError(f"auto_max_error must be in [0, 1), got {auto_max_error!r}")
+    elif isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 1 <= bits <= 8:
+        raise CodecError(f"bits must be an integer in 1..8, got {bits!r} (or 'auto')")
     if representative not in REPRESENTATIVE_IDS or representative == "none":
         raise CodecError(f"representative must be 'mean' or 'midrange', got {representative!r}")
     if coder not in CODER_IDS:

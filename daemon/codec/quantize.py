@@ -30,6 +30,9 @@ _MANTISSA_BITS = 23
 # grouped reductions (they hold the GIL, so they are the serial part of encode).
 _COUNT_SHIFT = 43
 MAX_STATS_ELEMS = 1 << 20
+# bits="auto": the default relative L2 error the dropped buckets may add to a delta
+# (``auto_bits``); chosen from bench/RESULTS.md.
+AUTO_MAX_ERROR = 0.2
 _F32 = np.dtype(np.float32)
 
 
@@ -148,6 +151,37 @@ def _means(stats: Stats, kept: np.ndarray) -> np.ndarray:
     return np.where(kept >> 8, -magnitude, magnitude)
 
 
+def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int = 8) -> int:
+    """The smallest width (1..``max_bits``) whose dropped buckets hold at most
+    ``max_error`` of the delta's L2 norm: ``sqrt(sum dropped d^2 / sum d^2) <= max_error``.
+
+    A dropped element is restored as no change, so this is the relative L2 error the
+    width adds to the reconstructed change; the kept buckets' own error (each bucket spans
+    a factor of 2 and decodes to one value) is the same at every width and not counted.
+    Each bucket's energy is estimated as ``count * representative^2`` from the statistics
+    of pass 1, which do not depend on the width: choosing costs no second encode. A
+    tensor with nothing changed gets 1.
+    """
+    order = promote(stats, max_bits)  # symbol order: the first 2^b - 1 are kept at width b
+    exponent = np.arange(NKEYS) & _EXP_MASK
+    normal = np.flatnonzero(stats.counts * ((exponent != 0) & (exponent != _EXP_MASK)))
+    values = _means(stats, normal) if representative == "mean" else _midranges(stats, normal)
+    energy = dict(zip(normal.tolist(), (stats.counts[normal] * values ** 2).tolist(),
+                      strict=True))
+    total = sum(energy.values())
+    kept = np.concatenate([[0.0], np.cumsum([energy[int(k)] for k in order])])
+    for bits in range(1, max_bits):
+        dropped = total - kept[min((1 << bits) - 1, order.size)]
+        if dropped <= max_error * max_error * total:
+            return bits
+    return max_bits
+
+
+def _midranges(stats: Stats, keys: np.ndarray) -> np.ndarray:
+    assert stats.lo is not None and stats.hi is not None
+    return (stats.lo[keys].astype(np.float64) + stats.hi[keys]) / 2
+
+
 def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
     """Promotion plus representatives: what every key becomes."""
     kept = promote(stats, bits)
@@ -155,11 +189,7 @@ def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
     lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
     reps = np.zeros(1 << bits, _F32)
     reps[0] = -0.0
-    if representative == "mean":
-        values = _means(stats, kept)
-    else:
-        assert stats.lo is not None and stats.hi is not None
-        values = (stats.lo[kept].astype(np.float64) + stats.hi[kept]) / 2
+    values = _means(stats, kept) if representative == "mean" else _midranges(stats, kept)
     reps[1:kept.size + 1] = values.astype(_F32)
     sym_counts = np.bincount(lut, weights=stats.counts, minlength=1 << bits)
     return Plan(lut, reps, sym_counts.astype(np.int64))

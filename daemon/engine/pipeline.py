@@ -266,6 +266,7 @@ def _encode_tensor(
         current,
         reference,
         bits=bits_for(spec, config),
+        auto_max_error=config.auto_bits_max_error,
         representative=cast(codec.Representative, config.representative),
         coder=cast(codec.Coder, config.coder),
         bfloat16=bfloat16,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from typing import Literal
 
-from ckptd.daemon.config import EngineConfig
+from ckptd.daemon.config import AUTO_BITS, EngineConfig
 from ckptd.daemon.domain import CheckpointHeader, Policy, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError
 from ckptd.protos import dtypes
@@ -79,7 +80,8 @@ def _check_spec(spec: TensorSpec, config: EngineConfig) -> None:
     if not 0 <= spec.bits <= MAX_BITS:
         raise InvalidRequestError(
             f"tensor {spec.name!r} asks for {spec.bits} bits; use 1..{MAX_BITS}, or 0 for the "
-            f"daemon's default ({config.default_bits})"
+            f"daemon's default "
+            f"({'auto' if config.default_bits == AUTO_BITS else config.default_bits})"
         )
 
 
@@ -134,5 +136,8 @@ def domain_for(spec: TensorSpec) -> str:
     return "log" if spec.policy is Policy.LOSSY_LOG else "linear"
 
 
-def bits_for(spec: TensorSpec, config: EngineConfig) -> int:
-    return spec.bits or config.default_bits
+def bits_for(spec: TensorSpec, config: EngineConfig) -> int | Literal["auto"]:
+    """The tensor's bit width: its own, else the daemon's default (``"auto"`` for
+    ``AUTO_BITS``: the codec picks per tensor and save)."""
+    bits = spec.bits or config.default_bits
+    return "auto" if bits == AUTO_BITS else bits

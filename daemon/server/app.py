@@ -182,6 +182,7 @@ class Daemon:
             hostname=socket.gethostname(),
             boot_id=_boot_id(),
             lossy_min_elements=engine.min_lossy_elements,
+            auto_bits_max_error=engine.auto_bits_max_error,
         )
 
     def request_stop(self) -> None:

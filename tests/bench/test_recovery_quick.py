@@ -81,3 +81,20 @@ def test_lossy_chain_is_smaller_and_restores_approximately(
     for r in result["resumes"]:
         assert 0.0 < r["restored_error"]["model"] < 0.05
         assert r["rework"] >= 1
+
+
+def test_resume_takes_finished_runs_from_the_earlier_results(
+    quick: tuple[Path, dict[str, Any]], tmp_path: Path,
+) -> None:
+    out, output = quick
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.recovery", "--quick", "--out", str(tmp_path),
+         "--resume", str(out / "recovery-quick.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lenet seed 0: 3 settings taken from the earlier run" in done.stdout
+    again = json.loads((tmp_path / "recovery-quick.json").read_text())
+    assert again["results"] == output["results"]
+    assert again["references"][0]["eval_loss"] == output["references"][0]["eval_loss"]
+    assert again["provenance"]["reused"]["runs"] == ["lenet seed 0"]

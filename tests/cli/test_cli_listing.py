@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ckptd.client.structure import flatten
+from ckptd.daemon.config import AUTO_BITS, EngineConfig
 from cli_support import RUNS, CliRunner, Store, make_state
+from daemon_harness import start_in_process
 
 
 def test_ls_lists_every_run_and_rank(cli: CliRunner, source: list[str]) -> None:
@@ -81,3 +84,15 @@ def test_info_of_a_step_shows_its_tensor_table(cli: CliRunner, source: list[str]
     assert code == 0
     assert out.splitlines()[0].split() == ["step", "beta/rank0/step20"]
     assert any(line.startswith("model/w ") and "float32" in line for line in out.splitlines())
+
+
+def test_info_shows_an_adaptive_bit_width(cli: CliRunner, tmp_path: Path) -> None:
+    engine = EngineConfig(default_bits=AUTO_BITS, auto_bits_max_error=0.25)
+    daemon = start_in_process(tmp_path / "storage", engine=engine)
+    try:
+        code, out, _ = cli("info", "--json", "--target", daemon.address)
+    finally:
+        daemon.stop()
+    assert code == 0
+    info = json.loads(out)
+    assert (info["default_bits"], info["auto_bits_max_error"]) == ("auto", "0.25")

@@ -32,7 +32,7 @@ def _spanning(n: int, seed: int) -> np.ndarray:
     return values
 
 
-def _chain(states: list[np.ndarray], bits: int) -> list[np.ndarray]:
+def _chain(states: list[np.ndarray], bits: int | str) -> list[np.ndarray]:
     """Encodes ``states`` as one chain (the first as its own reference, as a base) and checks
     every decode against the encoder's reconstruction, bit for bit."""
     held = states[0]
@@ -51,8 +51,8 @@ def _assert_non_negative(recon: np.ndarray) -> None:
     assert np.all(np.isfinite(recon))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 8])
-def test_adversarial_second_moment_restores_non_negative(bits: int) -> None:
+@pytest.mark.parametrize("bits", [1, 2, 3, 8, "auto"])  # "auto": the shipped default
+def test_adversarial_second_moment_restores_non_negative(bits: int | str) -> None:
     spanning = _spanning(5000, 0)
     states = [
         spanning,

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 from ckptd.daemon.cli.storage_catalog import StorageCatalog
+from ckptd.daemon.codec import blob_info
+from ckptd.daemon.config import AUTO_BITS
 from ckptd.daemon.domain import Policy, RestoredCheckpoint, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError, StepNotFoundError
 from ckptd.daemon.storage import LocalStorage
@@ -304,3 +306,39 @@ def test_plain_json_manifests_of_earlier_versions_stay_readable(tmp_path: Path) 
     with StorageCatalog.open(str(tmp_path)) as catalog:
         catalog.delete_step(StepKey(RUN, 0, 1))  # rebases step 2 (a plain-JSON delta)
     asyncio.run(reopen())
+
+
+def test_auto_bits_picks_a_width_per_tensor_and_save(tmp_path: Path) -> None:
+    """default_bits=AUTO_BITS: every delta blob carries the width the codec chose for that
+    tensor and save (a flat change fewer bits than a busy one), and restores stay exact
+    copies of what the engine holds."""
+    config = dataclasses.replace(SMALL, default_bits=AUTO_BITS, auto_bits_max_error=0.1)
+    rng = np.random.default_rng(5)
+    flat = rng.standard_normal(4096).astype(np.float32)
+    busy = rng.standard_normal(4096).astype(np.float32)
+
+    async def scenario() -> list[dict[str, int]]:
+        widths = []
+        async with open_engine(tmp_path, config) as engine:
+            for step in range(4):
+                state = {"flat": Tensor(flat.copy()), "busy": Tensor(busy.copy()),
+                         "fixed": Tensor(busy.copy(), bits=3)}
+                await save(engine, step, state)
+                head = await engine.restore(RUN, 0, None)
+                assert_same(await engine.restore(RUN, 0, step), head)
+                if step:
+                    widths.append(_blob_bits(tmp_path, step, ("flat", "busy", "fixed")))
+                flat[:] += np.float32(0.01) * np.sign(rng.standard_normal(4096)).astype(
+                    np.float32)  # one magnitude: two buckets
+                busy[:] += (0.01 * rng.standard_t(2, 4096)).astype(np.float32)
+        return widths
+
+    widths = asyncio.run(scenario())
+    assert all(w["flat"] <= 2 and w["busy"] > w["flat"] and w["fixed"] == 3 for w in widths)
+
+
+def _blob_bits(root: Path, step: int, names: tuple[str, ...]) -> dict[str, int]:
+    storage = LocalStorage(root)
+    manifest = Manifest.from_bytes(storage.get(manifest_key(StepKey(RUN, 0, step))), "test")
+    return {entry.spec.name: blob_info(storage.get(entry.blob_key)).bits
+            for entry in manifest.tensors if entry.spec.name in names}

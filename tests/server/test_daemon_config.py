@@ -6,7 +6,15 @@ import asyncio
 
 import pytest
 from ckptd.daemon.cli import app as cli
-from ckptd.daemon.config import SETTINGS, DaemonConfig, GiB, MiB, env_name, parse_bytes
+from ckptd.daemon.config import (
+    AUTO_BITS,
+    SETTINGS,
+    DaemonConfig,
+    GiB,
+    MiB,
+    env_name,
+    parse_bytes,
+)
 from ckptd.daemon.server import loops
 
 
@@ -93,3 +101,11 @@ def test_run_leaves_the_global_policy_alone() -> None:
     assert loops.run(loop_type(), "uvloop").startswith("uvloop")
     assert loops.run(loop_type(), "asyncio").startswith("asyncio")
     assert asyncio.get_event_loop_policy() is policy
+
+
+def test_bits_auto_selects_the_adaptive_width() -> None:
+    config = DaemonConfig.from_env({"CKPTD_STORAGE": "/d", "CKPTD_AUTO_BITS_MAX_ERROR": "0.3"},
+                                   {"bits": "Auto"})
+    assert (config.engine.default_bits, config.engine.auto_bits_max_error) == (AUTO_BITS, 0.3)
+    with pytest.raises(ValueError, match="auto_bits_max_error must be in"):
+        DaemonConfig.from_env({"CKPTD_STORAGE": "/d"}, {"auto_bits_max_error": "1.5"})
