@@ -62,12 +62,10 @@ being streamed hold their tensors within ``max_restore_bytes``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import numpy as np
 from ckptd.daemon.config import EngineConfig
@@ -83,8 +81,10 @@ from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.catalog import CatalogRefresh
 from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.lease import ChainLeases
-from ckptd.daemon.engine.observer import ChainHead, DurableSave, EngineObserver
-from ckptd.daemon.engine.pipeline import Committed, SavePipeline
+from ckptd.daemon.engine.ledger import SaveLedger
+from ckptd.daemon.engine.observer import EngineObserver
+from ckptd.daemon.engine.pipeline import SavePipeline
+from ckptd.daemon.engine.reports import Reports
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
@@ -105,9 +105,6 @@ from ckptd.protos.records import SaveState, StepInfo
 __all__ = ["Engine", "EngineObserver", "SaveSession"]
 
 log = get_logger("engine")
-# Failed saves remembered for status()/wait() after they finish (durable ones are in the
-# index); the oldest are forgotten first.
-MAX_REMEMBERED_FAILURES = 4096
 SHUTDOWN_REASON = "the daemon is shutting down and accepts no new saves"
 
 
@@ -119,7 +116,6 @@ class Engine:
     ) -> None:
         self.storage = storage
         self.config = config
-        self._observer = observer or EngineObserver()
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._resident = ResidentHeads(config.max_resident_bytes)
@@ -132,17 +128,15 @@ class Engine:
             self._repository, config.max_restore_bytes, config.max_inflight_share
         )
         self._index = self._repository.index  # read-only queries; writes go through it
+        self._reports = Reports(observer or EngineObserver(), self._index)
+        self._observer = self._reports.observer
+        self._notify = self._reports.notify  # every observer call: it never fails a save
         self._pipeline = SavePipeline(self._repository, config, self._pools,
                                       fence=self._leases.fence)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
-        self._inflight: dict[StepKey, QueuedSave] = {}
-        self._accepted_at_s: dict[StepKey, float] = {}  # monotonic, for save latency
-        self._failed: collections.OrderedDict[StepKey, SaveStatus] = collections.OrderedDict()
-        # Durable steps retention deleted since, so that a trainer's WaitSave arriving after
-        # the deletion still hears DURABLE (the oldest are forgotten first).
-        self._retired: collections.OrderedDict[StepKey, None] = collections.OrderedDict()
+        self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
@@ -175,7 +169,7 @@ class Engine:
         self._started = True
         self._leases.start()
         for run, rank in self._index.chains():
-            self._report_head(run, rank)
+            self._reports.head(run, rank)
             self._schedule_retention(self._chain(run, rank))
         log.info("engine started %s", fields(
             steps=len(found.entries), chains=len(self._index.chains()),
@@ -214,22 +208,17 @@ class Engine:
 
     def status(self, key: StepKey) -> SaveStatus:
         """The save's state: in flight, DURABLE once committed, or FAILED (remembered for
-        the last ``MAX_REMEMBERED_FAILURES`` failures)."""
+        the last ``MAX_REMEMBERED`` failures: ``ckptd.daemon.engine.ledger``)."""
         check_key(key.run, key.rank, key.step)
-        save = self._inflight.get(key)
-        if save is not None:
-            return save.status
-        if self._index.get(key) is not None or key in self._retired:
-            return SaveStatus(key, SaveState.DURABLE)
-        failed = self._failed.get(key)
-        if failed is not None:
-            return failed
-        raise self._not_found(key)
+        found = self._ledger.outcome(key, indexed=self._index.get(key) is not None)
+        if found is None:
+            raise self._not_found(key)
+        return found
 
     async def wait(self, key: StepKey, timeout_s: float) -> SaveStatus:
         """Waits until the save is durable or failed, or ``timeout_s`` passes; returns the
         state at that moment either way."""
-        save = self._inflight.get(key)
+        save = self._ledger.inflight.get(key)
         if save is not None:
             try:
                 await asyncio.wait_for(save.done.wait(), timeout_s)
@@ -324,7 +313,7 @@ class Engine:
             chain.invalidate(key.step)
             self._recount(chain)
         self._touch(chain)
-        self._report_head(key.run, key.rank)
+        self._reports.head(key.run, key.rank)
         self._retainer.schedule(chain)  # hidden steps the deleted one needed may go now
         return 1
 
@@ -346,7 +335,7 @@ class Engine:
                 deleted += await self._repository.delete_chain(chain.run, chain.rank)
                 chain.invalidate()
             self._touch(chain)
-            self._report_head(chain.run, chain.rank)
+            self._reports.head(chain.run, chain.rank)
         return deleted
 
     @property
@@ -367,7 +356,7 @@ class Engine:
     @property
     def inflight_saves(self) -> int:
         """Saves being received plus saves accepted and not yet durable or failed."""
-        return len(self._sessions) + len(self._inflight)
+        return len(self._sessions) + len(self._ledger.inflight)
 
     async def drain(self, timeout_s: float) -> bool:
         """Returns True when every accepted save finished within the timeout."""
@@ -443,9 +432,7 @@ class Engine:
         save = QueuedSave(session.header, session.take_arrays(), session.identity)
         save.stages.add("receive", session.receive_s)
         self._sessions.discard(session)
-        self._inflight[key] = save
-        self._accepted_at_s[key] = time.monotonic()
-        self._failed.pop(key, None)
+        self._ledger.accepted(save)
         chain.queued[key.step] = save
         chain.wakeup.set()
         if chain.worker is None:
@@ -490,7 +477,7 @@ class Engine:
                       exc_info=not isinstance(exc, OSError | ValueError))
             self._finish(chain, save, error, type(exc).__name__)
             return
-        self._report_durable(save, committed)
+        self._reports.durable(save, committed, self._ledger.latency_s(save.header.key))
         await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
         self._schedule_retention(chain)
@@ -504,44 +491,8 @@ class Engine:
             self._retainer.schedule(chain)
 
     def _retention_deleted(self, run: str, rank: int, keys: list[StepKey], spent_s: float) -> None:
-        for key in keys:
-            self._retired[key] = None
-        while len(self._retired) > MAX_REMEMBERED_FAILURES:
-            self._retired.popitem(last=False)
+        self._ledger.retired(keys)
         self._notify(lambda: self._observer.retention_deleted(run, rank, len(keys), spent_s))
-
-    def _report_durable(self, save: QueuedSave, committed: Committed) -> None:
-        key, manifest = save.header.key, committed.entry.manifest
-        accepted_at_s = self._accepted_at_s.get(key, time.monotonic())
-        durable = DurableSave(
-            key, manifest.kind, manifest.raw_bytes, committed.entry.stored_bytes,
-            encode_s=committed.encode_s, latency_s=time.monotonic() - accepted_at_s,
-            stages=committed.stages,
-        )
-        log.info("save durable %s", step_fields(
-            key, kind=durable.kind, raw_bytes=durable.raw_bytes,
-            stored_bytes=durable.stored_bytes, chain_depth=manifest.chain_depth,
-            encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4),
-            **{f"{stage}_s": round(s, 4) for stage, s in durable.stages.items()}))
-        self._notify(lambda: self._observer.save_durable(durable))
-        self._report_head(key.run, key.rank)
-
-    def _report_head(self, run: str, rank: int) -> None:
-        entries = self._index.entries(run, rank)
-        head = None
-        if entries:
-            entry = entries[-1]
-            manifest = entry.manifest
-            head = ChainHead(manifest.key.step, manifest.chain_depth, manifest.raw_bytes,
-                             entry.stored_bytes)
-        self._notify(lambda: self._observer.chain_head(run, rank, head))
-
-    def _notify(self, event: Callable[[], None]) -> None:
-        """Runs one observer call; a failing observer is logged and never fails a save."""
-        try:
-            event()
-        except Exception:
-            log.exception("engine observer failed")
 
     def _finish(
         self, chain: Chain, save: QueuedSave, error: str, kind: str = ShuttingDownError.__name__
@@ -555,14 +506,9 @@ class Engine:
         save.error = error
         save.arrays = []
         chain.queued.pop(key.step, None)
-        self._inflight.pop(key, None)
-        if error:
-            self._failed[key] = save.status
-            while len(self._failed) > MAX_REMEMBERED_FAILURES:
-                self._failed.popitem(last=False)
+        self._ledger.finished(save)
         self._budget.release(save.header.nbytes, save.identity)
         self._release_step(chain, key.step)
-        self._accepted_at_s.pop(key, None)
         save.done.set()
         self._check_idle()
         if error:
@@ -573,7 +519,7 @@ class Engine:
         chain.wakeup.set()
 
     def _check_idle(self) -> None:
-        if not self._sessions and not self._inflight:
+        if not self._sessions and not self._ledger.inflight:
             self._idle.set()
 
     def _not_found(self, key: StepKey) -> LookupError:
