@@ -25,11 +25,16 @@ from .chunks import Scratch
 NKEYS = 512
 _EXP_MASK = 0xFF
 _MANTISSA_BITS = 23
-# Per-key count and mantissa sum share one uint64 accumulator: the mantissa sum of at most
-# 2^20 elements stays below 2^43, the count sits above it. One np.add.at instead of two
+# Per-key count and mantissa sum share one uint64 accumulator, filled by one np.add.at of
+# ``pattern + 2^43`` (the raw IEEE-754 bit pattern: no mask pass). Every pattern of a key
+# is ``key << 23`` plus its mantissa, so a key's sum is ``X = count * (2^43 + key * 2^23) + S``
+# with S, the mantissa sum, below ``count * 2^23 <= 2^43`` for at most 2^20 elements: then
+# ``count = X // (2^43 + key * 2^23)`` exactly and X < 2^64. One np.add.at instead of two
 # grouped reductions (they hold the GIL, so they are the serial part of encode).
 _COUNT_SHIFT = 43
 MAX_STATS_ELEMS = 1 << 20
+_KEY_PATTERNS = np.arange(NKEYS, dtype=np.uint64) << np.uint64(_MANTISSA_BITS)
+_COUNT_UNITS = np.uint64(1 << _COUNT_SHIFT) + _KEY_PATTERNS
 # bits="auto": the default relative L2 error the dropped buckets may add to a delta
 # (``auto_bits``); chosen from bench/RESULTS.md.
 AUTO_MAX_ERROR = 0.2
@@ -102,14 +107,12 @@ def chunk_stats(delta: np.ndarray, representative: str, scratch: Scratch) -> Sta
         np.minimum.at(lo, keys, delta)
         np.maximum.at(hi, keys, delta)
         return Stats(np.bincount(keys, minlength=NKEYS).astype(np.int64), None, lo, hi)
-    packed = scratch.get("packed_stats", delta.size, np.uint64)
-    np.bitwise_and(delta.view(np.uint32), (1 << _MANTISSA_BITS) - 1, out=packed,
-                   casting="unsafe")
-    packed |= np.uint64(1 << _COUNT_SHIFT)
+    packed = np.add(delta.view(np.uint32), np.uint64(1 << _COUNT_SHIFT),
+                    out=scratch.get("packed_stats", delta.size, np.uint64))
     acc = np.zeros(NKEYS, np.uint64)
     np.add.at(acc, keys, packed)
-    counts = (acc >> np.uint64(_COUNT_SHIFT)).astype(np.int64)
-    return Stats(counts, acc & np.uint64((1 << _COUNT_SHIFT) - 1), None, None)
+    counts = acc // _COUNT_UNITS
+    return Stats(counts.astype(np.int64), acc - counts * _COUNT_UNITS, None, None)
 
 
 def merge(parts: list[Stats], representative: str) -> Stats:
@@ -243,6 +246,12 @@ def exception_mask(keys: np.ndarray, recon: np.ndarray, dtype_name: str,
 
     Returns None when there are none (the common case costs one ``isfinite`` pass).
     """
+    if not nonfinite_deltas and dtype_name != "bfloat16":
+        # The common case in two passes, not three: all finite means no exception.
+        finite = np.isfinite(recon, out=scratch.get("bad", recon.size, np.bool_))
+        if finite.all():
+            return None
+        return np.logical_not(finite, out=finite)
     bad = nonfinite_mask(recon, dtype_name, scratch.get("bad", recon.size, np.bool_))
     if nonfinite_deltas:
         bad |= (keys & _EXP_MASK) == _EXP_MASK
