@@ -105,14 +105,22 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
                               auto_max_error=auto_max_error)
 
 
-def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
+                 in_place: bool = False) -> np.ndarray:
     """Reconstruction from a delta blob and the reference it was encoded against.
+
+    ``in_place=True`` writes the reconstruction over ``reference`` (which must then be a
+    writeable, C-contiguous array of the blob's holder dtype) and returns it: a chain of
+    deltas decodes into one buffer instead of faulting in a fresh tensor-sized one per
+    delta. The values are the same either way. On error ``reference`` may be partly
+    overwritten.
 
     Raises:
         CodecError: the blob is truncated, corrupt, of an unknown version, not a delta blob, or
-            ``reference`` does not have the blob's shape and dtype.
+            ``reference`` does not have the blob's shape and dtype (or, in place, is not a
+            writeable C-contiguous array).
     """
-    return delta.decode_delta(blob, reference)
+    return delta.decode_delta(blob, reference, in_place=in_place)
 
 
 def encode_exact(array: np.ndarray, *, bfloat16: bool = False, compress: bool = True) -> bytes:

@@ -83,7 +83,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     return build_blob(header, payload), out.reshape(current.shape)
 
 
-def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
+                 in_place: bool = False) -> np.ndarray:
     """See ``ckptd.daemon.codec.decode_delta``."""
     view = memoryview(blob).cast("B")
     header = unpack_header(view)
@@ -104,8 +105,12 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray) -> np.ndarray:
     parts = chunks.bounds(header.count, header.chunk_elems)
     values_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
                                 [s.stop - s.start for s in parts], reps=reps)
-    ref = _flat(reference, header.dtype)
-    out = chunks.empty_output(header.count, header.dtype.holder)
+    if in_place:
+        _check_in_place(reference, header.dtype)
+        ref = out = reference.reshape(-1)  # add_values may write over the values it reads
+    else:
+        ref = _flat(reference, header.dtype)
+        out = chunks.empty_output(header.count, header.dtype.holder)
     ops = domains.Ops(header.domain, header.dtype.name)
 
     def decode_chunk(i: int) -> None:
@@ -222,6 +227,14 @@ def _matching(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
         raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, current is "
                          f"{current.dtype}{list(current.shape)}: they must match")
     return reference
+
+
+def _check_in_place(reference: np.ndarray, dtype: DType) -> None:
+    flags = reference.flags
+    if reference.dtype != dtype.holder or not (flags.c_contiguous and flags.writeable):
+        raise CodecError(f"decoding in place needs a writeable C-contiguous {dtype.holder} "
+                         f"reference, got {reference.dtype} (contiguous "
+                         f"{flags.c_contiguous}, writeable {flags.writeable})")
 
 
 def _little(dtype: np.dtype) -> np.dtype:

@@ -114,7 +114,9 @@ def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> n
             elif array is None:
                 raise CorruptCheckpointError("a delta blob has no base to apply to")
             else:
-                decoded = codec.decode_delta(blob, array)
+                # Every array here was decoded by this call, so a delta may overwrite its
+                # reference: one buffer for the whole chain, not a fresh one per delta.
+                decoded = codec.decode_delta(blob, array, in_place=_writeable(array))
             array = as_holder(decoded, entry.spec)
         except (codec.CodecError, ValueError) as exc:
             raise CorruptCheckpointError(
@@ -123,6 +125,10 @@ def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> n
             ) from exc
     assert array is not None  # a plan has at least its base
     return array
+
+
+def _writeable(array: np.ndarray) -> bool:
+    return bool(array.flags.writeable and array.flags.c_contiguous)
 
 
 def as_holder(array: np.ndarray, spec: TensorSpec) -> np.ndarray:

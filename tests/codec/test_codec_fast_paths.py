@@ -9,6 +9,8 @@ implementations, kept here as the specification.
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from ckptd.daemon import codec
 from ckptd.daemon.codec import packing, quantize
 from ckptd.daemon.codec.chunks import Scratch
 from hypothesis import given, settings
@@ -80,3 +82,39 @@ def test_exception_mask_without_nonfinite_deltas(dtype: str, data: st.DataObject
         np.testing.assert_array_equal(mask, expected)
     else:
         assert mask is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(["float32", "float16", "float64", "bfloat16"]),
+       domain=st.sampled_from(["linear", "log"]), bits=st.integers(1, 8),
+       seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5000))
+def test_decode_in_place_equals_a_fresh_decode(dtype: str, domain: str, bits: int, seed: int,
+                                               size: int) -> None:
+    rng = np.random.default_rng(seed)
+    holder = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    words = rng.integers(0, 1 << 16, size, dtype=np.uint16)
+    if dtype == "bfloat16":
+        reference, current = words, words ^ rng.integers(0, 1 << 6, size, dtype=np.uint16)
+    else:
+        reference = rng.standard_normal(size).astype(holder)
+        current = (reference + rng.standard_normal(size) * 1e-3).astype(holder)
+        with np.errstate(over="ignore"):  # float16 takes the float32 extremes as Inf
+            current[rng.integers(0, size, size // 50 + 1)] = _SPECIALS[rng.integers(0, 15)]
+    blob, recon = codec.encode_delta(current, reference, bits=bits, domain=domain,
+                                     bfloat16=dtype == "bfloat16")
+    target = reference.copy()
+    decoded = codec.decode_delta(blob, target, in_place=True)
+    assert np.shares_memory(decoded, target)
+    assert decoded.tobytes() == recon.tobytes() == codec.decode_delta(blob, reference).tobytes()
+
+
+def test_decode_in_place_refuses_what_it_cannot_overwrite() -> None:
+    reference = np.linspace(0, 1, 64, dtype=np.float32)
+    blob, _ = codec.encode_delta(reference + 1, reference, bits=2)
+    strided = np.repeat(reference, 2)[::2]
+    read_only = np.frombuffer(reference.tobytes(), np.float32)
+    for target in (strided, read_only):
+        with pytest.raises(codec.CodecError, match="in place"):
+            codec.decode_delta(blob, target, in_place=True)
+    assert codec.decode_delta(blob, strided).tobytes() == codec.decode_delta(
+        blob, reference).tobytes()

@@ -157,6 +157,19 @@ def test_legacy_blobs_decode(name: str) -> None:
     assert hashlib.sha256(decoded.tobytes()).hexdigest() == digest
 
 
+@pytest.mark.parametrize("name", sorted(name for name, case in {**CASES, **LEGACY}.items()
+                                         if name.startswith(("delta", "legacy_delta"))))
+def test_golden_delta_blobs_decode_in_place(name: str) -> None:
+    """In place (a chain's restore) gives the same bytes, in the reference's own buffer."""
+    reference = (CASES[name][1] if name in CASES else LEGACY[name][0])
+    assert reference is not None
+    blob = (GOLDEN / f"{name}.ckpd").read_bytes()
+    target = np.array(reference(), copy=True)
+    decoded = decode_delta(blob, target, in_place=True)
+    assert np.shares_memory(decoded, target)
+    assert decoded.tobytes() == decode_delta(blob, reference()).tobytes()
+
+
 def test_legacy_split_matches_the_current_encoder() -> None:
     """Same input, old layout and new: the same reconstruction, the new blob no larger."""
     legacy = (GOLDEN / "legacy_delta_f32_b2_zstd_split.ckpd").read_bytes()
