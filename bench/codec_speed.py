@@ -1,4 +1,4 @@
-"""Delta codec speed, before/after: ``encode_delta`` and ``decode_delta`` of older code side by side.
+"""Delta codec speed: ``encode_delta`` / ``decode_delta`` before and after, side by side.
 
 Each repetition runs, for every side (this checkout, and ``--before DIR``: a directory
 holding an older ``ckptd`` package, as for ``bench/pipeline.py``), a fresh subprocess that
@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -39,7 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 OUT_PATH = REPO / "bench" / "out" / "codec_speed.json"
 CASES = ("weights", "synthetic", "log", "bf16")
+KEYS = ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s", "chain_s", "chain_cpu_s")
 MB = 1e6
+CHAIN = 10  # deltas applied in turn: bench/pipeline.py's deep restore
 
 
 def make_case(case: str, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -79,10 +82,24 @@ def worker(cases: list[str], n: int) -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         codec.decode_delta(blob, ref)
         dec = (time.perf_counter() - wall, time.process_time() - cpu)
+        chain = _chain_s(codec, blob, ref)
         results[case] = {"encode_s": enc[0], "encode_cpu_s": enc[1], "decode_s": dec[0],
-                         "decode_cpu_s": dec[1], "bytes": cur.nbytes, "blob_bytes": len(blob),
+                         "decode_cpu_s": dec[1], "chain_s": chain[0], "chain_cpu_s": chain[1],
+                         "bytes": cur.nbytes, "blob_bytes": len(blob),
                          "blob_xxh3": xxhash.xxh3_64_hexdigest(blob)}
     return results
+
+
+def _chain_s(codec: Any, blob: bytes, ref: np.ndarray) -> tuple[float, float]:
+    """Seconds (wall, CPU) to apply ``CHAIN`` deltas in turn, as a restore does
+    (``daemon/store/restore.py``): in place where this code can, else a fresh array each."""
+    in_place = "in_place" in inspect.signature(codec.decode_delta).parameters
+    array = ref.copy()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(CHAIN):
+        array = (codec.decode_delta(blob, array, in_place=True) if in_place
+                 else codec.decode_delta(blob, array))
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _warm(codec: Any, options: dict[str, Any]) -> tuple[bytes, np.ndarray]:
@@ -108,12 +125,12 @@ def summarize(reps: list[dict[str, Any]], cases: list[str], sides: list[str]) ->
         row: dict[str, Any] = {}
         for side in sides:
             runs = [rep[side][case] for rep in reps]
-            for key in ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s"):
+            for key in KEYS:
                 row[f"{side}_{key}"] = statistics.median(run[key] for run in runs)
             row[f"{side}_blob_bytes"] = runs[0]["blob_bytes"]
             row[f"{side}_blob_xxh3"] = sorted({run["blob_xxh3"] for run in runs})
         if "before" in sides:
-            for key in ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s"):
+            for key in KEYS:
                 row[f"speedup_{key}"] = row[f"before_{key}"] / row[f"after_{key}"]
             row["identical_bytes"] = row["before_blob_xxh3"] == row["after_blob_xxh3"]
         summary[case] = row
@@ -122,20 +139,21 @@ def summarize(reps: list[dict[str, Any]], cases: list[str], sides: list[str]) ->
 
 def markdown(summary: dict[str, Any], n: int, sides: list[str]) -> str:
     mb = 4 * n / MB
-    lines = ["| case | side | encode MB/s | encode cpu s | decode MB/s | decode cpu s | blob MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | side | encode MB/s | encode cpu s | decode MB/s | decode cpu s | "
+             f"chain of {CHAIN} s | chain cpu s | blob MB |", "|---" * 9 + "|"]
     for case, row in summary.items():
         for side in sides:
-            lines.append(f"| {case} | {side} | {mb / row[f'{side}_encode_s']:.0f} | "
-                         f"{row[f'{side}_encode_cpu_s']:.2f} | {mb / row[f'{side}_decode_s']:.0f} | "
-                         f"{row[f'{side}_decode_cpu_s']:.2f} | {row[f'{side}_blob_bytes'] / MB:.2f} |")
+            cells = [f"{mb / row[f'{side}_encode_s']:.0f}", f"{row[f'{side}_encode_cpu_s']:.2f}",
+                     f"{mb / row[f'{side}_decode_s']:.0f}", f"{row[f'{side}_decode_cpu_s']:.2f}",
+                     f"{row[f'{side}_chain_s']:.2f}", f"{row[f'{side}_chain_cpu_s']:.2f}",
+                     f"{row[f'{side}_blob_bytes'] / MB:.2f}"]
+            lines.append(f"| {case} | {side} | " + " | ".join(cells) + " |")
     if "before" in sides:
-        lines += ["", "| case | encode wall x | encode cpu x | decode wall x | decode cpu x | "
-                  "same bytes |", "|---|---|---|---|---|---|"]
+        lines += ["", "| before / after | encode wall | encode cpu | decode wall | decode cpu | "
+                  "chain wall | chain cpu | same bytes |", "|---" * 8 + "|"]
         for case, row in summary.items():
-            lines.append(f"| {case} | {row['speedup_encode_s']:.2f} | "
-                         f"{row['speedup_encode_cpu_s']:.2f} | {row['speedup_decode_s']:.2f} | "
-                         f"{row['speedup_decode_cpu_s']:.2f} | {row['identical_bytes']} |")
+            cells = " | ".join(f"{row[f'speedup_{key}']:.2f}" for key in KEYS)
+            lines.append(f"| {case} | {cells} | {row['identical_bytes']} |")
     return "\n".join(lines)
 
 
