@@ -30,7 +30,6 @@ MAX_THREADS = 4
 # Outputs at least this large decline transparent huge pages (see ``empty_output``).
 SMALL_PAGES_MIN_BYTES = 16 << 20
 _MADV_NOHUGEPAGE = 15  # linux/mman.h
-_MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux >= 5.14
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,11 +70,8 @@ def empty_output(count: int, dtype: np.dtype) -> np.ndarray:
     at first touch, 512 host faults each: measured 0.9 s of system time to first write
     400 MB, against 0.15 s with 4 KiB pages (and 0.03 s for huge pages recycled in the
     guest). The output is written once, streaming, so huge pages buy no TLB benefit worth
-    that risk; zstd's own output buffers use small pages too. The pages are then
-    populated in one call (``MADV_POPULATE_WRITE``): 256 MiB took 0.07 s of CPU that way
-    against 0.17 s faulted in page by page on first write (issue 17, measured on the
-    bench machine). Advice only: on failure (older kernels), or off Linux, the buffer is
-    the plain ``np.empty``, faulted in as it is written.
+    that risk; zstd's own output buffers use small pages too. Advice only: on failure, or
+    off Linux, the buffer is the plain ``np.empty``.
     """
     out = np.empty(count, dtype)
     if out.nbytes >= SMALL_PAGES_MIN_BYTES and sys.platform == "linux":
@@ -83,8 +79,7 @@ def empty_output(count: int, dtype: np.dtype) -> np.ndarray:
         start = -(-out.ctypes.data // page) * page
         end = (out.ctypes.data + out.nbytes) // page * page
         madvise = ctypes.CDLL(None, use_errno=True).madvise
-        for advice in (_MADV_NOHUGEPAGE, _MADV_POPULATE_WRITE):
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_NOHUGEPAGE)
     return out
 
 
