@@ -20,6 +20,7 @@ Cases, each ``--elements`` elements (default 64 Mi: 256 MiB of float32):
 Usage::
 
     python bench/codec_speed.py --before /tmp/ckptd-main/pkg [--elements N] [--reps 5]
+    python bench/codec_speed.py --profile --cases weights      # where encode's time goes
 """
 
 from __future__ import annotations
@@ -88,6 +89,26 @@ def worker(cases: list[str], n: int) -> dict[str, Any]:
                          "bytes": cur.nbytes, "blob_bytes": len(blob),
                          "blob_xxh3": xxhash.xxh3_64_hexdigest(blob)}
     return results
+
+
+def profile(case: str, n: int) -> str:
+    """cProfile of one ``encode_delta`` on one thread (the ``ckptd`` on the path), top 12."""
+    import cProfile
+    import io
+    import pstats
+
+    from ckptd.daemon import codec
+    from ckptd.daemon.codec import chunks
+
+    chunks.MAX_THREADS = 1  # the profile then sees the work, not the waits on pool threads
+    cur, ref, options = make_case(case, n)
+    options = {"bfloat16": False, "domain": "linear", **options}
+    codec.encode_delta(cur, ref, **options)
+    profiler = cProfile.Profile()
+    profiler.runcall(codec.encode_delta, cur, ref, **options)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    return text.getvalue()
 
 
 def _chain_s(codec: Any, blob: bytes, ref: np.ndarray) -> tuple[float, float]:
@@ -164,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
     parser.add_argument("--before", type=Path, default=None, help="dir holding an older ckptd")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one encode of the first case instead (this process's ckptd: "
+                        "PYTHONPATH=DIR for older code)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     if unknown := set(cases) - set(CASES):
         parser.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
+    if args.profile:
+        print(profile(cases[0], args.elements))
+        return 0
     if args.worker:
         print(json.dumps(worker(cases, args.elements)))
         return 0
