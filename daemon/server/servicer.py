@@ -36,6 +36,7 @@ from ckptd.daemon.server.auth import ANONYMOUS, Guard
 from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
 from ckptd.daemon.server.status import maps_errors, status_for
+from ckptd.protos import segments
 from ckptd.protos.v1 import pb, pb_grpc
 from google.protobuf.message import DecodeError
 
@@ -45,6 +46,9 @@ Context: TypeAlias = grpc.aio.ServicerContext
 # Longest single WaitSave; a client that wants longer calls again.
 MAX_WAIT_S = 24 * 3600.0
 H = TypeVar("H", bound=Callable[..., Any])
+A = TypeVar("A")
+B = TypeVar("B")
+R = TypeVar("R")
 # run/rank/step of the request being handled, for its error line; each RPC runs in a task of
 # its own, so each sees only its own value. A save sets it once its header is read.
 _REQUEST_FIELDS: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
@@ -227,7 +231,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                     await self._receive_chunks(session, request_iterator)
                 else:
                     await self._expect_end(request_iterator, opened.ref.name)
-                    await _copy_off_loop(session, opened)
+                    await _off_loop(shm.copy_into, session, opened)
                 status = await session.commit()
         log.info("save accepted %s", step_fields(
             header.key, bytes=header.nbytes, tensors=len(header.tensors),
@@ -297,22 +301,30 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         identity = self._guard.require(context, Scope.READ, request.run)
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
-        async with self._engine.restoring(
-            request.run, request.rank, step, identity=_share_of(identity, context),
-            allow_incomplete=request.allow_incomplete,
-        ) as restored:
-            # Materializing (budget, copy or decode, verify) vs streaming: which one to speed up.
-            prepare_s = time.monotonic() - started_s
-            await self._write(context, pb.RestoreResponse(
-                header=convert.restore_header_to_proto(restored)))
-            for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
-                await self._write(context, pb.RestoreResponse(chunk=chunk))
+        segment = _restore_segment(request)
+        # The segment is opened and checked before the restore budget is reserved.
+        with _open_segment(segment, context, writable=True) as opened:
+            async with self._engine.restoring(
+                request.run, request.rank, step, identity=_share_of(identity, context),
+                allow_incomplete=request.allow_incomplete,
+            ) as restored:
+                # Materializing (budget, decode, verify) vs sending: which one to speed up.
+                prepare_s = time.monotonic() - started_s
+                header = convert.restore_header_to_proto(restored)
+                if opened is not None:
+                    written = await _off_loop(shm.write_restored, opened, restored.arrays)
+                    header.shared_memory.CopyFrom(_segment_ref_to_proto(written))
+                await self._write(context, pb.RestoreResponse(header=header))
+                if opened is None:
+                    for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
+                        await self._write(context, pb.RestoreResponse(chunk=chunk))
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
         log.info("restore served %s", step_fields(
             restored.key, bytes=nbytes, tensors=len(restored.arrays), seconds=round(seconds, 4),
-            prepare_s=round(prepare_s, 4), stream_s=round(seconds - prepare_s, 4)))
+            prepare_s=round(prepare_s, 4), stream_s=round(seconds - prepare_s, 4),
+            transport="shm" if segment else "stream"))
 
     @rpc
     async def ListRuns(
@@ -387,20 +399,34 @@ def peer_uid(context: Context) -> int | None:
     return os.geteuid() if context.peer().startswith("unix:") else None
 
 
+def _segment_ref_to_proto(ref: shm.SegmentRef) -> pb.SharedMemoryRef:
+    return pb.SharedMemoryRef(
+        segment_name=ref.name, segment_bytes=ref.segment_bytes, offsets=ref.offsets)
+
+
+def _restore_segment(request: pb.RestoreRequest) -> shm.SegmentRef | None:
+    if not request.HasField("shared_memory"):
+        return None
+    ref = request.shared_memory
+    if (problem := segments.name_problem(ref.segment_name)) is not None:
+        raise InvalidRequestError(problem)
+    return shm.SegmentRef(ref.segment_name, 0, ())
+
+
 def _open_segment(
-    segment: shm.SegmentRef | None, context: Context
+    segment: shm.SegmentRef | None, context: Context, *, writable: bool = False
 ) -> contextlib.AbstractContextManager[shm.OpenSegment | None]:
     if segment is None:
         return contextlib.nullcontext()
-    return shm.open_segment(segment, peer_uid(context))
+    return shm.open_segment(segment, peer_uid(context), writable=writable)
 
 
-async def _copy_off_loop(session: SaveSession, segment: shm.OpenSegment) -> None:
-    """Runs the blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
-    copy to stop touching the session (and the segment) before the cancellation aborts it."""
-    copy = asyncio.ensure_future(asyncio.to_thread(shm.copy_into, session, segment))
+async def _off_loop(copy_fn: Callable[[A, B], R], first: A, second: B) -> R:
+    """Runs a blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
+    copy to stop touching its buffers (and the segment) before the cancellation goes on."""
+    copy = asyncio.ensure_future(asyncio.to_thread(copy_fn, first, second))
     try:
-        await asyncio.shield(copy)
+        return await asyncio.shield(copy)
     except asyncio.CancelledError:
         await asyncio.wait([copy])
         copy.exception()  # retrieved: the cancellation is what this RPC reports

@@ -1,7 +1,14 @@
-"""The daemon's side of shared-memory saves: copy tensors out of a client's segment.
+"""The daemon's side of shared memory: copy a save out of, or a restore into, a client's segment.
 
-The client creates, fills and unlinks a POSIX shared-memory segment; the daemon only opens
-it read-only by name, copies every tensor into the save session, and closes it before it
+A restore through shared memory is the mirror image (``write_restored``): the client creates
+an owner-only segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it
+read-write with the same checks below (before any restore budget is reserved), sizes it with
+``ftruncate`` to what the step needs, writes every tensor with ``pwritev`` and answers only
+the header, with the offsets. It never maps or unlinks the segment: the client unlinks it
+on every path, and a client that dies leaves it to its resource tracker or the orphan sweep.
+
+For a save, the client creates, fills and unlinks a POSIX shared-memory segment; the daemon
+only opens it read-only by name, copies every tensor into the save session, and closes it before it
 answers ACCEPTED. The segment's owner is not trusted, so:
 
 * the name must be a plain shm_open name (``ckptd.protos.segments.name_problem``), and it is
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.errors import InvalidRequestError, SharedMemoryRefusedError
 from ckptd.daemon.logs import fields, get_logger
@@ -130,8 +138,11 @@ class OpenSegment:
         self.close()
 
 
-def open_segment(ref: SegmentRef, peer_uid: int | None) -> OpenSegment:
-    """Opens ``ref``'s segment for a client running as ``peer_uid`` (non-blocking).
+def open_segment(
+    ref: SegmentRef, peer_uid: int | None, *, writable: bool = False
+) -> OpenSegment:
+    """Opens ``ref``'s segment for a client running as ``peer_uid`` (non-blocking;
+    ``writable`` for a restore, which writes into it).
 
     Raises ``SharedMemoryRefusedError`` when the daemon may not read it (no peer uid, not
     on this host, a symlink, not a regular file, another user's), ``InvalidRequestError``
@@ -143,7 +154,7 @@ def open_segment(ref: SegmentRef, peer_uid: int | None) -> OpenSegment:
             "clients on the daemon's unix socket; send the bytes as chunks instead"
         )
     try:
-        fd = segments.open_no_follow(SHM_ROOT / ref.name)
+        fd = segments.open_no_follow(SHM_ROOT / ref.name, writable=writable)
     except OSError as exc:
         raise SharedMemoryRefusedError(_open_failure(ref.name, exc)) from None
     try:
@@ -159,7 +170,7 @@ def _open_failure(name: str, exc: OSError) -> str:
         return (f"shared memory segment {name!r} does not exist on the daemon's host; is the "
                 "client on another host or container? Send the bytes as chunks instead")
     if isinstance(exc, PermissionError):
-        return f"shared memory segment {name!r} is not readable by the daemon's user"
+        return f"shared memory segment {name!r} is not accessible to the daemon's user"
     if os.path.islink(SHM_ROOT / name):
         return f"shared memory segment {name!r} is a symlink; the daemon does not follow links"
     return f"shared memory segment {name!r} cannot be opened: {exc.strerror}"
@@ -209,3 +220,34 @@ def _read_exactly(
                 f"(the reference claims {segment.ref.segment_bytes}); it shrank during the copy"
             )
         done += got
+
+
+def write_restored(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> SegmentRef:
+    """Writes ``arrays`` into a client's restore segment, each at a 64-byte-aligned offset,
+    after sizing the segment to hold them; returns where they lie.
+
+    Blocking (a write of the whole checkpoint): the servicer runs it off the event loop.
+    ``pwritev`` from the arrays is the restore's one copy in the daemon, and never a mapping
+    the client could shrink under it (a write past a shrunken end grows the file again).
+    Raises ``SharedMemoryRefusedError`` when the host has no room for the segment.
+    """
+    offsets, total = segments.aligned_offsets([array.nbytes for array in arrays])
+    try:
+        os.ftruncate(segment.fd, total)
+        for array, offset in zip(arrays, offsets, strict=True):
+            # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
+            with array.reshape(-1).data.cast("B") as raw:
+                _write_all(segment.fd, raw, offset)
+    except OSError as exc:
+        raise SharedMemoryRefusedError(
+            f"shared memory segment {segment.ref.name!r} cannot hold the restored {total} "
+            f"bytes: {exc.strerror}; free memory in /dev/shm or restore over the stream"
+        ) from None
+    return SegmentRef(segment.ref.name, total, offsets)
+
+
+def _write_all(fd: int, raw: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(raw):
+        with raw[done : done + _READ_BYTES] as window:
+            done += os.pwritev(fd, [window], offset + done)
