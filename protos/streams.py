@@ -34,6 +34,35 @@ Progress = Callable[[int], None]
 _BLOCK_BYTES = 4 << 20
 
 
+def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
+    """Serializes ``SaveRequest{chunk: TensorChunk{index, offset, data}}`` — byte for byte
+    also ``RestoreResponse{chunk: ...}``, both field 2 — with a single copy of ``data``
+    (protobuf would copy it twice: into ``bytes``, then on serialize). The client sends
+    save chunks this way and the daemon restore chunks, each through a serializer that
+    passes bytes through.
+
+    Field numbers: SaveRequest.chunk = RestoreResponse.chunk = 2; TensorChunk.tensor_index
+    = 1, offset = 2, data = 3. Zero scalars are omitted, as protobuf itself does, so the
+    bytes are identical.
+    """
+    inner = bytearray()
+    if index:
+        inner += b"\x08" + _varint(index)
+    if offset:
+        inner += b"\x10" + _varint(offset)
+    inner += b"\x1a" + _varint(len(data))
+    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class StreamError(ValueError):
     """Raised when a restore stream breaks its framing (order, sizes, a second header)."""
 

@@ -101,11 +101,21 @@ def add_to_server(servicer: CheckpointdServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _serializer(message_type: Any) -> Callable[[Any], bytes]:
+    """Serializes a response message; bytes (restore chunks encoded by hand,
+    ``streams.encode_chunk``) pass through as they are."""
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else message.SerializeToString()
+
+    return serialize
 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -274,7 +284,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 "save again without pausing inside the stream"
             ) from None
 
-    async def _write(self, context: Context, message: pb.RestoreResponse) -> None:
+    async def _write(self, context: Context, message: pb.RestoreResponse | bytes) -> None:
         """Writes one restore message once flow control takes it; ``StreamIdleError`` when
         the client reads nothing for the idle timeout."""
         try:
@@ -317,7 +327,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 await self._write(context, pb.RestoreResponse(header=header))
                 if opened is None:
                     for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
-                        await self._write(context, pb.RestoreResponse(chunk=chunk))
+                        await self._write(context, chunk)
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
