@@ -5,7 +5,7 @@ framing (a segment nobody asked for, chunks besides it, a short segment) is refu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,23 +72,27 @@ def test_a_segment_is_read_and_verified(
     assert sum(progress) == sum(a.nbytes for a in ARRAYS.values())
 
 
-def test_damaged_segment_bytes_fail_the_checksum(
-    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
-) -> None:
-    ref, head, path = segment
+def flip_byte_100(path: Path) -> None:
     with path.open("r+b") as out:
         out.seek(100)
         out.write(b"\xff")
-    with pytest.raises(streams.StreamError, match="damaged in transit"):
-        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref)
 
 
-def test_a_short_segment_is_refused(
-    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+def cut_at_1000(path: Path) -> None:
+    os.truncate(path, 1000)
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (flip_byte_100, "damaged in transit"),
+    (cut_at_1000, "restore segment ended at byte 1000"),
+])
+def test_damaged_or_short_segments_are_refused(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path],
+    damage: Callable[[Path], None], problem: str,
 ) -> None:
     ref, head, path = segment
-    os.truncate(path, 1000)
-    with pytest.raises(streams.StreamError, match="restore segment ended at byte 1000"):
+    damage(path)
+    with pytest.raises(streams.StreamError, match=problem):
         streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref)
 
 
