@@ -9,8 +9,9 @@ what the daemon verified, end to end, without a second pass over the bytes. A st
 skips, repeats or truncates bytes, or whose bytes do not match the checksum, raises
 ``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
 checkpoint" error. On the daemon's host the bytes may instead lie in the client's own
-shared-memory segment (``RestoreHeader.shared_memory``): they are read out of it with
-``preadv`` and hashed block by block as they land, the same one copy and one check.
+shared-memory segment (``RestoreHeader.shared_memory``): as ``segment_ready`` messages
+announce them, they are read out of it with ``preadv`` and hashed block by block as they
+land, the same one copy and one check.
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
@@ -128,15 +129,27 @@ def _read_segment(
             f"restore answered with shared memory segment {ref.segment_name!r}, which the "
             f"request did not name ({segment.name if segment else 'none'!r})"
         )
-    if next(replies, None) is not None:
-        raise StreamError("a restore through shared memory carries no chunks; got one")
-    if len(ref.offsets) != len(header.tensors):
+    tensors = len(header.tensors)
+    if len(ref.offsets) != tensors:
         raise StreamError(
             f"restore segment {ref.segment_name!r} lists {len(ref.offsets)} offsets for "
-            f"{len(header.tensors)} tensors"
+            f"{tensors} tensors"
         )
-    for index, offset in enumerate(ref.offsets):
-        assembler.read_from(segment.fd, index, offset, on_progress)
+    done = 0
+    for reply in replies:
+        if reply.WhichOneof("item") != "segment_ready":
+            raise StreamError("a restore through shared memory carries no chunks or second "
+                              f"header; got a {reply.WhichOneof('item')}")
+        ready = reply.segment_ready
+        if not done <= ready <= tensors:
+            raise StreamError(f"restore segment announced {ready} tensors ready after "
+                              f"{done}, of {tensors}")
+        # The daemon writes the next batch meanwhile.
+        for index in range(done, ready):
+            assembler.read_from(segment.fd, index, ref.offsets[index], on_progress)
+        done = ready
+    if done != tensors:
+        raise StreamError(f"restore ended with {done} of {tensors} tensors in the segment")
 
 
 class _Assembler:

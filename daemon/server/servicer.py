@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import numpy as np
 from ckptd.daemon.engine.core import Engine, SaveSession
 from ckptd.daemon.errors import InvalidRequestError, StreamIdleError
 from ckptd.daemon.logs import fields, get_logger, step_fields
@@ -46,8 +47,6 @@ Context: TypeAlias = grpc.aio.ServicerContext
 # Longest single WaitSave; a client that wants longer calls again.
 MAX_WAIT_S = 24 * 3600.0
 H = TypeVar("H", bound=Callable[..., Any])
-A = TypeVar("A")
-B = TypeVar("B")
 R = TypeVar("R")
 # run/rank/step of the request being handled, for its error line; each RPC runs in a task of
 # its own, so each sees only its own value. A save sets it once its header is read.
@@ -295,6 +294,22 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 "daemon's stream_idle_timeout_s); it was ended and its memory released"
             ) from None
 
+    async def _restore_into(
+        self, context: Context, header: pb.RestoreHeader, segment: shm.OpenSegment,
+        arrays: tuple[np.ndarray, ...],
+    ) -> None:
+        """Sizes the client's segment, sends the header with the offsets, then writes the
+        tensors batch by batch, announcing each batch as it lands."""
+        ref = shm.size_for_restore(segment, arrays)
+        header.shared_memory.CopyFrom(_segment_ref_to_proto(ref))
+        await self._write(context, pb.RestoreResponse(header=header))
+        start = 0
+        for end in shm.ready_batches(arrays):
+            await _off_loop(functools.partial(shm.write_tensors, segment, ref, arrays),
+                            range(start, end))
+            await self._write(context, pb.RestoreResponse(segment_ready=end))
+            start = end
+
     @rpc
     async def WaitSave(
         self, request: pb.WaitSaveRequest, context: Context
@@ -321,13 +336,12 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 # Materializing (budget, decode, verify) vs sending: which one to speed up.
                 prepare_s = time.monotonic() - started_s
                 header = convert.restore_header_to_proto(restored)
-                if opened is not None:
-                    written = await _off_loop(shm.write_restored, opened, restored.arrays)
-                    header.shared_memory.CopyFrom(_segment_ref_to_proto(written))
-                await self._write(context, pb.RestoreResponse(header=header))
                 if opened is None:
+                    await self._write(context, pb.RestoreResponse(header=header))
                     for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
                         await self._write(context, chunk)
+                else:
+                    await self._restore_into(context, header, opened, restored.arrays)
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
@@ -431,10 +445,10 @@ def _open_segment(
     return shm.open_segment(segment, peer_uid(context), writable=writable)
 
 
-async def _off_loop(copy_fn: Callable[[A, B], R], first: A, second: B) -> R:
+async def _off_loop(copy_fn: Callable[..., R], *args: Any) -> R:
     """Runs a blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
     copy to stop touching its buffers (and the segment) before the cancellation goes on."""
-    copy = asyncio.ensure_future(asyncio.to_thread(copy_fn, first, second))
+    copy = asyncio.ensure_future(asyncio.to_thread(copy_fn, *args))
     try:
         return await asyncio.shield(copy)
     except asyncio.CancelledError:

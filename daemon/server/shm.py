@@ -1,11 +1,13 @@
 """The daemon's side of shared memory: copy a save out of, or a restore into, a client's segment.
 
-A restore through shared memory is the mirror image (``write_restored``): the client creates
-an owner-only segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it
-read-write with the same checks below (before any restore budget is reserved), sizes it with
-``ftruncate`` to what the step needs, writes every tensor with ``pwritev`` and answers only
-the header, with the offsets. It never maps or unlinks the segment: the client unlinks it
-on every path, and a client that dies leaves it to its resource tracker or the orphan sweep.
+A restore through shared memory is the mirror image: the client creates an owner-only
+segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it read-write
+with the same checks below (before any restore budget is reserved), sizes it with
+``ftruncate`` to what the step needs (``size_for_restore``), answers the header with the
+offsets, then writes the tensors with ``pwritev`` (``write_tensors``) in batches, sending
+``segment_ready`` after each so that the client copies one batch while the next is written.
+It never maps or unlinks the segment: the client unlinks it on every path, and a client
+that dies leaves it to its resource tracker or the orphan sweep.
 
 For a save, the client creates, fills and unlinks a POSIX shared-memory segment; the daemon
 only opens it read-only by name, copies every tensor into the save session, and closes it before it
@@ -53,6 +55,9 @@ if TYPE_CHECKING:
 
 SHM_ROOT = segments.SHM_ROOT
 RECLAIM_INTERVAL_S = 300.0
+# A restore announces progress after at least this many bytes: the client reads them while
+# the daemon writes the next, and the messages stay few.
+READY_BATCH_BYTES = 32 << 20
 # One preadv moves at most this much (Linux caps a read near 2 GiB anyway).
 _READ_BYTES = 1 << 30
 
@@ -222,28 +227,55 @@ def _read_exactly(
         done += got
 
 
-def write_restored(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> SegmentRef:
-    """Writes ``arrays`` into a client's restore segment, each at a 64-byte-aligned offset,
-    after sizing the segment to hold them; returns where they lie.
-
-    Blocking (a write of the whole checkpoint): the servicer runs it off the event loop.
-    ``pwritev`` from the arrays is the restore's one copy in the daemon, and never a mapping
-    the client could shrink under it (a write past a shrunken end grows the file again).
-    Raises ``SharedMemoryRefusedError`` when the host has no room for the segment.
-    """
+def size_for_restore(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> SegmentRef:
+    """Sizes a client's restore segment to hold ``arrays``, each at a 64-byte-aligned
+    offset; returns where they will lie (``write_tensors`` then fills them).
+    Raises ``SharedMemoryRefusedError`` when the segment cannot be resized."""
     offsets, total = segments.aligned_offsets([array.nbytes for array in arrays])
     try:
         os.ftruncate(segment.fd, total)
-        for array, offset in zip(arrays, offsets, strict=True):
-            # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
-            with array.reshape(-1).data.cast("B") as raw:
-                _write_all(segment.fd, raw, offset)
     except OSError as exc:
-        raise SharedMemoryRefusedError(
-            f"shared memory segment {segment.ref.name!r} cannot hold the restored {total} "
-            f"bytes: {exc.strerror}; free memory in /dev/shm or restore over the stream"
-        ) from None
+        raise _no_room(segment, total, exc) from None
     return SegmentRef(segment.ref.name, total, offsets)
+
+
+def ready_batches(arrays: Sequence[np.ndarray], min_bytes: int = READY_BATCH_BYTES) -> list[int]:
+    """Where to announce progress: the tensor counts after which at least ``min_bytes``
+    more have been written (the last is ``len(arrays)``)."""
+    ends, pending = [], 0
+    for index, array in enumerate(arrays):
+        pending += array.nbytes
+        if pending >= min_bytes or index == len(arrays) - 1:
+            ends.append(index + 1)
+            pending = 0
+    return ends or [0]
+
+
+def write_tensors(
+    segment: OpenSegment, ref: SegmentRef, arrays: Sequence[np.ndarray], span: range
+) -> None:
+    """Writes the tensors at the indices ``span`` into the segment at ``ref``'s offsets.
+
+    Blocking: the servicer runs it off the event loop, batch by batch, and tells the client
+    after each (``segment_ready``) so that it reads one batch while the next is written.
+    ``pwritev`` from the arrays is the restore's one copy in the daemon, never through a
+    mapping the client could shrink under it (a write past a shrunken end grows the file
+    again). Raises ``SharedMemoryRefusedError`` when the host has no room for the segment.
+    """
+    try:
+        for index in span:
+            # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
+            with arrays[index].reshape(-1).data.cast("B") as raw:
+                _write_all(segment.fd, raw, ref.offsets[index])
+    except OSError as exc:
+        raise _no_room(segment, ref.segment_bytes, exc) from None
+
+
+def _no_room(segment: OpenSegment, total: int, exc: OSError) -> SharedMemoryRefusedError:
+    return SharedMemoryRefusedError(
+        f"shared memory segment {segment.ref.name!r} cannot hold the restored {total} "
+        f"bytes: {exc.strerror}; free memory in /dev/shm or restore over the stream"
+    )
 
 
 def _write_all(fd: int, raw: memoryview, offset: int) -> None:

@@ -201,7 +201,7 @@ def test_a_client_killed_mid_restore_leaves_no_segment(
                           stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
-            name = proc.stdout.readline().strip()  # the daemon has written the step into it
+            name = proc.stdout.readline().strip()  # the daemon sized it and wrote a batch
             assert name.startswith(segments.SEGMENT_PREFIX), name
             assert (SHM_DIR / name).stat().st_size >= 300 * 257 * 4
         finally:

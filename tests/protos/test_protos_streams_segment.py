@@ -50,8 +50,10 @@ def allocate(spec: pb.TensorSpec) -> np.ndarray:
     return np.zeros(spec.nbytes, dtype=np.uint8)
 
 
-def replies(*messages: pb.RestoreResponse) -> Iterator[pb.RestoreResponse]:
-    return iter(messages)
+def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
+            ) -> Iterator[pb.RestoreResponse]:
+    """``messages``, then the daemon's ``segment_ready`` counts (all three tensors)."""
+    return iter([*messages, *(pb.RestoreResponse(segment_ready=n) for n in ready)])
 
 
 def test_a_segment_is_read_and_verified(
@@ -114,3 +116,18 @@ def test_chunks_besides_a_segment_are_refused(
     chunk = pb.RestoreResponse(chunk=pb.TensorChunk(tensor_index=0, data=b"x"))
     with pytest.raises(streams.StreamError, match="carries no chunks"):
         streams.receive(replies(pb.RestoreResponse(header=head), chunk), allocate, segment=ref)
+
+
+@pytest.mark.parametrize(("ready", "problem"), [
+    ((2,), "ended with 2 of 3 tensors"),
+    ((2, 1), "announced 1 tensors ready after 2"),
+    ((4,), "announced 4 tensors ready after 0"),
+])
+def test_segment_ready_counts_must_grow_to_every_tensor(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path], ready: tuple[int, ...],
+    problem: str,
+) -> None:
+    ref, head, _ = segment
+    with pytest.raises(streams.StreamError, match=problem):
+        streams.receive(replies(pb.RestoreResponse(header=head), ready=ready), allocate,
+                        segment=ref)
