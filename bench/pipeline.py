@@ -237,6 +237,7 @@ def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, k
         record["base_save_grpc"].append(durable_s(ckpt, 1, state))
         perturb(state)
         record["delta_save_grpc"].append(durable_s(ckpt, 2, state))
+        record["restore_latest_grpc"].append(timed(ckpt.restore))
 
 
 def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -249,7 +250,7 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
         "torch_save_fsync", "torch_load", "safetensors_save_fsync", "safetensors_load",
         "dcp_async_save", "dcp_load", "base_save_shm", "delta_save_shm", "restore_latest",
         "base_save_shm_before", "delta_save_shm_before", "restore_latest_before",
-        "base_save_grpc", "delta_save_grpc",
+        "base_save_grpc", "delta_save_grpc", "restore_latest_grpc",
     )}  # fmt: skip
     main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
     workers = ("--encode-workers", str(args.encode_workers))
@@ -324,6 +325,7 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
         "delta_save_grpc": s["delta_save_grpc"] / save,
         "restore_latest": s["restore_latest"] / load,
         "restore_latest_before": s["restore_latest_before"] / load,
+        "restore_latest_grpc": s["restore_latest_grpc"] / load,
         "restore_base_after_restart": s["restore_base_after_restart"] / s["torch_load_deep"],
         "restore_deep": s["restore_deep"] / s["torch_load_deep"],
         "sustained_over_torch_save": s["sustained_MBps"] / torch_MBps,
@@ -345,9 +347,10 @@ def stage_summary(case: dict[str, Any], run_prefix: str, step: int) -> dict[str,
 
 def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[str]:
     out = ["| size | state | base shm | (before) | delta shm | (before) | base grpc "
-           "| delta grpc | restore latest | (before) | base after restart | deep | sustained "
-           "| safetensors save | DCP async_save | torch.save+fsync s | torch.load s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| delta grpc | restore latest | (before) | restore grpc | base after restart | deep "
+           "| sustained | safetensors save | DCP async_save | torch.save+fsync s "
+           "| torch.load s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
@@ -356,7 +359,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             f"| {r['delta_save_shm_before']:.2f} "
             f"| {r['base_save_grpc']:.2f} | {r['delta_save_grpc']:.2f} "
             f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
-            f"| {r['restore_base_after_restart']:.2f} "
+            f"| {r['restore_latest_grpc']:.2f} | {r['restore_base_after_restart']:.2f} "
             f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
@@ -373,6 +376,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             "| size | state | restore | prepare s | stream s |", "|---|---|---|---|---|"]
     for case in cases:
         for what, (prefix, step) in (("latest (head)", ("shm", 2)),
+                                     ("latest over gRPC", ("grpc", 2)),
                                      ("deep, from storage", ("deep", None))):
             lines = restore_lines(case, prefix, step)
             prepare = median([float(line["prepare_s"]) for line in lines])

@@ -31,7 +31,7 @@ from .handle import SaveHandle, SaveState
 from .header import HeaderBuilder
 from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
 from .policies import check_bits, parse_rules
-from .restore import RestoredState, receive
+from .restore import RestoredState, restore_state
 from .retention import Retention, check_metrics
 from .retry import Retry
 from .shm import ShmTransport, is_unix_target, same_host
@@ -170,6 +170,9 @@ class Checkpointer:
                 Retry(self.config.connect_timeout_s, "connect_timeout_s")
             )
             transport_impl, fallback = self._choose_transport(self.server_info)
+            # Restores follow the save's choice: shared memory where saves use it.
+            self._restore_shm = isinstance(transport_impl, ShmTransport)
+            self._restore_fallback = fallback is not None
             if retention is not None:
                 self._connection.set_retention(
                     pb.SetRetentionRequest(run=run, policy=retention.to_message()))
@@ -385,7 +388,9 @@ class Checkpointer:
                                     allow_incomplete=allow_incomplete)
         if step is not None:
             request.step = step
-        return self._connection.restore(request, lambda stream: receive(stream, map_location))
+        return restore_state(self._connection, request, map_location,
+                             shared_memory=self._restore_shm,
+                             fallback=self._restore_fallback)
 
     def step_infos(self) -> list[StepInfo]:
         """The committed steps of this run and rank, oldest first ([] for a new run)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
+from ckptd.protos.streams import encode_chunk
 from ckptd.protos.v1 import pb, pb_grpc
 
 from .credentials import TlsFiles, call_metadata, open_channel
@@ -251,31 +252,6 @@ def chunk_bytes_for(info: pb.ServerInfo) -> int:
 
 def encode_header(header: pb.SaveHeader) -> bytes:
     return pb.SaveRequest(header=header).SerializeToString()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
-    """Serializes ``SaveRequest{chunk: TensorChunk{index, offset, data}}`` with a single
-    copy of ``data`` (protobuf would copy it twice: into ``bytes``, then on serialize).
-
-    Field numbers: SaveRequest.chunk = 2; TensorChunk.tensor_index = 1, offset = 2,
-    data = 3. Zero scalars are omitted, as protobuf itself does, so the bytes are identical.
-    """
-    inner = bytearray()
-    if index:
-        inner += b"\x08" + _varint(index)
-    if offset:
-        inner += b"\x10" + _varint(offset)
-    inner += b"\x1a" + _varint(len(data))
-    return b"".join((b"\x12", _varint(len(inner) + len(data)), inner, data))
 
 
 class StreamTransport(SaveTransport):

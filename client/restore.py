@@ -4,11 +4,14 @@ The daemon sends one header (tensor table, metadata, checksum) and then every te
 bytes in table order; ``ckptd.protos.streams`` checks the framing. Each tensor is allocated
 once in its final dtype and shape and its chunks are copied straight into it (bfloat16
 through its raw 16-bit words), so a restore costs one copy on the client. A stream that
-skips, repeats or truncates bytes raises ``CorruptCheckpointError``.
+skips, repeats or truncates bytes raises ``CorruptCheckpointError``. On the daemon's host
+(``restore``), the daemon writes the step into a segment the client created instead, and the
+client copies it out, hashing each block as it lands; it never returns unverified bytes.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +21,12 @@ import torch
 from ckptd.protos import dtypes, streams
 from ckptd.protos.v1 import pb
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, SharedMemoryRefusedError
+from .grpc_transport import Connection
+from .shm import RestoreSegment
 from .structure import STRUCTURE_KEY, unflatten
+
+logger = logging.getLogger("ckptd.client")
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class RestoredState:
     state: Any
     metadata: Mapping[str, str]
     checksum: str
+    transport: str = "grpc"
+    """How the bytes came: ``"shm"`` (the daemon's shared memory) or ``"grpc"`` (streamed)."""
 
 
 def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
@@ -49,9 +58,12 @@ def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
 
 
 def receive(
-    replies: Iterator[pb.RestoreResponse], map_location: str | torch.device = "cpu"
+    replies: Iterator[pb.RestoreResponse],
+    map_location: str | torch.device = "cpu",
+    segment: streams.Segment | None = None,
 ) -> RestoredState:
-    """Consumes a Restore stream and rebuilds the saved state.
+    """Consumes a Restore stream (or, where the request named ``segment``, the header the
+    daemon answered after writing into it) and rebuilds the saved state.
 
     States saved by this client come back in their original structure; a checkpoint
     without ``ckptd.structure`` (written by another client) comes back as a flat
@@ -59,7 +71,7 @@ def receive(
     """
     tensors: list[torch.Tensor] = []
     try:
-        header = streams.receive(replies, _allocate_into(tensors))
+        header = streams.receive(replies, _allocate_into(tensors), segment=segment)
     except streams.StreamError as exc:
         raise CorruptCheckpointError(str(exc)) from exc
     device = torch.device(map_location)
@@ -75,4 +87,34 @@ def receive(
             f"step {header.ref.step}: its {STRUCTURE_KEY} metadata does not rebuild the state: "
             f"{str(exc)[:200]}"
         ) from exc
-    return RestoredState(int(header.ref.step), state, metadata, header.checksum)
+    transport = "shm" if header.HasField("shared_memory") else "grpc"
+    return RestoredState(int(header.ref.step), state, metadata, header.checksum, transport)
+
+
+def restore_state(
+    connection: Connection,
+    request: pb.RestoreRequest,
+    map_location: str | torch.device,
+    *,
+    shared_memory: bool,
+    fallback: bool,
+) -> RestoredState:
+    """Runs ``request`` through the daemon's shared memory when ``shared_memory`` (same
+    host, unix socket), else as a stream; with ``fallback``, a daemon that refuses the
+    segment (``SharedMemoryRefusedError``) is asked again for a stream. The segment is
+    unlinked on every path."""
+    if shared_memory:
+        with RestoreSegment() as segment:
+            ref = segment.reference
+            if ref is not None:
+                named = pb.RestoreRequest()
+                named.CopyFrom(request)
+                named.shared_memory.segment_name = ref.name
+                try:
+                    return connection.restore(
+                        named, lambda replies: receive(replies, map_location, ref))
+                except SharedMemoryRefusedError as exc:
+                    if not fallback:
+                        raise
+                    logger.warning("restore through shared memory refused, streaming: %s", exc)
+    return connection.restore(request, lambda replies: receive(replies, map_location))

@@ -14,6 +14,10 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
 * ``ShmBuffer.close`` unlinks the name first, then unmaps; a stray tensor view keeps
   the mapping valid (never a dangling pointer) until it dies;
 * the daemon only opens and copies; it never unlinks.
+
+A restore on the same host goes the other way (``RestoreSegment``): the client creates an
+empty segment the same way, the daemon sizes it and writes the step into it, and the client
+reads it out into its tensors, verifying the checksum as it copies, then unlinks it.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ckptd.protos import segments
+from ckptd.protos import segments, streams
 from ckptd.protos.v1 import pb
 
 from .grpc_transport import Connection, encode_header
-from .staging import Layout, StagingBuffer
+from .staging import PAGE_BYTES, Layout, StagingBuffer
 from .transport import SaveTransport
 
 logger = logging.getLogger("ckptd.client")
@@ -85,6 +89,43 @@ class ShmBuffer(StagingBuffer):
             segment._buf = None
             segment._mmap = None
             segment.close()
+
+
+class RestoreSegment:
+    """A segment the daemon writes a restore into (same host): created empty and owner-only,
+    held and registered like a staging segment, and unlinked by ``close`` on every path;
+    the daemon sizes it to the step. Use as a context manager."""
+
+    def __init__(self) -> None:
+        # A page: SharedMemory cannot create an empty segment; the daemon resizes it.
+        self._segment: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
+            name=segments.segment_name(), create=True, size=PAGE_BYTES)
+        self.name = self._segment.name
+        # The hold's descriptor (no-follow, read-only) is also what the restore reads from.
+        self._fd = segments.hold(self.name)
+
+    @property
+    def reference(self) -> streams.Segment | None:
+        """The segment for ``streams.receive``; None where the host exposes no /dev/shm."""
+        return None if self._fd is None else streams.Segment(self.name, self._fd)
+
+    def close(self) -> None:
+        """Unlinks the segment, then lets go of it (idempotent)."""
+        segment, self._segment = self._segment, None
+        if segment is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            segment.unlink()
+        if self._fd is not None:
+            os.close(self._fd)  # after the unlink: never an unheld name in /dev/shm
+            self._fd = None
+        segment.close()
+
+    def __enter__(self) -> RestoreSegment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _page_lock(data: torch.Tensor) -> bool:

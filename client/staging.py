@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ckptd.protos import segments
 
 from .structure import Leaf
 
-ALIGN_BYTES = 64
+ALIGN_BYTES = segments.ALIGN_BYTES
 PAGE_BYTES = 4096
 
 
@@ -40,12 +41,8 @@ class Layout:
 def plan_layout(sizes: Sequence[int]) -> Layout:
     """Places tensors of the given byte sizes back to back, each aligned to 64 bytes
     (so any dtype view of the buffer is aligned and vectorized copies stay fast)."""
-    offsets = []
-    cursor = 0
-    for size in sizes:
-        offsets.append(cursor)
-        cursor += -(-size // ALIGN_BYTES) * ALIGN_BYTES
-    return Layout(tuple(offsets), tuple(sizes), cursor)
+    offsets, total = segments.aligned_offsets(sizes)
+    return Layout(offsets, tuple(sizes), total)
 
 
 class StagingBuffer:

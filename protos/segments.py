@@ -33,7 +33,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SHM_ROOT = Path("/dev/shm")
@@ -42,7 +42,9 @@ ORPHAN_AGE_S = 60.0
 # What a shm_open name may be: one path segment, no '/', never '.' or '..' (shm_open's own
 # limit is NAME_MAX, 255 bytes).
 _SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Tensors in a segment start at multiples of this, so any dtype view of one is aligned.
+ALIGN_BYTES = 64
 
 SkipHook = Callable[[str, str], None]
 """Called with (name, kind) for an entry a sweep skipped because it is not a regular file."""
@@ -59,10 +61,22 @@ def name_problem(name: str) -> str | None:
     )
 
 
-def open_no_follow(path: Path) -> int:
-    """Opens ``path`` read-only without following a symlink (``ELOOP``) or blocking on a
-    FIFO; the caller checks ``fstat`` before reading. Raises ``OSError``."""
-    return os.open(path, _OPEN_FLAGS)
+def open_no_follow(path: Path, *, writable: bool = False) -> int:
+    """Opens ``path`` read-only (or read-write) without following a symlink (``ELOOP``) or
+    blocking on a FIFO, never creating it; the caller checks ``fstat`` before using it.
+    Raises ``OSError``."""
+    return os.open(path, _OPEN_FLAGS | (os.O_RDWR if writable else os.O_RDONLY))
+
+
+def aligned_offsets(sizes: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """Places byte ``sizes`` back to back, each at a multiple of ``ALIGN_BYTES``; returns
+    their offsets and the bytes they span."""
+    offsets = []
+    cursor = 0
+    for size in sizes:
+        offsets.append(cursor)
+        cursor += -(-size // ALIGN_BYTES) * ALIGN_BYTES
+    return tuple(offsets), cursor
 
 
 def file_kind(mode: int) -> str:

@@ -28,8 +28,8 @@ from ckptd.protos.records import SaveState
 class Reconstruction:
     """The tensors a restore of ``step`` returns, plus the counters the chain policy needs.
 
-    Arrays are never modified in place (each step gets new arrays), so a restore may copy
-    them from a worker thread while the pipeline moves the head on.
+    Arrays are never modified in place (each step gets new arrays), so a restore may serve
+    them (read-only views, no copy) from a worker thread while the pipeline moves the head on.
     """
 
     step: int

@@ -20,9 +20,10 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
 3. ``engine.status(key)`` / ``await engine.wait(key, timeout_s)`` report a save's state.
 4. ``async with engine.restoring(run, rank, step | None, identity=...) as restored:``
    reserves the step's raw size in the restore budget (waiting for room), materializes
-   the verified reconstruction (None = latest durable step, copied from memory when it is
-   the chain's head) and holds the reservation until the transport has streamed it and
-   leaves the block. ``await engine.restore(...)`` is the same, released on return.
+   the verified reconstruction (None = latest durable step; read-only views of the arrays
+   in memory, not a copy, when it is the chain's head) and holds the reservation until the
+   transport has sent it and leaves the block. ``await engine.restore(...)`` is the same,
+   released on return.
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
    ``await delete_run(run)``, ``await set_retention(run, policy)``. Deleting refuses
    (``InvalidRequestError``) while a save of the same (run, rank) is in flight, rather than

@@ -1,7 +1,8 @@
 """Serving restores: the restore budget and the verified reconstruction of one step.
 
-A restore materializes a whole step — the chain head's arrays copied from memory when the
-step is the head, otherwise rebuilt from storage along its plan — and holds it until the
+A restore materializes a whole step — read-only views of the chain head's arrays (never
+modified in place, so not copied) when the step is the head, otherwise rebuilt from storage
+along its plan — and holds it until the
 transport has streamed it. ``Restores`` bounds how many bytes of those are held at once
 (``max_restore_bytes``, under each identity's share, FIFO among waiters) so that clients
 that do not read cannot grow the daemon's memory; a restore larger than the whole budget
@@ -57,7 +58,7 @@ class Restores:
             try:
                 head = head_of(key)
                 if head is not None:
-                    arrays = await self._repository.copy_verified(manifest, head)
+                    arrays = await self._repository.verified_views(manifest, head)
                 else:
                     arrays = await self._repository.restore(key)
             except MissingBlobError:

@@ -23,7 +23,7 @@ from ckptd.daemon.domain import (
     TensorSpec,
 )
 from ckptd.daemon.errors import InvalidRequestError
-from ckptd.protos import dtypes
+from ckptd.protos import dtypes, streams
 from ckptd.protos.records import SaveState, StepInfo
 from ckptd.protos.v1 import pb
 
@@ -178,14 +178,12 @@ def restore_header_to_proto(restored: RestoredCheckpoint) -> pb.RestoreHeader:
     )
 
 
-def restore_chunks(restored: RestoredCheckpoint, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:
-    """Yields every tensor's bytes in table order, in chunks of at most ``max_chunk_bytes``."""
+def restore_chunks(restored: RestoredCheckpoint, max_chunk_bytes: int) -> Iterator[bytes]:
+    """Yields every tensor's bytes in table order, in chunks of at most ``max_chunk_bytes``,
+    each already a serialized ``RestoreResponse{chunk}`` (``streams.encode_chunk``: one
+    copy of the bytes, where a ``TensorChunk`` message costs two)."""
     for index, array in enumerate(restored.arrays):
         # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
         with array.reshape(-1).data.cast("B") as raw:
             for offset in range(0, len(raw), max_chunk_bytes):
-                yield pb.TensorChunk(
-                    tensor_index=index,
-                    offset=offset,
-                    data=bytes(raw[offset : offset + max_chunk_bytes]),
-                )
+                yield streams.encode_chunk(index, offset, raw[offset : offset + max_chunk_bytes])

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import numpy as np
 from ckptd.daemon.engine.core import Engine, SaveSession
 from ckptd.daemon.errors import InvalidRequestError, StreamIdleError
 from ckptd.daemon.logs import fields, get_logger, step_fields
@@ -36,6 +37,7 @@ from ckptd.daemon.server.auth import ANONYMOUS, Guard
 from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
 from ckptd.daemon.server.status import maps_errors, status_for
+from ckptd.protos import segments
 from ckptd.protos.v1 import pb, pb_grpc
 from google.protobuf.message import DecodeError
 
@@ -45,6 +47,7 @@ Context: TypeAlias = grpc.aio.ServicerContext
 # Longest single WaitSave; a client that wants longer calls again.
 MAX_WAIT_S = 24 * 3600.0
 H = TypeVar("H", bound=Callable[..., Any])
+R = TypeVar("R")
 # run/rank/step of the request being handled, for its error line; each RPC runs in a task of
 # its own, so each sees only its own value. A save sets it once its header is read.
 _REQUEST_FIELDS: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
@@ -97,11 +100,21 @@ def add_to_server(servicer: CheckpointdServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _serializer(message_type: Any) -> Callable[[Any], bytes]:
+    """Serializes a response message; bytes (restore chunks encoded by hand,
+    ``streams.encode_chunk``) pass through as they are."""
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else message.SerializeToString()
+
+    return serialize
 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -227,7 +240,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                     await self._receive_chunks(session, request_iterator)
                 else:
                     await self._expect_end(request_iterator, opened.ref.name)
-                    await _copy_off_loop(session, opened)
+                    await _off_loop(shm.copy_into, session, opened)
                 status = await session.commit()
         log.info("save accepted %s", step_fields(
             header.key, bytes=header.nbytes, tensors=len(header.tensors),
@@ -270,7 +283,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 "save again without pausing inside the stream"
             ) from None
 
-    async def _write(self, context: Context, message: pb.RestoreResponse) -> None:
+    async def _write(self, context: Context, message: pb.RestoreResponse | bytes) -> None:
         """Writes one restore message once flow control takes it; ``StreamIdleError`` when
         the client reads nothing for the idle timeout."""
         try:
@@ -280,6 +293,22 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
                 f"the restore's client read nothing for {self._idle_timeout_s:g} s (the "
                 "daemon's stream_idle_timeout_s); it was ended and its memory released"
             ) from None
+
+    async def _restore_into(
+        self, context: Context, header: pb.RestoreHeader, segment: shm.OpenSegment,
+        arrays: tuple[np.ndarray, ...],
+    ) -> None:
+        """Sizes the client's segment, sends the header with the offsets, then writes the
+        tensors batch by batch, announcing each batch as it lands."""
+        ref = shm.size_for_restore(segment, arrays)
+        header.shared_memory.CopyFrom(_segment_ref_to_proto(ref))
+        await self._write(context, pb.RestoreResponse(header=header))
+        start = 0
+        for end in shm.ready_batches(arrays):
+            await _off_loop(functools.partial(shm.write_tensors, segment, ref, arrays),
+                            range(start, end))
+            await self._write(context, pb.RestoreResponse(segment_ready=end))
+            start = end
 
     @rpc
     async def WaitSave(
@@ -297,22 +326,29 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         identity = self._guard.require(context, Scope.READ, request.run)
         started_s = time.monotonic()
         step = request.step if request.HasField("step") else None
-        async with self._engine.restoring(
-            request.run, request.rank, step, identity=_share_of(identity, context),
-            allow_incomplete=request.allow_incomplete,
-        ) as restored:
-            # Materializing (budget, copy or decode, verify) vs streaming: which one to speed up.
-            prepare_s = time.monotonic() - started_s
-            await self._write(context, pb.RestoreResponse(
-                header=convert.restore_header_to_proto(restored)))
-            for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
-                await self._write(context, pb.RestoreResponse(chunk=chunk))
+        segment = _restore_segment(request)
+        # The segment is opened and checked before the restore budget is reserved.
+        with _open_segment(segment, context, writable=True) as opened:
+            async with self._engine.restoring(
+                request.run, request.rank, step, identity=_share_of(identity, context),
+                allow_incomplete=request.allow_incomplete,
+            ) as restored:
+                # Materializing (budget, decode, verify) vs sending: which one to speed up.
+                prepare_s = time.monotonic() - started_s
+                header = convert.restore_header_to_proto(restored)
+                if opened is None:
+                    await self._write(context, pb.RestoreResponse(header=header))
+                    for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
+                        await self._write(context, chunk)
+                else:
+                    await self._restore_into(context, header, opened, restored.arrays)
         seconds = time.monotonic() - started_s
         nbytes = sum(array.nbytes for array in restored.arrays)
         self._metrics.restore_done(seconds, nbytes)
         log.info("restore served %s", step_fields(
             restored.key, bytes=nbytes, tensors=len(restored.arrays), seconds=round(seconds, 4),
-            prepare_s=round(prepare_s, 4), stream_s=round(seconds - prepare_s, 4)))
+            prepare_s=round(prepare_s, 4), stream_s=round(seconds - prepare_s, 4),
+            transport="shm" if segment else "stream"))
 
     @rpc
     async def ListRuns(
@@ -387,20 +423,34 @@ def peer_uid(context: Context) -> int | None:
     return os.geteuid() if context.peer().startswith("unix:") else None
 
 
+def _segment_ref_to_proto(ref: shm.SegmentRef) -> pb.SharedMemoryRef:
+    return pb.SharedMemoryRef(
+        segment_name=ref.name, segment_bytes=ref.segment_bytes, offsets=ref.offsets)
+
+
+def _restore_segment(request: pb.RestoreRequest) -> shm.SegmentRef | None:
+    if not request.HasField("shared_memory"):
+        return None
+    ref = request.shared_memory
+    if (problem := segments.name_problem(ref.segment_name)) is not None:
+        raise InvalidRequestError(problem)
+    return shm.SegmentRef(ref.segment_name, 0, ())
+
+
 def _open_segment(
-    segment: shm.SegmentRef | None, context: Context
+    segment: shm.SegmentRef | None, context: Context, *, writable: bool = False
 ) -> contextlib.AbstractContextManager[shm.OpenSegment | None]:
     if segment is None:
         return contextlib.nullcontext()
-    return shm.open_segment(segment, peer_uid(context))
+    return shm.open_segment(segment, peer_uid(context), writable=writable)
 
 
-async def _copy_off_loop(session: SaveSession, segment: shm.OpenSegment) -> None:
-    """Runs the blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
-    copy to stop touching the session (and the segment) before the cancellation aborts it."""
-    copy = asyncio.ensure_future(asyncio.to_thread(shm.copy_into, session, segment))
+async def _off_loop(copy_fn: Callable[..., R], *args: Any) -> R:
+    """Runs a blocking copy in a thread; if the RPC is cancelled meanwhile, waits for the
+    copy to stop touching its buffers (and the segment) before the cancellation goes on."""
+    copy = asyncio.ensure_future(asyncio.to_thread(copy_fn, *args))
     try:
-        await asyncio.shield(copy)
+        return await asyncio.shield(copy)
     except asyncio.CancelledError:
         await asyncio.wait([copy])
         copy.exception()  # retrieved: the cancellation is what this RPC reports

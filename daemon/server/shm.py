@@ -1,7 +1,16 @@
-"""The daemon's side of shared-memory saves: copy tensors out of a client's segment.
+"""The daemon's side of shared memory: copy a save out of, or a restore into, a client's segment.
 
-The client creates, fills and unlinks a POSIX shared-memory segment; the daemon only opens
-it read-only by name, copies every tensor into the save session, and closes it before it
+A restore through shared memory is the mirror image: the client creates an owner-only
+segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it read-write
+with the same checks below (before any restore budget is reserved), sizes it with
+``ftruncate`` to what the step needs (``size_for_restore``), answers the header with the
+offsets, then writes the tensors with ``pwritev`` (``write_tensors``) in batches, sending
+``segment_ready`` after each so that the client copies one batch while the next is written.
+It never maps or unlinks the segment: the client unlinks it on every path, and a client
+that dies leaves it to its resource tracker or the orphan sweep.
+
+For a save, the client creates, fills and unlinks a POSIX shared-memory segment; the daemon
+only opens it read-only by name, copies every tensor into the save session, and closes it before it
 answers ACCEPTED. The segment's owner is not trusted, so:
 
 * the name must be a plain shm_open name (``ckptd.protos.segments.name_problem``), and it is
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.errors import InvalidRequestError, SharedMemoryRefusedError
 from ckptd.daemon.logs import fields, get_logger
@@ -45,6 +55,9 @@ if TYPE_CHECKING:
 
 SHM_ROOT = segments.SHM_ROOT
 RECLAIM_INTERVAL_S = 300.0
+# A restore announces progress after at least this many bytes: the client reads them while
+# the daemon writes the next, and the messages stay few.
+READY_BATCH_BYTES = 32 << 20
 # One preadv moves at most this much (Linux caps a read near 2 GiB anyway).
 _READ_BYTES = 1 << 30
 
@@ -130,8 +143,11 @@ class OpenSegment:
         self.close()
 
 
-def open_segment(ref: SegmentRef, peer_uid: int | None) -> OpenSegment:
-    """Opens ``ref``'s segment for a client running as ``peer_uid`` (non-blocking).
+def open_segment(
+    ref: SegmentRef, peer_uid: int | None, *, writable: bool = False
+) -> OpenSegment:
+    """Opens ``ref``'s segment for a client running as ``peer_uid`` (non-blocking;
+    ``writable`` for a restore, which writes into it).
 
     Raises ``SharedMemoryRefusedError`` when the daemon may not read it (no peer uid, not
     on this host, a symlink, not a regular file, another user's), ``InvalidRequestError``
@@ -143,7 +159,7 @@ def open_segment(ref: SegmentRef, peer_uid: int | None) -> OpenSegment:
             "clients on the daemon's unix socket; send the bytes as chunks instead"
         )
     try:
-        fd = segments.open_no_follow(SHM_ROOT / ref.name)
+        fd = segments.open_no_follow(SHM_ROOT / ref.name, writable=writable)
     except OSError as exc:
         raise SharedMemoryRefusedError(_open_failure(ref.name, exc)) from None
     try:
@@ -159,7 +175,7 @@ def _open_failure(name: str, exc: OSError) -> str:
         return (f"shared memory segment {name!r} does not exist on the daemon's host; is the "
                 "client on another host or container? Send the bytes as chunks instead")
     if isinstance(exc, PermissionError):
-        return f"shared memory segment {name!r} is not readable by the daemon's user"
+        return f"shared memory segment {name!r} is not accessible to the daemon's user"
     if os.path.islink(SHM_ROOT / name):
         return f"shared memory segment {name!r} is a symlink; the daemon does not follow links"
     return f"shared memory segment {name!r} cannot be opened: {exc.strerror}"
@@ -209,3 +225,61 @@ def _read_exactly(
                 f"(the reference claims {segment.ref.segment_bytes}); it shrank during the copy"
             )
         done += got
+
+
+def size_for_restore(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> SegmentRef:
+    """Sizes a client's restore segment to hold ``arrays``, each at a 64-byte-aligned
+    offset; returns where they will lie (``write_tensors`` then fills them).
+    Raises ``SharedMemoryRefusedError`` when the segment cannot be resized."""
+    offsets, total = segments.aligned_offsets([array.nbytes for array in arrays])
+    try:
+        os.ftruncate(segment.fd, total)
+    except OSError as exc:
+        raise _no_room(segment, total, exc) from None
+    return SegmentRef(segment.ref.name, total, offsets)
+
+
+def ready_batches(arrays: Sequence[np.ndarray], min_bytes: int = READY_BATCH_BYTES) -> list[int]:
+    """Where to announce progress: the tensor counts after which at least ``min_bytes``
+    more have been written (the last is ``len(arrays)``)."""
+    ends, pending = [], 0
+    for index, array in enumerate(arrays):
+        pending += array.nbytes
+        if pending >= min_bytes or index == len(arrays) - 1:
+            ends.append(index + 1)
+            pending = 0
+    return ends or [0]
+
+
+def write_tensors(
+    segment: OpenSegment, ref: SegmentRef, arrays: Sequence[np.ndarray], span: range
+) -> None:
+    """Writes the tensors at the indices ``span`` into the segment at ``ref``'s offsets.
+
+    Blocking: the servicer runs it off the event loop, batch by batch, and tells the client
+    after each (``segment_ready``) so that it reads one batch while the next is written.
+    ``pwritev`` from the arrays is the restore's one copy in the daemon, never through a
+    mapping the client could shrink under it (a write past a shrunken end grows the file
+    again). Raises ``SharedMemoryRefusedError`` when the host has no room for the segment.
+    """
+    try:
+        for index in span:
+            # reshape(-1) keeps 0-d arrays viewable; the arrays are C-contiguous by contract.
+            with arrays[index].reshape(-1).data.cast("B") as raw:
+                _write_all(segment.fd, raw, ref.offsets[index])
+    except OSError as exc:
+        raise _no_room(segment, ref.segment_bytes, exc) from None
+
+
+def _no_room(segment: OpenSegment, total: int, exc: OSError) -> SharedMemoryRefusedError:
+    return SharedMemoryRefusedError(
+        f"shared memory segment {segment.ref.name!r} cannot hold the restored {total} "
+        f"bytes: {exc.strerror}; free memory in /dev/shm or restore over the stream"
+    )
+
+
+def _write_all(fd: int, raw: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(raw):
+        with raw[done : done + _READ_BYTES] as window:
+            done += os.pwritev(fd, [window], offset + done)

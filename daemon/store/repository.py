@@ -152,11 +152,11 @@ class Repository:
         """The verified reconstruction of ``key``, rebuilt along its plan from storage."""
         return await self._restorer.restore(self.index.plan(key))
 
-    async def copy_verified(
+    async def verified_views(
         self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
     ) -> tuple[np.ndarray, ...]:
-        """A verified copy of an in-memory reconstruction of ``manifest``'s step."""
-        return await self._restorer.copy_verified(manifest, arrays)
+        """Verified read-only views of an in-memory reconstruction of ``manifest``'s step."""
+        return await self._restorer.verified_views(manifest, arrays)
 
     async def mark_pending(self, key: StepKey) -> None:
         """Puts the step's ``pending`` marker: call it before the first blob of a save, so

@@ -64,14 +64,18 @@ class Restorer:
         await self.verify(target, arrays)
         return tuple(arrays)
 
-    async def copy_verified(
+    async def verified_views(
         self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
     ) -> tuple[np.ndarray, ...]:
-        """Copies the head reconstruction (the caller may keep or modify the copy) and
-        verifies it like a restore from storage."""
-        copies = await self._run_codec(lambda: tuple(np.array(a, copy=True) for a in arrays))
-        await self.verify(manifest, copies)
-        return copies
+        """Read-only views of the head reconstruction, verified like a restore from storage.
+
+        No copy: a chain's arrays are never modified in place (each step gets new ones), so
+        the head may be evicted or replaced while a restore still streams them; the views
+        keep them alive, and a caller that writes into one gets an error, not a damaged head.
+        """
+        views = tuple(_read_only(array) for array in arrays)
+        await self.verify(manifest, views)
+        return views
 
     async def verify(self, manifest: Manifest, arrays: Sequence[np.ndarray]) -> None:
         specs = manifest.specs
@@ -102,6 +106,12 @@ class Restorer:
                 f"bytes with xxh3_64 {entry.blob_xxh3_64})"
             )
         return blob
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> np.ndarray:

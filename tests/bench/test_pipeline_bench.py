@@ -36,8 +36,12 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert case["stages"]["adam-deep/3"]["kind"] == "delta"
     served = case["restores"]["adam-shm-0/2"]  # the daemon timed the head's restore
     assert served[0]["prepare_s"] > 0 and served[0]["stream_s"] > 0
+    assert served[0]["transport"] == "shm"  # same host: through the client's segment
+    assert case["restores"]["adam-grpc-0/2"][0]["transport"] == "stream"
+    assert "| 16MiB | adam | latest over gRPC |" in done.stdout
     assert "| 16MiB | adam | deep, from storage |" in done.stdout
     [ratios] = report["ratios"]
     assert ratios["restore_deep"] > 0 and ratios["sustained_over_torch_save"] > 0
+    assert ratios["restore_latest_grpc"] > 0
     assert report["workers"][0]["MBps"]["1"] > 0
     assert "| 16MiB | adam |" in done.stdout and "Targets (ckptd over baseline" in done.stdout

@@ -30,6 +30,10 @@ def test_hand_encoded_chunks_match_protobuf_bytes(index: int, offset: int, size:
     reference = pb.SaveRequest(chunk=pb.TensorChunk(tensor_index=index, offset=offset, data=data))
     assert ours == reference.SerializeToString()
     assert pb.SaveRequest.FromString(ours) == reference
+    # The daemon sends restore chunks with the same bytes (RestoreResponse.chunk is field 2).
+    restored = pb.RestoreResponse(chunk=pb.TensorChunk(tensor_index=index, offset=offset,
+                                                       data=data))
+    assert ours == restored.SerializeToString()
 
 
 def restore_stream(state: Any, chunk_bytes: int, step: int = 3) -> Iterator[pb.RestoreResponse]:

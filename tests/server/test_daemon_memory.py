@@ -137,7 +137,7 @@ def test_unread_restores_hold_bounded_memory_and_time_out(
     produced: list[int] = []
     chunks = convert.restore_chunks
 
-    def counted(*args: object, **kwargs: object) -> Iterator[pb.TensorChunk]:
+    def counted(*args: object, **kwargs: object) -> Iterator[bytes]:
         for chunk in chunks(*args, **kwargs):  # type: ignore[arg-type]
             produced.append(1)
             yield chunk

@@ -241,19 +241,21 @@ class WaitSaveResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SaveStatus, _Mapping]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("run", "rank", "step", "allow_incomplete")
+    __slots__ = ("run", "rank", "step", "allow_incomplete", "shared_memory")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ALLOW_INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     step: int
     allow_incomplete: bool
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., allow_incomplete: _Optional[bool] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., allow_incomplete: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class RestoreHeader(_message.Message):
-    __slots__ = ("ref", "tensors", "metadata", "checksum")
+    __slots__ = ("ref", "tensors", "metadata", "checksum", "shared_memory")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,19 +267,23 @@ class RestoreHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ref: StepRef
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     metadata: _containers.ScalarMap[str, str]
     checksum: str
-    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class RestoreResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "segment_ready")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_READY_FIELD_NUMBER: _ClassVar[int]
     header: RestoreHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    segment_ready: int
+    def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., segment_ready: _Optional[int] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ()

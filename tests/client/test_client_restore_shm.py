@@ -1,0 +1,214 @@
+"""Restores through shared memory (same host): the daemon writes the step into a segment the
+client created; the result equals the streamed one bit for bit, the segment never outlives
+the restore (refused, failed, or its client SIGKILLed), and a daemon that cannot serve it
+(over TCP, a forged, oversized, symlinked or FIFO name) refuses with a clear error."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ckptd.client import (
+    InvalidCheckpointError,
+    SharedMemoryRefusedError,
+)
+from ckptd.client.grpc_transport import Connection
+from ckptd.client.restore import receive, restore_state
+from ckptd.client.shm import RestoreSegment
+from ckptd.protos import segments, streams
+from ckptd.protos.v1 import pb
+from client_support import SHM_DIR, CheckpointerFactory, client_segments
+from daemon_harness import InProcessDaemon, wait_until
+
+
+def state(seed: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(300, 257, generator=generator),
+        "b": torch.randn(7, generator=generator).to(torch.bfloat16),
+        "steps": torch.arange(1001, dtype=torch.int64) + seed,
+        "scalar": torch.tensor(seed, dtype=torch.float64),
+        "empty": torch.empty(0, 3),
+    }
+
+
+def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        other = got[name]
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, name
+        assert torch.equal(other.reshape(-1).view(torch.uint8),
+                           tensor.reshape(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("policy", ["exact", "lossy:3"])
+def test_restore_through_shm_equals_the_stream_bit_for_bit(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, policy: str
+) -> None:
+    run = f"shm-restore-{policy.replace(':', '')}"
+    saver = make_checkpointer(daemon.address, run, transport="shm", policies=[("w", policy)])
+    for step in range(1, 4):
+        saver.save(step, state(step))
+    saver.wait(timeout_s=120)
+    streamed = make_checkpointer(daemon.address, run, transport="grpc")
+    staging = client_segments()  # the saver's pooled staging buffers live until it closes
+    for step in (3, 1):  # the head, served from memory, and one rebuilt from storage
+        via_shm = saver.restore_info(step)
+        via_stream = streamed.restore_info(step)
+        assert (via_shm.transport, via_stream.transport) == ("shm", "grpc")
+        assert via_shm.checksum == via_stream.checksum
+        assert_bit_identical(via_shm.state, via_stream.state)
+        if policy == "exact":
+            assert_bit_identical(via_shm.state, state(step))
+        else:  # step 1 is the exact base; step 3 a lossy delta
+            assert torch.equal(via_shm.state["w"], state(step)["w"]) == (step == 1)
+    assert client_segments() == staging
+
+
+def test_a_refused_segment_falls_back_to_the_stream_and_is_unlinked(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = make_checkpointer(daemon.address, "shm-refused")  # auto: shm with a fallback
+    ckpt.save(1, state(1))
+    ckpt.wait(timeout_s=60)
+    before = client_segments()
+    created: list[str] = []
+    real = RestoreSegment.reference.fget
+
+    def elsewhere(segment: RestoreSegment) -> streams.Segment:
+        created.append(segment.name)
+        assert (SHM_DIR / segment.name).exists() and real is not None
+        # What a client in another container sees: its segment is not in our /dev/shm.
+        return streams.Segment("ckptdc_0_not_on_this_host", real(segment).fd)
+
+    monkeypatch.setattr(RestoreSegment, "reference", property(elsewhere))
+    restored = ckpt.restore_info(1)
+    assert restored.transport == "grpc"
+    assert_bit_identical(restored.state, state(1))
+    assert created and not (SHM_DIR / created[0]).exists()
+    assert client_segments() - before == set()
+
+
+def test_a_daemon_over_tcp_refuses_shm_and_the_client_streams(tmp_path: Path) -> None:
+    from daemon_harness import start_in_process
+
+    tcp = start_in_process(tmp_path / "storage")
+    connection = Connection(tcp.address, call_timeout_s=30.0)
+    try:
+        from ckptd.client import Checkpointer
+
+        with Checkpointer(tcp.address, "tcp", connect_timeout_s=30.0) as ckpt:
+            ckpt.save(1, state(1))
+            ckpt.wait(timeout_s=60)
+            restored = ckpt.restore_info(1)
+        assert restored.transport == "grpc"
+        assert_bit_identical(restored.state, state(1))
+        request = pb.RestoreRequest(run="tcp", rank=0, step=1)
+        with pytest.raises(SharedMemoryRefusedError, match="only to clients on the daemon's unix"):
+            restore_state(connection, request, "cpu", shared_memory=True, fallback=False)
+        fallen_back = restore_state(connection, request, "cpu", shared_memory=True, fallback=True)
+        assert fallen_back.transport == "grpc"
+        assert_bit_identical(fallen_back.state, state(1))
+    finally:
+        connection.close()
+        tcp.stop()
+
+
+@pytest.fixture
+def saved(daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory) -> Iterator[Connection]:
+    ckpt = make_checkpointer(daemon.address, "forged", transport="shm")
+    ckpt.save(1, state(1))
+    ckpt.wait(timeout_s=60)
+    connection = Connection(daemon.address, call_timeout_s=30.0)
+    yield connection
+    connection.close()
+
+
+def restore_into(connection: Connection, name: str) -> Any:
+    request = pb.RestoreRequest(run="forged", rank=0, step=1)
+    request.shared_memory.segment_name = name
+    return connection.restore(request, receive)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", ".hidden", "x" * 300, ""])
+def test_a_forged_or_oversized_segment_name_is_invalid(saved: Connection, name: str) -> None:
+    with pytest.raises(InvalidCheckpointError, match=r"shared memory segment name .* is invalid"):
+        restore_into(saved, name)
+
+
+@pytest.fixture
+def planted() -> Iterator[Path]:
+    """A unique path in /dev/shm named like a client segment, removed afterwards."""
+    path = SHM_DIR / f"{segments.SEGMENT_PREFIX}{os.getpid()}_test_{secrets.token_hex(4)}"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_a_symlinked_segment_is_refused_not_followed(
+    saved: Connection, planted: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    planted.symlink_to(victim)
+    with pytest.raises(SharedMemoryRefusedError, match="is a symlink"):
+        restore_into(saved, planted.name)
+    assert victim.read_bytes() == b"keep"
+
+
+def test_a_fifo_named_like_a_segment_is_refused(saved: Connection, planted: Path) -> None:
+    os.mkfifo(planted, 0o600)
+    with pytest.raises(SharedMemoryRefusedError, match="is a FIFO"):
+        restore_into(saved, planted.name)
+
+
+def test_a_missing_segment_is_refused(saved: Connection, planted: Path) -> None:
+    with pytest.raises(SharedMemoryRefusedError, match="does not exist on the daemon's host"):
+        restore_into(saved, planted.name)
+
+
+STALLED_RESTORER = """
+import os, sys, time
+from ckptd.client import Checkpointer
+from ckptd.protos import streams
+
+def stall(self, fd, index, offset, on_progress):
+    print(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], flush=True)
+    time.sleep(600)
+
+streams._Assembler.read_from = stall
+Checkpointer(sys.argv[1], "killed", transport="shm").restore(1)
+"""
+
+
+def test_a_client_killed_mid_restore_leaves_no_segment(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, tmp_path: Path
+) -> None:
+    ckpt = make_checkpointer(daemon.address, "killed", transport="shm")
+    ckpt.save(1, state(1))
+    ckpt.wait(timeout_s=60)
+    script = tmp_path / "restorer.py"
+    script.write_text(STALLED_RESTORER)
+    with subprocess.Popen([sys.executable, str(script), daemon.address],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            name = proc.stdout.readline().strip()  # the daemon sized it and wrote a batch
+            assert name.startswith(segments.SEGMENT_PREFIX), name
+            assert (SHM_DIR / name).stat().st_size >= 300 * 257 * 4
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    wait_until(lambda: not (SHM_DIR / name).exists(), 30, f"{name} to be unlinked")
+    wait_until(lambda: daemon.call(lambda engine: engine.restore_bytes) == 0, 30,
+               "the restore budget to be released")
+    assert_bit_identical(ckpt.restore(1), state(1))

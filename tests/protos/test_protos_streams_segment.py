@@ -1,0 +1,133 @@
+"""``streams.receive`` reading a restore out of the client's segment: the bytes are verified
+against the header's checksum while they are copied, and a reply that breaks the segment
+framing (a segment nobody asked for, chunks besides it, a short segment) is refused."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ckptd.protos import checksum, dtypes, segments, streams
+from ckptd.protos.v1 import pb
+
+ARRAYS = {"a": np.arange(3000, dtype=np.float32), "b": np.arange(5, dtype=np.int64),
+          "none": np.empty(0, dtype=np.float32)}
+
+
+def wire(array: np.ndarray) -> int:
+    return dtypes.from_name(array.dtype.name).wire
+
+
+def header(name: str, offsets: tuple[int, ...], total: int) -> pb.RestoreHeader:
+    specs = [pb.TensorSpec(name=n, dtype=wire(a), shape=list(a.shape), nbytes=a.nbytes)
+             for n, a in ARRAYS.items()]
+    digest = checksum.tensors_checksum(
+        (n, a.dtype.name, a.shape, a) for n, a in ARRAYS.items())
+    return pb.RestoreHeader(
+        ref=pb.StepRef(run="r", rank=0, step=1), tensors=specs, checksum=digest,
+        shared_memory=pb.SharedMemoryRef(segment_name=name, segment_bytes=total,
+                                         offsets=offsets))
+
+
+@pytest.fixture
+def segment(tmp_path: Path) -> Iterator[tuple[streams.Segment, pb.RestoreHeader, Path]]:
+    offsets, total = segments.aligned_offsets([a.nbytes for a in ARRAYS.values()])
+    path = tmp_path / "ckptdc_1_test"
+    with path.open("wb") as out:
+        for array, offset in zip(ARRAYS.values(), offsets, strict=True):
+            out.seek(offset)
+            out.write(array.tobytes())
+        out.truncate(total)
+    fd = os.open(path, os.O_RDONLY)
+    yield streams.Segment(path.name, fd), header(path.name, offsets, total), path
+    os.close(fd)
+
+
+def allocate(spec: pb.TensorSpec) -> np.ndarray:
+    return np.zeros(spec.nbytes, dtype=np.uint8)
+
+
+def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
+            ) -> Iterator[pb.RestoreResponse]:
+    """``messages``, then the daemon's ``segment_ready`` counts (all three tensors)."""
+    return iter([*messages, *(pb.RestoreResponse(segment_ready=n) for n in ready)])
+
+
+def test_a_segment_is_read_and_verified(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+) -> None:
+    ref, head, _ = segment
+    got: list[np.ndarray] = []
+
+    def keep(spec: pb.TensorSpec) -> np.ndarray:
+        got.append(allocate(spec))
+        return got[-1]
+
+    progress: list[int] = []
+    streams.receive(replies(pb.RestoreResponse(header=head)), keep, progress.append,
+                    segment=ref)
+    for buffer, array in zip(got, ARRAYS.values(), strict=True):
+        assert buffer.tobytes() == array.tobytes()
+    assert sum(progress) == sum(a.nbytes for a in ARRAYS.values())
+
+
+def flip_byte_100(path: Path) -> None:
+    with path.open("r+b") as out:
+        out.seek(100)
+        out.write(b"\xff")
+
+
+def cut_at_1000(path: Path) -> None:
+    os.truncate(path, 1000)
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (flip_byte_100, "damaged in transit"),
+    (cut_at_1000, "restore segment ended at byte 1000"),
+])
+def test_damaged_or_short_segments_are_refused(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path],
+    damage: Callable[[Path], None], problem: str,
+) -> None:
+    ref, head, path = segment
+    damage(path)
+    with pytest.raises(streams.StreamError, match=problem):
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref)
+
+
+def test_a_segment_the_request_did_not_name_is_refused(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+) -> None:
+    ref, head, _ = segment
+    with pytest.raises(streams.StreamError, match="which the request did not name"):
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate)
+    other = streams.Segment("ckptdc_2_other", ref.fd)
+    with pytest.raises(streams.StreamError, match="which the request did not name"):
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=other)
+
+
+def test_chunks_besides_a_segment_are_refused(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+) -> None:
+    ref, head, _ = segment
+    chunk = pb.RestoreResponse(chunk=pb.TensorChunk(tensor_index=0, data=b"x"))
+    with pytest.raises(streams.StreamError, match="carries no chunks"):
+        streams.receive(replies(pb.RestoreResponse(header=head), chunk), allocate, segment=ref)
+
+
+@pytest.mark.parametrize(("ready", "problem"), [
+    ((2,), "ended with 2 of 3 tensors"),
+    ((2, 1), "announced 1 tensors ready after 2"),
+    ((4,), "announced 4 tensors ready after 0"),
+])
+def test_segment_ready_counts_must_grow_to_every_tensor(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path], ready: tuple[int, ...],
+    problem: str,
+) -> None:
+    ref, head, _ = segment
+    with pytest.raises(streams.StreamError, match=problem):
+        streams.receive(replies(pb.RestoreResponse(header=head), ready=ready), allocate,
+                        segment=ref)
