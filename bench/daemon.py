@@ -48,15 +48,23 @@ TENSOR_BYTES = 64 * MiB
 
 
 class DaemonProcess:
-    """``python -m ckptd.daemon.cli serve`` on 127.0.0.1:0; RSS sampled on demand."""
+    """``python -m ckptd.daemon.cli serve`` on 127.0.0.1:0; RSS sampled on demand.
 
-    def __init__(self, storage: Path, *args: str) -> None:
-        ready = storage.parent / f"ready-{time.monotonic_ns()}.json"
-        self.log_path = storage.parent / "daemon.log"
+    ``storage`` is a directory or a storage URL (``s3://...``); ready file and log go to
+    ``workdir`` (default: the directory's parent). ``env`` replaces the environment.
+    """
+
+    def __init__(
+        self, storage: Path | str, *args: str, workdir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        workdir = workdir or Path(storage).parent
+        ready = workdir / f"ready-{time.monotonic_ns()}.json"
+        self.log_path = workdir / "daemon.log"  # appended to by every daemon of workdir
         cmd = [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--storage", str(storage),
                "--listen", "127.0.0.1:0", "--ready-file", str(ready), *args]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,34 +46,21 @@ import torch
 from ckptd.client import Checkpointer
 from moto.server import ThreadedMotoServer
 
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.daemon import DaemonProcess
+
 RANKS = 4
 BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-class Daemon:
-    """One ``ckptd serve`` subprocess on 127.0.0.1:0 storing under ``url``."""
-
-    def __init__(self, url: str, workdir: Path) -> None:
-        ready = workdir / f"ready-{uuid.uuid4().hex}.json"
-        self.log = workdir / f"daemon-{uuid.uuid4().hex}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "AWS_"))}
-        env.update(CREDENTIALS)
-        cmd = [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--storage", url,
-               "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.02)
-        self.address: str = json.loads(ready.read_text())["address"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(120)
+def _daemon(url: str, workdir: Path) -> DaemonProcess:
+    """A daemon on ``url`` with the bench's S3 credentials and no inherited CKPTD_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "AWS_"))}
+    return DaemonProcess(url, workdir=workdir, env={**env, **CREDENTIALS})
 
 
 def _state(rank: int, step: int, elements: int) -> dict[str, torch.Tensor]:
@@ -112,7 +98,7 @@ def _layout(url: str, workdir: Path, daemons: int, args: argparse.Namespace) -> 
     """One repetition of one layout: ``daemons`` daemons, ranks spread over them evenly."""
     elements = args.mb * 1_000_000 // 4
     run = f"bench-{daemons}d-{uuid.uuid4().hex[:8]}"
-    started = [Daemon(url, workdir) for _ in range(daemons)]
+    started = [_daemon(url, workdir) for _ in range(daemons)]
     try:
         home = [started[rank * daemons // RANKS] for rank in range(RANKS)]
         other = [started[(rank * daemons // RANKS + 1) % daemons] for rank in range(RANKS)]
@@ -131,7 +117,7 @@ def _layout(url: str, workdir: Path, daemons: int, args: argparse.Namespace) -> 
         for ckpt in ranks:
             ckpt.close()
         if daemons == 1:
-            started.append(Daemon(url, workdir))
+            started.append(_daemon(url, workdir))
             other = [started[1]] * RANKS
         movers = [Checkpointer(other[rank].address, run, rank=rank, world_size=RANKS,
                                transport="grpc", connect_timeout_s=60) for rank in range(RANKS)]
