@@ -114,7 +114,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _as_bytes_tensor(data: bytes) -> torch.Tensor:
+def _as_bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
     if not data:
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -212,7 +212,7 @@ class CkptdStorageWriter(StorageWriter):
         data = planner.resolve_data(item)
         if item.type == WriteItemType.BYTE_IO:
             assert isinstance(data, io.BytesIO)
-            return _as_bytes_tensor(data.getvalue())
+            return _as_bytes_tensor(data.getbuffer())  # one copy, into the bytearray
         assert isinstance(data, torch.Tensor)
         return data.detach()
 

@@ -210,8 +210,9 @@ def _check_options(bits: int | str, representative: str, coder: str, domain: str
         raise CodecError(f"bits must be an integer in 1..8, got {bits!r} (or 'auto')")
     if representative not in REPRESENTATIVE_IDS or representative == "none":
         raise CodecError(f"representative must be 'mean' or 'midrange', got {representative!r}")
-    if coder not in CODER_IDS:
-        raise CodecError(f"coder must be one of {sorted(CODER_IDS)}, got {coder!r}")
+    if coder not in CODER_IDS or coder == "raw":  # raw: lossless blobs only
+        raise CodecError(f"coder must be one of {sorted(set(CODER_IDS) - {'raw'})}, "
+                         f"got {coder!r}")
     if domain not in domains.DOMAIN_IDS:
         raise CodecError(f"domain must be one of {sorted(domains.DOMAIN_IDS)}, got {domain!r}")
 

@@ -300,7 +300,7 @@ class Engine:
     async def delete_step(self, key: StepKey) -> int:
         """Deletes one step (rebasing the step that depends on it first); returns 1."""
         check_key(key.run, key.rank, key.step)
-        await self.refresh_catalog(key.run, key.rank)
+        await self._catalog.fresh()
         if self._index.visible(key) is None and not await self._catalog.miss():
             raise self._not_found(key)
         chain = self._chain(key.run, key.rank)
@@ -315,7 +315,7 @@ class Engine:
             self._recount(chain)
         self._touch(chain)
         self._reports.head(key.run, key.rank)
-        self._retainer.schedule(chain)  # hidden steps the deleted one needed may go now
+        self._schedule_retention(chain)  # hidden steps the deleted one needed may go now
         return 1
 
     async def delete_run(self, run: str) -> int:

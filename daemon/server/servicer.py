@@ -100,21 +100,17 @@ def add_to_server(servicer: CheckpointdServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-            response_serializer=_serializer(getattr(pb, method.output_type.name)),
+            response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
-def _serializer(message_type: Any) -> Callable[[Any], bytes]:
+def _serialize(message: Any) -> bytes:
     """Serializes a response message; bytes (restore chunks encoded by hand,
     ``streams.encode_chunk``) pass through as they are."""
-
-    def serialize(message: Any) -> bytes:
-        return message if isinstance(message, bytes) else message.SerializeToString()
-
-    return serialize
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -230,6 +230,9 @@ class Deleter:
                 child, kind=BASE, parent_step=None, base_step=child.key.step, chain_depth=0,
                 tensors=tuple(entries),
             )
+            # One durability batch, as a save's blobs (``Storage.put_batched``).
+            sync = functools.partial(self._storage.sync, [e.blob_key for e in entries])
+            await self._pools.run_io(sync)
             await self._pause(PAUSE_REBASE)
             await commit(rebased)
         except BaseException:
@@ -252,7 +255,8 @@ class Deleter:
 
         blob, digest = await self._pools.run_codec(encode)
         key = blob_key(child.key, index, tag)
-        await self._pools.run_io(functools.partial(self._storage.put, key, blob))
+        # Durable before the commit: the caller syncs the whole rewrite's blobs at once.
+        await self._pools.run_io(functools.partial(self._storage.put_batched, key, blob))
         return TensorEntry(spec, EXACT, key, len(blob), digest)
 
     async def _renumber_descendants(self, base: Manifest, commit: Commit) -> None:

@@ -164,8 +164,9 @@ def is_void(generation: int, step: int, leases: Sequence[Lease]) -> bool:
 def check_free(
     storage: Storage, run: str, rank: int, holder: str, *, now_unix_s: float,
     exclusive: bool = False,
-) -> None:
-    """Raises ``ChainLeasedError`` while another holder's lease of the chain is live.
+) -> Lease | None:
+    """Raises ``ChainLeasedError`` while another holder's lease of the chain is live;
+    returns the chain's current lease record as read (None: never leased).
 
     A taker calls it *before* listing the chain for its fencing point: the previous holder
     commits nothing after its release (or, by the clock assumption, after its expiry), so
@@ -174,6 +175,7 @@ def check_free(
     if (current is not None and current.holder != holder and current.live(now_unix_s)
             and not exclusive):
         raise _leased(current, now_unix_s)
+    return current
 
 
 def take(
@@ -188,10 +190,7 @@ def take(
     ``exclusive``: the caller holds the whole storage (``Storage.claim`` locked it), so a
     live lease is a crashed holder's and is taken over at once.
     """
-    current = read_current(storage, run, rank)
-    if (current is not None and current.holder != holder and current.live(now_unix_s)
-            and not exclusive):
-        raise _leased(current, now_unix_s)
+    current = check_free(storage, run, rank, holder, now_unix_s=now_unix_s, exclusive=exclusive)
     generation = current.generation + 1 if current is not None else 1
     lease = Lease(run, rank, generation, holder, now_unix_s + ttl_s, after_step)
     if storage.put_if_absent(lease_key(run, rank, generation), lease.to_bytes()):

@@ -115,9 +115,9 @@ class Repository:
                 self.replace_chain((run, rank), found.entries)
 
     def replace_chain(self, chain: ChainKey, entries: Sequence[IndexEntry]) -> None:
-        """Makes ``entries`` the chain's indexed steps."""
-        for step in self.index.steps(*chain):
-            self.index.remove(StepKey(chain[0], chain[1], step))
+        """Makes ``entries`` the chain's indexed steps (hidden ones included)."""
+        for entry in self.index.entries(*chain):
+            self.index.remove(entry.manifest.key)
         for entry in entries:
             self.index.add(entry)
 

@@ -23,8 +23,9 @@ record it when they find every manifest, so the record is repaired lazily.
 one, the index and then storage decide, and a complete step gets its record on the way.
 ``missing_indexed`` answers listings from memory: the records this process has seen and
 its index (an index that other daemons' commits have not reached yet reports their ranks
-missing until it is refreshed). A deletion of any rank's step deletes the step's record
-(``forget``): that step is no longer complete. Records are JSON, tiny, written once.
+missing until it is refreshed). A deletion of any rank's step, or retention hiding it,
+deletes the step's record (``forget``): that step is no longer complete. Records are
+JSON, tiny, written once.
 """
 
 from __future__ import annotations

@@ -234,3 +234,24 @@ def test_a_hidden_step_stays_hidden_after_reload_and_its_dependant_restores(
         assert reloaded.index.steps("run-a", 0) == [1]
 
     asyncio.run(scenario())
+
+
+def test_rereading_a_chain_drops_hidden_steps_another_writer_deleted(
+    tmp_path: Path, pools: Pools
+) -> None:
+    async def scenario() -> None:
+        writer = Repository(LocalStorage(tmp_path), pools)
+        await writer.load()
+        base, base_arrays = await _commit(writer, 1, _state(1))
+        middle, middle_arrays = await _commit(writer, 2, _state(2), base, base_arrays)
+        await _commit(writer, 3, _state(3), middle, middle_arrays)
+        await writer.hide([middle.key])
+
+        reader = Repository(LocalStorage(tmp_path), pools)
+        await reader.load()
+        assert [e.manifest.key.step for e in reader.index.entries("run-a", 0)] == [1, 2, 3]
+        await writer.delete_chain("run-a", 0)
+        await reader.reread_chain("run-a", 0)
+        assert reader.index.entries("run-a", 0) == []  # the hidden step 2 too
+
+    asyncio.run(scenario())
