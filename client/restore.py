@@ -6,7 +6,8 @@ once in its final dtype and shape and its chunks are copied straight into it (bf
 through its raw 16-bit words), so a restore costs one copy on the client. A stream that
 skips, repeats or truncates bytes raises ``CorruptCheckpointError``. On the daemon's host
 (``restore``), the daemon writes the step into a segment the client created instead, and the
-client copies it out, hashing each block as it lands; it never returns unverified bytes.
+client maps it, hashes each batch as it is announced and returns views of the mapping (no
+copy on the client; the mapping lives as long as the tensors): never unverified bytes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
     return allocate
 
 
+def _adopt_into(tensors: list[torch.Tensor]) -> streams.Adopt:
+    """An adopter for ``streams.receive`` that makes each view of the segment a tensor
+    (no copy: the tensors share the mapping, which lives as long as any of them)."""
+
+    def adopt(spec: pb.TensorSpec, view: np.ndarray) -> None:
+        torch_dtype = getattr(torch, dtypes.from_wire(spec.dtype).torch_name)
+        shape = tuple(int(d) for d in spec.shape)
+        tensors.append(torch.from_numpy(view).view(torch_dtype).reshape(shape))
+
+    return adopt
+
+
 def receive(
     replies: Iterator[pb.RestoreResponse],
     map_location: str | torch.device = "cpu",
@@ -71,7 +84,8 @@ def receive(
     """
     tensors: list[torch.Tensor] = []
     try:
-        header = streams.receive(replies, _allocate_into(tensors), segment=segment)
+        header = streams.receive(replies, _allocate_into(tensors), segment=segment,
+                                 adopt=_adopt_into(tensors))
     except streams.StreamError as exc:
         raise CorruptCheckpointError(str(exc)) from exc
     device = torch.device(map_location)

@@ -17,7 +17,8 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
 
 A restore on the same host goes the other way (``RestoreSegment``): the client creates an
 empty segment the same way, the daemon sizes it and writes the step into it, and the client
-reads it out into its tensors, verifying the checksum as it copies, then unlinks it.
+maps it, verifies the checksum over the mapping and returns tensors that are views of it;
+it unlinks the name before the restore returns, and the memory goes with the last view.
 """
 
 from __future__ import annotations
@@ -94,15 +95,21 @@ class ShmBuffer(StagingBuffer):
 class RestoreSegment:
     """A segment the daemon writes a restore into (same host): created empty and owner-only,
     held and registered like a staging segment, and unlinked by ``close`` on every path;
-    the daemon sizes it to the step. Use as a context manager."""
+    the daemon sizes it to the step. Use as a context manager.
+
+    The restored tensors are views of a shared mapping of it (``streams.receive``), so its
+    memory outlives ``close``: the name is gone and no descriptor is left, and the kernel
+    frees the pages when the last of those tensors dies (unmapping it)."""
 
     def __init__(self) -> None:
         # A page: SharedMemory cannot create an empty segment; the daemon resizes it.
         self._segment: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
             name=segments.segment_name(), create=True, size=PAGE_BYTES)
         self.name = self._segment.name
-        # The hold's descriptor (no-follow, read-only) is also what the restore reads from.
-        self._fd = segments.hold(self.name)
+        self._hold = segments.hold(self.name)
+        # Read-write and no-follow: what the restore maps, shared and writable.
+        self._fd = None if self._hold is None else segments.open_no_follow(
+            segments.SHM_ROOT / self.name, writable=True)
 
     @property
     def reference(self) -> streams.Segment | None:
@@ -110,15 +117,16 @@ class RestoreSegment:
         return None if self._fd is None else streams.Segment(self.name, self._fd)
 
     def close(self) -> None:
-        """Unlinks the segment, then lets go of it (idempotent)."""
+        """Unlinks the segment, then lets go of it (idempotent); mappings stay valid."""
         segment, self._segment = self._segment, None
         if segment is None:
             return
         with contextlib.suppress(FileNotFoundError):
             segment.unlink()
-        if self._fd is not None:
-            os.close(self._fd)  # after the unlink: never an unheld name in /dev/shm
-            self._fd = None
+        for fd in (self._fd, self._hold):
+            if fd is not None:
+                os.close(fd)  # after the unlink: never an unheld name in /dev/shm
+        self._fd = self._hold = None
         segment.close()
 
     def __enter__(self) -> RestoreSegment:

@@ -9,14 +9,16 @@ what the daemon verified, end to end, without a second pass over the bytes. A st
 skips, repeats or truncates bytes, or whose bytes do not match the checksum, raises
 ``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
 checkpoint" error. On the daemon's host the bytes may instead lie in the client's own
-shared-memory segment (``RestoreHeader.shared_memory``): as ``segment_ready`` messages
-announce them, they are read out of it with ``preadv`` and hashed block by block as they
-land, the same one copy and one check.
+shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote (the
+restore's one copy): the client maps it and hashes each batch as ``segment_ready`` messages
+announce it, and the tensors it returns are views of that mapping — no copy on the client.
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,11 +30,10 @@ from .ckptd.v1 import ckptd_pb2 as pb
 
 Allocate = Callable[[pb.TensorSpec], np.ndarray]
 """Returns the destination of one tensor's bytes: a writable flat uint8 array."""
+Adopt = Callable[[pb.TensorSpec, np.ndarray], None]
+"""Takes one tensor's verified bytes, in table order: a flat uint8 view of the mapping."""
 Progress = Callable[[int], None]
 """Called with the number of bytes just received."""
-# A segment is read (and hashed) in blocks of this size: small enough to stay in cache
-# between the copy and the hash, large enough that the calls cost nothing.
-_BLOCK_BYTES = 4 << 20
 
 
 def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
@@ -78,7 +79,8 @@ def first_header(replies: Iterator[pb.RestoreResponse]) -> pb.RestoreHeader:
 
 @dataclass(frozen=True)
 class Segment:
-    """The client's restore segment: its shm name and a descriptor open on it for reading."""
+    """The client's restore segment: its shm name and a descriptor open on it read-write
+    (it is mapped shared and writable: the restored tensors are views of it)."""
 
     name: str
     fd: int
@@ -90,15 +92,24 @@ def receive(
     on_progress: Progress | None = None,
     *,
     segment: Segment | None = None,
+    adopt: Adopt | None = None,
 ) -> pb.RestoreHeader:
-    """Consumes a whole restore into the buffers ``allocate`` gives, one per tensor in table
-    order, and verifies the bytes against the header's checksum; returns the header
-    (metadata, checksum). The bytes come as chunks, or, when the request named ``segment``
-    and the daemon wrote into it, from the segment at the header's offsets."""
+    """Consumes a whole restore and verifies its bytes against the header's checksum;
+    returns the header (metadata, checksum). Streamed bytes are copied into the buffers
+    ``allocate`` gives, one per tensor in table order. When the request named ``segment``
+    and the daemon wrote into it, nothing is copied: ``segment`` is mapped and ``adopt``
+    receives each tensor's bytes as a view of the mapping, once all of them are verified."""
     header = first_header(replies)
-    assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
     if header.HasField("shared_memory"):
-        _read_segment(header, replies, segment, assembler, on_progress)
+        views = _map_segment(header, segment)
+        digest = _hash_as_ready(header, views, replies, on_progress)
+        _check_checksum(header, digest.hexdigest())
+        if adopt is None:
+            raise StreamError("the daemon answered with a segment, but no adopt was given")
+        for spec, view in zip(header.tensors, views, strict=True):
+            adopt(spec, view)
+        return header
+    assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
     for reply in replies:
         if reply.WhichOneof("item") != "chunk":
             raise StreamError("restore stream sent a second header")
@@ -106,50 +117,99 @@ def receive(
         if on_progress is not None:
             on_progress(len(reply.chunk.data))
     assembler.finish()
-    actual = assembler.checksum.hexdigest()
+    _check_checksum(header, assembler.checksum.hexdigest())
+    return header
+
+
+def _check_checksum(header: pb.RestoreHeader, actual: str) -> None:
     if actual != header.checksum:
         raise StreamError(
             f"step {header.ref.step} of {header.ref.run}/rank{header.ref.rank} arrived with "
             f"checksum {actual}, but the daemon announced {header.checksum}: the bytes were "
             "damaged in transit"
         )
-    return header
 
 
-def _read_segment(
-    header: pb.RestoreHeader,
-    replies: Iterator[pb.RestoreResponse],
-    segment: Segment | None,
-    assembler: _Assembler,
-    on_progress: Progress | None,
-) -> None:
+def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.ndarray]:
+    """Maps the client's segment (shared, writable: the views become the trainer's tensors)
+    and returns each tensor's bytes as a flat uint8 view, after checking that every tensor
+    lies inside it and that it is as large as announced — so no access past its end can
+    fault. Only the client and, until its Restore call ends, the daemon hold it; the daemon
+    sizes it once, before the header, and never shrinks it."""
     ref = header.shared_memory
     if segment is None or ref.segment_name != segment.name:
         raise StreamError(
             f"restore answered with shared memory segment {ref.segment_name!r}, which the "
             f"request did not name ({segment.name if segment else 'none'!r})"
         )
-    tensors = len(header.tensors)
-    if len(ref.offsets) != tensors:
+    specs = header.tensors
+    if len(ref.offsets) != len(specs):
         raise StreamError(
             f"restore segment {ref.segment_name!r} lists {len(ref.offsets)} offsets for "
-            f"{tensors} tensors"
+            f"{len(specs)} tensors"
         )
-    done = 0
+    for spec, offset in zip(specs, ref.offsets, strict=True):
+        _check_nbytes(spec)
+        if offset + spec.nbytes > ref.segment_bytes:
+            raise StreamError(
+                f"restore segment {ref.segment_name!r} places tensor {spec.name!r} at "
+                f"{offset}..{offset + spec.nbytes}, past its {ref.segment_bytes} bytes"
+            )
+    size = os.fstat(segment.fd).st_size
+    if size < ref.segment_bytes:
+        raise StreamError(
+            f"restore segment {ref.segment_name!r} holds {size} bytes, less than the "
+            f"{ref.segment_bytes} the daemon announced"
+        )
+    if ref.segment_bytes == 0:
+        return [np.empty(0, dtype=np.uint8) for _ in specs]
+    # The views keep the mapping alive; it is unmapped when the last of them dies.
+    whole = np.frombuffer(mmap.mmap(segment.fd, ref.segment_bytes), dtype=np.uint8)
+    return [whole[offset : offset + spec.nbytes]
+            for spec, offset in zip(specs, ref.offsets, strict=True)]
+
+
+def _check_nbytes(spec: pb.TensorSpec) -> None:
+    try:
+        itemsize = dtypes.from_wire(spec.dtype).numpy.itemsize
+    except ValueError as exc:
+        raise StreamError(f"tensor {spec.name!r}: {exc}") from None
+    expected = itemsize * math.prod(spec.shape)
+    if spec.nbytes != expected:
+        raise StreamError(
+            f"tensor {spec.name!r}: the header announces {spec.nbytes} bytes but its "
+            f"dtype and shape {list(spec.shape)} hold {expected}"
+        )
+
+
+def _hash_as_ready(
+    header: pb.RestoreHeader,
+    views: Sequence[np.ndarray],
+    replies: Iterator[pb.RestoreResponse],
+    on_progress: Progress | None,
+) -> checksum.TensorsChecksum:
+    """Hashes each batch of the segment as ``segment_ready`` announces it (while the daemon
+    writes the next), in the checksum's framing."""
+    digest = checksum.TensorsChecksum()
+    specs, done = header.tensors, 0
     for reply in replies:
         if reply.WhichOneof("item") != "segment_ready":
             raise StreamError("a restore through shared memory carries no chunks or second "
                               f"header; got a {reply.WhichOneof('item')}")
         ready = reply.segment_ready
-        if not done <= ready <= tensors:
+        if not done <= ready <= len(specs):
             raise StreamError(f"restore segment announced {ready} tensors ready after "
-                              f"{done}, of {tensors}")
-        # The daemon writes the next batch meanwhile.
+                              f"{done}, of {len(specs)}")
         for index in range(done, ready):
-            assembler.read_from(segment.fd, index, ref.offsets[index], on_progress)
+            spec = specs[index]
+            digest.begin(spec.name, dtypes.from_wire(spec.dtype).name, spec.shape, spec.nbytes)
+            digest.update(views[index].data)
+            if on_progress is not None:
+                on_progress(spec.nbytes)
         done = ready
-    if done != tensors:
-        raise StreamError(f"restore ended with {done} of {tensors} tensors in the segment")
+    if done != len(specs):
+        raise StreamError(f"restore ended with {done} of {len(specs)} tensors in the segment")
+    return digest
 
 
 class _Assembler:
@@ -190,28 +250,6 @@ class _Assembler:
         self._buffers[index][offset:end] = np.frombuffer(data, dtype=np.uint8)
         self.checksum.update(data)
         self._filled[index] = end
-
-    def read_from(
-        self, fd: int, index: int, offset: int, on_progress: Progress | None
-    ) -> None:
-        """Reads tensor ``index`` from ``fd`` at ``offset`` straight into its buffer, hashing
-        each block right after it lands (still in cache) rather than in a second pass."""
-        self._advance()
-        spec, target = self._specs[index], self._buffers[index]
-        done = self._filled[index]
-        while done < spec.nbytes:
-            window = memoryview(target[done : done + _BLOCK_BYTES])  # type: ignore[arg-type]
-            got = os.preadv(fd, [window], offset + done)
-            if got == 0:
-                raise StreamError(
-                    f"restore segment ended at byte {offset + done} while tensor "
-                    f"{spec.name!r} needs bytes {offset}..{offset + spec.nbytes}"
-                )
-            self.checksum.update(window[:got])
-            done += got
-            if on_progress is not None:
-                on_progress(got)
-        self._filled[index] = done
 
     def finish(self) -> None:
         self._advance()

@@ -1,14 +1,14 @@
 """Serving restores: the restore budget and the verified reconstruction of one step.
 
 A restore materializes a whole step — read-only views of the chain head's arrays (never
-modified in place, so not copied) when the step is the head, otherwise rebuilt from storage
-along its plan — and holds it until the
-transport has streamed it. ``Restores`` bounds how many bytes of those are held at once
-(``max_restore_bytes``, under each identity's share, FIFO among waiters) so that clients
-that do not read cannot grow the daemon's memory; a restore larger than the whole budget
-reserves all of it and runs alone. Used by ``Engine.restoring`` on the event loop; the
-engine passes how to find a step's in-memory head (and mark it used), so this module
-knows nothing of chains.
+modified in place, so not copied, and verified when they became the head, so not hashed
+again) when the step is the head, otherwise rebuilt from storage along its plan and
+verified — and holds it until the transport has sent it. ``Restores`` bounds how many
+bytes of those are held at once (``max_restore_bytes``, under each identity's share, FIFO
+among waiters) so that clients that do not read cannot grow the daemon's memory; a restore
+larger than the whole budget reserves all of it and runs alone. Used by
+``Engine.restoring`` on the event loop; the engine passes how to find a step's in-memory
+head (and mark it used), so this module knows nothing of chains.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Restores:
             try:
                 head = head_of(key)
                 if head is not None:
-                    arrays = await self._repository.verified_views(manifest, head)
+                    arrays = self._repository.head_views(head)
                 else:
                     arrays = await self._repository.restore(key)
             except MissingBlobError:

@@ -152,11 +152,10 @@ class Repository:
         """The verified reconstruction of ``key``, rebuilt along its plan from storage."""
         return await self._restorer.restore(self.index.plan(key))
 
-    async def verified_views(
-        self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
-    ) -> tuple[np.ndarray, ...]:
-        """Verified read-only views of an in-memory reconstruction of ``manifest``'s step."""
-        return await self._restorer.verified_views(manifest, arrays)
+    def head_views(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Read-only views of a chain head's arrays (``Restorer.head_views``: no copy, and
+        no second hash of what its save or restore already verified)."""
+        return self._restorer.head_views(arrays)
 
     async def mark_pending(self, key: StepKey) -> None:
         """Puts the step's ``pending`` marker: call it before the first blob of a save, so

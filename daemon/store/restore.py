@@ -36,7 +36,7 @@ class MissingBlobError(CorruptCheckpointError):
 
 
 class Restorer:
-    """Rebuilds steps from storage, or verifies a copy of an in-memory reconstruction."""
+    """Rebuilds steps from storage, or serves views of an in-memory reconstruction."""
 
     def __init__(
         self,
@@ -64,18 +64,18 @@ class Restorer:
         await self.verify(target, arrays)
         return tuple(arrays)
 
-    async def verified_views(
-        self, manifest: Manifest, arrays: tuple[np.ndarray, ...]
-    ) -> tuple[np.ndarray, ...]:
-        """Read-only views of the head reconstruction, verified like a restore from storage.
+    @staticmethod
+    def head_views(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Read-only views of an in-memory head reconstruction, served without a copy.
 
-        No copy: a chain's arrays are never modified in place (each step gets new ones), so
-        the head may be evicted or replaced while a restore still streams them; the views
-        keep them alive, and a caller that writes into one gets an error, not a damaged head.
+        Not hashed again: a head was verified when it became the head (its manifest's
+        checksum was computed from these very arrays by the save, or ``restore`` checked
+        them), a chain never modifies its arrays in place (each step gets new ones), and
+        every restore is verified end to end by its client against that checksum. So the
+        head may be evicted or replaced while a restore still sends them; the views keep
+        them alive, and a caller that writes into one gets an error, not a damaged head.
         """
-        views = tuple(_read_only(array) for array in arrays)
-        await self.verify(manifest, views)
-        return views
+        return tuple(_read_only(array) for array in arrays)
 
     async def verify(self, manifest: Manifest, arrays: Sequence[np.ndarray]) -> None:
         specs = manifest.specs

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from ckptd.client import (
+    CorruptCheckpointError,
     InvalidCheckpointError,
     SharedMemoryRefusedError,
 )
@@ -180,11 +181,12 @@ import os, sys, time
 from ckptd.client import Checkpointer
 from ckptd.protos import streams
 
-def stall(self, fd, index, offset, on_progress):
-    print(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], flush=True)
+def stall(header, views, replies, on_progress):
+    next(replies)  # the daemon wrote the first batch into the mapped segment
+    print(header.shared_memory.segment_name, flush=True)
     time.sleep(600)
 
-streams._Assembler.read_from = stall
+streams._hash_as_ready = stall
 Checkpointer(sys.argv[1], "killed", transport="shm").restore(1)
 """
 
@@ -212,3 +214,46 @@ def test_a_client_killed_mid_restore_leaves_no_segment(
     wait_until(lambda: daemon.call(lambda engine: engine.restore_bytes) == 0, 30,
                "the restore budget to be released")
     assert_bit_identical(ckpt.restore(1), state(1))
+
+
+def test_a_segment_damaged_after_the_daemon_wrote_it_is_refused(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ckptd.daemon.server import shm as daemon_shm
+
+    ckpt = make_checkpointer(daemon.address, "shm-damaged", transport="shm")
+    ckpt.save(1, state(1))
+    ckpt.wait(timeout_s=60)
+    real_write = daemon_shm.write_tensors
+
+    def write_then_flip(segment: Any, ref: Any, arrays: Any, span: range) -> None:
+        real_write(segment, ref, arrays, span)
+        os.pwrite(segment.fd, b"\x5a", ref.offsets[span.start] + 1)  # after the daemon's copy
+
+    monkeypatch.setattr(daemon_shm, "write_tensors", write_then_flip)
+    before = client_segments()
+    with pytest.raises(CorruptCheckpointError, match="damaged in transit"):
+        ckpt.restore(1)
+    assert client_segments() == before
+    monkeypatch.undo()
+    assert_bit_identical(ckpt.restore(1), state(1))
+
+
+def test_restored_tensors_are_writable_views_that_outlive_the_unlinked_segment(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory
+) -> None:
+    ckpt = make_checkpointer(daemon.address, "shm-views", transport="shm")
+    ckpt.save(1, state(1))
+    ckpt.wait(timeout_s=60)
+    before = client_segments()
+    restored = ckpt.restore_info(1)
+    assert restored.transport == "shm"
+    assert client_segments() == before  # the name is gone before restore returns
+    w = restored.state["w"]
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines()
+              if segments.SEGMENT_PREFIX in line and "(deleted)" in line]
+    assert mapped, "the restored tensors should be views of the (unlinked) segment"
+    w.add_(1.0)  # a trainer's in-place update: writable, no fault
+    assert torch.equal(w, state(1)["w"] + 1.0)
+    assert_bit_identical(ckpt.restore(1), state(1))  # the daemon's head is untouched

@@ -1,6 +1,7 @@
-"""``streams.receive`` reading a restore out of the client's segment: the bytes are verified
-against the header's checksum while they are copied, and a reply that breaks the segment
-framing (a segment nobody asked for, chunks besides it, a short segment) is refused."""
+"""``streams.receive`` taking a restore out of the client's segment: the tensors are views of
+a shared mapping (no copy, writable, alive as long as they are), verified against the
+header's checksum before they are handed over, and a reply that breaks the segment framing
+(a segment nobody asked for, chunks besides it, a short segment) is refused."""
 
 from __future__ import annotations
 
@@ -41,13 +42,17 @@ def segment(tmp_path: Path) -> Iterator[tuple[streams.Segment, pb.RestoreHeader,
             out.seek(offset)
             out.write(array.tobytes())
         out.truncate(total)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)
     yield streams.Segment(path.name, fd), header(path.name, offsets, total), path
     os.close(fd)
 
 
 def allocate(spec: pb.TensorSpec) -> np.ndarray:
-    return np.zeros(spec.nbytes, dtype=np.uint8)
+    raise AssertionError(f"a segment restore allocated {spec.name!r}: it maps, never copies")
+
+
+def ignore(spec: pb.TensorSpec, view: np.ndarray) -> None:
+    """An adopter that drops the views."""
 
 
 def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
@@ -56,22 +61,23 @@ def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
     return iter([*messages, *(pb.RestoreResponse(segment_ready=n) for n in ready)])
 
 
-def test_a_segment_is_read_and_verified(
+def test_a_segment_is_mapped_verified_and_shared(
     segment: tuple[streams.Segment, pb.RestoreHeader, Path]
 ) -> None:
-    ref, head, _ = segment
-    got: list[np.ndarray] = []
-
-    def keep(spec: pb.TensorSpec) -> np.ndarray:
-        got.append(allocate(spec))
-        return got[-1]
-
+    ref, head, path = segment
+    got: dict[str, np.ndarray] = {}
     progress: list[int] = []
-    streams.receive(replies(pb.RestoreResponse(header=head)), keep, progress.append,
-                    segment=ref)
-    for buffer, array in zip(got, ARRAYS.values(), strict=True):
-        assert buffer.tobytes() == array.tobytes()
+    streams.receive(replies(pb.RestoreResponse(header=head)), allocate, progress.append,
+                    segment=ref, adopt=lambda spec, view: got.setdefault(spec.name, view))
+    assert list(got) == list(ARRAYS)
+    for view, array in zip(got.values(), ARRAYS.values(), strict=True):
+        assert view.tobytes() == array.tobytes()
     assert sum(progress) == sum(a.nbytes for a in ARRAYS.values())
+    # Views of the segment, not copies: writable, and what they write lands in it.
+    got["a"][:4] = 0xAB
+    assert path.read_bytes()[:4] == b"\xab" * 4
+    path.unlink()  # the name goes (as the client unlinks it); the views stay valid
+    assert got["b"].tobytes() == ARRAYS["b"].tobytes()
 
 
 def flip_byte_100(path: Path) -> None:
@@ -86,7 +92,7 @@ def cut_at_1000(path: Path) -> None:
 
 @pytest.mark.parametrize(("damage", "problem"), [
     (flip_byte_100, "damaged in transit"),
-    (cut_at_1000, "restore segment ended at byte 1000"),
+    (cut_at_1000, "holds 1000 bytes, less than the"),
 ])
 def test_damaged_or_short_segments_are_refused(
     segment: tuple[streams.Segment, pb.RestoreHeader, Path],
@@ -94,8 +100,11 @@ def test_damaged_or_short_segments_are_refused(
 ) -> None:
     ref, head, path = segment
     damage(path)
+    adopted: list[str] = []
     with pytest.raises(streams.StreamError, match=problem):
-        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref)
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref,
+                        adopt=lambda spec, view: adopted.append(spec.name))
+    assert adopted == []  # nothing unverified is handed over
 
 
 def test_a_segment_the_request_did_not_name_is_refused(
@@ -115,7 +124,8 @@ def test_chunks_besides_a_segment_are_refused(
     ref, head, _ = segment
     chunk = pb.RestoreResponse(chunk=pb.TensorChunk(tensor_index=0, data=b"x"))
     with pytest.raises(streams.StreamError, match="carries no chunks"):
-        streams.receive(replies(pb.RestoreResponse(header=head), chunk), allocate, segment=ref)
+        streams.receive(replies(pb.RestoreResponse(header=head), chunk), allocate, segment=ref,
+                        adopt=ignore)
 
 
 @pytest.mark.parametrize(("ready", "problem"), [
@@ -130,4 +140,4 @@ def test_segment_ready_counts_must_grow_to_every_tensor(
     ref, head, _ = segment
     with pytest.raises(streams.StreamError, match=problem):
         streams.receive(replies(pb.RestoreResponse(header=head), ready=ready), allocate,
-                        segment=ref)
+                        segment=ref, adopt=ignore)
