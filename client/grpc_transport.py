@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
-from ckptd.protos.streams import encode_chunk
+from ckptd.protos.streams import Reply, decode_reply, encode_chunk
 from ckptd.protos.v1 import pb, pb_grpc
 
 from .credentials import TlsFiles, call_metadata, open_channel
@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 MiB = 1 << 20
 SAVE_METHOD = "/ckptd.v1.CheckpointdService/Save"
+RESTORE_METHOD = "/ckptd.v1.CheckpointdService/Restore"
 DEFAULT_CHUNK_BYTES = 4 * MiB
 # Restore chunks are sized by the daemon; accept anything it may reasonably send.
 MAX_RECEIVE_BYTES = 1 << 30
@@ -81,6 +82,11 @@ class Connection:
         # Save requests are serialized by hand (see encode_chunk), so bytes pass through.
         self._save = self.channel.stream_unary(
             SAVE_METHOD, request_serializer=None, response_deserializer=pb.SaveResponse.FromString
+        )
+        # Restore chunks are parsed by hand into views of the received bytes (decode_reply).
+        self._restore = self.channel.unary_stream(
+            RESTORE_METHOD, request_serializer=pb.RestoreRequest.SerializeToString,
+            response_deserializer=decode_reply,
         )
         self._inflight: set[grpc.Future] = set()
         self._lock = threading.Lock()
@@ -166,7 +172,7 @@ class Connection:
         )
 
     def restore(
-        self, request: pb.RestoreRequest, consume: Callable[[Iterator[pb.RestoreResponse]], T]
+        self, request: pb.RestoreRequest, consume: Callable[[Iterator[Reply]], T]
     ) -> T:
         """Streams a restore into ``consume`` and returns what it returns; a stream cut off
         by a restarting daemon is received again from the start."""
@@ -176,7 +182,7 @@ class Connection:
             # The stream has no deadline (a large restore takes its time): a readiness
             # probe first, so a stalled daemon is waited for under call_timeout_s.
             self._server_info(this)
-            return consume(self._stub.Restore(request, metadata=self._metadata))
+            return consume(self._restore(request, metadata=self._metadata))
 
         operation = f"restore {what} of run {request.run!r} rank {request.rank}"
         return self._call(operation, attempt, idempotent=True)

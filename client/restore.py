@@ -71,7 +71,7 @@ def _adopt_into(tensors: list[torch.Tensor]) -> streams.Adopt:
 
 
 def receive(
-    replies: Iterator[pb.RestoreResponse],
+    replies: Iterator[streams.Reply],
     map_location: str | torch.device = "cpu",
     segment: streams.Segment | None = None,
 ) -> RestoredState:
