@@ -1,0 +1,159 @@
+"""Restore alone, before and after, client included: ckptd against ``torch.load``.
+
+``bench/pipeline.py`` times restores after a rep's saves, with this code's client on both
+sides of its before/after. This benchmark does restores only, many interleaved reps, and
+runs the *before* side's client in a subprocess on the ``--before`` code too, so a change
+on the client (how the restored bytes reach the tensors) is measured as well as one in the
+daemon. Per size, one state of transformer-shaped weights (``pipeline.make_state``) is
+saved to two ``ckptd serve`` daemons (this code, and ``--before DIR``'s), as a base and one
+delta; then, rep by rep, in this order:
+
+* ``torch_load``: ``torch.load(weights_only=True)`` of the same state from a file in the
+  page cache (the baseline of every ratio);
+* ``latest_shm`` / ``latest_shm_before``: a restore of the latest step (the chain's head,
+  in the daemon's memory) through shared memory (unix socket);
+* ``latest_grpc`` / ``latest_grpc_before``: the same streamed over gRPC;
+* ``base_shm`` / ``base_shm_before``: a restore of step 1, the base, from storage (only a
+  chain's head stays in memory, so it is read and decoded every time).
+
+Every restore returns its tensors and drops them inside the timed call, as ``torch.load``'s
+timing does. Usage::
+
+    python bench/restore.py --before /tmp/ckptd-main/pkg            # 256MiB,1GiB; 7 reps
+    python bench/restore.py --sizes 256MiB --reps 5 --before DIR
+
+Writes ``bench/out/restore.json`` and prints a markdown summary (medians; ratios over the
+same run's ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ckptd.client import Checkpointer
+
+try:
+    from . import pipeline
+except ImportError:  # run as a script: python bench/restore.py
+    import pipeline  # type: ignore[no-redef]
+
+OUT_PATH = Path(__file__).resolve().parent / "out" / "restore.json"
+CASES = ("latest_shm", "latest_grpc", "base_shm")
+# The before side's client: one process on the --before code, told what to restore on
+# stdin, answering each line with the seconds it took (timed in that process).
+BEFORE_CLIENT = """
+import sys, time, ckptd.client
+from ckptd.client import Checkpointer
+print(ckptd.client.__file__, flush=True)
+clients = {t: Checkpointer(sys.argv[1], run="r", transport=t) for t in ("shm", "grpc")}
+for line in sys.stdin:
+    transport, step = line.split()
+    began = time.perf_counter()
+    clients[transport].restore(None if step == "latest" else int(step))
+    print(time.perf_counter() - began, flush=True)
+"""
+
+
+def save_chain(address: str, state: dict[str, Any]) -> None:
+    """Step 1 a base, step 2 a delta: the head in memory is step 2."""
+    with Checkpointer(address, run="r", transport="shm") as ckpt:
+        ckpt.save(1, state).wait_durable()
+        pipeline.perturb(state)
+        ckpt.save(2, state).wait_durable()
+
+
+def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    state = pipeline.make_state(pipeline.SIZES[label], "weights")
+    nbytes = sum(t.nbytes for t in pipeline.tensors(state).values())
+    print(f"[{label}] {nbytes / pipeline.MiB:.0f} MiB", flush=True)
+    budget = 2 * nbytes + 64 * pipeline.MiB
+    record: dict[str, list[float]] = {"torch_load": []}
+    record.update({f"{c}{s}": [] for c in CASES for s in ("", "_before")})
+    path = root / "state.pt"
+    with pipeline.serve(root / f"{label}-after", budget) as after, \
+            pipeline.serve(root / f"{label}-before", budget, code=args.before) as before:
+        save_chain(after.address, state)
+        save_chain(before.address, state)
+        torch.save(state, path)
+        del state
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(args.before), os.environ.get("PYTHONPATH")) if p)}
+        with subprocess.Popen([sys.executable, "-c", BEFORE_CLIENT, before.address], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as old, \
+                Checkpointer(after.address, run="r", transport="shm") as shm, \
+                Checkpointer(after.address, run="r", transport="grpc") as grpc:
+            assert old.stdin is not None and old.stdout is not None
+            print(f"[{label}] before client: {old.stdout.readline().strip()}", flush=True)
+
+            def before_side(transport: str, step: str) -> float:
+                old.stdin.write(f"{transport} {step}\n")  # type: ignore[union-attr]
+                old.stdin.flush()  # type: ignore[union-attr]
+                return float(old.stdout.readline())  # type: ignore[union-attr]
+
+            for rep in range(args.reps):
+                record["torch_load"].append(
+                    pipeline.timed(lambda: torch.load(path, weights_only=True)))
+                record["latest_shm"].append(pipeline.timed(shm.restore))
+                record["latest_shm_before"].append(before_side("shm", "latest"))
+                record["latest_grpc"].append(pipeline.timed(grpc.restore))
+                record["latest_grpc_before"].append(before_side("grpc", "latest"))
+                record["base_shm"].append(pipeline.timed(lambda: shm.restore(1)))
+                record["base_shm_before"].append(before_side("shm", "1"))
+                print(f"[{label}] rep {rep}: " + ", ".join(
+                    f"{k} {v[-1]:.3f}" for k, v in record.items()), flush=True)
+            old.stdin.close()
+        restores = {which: pipeline.stage_lines(root / f"{label}-{which}", "restore served")
+                    for which in ("after", "before")}
+    path.unlink()
+    return {"size": label, "bytes": nbytes, "seconds": record, "restores": restores}
+
+
+def summary(cases: list[dict[str, Any]]) -> list[str]:
+    lines = ["| size | case | ckptd / torch.load | (before) | ckptd s | (before) s | "
+             "torch.load s |", "|---|---|---|---|---|---|---|"]
+    for case in cases:
+        s = {k: pipeline.median(v) for k, v in case["seconds"].items()}
+        load = s["torch_load"]
+        for name in CASES:
+            lines.append(
+                f"| {case['size']} | {name} | {s[name] / load:.2f} | "
+                f"{s[name + '_before'] / load:.2f} | {s[name]:.3f} | "
+                f"{s[name + '_before']:.3f} | {load:.3f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="256MiB,1GiB", help="comma list of 256MiB, 1GiB...")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
+    parser.add_argument("--before", type=Path, required=True,
+                        help="a directory holding the older ckptd package (bench/README.md)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where files go")
+    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    args = parser.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_at_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="ckptd-restore-", dir=args.workdir) as tmp:
+        cases = [measure(label, args, Path(tmp)) for label in args.sizes.split(",")]
+    lines = summary(cases)
+    report = {"started_at": started, "load_average_start": load_at_start,
+              "load_average_end": os.getloadavg(), "torch": torch.__version__,
+              "command": " ".join(["python bench/restore.py", *(argv or sys.argv[1:])]),
+              "cases": cases, "summary": lines}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
