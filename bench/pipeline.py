@@ -460,10 +460,15 @@ def main(argv: list[str] | None = None) -> None:
         "cases": cases, "workers": workers, "ratios": [ratios(c) for c in cases],
         "summary": summary,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, report, summary)
+
+
+def write_report(out: Path, report: dict[str, Any], summary: list[str]) -> None:
+    """Writes ``report`` as JSON to ``out`` and prints its markdown ``summary``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print("\n".join(summary))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

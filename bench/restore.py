@@ -29,7 +29,6 @@ same run's ``torch.load``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -149,10 +148,7 @@ def main(argv: list[str] | None = None) -> None:
               "load_average_end": os.getloadavg(), "torch": torch.__version__,
               "command": " ".join(["python bench/restore.py", *(argv or sys.argv[1:])]),
               "cases": cases, "summary": lines}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print("\n".join(lines))
-    print(f"\nwrote {args.out}")
+    pipeline.write_report(args.out, report, lines)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert case["stages"]["adam-shm-0/2"]["encode_delta_s"] > 0
     assert case["stages"]["adam-deep/3"]["kind"] == "delta"
     served = case["restores"]["adam-shm-0/2"]  # the daemon timed the head's restore
-    assert served[0]["prepare_s"] > 0 and served[0]["stream_s"] > 0
+    # A head is served as views (prepare: the budget only, which may round to 0).
+    assert "prepare_s" in served[0] and served[0]["stream_s"] > 0
     assert served[0]["transport"] == "shm"  # same host: through the client's segment
     assert case["restores"]["adam-grpc-0/2"][0]["transport"] == "stream"
     assert "| 16MiB | adam | latest over gRPC |" in done.stdout

@@ -1,0 +1,41 @@
+"""Smoke test of the restore benchmark: ``python -m bench.restore`` runs end to end on a
+small state, its before side's client runs in a process on the ``--before`` code (here a
+package directory linking this code, built as bench/README.md's recipe builds ``main``),
+and it writes every case's seconds and the summary it prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
+    package = tmp_path / "before" / "ckptd"
+    package.mkdir(parents=True)
+    for room in ("daemon", "client", "protos"):
+        (package / room).symlink_to(ROOT / room)
+    out = tmp_path / "restore.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.restore", "--sizes", "16MiB", "--reps", "2",
+         "--before", str(package.parent), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"before client: {package}/client/__init__.py" in done.stdout
+    [case] = json.loads(out.read_text())["cases"]
+    assert set(case["seconds"]) == {"torch_load", "latest_shm", "latest_shm_before",
+                                    "latest_grpc", "latest_grpc_before", "base_shm",
+                                    "base_shm_before"}
+    for name, seconds in case["seconds"].items():
+        assert len(seconds) == 2 and all(s > 0 for s in seconds), name
+    served = case["restores"]["after"]["r/2"]  # the head, both transports, both reps
+    assert sorted(line["transport"] for line in served) == ["shm", "shm", "stream", "stream"]
+    for name in ("latest_shm", "latest_grpc", "base_shm"):
+        assert f"| 16MiB | {name} |" in done.stdout
