@@ -13,20 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_support import REPO, this_code_as_before
 
 pytestmark = pytest.mark.bench
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_codec_speed_compares_two_sides_and_their_bytes(tmp_path: Path) -> None:
-    package = tmp_path / "before" / "ckptd"
-    package.mkdir(parents=True)
-    for part in ("daemon", "client", "protos"):
-        (package / part).symlink_to(REPO / part)
+    before = this_code_as_before(tmp_path)
     out = tmp_path / "speed.json"
     proc = subprocess.run(
         [sys.executable, "bench/codec_speed.py", "--elements", "5000", "--reps", "1",
-         "--before", str(tmp_path / "before"), "--out", str(out)],
+         "--before", str(before), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -11,24 +11,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_support import REPO, this_code_as_before
 
 pytestmark = pytest.mark.bench
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
-    package = tmp_path / "before" / "ckptd"
-    package.mkdir(parents=True)
-    for room in ("daemon", "client", "protos"):
-        (package / room).symlink_to(ROOT / room)
+    before = this_code_as_before(tmp_path)
     out = tmp_path / "restore.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.restore", "--sizes", "16MiB", "--reps", "2",
-         "--before", str(package.parent), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+         "--before", str(before), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"before client: {package}/client/__init__.py" in done.stdout
+    assert f"before client: {before}/ckptd/client/__init__.py" in done.stdout
     [case] = json.loads(out.read_text())["cases"]
     assert set(case["seconds"]) == {"torch_load", "latest_shm", "latest_shm_before",
                                     "latest_grpc", "latest_grpc_before", "base_shm",
