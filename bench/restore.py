@@ -11,7 +11,8 @@ delta; then, rep by rep, in this order:
 * ``torch_load``: ``torch.load(weights_only=True)`` of the same state from a file in the
   page cache (the baseline of every ratio);
 * ``latest_shm`` / ``latest_shm_before``: a restore of the latest step (the chain's head,
-  in the daemon's memory) through shared memory (unix socket);
+  in the daemon's memory) through shared memory (unix socket), copied out of the segment;
+* ``latest_shm_views``: the same with ``zero_copy=True`` (views of the segment; after only);
 * ``latest_grpc`` / ``latest_grpc_before``: the same streamed over gRPC;
 * ``base_shm`` / ``base_shm_before``: a restore of step 1, the base, from storage (only a
   chain's head stays in memory, so it is read and decoded every time).
@@ -46,7 +47,8 @@ except ImportError:  # run as a script: python bench/restore.py
     import pipeline  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore.json"
-CASES = ("latest_shm", "latest_grpc", "base_shm")
+CASES = ("latest_shm", "latest_shm_views", "latest_grpc", "base_shm")
+AFTER_ONLY = ("latest_shm_views",)
 # The before side's client: one process on the --before code, told what to restore on
 # stdin, answering each line with the seconds it took (timed in that process).
 BEFORE_CLIENT = """
@@ -76,7 +78,8 @@ def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     print(f"[{label}] {nbytes / pipeline.MiB:.0f} MiB", flush=True)
     budget = 2 * nbytes + 64 * pipeline.MiB
     record: dict[str, list[float]] = {"torch_load": []}
-    record.update({f"{c}{s}": [] for c in CASES for s in ("", "_before")})
+    record.update({f"{c}{s}": [] for c in CASES for s in ("", "_before")
+                   if not (s and c in AFTER_ONLY)})
     path = root / "state.pt"
     with pipeline.serve(root / f"{label}-after", budget) as after, \
             pipeline.serve(root / f"{label}-before", budget, code=args.before) as before:
@@ -103,6 +106,8 @@ def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     pipeline.timed(lambda: torch.load(path, weights_only=True)))
                 record["latest_shm"].append(pipeline.timed(shm.restore))
                 record["latest_shm_before"].append(before_side("shm", "latest"))
+                record["latest_shm_views"].append(
+                    pipeline.timed(lambda: shm.restore(zero_copy=True)))
                 record["latest_grpc"].append(pipeline.timed(grpc.restore))
                 record["latest_grpc_before"].append(before_side("grpc", "latest"))
                 record["base_shm"].append(pipeline.timed(lambda: shm.restore(1)))
@@ -123,10 +128,10 @@ def summary(cases: list[dict[str, Any]]) -> list[str]:
         s = {k: pipeline.median(v) for k, v in case["seconds"].items()}
         load = s["torch_load"]
         for name in CASES:
+            before = s.get(f"{name}_before", float("nan"))
             lines.append(
-                f"| {case['size']} | {name} | {s[name] / load:.2f} | "
-                f"{s[name + '_before'] / load:.2f} | {s[name]:.3f} | "
-                f"{s[name + '_before']:.3f} | {load:.3f} |")
+                f"| {case['size']} | {name} | {s[name] / load:.2f} | {before / load:.2f} | "
+                f"{s[name]:.3f} | {before:.3f} | {load:.3f} |")
     return lines
 
 

@@ -359,12 +359,16 @@ class Checkpointer:
         *,
         map_location: str | torch.device = "cpu",
         allow_incomplete: bool = False,
+        zero_copy: bool = False,
     ) -> Any:
         """Returns the state saved at ``step`` (None: the latest durable step; for a run
         saved with a world, the latest step every rank committed), rebuilt with the same
         containers, dtypes and shapes, tensors on ``map_location``. ``allow_incomplete``
         returns this rank's own copy of a step other ranks lack (with ``step=None``, this
-        rank's latest step).
+        rank's latest step). ``zero_copy`` (shared memory only): the tensors are views of
+        the segment the daemon wrote, not copies — the fastest restore and half its peak
+        memory, but the segment's pages stay allocated (in ``/dev/shm``, and charged to the
+        daemon's memory cgroup, which wrote them) until the last restored tensor dies.
 
         Raises:
             CheckpointNotFoundError: The run, rank or step does not exist.
@@ -372,8 +376,8 @@ class Checkpointer:
                 is complete); the message names the missing ranks.
             DaemonUnavailableError: No daemon answered within ``reconnect_timeout_s``.
         """
-        return self.restore_info(
-            step, map_location=map_location, allow_incomplete=allow_incomplete).state
+        return self.restore_info(step, map_location=map_location,
+                                 allow_incomplete=allow_incomplete, zero_copy=zero_copy).state
 
     def restore_info(
         self,
@@ -381,6 +385,7 @@ class Checkpointer:
         *,
         map_location: str | torch.device = "cpu",
         allow_incomplete: bool = False,
+        zero_copy: bool = False,
     ) -> RestoredState:
         """Like ``restore`` but also returns the step number, metadata and checksum."""
         self._check_open()
@@ -390,7 +395,7 @@ class Checkpointer:
             request.step = step
         return restore_state(self._connection, request, map_location,
                              shared_memory=self._restore_shm,
-                             fallback=self._restore_fallback)
+                             fallback=self._restore_fallback, zero_copy=zero_copy)
 
     def step_infos(self) -> list[StepInfo]:
         """The committed steps of this run and rank, oldest first ([] for a new run)."""

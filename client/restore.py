@@ -6,8 +6,9 @@ once in its final dtype and shape and its chunks are copied straight into it (bf
 through its raw 16-bit words), so a restore costs one copy on the client. A stream that
 skips, repeats or truncates bytes raises ``CorruptCheckpointError``. On the daemon's host
 (``restore``), the daemon writes the step into a segment the client created instead, and the
-client maps it, hashes each batch as it is announced and returns views of the mapping (no
-copy on the client; the mapping lives as long as the tensors): never unverified bytes.
+client copies it out, hashing each block as it lands, or, with ``zero_copy``, maps it,
+hashes each batch as it is announced and returns views of the mapping (no copy on the
+client; the mapping lives as long as the tensors): never unverified bytes.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def receive(
     replies: Iterator[streams.Reply],
     map_location: str | torch.device = "cpu",
     segment: streams.Segment | None = None,
+    *,
+    zero_copy: bool = False,
 ) -> RestoredState:
     """Consumes a Restore stream (or, where the request named ``segment``, the header the
-    daemon answered after writing into it) and rebuilds the saved state.
+    daemon answered after writing into it) and rebuilds the saved state; with
+    ``zero_copy``, the tensors of a segment are views of it instead of copies.
 
     States saved by this client come back in their original structure; a checkpoint
     without ``ckptd.structure`` (written by another client) comes back as a flat
@@ -85,7 +89,7 @@ def receive(
     tensors: list[torch.Tensor] = []
     try:
         header = streams.receive(replies, _allocate_into(tensors), segment=segment,
-                                 adopt=_adopt_into(tensors))
+                                 adopt=_adopt_into(tensors) if zero_copy else None)
     except streams.StreamError as exc:
         raise CorruptCheckpointError(str(exc)) from exc
     device = torch.device(map_location)
@@ -112,11 +116,13 @@ def restore_state(
     *,
     shared_memory: bool,
     fallback: bool,
+    zero_copy: bool = False,
 ) -> RestoredState:
     """Runs ``request`` through the daemon's shared memory when ``shared_memory`` (same
     host, unix socket), else as a stream; with ``fallback``, a daemon that refuses the
     segment (``SharedMemoryRefusedError``) is asked again for a stream. The segment is
-    unlinked on every path."""
+    unlinked on every path; with ``zero_copy`` its memory lives on in the returned
+    tensors, which are views of it."""
     if shared_memory:
         with RestoreSegment() as segment:
             ref = segment.reference
@@ -126,7 +132,8 @@ def restore_state(
                 named.shared_memory.segment_name = ref.name
                 try:
                     return connection.restore(
-                        named, lambda replies: receive(replies, map_location, ref))
+                        named, lambda replies: receive(replies, map_location, ref,
+                                                       zero_copy=zero_copy))
                 except SharedMemoryRefusedError as exc:
                     if not fallback:
                         raise

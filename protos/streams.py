@@ -9,9 +9,10 @@ what the daemon verified, end to end, without a second pass over the bytes. A st
 skips, repeats or truncates bytes, or whose bytes do not match the checksum, raises
 ``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
 checkpoint" error. On the daemon's host the bytes may instead lie in the client's own
-shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote (the
-restore's one copy): the client maps it and hashes each batch as ``segment_ready`` messages
-announce it, and the tensors it returns are views of that mapping — no copy on the client.
+shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote: as
+``segment_ready`` messages announce batches, they are read out of it with ``preadv`` and
+hashed block by block as they land (the same one copy and one check), or, with ``adopt``,
+the segment is mapped, hashed batch by batch, and handed over as views (no copy at all).
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
@@ -34,6 +35,9 @@ Adopt = Callable[[pb.TensorSpec, np.ndarray], None]
 """Takes one tensor's verified bytes, in table order: a flat uint8 view of the mapping."""
 Progress = Callable[[int], None]
 """Called with the number of bytes just received."""
+# A segment is read (and hashed) in blocks of this size: small enough to stay in cache
+# between the copy and the hash, large enough that the calls cost nothing.
+_BLOCK_BYTES = 4 << 20
 
 
 def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
@@ -156,21 +160,26 @@ def receive(
     adopt: Adopt | None = None,
 ) -> pb.RestoreHeader:
     """Consumes a whole restore and verifies its bytes against the header's checksum;
-    returns the header (metadata, checksum). Streamed bytes are copied into the buffers
-    ``allocate`` gives, one per tensor in table order. When the request named ``segment``
-    and the daemon wrote into it, nothing is copied: ``segment`` is mapped and ``adopt``
-    receives each tensor's bytes as a view of the mapping, once all of them are verified."""
+    returns the header (metadata, checksum). The bytes are copied into the buffers
+    ``allocate`` gives, one per tensor in table order: from the chunks of a stream, or,
+    when the request named ``segment`` and the daemon wrote into it, read out of the
+    segment, each block hashed as it lands. With ``adopt``, a segment is not copied: it is
+    mapped and ``adopt`` receives each tensor's bytes as a view of the mapping, once all of
+    them are verified."""
     header = first_header(replies)
-    if header.HasField("shared_memory"):
+    if header.HasField("shared_memory") and adopt is not None:
         views = _map_segment(header, segment)
         digest = _hash_as_ready(header, views, replies, on_progress)
         _check_checksum(header, digest.hexdigest())
-        if adopt is None:
-            raise StreamError("the daemon answered with a segment, but no adopt was given")
         for spec, view in zip(header.tensors, views, strict=True):
             adopt(spec, view)
         return header
     assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
+    if header.HasField("shared_memory"):
+        fd, offsets = _check_segment(header, segment), header.shared_memory.offsets
+        for ready in _announced(header, replies):
+            for index in ready:  # the daemon writes the next batch meanwhile
+                assembler.read_from(fd, index, offsets[index], on_progress)
     for reply in replies:
         chunk = reply if isinstance(reply, Chunk) else _chunk_of(reply)
         assembler.write(chunk)
@@ -196,24 +205,30 @@ def _check_checksum(header: pb.RestoreHeader, actual: str) -> None:
         )
 
 
-def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.ndarray]:
-    """Maps the client's segment (shared, writable: the views become the trainer's tensors)
-    and returns each tensor's bytes as a flat uint8 view, after checking that every tensor
-    lies inside it and that it is as large as announced — so no access past its end can
-    fault. Only the client and, until its Restore call ends, the daemon hold it; the daemon
-    sizes it once, before the header, and never shrinks it."""
+def _check_segment(header: pb.RestoreHeader, segment: Segment | None) -> int:
+    """Checks that the daemon answered with the segment the request named, one offset per
+    tensor; returns its descriptor."""
     ref = header.shared_memory
     if segment is None or ref.segment_name != segment.name:
         raise StreamError(
             f"restore answered with shared memory segment {ref.segment_name!r}, which the "
             f"request did not name ({segment.name if segment else 'none'!r})"
         )
-    specs = header.tensors
-    if len(ref.offsets) != len(specs):
+    if len(ref.offsets) != len(header.tensors):
         raise StreamError(
             f"restore segment {ref.segment_name!r} lists {len(ref.offsets)} offsets for "
-            f"{len(specs)} tensors"
+            f"{len(header.tensors)} tensors"
         )
+    return segment.fd
+
+
+def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.ndarray]:
+    """Maps the client's segment (shared, writable: the views become the trainer's tensors)
+    and returns each tensor's bytes as a flat uint8 view, after checking that every tensor
+    lies inside it and that it is as large as announced — so no access past its end can
+    fault. Only the client and, until its Restore call ends, the daemon hold it; the daemon
+    sizes it once, before the header, and never shrinks it."""
+    fd, ref, specs = _check_segment(header, segment), header.shared_memory, header.tensors
     for spec, offset in zip(specs, ref.offsets, strict=True):
         _check_nbytes(spec)
         if offset + spec.nbytes > ref.segment_bytes:
@@ -221,7 +236,7 @@ def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.n
                 f"restore segment {ref.segment_name!r} places tensor {spec.name!r} at "
                 f"{offset}..{offset + spec.nbytes}, past its {ref.segment_bytes} bytes"
             )
-    size = os.fstat(segment.fd).st_size
+    size = os.fstat(fd).st_size
     if size < ref.segment_bytes:
         raise StreamError(
             f"restore segment {ref.segment_name!r} holds {size} bytes, less than the "
@@ -230,7 +245,7 @@ def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.n
     if ref.segment_bytes == 0:
         return [np.empty(0, dtype=np.uint8) for _ in specs]
     # The views keep the mapping alive; it is unmapped when the last of them dies.
-    whole = np.frombuffer(mmap.mmap(segment.fd, ref.segment_bytes), dtype=np.uint8)
+    whole = np.frombuffer(mmap.mmap(fd, ref.segment_bytes), dtype=np.uint8)
     return [whole[offset : offset + spec.nbytes]
             for spec, offset in zip(specs, ref.offsets, strict=True)]
 
@@ -248,34 +263,40 @@ def _check_nbytes(spec: pb.TensorSpec) -> None:
         )
 
 
-def _hash_as_ready(
-    header: pb.RestoreHeader,
-    views: Sequence[np.ndarray],
-    replies: Iterator[Reply],
-    on_progress: Progress | None,
-) -> checksum.TensorsChecksum:
-    """Hashes each batch of the segment as ``segment_ready`` announces it (while the daemon
-    writes the next), in the checksum's framing."""
-    digest = checksum.TensorsChecksum()
-    specs, done = header.tensors, 0
+def _announced(header: pb.RestoreHeader, replies: Iterator[Reply]) -> Iterator[range]:
+    """The tensors each ``segment_ready`` announces written (checked to grow to all)."""
+    done, tensors = 0, len(header.tensors)
     for reply in replies:
         item = "chunk" if isinstance(reply, Chunk) else reply.WhichOneof("item")
         if item != "segment_ready" or isinstance(reply, Chunk):
             raise StreamError("a restore through shared memory carries no chunks or second "
                               f"header; got a {item}")
         ready = reply.segment_ready
-        if not done <= ready <= len(specs):
+        if not done <= ready <= tensors:
             raise StreamError(f"restore segment announced {ready} tensors ready after "
-                              f"{done}, of {len(specs)}")
-        for index in range(done, ready):
-            spec = specs[index]
+                              f"{done}, of {tensors}")
+        yield range(done, ready)
+        done = ready
+    if done != tensors:
+        raise StreamError(f"restore ended with {done} of {tensors} tensors in the segment")
+
+
+def _hash_as_ready(
+    header: pb.RestoreHeader,
+    views: Sequence[np.ndarray],
+    replies: Iterator[Reply],
+    on_progress: Progress | None,
+) -> checksum.TensorsChecksum:
+    """Hashes each batch of the mapped segment as ``segment_ready`` announces it (while the
+    daemon writes the next), in the checksum's framing."""
+    digest = checksum.TensorsChecksum()
+    for ready in _announced(header, replies):
+        for index in ready:
+            spec = header.tensors[index]
             digest.begin(spec.name, dtypes.from_wire(spec.dtype).name, spec.shape, spec.nbytes)
             digest.update(views[index].data)
             if on_progress is not None:
                 on_progress(spec.nbytes)
-        done = ready
-    if done != len(specs):
-        raise StreamError(f"restore ended with {done} of {len(specs)} tensors in the segment")
     return digest
 
 
@@ -317,6 +338,28 @@ class _Assembler:
         self._buffers[index][offset:end] = np.frombuffer(data, dtype=np.uint8)
         self.checksum.update(data)
         self._filled[index] = end
+
+    def read_from(
+        self, fd: int, index: int, offset: int, on_progress: Progress | None
+    ) -> None:
+        """Reads tensor ``index`` from ``fd`` at ``offset`` straight into its buffer, hashing
+        each block right after it lands (still in cache) rather than in a second pass."""
+        self._advance()
+        spec, target = self._specs[index], self._buffers[index]
+        done = self._filled[index]
+        while done < spec.nbytes:
+            window = memoryview(target[done : done + _BLOCK_BYTES])  # type: ignore[arg-type]
+            got = os.preadv(fd, [window], offset + done)
+            if got == 0:
+                raise StreamError(
+                    f"restore segment ended at byte {offset + done} while tensor "
+                    f"{spec.name!r} needs bytes {offset}..{offset + spec.nbytes}"
+                )
+            self.checksum.update(window[:got])
+            done += got
+            if on_progress is not None:
+                on_progress(got)
+        self._filled[index] = done
 
     def finish(self) -> None:
         self._advance()

@@ -28,11 +28,11 @@ def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
     assert f"before client: {before}/ckptd/client/__init__.py" in done.stdout
     [case] = json.loads(out.read_text())["cases"]
     assert set(case["seconds"]) == {"torch_load", "latest_shm", "latest_shm_before",
-                                    "latest_grpc", "latest_grpc_before", "base_shm",
-                                    "base_shm_before"}
+                                    "latest_shm_views", "latest_grpc", "latest_grpc_before",
+                                    "base_shm", "base_shm_before"}
     for name, seconds in case["seconds"].items():
         assert len(seconds) == 2 and all(s > 0 for s in seconds), name
-    served = case["restores"]["after"]["r/2"]  # the head, both transports, both reps
-    assert sorted(line["transport"] for line in served) == ["shm", "shm", "stream", "stream"]
-    for name in ("latest_shm", "latest_grpc", "base_shm"):
+    served = case["restores"]["after"]["r/2"]  # the head: shm twice (copy, views), stream
+    assert sorted(line["transport"] for line in served) == ["shm"] * 4 + ["stream"] * 2
+    for name in ("latest_shm", "latest_shm_views", "latest_grpc", "base_shm"):
         assert f"| 16MiB | {name} |" in done.stdout

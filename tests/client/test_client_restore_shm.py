@@ -1,7 +1,8 @@
 """Restores through shared memory (same host): the daemon writes the step into a segment the
-client created; the result equals the streamed one bit for bit, the segment never outlives
-the restore (refused, failed, or its client SIGKILLed), and a daemon that cannot serve it
-(over TCP, a forged, oversized, symlinked or FIFO name) refuses with a clear error."""
+client created; the result equals the streamed one bit for bit (copied out, or as views of
+the segment with ``zero_copy``), the segment's name never outlives the restore (refused,
+failed, damaged, or its client SIGKILLed), and a daemon that cannot serve it (over TCP, a
+forged, oversized, symlinked or FIFO name) refuses with a clear error."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def own_segments() -> set[str]:
     return {name for name in client_segments() if segments.segment_owner(name) == os.getpid()}
 
 
+def unlinked_segment_holding(tensor: torch.Tensor) -> str | None:
+    """The name of the unlinked client segment whose mapping holds ``tensor``, if any."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith("(deleted)") and segments.SEGMENT_PREFIX in line:
+            start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+            if start <= tensor.data_ptr() < end:
+                return Path(line.split()[5]).name
+    return None
+
+
 def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for name, tensor in want.items():
@@ -68,10 +79,13 @@ def test_restore_through_shm_equals_the_stream_bit_for_bit(
     staging = own_segments()  # the saver's pooled staging buffers live until it closes
     for step in (3, 1):  # the head, served from memory, and one rebuilt from storage
         via_shm = saver.restore_info(step)
+        via_views = saver.restore_info(step, zero_copy=True)
         via_stream = streamed.restore_info(step)
-        assert (via_shm.transport, via_stream.transport) == ("shm", "grpc")
-        assert via_shm.checksum == via_stream.checksum
+        assert (via_shm.transport, via_views.transport, via_stream.transport) == (
+            "shm", "shm", "grpc")
+        assert via_shm.checksum == via_views.checksum == via_stream.checksum
         assert_bit_identical(via_shm.state, via_stream.state)
+        assert_bit_identical(via_views.state, via_stream.state)
         if policy == "exact":
             assert_bit_identical(via_shm.state, state(step))
         else:  # step 1 is the exact base; step 3 a lossy delta
@@ -186,12 +200,11 @@ import os, sys, time
 from ckptd.client import Checkpointer
 from ckptd.protos import streams
 
-def stall(header, views, replies, on_progress):
-    next(replies)  # the daemon wrote the first batch into the mapped segment
-    print(header.shared_memory.segment_name, flush=True)
+def stall(self, fd, index, offset, on_progress):
+    print(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], flush=True)
     time.sleep(600)
 
-streams._hash_as_ready = stall
+streams._Assembler.read_from = stall
 Checkpointer(sys.argv[1], "killed", transport="shm").restore(1)
 """
 
@@ -221,13 +234,14 @@ def test_a_client_killed_mid_restore_leaves_no_segment(
     assert_bit_identical(ckpt.restore(1), state(1))
 
 
+@pytest.mark.parametrize("zero_copy", [False, True])
 def test_a_segment_damaged_after_the_daemon_wrote_it_is_refused(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, zero_copy: bool,
 ) -> None:
     from ckptd.daemon.server import shm as daemon_shm
 
-    ckpt = make_checkpointer(daemon.address, "shm-damaged", transport="shm")
+    ckpt = make_checkpointer(daemon.address, f"shm-damaged-{zero_copy}", transport="shm")
     ckpt.save(1, state(1))
     ckpt.wait(timeout_s=60)
     real_write = daemon_shm.write_tensors
@@ -240,28 +254,25 @@ def test_a_segment_damaged_after_the_daemon_wrote_it_is_refused(
 
     monkeypatch.setattr(daemon_shm, "write_tensors", write_then_flip)
     with pytest.raises(CorruptCheckpointError, match="damaged in transit"):
-        ckpt.restore(1)
+        ckpt.restore(1, zero_copy=zero_copy)
     assert damaged and not (SHM_DIR / damaged[0]).exists()
     monkeypatch.undo()
-    assert_bit_identical(ckpt.restore(1), state(1))
+    assert_bit_identical(ckpt.restore(1, zero_copy=zero_copy), state(1))
 
 
-def test_restored_tensors_are_writable_views_that_outlive_the_unlinked_segment(
+def test_zero_copy_tensors_are_writable_views_that_outlive_the_unlinked_segment(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory
 ) -> None:
     ckpt = make_checkpointer(daemon.address, "shm-views", transport="shm")
     ckpt.save(1, state(1))
     ckpt.wait(timeout_s=60)
-    restored = ckpt.restore_info(1)
+    restored = ckpt.restore_info(1, zero_copy=True)
     assert restored.transport == "shm"
     w = restored.state["w"]
     # The tensors are views of a mapping of a segment unlinked before restore returned.
-    unlinked = [(range(*(int(end, 16) for end in line.split()[0].split("-"))),
-                 Path(line.split()[5]).name)
-                for line in Path("/proc/self/maps").read_text().splitlines()
-                if line.endswith("(deleted)") and segments.SEGMENT_PREFIX in line]
-    [name] = [name for span, name in unlinked if w.data_ptr() in span]
-    assert not (SHM_DIR / name).exists()
+    name = unlinked_segment_holding(w)
+    assert name is not None and not (SHM_DIR / name).exists()
     w.add_(1.0)  # a trainer's in-place update: writable, no fault
     assert torch.equal(w, state(1)["w"] + 1.0)
     assert_bit_identical(ckpt.restore(1), state(1))  # the daemon's head is untouched
+    assert unlinked_segment_holding(ckpt.restore(1)["w"]) is None  # by default: a copy

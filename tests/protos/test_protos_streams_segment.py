@@ -1,7 +1,8 @@
-"""``streams.receive`` taking a restore out of the client's segment: the tensors are views of
-a shared mapping (no copy, writable, alive as long as they are), verified against the
-header's checksum before they are handed over, and a reply that breaks the segment framing
-(a segment nobody asked for, chunks besides it, a short segment) is refused."""
+"""``streams.receive`` taking a restore out of the client's segment: copied out and verified
+against the header's checksum as it is copied, or (``adopt``) handed over as views of a
+shared mapping (no copy, writable, alive as long as they are) once verified; a damaged
+segment, or a reply that breaks the segment framing (a segment nobody asked for, chunks
+besides it, a short segment), is refused either way."""
 
 from __future__ import annotations
 
@@ -48,11 +49,19 @@ def segment(tmp_path: Path) -> Iterator[tuple[streams.Segment, pb.RestoreHeader,
 
 
 def allocate(spec: pb.TensorSpec) -> np.ndarray:
-    raise AssertionError(f"a segment restore allocated {spec.name!r}: it maps, never copies")
+    return np.zeros(spec.nbytes, dtype=np.uint8)
+
+
+def never(spec: pb.TensorSpec) -> np.ndarray:
+    raise AssertionError(f"a zero-copy restore allocated {spec.name!r}: it maps, never copies")
 
 
 def ignore(spec: pb.TensorSpec, view: np.ndarray) -> None:
     """An adopter that drops the views."""
+
+
+# The two ways to take a segment: copied into allocated buffers, or adopted as views.
+MODES = {"copy": {}, "views": {"adopt": ignore}}
 
 
 def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
@@ -61,13 +70,31 @@ def replies(*messages: pb.RestoreResponse, ready: tuple[int, ...] = (2, 3)
     return iter([*messages, *(pb.RestoreResponse(segment_ready=n) for n in ready)])
 
 
+def test_a_segment_is_read_and_verified(
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+) -> None:
+    ref, head, _ = segment
+    got: list[np.ndarray] = []
+
+    def keep(spec: pb.TensorSpec) -> np.ndarray:
+        got.append(allocate(spec))
+        return got[-1]
+
+    progress: list[int] = []
+    streams.receive(replies(pb.RestoreResponse(header=head)), keep, progress.append,
+                    segment=ref)
+    for buffer, array in zip(got, ARRAYS.values(), strict=True):
+        assert buffer.tobytes() == array.tobytes()
+    assert sum(progress) == sum(a.nbytes for a in ARRAYS.values())
+
+
 def test_a_segment_is_mapped_verified_and_shared(
     segment: tuple[streams.Segment, pb.RestoreHeader, Path]
 ) -> None:
     ref, head, path = segment
     got: dict[str, np.ndarray] = {}
     progress: list[int] = []
-    streams.receive(replies(pb.RestoreResponse(header=head)), allocate, progress.append,
+    streams.receive(replies(pb.RestoreResponse(header=head)), never, progress.append,
                     segment=ref, adopt=lambda spec, view: got.setdefault(spec.name, view))
     assert list(got) == list(ARRAYS)
     for view, array in zip(got.values(), ARRAYS.values(), strict=True):
@@ -90,44 +117,51 @@ def cut_at_1000(path: Path) -> None:
     os.truncate(path, 1000)
 
 
-@pytest.mark.parametrize(("damage", "problem"), [
-    (flip_byte_100, "damaged in transit"),
-    (cut_at_1000, "holds 1000 bytes, less than the"),
+@pytest.mark.parametrize(("damage", "mode", "problem"), [
+    (flip_byte_100, "copy", "damaged in transit"),
+    (flip_byte_100, "views", "damaged in transit"),
+    (cut_at_1000, "copy", "restore segment ended at byte 1000"),
+    (cut_at_1000, "views", "holds 1000 bytes, less than the"),
 ])
 def test_damaged_or_short_segments_are_refused(
     segment: tuple[streams.Segment, pb.RestoreHeader, Path],
-    damage: Callable[[Path], None], problem: str,
+    damage: Callable[[Path], None], mode: str, problem: str,
 ) -> None:
     ref, head, path = segment
     damage(path)
     adopted: list[str] = []
     with pytest.raises(streams.StreamError, match=problem):
         streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=ref,
-                        adopt=lambda spec, view: adopted.append(spec.name))
+                        **({"adopt": lambda spec, view: adopted.append(spec.name)}
+                           if mode == "views" else {}))
     assert adopted == []  # nothing unverified is handed over
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_segment_the_request_did_not_name_is_refused(
-    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path], mode: str
 ) -> None:
     ref, head, _ = segment
     with pytest.raises(streams.StreamError, match="which the request did not name"):
-        streams.receive(replies(pb.RestoreResponse(header=head)), allocate)
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, **MODES[mode])
     other = streams.Segment("ckptdc_2_other", ref.fd)
     with pytest.raises(streams.StreamError, match="which the request did not name"):
-        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=other)
+        streams.receive(replies(pb.RestoreResponse(header=head)), allocate, segment=other,
+                        **MODES[mode])
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_chunks_besides_a_segment_are_refused(
-    segment: tuple[streams.Segment, pb.RestoreHeader, Path]
+    segment: tuple[streams.Segment, pb.RestoreHeader, Path], mode: str
 ) -> None:
     ref, head, _ = segment
     chunk = pb.RestoreResponse(chunk=pb.TensorChunk(tensor_index=0, data=b"x"))
     with pytest.raises(streams.StreamError, match="carries no chunks"):
         streams.receive(replies(pb.RestoreResponse(header=head), chunk), allocate, segment=ref,
-                        adopt=ignore)
+                        **MODES[mode])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("ready", "problem"), [
     ((2,), "ended with 2 of 3 tensors"),
     ((2, 1), "announced 1 tensors ready after 2"),
@@ -135,9 +169,9 @@ def test_chunks_besides_a_segment_are_refused(
 ])
 def test_segment_ready_counts_must_grow_to_every_tensor(
     segment: tuple[streams.Segment, pb.RestoreHeader, Path], ready: tuple[int, ...],
-    problem: str,
+    problem: str, mode: str,
 ) -> None:
     ref, head, _ = segment
     with pytest.raises(streams.StreamError, match=problem):
         streams.receive(replies(pb.RestoreResponse(header=head), ready=ready), allocate,
-                        segment=ref, adopt=ignore)
+                        segment=ref, **MODES[mode])
