@@ -17,8 +17,9 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
 
 A restore on the same host goes the other way (``RestoreSegment``): the client creates an
 empty segment the same way, the daemon sizes it and writes the step into it, and the client
-maps it, verifies the checksum over the mapping and returns tensors that are views of it;
-it unlinks the name before the restore returns, and the memory goes with the last view.
+reads it out into its tensors, verifying the checksum as it copies, then unlinks it; with
+``zero_copy`` it maps it instead and returns views of the mapping, whose memory goes with
+the last of them.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ class RestoreSegment:
     held and registered like a staging segment, and unlinked by ``close`` on every path;
     the daemon sizes it to the step. Use as a context manager.
 
-    The restored tensors are views of a shared mapping of it (``streams.receive``), so its
-    memory outlives ``close``: the name is gone and no descriptor is left, and the kernel
-    frees the pages when the last of those tensors dies (unmapping it)."""
+    With ``zero_copy`` the restored tensors are views of a shared mapping of it
+    (``streams.receive``), so its memory outlives ``close``: the name is gone and no
+    descriptor is left, and the kernel frees the pages when the last of those tensors dies
+    (unmapping it)."""
 
     def __init__(self) -> None:
         # A page: SharedMemory cannot create an empty segment; the daemon resizes it.
@@ -107,7 +109,7 @@ class RestoreSegment:
             name=segments.segment_name(), create=True, size=PAGE_BYTES)
         self.name = self._segment.name
         self._hold = segments.hold(self.name)
-        # Read-write and no-follow: what the restore maps, shared and writable.
+        # Read-write and no-follow: what the restore reads from, or maps shared and writable.
         self._fd = None if self._hold is None else segments.open_no_follow(
             segments.SHM_ROOT / self.name, writable=True)
 

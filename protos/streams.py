@@ -145,7 +145,7 @@ def first_header(replies: Iterator[Reply]) -> pb.RestoreHeader:
 @dataclass(frozen=True)
 class Segment:
     """The client's restore segment: its shm name and a descriptor open on it read-write
-    (it is mapped shared and writable: the restored tensors are views of it)."""
+    (read from, or, with ``adopt``, mapped shared and writable)."""
 
     name: str
     fd: int
