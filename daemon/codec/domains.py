@@ -76,7 +76,10 @@ class Ops:
 
     def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
         """Decode: ``out = ref (+) values`` (float32 ``values``); ``out`` may be ``ref``."""
-        self._kernels.add_values(values, self._view(ref), self._view(out))
+        if ref.ctypes.data == out.ctypes.data:  # in place: the same chunk of one buffer
+            self._kernels.add_values_in_place(values, self._view(out))
+        else:
+            self._kernels.add_values(values, self._view(ref), self._view(out))
 
     @property
     def _kernels(self) -> kernels.Kernels:

@@ -183,12 +183,17 @@ class Kernels:
     reconstruction is not: ``out`` then holds ``cur`` and its position goes into ``index``
     (ascending); returns how many.
 
-    ``add_values(values, ref, out)``: decode, ``out = ref (+) values``; ``out`` may be ``ref``.
+    ``add_values(values, ref, out)``: decode, ``out = ref (+) values``;
+    ``add_values_in_place(values, out)`` the same with ``ref`` being ``out`` (a chain's
+    restore). Its own loop: with two arrays that overlap exactly, the compiled loop's
+    aliasing check fails and it runs one element at a time (2.5x slower on a 1 MiB
+    float32 chunk: 0.127 against 0.050 ms).
     """
 
     analyze: Callable[..., None]
     encode_chunk: Callable[..., int]
     add_values: Callable[..., None]
+    add_values_in_place: Callable[..., None]
 
 
 def _build(kind: int, log: bool, limit: int) -> Kernels:
@@ -231,7 +236,12 @@ def _build(kind: int, log: bool, limit: int) -> Kernels:
         for i in range(values.size):
             _store(out, i, values[i], ref[i], kind, log, limit)
 
-    return Kernels(analyze, encode_chunk, add_values)
+    @_jit
+    def add_values_in_place(values: Any, out: Any) -> None:
+        for i in range(values.size):
+            _store(out, i, values[i], out[i], kind, log, limit)
+
+    return Kernels(analyze, encode_chunk, add_values, add_values_in_place)
 
 
 # What the kernels take for each dtype (float16 as its words: numba has no float16), its
@@ -263,3 +273,4 @@ def warm_up() -> None:
         fns.encode_chunk(cur, cur, cur.copy(), lut, reps, np.zeros(4, np.uint8),
                          np.zeros(4, np.intp))
         fns.add_values(reps[:1].repeat(4), cur, cur.copy())
+        fns.add_values_in_place(reps[:1].repeat(4), cur.copy())
