@@ -43,8 +43,9 @@ _U64 = np.dtype("<u8")
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                  representative: str, coder: str, bfloat16: bool, domain: str = "linear",
                  auto_max_error: float = quantize.AUTO_MAX_ERROR,
-                 ) -> tuple[bytes, np.ndarray]:
-    """See ``ckptd.daemon.codec.encode_delta``."""
+                 ops_type: type[domains.Ops] = domains.Ops) -> tuple[bytes, np.ndarray]:
+    """See ``ckptd.daemon.codec.encode_delta``. ``ops_type`` runs the per-chunk passes (the
+    tests substitute the numpy codec, their oracle, to compare the bytes)."""
     _check_options(bits, representative, coder, domain, auto_max_error)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
@@ -52,7 +53,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     ref = _flat(_matching(reference, current), dtype)
     out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    ops = domains.Ops(domains.DOMAIN_IDS[domain], dtype.name)
+    ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
         stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
@@ -79,9 +80,9 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     return build_blob(header, payload), out.reshape(current.shape)
 
 
-def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
-                 in_place: bool = False) -> np.ndarray:
-    """See ``ckptd.daemon.codec.decode_delta``."""
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: bool = False,
+                 ops_type: type[domains.Ops] = domains.Ops) -> np.ndarray:
+    """See ``ckptd.daemon.codec.decode_delta`` (``ops_type``: as for ``encode_delta``)."""
     view = memoryview(blob).cast("B")
     header = unpack_header(view)
     if header.kind != KIND_DELTA:
@@ -107,7 +108,7 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
     else:
         ref = _flat(reference, header.dtype)
         out = chunks.empty_output(header.count, header.dtype.holder)
-    ops = domains.Ops(header.domain, header.dtype.name)
+    ops = ops_type(header.domain, header.dtype.name)
 
     def decode_chunk(i: int) -> None:
         values = values_of(i, pool.get())

@@ -1,47 +1,22 @@
-"""The delta codec's numpy implementation, kept as the test oracle of the compiled kernels.
+"""The delta codec's numpy passes, kept as the test oracle of the compiled kernels.
 
-Until issue 17 this was the codec (``daemon/codec/delta.py``, ``quantize.py``, ``domains.py``):
-about ten numpy passes per chunk. The daemon now runs ``daemon/codec/kernels.py``; the
-tests check that both produce the same blob bytes and the same reconstruction, so the
-format stays the one these functions define. Shared, unchanged pieces (statistics merge,
-promotion, representatives, entropy coding, the blob layout) are imported from the daemon.
+Until issue 17 these were the codec's per-chunk work (``daemon/codec/quantize.py`` and
+``domains.py``): about ten numpy passes per chunk. The daemon now runs
+``daemon/codec/kernels.py``; ``NumpyOps`` plugs the old passes into the same
+``delta.encode_delta``/``decode_delta`` (promotion, representatives, entropy coding and the
+blob layout are shared), and the tests check both write the same bytes and reconstruct
+the same values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from ckptd.daemon.codec import chunks, entropy, packing, quantize
+from ckptd.daemon.codec import chunks, delta, domains, quantize
 from ckptd.daemon.codec.chunks import Scratch
-from ckptd.daemon.codec.delta import (
-    AUTO,
-    _check_in_place,
-    _check_options,
-    _flat,
-    _float_dtype,
-    _little,
-    _matching,
-    _pack_exceptions,
-    _read_exceptions,
-)
-from ckptd.daemon.codec.domains import DOMAIN_IDS, LINEAR
-from ckptd.daemon.codec.format import (
-    CODER_IDS,
-    CODERS,
-    KIND_DELTA,
-    KIND_NAMES,
-    REPRESENTATIVE_IDS,
-    CodecError,
-    Header,
-    Reader,
-    build_blob,
-    domain_flags,
-    read_chunks,
-    unpack_header,
-    verify_payload,
-    write_chunks,
-)
+from ckptd.daemon.codec.domains import LINEAR
 
 _F32 = np.dtype("<f4")
 _F64 = np.dtype(np.float64)
@@ -172,8 +147,8 @@ def exception_mask(keys: np.ndarray, recon: np.ndarray, dtype_name: str,
 
 
 @dataclass(frozen=True)
-class Ops:
-    """The two operations encode and decode run per chunk, for one domain and dtype."""
+class _Numpy:
+    """The numpy delta and addition of one domain and dtype (``domains.Ops`` before issue 17)."""
 
     domain: int
     dtype_name: str
@@ -233,136 +208,52 @@ class Ops:
         return out
 
 
-def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
-                 representative: str, coder: str, bfloat16: bool, domain: str = "linear",
-                 auto_max_error: float = quantize.AUTO_MAX_ERROR,
+@dataclass(frozen=True)
+class NumpyOps(domains.Ops):
+    """The per-chunk passes of ``delta.encode_delta``/``decode_delta`` in numpy, as the codec
+    ran them until issue 17; everything else (promotion, coding, the blob) is shared."""
+
+    def stats(self, cur: np.ndarray, ref: np.ndarray, representative: str) -> quantize.Stats:
+        scratch = Scratch()
+        with chunks.errstate_all_ignored():
+            delta = scratch.get("delta", cur.size, _F32)
+            self._numpy.delta32(cur, ref, delta, scratch)
+            return chunk_stats(delta, representative, scratch)
+
+    def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
+               scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
+        with chunks.errstate_all_ignored():
+            delta = scratch.get("delta", cur.size, _F32)
+            self._numpy.delta32(cur, ref, delta, scratch)
+            keys = keys_of(delta, scratch.get("key_intp", cur.size, np.intp))
+            symbols = np.take(plan.lut, keys, out=scratch.get("symbols", cur.size, np.uint8),
+                              mode="wrap")
+            self._numpy.add_values(plan.reps[symbols], ref, out, scratch)
+            nonfinite = int(np.count_nonzero((keys & _EXP_MASK) == _EXP_MASK))
+            mask = exception_mask(keys, out, self.dtype_name, nonfinite, scratch)
+            mask = self._numpy.lost_zeros(cur, out, mask, scratch)
+        if mask is None:
+            return symbols, None
+        index = np.flatnonzero(mask)
+        out[index] = cur[index]
+        return symbols, index
+
+    def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
+        with chunks.errstate_all_ignored():
+            self._numpy.add_values(values, ref, out, Scratch())
+
+    @property
+    def _numpy(self) -> _Numpy:
+        return _Numpy(self.domain, self.dtype_name)
+
+
+def encode_delta(current: np.ndarray, reference: np.ndarray, **options: Any,
                  ) -> tuple[bytes, np.ndarray]:
-    """``ckptd.daemon.codec.encode_delta`` in numpy."""
-    _check_options(bits, representative, coder, domain, auto_max_error)
-    current = np.asarray(current)
-    dtype = _float_dtype(current, bfloat16)
-    cur = _flat(current, dtype)
-    ref = _flat(_matching(reference, current), dtype)
-    out = chunks.empty_output(cur.size, dtype.holder)
-    parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    ops = Ops(DOMAIN_IDS[domain], dtype.name)
-    pool = chunks.ScratchPool()
-    with chunks.mapper(len(parts)) as run:
-        stats = run(lambda s: _analyze(cur[s], ref[s], out[s], ops,
-                                       representative=representative, scratch=pool.get()), parts)
-        merged = quantize.merge(stats, representative)
-        # The width is chosen between the passes: pass 1's statistics do not depend on it.
-        bits = (quantize.auto_bits(merged, auto_max_error, representative) if bits == AUTO
-                else int(bits))
-        plan = quantize.make_plan(merged, bits, representative)
-        enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
-        table = packing.ValueTable.build(plan.reps, bits)
-        coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], ops,
-                                            plan=plan, table=table, enc=enc,
-                                            nonfinite=stats[i].nonfinite, scratch=pool.get()),
-                    range(len(parts)))
-    bodies = [body for body, _ in coded]
-    index = [idx + s.start for (_, idx), s in zip(coded, parts, strict=True) if idx is not None]
-    flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    payload = [
-        plan.reps[1:].astype(_F32).tobytes(),
-        len(enc.params).to_bytes(4, "little"), enc.params,
-        _pack_exceptions(flat_index, cur[flat_index], pool.get()),
-        *write_chunks(bodies),
-    ]
-    header = Header(KIND_DELTA, dtype, tuple(current.shape), bits, CODER_IDS[coder],
-                    REPRESENTATIVE_IDS[representative], domain_flags(ops.domain),
-                    chunks.CHUNK_ELEMS, cur.size)
-    return build_blob(header, payload), out.reshape(current.shape)
+    """``ckptd.daemon.codec.encode_delta`` with the numpy passes."""
+    return delta.encode_delta(current, reference, ops_type=NumpyOps, **options)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
                  in_place: bool = False) -> np.ndarray:
-    """``ckptd.daemon.codec.decode_delta`` in numpy."""
-    view = memoryview(blob).cast("B")
-    header = unpack_header(view)
-    if header.kind != KIND_DELTA:
-        raise CodecError(f"decode_delta got a {KIND_NAMES[header.kind]} blob; use decode_exact")
-    reference = np.asarray(reference)
-    if _little(reference.dtype) != header.dtype.holder or reference.shape != header.shape:
-        raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
-                         f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
-    reader = Reader(verify_payload(view, header))
-    reps = np.concatenate([np.array([-0.0], _F32),
-                           reader.array(_F32, (1 << header.bits) - 1, "representatives")])
-    params = reader.take(reader.u32("coder parameter length"), "coder parameters")
-    pool = chunks.ScratchPool()
-    index, values = _read_exceptions(reader, header, pool.get())
-    bodies = read_chunks(reader, header.nchunks)
-    reader.at_end()
-    parts = chunks.bounds(header.count, header.chunk_elems)
-    values_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
-                                [s.stop - s.start for s in parts], reps=reps)
-    if in_place:
-        _check_in_place(reference, header.dtype)
-        ref = out = reference.reshape(-1)  # add_values may write over the values it reads
-    else:
-        ref = _flat(reference, header.dtype)
-        out = chunks.empty_output(header.count, header.dtype.holder)
-    ops = Ops(header.domain, header.dtype.name)
-
-    def decode_chunk(i: int) -> None:
-        scratch = pool.get()
-        _decode_chunk(values_of(i, scratch), ref[parts[i]], ops, out=out[parts[i]],
-                      scratch=scratch)
-
-    with chunks.mapper(len(parts)) as run:
-        run(decode_chunk, range(len(parts)))
-    out[index] = values
-    return out.reshape(header.shape)
-
-
-def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: Ops, *,
-             representative: str, scratch: chunks.Scratch) -> quantize.Stats:
-    """Pass 1 over a chunk: the delta (parked in ``out`` for float32) and its statistics."""
-    with chunks.errstate_all_ignored():
-        delta = out if ops.dtype_name == "float32" else scratch.get("delta", cur.size, _F32)
-        ops.delta32(cur, ref, delta, scratch)
-        return chunk_stats(delta, representative, scratch)
-
-
-def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: Ops, *,
-                  plan: quantize.Plan, table: packing.ValueTable, enc: entropy.ChunkEncoder,
-                  nonfinite: int, scratch: chunks.Scratch) -> tuple[bytes, np.ndarray | None]:
-    """Pass 2 over a chunk: symbols, their coded body, reconstruction, exceptions.
-
-    The values added are looked up from the packed symbols (``table``), as the zstd
-    decoder does: one gather per byte instead of one per symbol (2-8 symbols a byte at
-    b <= 4), and the same float32 values ``reps[symbol]``, so the same reconstruction.
-    """
-    with chunks.errstate_all_ignored():
-        if ops.dtype_name == "float32":
-            delta = out  # pass 1 left the delta here
-        else:
-            delta = scratch.get("delta", cur.size, _F32)
-            ops.delta32(cur, ref, delta, scratch)
-        # intp keys and mode="wrap" (a no-op: keys are < 512) take numpy's fast gather, ~2.5x
-        # faster than uint16 keys, which np.take converts and bounds-checks.
-        keys = keys_of(delta, scratch.get("key_intp", cur.size, np.intp))
-        symbols = np.take(plan.lut, keys, out=scratch.get("symbols", cur.size, np.uint8),
-                          mode="wrap")
-        body = enc.encode(symbols, scratch)
-        values = table.lookup(packing.pack(symbols, table.bits, scratch), cur.size,
-                              scratch, "contrib")
-        ops.add_values(values, ref, out, scratch)
-        mask = exception_mask(keys, out, ops.dtype_name, nonfinite, scratch)
-        mask = ops.lost_zeros(cur, out, mask, scratch)
-    if mask is None:
-        return body, None
-    index = np.flatnonzero(mask)
-    out[index] = cur[index]
-    return body, index
-
-
-def _decode_chunk(values: np.ndarray, ref: np.ndarray, ops: Ops, *, out: np.ndarray,
-                  scratch: chunks.Scratch) -> None:
-    if values.size != out.size:
-        raise CodecError(f"corrupt blob: chunk decodes to {values.size} symbols, expected "
-                         f"{out.size}")
-    with chunks.errstate_all_ignored():
-        ops.add_values(values, ref, out, scratch)
+    """``ckptd.daemon.codec.decode_delta`` with the numpy passes."""
+    return delta.decode_delta(blob, reference, in_place=in_place, ops_type=NumpyOps)
