@@ -128,9 +128,9 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
 def warm_up() -> None:
     """Compiles the delta codec's kernels, or loads them from numba's on-disk cache.
 
-    The first delta encode or decode of a process does this by itself (about ten seconds
-    uncached, a quarter of a second from the cache); a daemon calls it at start, off the
-    request path. Safe to call from any thread, any number of times.
+    The first delta encode or decode of a process does this by itself (seconds of CPU
+    uncached, a fraction of a second from the cache: bench/README.md); a daemon calls it
+    at start, off the request path. Safe to call from any thread, any number of times.
     """
     kernels.warm_up()
 
