@@ -8,13 +8,14 @@ setup. Each kernel here is one loop that does a whole pass per element:
 * ``analyze`` (encode pass 1): the float32 delta in the tensor's domain and the per-key
   statistics (count and mantissa sum for "mean", minimum and maximum for "midrange").
 * ``encode_chunk`` (encode pass 2): key -> symbol, the reconstruction, the exceptions.
-* ``add_values`` (decode): ``ref (+) values`` rounded to the dtype, in place if asked.
+* ``add_values`` (decode): ``ref (+) values`` rounded to the dtype (``add_values_in_place``
+  when the output is the reference).
 
 The arithmetic is the format's (``format``, ``domains``): float16/bfloat16 widen exactly to
 float32, add there and round to nearest even (float16 by its bit pattern: numba has no
 float16 arithmetic); float64 subtracts in float64 and rounds the delta to float32; the log
 domain works on the integer bit patterns. Encode and decode both end in ``_store``, so a
-decode returns the encoder's reconstruction bit for bit. ``tests/codec/numpy_oracle.py``
+decode returns the encoder's reconstruction bit for bit. ``tests/codec/codec_oracle.py``
 holds the numpy implementation these replaced; the tests check both give the same bytes.
 
 Every kernel is ``nogil``: ``chunks.mapper``'s threads run chunks on several cores.
