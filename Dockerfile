@@ -24,17 +24,23 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${PYTHON_IMAGE}
 # The venv's interpreter links to /usr/local/bin/python3 of the same base image.
 COPY --from=build /opt/ckptd /opt/ckptd
+# The delta codec's kernels (numba) are compiled here into a cache the daemon's uid owns:
+# without it they would compile at every start (seconds), or cache into $HOME, the volume.
 RUN groupadd --system --gid 10001 ckptd \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /var/lib/ckptd --shell /usr/sbin/nologin ckptd \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/ckptd \
-    && install -d -o 10001 -g 10001 -m 0755 /run/ckptd
+    && install -d -o 10001 -g 10001 -m 0755 /run/ckptd \
+    && NUMBA_CACHE_DIR=/var/cache/ckptd/numba /opt/ckptd/bin/python -c \
+        "from ckptd.daemon import codec; codec.warm_up()" \
+    && chown -R 10001:10001 /var/cache/ckptd
 # The default listener is TCP on every interface, so the daemon refuses to start unless it
 # can authenticate callers: mount a tokens file (CKPTD_AUTH_TOKENS) or certificates
 # (CKPTD_TLS_CERT/KEY/CLIENT_CA), listen on a unix socket instead (CKPTD_LISTEN=unix://...,
 # as deploy/compose.yaml and the sidecar do), or opt out with CKPTD_INSECURE=true. See
 # SECURITY.md.
 ENV PATH=/opt/ckptd/bin:$PATH \
+    NUMBA_CACHE_DIR=/var/cache/ckptd/numba \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CKPTD_STORAGE=/var/lib/ckptd \

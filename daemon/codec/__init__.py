@@ -13,6 +13,7 @@ never imports the server.
 * ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit.
 * ``encode_exact`` / ``decode_exact``: lossless, for bases and non-float tensors.
 * ``blob_info`` reads a blob's header.
+* ``warm_up`` compiles the per-element kernels (``kernels``, numba) ahead of first use.
 
 The serialized form is described in ``ckptd.daemon.codec.format``.
 """
@@ -25,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import delta, exact
+from . import delta, exact, kernels
 from .domains import DOMAINS
 from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
 from .quantize import AUTO_MAX_ERROR
@@ -48,6 +49,7 @@ __all__ = [
     "decode_exact",
     "encode_delta",
     "encode_exact",
+    "warm_up",
 ]
 
 Representative = Literal["mean", "midrange"]
@@ -121,6 +123,16 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
             writeable C-contiguous array).
     """
     return delta.decode_delta(blob, reference, in_place=in_place)
+
+
+def warm_up() -> None:
+    """Compiles the delta codec's kernels, or loads them from numba's on-disk cache.
+
+    The first delta encode or decode of a process does this by itself (seconds of CPU
+    uncached, a fraction of a second from the cache: bench/README.md); a daemon calls it
+    at start, off the request path. Safe to call from any thread, any number of times.
+    """
+    kernels.warm_up()
 
 
 def encode_exact(array: np.ndarray, *, bfloat16: bool = False, compress: bool = True) -> bytes:

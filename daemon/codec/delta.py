@@ -1,21 +1,21 @@
 """The lossy delta path: ``encode_delta`` / ``decode_delta`` (the method: ``ckptd.daemon.codec``).
 
-Encode makes two passes over the chunks. Pass 1 computes the float32 delta and its per-key
-statistics (for float32 tensors the delta is parked in the output buffer, which pass 2
-overwrites with the reconstruction: no extra tensor-sized buffer). Between the passes the
-merged statistics decide promotion and representatives for the whole tensor. Pass 2 maps
-keys to symbols, entropy-codes them, and reconstructs with the domain's ``add_values``
-(``domains.Ops``), the very function decode runs on the values it decodes (``reps[symbol]``
-of every element), so decode returns the encoder's reconstruction bit for bit. The domain
-(linear, or log for tensors that must stay non-negative) changes only the delta and that
-addition; promotion, representatives and coding are the same.
+Encode makes two passes over the chunks, each one compiled loop per chunk (``kernels``,
+through ``domains.Ops``). Pass 1 computes the float32 delta and its per-key statistics,
+storing nothing per element. Between the passes the merged statistics decide promotion
+and representatives for the whole tensor. Pass 2 recomputes the delta (cheaper than a
+stored copy's memory traffic), maps keys to symbols, reconstructs and finds the
+exceptions; the symbols are then entropy-coded. Reconstruction and decode end in the same
+arithmetic on ``reps[symbol]``, so decode returns the encoder's reconstruction bit for
+bit. The domain (linear, or log for tensors that must stay non-negative) changes only the
+delta and that addition; promotion, representatives and coding are the same.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import chunks, domains, entropy, packing, quantize
+from . import chunks, domains, entropy, quantize
 from .format import (
     CODER_IDS,
     CODERS,
@@ -43,8 +43,9 @@ _U64 = np.dtype("<u8")
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                  representative: str, coder: str, bfloat16: bool, domain: str = "linear",
                  auto_max_error: float = quantize.AUTO_MAX_ERROR,
-                 ) -> tuple[bytes, np.ndarray]:
-    """See ``ckptd.daemon.codec.encode_delta``."""
+                 ops_type: type[domains.Ops] = domains.Ops) -> tuple[bytes, np.ndarray]:
+    """See ``ckptd.daemon.codec.encode_delta``. ``ops_type`` runs the per-chunk passes (the
+    tests substitute the numpy codec, their oracle, to compare the bytes)."""
     _check_options(bits, representative, coder, domain, auto_max_error)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
@@ -52,22 +53,18 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     ref = _flat(_matching(reference, current), dtype)
     out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    ops = domains.Ops(domains.DOMAIN_IDS[domain], dtype.name)
+    ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
-        stats = run(lambda s: _analyze(cur[s], ref[s], out[s], ops,
-                                       representative=representative, scratch=pool.get()), parts)
+        stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
         merged = quantize.merge(stats, representative)
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
         bits = (quantize.auto_bits(merged, auto_max_error, representative) if bits == AUTO
                 else int(bits))
         plan = quantize.make_plan(merged, bits, representative)
         enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
-        table = packing.ValueTable.build(plan.reps, bits)
-        coded = run(lambda i: _encode_chunk(cur[parts[i]], ref[parts[i]], out[parts[i]], ops,
-                                            plan=plan, table=table, enc=enc,
-                                            nonfinite=stats[i].nonfinite, scratch=pool.get()),
-                    range(len(parts)))
+        coded = run(lambda s: _encode_chunk(cur[s], ref[s], out[s], ops, plan=plan, enc=enc,
+                                            scratch=pool.get()), parts)
     bodies = [body for body, _ in coded]
     index = [idx + s.start for (_, idx), s in zip(coded, parts, strict=True) if idx is not None]
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
@@ -83,9 +80,9 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     return build_blob(header, payload), out.reshape(current.shape)
 
 
-def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
-                 in_place: bool = False) -> np.ndarray:
-    """See ``ckptd.daemon.codec.decode_delta``."""
+def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: bool = False,
+                 ops_type: type[domains.Ops] = domains.Ops) -> np.ndarray:
+    """See ``ckptd.daemon.codec.decode_delta`` (``ops_type``: as for ``encode_delta``)."""
     view = memoryview(blob).cast("B")
     header = unpack_header(view)
     if header.kind != KIND_DELTA:
@@ -111,12 +108,14 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
     else:
         ref = _flat(reference, header.dtype)
         out = chunks.empty_output(header.count, header.dtype.holder)
-    ops = domains.Ops(header.domain, header.dtype.name)
+    ops = ops_type(header.domain, header.dtype.name)
 
     def decode_chunk(i: int) -> None:
-        scratch = pool.get()
-        _decode_chunk(values_of(i, scratch), ref[parts[i]], ops, out=out[parts[i]],
-                      scratch=scratch)
+        values = values_of(i, pool.get())
+        if values.size != parts[i].stop - parts[i].start:
+            raise CodecError(f"corrupt blob: chunk {i} decodes to {values.size} symbols, "
+                             f"expected {parts[i].stop - parts[i].start}")
+        ops.add_values(values, ref[parts[i]], out[parts[i]])
 
     with chunks.mapper(len(parts)) as run:
         run(decode_chunk, range(len(parts)))
@@ -124,55 +123,12 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
     return out.reshape(header.shape)
 
 
-def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,
-             representative: str, scratch: chunks.Scratch) -> quantize.Stats:
-    """Pass 1 over a chunk: the delta (parked in ``out`` for float32) and its statistics."""
-    with chunks.errstate_all_ignored():
-        delta = out if ops.dtype_name == "float32" else scratch.get("delta", cur.size, _F32)
-        ops.delta32(cur, ref, delta, scratch)
-        return quantize.chunk_stats(delta, representative, scratch)
-
-
 def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,
-                  plan: quantize.Plan, table: packing.ValueTable, enc: entropy.ChunkEncoder,
-                  nonfinite: int, scratch: chunks.Scratch) -> tuple[bytes, np.ndarray | None]:
-    """Pass 2 over a chunk: symbols, their coded body, reconstruction, exceptions.
-
-    The values added are looked up from the packed symbols (``table``), as the zstd
-    decoder does: one gather per byte instead of one per symbol (2-8 symbols a byte at
-    b <= 4), and the same float32 values ``reps[symbol]``, so the same reconstruction.
-    """
-    with chunks.errstate_all_ignored():
-        if ops.dtype_name == "float32":
-            delta = out  # pass 1 left the delta here
-        else:
-            delta = scratch.get("delta", cur.size, _F32)
-            ops.delta32(cur, ref, delta, scratch)
-        # intp keys and mode="wrap" (a no-op: keys are < 512) take numpy's fast gather, ~2.5x
-        # faster than uint16 keys, which np.take converts and bounds-checks.
-        keys = quantize.keys_of(delta, scratch.get("key_intp", cur.size, np.intp))
-        symbols = np.take(plan.lut, keys, out=scratch.get("symbols", cur.size, np.uint8),
-                          mode="wrap")
-        body = enc.encode(symbols, scratch)
-        values = table.lookup(packing.pack(symbols, table.bits, scratch), cur.size,
-                              scratch, "contrib")
-        ops.add_values(values, ref, out, scratch)
-        mask = quantize.exception_mask(keys, out, ops.dtype_name, nonfinite, scratch)
-        mask = ops.lost_zeros(cur, out, mask, scratch)
-    if mask is None:
-        return body, None
-    index = np.flatnonzero(mask)
-    out[index] = cur[index]
-    return body, index
-
-
-def _decode_chunk(values: np.ndarray, ref: np.ndarray, ops: domains.Ops, *, out: np.ndarray,
-                  scratch: chunks.Scratch) -> None:
-    if values.size != out.size:
-        raise CodecError(f"corrupt blob: chunk decodes to {values.size} symbols, expected "
-                         f"{out.size}")
-    with chunks.errstate_all_ignored():
-        ops.add_values(values, ref, out, scratch)
+                  plan: quantize.Plan, enc: entropy.ChunkEncoder,
+                  scratch: chunks.Scratch) -> tuple[bytes, np.ndarray | None]:
+    """Pass 2 over a chunk: its coded body, the reconstruction and the exceptions."""
+    symbols, index = ops.encode(cur, ref, out, plan, scratch)
+    return enc.encode(symbols, scratch), index
 
 
 def _pack_exceptions(index: np.ndarray, values: np.ndarray, scratch: chunks.Scratch) -> bytes:

@@ -1,8 +1,8 @@
 """What a lossy delta is taken of: the values themselves, or their logarithm.
 
 * **linear** (format code 0): ``delta = current - reference`` in float32 and
-  ``reconstruction = reference + reps[symbol]`` rounded to the dtype (``quantize.delta32``,
-  ``quantize.add_values``). The error is absolute: it can push a small element of a tensor
+  ``reconstruction = reference + reps[symbol]`` rounded to the dtype (``kernels``). The
+  error is absolute: it can push a small element of a tensor
   that must stay non-negative (Adam's second moment) below zero.
 * **log** (format code 1): the delta of the values' IEEE-754 bit patterns read as integers.
   For a non-negative float the bit pattern is a monotone, piecewise-linear approximation of
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import quantize
+from . import kernels, quantize
 from .chunks import Scratch
 
 LINEAR = 0
@@ -39,75 +39,52 @@ LOG = 1
 DOMAINS = {LINEAR: "linear", LOG: "log"}
 DOMAIN_IDS = {name: code for code, name in DOMAINS.items()}
 
-_F32 = np.dtype(np.float32)
-_F64 = np.dtype(np.float64)
-_I64 = np.dtype(np.int64)
-
-# Signed integer view of each float holder, and the pattern of +Inf: in-domain patterns are
-# 0 <= p < inf; the sign bit makes a pattern negative in the signed view.
-_SIGNED: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype("<i2"),
-           "bfloat16": np.dtype("<i2"), "float64": np.dtype("<i8")}
-_INF_PATTERN = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
-                "float64": 0x7FF0000000000000}
-
 
 @dataclass(frozen=True)
 class Ops:
-    """The two operations encode and decode run per chunk, for one domain and dtype."""
+    """The per-chunk passes of encode and decode, for one domain and dtype (``kernels``).
+
+    Arrays are the dtype's holder (``format.DType.holder``); the log domain hands the
+    kernels their signed integer view, so its arithmetic is on the bit patterns.
+    """
 
     domain: int
     dtype_name: str
 
-    def delta32(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray,
-                scratch: Scratch) -> None:
-        """Writes the float32 delta of ``cur`` against ``ref`` into ``out``."""
-        if self.domain == LINEAR:
-            quantize.delta32(cur, ref, self.dtype_name, out, scratch)
-            return
-        a = self._patterns(cur, scratch.get("pattern_a", cur.size, _I64))
-        b = self._patterns(ref, scratch.get("pattern_b", cur.size, _I64))
-        outside = self._outside(a, scratch.get("outside_a", cur.size, np.bool_))
-        outside |= self._outside(b, scratch.get("outside_b", cur.size, np.bool_))
-        np.subtract(a, b, out=a)
-        np.copyto(out, a, casting="unsafe")
-        out[outside] = np.nan
+    def stats(self, cur: np.ndarray, ref: np.ndarray, representative: str) -> quantize.Stats:
+        """Encode pass 1: per-key statistics of the chunk's float32 deltas."""
+        shape = (kernels.LANES, kernels.NKEYS)
+        mean = representative == "mean"
+        counts = np.zeros(shape, np.int64)
+        sums = np.zeros(shape if mean else (1, 1), np.uint64)
+        lo = np.full(shape if not mean else (1, 1), np.inf, np.float32)
+        hi = np.full(shape if not mean else (1, 1), -np.inf, np.float32)
+        self._kernels.analyze(self._view(cur), self._view(ref), mean, counts, sums, lo, hi)
+        if mean:
+            return quantize.Stats(counts.sum(axis=0), sums.sum(axis=0), None, None)
+        return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0))
 
-    def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray,
-                   scratch: Scratch) -> None:
-        """``out = ref (+) values`` in the domain; encode and decode both end here."""
-        if self.domain == LINEAR:
-            quantize.add_values(values, ref, self.dtype_name, out=out, scratch=scratch)
-            return
-        limit = _INF_PATTERN[self.dtype_name]
-        steps = scratch.get("steps", values.size, _F64)
-        # Clipped before the integer cast (a float32 representative may exceed int64);
-        # no real step is longer than the whole pattern range.
-        np.clip(values, -limit, limit, out=steps)
-        np.rint(steps, out=steps)
-        total = self._patterns(ref, scratch.get("pattern_b", values.size, _I64))
-        total += steps.astype(_I64)
-        np.clip(total, 0, limit - 1, out=total)
-        np.copyto(out.view(_SIGNED[self.dtype_name]), total, casting="unsafe")
+    def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
+               scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
+        """Encode pass 2: the chunk's symbols (in ``scratch``) and its exceptions' positions,
+        reconstruction into ``out`` (exceptions hold their value verbatim)."""
+        symbols = scratch.get("symbols", cur.size, np.uint8)
+        index = scratch.get("exceptions", cur.size, np.intp)
+        count = self._kernels.encode_chunk(self._view(cur), self._view(ref), self._view(out),
+                                           plan.lut, plan.reps, symbols, index)
+        return symbols, (index[:count].copy() if count else None)
 
-    def lost_zeros(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
-                   scratch: Scratch) -> np.ndarray | None:
-        """``mask`` plus, in the log domain, the elements zero in ``cur`` but not in
-        ``recon``: they are stored verbatim, so that a zero always survives."""
-        if self.domain == LINEAR:
-            return mask
-        signed = _SIGNED[self.dtype_name]
-        lost = np.equal(cur.view(signed), 0, out=scratch.get("lost", cur.size, np.bool_))
-        lost &= recon.view(signed) != 0
-        if not lost.any():
-            return mask
-        return lost if mask is None else mask | lost
+    def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
+        """Decode: ``out = ref (+) values`` (float32 ``values``); ``out`` may be ``ref``."""
+        if ref.ctypes.data == out.ctypes.data:  # in place: the same chunk of one buffer
+            self._kernels.add_values_in_place(values, self._view(out))
+        else:
+            self._kernels.add_values(values, self._view(ref), self._view(out))
 
-    def _patterns(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        np.copyto(out, values.view(_SIGNED[self.dtype_name]), casting="unsafe")
-        return out
+    @property
+    def _kernels(self) -> kernels.Kernels:
+        return kernels.for_dtype(self.dtype_name, self.domain == LOG)
 
-    def _outside(self, patterns: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Negative (sign bit) or non-finite (exponent all ones) patterns."""
-        np.greater_equal(patterns, _INF_PATTERN[self.dtype_name], out=out)
-        out |= patterns < 0
-        return out
+    def _view(self, array: np.ndarray) -> np.ndarray:
+        views = kernels.PATTERNS if self.domain == LOG else kernels.HOLDERS
+        return array.view(views[self.dtype_name])

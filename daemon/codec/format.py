@@ -47,7 +47,7 @@ Delta payload (kind 1)::
                            huffman block lengths + bit stream (layout in ``huffman``)
 
 Decoding: element i = reference[i] + representative[symbol[i]] (symbol 0 adds -0.0), computed
-as ``quantize.add_values`` says for the dtype (log domain: added to the reference's bit
+as ``kernels`` says for the dtype (log domain: added to the reference's bit
 pattern, as ``domains`` says), then the exceptions overwrite their elements.
 
 Exact payload (kind 2)::

@@ -10,8 +10,8 @@ every other element becomes symbol 0. Keys with exponent field 0 (zeros and subn
 Symbol 0 adds ``-0.0``: ``x + (-0.0) == x`` bit for bit for every x (``+0.0`` would turn a
 reference ``-0.0`` into ``+0.0``), so dropped elements keep their reference value exactly.
 
-``add_values`` is the one function both encode and decode end in, which is what makes a
-decode equal the encoder's reconstruction bit for bit.
+The per-element work (the delta, its statistics, symbols and the reconstruction) runs in
+``kernels``; this module decides, from the merged statistics, what every key becomes.
 """
 
 from __future__ import annotations
@@ -20,21 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunks import Scratch
-
 NKEYS = 512
 _EXP_MASK = 0xFF
 _MANTISSA_BITS = 23
-# Per-key count and mantissa sum share one uint64 accumulator, filled by one np.add.at of
-# ``pattern + 2^43`` (the raw IEEE-754 bit pattern: no mask pass). Every pattern of a key
-# is ``key << 23`` plus its mantissa, so a key's sum is ``X = count * (2^43 + key * 2^23) + S``
-# with S, the mantissa sum, below ``count * 2^23 <= 2^43`` for at most 2^20 elements: then
-# ``count = X // (2^43 + key * 2^23)`` exactly and X < 2^64. One np.add.at instead of two
-# grouped reductions (they hold the GIL, so they are the serial part of encode).
-_COUNT_SHIFT = 43
-MAX_STATS_ELEMS = 1 << 20
-_KEY_PATTERNS = np.arange(NKEYS, dtype=np.uint64) << np.uint64(_MANTISSA_BITS)
-_COUNT_UNITS = np.uint64(1 << _COUNT_SHIFT) + _KEY_PATTERNS
 # bits="auto": the default relative L2 error the dropped buckets may add to a delta
 # (``auto_bits``); chosen from bench/RESULTS.md.
 AUTO_MAX_ERROR = 0.2
@@ -63,56 +51,6 @@ class Plan:
     lut: np.ndarray  # uint8[512]: symbol of each key (0 = dropped)
     reps: np.ndarray  # float32[2^b]: value added for each symbol; reps[0] is -0.0
     sym_counts: np.ndarray  # int64[2^b]: how often each symbol occurs
-
-
-def widen(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
-    """float32 values of float16/bfloat16/float32 input (bfloat16 given as uint16 words)."""
-    if dtype_name == "bfloat16":
-        np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)
-    else:
-        np.copyto(out, values)
-    return out
-
-
-def delta32(cur: np.ndarray, ref: np.ndarray, dtype_name: str, out: np.ndarray,
-            scratch: Scratch) -> None:
-    """Writes ``float32(cur - ref)`` into ``out``.
-
-    float16/bfloat16 subtract in float32 (exact widening); float64 subtracts in float64 and
-    rounds the delta to float32 (an overflow becomes Inf and so an exception).
-    """
-    if dtype_name == "bfloat16":
-        a = widen(cur, dtype_name, scratch.get("wide_a", cur.size, _F32))
-        b = widen(ref, dtype_name, scratch.get("wide_b", cur.size, _F32))
-        np.subtract(a, b, out=out)
-    elif dtype_name == "float64":
-        np.subtract(cur, ref, out=out, casting="same_kind")
-    else:
-        np.subtract(cur, ref, out=out, dtype=_F32)
-
-
-def keys_of(delta: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Bucket key (sign << 8 | biased exponent) of each float32 delta, into ``out``."""
-    return np.right_shift(delta.view(np.uint32), _MANTISSA_BITS, out=out, casting="unsafe")
-
-
-def chunk_stats(delta: np.ndarray, representative: str, scratch: Scratch) -> Stats:
-    """Counts and mantissa sums (mean) or min/max (midrange) per key of one chunk."""
-    if delta.size > MAX_STATS_ELEMS:
-        raise ValueError(f"chunk of {delta.size} elements exceeds {MAX_STATS_ELEMS}")
-    keys = keys_of(delta, scratch.get("key_intp", delta.size, np.intp))
-    if representative != "mean":
-        lo = np.full(NKEYS, np.inf, _F32)
-        hi = np.full(NKEYS, -np.inf, _F32)
-        np.minimum.at(lo, keys, delta)
-        np.maximum.at(hi, keys, delta)
-        return Stats(np.bincount(keys, minlength=NKEYS).astype(np.int64), None, lo, hi)
-    packed = np.add(delta.view(np.uint32), np.uint64(1 << _COUNT_SHIFT),
-                    out=scratch.get("packed_stats", delta.size, np.uint64))
-    acc = np.zeros(NKEYS, np.uint64)
-    np.add.at(acc, keys, packed)
-    counts = acc // _COUNT_UNITS
-    return Stats(counts.astype(np.int64), acc - counts * _COUNT_UNITS, None, None)
 
 
 def merge(parts: list[Stats], representative: str) -> Stats:
@@ -196,65 +134,3 @@ def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
     reps[1:kept.size + 1] = values.astype(_F32)
     sym_counts = np.bincount(lut, weights=stats.counts, minlength=1 << bits)
     return Plan(lut, reps, sym_counts.astype(np.int64))
-
-
-def add_values(values: np.ndarray, ref: np.ndarray, dtype_name: str, *, out: np.ndarray,
-               scratch: Scratch) -> None:
-    """``out = ref + values`` (float32 ``values = reps[symbols]``), rounded to the dtype.
-
-    float32 adds in float32; float16 adds in float32 and rounds to nearest even; bfloat16
-    adds in float32 and rounds the words to nearest even; float64 adds in float64.
-    ``out`` may alias the float32 delta buffer (it is read before this is called). Encode
-    and decode both end here, which is what makes a decode equal
-    the encoder's reconstruction bit for bit however ``values`` was computed.
-    """
-    if dtype_name in ("float32", "float64"):
-        np.add(ref, values, out=out)
-    elif dtype_name == "float16":
-        np.add(ref, values, out=out, dtype=_F32, casting="same_kind")
-    else:
-        total = widen(ref, dtype_name, scratch.get("wide_a", ref.size, _F32))
-        np.add(total, values, out=total)
-        _round_to_bfloat16(total.view(np.uint32), out, scratch)
-
-
-def _round_to_bfloat16(words32: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
-    """Round-to-nearest-even of float32 bit patterns to bfloat16 words (in place on words32).
-
-    Only finite and infinite values reach here with a meaning; NaN elements are exceptions
-    and get overwritten, so the carry a NaN payload may take is harmless.
-    """
-    lsb = np.right_shift(words32, 16, out=scratch.get("lsb", words32.size, np.uint32))
-    np.bitwise_and(lsb, 1, out=lsb)
-    lsb += 0x7FFF
-    words32 += lsb
-    np.right_shift(words32, 16, out=out, casting="unsafe")
-
-
-def nonfinite_mask(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
-    """Boolean mask of Inf/NaN elements (bfloat16 read from its exponent bits), into ``out``."""
-    if dtype_name == "bfloat16":
-        exponent = np.bitwise_and(values, 0x7F80)
-        return np.equal(exponent, 0x7F80, out=out)
-    np.isfinite(values, out=out)
-    return np.logical_not(out, out=out)
-
-
-def exception_mask(keys: np.ndarray, recon: np.ndarray, dtype_name: str,
-                   nonfinite_deltas: int, scratch: Scratch) -> np.ndarray | None:
-    """Elements stored verbatim: a non-finite delta, or a reconstruction that overflowed.
-
-    Returns None when there are none (the common case costs one ``isfinite`` pass).
-    """
-    if not nonfinite_deltas and dtype_name != "bfloat16":
-        # The common case in two passes, not three: all finite means no exception.
-        finite = np.isfinite(recon, out=scratch.get("bad", recon.size, np.bool_))
-        if finite.all():
-            return None
-        return np.logical_not(finite, out=finite)
-    bad = nonfinite_mask(recon, dtype_name, scratch.get("bad", recon.size, np.bool_))
-    if nonfinite_deltas:
-        bad |= (keys & _EXP_MASK) == _EXP_MASK
-    elif not bad.any():
-        return None
-    return bad

@@ -22,12 +22,14 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from ckptd.daemon import codec
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.logs import fields, get_logger
@@ -89,6 +91,9 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         self._start_metrics_endpoint()
+        # The codec's compiled kernels load (or compile) while storage opens and the engine
+        # scans it, not on the first save; a save arriving sooner waits for them.
+        threading.Thread(target=_warm_up_codec, name="ckptd-codec-warm-up", daemon=True).start()
         try:
             self._storage = storage = await asyncio.to_thread(
                 open_storage, self.config.storage_url, file_mode=self.config.storage_mode)
@@ -300,6 +305,16 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
+
+
+def _warm_up_codec() -> None:
+    started = time.monotonic()
+    try:
+        codec.warm_up()
+    except Exception:  # the first save compiles again and reports the error itself
+        log.exception("codec warm-up failed")
+        return
+    log.info("codec kernels ready %s", fields(seconds=round(time.monotonic() - started, 3)))
 
 
 def run(config: DaemonConfig, on_ready: Callable[[Daemon], None] | None = None) -> bool:
