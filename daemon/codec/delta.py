@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import chunks, domains, entropy, packing, quantize
+from . import chunks, domains, entropy, packing, quantize, scaled
 from .format import (
     CODER_IDS,
     CODERS,
@@ -52,7 +52,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     ref = _flat(_matching(reference, current), dtype)
     out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    ops = domains.Ops(domains.DOMAIN_IDS[domain], dtype.name)
+    ops = _ops(domains.DOMAIN_IDS[domain], dtype.name, cur, ref)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
         stats = run(lambda s: _analyze(cur[s], ref[s], out[s], ops,
@@ -72,6 +72,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     index = [idx + s.start for (_, idx), s in zip(coded, parts, strict=True) if idx is not None]
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
     payload = [
+        *([ops.alpha.tobytes()] if ops.domain == domains.SCALED else []),
         plan.reps[1:].astype(_F32).tobytes(),
         len(enc.params).to_bytes(4, "little"), enc.params,
         _pack_exceptions(flat_index, cur[flat_index], pool.get()),
@@ -95,6 +96,8 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
         raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
                          f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
     reader = Reader(verify_payload(view, header))
+    alpha = (reader.array(_F32, 1, "alpha")[0] if header.domain == domains.SCALED
+             else np.float32(1.0))
     reps = np.concatenate([np.array([-0.0], _F32),
                            reader.array(_F32, (1 << header.bits) - 1, "representatives")])
     params = reader.take(reader.u32("coder parameter length"), "coder parameters")
@@ -111,7 +114,7 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
     else:
         ref = _flat(reference, header.dtype)
         out = chunks.empty_output(header.count, header.dtype.holder)
-    ops = domains.Ops(header.domain, header.dtype.name)
+    ops = domains.Ops(header.domain, header.dtype.name, alpha)
 
     def decode_chunk(i: int) -> None:
         scratch = pool.get()
@@ -122,6 +125,13 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
         run(decode_chunk, range(len(parts)))
     out[index] = values
     return out.reshape(header.shape)
+
+
+def _ops(domain: int, dtype_name: str, cur: np.ndarray, ref: np.ndarray) -> domains.Ops:
+    """The domain's operations; the scaled domain's factor is fitted here, once a tensor."""
+    if domain != domains.SCALED:
+        return domains.Ops(domain, dtype_name)
+    return domains.Ops(domain, dtype_name, scaled.fit_alpha(cur, ref, dtype_name))
 
 
 def _analyze(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,

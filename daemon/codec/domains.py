@@ -1,4 +1,5 @@
-"""What a lossy delta is taken of: the values themselves, or their logarithm.
+"""What a lossy delta is taken of: the values, their logarithm, or the values against a
+scaled reference.
 
 * **linear** (format code 0): ``delta = current - reference`` in float32 and
   ``reconstruction = reference + reps[symbol]`` rounded to the dtype (``quantize.delta32``,
@@ -23,6 +24,10 @@
   Elements outside the domain, in ``current`` or ``reference`` (sign bit set, ``-0.0``
   included, Inf, NaN), get a NaN delta and so become exceptions stored verbatim, as
   non-finite elements do in the linear domain.
+* **scaled** (format code 2): the linear domain against ``alpha * reference``, one float32
+  factor per tensor fitted by the encoder and stored in the blob (``scaled``): a value that
+  decays between saves (Adam's first moment) decays where its delta is dropped instead of
+  staying stale.
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import quantize
+from . import quantize, scaled
 from .chunks import Scratch
 
 LINEAR = 0
 LOG = 1
-DOMAINS = {LINEAR: "linear", LOG: "log"}
+SCALED = 2
+DOMAINS = {LINEAR: "linear", LOG: "log", SCALED: "scaled"}
 DOMAIN_IDS = {name: code for code, name in DOMAINS.items()}
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
+_ONE = np.float32(1.0)
 
 # Signed integer view of each float holder, and the pattern of +Inf: in-domain patterns are
 # 0 <= p < inf; the sign bit makes a pattern negative in the signed view.
@@ -49,6 +56,13 @@ _SIGNED: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype(
            "bfloat16": np.dtype("<i2"), "float64": np.dtype("<i8")}
 _INF_PATTERN = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
                 "float64": 0x7FF0000000000000}
+# The log domain stores an element verbatim when its reconstruction is more than this many
+# octaves (factors of 2) from the value (``Ops.lost_zeros``); one octave is 2^(mantissa
+# bits) pattern steps. Chosen from bench/first_moment.py.
+LOG_MAX_ERROR_OCTAVES = 1.0
+_MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
+_LOG_MAX_STEP = {name: int(LOG_MAX_ERROR_OCTAVES * (1 << bits))
+                 for name, bits in _MANTISSA_BITS.items()}
 
 
 @dataclass(frozen=True)
@@ -57,11 +71,14 @@ class Ops:
 
     domain: int
     dtype_name: str
+    alpha: np.float32 = _ONE  # the scaled domain's factor; unused by the others
 
     def delta32(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray,
                 scratch: Scratch) -> None:
         """Writes the float32 delta of ``cur`` against ``ref`` into ``out``."""
-        if self.domain == LINEAR:
+        if self.domain == SCALED:
+            ref = scaled.scale_reference(ref, self.alpha, self.dtype_name, scratch)
+        if self.domain != LOG:
             quantize.delta32(cur, ref, self.dtype_name, out, scratch)
             return
         a = self._patterns(cur, scratch.get("pattern_a", cur.size, _I64))
@@ -75,7 +92,9 @@ class Ops:
     def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray,
                    scratch: Scratch) -> None:
         """``out = ref (+) values`` in the domain; encode and decode both end here."""
-        if self.domain == LINEAR:
+        if self.domain == SCALED:
+            ref = scaled.scale_reference(ref, self.alpha, self.dtype_name, scratch)
+        if self.domain != LOG:
             quantize.add_values(values, ref, self.dtype_name, out=out, scratch=scratch)
             return
         limit = _INF_PATTERN[self.dtype_name]
@@ -91,16 +110,38 @@ class Ops:
 
     def lost_zeros(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
                    scratch: Scratch) -> np.ndarray | None:
-        """``mask`` plus, in the log domain, the elements zero in ``cur`` but not in
-        ``recon``: they are stored verbatim, so that a zero always survives."""
-        if self.domain == LINEAR:
+        """``mask`` plus, in the log domain, the elements stored verbatim because their
+        reconstruction is too far off: zero in ``cur`` but not in ``recon`` (so that a zero
+        always survives), or more than ``LOG_MAX_ERROR_OCTAVES`` from ``cur``.
+
+        The bound is why: a kept bucket's step is right to within a factor of 2 *of the
+        step*, so an element whose value jumped by many octaves (an idle embedding row's
+        second moment when the row sees a gradient again) would come back off by octaves,
+        and the restored Adam update ``m / sqrt(v)`` by a large factor. Such jumps are
+        rare (``bench/first_moment.py``), so storing them verbatim costs little.
+        """
+        if self.domain != LOG:
             return mask
         signed = _SIGNED[self.dtype_name]
         lost = np.equal(cur.view(signed), 0, out=scratch.get("lost", cur.size, np.bool_))
         lost &= recon.view(signed) != 0
+        far = self._far_off(cur, recon, scratch)
+        lost |= far
         if not lost.any():
             return mask
         return lost if mask is None else mask | lost
+
+    def _far_off(self, cur: np.ndarray, recon: np.ndarray, scratch: Scratch) -> np.ndarray:
+        """In-domain elements whose reconstruction's pattern is more than the bound away
+        from ``cur``'s (elements outside the domain are exceptions already)."""
+        a = self._patterns(cur, scratch.get("pattern_a", cur.size, _I64))
+        b = self._patterns(recon, scratch.get("pattern_b", cur.size, _I64))
+        far = self._outside(a, scratch.get("far", cur.size, np.bool_))
+        np.logical_not(far, out=far)
+        np.subtract(a, b, out=a)
+        np.abs(a, out=a)
+        far &= a > _LOG_MAX_STEP[self.dtype_name]
+        return far
 
     def _patterns(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.copyto(out, values.view(_SIGNED[self.dtype_name]), casting="unsafe")

@@ -1,0 +1,68 @@
+"""The scaled-reference domain: a linear delta against ``alpha * reference``.
+
+Adam's first moment decays between saves where no gradient arrives (``m <- beta1^K m``): a
+linear delta against the previous reconstruction drops those small changes, so dropped
+elements keep a *stale* ``m`` while the second moment decays, and the restored update
+``m / sqrt(v)`` grows. Coding ``current - alpha * reference`` with one least-squares factor
+per tensor predicts the decay: a dropped element comes back as ``alpha * reference``
+(``bench/first_moment.py`` measures it: same bytes, smaller update error).
+
+``alpha`` is fitted by the encoder only and stored in the blob as a float32, so the decoder
+never recomputes it: the scaled reference is a pure function of the stored ``alpha`` and the
+reference, computed by ``scale_reference`` on both sides (float32 arithmetic, rounded to the
+tensor's dtype as ``quantize.add_values`` rounds), and a decode stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import chunks, quantize
+from .chunks import Scratch
+
+_F32 = np.dtype(np.float32)
+
+
+def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
+    """The least-squares factor ``<cur, ref> / <ref, ref>`` as a float32.
+
+    Non-finite elements (stored verbatim anyway) are left out of the fit. 1.0 (a plain
+    linear delta) when the reference is zero there or the fit overflows: a factor is only
+    a prediction, so a bad one costs bytes, never correctness.
+    """
+    num = den = 0.0
+    scratch = Scratch()
+    for part in chunks.bounds(cur.size, chunks.CHUNK_ELEMS):
+        a = quantize.widen(cur[part], dtype_name, scratch.get("fit_a", part.stop - part.start,
+                                                              _F32))
+        b = quantize.widen(ref[part], dtype_name, scratch.get("fit_b", part.stop - part.start,
+                                                              _F32))
+        finite = np.isfinite(a, out=scratch.get("fit_ok", a.size, np.bool_))
+        finite &= np.isfinite(b)
+        if not finite.all():
+            a, b = a[finite], b[finite]
+        with np.errstate(all="ignore"):
+            num += float(np.dot(a, b))
+            den += float(np.dot(b, b))
+    alpha = num / den if den > 0 else 1.0
+    with np.errstate(over="ignore"):
+        stored = np.float32(alpha)
+    return stored if math.isfinite(alpha) and np.isfinite(stored) else np.float32(1.0)
+
+
+def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str,
+                    scratch: Scratch) -> np.ndarray:
+    """``alpha * ref`` in ``ref``'s holder dtype, into scratch (``ref`` is not written).
+
+    Computed as ``ref + (alpha - 1) * ref`` through ``quantize.add_values``, the codec's one
+    rounding to each dtype (bfloat16 words included); a NaN or Inf here becomes a NaN delta
+    and so an exception, as in the linear domain.
+    """
+    step = quantize.widen(ref, dtype_name, scratch.get("scale_step", ref.size, _F32))
+    with np.errstate(all="ignore"):
+        np.multiply(step, np.float32(alpha - np.float32(1.0)), out=step)
+    out = scratch.get("scaled_ref", ref.size, ref.dtype)
+    quantize.add_values(step, ref, dtype_name, out=out, scratch=scratch)
+    return out
