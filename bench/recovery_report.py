@@ -152,7 +152,8 @@ def _shipped(chosen: dict[str, Any]) -> str:
     return ("These are ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds the "
             "engine's, and the client's built-in policy rules (`ckptd.client.policies."
             "BUILTIN_RULES`, consulted after the user's) store `exp_avg_sq` lossy in the log "
-            "domain (`lossy-log`).")
+            "domain (`lossy-log`) and `exp_avg` against a fitted multiple of the previous save "
+            "(`lossy-scaled`).")
 
 
 def _protocol(output: dict[str, Any]) -> str:
