@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from ckptd.daemon import codec
 
-from bench.second_moment import _group, _update
+from bench.second_moment import _group, _update, error_stats
 from bench.workloads import make_workload
 
 MIN_LOSSY_ELEMENTS = 1024
@@ -168,8 +168,7 @@ def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = Fa
         "options": {
             option: {
                 "m_bits_per_element": float(np.median(m_bits[option])),
-                "update_rel_err_median": {k: float(np.median(v)) for k, v in rows[option].items()},
-                "update_rel_err_max": {k: float(np.max(v)) for k, v in rows[option].items()},
+                **error_stats(rows[option]),
             }
             for option in ALPHAS
         },

@@ -168,7 +168,7 @@ def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domain
                               scratch, "contrib")
         ops.add_values(values, ref, out, scratch)
         mask = quantize.exception_mask(keys, out, ops.dtype_name, nonfinite, scratch)
-        mask = ops.lost_zeros(cur, out, mask, scratch)
+        mask = ops.log_exceptions(cur, out, mask, scratch)
     if mask is None:
         return body, None
     index = np.flatnonzero(mask)

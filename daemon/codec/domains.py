@@ -14,8 +14,10 @@ scaled reference.
   ``[+0.0, largest finite]``, so it is never negative and never infinite. An element that
   is exactly zero comes back exactly zero: pattern 0 against a zero reference is step 0,
   and an element that *becomes* zero where the quantized step misses pattern 0 (a tensor
-  collapsing to zero) is an exception (``lost_zeros``). Subnormals are the patterns just above 0
-  (there the step is absolute, below every normal value).
+  collapsing to zero) is an exception (``log_exceptions``), as is an element whose
+  reconstruction would be more than ``LOG_MAX_ERROR_OCTAVES`` off (a jump of many octaves,
+  whose bucket is right only to a factor of 2 of the step). Subnormals are the patterns
+  just above 0 (there the step is absolute, below every normal value).
 
   Every operation is integer arithmetic or IEEE-754 rounding of a float (no ``log``/``exp``,
   whose results differ between numpy's SIMD paths), so a decode on any host reproduces the
@@ -57,7 +59,7 @@ _SIGNED: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype(
 _INF_PATTERN = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
                 "float64": 0x7FF0000000000000}
 # The log domain stores an element verbatim when its reconstruction is more than this many
-# octaves (factors of 2) from the value (``Ops.lost_zeros``); one octave is 2^(mantissa
+# octaves (factors of 2) from the value (``Ops.log_exceptions``); one octave is 2^(mantissa
 # bits) pattern steps. Chosen from bench/first_moment.py.
 LOG_MAX_ERROR_OCTAVES = 1.0
 _MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
@@ -108,7 +110,7 @@ class Ops:
         np.clip(total, 0, limit - 1, out=total)
         np.copyto(out.view(_SIGNED[self.dtype_name]), total, casting="unsafe")
 
-    def lost_zeros(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
+    def log_exceptions(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
                    scratch: Scratch) -> np.ndarray | None:
         """``mask`` plus, in the log domain, the elements stored verbatim because their
         reconstruction is too far off: zero in ``cur`` but not in ``recon`` (so that a zero
