@@ -221,9 +221,9 @@ by the client's built-in rules), plus the exact baseline per K; then lossy small
 finally the chosen defaults on their own at both K where the sweep lacked them. The small
 transformer skips b=2, auto0.1 and `exp_avg_sq` exact. The decoder runs only `auto0.2` at
 both K and `b3-K10` with seed 0 (`gpt-bf16`: one seed, `auto0.2-K10`), and takes no part in
-choosing the defaults: its rows check them. The exact-K50 chain is measured for size only (exact restores replay the
-reference; exact-K10 checks it on the small workloads; the decoder's exact rework is read
-off its reference the same way).
+choosing the defaults: its rows check them. The exact-K50 chain is measured for size only
+(exact restores replay the reference; exact-K10 checks it on the small workloads; the
+decoder's exact rework is read off its reference the same way).
 Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
 lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""
 
