@@ -169,7 +169,7 @@ def choose_defaults(output: dict[str, Any]) -> dict[str, Any]:
 
 def _optim_words(optim: str, bits: int | str) -> str:
     return {"auto": f"lossy at b={bits} (AUTO, linear)", "exact": "exact",
-            "sq-log": "built-in rules (exp_avg_sq lossy-log)",
+            "sq-log": "built-in rules (exp_avg_sq lossy-log, exp_avg lossy-scaled)",
             "sq-exact": "exp_avg_sq exact"}.get(optim, optim.replace("lossy:", "lossy at b="))
 
 

@@ -87,7 +87,7 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     if setting.optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif setting.optim == "sq-log":
-        pass  # the client's built-in rule: lossy-log
+        pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
     elif setting.optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
         rules.append(("optim/state/*/exp_avg_sq", "auto"))

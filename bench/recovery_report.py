@@ -152,7 +152,8 @@ def _shipped(chosen: dict[str, Any]) -> str:
     return ("These are ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds the "
             "engine's, and the client's built-in policy rules (`ckptd.client.policies."
             "BUILTIN_RULES`, consulted after the user's) store `exp_avg_sq` lossy in the log "
-            "domain (`lossy-log`).")
+            "domain (`lossy-log`) and `exp_avg` against a fitted multiple of the previous save "
+            "(`lossy-scaled`).")
 
 
 def _protocol(output: dict[str, Any]) -> str:
@@ -211,17 +212,18 @@ checkpoints in order through `ckptd.client.Checkpointer` (the calls a trainer ma
 * **final**: the middle failure of each seed also trains on to the end of the run; its final
   held-out loss/accuracy is compared with the reference's.
 
-Sweep (pruned one factor at a time): b in {{2,3,4}} and bits="auto" at budgets 0.01, 0.05
-and 0.2 (`auto<share>`: the share of a delta's changed elements it may drop) x K in {{10,50}}
-with everything else at the sweep's centre (ckptd's defaults: mean, zstd, base interval 50,
-max_delta_fraction 8, Adam's `exp_avg_sq` lossy-log by the client's built-in rule), plus the
-exact baseline per K; then lossy small tensors (min_lossy_elements 1) at b=4 and auto0.05
-(K=10), and `exp_avg_sq` exact at b=4 (K=10, 50); finally the chosen defaults on their own at
-both K where the sweep lacked them. The decoder runs only `auto0.05` and `b4` at both K
-(`gpt-bf16`: one seed, `auto0.05-K10`), and takes no part in choosing the defaults: its
-rows check them. The exact-K50 chain is measured for size only (exact restores replay the
-reference; exact-K10 checks it on the small workloads; the decoder's exact rework is read
-off its reference the same way).
+Sweep (pruned one factor at a time): b in {{2,3,4}} and bits="auto" at budgets 0.1, 0.2
+and 0.3 (`auto<budget>`: the relative L2 error the dropped buckets may add to a delta) x K
+in {{10,50}} with everything else at the sweep's centre (ckptd's defaults: mean, zstd, base
+interval 50, max_delta_fraction 8, Adam's `exp_avg_sq` lossy-log and `exp_avg` lossy-scaled
+by the client's built-in rules), plus the exact baseline per K; then lossy small tensors
+(min_lossy_elements 1) at b=4 and auto0.2 (K=10), and `exp_avg_sq` exact at b=4 (K=10, 50);
+finally the chosen defaults on their own at both K where the sweep lacked them. The small
+transformer skips b=2, auto0.1 and `exp_avg_sq` exact. The decoder runs only `auto0.2` at
+both K and `b3-K10` with seed 0 (`gpt-bf16`: one seed, `auto0.2-K10`), and takes no part in
+choosing the defaults: its rows check them. The exact-K50 chain is measured for size only
+(exact restores replay the reference; exact-K10 checks it on the small workloads; the
+decoder's exact rework is read off its reference the same way).
 Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
 lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""
 

@@ -160,12 +160,17 @@ def measure(workload: str, steps: int, every: int, bits: int) -> dict:
             option: {
                 "v_bits_per_element": float(np.median(sizes[option])),
                 "negative_elements": negative[option],
-                "update_rel_err_median": {k: float(np.median(v)) for k, v in rows[option].items()},
-                "update_rel_err_max": {k: float(np.max(v)) for k, v in rows[option].items()},
+                **error_stats(rows[option]),
             }
             for option in chains
         },
     }
+
+
+def error_stats(rows: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median and max over checkpoints of each group's update error."""
+    return {"update_rel_err_median": {k: float(np.median(v)) for k, v in rows.items()},
+            "update_rel_err_max": {k: float(np.max(v)) for k, v in rows.items()}}
 
 
 def _summary(result: dict) -> str:

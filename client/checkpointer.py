@@ -67,10 +67,10 @@ class Checkpointer:
             the segment (e.g. it runs in another container).
         bits: Default bit width of lossy tensors (1..8); None: the daemon's default.
         policies: Ordered ``(glob, spec)`` rules matched against tensor names
-            (``"optim/*"``), spec ``"auto"|"exact"|"lossy[:<bits>]"|"lossy-log[:<bits>]"``;
-            the first match wins. The built-in rules come after them: Adam's
-            ``*exp_avg_sq`` is lossy-log unless a rule here names it (see
-            ``ckptd.client.policies.BUILTIN_RULES``).
+            (``"optim/*"``), spec ``"auto"|"exact"|"lossy[:<bits>]"|"lossy-log[:<bits>]"|
+            "lossy-scaled[:<bits>]"``; the first match wins. The built-in rules come after
+            them: Adam's ``*exp_avg_sq`` is lossy-log and ``*exp_avg`` lossy-scaled unless a
+            rule here names them (see ``ckptd.client.policies.BUILTIN_RULES``).
         when_busy: When every staging buffer is still busy (or the daemon's budget is full):
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.

@@ -4,7 +4,9 @@ A rule is ``(pattern, spec)``: ``pattern`` is an ``fnmatch`` glob matched agains
 tensor name (``*`` also crosses ``/``, so ``"optim/*"`` covers every optimizer tensor), and
 ``spec`` is one of ``"auto"``, ``"exact"``, ``"lossy"``, ``"lossy:<bits>"`` (bits 1..8),
 ``"lossy-log"`` or ``"lossy-log:<bits>"`` (lossy in the log domain: relative error, never
-negative; for tensors that must stay non-negative).
+negative; for tensors that must stay non-negative), ``"lossy-scaled"`` or
+``"lossy-scaled:<bits>"`` (lossy against a fitted multiple of the previous save: for tensors
+that decay between saves).
 Rules are tried in order and the first match wins. After the user's rules come the
 built-in ones (``BUILTIN_RULES``); a tensor no rule matches is ``auto``: the daemon stores
 float tensors above its size threshold lossily and everything else exactly.
@@ -40,12 +42,13 @@ def check_bits(bits: int | None, what: str) -> int:
     return bits
 
 
-_LOSSY_KINDS = {"lossy": pb.POLICY_LOSSY, "lossy-log": pb.POLICY_LOSSY_LOG}
+_LOSSY_KINDS = {"lossy": pb.POLICY_LOSSY, "lossy-log": pb.POLICY_LOSSY_LOG,
+                "lossy-scaled": pb.POLICY_LOSSY_SCALED}
 
 
 def parse_spec(spec: str) -> tuple[int, int]:
-    """Parses ``"auto"``, ``"exact"``, ``"lossy[:<bits>]"`` or ``"lossy-log[:<bits>]"``
-    into (policy, bits)."""
+    """Parses ``"auto"``, ``"exact"``, ``"lossy[:<bits>]"``, ``"lossy-log[:<bits>]"`` or
+    ``"lossy-scaled[:<bits>]"`` into (policy, bits)."""
     kind, colon, bits_text = spec.partition(":")
     if kind == "exact" and not colon:
         return pb.POLICY_EXACT, 0
@@ -58,7 +61,8 @@ def parse_spec(spec: str) -> tuple[int, int]:
             return _LOSSY_KINDS[kind], check_bits(int(bits_text), f"bits in policy {spec!r}")
     raise ValueError(
         f"invalid policy {spec!r}; expected 'auto', 'exact', 'lossy', 'lossy:<bits>', "
-        f"'lossy-log' or 'lossy-log:<bits>' with bits in {MIN_BITS}..{MAX_BITS}"
+        f"'lossy-log', 'lossy-log:<bits>', 'lossy-scaled' or 'lossy-scaled:<bits>' with bits "
+        f"in {MIN_BITS}..{MAX_BITS}"
     )
 
 
@@ -88,7 +92,16 @@ def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ..
 # and a restored element is never negative; bench/second_moment.py measured the restored
 # update within a few percent of exact for about 2 bits per element instead of 26
 # (bench/README.md, "Adam's second moment").
-BUILTIN_RULES: tuple[PolicyRule, ...] = (PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 0),)
+#
+# Adam's first moment decays by beta1 every step where no gradient arrives; a linear delta
+# drops those small changes, so the restored ``m`` stays stale where ``v`` decayed and the
+# restored update grows. Against a fitted multiple of the previous save the decay is
+# predicted: bench/first_moment.py measured the restored update's error lower in every
+# tensor group for the same bytes (bench/README.md, "Adam's first moment").
+BUILTIN_RULES: tuple[PolicyRule, ...] = (
+    PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 0),
+    PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 0),
+)
 
 
 def resolve(rules: tuple[PolicyRule, ...], name: str, default_bits: int) -> tuple[int, int]:

@@ -26,6 +26,8 @@ class Policy(enum.Enum):
     EXACT = "exact"
     # Lossy in the log domain: relative error, never negative (Adam's second moment).
     LOSSY_LOG = "lossy-log"
+    # Lossy against a fitted multiple of the reference: decaying tensors (Adam's first moment).
+    LOSSY_SCALED = "lossy-scaled"
 
 
 

@@ -9,7 +9,9 @@ never imports the server.
   value): the error then never accumulates along the chain.
   With ``domain="log"`` the delta is taken of the values' logarithm (their IEEE-754 bit
   patterns), for tensors that must stay non-negative: the error is relative and the
-  reconstruction is never negative (``ckptd.daemon.codec.domains``).
+  reconstruction is never negative (``ckptd.daemon.codec.domains``). With
+  ``domain="scaled"`` it is taken against a fitted multiple of the reference, for tensors
+  that decay between saves (``ckptd.daemon.codec.scaled``).
 * ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit.
 * ``encode_exact`` / ``decode_exact``: lossless, for bases and non-float tensors.
 * ``blob_info`` reads a blob's header.
@@ -56,8 +58,9 @@ Representative = Literal["mean", "midrange"]
 # "zstd": symbols packed into bytes, then zstd level 1 (default: smaller and faster on real
 # deltas); "huffman": the paper's canonical Huffman code.
 Coder = Literal["zstd", "huffman"]
-# "linear": the delta of the values; "log": of their logarithm (non-negative tensors).
-Domain = Literal["linear", "log"]
+# "linear": the delta of the values; "log": of their logarithm (non-negative tensors);
+# "scaled": of the values against a fitted multiple of the reference (decaying tensors).
+Domain = Literal["linear", "log", "scaled"]
 
 DEFAULT_BITS = 3
 DEFAULT_CODER: Coder = "zstd"
@@ -87,6 +90,9 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
             ``"log"`` quantizes the step between their logarithms (relative error, a
             reconstruction never negative, exact zeros kept): for tensors that must stay
             non-negative, such as Adam's second moment. Its blobs are format version 2.
+            ``"scaled"`` quantizes ``current - alpha * reference`` with one least-squares
+            float32 ``alpha`` per call, stored in the blob: for tensors that decay between
+            saves, such as Adam's first moment (``domains``). Its blobs are version 4.
         auto_max_error: the error budget of ``bits="auto"`` in [0, 1): the relative L2
             error the dropped buckets may add to the reconstructed change (a dropped
             element is restored as no change; the kept buckets' own error, ~20 % of the

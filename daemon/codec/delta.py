@@ -7,15 +7,17 @@ and representatives for the whole tensor. Pass 2 recomputes the delta (cheaper t
 stored copy's memory traffic), maps keys to symbols, reconstructs and finds the
 exceptions; the symbols are then entropy-coded. Reconstruction and decode end in the same
 arithmetic on ``reps[symbol]``, so decode returns the encoder's reconstruction bit for
-bit. The domain (linear, or log for tensors that must stay non-negative) changes only the
-delta and that addition; promotion, representatives and coding are the same.
+bit. The domain (linear, log for tensors that must stay non-negative, or scaled for tensors
+that decay) changes only the delta and that addition; promotion, representatives and coding
+are the same. The scaled domain is the linear passes against ``alpha * reference``, written
+into the output buffer before pass 1 (``scaled``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import chunks, domains, entropy, quantize
+from . import chunks, domains, entropy, quantize, scaled
 from .format import (
     CODER_IDS,
     CODERS,
@@ -54,6 +56,10 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     out = chunks.empty_output(cur.size, dtype.holder)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
+    alpha: list[np.float32] = []
+    if ops.domain == domains.SCALED:  # pass 2 overwrites the scaled reference element by element
+        alpha = [scaled.fit_alpha(cur, ref, dtype.name)]
+        ref = scaled.scale_reference(ref, alpha[0], dtype.name, out)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
         stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
@@ -69,6 +75,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     index = [idx + s.start for (_, idx), s in zip(coded, parts, strict=True) if idx is not None]
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
     payload = [
+        *(a.tobytes() for a in alpha),
         plan.reps[1:].astype(_F32).tobytes(),
         len(enc.params).to_bytes(4, "little"), enc.params,
         _pack_exceptions(flat_index, cur[flat_index], pool.get()),
@@ -92,6 +99,8 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: b
         raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
                          f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
     reader = Reader(verify_payload(view, header))
+    alpha = (reader.array(_F32, 1, "alpha")[0] if header.domain == domains.SCALED
+             else np.float32(1.0))
     reps = np.concatenate([np.array([-0.0], _F32),
                            reader.array(_F32, (1 << header.bits) - 1, "representatives")])
     params = reader.take(reader.u32("coder parameter length"), "coder parameters")
@@ -108,6 +117,8 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: b
     else:
         ref = _flat(reference, header.dtype)
         out = chunks.empty_output(header.count, header.dtype.holder)
+    if header.domain == domains.SCALED:  # then decoded in place against it
+        ref = scaled.scale_reference(ref, alpha, header.dtype.name, out)
     ops = ops_type(header.domain, header.dtype.name)
 
     def decode_chunk(i: int) -> None:

@@ -1,4 +1,5 @@
-"""What a lossy delta is taken of: the values themselves, or their logarithm.
+"""What a lossy delta is taken of: the values, their logarithm, or the values against a
+scaled reference.
 
 * **linear** (format code 0): ``delta = current - reference`` in float32 and
   ``reconstruction = reference + reps[symbol]`` rounded to the dtype (``kernels``). The
@@ -13,8 +14,13 @@
   ``[+0.0, largest finite]``, so it is never negative and never infinite. An element that
   is exactly zero comes back exactly zero: pattern 0 against a zero reference is step 0,
   and an element that *becomes* zero where the quantized step misses pattern 0 (a tensor
-  collapsing to zero) is an exception (``lost_zeros``). Subnormals are the patterns just above 0
-  (there the step is absolute, below every normal value).
+  collapsing to zero) is an exception, as is an element whose reconstruction would be more
+  than ``kernels.LOG_MAX_ERROR_OCTAVES`` off: a kept bucket's step is right only to a factor
+  of 2 *of the step*, so an element that jumped by many octaves (an idle embedding row's
+  second moment when the row sees a gradient again) would come back octaves off, and the
+  restored Adam update ``m / sqrt(v)`` by a large factor. Such jumps are rare
+  (``bench/first_moment.py``), so storing them verbatim costs little. Subnormals are the
+  patterns just above 0 (there the step is absolute, below every normal value).
 
   Every operation is integer arithmetic or IEEE-754 rounding of a float (no ``log``/``exp``,
   whose results differ between numpy's SIMD paths), so a decode on any host reproduces the
@@ -23,6 +29,11 @@
   Elements outside the domain, in ``current`` or ``reference`` (sign bit set, ``-0.0``
   included, Inf, NaN), get a NaN delta and so become exceptions stored verbatim, as
   non-finite elements do in the linear domain.
+* **scaled** (format code 2): the linear domain against ``alpha * reference``, one float32
+  factor per tensor fitted by the encoder and stored in the blob (``scaled``): a value that
+  decays between saves (Adam's first moment) decays where its delta is dropped instead of
+  staying stale. ``delta`` writes the scaled reference into the output buffer first and
+  runs the linear passes against it, so ``Ops`` treats it as linear.
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from .chunks import Scratch
 
 LINEAR = 0
 LOG = 1
-DOMAINS = {LINEAR: "linear", LOG: "log"}
+SCALED = 2
+DOMAINS = {LINEAR: "linear", LOG: "log", SCALED: "scaled"}
 DOMAIN_IDS = {name: code for code, name in DOMAINS.items()}
 
 

@@ -6,7 +6,7 @@ Header (``44 + 8 * ndim`` bytes)::
 
     offset size  field
     0      4     magic b"CKPD"
-    4      1     format version (1, 2 or 3, see below)
+    4      1     format version (1..4, see below)
     5      1     kind: 1 = delta (lossy, needs the reference), 2 = exact (lossless)
     6      1     dtype code (table ``DTYPES`` below; same numbers as the wire ``DType``)
     7      1     ndim (0..64)
@@ -14,7 +14,8 @@ Header (``44 + 8 * ndim`` bytes)::
     9      1     coder: 1 = zstd, 2 = huffman, 3 = raw (exact blobs, version 3 only)
     10     1     representative: 0 = none (exact), 1 = mean, 2 = midrange
     11     1     flags: bit 0 = byte planes (exact blobs of multi-byte floats);
-                 bit 1 = log domain (delta blobs, version 2 only: ``domains``)
+                 bit 1 = log domain (delta blobs, version >= 2: ``domains``);
+                 bit 2 = scaled reference (delta blobs, version >= 4: ``scaled``)
     12     4     chunk_elems: elements per chunk (the last chunk may be shorter)
     16     8     count: number of elements (= product of shape)
     24     8     payload length in bytes
@@ -27,14 +28,17 @@ version that can hold it: version 1 unless it is a log-domain delta. So every bl
 version-1 reader could read is still written byte for byte as before, and a version-1 reader
 refuses a log-domain blob (which it would misread as a linear delta) by its version.
 Version 3 added raw exact blobs (coder 3): a base written uncompressed when storage is faster
-than the coder (``--base-compression``); older readers refuse them by their version. This
-build reads all three.
+than the coder (``--base-compression``); older readers refuse them by their version.
+Version 4 added the scaled-reference domain (flag bit 2, never with bit 1): a delta against
+``alpha * reference``, ``alpha`` a float32 at the start of the payload. This build reads all
+four, and writes each blob with the lowest of them that holds it.
 
 The two checksums together cover every byte: a flipped bit anywhere, a truncation or trailing
 garbage is reported as ``CodecError`` before any decoding starts.
 
 Delta payload (kind 1)::
 
+    f32                    alpha (scaled-reference blobs only, flag bit 2)
     (2^b - 1) x f32        representatives of symbols 1..2^b-1 (symbol 0 adds -0.0)
     u32 n + n bytes        coder parameters (zstd: 1 byte, the layout: 0 packed, 1 split,
                            2 adaptive; huffman: code lengths + block size)
@@ -47,8 +51,9 @@ Delta payload (kind 1)::
                            huffman block lengths + bit stream (layout in ``huffman``)
 
 Decoding: element i = reference[i] + representative[symbol[i]] (symbol 0 adds -0.0), computed
-as ``kernels`` says for the dtype (log domain: added to the reference's bit
-pattern, as ``domains`` says), then the exceptions overwrite their elements.
+as ``kernels`` says for the dtype (log domain: added to the reference's bit pattern, as
+``domains`` says; scaled domain: to ``alpha * reference`` as ``scaled`` computes it), then the
+exceptions overwrite their elements.
 
 Exact payload (kind 2)::
 
@@ -79,20 +84,26 @@ import numpy as np
 import xxhash
 
 MAGIC = b"CKPD"
-VERSION = 3  # the newest this build reads and writes
+VERSION = 4  # the newest this build reads and writes
 VERSION_OF_LOG_DOMAIN = 2
 VERSION_OF_RAW = 3
+VERSION_OF_SCALED = 4
 KIND_DELTA = 1
 KIND_EXACT = 2
 KIND_NAMES = {KIND_DELTA: "delta", KIND_EXACT: "exact"}
 
 FLAG_BYTE_PLANES = 1
 FLAG_LOG_DOMAIN = 2
+FLAG_SCALED = 4
+_DELTA_FLAGS = FLAG_LOG_DOMAIN | FLAG_SCALED
 _KNOWN_FLAGS = {  # by version
     1: FLAG_BYTE_PLANES,
     2: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN,
     3: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN,
+    4: FLAG_BYTE_PLANES | FLAG_LOG_DOMAIN | FLAG_SCALED,
 }
+# Domain code (``domains``) <-> header flag; linear (0) has none.
+_DOMAIN_FLAGS = {0: 0, 1: FLAG_LOG_DOMAIN, 2: FLAG_SCALED}
 MAX_NDIM = 64
 
 CODERS = {1: "zstd", 2: "huffman", 3: "raw"}
@@ -189,12 +200,16 @@ class Header:
 
     @property
     def domain(self) -> int:
-        """Domain code of a delta (``domains.LINEAR`` or ``domains.LOG``)."""
+        """Domain code of a delta (``domains.LINEAR``, ``LOG`` or ``SCALED``)."""
+        if self.flags & FLAG_SCALED:
+            return 2
         return 1 if self.flags & FLAG_LOG_DOMAIN else 0
 
     @property
     def version(self) -> int:
         """The lowest format version that holds this blob (see the module docstring)."""
+        if self.flags & FLAG_SCALED:
+            return VERSION_OF_SCALED
         if self.coder == CODER_RAW:
             return VERSION_OF_RAW
         return VERSION_OF_LOG_DOMAIN if self.flags & FLAG_LOG_DOMAIN else 1
@@ -207,7 +222,7 @@ class Header:
 
 def domain_flags(domain: int) -> int:
     """Header flags recording a delta's domain code."""
-    return FLAG_LOG_DOMAIN if domain else 0
+    return _DOMAIN_FLAGS[domain]
 
 
 def payload_hash(payload: bytes | bytearray | memoryview) -> int:
@@ -268,8 +283,9 @@ def unpack_header(blob: memoryview) -> Header:
     header = Header(kind, _lookup(DTYPE_BY_CODE, dtype_code, "dtype"), tuple(shape), bits,
                     coder, rep, flags, chunk_elems, count, payload_len, p_hash)
     _check_fields(header)
-    if header.flags & ~_KNOWN_FLAGS[version] or (
-            header.flags & FLAG_LOG_DOMAIN and header.kind != KIND_DELTA):
+    domain_flags_set = header.flags & _DELTA_FLAGS
+    if header.flags & ~_KNOWN_FLAGS[version] or (domain_flags_set and (
+            header.kind != KIND_DELTA or domain_flags_set == _DELTA_FLAGS)):
         raise CodecError(f"corrupt blob: flags {header.flags:#04x} in a version {version} "
                          f"{KIND_NAMES[header.kind]} blob")
     if header.coder == CODER_RAW and version < VERSION_OF_RAW:

@@ -181,8 +181,9 @@ class Kernels:
     ``encode_chunk(cur, ref, out, lut, reps, symbols, index) -> count``: encode pass 2; the
     uint8 ``symbols`` and the reconstruction into ``out``. An element is an exception when
     its delta is non-finite, its reconstruction is, or (log domain) it is zero and its
-    reconstruction is not: ``out`` then holds ``cur`` and its position goes into ``index``
-    (ascending); returns how many.
+    reconstruction is not, or its reconstruction's pattern is more than
+    ``LOG_MAX_ERROR_OCTAVES`` from its own (``domains``): ``out`` then holds ``cur`` and its
+    position goes into ``index`` (ascending); returns how many.
 
     ``add_values(values, ref, out)``: decode, ``out = ref (+) values``;
     ``add_values_in_place(values, out)`` the same with ``ref`` being ``out`` (a chain's
@@ -196,8 +197,9 @@ class Kernels:
     add_values_in_place: Callable[..., None]
 
 
-def _build(kind: int, log: bool, limit: int) -> Kernels:
-    """Kernels with ``kind``, ``log`` and ``limit`` compiled in as constants: the branches of
+def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
+    """Kernels with ``kind``, ``log``, ``limit`` and ``max_step`` (the log domain's error
+    bound in pattern steps) compiled in as constants: the branches of
     the other dtypes and domain fold away (measured: a runtime switch per element made
     pass 2 markedly slower)."""
 
@@ -226,7 +228,9 @@ def _build(kind: int, log: bool, limit: int) -> Kernels:
             symbol = lut[key]
             symbols[i] = symbol
             bad = _store(out, i, reps[symbol], ref[i], kind, log, limit)
-            if (key & 0xFF) == 0xFF or bad or (log and c == 0 and out[i] != 0):
+            if (key & 0xFF) == 0xFF or bad or (log and (
+                    (c == 0 and out[i] != 0)
+                    or abs(np.int64(out[i]) - np.int64(c)) > max_step)):
                 out[i] = c
                 index[count] = i
                 count += 1
@@ -253,7 +257,13 @@ PATTERNS: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype
                                  "bfloat16": np.dtype("<i2"), "float64": np.dtype("<i8")}
 INF_PATTERNS = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
                 "float64": 0x7FF0000000000000}
-_KERNELS = {(name, log): _build(KINDS[name], log, INF_PATTERNS[name])
+# The log domain stores an element verbatim when its reconstruction is more than this many
+# octaves (factors of 2) from its value (``domains``); an octave is 2^(mantissa bits) pattern
+# steps. Chosen from bench/first_moment.py (bench/README.md, "Adam's first moment").
+LOG_MAX_ERROR_OCTAVES = 1.0
+MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
+_KERNELS = {(name, log): _build(KINDS[name], log, INF_PATTERNS[name],
+                                int(LOG_MAX_ERROR_OCTAVES * (1 << MANTISSA_BITS[name])))
             for name in KINDS for log in (False, True)}
 
 

@@ -17,6 +17,9 @@ from ckptd.protos import dtypes
 from ckptd.protos.names import MAX_STEP, run_name_problem
 
 MAX_BITS = 8
+# The policies that are always lossy, and the codec domain of those that are not linear.
+_LOSSY = frozenset({Policy.LOSSY, Policy.LOSSY_LOG, Policy.LOSSY_SCALED})
+_DOMAINS = {Policy.LOSSY_LOG: "log", Policy.LOSSY_SCALED: "scaled"}
 
 
 def check_run_name(run: str) -> None:
@@ -72,7 +75,7 @@ def _check_spec(spec: TensorSpec, config: EngineConfig) -> None:
         )
     if not isinstance(spec.policy, Policy):
         raise InvalidRequestError(f"tensor {spec.name!r} has unknown policy {spec.policy!r}")
-    if spec.policy in (Policy.LOSSY, Policy.LOSSY_LOG) and not info.is_float:
+    if spec.policy in _LOSSY and not info.is_float:
         raise InvalidRequestError(
             f"tensor {spec.name!r} asks for a lossy policy but has dtype {info.name}; lossy "
             "compression applies to float tensors only (use exact or auto)"
@@ -126,14 +129,15 @@ def is_lossy(spec: TensorSpec, config: EngineConfig) -> bool:
     info: dtypes.DTypeInfo = spec.dtype_info
     if spec.policy is Policy.EXACT or not info.is_float:
         return False
-    if spec.policy in (Policy.LOSSY, Policy.LOSSY_LOG):
+    if spec.policy in _LOSSY:
         return True
     return spec.numel >= config.min_lossy_elements
 
 
 def domain_for(spec: TensorSpec) -> str:
-    """The codec domain of a lossy tensor: ``"log"`` for LOSSY_LOG, else ``"linear"``."""
-    return "log" if spec.policy is Policy.LOSSY_LOG else "linear"
+    """The codec domain of a lossy tensor: ``"log"`` for LOSSY_LOG, ``"scaled"`` for
+    LOSSY_SCALED, else ``"linear"``."""
+    return _DOMAINS.get(spec.policy, "linear")
 
 
 def bits_for(spec: TensorSpec, config: EngineConfig) -> int | Literal["auto"]:

@@ -32,6 +32,7 @@ _POLICY_FROM_WIRE = {
     pb.POLICY_LOSSY: Policy.LOSSY,
     pb.POLICY_EXACT: Policy.EXACT,
     pb.POLICY_LOSSY_LOG: Policy.LOSSY_LOG,
+    pb.POLICY_LOSSY_SCALED: Policy.LOSSY_SCALED,
 }
 _POLICY_TO_WIRE = {policy: wire for wire, policy in _POLICY_FROM_WIRE.items()}
 _STATE_TO_WIRE = {
@@ -66,7 +67,7 @@ def spec_from_proto(index: int, spec: pb.TensorSpec) -> TensorSpec:
     if policy is None:
         raise InvalidRequestError(
             f"{label}: unknown policy value {spec.policy}; expected 0 (unspecified: the daemon "
-            "decides), 1 (lossy), 2 (exact), 3 (lossy-log)"
+            "decides), 1 (lossy), 2 (exact), 3 (lossy-log), 4 (lossy-scaled)"
         )
     if any(dim < 0 for dim in spec.shape):
         raise InvalidRequestError(f"{label}: negative dimension in shape {list(spec.shape)}")

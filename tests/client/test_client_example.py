@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from ckptd.daemon.codec.scaled import fit_alpha
 from ckptd.protos.segments import segment_owner
 from ckptd.protos.v1 import pb, pb_grpc
 from client_support import CheckpointerFactory, client_segments
@@ -135,7 +136,8 @@ def check_within_codec_bound(
     """Every tensor is bit-exact, or — stored as a lossy delta against its parent step's
     reconstruction ``p`` — within the codec's bound ``|restored - saved| <= |saved - p|``:
     on the values, or for Adam's ``exp_avg_sq`` (lossy-log by default) on the float32 bit
-    patterns, the log scale its delta is taken on."""
+    patterns, the log scale its delta is taken on; for Adam's ``exp_avg`` (lossy-scaled by
+    default) against ``alpha * p``, ``alpha`` the codec's own fit."""
     ckpt = make_checkpointer(address, RUN)
     info = {i.step: i for i in ckpt.step_infos()}[step]
     parent = leaves(ckpt.restore(info.parent_step)) if info.parent_step is not None else {}
@@ -156,7 +158,13 @@ def check_within_codec_bound(
             error, step = (patterns[0] - patterns[1]).abs(), (patterns[1] - patterns[2]).abs()
             assert bool((error <= step + step // 2**23 + 1).all()), f"{name} beyond the bound"
         else:
-            bound = (tensor - parent[name]).abs() + 1e-6 * tensor.abs() + 1e-30
+            reference = parent[name]
+            if name.endswith("exp_avg"):
+                alpha = float(fit_alpha(tensor.numpy().ravel(), reference.numpy().ravel(),
+                                        "float32"))
+                reference = reference * alpha
+            bound = ((tensor - reference).abs() + 1e-6 * (tensor.abs() + reference.abs())
+                     + 1e-30)
             error = (got[name] - tensor).abs()
             assert bool((error <= bound).all()), f"{name} beyond the codec bound"
         lossy += 1

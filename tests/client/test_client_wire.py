@@ -136,8 +136,10 @@ def test_policy_specs_parse() -> None:
     assert parse_spec("auto") == (pb.POLICY_UNSPECIFIED, 0)
     assert parse_spec("lossy-log") == (pb.POLICY_LOSSY_LOG, 0)
     assert parse_spec("lossy-log:5") == (pb.POLICY_LOSSY_LOG, 5)
+    assert parse_spec("lossy-scaled") == (pb.POLICY_LOSSY_SCALED, 0)
+    assert parse_spec("lossy-scaled:2") == (pb.POLICY_LOSSY_SCALED, 2)
     for bad in ("lossy:0", "lossy:9", "lossy:x", "exact:2", "fast", "", "lossy-log:9",
-                "log", "lossy-log:"):
+                "log", "lossy-log:", "scaled", "lossy-scaled:0"):
         with pytest.raises(ValueError, match=r"invalid policy|bits in policy"):
             parse_spec(bad)
     with pytest.raises(ValueError, match="pair of strings"):
@@ -152,13 +154,15 @@ def test_first_matching_rule_wins_and_exact_has_no_bits() -> None:
     assert resolve(rules, "rng", 0) == (pb.POLICY_UNSPECIFIED, 0)
 
 
-def test_adams_second_moment_is_lossy_log_unless_a_user_rule_says_otherwise() -> None:
+def test_adams_moments_are_lossy_log_and_scaled_unless_a_user_rule_says_otherwise() -> None:
     # The built-in rule comes after the user's: it applies by default, and any user rule
     # naming the tensor (even a broad one) takes precedence.
     assert resolve((), "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY_LOG, 4)
     exact = parse_rules([("optim*", "exact")])
     assert resolve(exact, "optim/state/3/exp_avg_sq", 4) == (pb.POLICY_EXACT, 0)
-    assert resolve((), "optimizer/state/3/exp_avg", 4) == (pb.POLICY_UNSPECIFIED, 4)
+    assert resolve((), "optimizer/state/3/exp_avg", 4) == (pb.POLICY_LOSSY_SCALED, 4)
+    assert resolve(exact, "optim/state/3/exp_avg", 4) == (pb.POLICY_EXACT, 0)
+    assert resolve((), "optimizer/state/3/momentum_buffer", 4) == (pb.POLICY_UNSPECIFIED, 4)
     lossy = parse_rules([("*exp_avg_sq", "lossy:6")])
     assert resolve(lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 6)
     everything_lossy = parse_rules([("*", "lossy")])

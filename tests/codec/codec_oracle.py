@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from ckptd.daemon.codec import chunks, delta, domains, quantize
 from ckptd.daemon.codec.chunks import Scratch
-from ckptd.daemon.codec.domains import LINEAR
+from ckptd.daemon.codec.domains import LOG
+from ckptd.daemon.codec.kernels import LOG_MAX_ERROR_OCTAVES, MANTISSA_BITS
 
 _F32 = np.dtype("<f4")
 _F64 = np.dtype(np.float64)
@@ -32,6 +33,8 @@ _SIGNED: dict[str, np.dtype] = {"float32": np.dtype("<i4"), "float16": np.dtype(
                                 "bfloat16": np.dtype("<i2"), "float64": np.dtype("<i8")}
 _INF_PATTERN = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80,
                 "float64": 0x7FF0000000000000}
+_LOG_MAX_STEP = {name: int(LOG_MAX_ERROR_OCTAVES * (1 << bits))
+                 for name, bits in MANTISSA_BITS.items()}
 
 
 def widen(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
@@ -156,7 +159,7 @@ class _Numpy:
     def delta32(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray,
                 scratch: Scratch) -> None:
         """Writes the float32 delta of ``cur`` against ``ref`` into ``out``."""
-        if self.domain == LINEAR:
+        if self.domain != LOG:  # the scaled domain: linear against its scaled reference
             delta32(cur, ref, self.dtype_name, out, scratch)
             return
         a = self._patterns(cur, scratch.get("pattern_a", cur.size, _I64))
@@ -170,7 +173,7 @@ class _Numpy:
     def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray,
                    scratch: Scratch) -> None:
         """``out = ref (+) values`` in the domain; encode and decode both end here."""
-        if self.domain == LINEAR:
+        if self.domain != LOG:  # the scaled domain: linear against its scaled reference
             add_values(values, ref, self.dtype_name, out=out, scratch=scratch)
             return
         limit = _INF_PATTERN[self.dtype_name]
@@ -186,13 +189,22 @@ class _Numpy:
 
     def lost_zeros(self, cur: np.ndarray, recon: np.ndarray, mask: np.ndarray | None,
                    scratch: Scratch) -> np.ndarray | None:
-        """``mask`` plus, in the log domain, the elements zero in ``cur`` but not in
-        ``recon``: they are stored verbatim, so that a zero always survives."""
-        if self.domain == LINEAR:
+        """``mask`` plus, in the log domain, the elements stored verbatim: zero in ``cur`` but
+        not in ``recon`` (a zero always survives), or more than ``LOG_MAX_ERROR_OCTAVES``
+        from ``cur`` (in-domain elements; the others are exceptions already)."""
+        if self.domain != LOG:  # the scaled domain: linear against its scaled reference
             return mask
         signed = _SIGNED[self.dtype_name]
         lost = np.equal(cur.view(signed), 0, out=scratch.get("lost", cur.size, np.bool_))
         lost &= recon.view(signed) != 0
+        a = self._patterns(cur, scratch.get("pattern_a", cur.size, _I64))
+        b = self._patterns(recon, scratch.get("pattern_b", cur.size, _I64))
+        far = self._outside(a, scratch.get("far", cur.size, np.bool_))
+        np.logical_not(far, out=far)
+        np.subtract(a, b, out=a)
+        np.abs(a, out=a)
+        far &= a > _LOG_MAX_STEP[self.dtype_name]
+        lost |= far
         if not lost.any():
             return mask
         return lost if mask is None else mask | lost

@@ -1,7 +1,7 @@
 """The serialized form is the contract: golden blobs, header layout, corruption handling.
 
 Golden blobs in ``golden/`` were written by format version 1, except ``*_log`` (version 2,
-the log domain). Decoding them must keep
+the log domain) and ``*_scaled`` (version 4, the scaled reference). Decoding them must keep
 working (and give the pinned reconstruction) for as long as version 1 is readable. Encoding
 the same inputs must give the same bytes; if only a zstandard upgrade changes its output,
 ``test_golden_blobs_decode`` still passes and the files may be regenerated with
@@ -84,6 +84,14 @@ def _second_moment() -> tuple[np.ndarray, np.ndarray]:
     return reference, current
 
 
+def _decayed() -> np.ndarray:
+    """A tensor that decayed to 0.35x its reference (Adam's first moment over 10 steps), plus
+    small changes and a NaN (left out of the fit, stored verbatim): the scaled domain."""
+    current = _ref16() * np.float32(0.35) + ((np.arange(16) % 3 - 1) * 0.001).astype(np.float32)
+    current[4] = np.nan
+    return current
+
+
 def _with_nan() -> np.ndarray:
     current = _cur16()
     current[[2, 9]] = [np.nan, -np.inf]
@@ -115,6 +123,9 @@ CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray] | None, str
         lambda: encode_delta(_second_moment()[1], _second_moment()[0], domain="log")[0],
         lambda: _second_moment()[0],
         "609654cd02d3dbc658cfefc2a05abea993ac5d5754385628834f8f1ce2983743"),
+    "delta_f32_b3_zstd_scaled": (
+        lambda: encode_delta(_decayed(), _ref16(), domain="scaled")[0], _ref16,
+        "81751c26125314adc49e9caf40128b54110c8816a55d8696e3b9680230716a32"),
     "exact_int64_2x3": (
         lambda: encode_exact(np.arange(6, dtype=np.int64).reshape(2, 3)), None,
         "f190072c5052f4f440d4a607c25f5bced487c420806c9aab4ca5b0653e72da61"),
@@ -228,7 +239,31 @@ def test_log_domain_header_is_version_2() -> None:
     assert blob[4] == 2 and blob[11] == 2  # version, flags: log domain
     assert blob_info(blob).domain == "log"
     assert all((GOLDEN / f"{name}.ckpd").read_bytes()[4] == 1
-               for name in (*CASES, *LEGACY) if not name.endswith("_log"))
+               for name in (*CASES, *LEGACY) if not name.endswith(("_log", "_scaled")))
+
+
+def test_scaled_domain_header_is_version_4_with_alpha_first() -> None:
+    blob = (GOLDEN / "delta_f32_b3_zstd_scaled.ckpd").read_bytes()
+    assert blob[4] == 4 and blob[11] == 4  # version, flags: scaled reference
+    assert blob_info(blob).domain == "scaled"
+    alpha = np.frombuffer(blob, np.float32, 1, 52)[0]  # the payload's first field
+    assert abs(alpha - 0.35) < 0.01
+    np.testing.assert_array_equal(  # dropped elements decay with alpha: within the steps
+        np.abs(decode_delta(blob, _ref16()) - _decayed())[np.arange(16) != 4] <= 0.002, True)
+
+
+def test_scaled_flag_is_refused_where_it_cannot_be() -> None:
+    scaled = bytearray((GOLDEN / "delta_f32_b3_zstd_scaled.ckpd").read_bytes())
+    for version, flags, message in ((3, 4, "flags 0x04 in a version 3"),
+                                    (4, 6, "flags 0x06 in a version 4")):
+        edited = bytearray(scaled)
+        edited[4], edited[11] = version, flags  # before 4; together with the log domain
+        with pytest.raises(CodecError, match=message):
+            decode_delta(_reseal(bytes(edited)), _ref16())
+    exact_blob = bytearray(encode_exact(_ref16()))
+    exact_blob[4], exact_blob[11] = 4, exact_blob[11] | 4
+    with pytest.raises(CodecError, match="version 4 exact blob"):
+        decode_exact(_reseal(bytes(exact_blob)))
 
 
 def test_log_flag_is_refused_where_it_cannot_be() -> None:
@@ -319,10 +354,10 @@ def test_sealed_garbage_never_crashes(which: int, edits: list[tuple[int, int]]) 
 
 def test_unknown_version_is_reported() -> None:
     blob = bytearray(encode_exact(np.arange(4)))
-    blob[4] = 4
-    with pytest.raises(CodecError, match="unsupported codec format version 4"):
+    blob[4] = 5
+    with pytest.raises(CodecError, match="unsupported codec format version 5"):
         decode_exact(_reseal(bytes(blob)))
-    with pytest.raises(CodecError, match="version 4"):
+    with pytest.raises(CodecError, match="version 5"):
         blob_info(bytes(blob))
 
 

@@ -47,6 +47,11 @@ def _pair(dtype: str, domain: str, size: int, seed: int,
     if domain == "log":
         reference = np.abs(reference)
     current = reference * (1 + rng.standard_normal(size) * 10.0 ** rng.integers(-6, 0))
+    if domain == "scaled":  # a decay, as Adam's first moment between saves
+        current *= rng.uniform(0.2, 1.0)
+    if rng.random() < 0.3:  # jumps of many octaves (the log domain's error bound)
+        jump = rng.random(size) < 0.05
+        current[jump] *= 2.0 ** rng.integers(-20, 21, int(jump.sum()))
     for array in (reference, current):
         hit = rng.random(size) < specials
         array[hit] = _SPECIALS[rng.integers(0, _SPECIALS.size, int(hit.sum()))]
@@ -60,7 +65,7 @@ def _pair(dtype: str, domain: str, size: int, seed: int,
 
 
 @settings(max_examples=60, deadline=None)
-@given(dtype=st.sampled_from(list(_HOLDERS)), domain=st.sampled_from(["linear", "log"]),
+@given(dtype=st.sampled_from(list(_HOLDERS)), domain=st.sampled_from(["linear", "log", "scaled"]),
        representative=st.sampled_from(["mean", "midrange"]),
        bits=st.one_of(st.integers(1, 8), st.just("auto")),
        coder=st.sampled_from(["zstd", "huffman"]), size=_SIZES,

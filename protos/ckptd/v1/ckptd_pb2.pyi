@@ -54,6 +54,7 @@ class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_LOSSY: _ClassVar[Policy]
     POLICY_EXACT: _ClassVar[Policy]
     POLICY_LOSSY_LOG: _ClassVar[Policy]
+    POLICY_LOSSY_SCALED: _ClassVar[Policy]
 
 class SaveState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -108,6 +109,7 @@ POLICY_UNSPECIFIED: Policy
 POLICY_LOSSY: Policy
 POLICY_EXACT: Policy
 POLICY_LOSSY_LOG: Policy
+POLICY_LOSSY_SCALED: Policy
 SAVE_STATE_UNSPECIFIED: SaveState
 SAVE_STATE_ACCEPTED: SaveState
 SAVE_STATE_ENCODING: SaveState
