@@ -69,7 +69,8 @@ KINDS = ("weights", "adam")
 OUT_PATH = Path(__file__).resolve().parent / "out" / "pipeline.json"
 # The targets: ckptd over the baseline, at most.
 TARGETS = {
-    "delta_save_shm": 1.0, "next_delta_save_shm": 1.0, "base_save_shm": 1.5, "delta_save_grpc": 1.5, "base_save_grpc": 2.0,
+    "delta_save_shm": 1.0, "next_delta_save_shm": 1.0, "base_save_shm": 1.5,
+    "delta_save_grpc": 1.5, "base_save_grpc": 2.0,
     "restore_latest": 1.0, "restore_base_after_restart": 1.5, "restore_deep": 2.0,
 }  # fmt: skip
 
