@@ -11,7 +11,8 @@ Call order, all on the event loop's thread (no lock): ``SaveSession`` takes one 
 per tensor (``take``) when the engine opens a save, after its bytes are reserved in the
 budget; the engine then calls ``trim``; the pipeline hands a delta-coded tensor's buffer
 back (``give_back``) once its encode returned. An exact tensor's buffer becomes the
-chain's head and is never given back.
+chain's head and is never given back; nor is an aborted session's, whose copy thread may
+still be writing it (``asyncio.to_thread`` does not stop a thread when cancelled).
 
 Memory: idle buffers are kept only within the in-flight budget's free room (idle bytes
 plus bytes reserved never exceed ``max_inflight_bytes``), so they add nothing to the
