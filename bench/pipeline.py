@@ -8,8 +8,9 @@ log domain), in one run and interleaved rep by rep (``--reps``, medians reported
 * baselines on the same local disk: ``torch.save`` + fsync and ``torch.load``;
   safetensors ``save_file`` + fsync and ``load_file``; DCP ``async_save`` (until its
   future is done: DCP fsyncs its files) and ``load``;
-* ckptd through a ``ckptd serve`` subprocess (unix socket, shared memory): a base and
-  then a delta from ``save()`` to DURABLE, a restore of the latest step (the chain's head,
+* ckptd through a ``ckptd serve`` subprocess (unix socket, shared memory): a base, then
+  a delta, then the next delta (a trainer's steady state: a delta after a delta) from
+  ``save()`` to DURABLE, a restore of the latest step (the chain's head,
   in the daemon's memory); the same through a second, *before* daemon: the code of
   ``--before DIR`` (a directory holding an older ``ckptd`` package, put first on that
   daemon's ``PYTHONPATH``; see bench/README.md), or without it this code with
@@ -68,7 +69,8 @@ KINDS = ("weights", "adam")
 OUT_PATH = Path(__file__).resolve().parent / "out" / "pipeline.json"
 # The issue's targets: ckptd over the baseline, at most.
 TARGETS = {
-    "delta_save_shm": 1.0, "base_save_shm": 1.5, "delta_save_grpc": 1.5, "base_save_grpc": 2.0,
+    "delta_save_shm": 1.0, "next_delta_save_shm": 1.0, "base_save_shm": 1.5,
+    "delta_save_grpc": 1.5, "base_save_grpc": 2.0,
     "restore_latest": 1.0, "restore_base_after_restart": 1.5, "restore_deep": 2.0,
 }  # fmt: skip
 
@@ -225,13 +227,15 @@ def stage_lines(workdir: Path, msg: str = "save durable") -> dict[str, Any]:
 
 def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, kind: str,
               record: dict[str, list[float]]) -> None:
-    """One rep of ckptd: shm base, delta, restore latest, on this daemon and the before
-    one; gRPC base and delta."""
+    """One rep of ckptd: shm base, delta, next delta (the steady state: a delta after a
+    delta), restore latest, on this daemon and the before one; gRPC base and delta."""
     for daemon, suffix in ((addr, ""), (before_addr, "_before")):
         with Checkpointer(daemon, run=f"{kind}-shm{suffix}-{rep}", transport="shm") as ckpt:
             record[f"base_save_shm{suffix}"].append(durable_s(ckpt, 1, state))
             perturb(state)
             record[f"delta_save_shm{suffix}"].append(durable_s(ckpt, 2, state))
+            perturb(state)
+            record[f"next_delta_save_shm{suffix}"].append(durable_s(ckpt, 3, state))
             record[f"restore_latest{suffix}"].append(timed(ckpt.restore))
     with Checkpointer(addr, run=f"{kind}-grpc-{rep}", transport="grpc") as ckpt:
         record["base_save_grpc"].append(durable_s(ckpt, 1, state))
@@ -250,6 +254,7 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
         "torch_save_fsync", "torch_load", "safetensors_save_fsync", "safetensors_load",
         "dcp_async_save", "dcp_load", "base_save_shm", "delta_save_shm", "restore_latest",
         "base_save_shm_before", "delta_save_shm_before", "restore_latest_before",
+        "next_delta_save_shm", "next_delta_save_shm_before",
         "base_save_grpc", "delta_save_grpc", "restore_latest_grpc",
     )}  # fmt: skip
     main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
@@ -321,6 +326,8 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
         "base_save_shm_before": s["base_save_shm_before"] / save,
         "delta_save_shm": s["delta_save_shm"] / save,
         "delta_save_shm_before": s["delta_save_shm_before"] / save,
+        "next_delta_save_shm": s["next_delta_save_shm"] / save,
+        "next_delta_save_shm_before": s["next_delta_save_shm_before"] / save,
         "base_save_grpc": s["base_save_grpc"] / save,
         "delta_save_grpc": s["delta_save_grpc"] / save,
         "restore_latest": s["restore_latest"] / load,
@@ -346,28 +353,30 @@ def stage_summary(case: dict[str, Any], run_prefix: str, step: int) -> dict[str,
 
 
 def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[str]:
-    out = ["| size | state | base shm | (before) | delta shm | (before) | base grpc "
+    out = ["| size | state | base shm | (before) | delta shm | (before) | next delta shm "
+           "| (before) | base grpc "
            "| delta grpc | restore latest | (before) | restore grpc | base after restart | deep "
            "| sustained | safetensors save | DCP async_save | torch.save+fsync s "
            "| torch.load s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
             f"| {case['size']} | {case['kind']} | {r['base_save_shm']:.2f} "
             f"| {r['base_save_shm_before']:.2f} | {r['delta_save_shm']:.2f} "
-            f"| {r['delta_save_shm_before']:.2f} "
+            f"| {r['delta_save_shm_before']:.2f} | {r['next_delta_save_shm']:.2f} "
+            f"| {r['next_delta_save_shm_before']:.2f} "
             f"| {r['base_save_grpc']:.2f} | {r['delta_save_grpc']:.2f} "
             f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
             f"| {r['restore_latest_grpc']:.2f} | {r['restore_base_after_restart']:.2f} "
             f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
-    out += ["", "Stages (daemon busy seconds, median; base and delta over shm):", "",
+    out += ["", "Stages (daemon busy seconds, median; base, delta and next delta over shm):", "",
             "| size | state | save | " + " | ".join(STAGE_KEYS) + " |",
             "|---|---|---|" + "---|" * len(STAGE_KEYS)]
     for case in cases:
-        for what, step in (("base", 1), ("delta", 2)):
+        for what, step in (("base", 1), ("delta", 2), ("next delta", 3)):
             st = stage_summary(case, "shm", step)
             cells = " | ".join(f"{st.get(k, float('nan')):.2f}" for k in STAGE_KEYS)
             out.append(f"| {case['size']} | {case['kind']} | {what} | {cells} |")
@@ -375,7 +384,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             "stream = header and chunks until the client took the last):", "",
             "| size | state | restore | prepare s | stream s |", "|---|---|---|---|---|"]
     for case in cases:
-        for what, (prefix, step) in (("latest (head)", ("shm", 2)),
+        for what, (prefix, step) in (("latest (head)", ("shm", 3)),
                                      ("latest over gRPC", ("grpc", 2)),
                                      ("deep, from storage", ("deep", None))):
             lines = restore_lines(case, prefix, step)

@@ -53,7 +53,9 @@ still streaming holds back a later one that finished first); chains run in paral
 
 Memory: the budget counts a save's raw bytes from ``open_save`` until it is durable or
 failed. Its receive buffers are dropped tensor by tensor as soon as each is encoded (an
-exact tensor's buffer becomes the chain's new reconstruction instead of being copied);
+exact tensor's buffer becomes the chain's new reconstruction instead of being copied; a
+delta's is kept for the next save's receive, within the budget's free room:
+``ckptd.daemon.engine.buffers``);
 what the budget still covers after that is the encoded blobs on their way to storage.
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
 evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
@@ -79,6 +81,7 @@ from ckptd.daemon.domain import (
     StepKey,
 )
 from ckptd.daemon.engine.budget import ByteBudget
+from ckptd.daemon.engine.buffers import ReceiveBuffers
 from ckptd.daemon.engine.catalog import CatalogRefresh
 from ckptd.daemon.engine.chain import Chain, QueuedSave
 from ckptd.daemon.engine.lease import ChainLeases
@@ -119,6 +122,7 @@ class Engine:
         self.config = config
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
+        self._receive_buffers = ReceiveBuffers(self._budget)
         self._resident = ResidentHeads(config.max_resident_bytes)
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
@@ -133,7 +137,8 @@ class Engine:
         self._observer = self._reports.observer
         self._notify = self._reports.notify  # every observer call: it never fails a save
         self._pipeline = SavePipeline(self._repository, config, self._pools,
-                                      fence=self._leases.fence)
+                                      fence=self._leases.fence,
+                                      recycle=self._receive_buffers.give_back)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
@@ -198,11 +203,13 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            session = SaveSession(header, self._accept, self._abandon, identity=identity)
+            session = SaveSession(header, self._accept, self._abandon, identity=identity,
+                                  allocate=self._receive_buffers.take)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
             raise
+        self._receive_buffers.trim()  # after the session took what fits: the rest is idle
         self._sessions.add(session)
         self._idle.clear()
         return session
@@ -386,6 +393,7 @@ class Engine:
             for save in list(chain.queued.values()):
                 self._finish(chain, save, "the daemon shut down before the save was encoded")
         await self._leases.close()
+        self._receive_buffers.clear()
         await self._pools.shutdown()
 
     # -- internals ------------------------------------------------------------------------

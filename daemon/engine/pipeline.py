@@ -89,11 +89,15 @@ class SavePipeline:
         config: EngineConfig,
         pools: Pools,
         fence: Callable[[Chain], Awaitable[int]] | None = None,
+        recycle: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         """``fence(chain)`` returns the lease generation a commit records, or raises when
-        this daemon no longer holds the chain (``ChainLeases.fence``); None: no leases."""
+        this daemon no longer holds the chain (``ChainLeases.fence``); None: no leases.
+        ``recycle(array)`` takes a received tensor no longer needed (a delta's, once
+        encoded) for a later save's receive (``ReceiveBuffers.give_back``)."""
         self._repository = repository
         self._fence = fence
+        self._recycle = recycle
         self._storage = repository.storage
         self._config = config
         self._pools = pools
@@ -185,10 +189,13 @@ class SavePipeline:
         compress = self.base_coding.compress()  # used only if the tensor is coded exactly
         job = functools.partial(_encode_tensor, spec, current, reference, self._config,
                                 _Timing(save.stages, self.base_coding, compress))
-        del current
         encoding, blob, digest, reconstruction = await self._pools.run_codec(job)
         save.arrays[index] = None  # the received bytes are no longer needed
         del job
+        if (self._recycle is not None and encoding == DELTA
+                and not np.may_share_memory(current, reconstruction)):
+            self._recycle(current)  # a delta's head is a new array: nothing else holds these
+        del current
         progress.remaining -= 1
         if progress.remaining == 0:
             progress.encoded_at_s = time.monotonic()

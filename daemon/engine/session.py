@@ -4,12 +4,14 @@ The transport fills the buffers (``write`` for streamed chunks, ``fill_with`` fo
 memory, which reads straight into them; ``fill_from`` copies a whole tensor from a view)
 from the event loop's thread, then calls ``commit`` (hand
 over to the pipeline) or ``abort`` (give back the budget and the step). The session owns
-one ``np.empty`` byte buffer per tensor; after commit those buffers become the pipeline's
+one byte buffer per tensor (``allocate``: the engine's ``ReceiveBuffers``, which hands out
+a buffer of an earlier save where one fits); after commit those buffers become the pipeline's
 input and, for exact tensors, the chain's next reconstruction, so no byte is copied twice.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -32,12 +34,15 @@ class SaveSession:
         on_abort: Callable[[SaveSession], None],
         *,
         identity: str = "",
+        allocate: Callable[[int], np.ndarray] | None = None,
     ) -> None:
+        """``allocate(nbytes)`` returns a 1-D uint8 buffer (default: a new one)."""
         self.header = header
         self.identity = identity  # whose share of the in-flight budget the bytes count in
         self._on_commit = on_commit
         self._on_abort = on_abort
-        self._buffers = [np.empty(spec.nbytes, dtype=np.uint8) for spec in header.tensors]
+        allocate = allocate or functools.partial(np.empty, dtype=np.uint8)
+        self._buffers = [allocate(spec.nbytes) for spec in header.tensors]
         self._received = [0] * len(header.tensors)
         self._cursor = 0  # first tensor that is not complete; chunks must go there
         self._state = _OPEN

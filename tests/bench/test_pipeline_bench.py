@@ -33,8 +33,9 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     base = case["stages"]["adam-shm-0/1"]
     assert base["kind"] == "base" and base["encode_exact_s"] > 0 and "sync_s" in base
     assert case["stages"]["adam-shm-0/2"]["encode_delta_s"] > 0
+    assert case["stages"]["adam-shm-0/3"]["kind"] == "delta"  # the next delta
     assert case["stages"]["adam-deep/3"]["kind"] == "delta"
-    served = case["restores"]["adam-shm-0/2"]  # the daemon timed the head's restore
+    served = case["restores"]["adam-shm-0/3"]  # the daemon timed the head's restore
     # A head is served as views (prepare: the budget only, which may round to 0).
     assert "prepare_s" in served[0] and served[0]["stream_s"] > 0
     assert served[0]["transport"] == "shm"  # same host: through the client's segment
@@ -43,6 +44,7 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert "| 16MiB | adam | deep, from storage |" in done.stdout
     [ratios] = report["ratios"]
     assert ratios["restore_deep"] > 0 and ratios["sustained_over_torch_save"] > 0
-    assert ratios["restore_latest_grpc"] > 0
+    assert ratios["restore_latest_grpc"] > 0 and ratios["next_delta_save_shm"] > 0
+    assert "| 16MiB | adam | next delta |" in done.stdout
     assert report["workers"][0]["MBps"]["1"] > 0
     assert "| 16MiB | adam |" in done.stdout and "Targets (ckptd over baseline" in done.stdout
