@@ -77,6 +77,7 @@ from ckptd.daemon.domain import (
     RunInfo,
     SaveStatus,
     StepKey,
+    StreamedCheckpoint,
 )
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.catalog import CatalogRefresh
@@ -245,6 +246,25 @@ class Engine:
         the restore budget, under ``identity``'s share (``ckptd.daemon.engine.restores``).
         A world step that some rank lacks is ``StepIncompleteError`` unless
         ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
+        key = await self._restorable(run, rank, step, allow_incomplete)
+        async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
+            yield found
+
+    @contextlib.asynccontextmanager
+    async def restoring_streamed(
+        self, run: str, rank: int, step: int | None, *, identity: str = "",
+        allow_incomplete: bool = False,
+    ) -> AsyncIterator[StreamedCheckpoint]:
+        """``restoring``, but the arrays come one at a time while they are rebuilt
+        (``StreamedCheckpoint``: its iterator ends only once the step's checksum matched),
+        for a transport that writes each out while the next are read and decoded."""
+        key = await self._restorable(run, rank, step, allow_incomplete)
+        async with self._restores.streaming(key, self._head_arrays, identity=identity) as found:
+            yield found
+
+    async def _restorable(
+        self, run: str, rank: int, step: int | None, allow_incomplete: bool
+    ) -> StepKey:
         check_key(run, rank, step)
         await self._catalog.fresh()
         known = self._index.steps(run, rank)
@@ -253,9 +273,7 @@ class Engine:
         served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
         if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
-        key = StepKey(run, rank, served)
-        async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
-            yield found
+        return StepKey(run, rank, served)
 
     async def refresh_catalog(self, run: str | None = None, rank: int | None = None) -> None:
         """Brings the catalog within ``catalog_refresh_s`` of storage before a listing (and

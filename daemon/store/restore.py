@@ -10,9 +10,10 @@ blob, never returning a wrong tensor.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 from ckptd.daemon import codec
@@ -27,6 +28,7 @@ from ckptd.daemon.store.manifest import (
     blob_checksum,
     tensors_checksum,
 )
+from ckptd.protos.checksum import TensorsChecksum
 
 
 class MissingBlobError(CorruptCheckpointError):
@@ -51,18 +53,50 @@ class Restorer:
     async def restore(self, plan: list[Manifest]) -> tuple[np.ndarray, ...]:
         """Decodes ``plan`` (base first, target last) into verified arrays."""
         target = plan[-1]
-        for earlier, later in itertools.pairwise(plan):
-            if earlier.specs != later.specs:
-                raise CorruptCheckpointError(
-                    f"step {later.key} is a delta against step {earlier.key.step}, but their "
-                    "tensor tables differ"
-                )
+        _check_tables(plan)
         calls = [
             functools.partial(self._restore_tensor, plan, i) for i in range(len(target.tensors))
         ]
         arrays = await gather_bounded(calls, self._width)
         await self.verify(target, arrays)
         return tuple(arrays)
+
+    async def stream(
+        self, plan: list[Manifest], checksum: TensorsChecksum, start: int = 0
+    ) -> AsyncIterator[np.ndarray]:
+        """Yields the arrays of ``plan``'s target from tensor ``start`` on, in table order,
+        each as soon as it and those before it are rebuilt.
+
+        Up to ``width`` tensors are read and decoded ahead of the one the caller is
+        consuming, so a caller that writes each array out (a restore into shared memory)
+        overlaps its write with the next tensors' reads and decodes, and only those few
+        tensors are alive at once instead of the whole step. Every blob is checked against
+        its manifest before it is decoded, and each array is folded into ``checksum`` (in
+        the codec pool, in table order) before it is yielded; comparing the digest with the
+        manifest's once all arrays passed is the caller's, who may have resumed a stream
+        at ``start`` on a new plan. Closing the iterator early cancels the tensors not
+        started and waits for the running ones.
+        """
+        _check_tables(plan)
+        count = len(plan[-1].tensors)
+        pending: dict[int, asyncio.Future[np.ndarray]] = {}
+        upcoming = iter(range(start, count))
+        try:
+            for index in range(start, count):
+                while len(pending) < self._width and (ahead := next(upcoming, None)) is not None:
+                    pending[ahead] = asyncio.ensure_future(self._restore_tensor(plan, ahead))
+                array = await pending.pop(index)
+                spec = plan[-1].tensors[index].spec
+                await self._run_codec(functools.partial(_fold, checksum, spec, array))
+                yield array
+        finally:
+            for future in pending.values():
+                future.cancel()
+            if pending:
+                await asyncio.wait(pending.values())
+                for future in pending.values():
+                    if not future.cancelled():
+                        future.exception()  # retrieved: the first failure is what is raised
 
     @staticmethod
     def head_views(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -106,6 +140,21 @@ class Restorer:
                 f"bytes with xxh3_64 {entry.blob_xxh3_64})"
             )
         return blob
+
+
+def _check_tables(plan: list[Manifest]) -> None:
+    for earlier, later in itertools.pairwise(plan):
+        if earlier.specs != later.specs:
+            raise CorruptCheckpointError(
+                f"step {later.key} is a delta against step {earlier.key.step}, but their "
+                "tensor tables differ"
+            )
+
+
+def _fold(checksum: TensorsChecksum, spec: TensorSpec, array: np.ndarray) -> None:
+    flat = array.reshape(-1).view(np.uint8)
+    checksum.begin(spec.name, spec.dtype, spec.shape, flat.nbytes)
+    checksum.update(flat.data)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
