@@ -23,7 +23,9 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    the verified reconstruction (None = latest durable step; read-only views of the arrays
    in memory, not a copy, when it is the chain's head) and holds the reservation until the
    transport has sent it and leaves the block. ``await engine.restore(...)`` is the same,
-   released on return.
+   released on return. ``engine.restoring_streamed(...)`` is the same block yielding the
+   arrays one at a time while they are rebuilt (``StreamedCheckpoint``), for a transport
+   that writes each out at once (a restore into shared memory).
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
    ``await delete_run(run)``, ``await set_retention(run, policy)``. Deleting refuses
    (``InvalidRequestError``) while a save of the same (run, rank) is in flight, rather than

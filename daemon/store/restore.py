@@ -6,6 +6,11 @@ verify each blob's xxh3_64 against its manifest, then decode and apply them in t
 pool. Once every tensor is rebuilt, the xxh3_128 of the result must equal the target
 manifest's checksum; any mismatch raises ``CorruptCheckpointError`` naming the step and
 blob, never returning a wrong tensor.
+
+``stream`` is the same work handed over tensor by tensor, in table order, for a transport
+that writes each array out while the next are read and decoded (a restore into shared
+memory): blobs read into reused buffers, raw bases not copied, the checksum folded in as
+the arrays pass.
 """
 
 from __future__ import annotations
