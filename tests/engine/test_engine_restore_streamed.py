@@ -19,6 +19,7 @@ from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.store.manifest import Manifest, blob_key, manifest_key
 from engine_support import RUN, assert_same, open_engine, random_walk, save
+from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
 
 
 async def streamed(engine: Engine, step: int | None) -> RestoredCheckpoint:
@@ -45,6 +46,25 @@ def test_streamed_arrays_equal_the_restored_ones_after_a_restart(tmp_path: Path)
             assert engine.restore_bytes == 0
 
     asyncio.run(scenario())
+
+
+def test_streamed_restores_read_an_object_store_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 has no ``read_into`` of its own: the default copies ``get``'s bytes."""
+    states = list(random_walk(26, 2))
+    with MotoS3Server() as server:
+        server.create_bucket(TEST_BUCKET)
+        use_dummy_aws_env(monkeypatch)
+        url = server.url(TEST_BUCKET)
+
+        async def scenario() -> None:
+            async with open_engine(url) as engine:
+                for step, state in enumerate(states):
+                    await save(engine, step, state)
+            async with open_engine(url) as engine:
+                for step in (0, 1):
+                    assert_same(await streamed(engine, step), await engine.restore(RUN, 0, step))
+
+        asyncio.run(scenario())
 
 
 def test_a_corrupt_blob_stops_the_stream_at_its_tensor(tmp_path: Path) -> None:
