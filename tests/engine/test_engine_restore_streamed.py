@@ -15,19 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ckptd.daemon.domain import RestoredCheckpoint, StepKey
-from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.store.manifest import Manifest, blob_key, manifest_key
-from engine_support import RUN, assert_same, open_engine, random_walk, save
-from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
-
-
-async def streamed(engine: Engine, step: int | None) -> RestoredCheckpoint:
-    """A streamed restore collected into a ``RestoredCheckpoint`` (arrays copied out)."""
-    async with engine.restoring_streamed(RUN, 0, step) as found:
-        arrays = [np.array(array) async for array in found.arrays]
-        return RestoredCheckpoint(found.key, found.tensors, tuple(arrays), found.metadata,
-                                  found.checksum)
+from engine_support import RUN, assert_same, open_engine, random_walk, restore_streamed, save
 
 
 def test_streamed_arrays_equal_the_restored_ones_after_a_restart(tmp_path: Path) -> None:
@@ -39,32 +29,15 @@ def test_streamed_arrays_equal_the_restored_ones_after_a_restart(tmp_path: Path)
                 await save(engine, step, state)
             # Step 3 is the head in memory: its views; the others come from storage.
             for step in (3, 2, 0, None):
-                assert_same(await streamed(engine, step), await engine.restore(RUN, 0, step))
+                restored = await engine.restore(RUN, 0, step)
+                assert_same(await restore_streamed(engine, RUN, step), restored)
         async with open_engine(tmp_path) as engine:  # nothing in memory: all from storage
             for step in range(4):
-                assert_same(await streamed(engine, step), await engine.restore(RUN, 0, step))
+                restored = await engine.restore(RUN, 0, step)
+                assert_same(await restore_streamed(engine, RUN, step), restored)
             assert engine.restore_bytes == 0
 
     asyncio.run(scenario())
-
-
-def test_streamed_restores_read_an_object_store_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """S3 has no ``read_into`` of its own: the default copies ``get``'s bytes."""
-    states = list(random_walk(26, 2))
-    with MotoS3Server() as server:
-        server.create_bucket(TEST_BUCKET)
-        use_dummy_aws_env(monkeypatch)
-        url = server.url(TEST_BUCKET)
-
-        async def scenario() -> None:
-            async with open_engine(url) as engine:
-                for step, state in enumerate(states):
-                    await save(engine, step, state)
-            async with open_engine(url) as engine:
-                for step in (0, 1):
-                    assert_same(await streamed(engine, step), await engine.restore(RUN, 0, step))
-
-        asyncio.run(scenario())
 
 
 def test_a_corrupt_blob_stops_the_stream_at_its_tensor(tmp_path: Path) -> None:
@@ -124,7 +97,7 @@ def test_leaving_a_stream_early_releases_its_budget(tmp_path: Path) -> None:
                 first = await anext(found.arrays)
                 assert first.nbytes == found.tensors[0].nbytes
             assert engine.restore_bytes == 0
-            assert_same(await streamed(engine, 0), await engine.restore(RUN, 0, 0))
+            assert_same(await restore_streamed(engine, RUN, 0), await engine.restore(RUN, 0, 0))
 
     asyncio.run(scenario())
 
