@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,5 +121,22 @@ class RestoredCheckpoint:
     key: StepKey
     tensors: tuple[TensorSpec, ...]
     arrays: tuple[np.ndarray, ...]  # C-contiguous, holder dtype, one per spec
+    metadata: Mapping[str, str]
+    checksum: str
+
+
+@dataclass(frozen=True)
+class StreamedCheckpoint:
+    """A checkpoint whose arrays arrive one at a time while they are rebuilt.
+
+    ``arrays`` yields one C-contiguous holder-dtype array per spec, in table order; it ends
+    only after the step's checksum matched, and raises ``CorruptCheckpointError`` instead of
+    ending when it did not. So a transport that writes each array out as it comes must not
+    tell its client the restore is complete before the iterator has ended.
+    """
+
+    key: StepKey
+    tensors: tuple[TensorSpec, ...]
+    arrays: AsyncIterator[np.ndarray]
     metadata: Mapping[str, str]
     checksum: str

@@ -23,7 +23,9 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    the verified reconstruction (None = latest durable step; read-only views of the arrays
    in memory, not a copy, when it is the chain's head) and holds the reservation until the
    transport has sent it and leaves the block. ``await engine.restore(...)`` is the same,
-   released on return.
+   released on return. ``engine.restoring_streamed(...)`` is the same block yielding the
+   arrays one at a time while they are rebuilt (``StreamedCheckpoint``), for a transport
+   that writes each out at once (a restore into shared memory).
 5. ``list_runs()``, ``list_steps(run, rank)``, ``await delete_step(key)``,
    ``await delete_run(run)``, ``await set_retention(run, policy)``. Deleting refuses
    (``InvalidRequestError``) while a save of the same (run, rank) is in flight, rather than
@@ -79,6 +81,7 @@ from ckptd.daemon.domain import (
     RunInfo,
     SaveStatus,
     StepKey,
+    StreamedCheckpoint,
 )
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.buffers import ReceiveBuffers
@@ -252,6 +255,25 @@ class Engine:
         the restore budget, under ``identity``'s share (``ckptd.daemon.engine.restores``).
         A world step that some rank lacks is ``StepIncompleteError`` unless
         ``allow_incomplete`` (``ckptd.daemon.store.world``)."""
+        key = await self._restorable(run, rank, step, allow_incomplete)
+        async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
+            yield found
+
+    @contextlib.asynccontextmanager
+    async def restoring_streamed(
+        self, run: str, rank: int, step: int | None, *, identity: str = "",
+        allow_incomplete: bool = False,
+    ) -> AsyncIterator[StreamedCheckpoint]:
+        """``restoring``, but the arrays come one at a time while they are rebuilt
+        (``StreamedCheckpoint``: its iterator ends only once the step's checksum matched),
+        for a transport that writes each out while the next are read and decoded."""
+        key = await self._restorable(run, rank, step, allow_incomplete)
+        async with self._restores.streaming(key, self._head_arrays, identity=identity) as found:
+            yield found
+
+    async def _restorable(
+        self, run: str, rank: int, step: int | None, allow_incomplete: bool
+    ) -> StepKey:
         check_key(run, rank, step)
         await self._catalog.fresh()
         known = self._index.steps(run, rank)
@@ -260,9 +282,7 @@ class Engine:
         served = await self._repository.worlds.restorable(run, rank, step, allow_incomplete)
         if served is None:
             raise self._not_found(StepKey(run, rank, step or 0))
-        key = StepKey(run, rank, served)
-        async with self._restores.serving(key, self._head_arrays, identity=identity) as found:
-            yield found
+        return StepKey(run, rank, served)
 
     async def refresh_catalog(self, run: str | None = None, rank: int | None = None) -> None:
         """Brings the catalog within ``catalog_refresh_s`` of storage before a listing (and

@@ -20,6 +20,7 @@ from ckptd.daemon.domain import (
     RunInfo,
     SaveStatus,
     StepKey,
+    StreamedCheckpoint,
     TensorSpec,
 )
 from ckptd.daemon.errors import InvalidRequestError
@@ -170,7 +171,9 @@ def step_info_to_proto(info: StepInfo) -> pb.StepInfo:
     )
 
 
-def restore_header_to_proto(restored: RestoredCheckpoint) -> pb.RestoreHeader:
+def restore_header_to_proto(
+    restored: RestoredCheckpoint | StreamedCheckpoint,
+) -> pb.RestoreHeader:
     return pb.RestoreHeader(
         ref=ref_from_key(restored.key),
         tensors=[spec_to_proto(spec) for spec in restored.tensors],

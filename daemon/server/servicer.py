@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-import numpy as np
+from ckptd.daemon.domain import RestoredCheckpoint, StreamedCheckpoint
 from ckptd.daemon.engine.core import Engine, SaveSession
 from ckptd.daemon.errors import InvalidRequestError, StreamIdleError
 from ckptd.daemon.logs import fields, get_logger, step_fields
@@ -46,6 +46,9 @@ log = get_logger("servicer")
 Context: TypeAlias = grpc.aio.ServicerContext
 # Longest single WaitSave; a client that wants longer calls again.
 MAX_WAIT_S = 24 * 3600.0
+# A tensor this small is written into a restore segment on the event loop (tens of
+# microseconds): a thread hop per small tensor cost more than the write itself.
+INLINE_BYTES = 1 << 20
 H = TypeVar("H", bound=Callable[..., Any])
 R = TypeVar("R")
 # run/rank/step of the request being handled, for its error line; each RPC runs in a task of
@@ -291,20 +294,31 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
             ) from None
 
     async def _restore_into(
-        self, context: Context, header: pb.RestoreHeader, segment: shm.OpenSegment,
-        arrays: tuple[np.ndarray, ...],
+        self, context: Context, restored: StreamedCheckpoint, segment: shm.OpenSegment
     ) -> None:
-        """Sizes the client's segment, sends the header with the offsets, then writes the
-        tensors batch by batch, announcing each batch as it lands."""
-        ref = shm.size_for_restore(segment, arrays)
+        """Sizes the client's segment from the tensor table, sends the header with the
+        offsets, then writes each tensor as the engine hands it over (a step from storage:
+        as soon as it is decoded, while the next are read and decoded), announcing each
+        batch once written; the last only after the engine's iterator ended, i.e. after
+        the step's checksum matched."""
+        sizes = [spec.nbytes for spec in restored.tensors]
+        ref = shm.size_for_restore(segment, sizes)
+        header = convert.restore_header_to_proto(restored)
         header.shared_memory.CopyFrom(_segment_ref_to_proto(ref))
         await self._write(context, pb.RestoreResponse(header=header))
-        start = 0
-        for end in shm.ready_batches(arrays):
-            await _off_loop(functools.partial(shm.write_tensors, segment, ref, arrays),
-                            range(start, end))
-            await self._write(context, pb.RestoreResponse(segment_ready=end))
-            start = end
+        ends = shm.ready_batches(sizes)
+        index = 0
+        async for array in restored.arrays:
+            # Written before the next is asked for: the engine reuses an array's memory then.
+            write = functools.partial(shm.write_tensors, segment, ref, {index: array})
+            if array.nbytes <= INLINE_BYTES:
+                write(range(index, index + 1))
+            else:
+                await _off_loop(write, range(index, index + 1))
+            index += 1
+            if index == ends[0] and index < len(sizes):  # the last waits for the checksum
+                await self._write(context, pb.RestoreResponse(segment_ready=ends.pop(0)))
+        await self._write(context, pb.RestoreResponse(segment_ready=len(sizes)))
 
     @rpc
     async def WaitSave(
@@ -324,25 +338,33 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
         step = request.step if request.HasField("step") else None
         segment = _restore_segment(request)
         # The segment is opened and checked before the restore budget is reserved.
+        share = _share_of(identity, context)
         with _open_segment(segment, context, writable=True) as opened:
-            async with self._engine.restoring(
-                request.run, request.rank, step, identity=_share_of(identity, context),
-                allow_incomplete=request.allow_incomplete,
-            ) as restored:
-                # Materializing (budget, decode, verify) vs sending: which one to speed up.
-                prepare_s = time.monotonic() - started_s
-                header = convert.restore_header_to_proto(restored)
-                if opened is None:
+            if opened is None:
+                async with self._engine.restoring(
+                    request.run, request.rank, step, identity=share,
+                    allow_incomplete=request.allow_incomplete,
+                ) as restored:
+                    # Materializing (budget, decode, verify) vs sending: which to speed up.
+                    prepare_s = time.monotonic() - started_s
+                    header = convert.restore_header_to_proto(restored)
                     await self._write(context, pb.RestoreResponse(header=header))
                     for chunk in convert.restore_chunks(restored, self._max_chunk_bytes):
                         await self._write(context, chunk)
-                else:
-                    await self._restore_into(context, header, opened, restored.arrays)
+            else:
+                async with self._engine.restoring_streamed(
+                    request.run, request.rank, step, identity=share,
+                    allow_incomplete=request.allow_incomplete,
+                ) as streamed:
+                    # Budget and plan only: decoding overlaps the writes (stream_s).
+                    prepare_s = time.monotonic() - started_s
+                    await self._restore_into(context, streamed, opened)
+        served: RestoredCheckpoint | StreamedCheckpoint = streamed if opened else restored
         seconds = time.monotonic() - started_s
-        nbytes = sum(array.nbytes for array in restored.arrays)
+        nbytes = sum(spec.nbytes for spec in served.tensors)
         self._metrics.restore_done(seconds, nbytes)
         log.info("restore served %s", step_fields(
-            restored.key, bytes=nbytes, tensors=len(restored.arrays), seconds=round(seconds, 4),
+            served.key, bytes=nbytes, tensors=len(served.tensors), seconds=round(seconds, 4),
             prepare_s=round(prepare_s, 4), stream_s=round(seconds - prepare_s, 4),
             transport="shm" if segment else "stream"))
 

@@ -3,9 +3,11 @@
 A restore through shared memory is the mirror image: the client creates an owner-only
 segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it read-write
 with the same checks below (before any restore budget is reserved), sizes it with
-``ftruncate`` to what the step needs (``size_for_restore``), answers the header with the
-offsets, then writes the tensors with ``pwritev`` (``write_tensors``) in batches, sending
-``segment_ready`` after each so that the client copies one batch while the next is written.
+``ftruncate`` to what the step needs (``size_for_restore``, from the tensor table: a step
+rebuilt from storage is written while it is decoded), answers the header with the offsets,
+then writes the tensors with ``pwritev`` (``write_tensors``) as they come, sending
+``segment_ready`` after each batch so that the client copies one batch while the next is
+written; the last only once the daemon verified the step's checksum.
 It never maps or unlinks the segment: the client unlinks it on every path, and a client
 that dies leaves it to its resource tracker or the orphan sweep.
 
@@ -39,7 +41,7 @@ import asyncio
 import functools
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -227,11 +229,11 @@ def _read_exactly(
         done += got
 
 
-def size_for_restore(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> SegmentRef:
-    """Sizes a client's restore segment to hold ``arrays``, each at a 64-byte-aligned
-    offset; returns where they will lie (``write_tensors`` then fills them).
+def size_for_restore(segment: OpenSegment, sizes: Sequence[int]) -> SegmentRef:
+    """Sizes a client's restore segment to hold tensors of ``sizes`` bytes, each at a
+    64-byte-aligned offset; returns where they will lie (``write_tensors`` then fills them).
     Raises ``SharedMemoryRefusedError`` when the segment cannot be resized."""
-    offsets, total = segments.aligned_offsets([array.nbytes for array in arrays])
+    offsets, total = segments.aligned_offsets(list(sizes))
     try:
         os.ftruncate(segment.fd, total)
     except OSError as exc:
@@ -239,22 +241,24 @@ def size_for_restore(segment: OpenSegment, arrays: Sequence[np.ndarray]) -> Segm
     return SegmentRef(segment.ref.name, total, offsets)
 
 
-def ready_batches(arrays: Sequence[np.ndarray], min_bytes: int = READY_BATCH_BYTES) -> list[int]:
+def ready_batches(sizes: Sequence[int], min_bytes: int = READY_BATCH_BYTES) -> list[int]:
     """Where to announce progress: the tensor counts after which at least ``min_bytes``
-    more have been written (the last is ``len(arrays)``)."""
+    more have been written (the last is ``len(sizes)``)."""
     ends, pending = [], 0
-    for index, array in enumerate(arrays):
-        pending += array.nbytes
-        if pending >= min_bytes or index == len(arrays) - 1:
+    for index, nbytes in enumerate(sizes):
+        pending += nbytes
+        if pending >= min_bytes or index == len(sizes) - 1:
             ends.append(index + 1)
             pending = 0
     return ends or [0]
 
 
 def write_tensors(
-    segment: OpenSegment, ref: SegmentRef, arrays: Sequence[np.ndarray], span: range
+    segment: OpenSegment, ref: SegmentRef,
+    arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray], span: range,
 ) -> None:
-    """Writes the tensors at the indices ``span`` into the segment at ``ref``'s offsets.
+    """Writes the tensors at the indices ``span`` (keys of ``arrays``, or indices into it)
+    into the segment at ``ref``'s offsets.
 
     Blocking: the servicer runs it off the event loop, batch by batch, and tells the client
     after each (``segment_ready``) so that it reads one batch while the next is written.

@@ -169,6 +169,22 @@ class Storage(abc.ABC):
             ValueError: ``start < 0`` or ``end < start``.
         """
 
+    def read_into(self, key: str, out: memoryview) -> int:
+        """Reads the object's first ``len(out)`` bytes into ``out`` (a writable, C-contiguous
+        byte view); returns how many it read: the object's size when it fits, so a caller
+        that expects ``n`` bytes passes ``n + 1`` to also learn that an object is longer.
+
+        Lets a reader reuse one buffer for many objects (a restore reads each blob into a
+        warm buffer instead of freshly allocated bytes). The default copies ``get``'s
+        result; backends that can read straight into memory override it.
+
+        Raises:
+            KeyNotFoundError: no object is stored under ``key``.
+        """
+        data = self.get(key, end=len(out))
+        out[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     def size(self, key: str) -> int:
         """Returns the object's size in bytes; ``KeyNotFoundError`` if it is absent."""

@@ -189,6 +189,20 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"get {key!r} from {self.url} failed: {exc}") from exc
 
+    def read_into(self, key: str, out: memoryview) -> int:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                done = 0
+                # A raw read may return fewer bytes than asked before the end of the file.
+                while done < len(out) and (got := f.readinto(out[done:])):
+                    done += got
+                return done
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise KeyNotFoundError(f"key {key!r} not found in {self.url}") from exc
+        except OSError as exc:
+            raise StorageError(f"read of {key!r} from {self.url} failed: {exc}") from exc
+
     def size(self, key: str) -> int:
         path = self._path(key)
         try:

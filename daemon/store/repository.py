@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 from ckptd.daemon.domain import RetentionPolicy, StepKey
@@ -51,6 +51,7 @@ from ckptd.daemon.store.quarantine import (
 from ckptd.daemon.store.restore import Restorer
 from ckptd.daemon.store.retention import load_policies, store_policy
 from ckptd.daemon.store.world import Worlds
+from ckptd.protos.checksum import TensorsChecksum
 from ckptd.protos.records import StepInfo
 
 __all__ = ["HeadArrays", "Repository"]
@@ -151,6 +152,13 @@ class Repository:
     async def restore(self, key: StepKey) -> tuple[np.ndarray, ...]:
         """The verified reconstruction of ``key``, rebuilt along its plan from storage."""
         return await self._restorer.restore(self.index.plan(key))
+
+    def stream(
+        self, key: StepKey, checksum: TensorsChecksum, start: int = 0
+    ) -> AsyncIterator[np.ndarray]:
+        """``key``'s arrays from tensor ``start`` on, rebuilt along its plan one by one as
+        they are decoded and folded into ``checksum`` (``Restorer.stream``)."""
+        return self._restorer.stream(self.index.plan(key), checksum, start)
 
     def head_views(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         """Read-only views of a chain head's arrays (``Restorer.head_views``: no copy, and

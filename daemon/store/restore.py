@@ -6,13 +6,19 @@ verify each blob's xxh3_64 against its manifest, then decode and apply them in t
 pool. Once every tensor is rebuilt, the xxh3_128 of the result must equal the target
 manifest's checksum; any mismatch raises ``CorruptCheckpointError`` naming the step and
 blob, never returning a wrong tensor.
+
+``stream`` is the same work handed over tensor by tensor, in table order, for a transport
+that writes each array out while the next are read and decoded (a restore into shared
+memory): blobs read into reused buffers, raw bases not copied, the checksum folded in as
+the arrays pass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 from ckptd.daemon import codec
@@ -27,6 +33,10 @@ from ckptd.daemon.store.manifest import (
     blob_checksum,
     tensors_checksum,
 )
+from ckptd.protos.checksum import TensorsChecksum
+
+# ``stream`` hashes an array this small on the event loop (xxh3: ~0.1 ms per MiB).
+INLINE_HASH_BYTES = 1 << 20
 
 
 class MissingBlobError(CorruptCheckpointError):
@@ -51,18 +61,76 @@ class Restorer:
     async def restore(self, plan: list[Manifest]) -> tuple[np.ndarray, ...]:
         """Decodes ``plan`` (base first, target last) into verified arrays."""
         target = plan[-1]
-        for earlier, later in itertools.pairwise(plan):
-            if earlier.specs != later.specs:
-                raise CorruptCheckpointError(
-                    f"step {later.key} is a delta against step {earlier.key.step}, but their "
-                    "tensor tables differ"
-                )
+        _check_tables(plan)
         calls = [
             functools.partial(self._restore_tensor, plan, i) for i in range(len(target.tensors))
         ]
         arrays = await gather_bounded(calls, self._width)
         await self.verify(target, arrays)
         return tuple(arrays)
+
+    async def stream(
+        self, plan: list[Manifest], checksum: TensorsChecksum, start: int = 0
+    ) -> AsyncIterator[np.ndarray]:
+        """Yields the arrays of ``plan``'s target from tensor ``start`` on, in table order,
+        each as soon as it and those before it are rebuilt; an array is valid only until
+        the next one is asked for (its memory is then reused).
+
+        Up to ``width`` tensors are read and decoded ahead of the one the caller is
+        consuming, so a caller that writes each array out (a restore into shared memory)
+        overlaps its write with the next tensors' reads and decodes, and only those few
+        tensors are alive at once instead of the whole step. Blobs are read into buffers
+        reused from tensor to tensor (``Storage.read_into``: no fresh pages per blob), and
+        a raw base blob (format v3 with the raw coder: a header, then the tensor's bytes)
+        is handed over as a view of its buffer, not decoded into a copy. Every blob is
+        checked against its manifest before it is decoded, and each array is folded into
+        ``checksum`` (in the codec pool, in table order) before it is yielded; comparing
+        the digest with the manifest's once all arrays passed is the caller's, who may
+        have resumed a stream at ``start`` on a new plan. Closing the iterator early
+        cancels the tensors not started and waits for the running ones.
+        """
+        _check_tables(plan)
+        count = len(plan[-1].tensors)
+        buffers = _Buffers()
+        pending: dict[int, asyncio.Future[tuple[np.ndarray, list[np.ndarray]]]] = {}
+        upcoming = iter(range(start, count))
+        try:
+            for index in range(start, count):
+                while len(pending) < self._width and (ahead := next(upcoming, None)) is not None:
+                    pending[ahead] = asyncio.ensure_future(
+                        self._stream_tensor(plan, ahead, buffers))
+                array, held = await pending.pop(index)
+                spec = plan[-1].tensors[index].spec
+                fold = functools.partial(_fold, checksum, spec, array)
+                if array.nbytes <= INLINE_HASH_BYTES:
+                    fold()  # microseconds: cheaper than a hop to the codec pool
+                else:
+                    await self._run_codec(fold)
+                yield array
+                buffers.give_back(held)
+        finally:
+            for future in pending.values():
+                future.cancel()
+            if pending:
+                await asyncio.wait(pending.values())
+                for future in pending.values():
+                    if not future.cancelled():
+                        future.exception()  # retrieved: the first failure is what is raised
+
+    async def _stream_tensor(
+        self, plan: list[Manifest], index: int, buffers: _Buffers
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One tensor for ``stream``: its array and the buffers it holds until consumed."""
+        entries = [(m, m.tensors[index]) for m in plan]
+        held = [buffers.take(entry.blob_bytes + 1) for _, entry in entries]
+        try:
+            blobs = await self._run_io(lambda: [
+                self._read_blob_into(m, e, b) for (m, e), b in zip(entries, held, strict=True)])
+            array = await self._run_codec(lambda: _apply(entries, blobs, raw_view=True))
+        except BaseException:
+            buffers.give_back(held)
+            raise
+        return array, held
 
     @staticmethod
     def head_views(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -95,17 +163,74 @@ class Restorer:
         try:
             blob = self._storage.get(entry.blob_key)
         except KeyNotFoundError as exc:
-            raise MissingBlobError(
-                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
-                "is missing from storage"
-            ) from exc
-        if len(blob) != entry.blob_bytes or blob_checksum(blob) != entry.blob_xxh3_64:
-            raise CorruptCheckpointError(
-                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
-                f"fails its checksum ({len(blob)} bytes, manifest says {entry.blob_bytes} "
-                f"bytes with xxh3_64 {entry.blob_xxh3_64})"
-            )
+            raise _missing(manifest, entry) from exc
+        _check_blob(manifest, entry, blob)
         return blob
+
+    def _read_blob_into(
+        self, manifest: Manifest, entry: TensorEntry, buffer: np.ndarray
+    ) -> memoryview:
+        """``_read_blob`` into ``buffer`` (one byte longer than the blob, to tell a longer
+        object apart); returns the view of the blob's bytes."""
+        view = buffer.data
+        try:
+            got = self._storage.read_into(entry.blob_key, view)
+        except KeyNotFoundError as exc:
+            raise _missing(manifest, entry) from exc
+        _check_blob(manifest, entry, view[:got])
+        return view[:got]
+
+
+def _missing(manifest: Manifest, entry: TensorEntry) -> MissingBlobError:
+    return MissingBlobError(
+        f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+        "is missing from storage"
+    )
+
+
+def _check_blob(manifest: Manifest, entry: TensorEntry, blob: bytes | memoryview) -> None:
+    if len(blob) != entry.blob_bytes or blob_checksum(blob) != entry.blob_xxh3_64:
+        raise CorruptCheckpointError(
+            f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+            f"fails its checksum ({len(blob)} bytes, manifest says {entry.blob_bytes} "
+            f"bytes with xxh3_64 {entry.blob_xxh3_64})"
+        )
+
+
+class _Buffers:
+    """Blob buffers of one ``stream``, reused from tensor to tensor (touched pages stay)."""
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """The smallest free buffer of at least ``nbytes``, else a new one; a free one too
+        small is dropped then, so there are never more buffers than are held at once."""
+        sizes = [buffer.nbytes for buffer in self._free]
+        fitting = [i for i, size in enumerate(sizes) if size >= nbytes]
+        if fitting:
+            return self._free.pop(min(fitting, key=sizes.__getitem__))
+        if self._free:
+            self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
+        return np.empty(nbytes, np.uint8)
+
+    def give_back(self, buffers: list[np.ndarray]) -> None:
+        self._free.extend(buffers)
+
+
+def _check_tables(plan: list[Manifest]) -> None:
+    for earlier, later in itertools.pairwise(plan):
+        if earlier.specs != later.specs:
+            raise CorruptCheckpointError(
+                f"step {later.key} is a delta against step {earlier.key.step}, but their "
+                "tensor tables differ"
+            )
+
+
+def _fold(checksum: TensorsChecksum, spec: TensorSpec, array: np.ndarray) -> None:
+    flat = array.reshape(-1).view(np.uint8)
+    checksum.begin(spec.name, spec.dtype, spec.shape, flat.nbytes)
+    checksum.update(flat.data)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -114,11 +239,20 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> np.ndarray:
-    """Decodes the base blob, then applies each delta (runs in the codec pool)."""
+def _apply(
+    entries: list[tuple[Manifest, TensorEntry]], blobs: Sequence[bytes | memoryview], *,
+    raw_view: bool = False,
+) -> np.ndarray:
+    """Decodes the base blob, then applies each delta (runs in the codec pool); with
+    ``raw_view``, the last blob when it is a raw exact one comes back as a read-only view
+    of the blob instead of a copy."""
     array: np.ndarray | None = None
-    for (manifest, entry), blob in zip(entries, blobs, strict=True):
+    last = len(entries) - 1
+    for position, ((manifest, entry), blob) in enumerate(zip(entries, blobs, strict=True)):
         try:
+            if entry.encoding == EXACT and raw_view and position == last and (
+                    (view := _raw_view(blob, entry.spec)) is not None):
+                return view
             if entry.encoding == EXACT:
                 decoded = codec.decode_exact(blob)
             elif array is None:
@@ -135,6 +269,24 @@ def _apply(entries: list[tuple[Manifest, TensorEntry]], blobs: list[bytes]) -> n
             ) from exc
     assert array is not None  # a plan has at least its base
     return array
+
+
+def _raw_view(blob: bytes | memoryview, spec: TensorSpec) -> np.ndarray | None:
+    """A raw exact blob's tensor as a read-only view of the blob, or None for a coded one.
+
+    Codec format v3 stores a raw tensor as its header followed by the tensor's C-order
+    bytes up to the end of the blob; the header's own checksum is checked here, and the
+    whole blob's xxh3_64 was checked against the manifest before."""
+    info = codec.blob_info(blob)
+    if info.kind != "exact" or info.coder != "raw":
+        return None
+    if info.dtype != spec.dtype or info.nbytes != spec.nbytes:
+        raise ValueError(f"raw blob holds {info.nbytes} bytes of {info.dtype}, tensor "
+                         f"{spec.name!r} is {spec.nbytes} bytes of {spec.dtype}")
+    payload = memoryview(blob)[len(blob) - info.nbytes :]
+    view = np.frombuffer(payload, spec.dtype_info.numpy).reshape(spec.shape)
+    view.flags.writeable = False
+    return view
 
 
 def _writeable(array: np.ndarray) -> bool:

@@ -28,7 +28,7 @@ from ckptd.client.shm import RestoreSegment
 from ckptd.protos import segments, streams
 from ckptd.protos.v1 import pb
 from client_support import SHM_DIR, CheckpointerFactory, client_segments
-from daemon_harness import InProcessDaemon, wait_until
+from daemon_harness import InProcessDaemon, start_in_process, wait_until
 
 
 def state(seed: int) -> dict[str, Any]:
@@ -91,6 +91,44 @@ def test_restore_through_shm_equals_the_stream_bit_for_bit(
         else:  # step 1 is the exact base; step 3 a lossy delta
             assert torch.equal(via_shm.state["w"], state(step)["w"]) == (step == 1)
     assert own_segments() == staging
+
+
+def many_tensors(seed: int) -> dict[str, torch.Tensor]:
+    """Tensors of mixed sizes: the daemon reuses blob buffers from one to the next."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [257, 3, 70_000, 11, 300_000, 1, 5_000, 300_001, 64, 70_001] * 3
+    return {f"t{i}": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_base_restored_from_storage_after_a_restart_is_bit_identical(
+    tmp_path: Path, make_checkpointer: CheckpointerFactory, compression: str
+) -> None:
+    from ckptd.daemon.config import EngineConfig
+
+    config = {"listen": f"unix://{tmp_path}/ckptd.sock",
+              "engine": EngineConfig(base_compression=compression)}
+    first = start_in_process(tmp_path / "storage", **config)
+    try:
+        saver = make_checkpointer(first.address, "shm-base", transport="shm")
+        for step in (1, 2):
+            saver.save(step, many_tensors(step))
+        saver.wait(timeout_s=120)
+        # Step 2 is a lossy delta: its reconstruction, served from memory here.
+        expected = {1: many_tensors(1), 2: saver.restore(2)}
+        saver.close()
+    finally:
+        first.stop()
+    # After a restart nothing is in memory: both steps are read and decoded while written.
+    second = start_in_process(tmp_path / "storage", **config)
+    try:
+        ckpt = make_checkpointer(second.address, "shm-base", transport="shm")
+        for step, zero_copy in [(1, False), (2, False), (1, True)]:
+            restored = ckpt.restore_info(step, zero_copy=zero_copy)
+            assert restored.transport == "shm"
+            assert_bit_identical(restored.state, expected[step])
+    finally:
+        second.stop()
 
 
 def test_a_refused_segment_falls_back_to_the_stream_and_is_unlinked(

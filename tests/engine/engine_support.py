@@ -99,6 +99,15 @@ async def save(engine: Engine, step: int, state: State, **kw: Any) -> SaveStatus
     return final
 
 
+async def restore_streamed(engine: Engine, run: str, step: int | None) -> RestoredCheckpoint:
+    """``engine.restoring_streamed`` collected into a ``RestoredCheckpoint`` (each array
+    copied out: its memory is reused once the next is asked for)."""
+    async with engine.restoring_streamed(run, 0, step) as found:
+        arrays = [np.array(array) async for array in found.arrays]
+        return RestoredCheckpoint(found.key, found.tensors, tuple(arrays), found.metadata,
+                                  found.checksum)
+
+
 def checksum_of(restored: RestoredCheckpoint) -> str:
     """Recomputes the checksum of what a restore returned (it must equal ``.checksum``)."""
     return tensors_checksum(restored.tensors, restored.arrays)

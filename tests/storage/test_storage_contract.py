@@ -66,6 +66,20 @@ def test_invalid_range_raises_value_error(storage: Storage) -> None:
             storage.get("blob", start=start, end=end)
 
 
+def test_read_into_fills_a_buffer_and_counts_the_bytes(storage: Storage) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB: a local read returns it in several pieces
+    storage.put("blob", data)
+    storage.put("empty", b"")
+    buffer = bytearray(b"\xee" * (len(data) + 10))
+    # One byte more than expected tells a longer object apart; the rest stays untouched.
+    assert storage.read_into("blob", memoryview(buffer)[: len(data) + 1]) == len(data)
+    assert buffer[: len(data)] == data and buffer[len(data) :] == b"\xee" * 10
+    assert storage.read_into("blob", memoryview(buffer)[:100]) == 100
+    assert storage.read_into("empty", memoryview(buffer)) == 0
+    with pytest.raises(KeyNotFoundError, match="absent"):
+        storage.read_into("absent", memoryview(buffer))
+
+
 def test_overwrite_replaces_whole_object(storage: Storage) -> None:
     storage.put("k", b"a much longer first version")
     storage.put("k", b"short")
