@@ -51,6 +51,7 @@ __all__ = [
     "decode_exact",
     "encode_delta",
     "encode_exact",
+    "raw_view",
     "warm_up",
 ]
 
@@ -160,6 +161,20 @@ def decode_exact(blob: bytes | memoryview) -> np.ndarray:
         CodecError: the blob is truncated, corrupt, of an unknown version, or a delta blob.
     """
     return exact.decode_exact(blob)
+
+
+def raw_view(blob: bytes | memoryview) -> np.ndarray | None:
+    """The array of a raw exact blob (``encode_exact(compress=False)``) as a read-only view
+    of the blob's bytes, no copy; None for any other blob.
+
+    Only the header is checked (its checksum, the payload's length), not the payload's
+    checksum: this is for a caller that has verified the whole blob already (a restore
+    checks every blob's xxh3_64 against its manifest) and would otherwise hash it twice.
+
+    Raises:
+        CodecError: the header is truncated, corrupt or of an unknown version.
+    """
+    return exact.raw_view(blob)
 
 
 @dataclass(frozen=True)

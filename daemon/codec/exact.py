@@ -76,15 +76,31 @@ def decode_exact(blob: bytes | memoryview) -> np.ndarray:
     return out.reshape(header.shape)
 
 
+def raw_view(blob: bytes | memoryview) -> np.ndarray | None:
+    """See ``ckptd.daemon.codec.raw_view``."""
+    view = memoryview(blob).cast("B")
+    header = unpack_header(view)
+    if header.kind != KIND_EXACT or header.coder != CODER_RAW:
+        return None
+    array = np.frombuffer(_raw_payload(view[header.size:], header), header.dtype.holder)
+    array.flags.writeable = False
+    return array.reshape(header.shape)
+
+
 def _decode_raw(payload: memoryview, header: Header) -> np.ndarray:
     """A raw blob's tensor: one copy out of the blob, so the array owns writable memory."""
+    out = chunks.empty_output(header.count, header.dtype.holder)
+    out.view(np.uint8)[...] = np.frombuffer(_raw_payload(payload, header), np.uint8)
+    return out.reshape(header.shape)
+
+
+def _raw_payload(payload: memoryview, header: Header) -> memoryview:
+    """A raw blob's payload: the tensor's C-order bytes, checked for their length."""
     expected = header.count * header.dtype.holder.itemsize
     if len(payload) != expected:
         raise CodecError(f"corrupt blob: raw payload of {len(payload)} bytes, "
                          f"{header.shape} {header.dtype.name} needs {expected}")
-    out = chunks.empty_output(header.count, header.dtype.holder)
-    out.view(np.uint8)[...] = np.frombuffer(payload, np.uint8)
-    return out.reshape(header.shape)
+    return payload
 
 
 def _encode_chunk(values: np.ndarray, planes: bool, scratch: chunks.Scratch) -> bytes:

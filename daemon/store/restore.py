@@ -81,8 +81,8 @@ class Restorer:
         overlaps its write with the next tensors' reads and decodes, and only those few
         tensors are alive at once instead of the whole step. Blobs are read into buffers
         reused from tensor to tensor (``Storage.read_into``: no fresh pages per blob), and
-        a raw base blob (format v3 with the raw coder: a header, then the tensor's bytes)
-        is handed over as a view of its buffer, not decoded into a copy. Every blob is
+        a raw base blob is handed over as a view of its buffer (``codec.raw_view``), not
+        decoded into a copy. Every blob is
         checked against its manifest before it is decoded, and each array is folded into
         ``checksum`` (in the codec pool, in table order) before it is yielded; comparing
         the digest with the manifest's once all arrays passed is the caller's, who may
@@ -251,8 +251,8 @@ def _apply(
     for position, ((manifest, entry), blob) in enumerate(zip(entries, blobs, strict=True)):
         try:
             if entry.encoding == EXACT and raw_view and position == last and (
-                    (view := _raw_view(blob, entry.spec)) is not None):
-                return view
+                    (view := codec.raw_view(blob)) is not None):
+                return as_holder(view, entry.spec)
             if entry.encoding == EXACT:
                 decoded = codec.decode_exact(blob)
             elif array is None:
@@ -269,24 +269,6 @@ def _apply(
             ) from exc
     assert array is not None  # a plan has at least its base
     return array
-
-
-def _raw_view(blob: bytes | memoryview, spec: TensorSpec) -> np.ndarray | None:
-    """A raw exact blob's tensor as a read-only view of the blob, or None for a coded one.
-
-    Codec format v3 stores a raw tensor as its header followed by the tensor's C-order
-    bytes up to the end of the blob; the header's own checksum is checked here, and the
-    whole blob's xxh3_64 was checked against the manifest before."""
-    info = codec.blob_info(blob)
-    if info.kind != "exact" or info.coder != "raw":
-        return None
-    if info.dtype != spec.dtype or info.nbytes != spec.nbytes:
-        raise ValueError(f"raw blob holds {info.nbytes} bytes of {info.dtype}, tensor "
-                         f"{spec.name!r} is {spec.nbytes} bytes of {spec.dtype}")
-    payload = memoryview(blob)[len(blob) - info.nbytes :]
-    view = np.frombuffer(payload, spec.dtype_info.numpy).reshape(spec.shape)
-    view.flags.writeable = False
-    return view
 
 
 def _writeable(array: np.ndarray) -> bool:

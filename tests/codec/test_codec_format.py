@@ -33,6 +33,7 @@ from ckptd.daemon.codec import (
     decode_exact,
     encode_delta,
     encode_exact,
+    raw_view,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -373,6 +374,23 @@ def test_raw_exact_blob_round_trips_as_version_3(array: np.ndarray) -> None:
     out = decode_exact(blob)
     assert out.dtype == array.dtype and out.shape == array.shape and out.flags.writeable
     np.testing.assert_array_equal(out, array)
+
+
+@pytest.mark.parametrize("array", [
+    np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), np.arange(7, dtype=np.int64),
+    np.zeros((0, 3), np.float16), np.array(2.5),
+])  # fmt: skip
+def test_raw_view_is_the_raw_blobs_tensor_without_a_copy(array: np.ndarray) -> None:
+    blob = encode_exact(array, compress=False)
+    view = raw_view(blob)
+    assert view is not None and not view.flags.writeable
+    assert view.dtype == array.dtype and view.shape == array.shape
+    np.testing.assert_array_equal(view, decode_exact(blob))
+    if array.nbytes:
+        assert np.shares_memory(view, np.frombuffer(blob, np.uint8))
+    assert raw_view(encode_exact(array)) is None  # a coded exact blob
+    delta, _ = encode_delta(np.ones(8, np.float32), np.zeros(8, np.float32))
+    assert raw_view(delta) is None
 
 
 def test_raw_blob_refused_where_it_cannot_be() -> None:
