@@ -83,14 +83,6 @@ def empty_output(count: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def errstate_all_ignored() -> np.errstate:
-    """Inf/NaN arithmetic is expected here (they become exceptions): silence its warnings.
-
-    numpy's error state is per thread (a context variable), so every worker enters it.
-    """
-    return np.errstate(all="ignore")
-
-
 class Scratch:
     """Reusable buffers of one thread during one codec call.
 

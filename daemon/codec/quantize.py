@@ -38,11 +38,6 @@ class Stats:
     lo: np.ndarray | None  # float32[512] per-key minimum, for "midrange"
     hi: np.ndarray | None  # float32[512] per-key maximum, for "midrange"
 
-    @property
-    def nonfinite(self) -> int:
-        """How many deltas were Inf/NaN (exponent field 255, both signs)."""
-        return int(self.counts[_EXP_MASK] + self.counts[NKEYS - 1])
-
 
 @dataclass(frozen=True)
 class Plan:

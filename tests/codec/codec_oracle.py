@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ckptd.daemon.codec import chunks, delta, domains, quantize
+from ckptd.daemon.codec import delta, domains, quantize
 from ckptd.daemon.codec.chunks import Scratch
 from ckptd.daemon.codec.domains import LOG
 from ckptd.daemon.codec.kernels import LOG_MAX_ERROR_OCTAVES, MANTISSA_BITS
@@ -227,14 +227,14 @@ class NumpyOps(domains.Ops):
 
     def stats(self, cur: np.ndarray, ref: np.ndarray, representative: str) -> quantize.Stats:
         scratch = Scratch()
-        with chunks.errstate_all_ignored():
+        with np.errstate(all="ignore"):  # Inf/NaN become exceptions
             delta = scratch.get("delta", cur.size, _F32)
             self._numpy.delta32(cur, ref, delta, scratch)
             return chunk_stats(delta, representative, scratch)
 
     def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
                scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
-        with chunks.errstate_all_ignored():
+        with np.errstate(all="ignore"):  # Inf/NaN become exceptions
             delta = scratch.get("delta", cur.size, _F32)
             self._numpy.delta32(cur, ref, delta, scratch)
             keys = keys_of(delta, scratch.get("key_intp", cur.size, np.intp))
@@ -251,7 +251,7 @@ class NumpyOps(domains.Ops):
         return symbols, index
 
     def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
-        with chunks.errstate_all_ignored():
+        with np.errstate(all="ignore"):  # Inf/NaN become exceptions
             self._numpy.add_values(values, ref, out, Scratch())
 
     @property
