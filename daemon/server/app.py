@@ -33,7 +33,7 @@ from ckptd.daemon import codec
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.logs import fields, get_logger
-from ckptd.daemon.server import listen, loops, shm
+from ckptd.daemon.server import allocator, listen, loops, shm
 from ckptd.daemon.server.auth import Guard
 from ckptd.daemon.server.metrics import (
     Metrics,
@@ -91,6 +91,8 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         self._start_metrics_endpoint()
+        if not allocator.tune():
+            log.info("malloc thresholds left at the C library's defaults (not glibc)")
         # The codec's compiled kernels load (or compile) while storage opens and the engine
         # scans it, not on the first save; a save arriving sooner waits for them.
         threading.Thread(target=_warm_up_codec, name="ckptd-codec-warm-up", daemon=True).start()

@@ -29,15 +29,16 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from ckptd.daemon.domain import RestoredCheckpoint, StreamedCheckpoint
-from ckptd.daemon.engine.core import Engine, SaveSession
+from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import InvalidRequestError, StreamIdleError
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.server import convert, shm
 from ckptd.daemon.server.auth import ANONYMOUS, Guard
 from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
+from ckptd.daemon.server.savestream import SaveStream
 from ckptd.daemon.server.status import maps_errors, status_for
-from ckptd.protos import segments
+from ckptd.protos import segments, streams
 from ckptd.protos.v1 import pb, pb_grpc
 from google.protobuf.message import DecodeError
 
@@ -78,13 +79,19 @@ class MalformedMessage:
 
 
 def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    parse = _PARSERS.get(message_type, message_type.FromString)
+
     def deserialize(data: bytes) -> Any:
         try:
-            return message_type.FromString(data)
+            return parse(data)
         except DecodeError as exc:  # invalid UTF-8 in a string field is one too
             return MalformedMessage(message_type.DESCRIPTOR.full_name, exc)
 
     return deserialize
+
+
+# Save chunks are parsed by hand into views of the received bytes (savestream.py).
+_PARSERS: dict[Any, Callable[[bytes], Any]] = {pb.SaveRequest: streams.decode_request}
 
 
 _HANDLER_KINDS = {
@@ -216,18 +223,16 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
 
     @rpc
     async def Save(
-        self, request_iterator: AsyncIterator[pb.SaveRequest], context: Context
+        self, request_iterator: AsyncIterator[streams.Request], context: Context
     ) -> pb.SaveResponse:
-        message = await self._next(request_iterator)
-        if message is None or message.WhichOneof("item") != "header":
-            got = "an empty stream" if message is None else "a chunk"
-            raise InvalidRequestError(f"a save stream must start with its header; got {got}")
-        header = convert.header_from_proto(message.header)
+        stream = SaveStream(request_iterator, self._idle_timeout_s)
+        message = await stream.header()
+        header = convert.header_from_proto(message)
         key = header.key
         _REQUEST_FIELDS.set({"run": echo(key.run), "rank": key.rank, "step": key.step})
         # Before the segment is opened or any budget reserved for it.
         identity = self._guard.require(context, Scope.WRITE, key.run)
-        segment = _segment_ref(message.header)
+        segment = _segment_ref(message)
         if segment is not None:
             shm.check_layout(segment, header.tensors)
         # The segment is opened and checked before the step and budget are reserved.
@@ -236,9 +241,9 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
             session = await self._engine.open_save(header, identity=share)
             async with session:
                 if opened is None:
-                    await self._receive_chunks(session, request_iterator)
+                    await stream.receive(session, self._max_chunk_bytes)
                 else:
-                    await self._expect_end(request_iterator, opened.ref.name)
+                    await stream.expect_end(opened.ref.name)
                     await _off_loop(shm.copy_into, session, opened)
                 status = await session.commit()
         log.info("save accepted %s", step_fields(
@@ -246,41 +251,6 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
             transport="shm" if segment else "stream", identity=identity,
         ))
         return pb.SaveResponse(status=convert.status_to_proto(status))
-
-    async def _receive_chunks(
-        self, session: SaveSession, request_iterator: AsyncIterator[pb.SaveRequest]
-    ) -> None:
-        while (message := await self._next(request_iterator)) is not None:
-            if message.WhichOneof("item") != "chunk":
-                raise InvalidRequestError("a save stream carries exactly one header; got a second")
-            chunk = message.chunk
-            if len(chunk.data) > self._max_chunk_bytes:
-                raise InvalidRequestError(
-                    f"chunk of tensor {chunk.tensor_index} at offset {chunk.offset} holds "
-                    f"{len(chunk.data)} bytes, over the daemon's max_chunk_bytes "
-                    f"{self._max_chunk_bytes}; send smaller chunks"
-                )
-            session.write(chunk.tensor_index, chunk.offset, chunk.data)
-
-    async def _expect_end(
-        self, request_iterator: AsyncIterator[pb.SaveRequest], segment: str
-    ) -> None:
-        if await self._next(request_iterator) is not None:
-            raise InvalidRequestError(
-                f"a save through shared memory segment {segment!r} carries no chunks; got one"
-            )
-
-    async def _next(self, request_iterator: AsyncIterator[pb.SaveRequest]) -> Any:
-        """The stream's next message (None at its end); ``StreamIdleError`` when none comes
-        within the idle timeout, so a paused or silently vanished client holds nothing."""
-        try:
-            return await asyncio.wait_for(anext(request_iterator, None), self._idle_timeout_s)
-        except asyncio.TimeoutError:
-            raise StreamIdleError(
-                f"the save stream sent nothing for {self._idle_timeout_s:g} s (the daemon's "
-                "stream_idle_timeout_s); it was ended and its reservation released; send the "
-                "save again without pausing inside the stream"
-            ) from None
 
     async def _write(self, context: Context, message: pb.RestoreResponse | bytes) -> None:
         """Writes one restore message once flow control takes it; ``StreamIdleError`` when

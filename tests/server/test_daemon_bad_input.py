@@ -88,6 +88,17 @@ def missing_header(client: Stub) -> grpc.RpcError:
     return _save(client, list(wire.chunks_of(STATE)))
 
 
+def second_header(client: Stub) -> grpc.RpcError:
+    header = wire.header_of("r", 1, STATE)
+    return _save(client, [pb.SaveRequest(header=header), pb.SaveRequest(header=header)])
+
+
+def unknown_tensor(client: Stub) -> grpc.RpcError:
+    chunk = pb.TensorChunk(tensor_index=7, offset=0, data=b"\0" * 16)
+    requests = [pb.SaveRequest(header=wire.header_of("r", 1, STATE)), pb.SaveRequest(chunk=chunk)]
+    return _save(client, requests)
+
+
 def unknown_dtype(client: Stub) -> grpc.RpcError:
     header = wire.header_of("r", 1, STATE)
     header.tensors[1].dtype = 99
@@ -110,6 +121,8 @@ CASES: list[tuple[Callable[[Stub], grpc.RpcError], grpc.StatusCode, list[str]]] 
     (absurd_shape, INVALID, ["4398046511104 bytes", "max_checkpoint_bytes"]),
     (missing_header, INVALID, ["must start with its header"]),
     (unknown_dtype, INVALID, ["'b'", "unknown dtype value 99"]),
+    (second_header, INVALID, ["exactly one header"]),
+    (unknown_tensor, INVALID, ["tensor index 7", "2 tensors"]),
 ]
 
 
