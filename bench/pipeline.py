@@ -228,7 +228,8 @@ def stage_lines(workdir: Path, msg: str = "save durable") -> dict[str, Any]:
 def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, kind: str,
               record: dict[str, list[float]]) -> None:
     """One rep of ckptd: shm base, delta, next delta (the steady state: a delta after a
-    delta), restore latest, on this daemon and the before one; gRPC base and delta."""
+    delta), restore latest; gRPC base, delta and restore latest; each on this daemon and
+    the before one (this client talks to both)."""
     for daemon, suffix in ((addr, ""), (before_addr, "_before")):
         with Checkpointer(daemon, run=f"{kind}-shm{suffix}-{rep}", transport="shm") as ckpt:
             record[f"base_save_shm{suffix}"].append(durable_s(ckpt, 1, state))
@@ -237,11 +238,12 @@ def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, k
             perturb(state)
             record[f"next_delta_save_shm{suffix}"].append(durable_s(ckpt, 3, state))
             record[f"restore_latest{suffix}"].append(timed(ckpt.restore))
-    with Checkpointer(addr, run=f"{kind}-grpc-{rep}", transport="grpc") as ckpt:
-        record["base_save_grpc"].append(durable_s(ckpt, 1, state))
-        perturb(state)
-        record["delta_save_grpc"].append(durable_s(ckpt, 2, state))
-        record["restore_latest_grpc"].append(timed(ckpt.restore))
+    for daemon, suffix in ((addr, ""), (before_addr, "_before")):
+        with Checkpointer(daemon, run=f"{kind}-grpc{suffix}-{rep}", transport="grpc") as ckpt:
+            record[f"base_save_grpc{suffix}"].append(durable_s(ckpt, 1, state))
+            perturb(state)
+            record[f"delta_save_grpc{suffix}"].append(durable_s(ckpt, 2, state))
+            record[f"restore_latest_grpc{suffix}"].append(timed(ckpt.restore))
 
 
 def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -256,6 +258,7 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
         "base_save_shm_before", "delta_save_shm_before", "restore_latest_before",
         "next_delta_save_shm", "next_delta_save_shm_before",
         "base_save_grpc", "delta_save_grpc", "restore_latest_grpc",
+        "base_save_grpc_before", "delta_save_grpc_before", "restore_latest_grpc_before",
     )}  # fmt: skip
     main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
     workers = ("--encode-workers", str(args.encode_workers))
@@ -329,10 +332,13 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
         "next_delta_save_shm": s["next_delta_save_shm"] / save,
         "next_delta_save_shm_before": s["next_delta_save_shm_before"] / save,
         "base_save_grpc": s["base_save_grpc"] / save,
+        "base_save_grpc_before": s["base_save_grpc_before"] / save,
         "delta_save_grpc": s["delta_save_grpc"] / save,
+        "delta_save_grpc_before": s["delta_save_grpc_before"] / save,
         "restore_latest": s["restore_latest"] / load,
         "restore_latest_before": s["restore_latest_before"] / load,
         "restore_latest_grpc": s["restore_latest_grpc"] / load,
+        "restore_latest_grpc_before": s["restore_latest_grpc_before"] / load,
         "restore_base_after_restart": s["restore_base_after_restart"] / s["torch_load_deep"],
         "restore_deep": s["restore_deep"] / s["torch_load_deep"],
         "sustained_over_torch_save": s["sustained_MBps"] / torch_MBps,
@@ -354,11 +360,13 @@ def stage_summary(case: dict[str, Any], run_prefix: str, step: int) -> dict[str,
 
 def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[str]:
     out = ["| size | state | base shm | (before) | delta shm | (before) | next delta shm "
-           "| (before) | base grpc "
-           "| delta grpc | restore latest | (before) | restore grpc | base after restart | deep "
+           "| (before) | base grpc | (before) "
+           "| delta grpc | (before) | restore latest | (before) | restore grpc | (before) "
+           "| base after restart | deep "
            "| sustained | safetensors save | DCP async_save | torch.save+fsync s "
            "| torch.load s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+           "---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
@@ -366,18 +374,22 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             f"| {r['base_save_shm_before']:.2f} | {r['delta_save_shm']:.2f} "
             f"| {r['delta_save_shm_before']:.2f} | {r['next_delta_save_shm']:.2f} "
             f"| {r['next_delta_save_shm_before']:.2f} "
-            f"| {r['base_save_grpc']:.2f} | {r['delta_save_grpc']:.2f} "
+            f"| {r['base_save_grpc']:.2f} | {r['base_save_grpc_before']:.2f} "
+            f"| {r['delta_save_grpc']:.2f} | {r['delta_save_grpc_before']:.2f} "
             f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
-            f"| {r['restore_latest_grpc']:.2f} | {r['restore_base_after_restart']:.2f} "
+            f"| {r['restore_latest_grpc']:.2f} | {r['restore_latest_grpc_before']:.2f} "
+            f"| {r['restore_base_after_restart']:.2f} "
             f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
-    out += ["", "Stages (daemon busy seconds, median; base, delta and next delta over shm):", "",
+    out += ["", "Stages (daemon busy seconds, median; over shm unless it says gRPC):", "",
             "| size | state | save | " + " | ".join(STAGE_KEYS) + " |",
             "|---|---|---|" + "---|" * len(STAGE_KEYS)]
     for case in cases:
-        for what, step in (("base", 1), ("delta", 2), ("next delta", 3)):
-            st = stage_summary(case, "shm", step)
+        for what, prefix, step in (("base", "shm", 1), ("delta", "shm", 2),
+                                   ("next delta", "shm", 3), ("base grpc", "grpc", 1),
+                                   ("delta grpc", "grpc", 2)):
+            st = stage_summary(case, prefix, step)
             cells = " | ".join(f"{st.get(k, float('nan')):.2f}" for k in STAGE_KEYS)
             out.append(f"| {case['size']} | {case['kind']} | {what} | {cells} |")
     out += ["", "Restores (daemon seconds, median: prepare = budget, copy or decode, verify; "
