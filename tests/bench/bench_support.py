@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,3 +17,9 @@ def this_code_as_before(tmp_path: Path) -> Path:
     for part in ("daemon", "client", "protos"):
         (package / part).symlink_to(REPO / part)
     return package.parent
+
+
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m bench.{module} ARGS`` from the repository root (10 min at most)."""
+    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)

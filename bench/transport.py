@@ -1,0 +1,182 @@
+"""The gRPC transport alone, before and after: a save streamed to ACCEPTED and a restore of
+the latest step, with each process's CPU seconds.
+
+``bench/pipeline.py`` times gRPC saves to DURABLE, which adds the daemon's encode and write
+to the transfer. This benchmark isolates what the transport costs: per size, one state of
+transformer-shaped weights (``pipeline.make_state``) and two ``ckptd serve`` daemons on unix
+sockets (this code, and ``--before DIR``'s, built as in bench/README.md), and, rep by rep,
+interleaved, on each daemon in turn:
+
+* a base (not timed: it only makes the next save a delta, a trainer's steady state), then
+  ``save``: a delta from ``save()`` until the daemon ACCEPTED it (every byte received into
+  its receive buffers), with the daemon's and this process's CPU seconds over that time;
+* ``restore``: a restore of the latest step (the chain's head, in the daemon's memory)
+  streamed over gRPC, with the same CPU seconds.
+
+The client is this code on both sides (``--before`` changes the daemon only). ``--perf DIR``
+also records ``perf record -g`` of both processes during the first rep's save and restore on
+each daemon (``DIR/{daemon,client}-{save,restore}-{after,before}.data``; read with ``perf
+report -i FILE --children --sort sym --stdio -g none``). Usage::
+
+    python bench/transport.py --before /tmp/ckptd-main/pkg                # 256MiB; 5 reps
+    python bench/transport.py --sizes 1GiB --reps 3 --before DIR
+
+Writes ``bench/out/transport.json`` and prints a markdown summary (medians; *x before* is
+this code's median over the before daemon's, same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ckptd.client import Checkpointer
+
+try:
+    from . import pipeline
+except ImportError:  # run as a script: python bench/transport.py
+    import pipeline  # type: ignore[no-redef]
+
+OUT_PATH = Path(__file__).resolve().parent / "out" / "transport.json"
+SIDES = ("after", "before")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def perf_recording(out: Path | None, daemon_pid: int, name: str) -> Iterator[None]:
+    """``perf record -g`` of the daemon and of this process while the block runs."""
+    if out is None:
+        yield
+        return
+    procs = [subprocess.Popen(["perf", "record", "-F", "499", "-g", "-q", "-o",
+                               str(out / f"{who}-{name}.data"), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for who, pid in (("daemon", daemon_pid), ("client", os.getpid()))]
+    time.sleep(0.5)  # perf attaches asynchronously; nothing to poll for
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+
+
+def measured(call: Callable[[], object], daemon_pid: int) -> tuple[float, float, float]:
+    """Wall seconds, daemon CPU seconds and this process's CPU seconds of ``call``."""
+    daemon0, own0, began = process_cpu_s(daemon_pid), own_cpu_s(), time.perf_counter()
+    call()
+    wall = time.perf_counter() - began
+    return wall, process_cpu_s(daemon_pid) - daemon0, own_cpu_s() - own0
+
+
+def one_rep(address: str, pid: int, rep: int, state: dict[str, Any], *, side: str,
+            record: dict[str, list[float]], perf_dir: Path | None) -> None:
+    with Checkpointer(address, run=f"grpc-{rep}", transport="grpc") as ckpt:
+        ckpt.save(1, state).wait_durable()
+        pipeline.perturb(state)
+        with perf_recording(perf_dir if rep == 0 else None, pid, f"save-{side}"):
+            save = measured(lambda: ckpt.save(2, state).wait_accepted(), pid)
+        ckpt.wait()
+        with perf_recording(perf_dir if rep == 0 else None, pid, f"restore-{side}"):
+            restore = measured(ckpt.restore, pid)
+    for what, values in (("save", save), ("restore", restore)):
+        for metric, value in zip(("s", "daemon_cpu_s", "client_cpu_s"), values, strict=True):
+            record[f"{what}_{metric}_{side}"].append(value)
+
+
+def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    state = pipeline.make_state(pipeline.SIZES[label], "weights")
+    nbytes = sum(t.nbytes for t in pipeline.tensors(state).values())
+    budget = 2 * nbytes + 64 * pipeline.MiB
+    record: dict[str, list[float]] = {
+        f"{what}_{metric}_{side}": [] for what in ("save", "restore")
+        for metric in ("s", "daemon_cpu_s", "client_cpu_s") for side in SIDES}
+    with pipeline.serve(root / f"{label}-after", budget) as after, \
+            pipeline.serve(root / f"{label}-before", budget, code=args.before) as before:
+        for rep in range(args.reps):
+            for side, proc in (("after", after), ("before", before)):
+                one_rep(proc.address, proc.proc.pid, rep, state, side=side, record=record,
+                        perf_dir=args.perf)
+            print(f"[{label}] rep {rep}: " + ", ".join(
+                f"{k} {v[-1]:.2f}" for k, v in record.items()), flush=True)
+    for side in SIDES:
+        shutil.rmtree(root / f"{label}-{side}")
+    return {"size": label, "bytes": nbytes, "seconds": record}
+
+
+def report_lines(cases: list[dict[str, Any]]) -> list[str]:
+    out = ["| size | what | side | wall s | MB/s | daemon CPU s | client CPU s | x before |",
+           "|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        s = {k: statistics.median(v) for k, v in case["seconds"].items()}
+        for what in ("save", "restore"):
+            for side in SIDES:
+                wall = s[f"{what}_s_{side}"]
+                ratio = wall / s[f"{what}_s_before"]
+                out.append(
+                    f"| {case['size']} | {what} | {side} | {wall:.3f} "
+                    f"| {case['bytes'] / wall / 1e6:.0f} | {s[f'{what}_daemon_cpu_s_{side}']:.2f} "
+                    f"| {s[f'{what}_client_cpu_s_{side}']:.2f} | {ratio:.2f} |")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="256MiB", help=f"comma list of {list(pipeline.SIZES)}")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--before", type=Path, required=True,
+                        help="directory with an older ckptd package for the before daemon")
+    parser.add_argument("--perf", type=Path, default=None,
+                        help="record perf profiles of the first rep into this directory")
+    parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
+    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    args = parser.parse_args(argv)
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in args.sizes if s not in pipeline.SIZES]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; choose from {list(pipeline.SIZES)}")
+    if args.perf is not None:
+        args.perf.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="ckptd-transport-", dir=args.workdir) as tmp:
+        cases = [measure(label, args, Path(tmp)) for label in args.sizes]
+    summary = report_lines(cases)
+    report = {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+        "command": " ".join(["python bench/transport.py", *(argv or sys.argv[1:])]),
+        "cases": cases, "summary": summary,
+    }  # fmt: skip
+    pipeline.write_report(args.out, report, summary)
+
+
+if __name__ == "__main__":
+    main()
