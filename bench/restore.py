@@ -181,17 +181,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where files go")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
+    run_sizes("python bench/restore.py", args, argv,
+              lambda label, root: measure(label, args, root), summary)
+
+
+def run_sizes(
+    command: str, args: argparse.Namespace, argv: list[str] | None,
+    measure_size: Callable[[str, Path], dict[str, Any]],
+    summarize: Callable[[list[dict[str, Any]]], list[str]],
+) -> None:
+    """Measures each of ``args.sizes`` in a scratch directory under ``args.workdir`` and
+    writes the report (when, load average, torch, the command, cases, summary) to
+    ``args.out``."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ckptd-restore-", dir=args.workdir) as tmp:
-        cases = [measure(label, args, Path(tmp)) for label in args.sizes.split(",")]
-    lines = summary(cases)
+        cases = [measure_size(label, Path(tmp)) for label in args.sizes.split(",")]
+    lines = summarize(cases)
     report = {"started_at": started, "load_average_start": load_at_start,
               "load_average_end": os.getloadavg(), "torch": torch.__version__,
-              "command": " ".join(["python bench/restore.py", *(argv or sys.argv[1:])]),
+              "command": " ".join([command, *(argv or sys.argv[1:])]),
               "cases": cases, "summary": lines}
     pipeline.write_report(args.out, report, lines)
-
 
 if __name__ == "__main__":
     main()

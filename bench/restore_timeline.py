@@ -20,9 +20,6 @@ client's private ``streams._announced`` to see the batches: a measuring tool, no
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,10 +31,10 @@ from ckptd.protos import streams
 
 try:
     from . import pipeline
-    from .restore import daemon_cpu_s, save_chain
+    from .restore import daemon_cpu_s, run_sizes, save_chain
 except ImportError:  # run as a script: python bench/restore_timeline.py
     import pipeline  # type: ignore[no-redef]
-    from restore import daemon_cpu_s, save_chain  # type: ignore[no-redef]
+    from restore import daemon_cpu_s, run_sizes, save_chain  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore_timeline.json"
 FIELDS = ("total_s", "header_s", "first_ready_s", "last_ready_s", "client_copy_s",
@@ -135,18 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where files go")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    load_at_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="ckptd-timeline-", dir=args.workdir) as tmp:
-        cases = [measure(label, args.reps, Path(tmp)) for label in args.sizes.split(",")]
-    lines = summary(cases)
-    report = {"started_at": started, "load_average_start": load_at_start,
-              "load_average_end": os.getloadavg(), "torch": torch.__version__,
-              "command": " ".join(["python bench/restore_timeline.py",
-                                   *(argv or sys.argv[1:])]),
-              "cases": cases, "summary": lines}
-    pipeline.write_report(args.out, report, lines)
-
+    run_sizes("python bench/restore_timeline.py", args, argv,
+              lambda label, root: measure(label, args.reps, root), summary)
 
 if __name__ == "__main__":
     main()

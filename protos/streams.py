@@ -12,8 +12,8 @@ checkpoint" error. On the daemon's host the bytes may instead lie in the client'
 shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote: the
 client maps it (after checking its size, so no access can fault) and, as
 ``segment_ready`` messages announce batches, copies them out and hashes them block by
-block as they land (the same one copy and one check; a copy out of a mapping costs about
-a quarter less than ``preadv`` of a tmpfs file, which walks the file page by page), or,
+block as they land (the same one copy and one check; a copy out of a mapping costs less
+CPU than ``preadv`` of a tmpfs file, which walks the file page by page), or,
 with ``adopt``, hashes them in place and hands the tensors over as views (no copy at all).
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
