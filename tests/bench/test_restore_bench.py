@@ -36,3 +36,25 @@ def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
     assert sorted(line["transport"] for line in served) == ["shm"] * 4 + ["stream"] * 2
     for name in ("latest_shm", "latest_shm_views", "latest_grpc", "base_shm"):
         assert f"| 16MiB | {name} |" in done.stdout
+    for name, reps in case["cpu"].items():  # client and daemon CPU seconds per restore
+        assert len(reps) == 2 and all(client > 0 and daemon >= 0 for client, daemon in reps), name
+    assert set(case["cpu"]) == set(case["seconds"]) - {"torch_load"}
+
+
+def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) -> None:
+    out = tmp_path / "timeline.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.restore_timeline", "--sizes", "16MiB", "--reps", "2",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [case] = json.loads(out.read_text())["cases"]
+    assert set(case["restores"]) == {"latest", "views", "base"}
+    for name, reps in case["restores"].items():
+        assert len(reps) == 2, name
+        for rep in reps:
+            assert 0 < rep["header_s"] <= rep["first_ready_s"] <= rep["last_ready_s"], name
+            assert rep["last_ready_s"] < rep["total_s"] and rep["client_copy_s"] > 0, name
+            assert rep["client_cpu_s"] > 0, name
+        assert f"| 16MiB | {name} |" in done.stdout
