@@ -5,9 +5,10 @@ memory in 4 KiB page by page: one trap, one zeroed page and one page-table entry
 about as much work as the copy itself. ``MADV_POPULATE_WRITE`` (Linux 5.14) does the same
 allocation in one call per tensor, without a trap per page (less CPU: ``bench/README.md``,
 "Restore at torch.load speed?"), and on the shared-memory path the client does it while
-the daemon writes the first batches. The memory is the
-tensor's own either way (allocated by torch, freed with it); a kernel without the flag
-(or another OS) refuses the advice, and the copy faults the pages in as before.
+the daemon writes the first batches. The memory is the tensor's own either way (allocated
+by torch, freed with it; only whole pages inside the tensor are touched, and their bytes
+are kept); a kernel without the flag (or another OS) refuses the advice, and the copy
+faults the pages in as before.
 
 Transparent huge pages (``MADV_HUGEPAGE``) were measured too and are not used: on the
 development machine (a VM, THP in ``madvise`` mode) faulting 1 GiB of huge pages was

@@ -13,8 +13,8 @@ shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote:
 client maps it (after checking its size, so no access can fault) and, as
 ``segment_ready`` messages announce batches, copies them out and hashes them block by
 block as they land (the same one copy and one check; a copy out of a mapping costs less
-CPU than ``preadv`` of a tmpfs file, which walks the file page by page), or,
-with ``adopt``, hashes them in place and hands the tensors over as views (no copy at all).
+CPU than ``preadv`` of a tmpfs file, which walks the file page by page), or, with
+``adopt``, hashes them in place and hands the tensors over as views (no copy at all).
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
