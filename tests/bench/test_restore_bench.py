@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench_support import REPO, this_code_as_before
+from bench_support import REPO, run_bench, this_code_as_before
 
 pytestmark = pytest.mark.bench
 
@@ -42,14 +42,9 @@ def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
 
 
 def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) -> None:
-    out = tmp_path / "timeline.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.restore_timeline", "--sizes", "16MiB", "--reps", "2",
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    [case] = json.loads(out.read_text())["cases"]
+    printed, report = run_bench("restore_timeline", tmp_path / "timeline.json",
+                                "--sizes", "16MiB", "--reps", "2")
+    [case] = report["cases"]
     assert set(case["restores"]) == {"latest", "views", "base"}
     for name, reps in case["restores"].items():
         assert len(reps) == 2, name
@@ -57,4 +52,4 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
             assert 0 < rep["header_s"] <= rep["first_ready_s"] <= rep["last_ready_s"], name
             assert rep["last_ready_s"] < rep["total_s"] and rep["client_copy_s"] > 0, name
             assert rep["client_cpu_s"] > 0, name
-        assert f"| 16MiB | {name} |" in done.stdout
+        assert f"| 16MiB | {name} |" in printed
