@@ -25,6 +25,7 @@ from ckptd.protos.v1 import pb
 
 from .errors import CorruptCheckpointError, SharedMemoryRefusedError
 from .grpc_transport import Connection
+from .pages import PagePopulator
 from .shm import RestoreSegment
 from .structure import STRUCTURE_KEY, unflatten
 
@@ -44,7 +45,10 @@ class RestoredState:
 
 
 def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
-    """An allocator for ``streams.receive`` that keeps each torch tensor it makes."""
+    """An allocator for ``streams.receive`` that keeps each torch tensor it makes, its
+    memory faulted in at once (``pages.py``: every byte is about to be written; through
+    shared memory the daemon writes the first batches meanwhile)."""
+    populator = PagePopulator()
 
     def allocate(spec: pb.TensorSpec) -> np.ndarray:
         try:
@@ -53,6 +57,7 @@ def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
             raise CorruptCheckpointError(f"tensor {spec.name!r}: {exc}") from None
         shape = tuple(int(d) for d in spec.shape)
         tensor = torch.empty(shape, dtype=getattr(torch, row.torch_name))
+        populator.populate(tensor)
         tensors.append(tensor)
         return tensor.reshape(-1).view(torch.uint8).numpy()
 

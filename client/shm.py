@@ -17,9 +17,9 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
 
 A restore on the same host goes the other way (``RestoreSegment``): the client creates an
 empty segment the same way, the daemon sizes it and writes the step into it, and the client
-reads it out into its tensors, verifying the checksum as it copies, then unlinks it; with
-``zero_copy`` it maps it instead and returns views of the mapping, whose memory goes with
-the last of them.
+copies it out of a read-only mapping into its tensors, verifying the checksum as it
+copies, then unlinks it; with ``zero_copy`` it maps it writable instead and returns views
+of the mapping, whose memory goes with the last of them.
 """
 
 from __future__ import annotations

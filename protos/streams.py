@@ -9,10 +9,12 @@ what the daemon verified, end to end, without a second pass over the bytes. A st
 skips, repeats or truncates bytes, or whose bytes do not match the checksum, raises
 ``StreamError`` rather than returning garbage; callers raise it as their own "corrupt
 checkpoint" error. On the daemon's host the bytes may instead lie in the client's own
-shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote: as
-``segment_ready`` messages announce batches, they are read out of it with ``preadv`` and
-hashed block by block as they land (the same one copy and one check), or, with ``adopt``,
-the segment is mapped, hashed batch by batch, and handed over as views (no copy at all).
+shared-memory segment (``RestoreHeader.shared_memory``), which the daemon wrote: the
+client maps it (after checking its size, so no access can fault) and, as
+``segment_ready`` messages announce batches, copies them out and hashes them block by
+block as they land (the same one copy and one check; a copy out of a mapping costs less
+CPU than ``preadv`` of a tmpfs file, which walks the file page by page), or, with
+``adopt``, hashes them in place and hands the tensors over as views (no copy at all).
 numpy, xxhash and the generated messages only (no grpc, no torch).
 """
 
@@ -35,9 +37,9 @@ Adopt = Callable[[pb.TensorSpec, np.ndarray], None]
 """Takes one tensor's verified bytes, in table order: a flat uint8 view of the mapping."""
 Progress = Callable[[int], None]
 """Called with the number of bytes just received."""
-# A segment is read (and hashed) in blocks of this size: small enough to stay in cache
-# between the copy and the hash, large enough that the calls cost nothing.
-_BLOCK_BYTES = 4 << 20
+# A segment is copied (and hashed) in blocks of this size: small enough to stay in a
+# core's L2 between the copy and the hash, large enough that the calls cost nothing.
+_BLOCK_BYTES = 1 << 20
 
 
 def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
@@ -162,10 +164,10 @@ def receive(
     """Consumes a whole restore and verifies its bytes against the header's checksum;
     returns the header (metadata, checksum). The bytes are copied into the buffers
     ``allocate`` gives, one per tensor in table order: from the chunks of a stream, or,
-    when the request named ``segment`` and the daemon wrote into it, read out of the
-    segment, each block hashed as it lands. With ``adopt``, a segment is not copied: it is
-    mapped and ``adopt`` receives each tensor's bytes as a view of the mapping, once all of
-    them are verified."""
+    when the request named ``segment`` and the daemon wrote into it, copied out of a
+    read-only mapping of the segment, each block hashed as it lands. With ``adopt``, a
+    segment is not copied: it is mapped writable and ``adopt`` receives each tensor's
+    bytes as a view of the mapping, once all of them are verified."""
     header = first_header(replies)
     if header.HasField("shared_memory") and adopt is not None:
         views = _map_segment(header, segment)
@@ -176,10 +178,11 @@ def receive(
         return header
     assembler = _Assembler(header.tensors, [allocate(spec) for spec in header.tensors])
     if header.HasField("shared_memory"):
-        fd, offsets = _check_segment(header, segment), header.shared_memory.offsets
+        views = _map_segment(header, segment, writable=False)
         for ready in _announced(header, replies):
             for index in ready:  # the daemon writes the next batch meanwhile
-                assembler.read_from(fd, index, offsets[index], on_progress)
+                assembler.copy_from(index, views[index], on_progress)
+        del views  # unmapped now, not with the restored state's last reference
     for reply in replies:
         chunk = reply if isinstance(reply, Chunk) else _chunk_of(reply)
         assembler.write(chunk)
@@ -222,12 +225,15 @@ def _check_segment(header: pb.RestoreHeader, segment: Segment | None) -> int:
     return segment.fd
 
 
-def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.ndarray]:
-    """Maps the client's segment (shared, writable: the views become the trainer's tensors)
-    and returns each tensor's bytes as a flat uint8 view, after checking that every tensor
-    lies inside it and that it is as large as announced — so no access past its end can
-    fault. Only the client and, until its Restore call ends, the daemon hold it; the daemon
-    sizes it once, before the header, and never shrinks it."""
+def _map_segment(
+    header: pb.RestoreHeader, segment: Segment | None, *, writable: bool = True
+) -> list[np.ndarray]:
+    """Maps the client's segment (shared; writable where the views become the trainer's
+    tensors, read-only where they are copied out) and returns each tensor's bytes as a
+    flat uint8 view, after checking that every tensor lies inside it and that it is as
+    large as announced — so no access past its end can fault. Only the client and, until
+    its Restore call ends, the daemon hold it; the daemon sizes it once, before the
+    header, and never shrinks it."""
     fd, ref, specs = _check_segment(header, segment), header.shared_memory, header.tensors
     for spec, offset in zip(specs, ref.offsets, strict=True):
         _check_nbytes(spec)
@@ -245,7 +251,8 @@ def _map_segment(header: pb.RestoreHeader, segment: Segment | None) -> list[np.n
     if ref.segment_bytes == 0:
         return [np.empty(0, dtype=np.uint8) for _ in specs]
     # The views keep the mapping alive; it is unmapped when the last of them dies.
-    whole = np.frombuffer(mmap.mmap(fd, ref.segment_bytes), dtype=np.uint8)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    whole = np.frombuffer(mmap.mmap(fd, ref.segment_bytes, prot=prot), dtype=np.uint8)
     return [whole[offset : offset + spec.nbytes]
             for spec, offset in zip(specs, ref.offsets, strict=True)]
 
@@ -339,27 +346,19 @@ class _Assembler:
         self.checksum.update(data)
         self._filled[index] = end
 
-    def read_from(
-        self, fd: int, index: int, offset: int, on_progress: Progress | None
-    ) -> None:
-        """Reads tensor ``index`` from ``fd`` at ``offset`` straight into its buffer, hashing
-        each block right after it lands (still in cache) rather than in a second pass."""
+    def copy_from(self, index: int, source: np.ndarray, on_progress: Progress | None) -> None:
+        """Copies tensor ``index`` out of ``source`` (its bytes in the mapped segment) into
+        its buffer block by block, hashing each block right after it lands (still in
+        cache) rather than in a second pass."""
         self._advance()
-        spec, target = self._specs[index], self._buffers[index]
-        done = self._filled[index]
-        while done < spec.nbytes:
-            window = memoryview(target[done : done + _BLOCK_BYTES])  # type: ignore[arg-type]
-            got = os.preadv(fd, [window], offset + done)
-            if got == 0:
-                raise StreamError(
-                    f"restore segment ended at byte {offset + done} while tensor "
-                    f"{spec.name!r} needs bytes {offset}..{offset + spec.nbytes}"
-                )
-            self.checksum.update(window[:got])
-            done += got
+        target = self._buffers[index]
+        for start in range(0, len(source), _BLOCK_BYTES):
+            block = target[start : start + _BLOCK_BYTES]
+            np.copyto(block, source[start : start + _BLOCK_BYTES])
+            self.checksum.update(block.data)
             if on_progress is not None:
-                on_progress(got)
-        self._filled[index] = done
+                on_progress(len(block))
+        self._filled[index] = len(source)
 
     def finish(self) -> None:
         self._advance()

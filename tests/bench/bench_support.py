@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +21,12 @@ def this_code_as_before(tmp_path: Path) -> Path:
     return package.parent
 
 
-def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Runs ``python -m bench.{module} ARGS`` from the repository root (10 min at most)."""
-    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, check=False)
+def run_bench(module: str, out: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Runs ``python -m bench.<module> ARGS --out OUT`` from the repository root and checks
+    that it succeeded; returns what it printed and the JSON report it wrote."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout, json.loads(out.read_text())

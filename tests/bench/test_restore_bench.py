@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench_support import REPO, this_code_as_before
+from bench_support import REPO, run_bench, this_code_as_before
 
 pytestmark = pytest.mark.bench
 
@@ -36,3 +36,20 @@ def test_restore_bench_times_every_case_on_both_sides(tmp_path: Path) -> None:
     assert sorted(line["transport"] for line in served) == ["shm"] * 4 + ["stream"] * 2
     for name in ("latest_shm", "latest_shm_views", "latest_grpc", "base_shm"):
         assert f"| 16MiB | {name} |" in done.stdout
+    for name, reps in case["cpu"].items():  # client and daemon CPU seconds per restore
+        assert len(reps) == 2 and all(client > 0 and daemon >= 0 for client, daemon in reps), name
+    assert set(case["cpu"]) == set(case["seconds"]) - {"torch_load"}
+
+
+def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) -> None:
+    printed, report = run_bench("restore_timeline", tmp_path / "timeline.json",
+                                "--sizes", "16MiB", "--reps", "2")
+    [case] = report["cases"]
+    assert set(case["restores"]) == {"latest", "views", "base"}
+    for name, reps in case["restores"].items():
+        assert len(reps) == 2, name
+        for rep in reps:
+            assert 0 < rep["header_s"] <= rep["first_ready_s"] <= rep["last_ready_s"], name
+            assert rep["last_ready_s"] < rep["total_s"] and rep["client_copy_s"] > 0, name
+            assert rep["client_cpu_s"] > 0, name
+        assert f"| 16MiB | {name} |" in printed

@@ -238,11 +238,12 @@ import os, sys, time
 from ckptd.client import Checkpointer
 from ckptd.protos import streams
 
-def stall(self, fd, index, offset, on_progress):
-    print(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], flush=True)
+def stall(self, index, source, on_progress):
+    mapped = [line.split()[-1] for line in open("/proc/self/maps") if "/dev/shm/" in line]
+    print(mapped[-1].rsplit("/", 1)[-1], flush=True)  # the segment being copied out
     time.sleep(600)
 
-streams._Assembler.read_from = stall
+streams._Assembler.copy_from = stall
 Checkpointer(sys.argv[1], "killed", transport="shm").restore(1)
 """
 
@@ -314,3 +315,52 @@ def test_zero_copy_tensors_are_writable_views_that_outlive_the_unlinked_segment(
     assert torch.equal(w, state(1)["w"] + 1.0)
     assert_bit_identical(ckpt.restore(1), state(1))  # the daemon's head is untouched
     assert unlinked_segment_holding(ckpt.restore(1)["w"]) is None  # by default: a copy
+
+
+def mapped_segment_bytes() -> dict[str, int]:
+    """Bytes of client segments this process maps, by name, linked or not (a restore
+    segment's first page is mapped by ``SharedMemory`` itself while it lives)."""
+    mapped: dict[str, int] = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and segments.SEGMENT_PREFIX in fields[5]:
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            name = Path(fields[5]).name
+            mapped[name] = mapped.get(name, 0) + end - start
+    return mapped
+
+
+@pytest.mark.parametrize("step", [1, 2])  # from storage, and the head in memory
+def test_a_copying_restore_reads_through_a_mapping_it_drops_before_returning(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
+    monkeypatch: pytest.MonkeyPatch, step: int,
+) -> None:
+    from ckptd.protos import streams
+
+    ckpt = make_checkpointer(daemon.address, f"shm-mapped-{step}", transport="grpc")
+    for saved in (1, 2):
+        ckpt.save(saved, many_tensors(saved))
+    ckpt.wait(timeout_s=60)
+    expected = ckpt.restore(step)  # over the stream: no segment
+    ckpt.close()
+    reader = make_checkpointer(daemon.address, f"shm-mapped-{step}", transport="shm")
+    before = mapped_segment_bytes()
+    real_copy = streams._Assembler.copy_from
+    seen: list[dict[str, int]] = []
+
+    def copy_from(self: Any, index: int, source: Any, on_progress: Any) -> None:
+        seen.append(mapped_segment_bytes())
+        real_copy(self, index, source, on_progress)
+
+    monkeypatch.setattr(streams._Assembler, "copy_from", copy_from)
+    restored = reader.restore(step)
+    assert_bit_identical(restored, expected)
+    # Every tensor was copied while the whole segment was mapped (more than the page
+    # SharedMemory maps), and the mapping went with the restore: the trainer's tensors
+    # are its own memory, not views of a segment.
+    total = sum(tensor.nbytes for tensor in expected.values())
+    assert len(seen) == len(expected)
+    assert all(len(mapped.keys() - before.keys()) == 1 for mapped in seen)
+    assert all(sum(mapped.values()) - sum(before.values()) > total for mapped in seen)
+    assert mapped_segment_bytes() == before
+    assert all(unlinked_segment_holding(tensor) is None for tensor in restored.values())
