@@ -104,9 +104,9 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
         auto_relative_to: what that budget is relative to: ``"delta"`` (the change, as
             above) or ``"state"`` (the reference the change is added to: the dropped
             buckets' L2 norm at most ``auto_max_error`` of the reference's, so a small
-            change between frequent saves gets fewer bits than a large one; the log domain
-            keeps the delta rule, its change being relative already). Only the width chosen
-            differs; the blob format is the same.
+            change between frequent saves gets fewer bits than a large one; in the log
+            domain the dropped log-steps' RMS at most ``auto_max_error``: the same relative
+            error of the state). Only the width chosen differs; the blob format is the same.
 
     Returns:
         ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is

@@ -15,6 +15,8 @@ into the output buffer before pass 1 (``scaled``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import chunks, domains, entropy, quantize, scaled
@@ -40,6 +42,7 @@ from .format import (
 AUTO = "auto"
 _F32 = np.dtype("<f4")
 _U64 = np.dtype("<u8")
+_MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
 
 
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
@@ -174,13 +177,19 @@ def _read_exceptions(reader: Reader, header: Header,
 
 
 def _state_energy(ref: np.ndarray, ops: domains.Ops, relative_to: str) -> float | None:
-    """``sum r^2`` of the reference (scaled: of ``alpha * reference``, what the delta is
-    added to) for a state-relative budget; None keeps the delta-relative one. The log
-    domain keeps it too: its delta is already a relative change of the state. Non-finite
-    elements (stored verbatim) are left out. A separate pass over the reference, not a
-    pass-1 statistic: enough for measuring the rule (``bench/auto_budget.py``)."""
-    if relative_to != "state" or ops.domain == domains.LOG:
+    """The energy a state-relative budget is a share of; None keeps the delta-relative one.
+
+    Linear: ``sum r^2`` of the reference (scaled: of ``alpha * reference``, what the delta
+    is added to), non-finite elements (stored verbatim) left out. Log: its delta is a step
+    of the bit pattern, ``~2^m * log2`` of the ratio (m mantissa bits), a relative change
+    already; ``count * (2^m / ln 2)^2`` makes dropped steps of RMS at most ``max_error``
+    a relative error of the state of at most that, the meaning of the linear budget. The
+    linear sum is a separate pass over the reference, not a pass-1 statistic: enough for
+    measuring the rule (``bench/auto_budget.py``)."""
+    if relative_to != "state":
         return None
+    if ops.domain == domains.LOG:
+        return ref.size * (2.0 ** _MANTISSA_BITS[ops.dtype_name] / math.log(2.0)) ** 2
     total = 0.0
     scratch = chunks.Scratch()
     for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):

@@ -132,15 +132,27 @@ def test_the_state_relative_width_is_the_smallest_within_the_budget(budget: floa
         assert dropped(encode_delta(current, reference, bits=bits - 1)[1]) > budget * norm
 
 
-def test_the_log_domain_keeps_the_delta_relative_budget() -> None:
-    """Its delta is a relative change of the state already: "state" chooses as "delta"."""
+def test_the_log_domain_budget_is_a_relative_error_of_the_state() -> None:
+    """Its delta is a log-step, a relative change of the state already: under "state" the
+    dropped log-steps' RMS stays within the budget, so a 100x smaller relative change gets
+    fewer bits, while "delta" gives both the same."""
     rng = np.random.default_rng(6)
     reference = np.abs(rng.standard_normal(20_000)).astype(np.float32) + 0.1
-    current = reference * np.exp(rng.standard_normal(20_000) * 1e-3).astype(np.float32)
-    blobs = [encode_delta(current, reference, bits="auto", domain="log",
-                          auto_relative_to=relative_to)[0]  # type: ignore[arg-type]
-             for relative_to in ("delta", "state")]
-    assert blobs[0] == blobs[1]
+    pattern = rng.standard_t(3, 20_000)
+    widths = {}
+    for relative_to in ("delta", "state"):
+        for scale in (1e-4, 1e-2):
+            current = reference * np.exp(pattern * scale).astype(np.float32)
+            blob, recon = encode_delta(current, reference, bits="auto", domain="log",
+                                       auto_max_error=0.01,
+                                       auto_relative_to=relative_to)  # type: ignore[arg-type]
+            steps = np.log(current.astype(np.float64)) - np.log(reference)
+            dropped = steps[recon == reference]
+            if relative_to == "state":
+                assert np.sqrt(np.sum(dropped ** 2) / steps.size) <= 0.01 * 1.01
+            widths[relative_to, scale] = blob_info(blob).bits
+    assert widths["delta", 1e-4] == widths["delta", 1e-2]
+    assert widths["state", 1e-4] < widths["state", 1e-2]
 
 
 def test_a_bad_auto_reference_is_refused() -> None:
