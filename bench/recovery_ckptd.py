@@ -47,11 +47,15 @@ class Setting:
         max_delta_fraction: The engine's other base trigger: a new base once the deltas
             since the last one outweigh this fraction of it.
         min_lossy_elements: Float tensors smaller than this are stored exactly under AUTO.
+        auto_relative_to: What the adaptive width's budget is relative to: ``"delta"`` (the
+            shipped rule) or ``"state"`` (``auto_bits_relative_to``; ``bench/auto_budget.py``).
         optim: Policy of optimizer tensors: ``"sq-log"`` (the client's built-in rules: Adam's
             ``exp_avg_sq`` lossy in the log domain, the rest as the daemon decides),
             ``"auto"`` (the daemon's rule for all, ``exp_avg_sq`` lossy in the linear
-            domain), ``"exact"``, ``"lossy:<bits>"`` or ``"sq-exact"`` (only Adam's
-            ``exp_avg_sq`` exact).
+            domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
+            ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
+            width, SGD's momentum linear: the adaptive width then chooses for the weights
+            alone).
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
     """
@@ -65,6 +69,7 @@ class Setting:
     base_interval: int = 50
     max_delta_fraction: float = 8.0
     min_lossy_elements: int = 1024
+    auto_relative_to: str = "delta"
     optim: str = "sq-log"
     measure_rework: bool = True
 
@@ -88,6 +93,11 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif setting.optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
+    elif setting.optim.startswith("fixed:"):
+        bits = setting.optim.partition(":")[2]
+        rules += [("optim/state/*/exp_avg_sq", f"lossy-log:{bits}"),
+                  ("optim/state/*/exp_avg", f"lossy-scaled:{bits}"),
+                  ("optim/state/*", f"lossy:{bits}")]
     elif setting.optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
@@ -107,6 +117,7 @@ def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
         default_bits=AUTO_BITS if auto else setting.fixed_bits or EngineConfig.default_bits,
         auto_bits_max_error=(float(str(setting.bits).partition(":")[2]) if auto
                                else EngineConfig.auto_bits_max_error),
+        auto_bits_relative_to=setting.auto_relative_to,
         representative=setting.representative,
         coder=setting.coder,
     )
@@ -230,10 +241,12 @@ def _breakdown(storage: Path, infos: list[Any]) -> dict[str, int]:
             part = entry.spec.name.split("/", 1)[0]
             kind = "lossy" if entry.encoding == "delta" else "exact"
             if kind == "lossy" and (storage / entry.blob_key).is_file():
-                # The width the blob was written with (bits="auto" picks it per tensor).
+                # The width the blob was written with (bits="auto" picks it per tensor),
+                # overall and per tensor group (model, or the optimizer state's kind).
                 bits = blob_info((storage / entry.blob_key).read_bytes()).bits
-                out[f"bits{bits}_elements"] = (out.get(f"bits{bits}_elements", 0)
-                                               + math.prod(entry.spec.shape))
+                group = part if part != "optim" else entry.spec.name.rsplit("/", 1)[-1]
+                for key in (f"bits{bits}_elements", f"{group}_bits{bits}_elements"):
+                    out[key] = out.get(key, 0) + math.prod(entry.spec.shape)
             for key, value in ((f"{part}_{kind}", entry.blob_bytes),
                                (f"{kind}_elements", math.prod(entry.spec.shape))):
                 out[key] = out.get(key, 0) + value

@@ -52,6 +52,11 @@ class EngineConfig:
     default_bits: int = AUTO_BITS
     # The error budget of AUTO_BITS, in [0, 1).
     auto_bits_max_error: float = 0.2
+    # What that budget is relative to: "delta" (the tensor's change since the reference) or
+    # "state" (the reference itself: a small change between frequent saves gets fewer bits
+    # than a large one between sparse saves). An experiment (bench/README.md, "State-
+    # relative auto budget"); only the widths chosen differ, not the format.
+    auto_bits_relative_to: str = "delta"
     representative: str = "mean"
     coder: str = "zstd"
     # Lossless blobs (bases, exact tensors): "zstd" (byte planes + zstd), "none" (raw), or
@@ -118,6 +123,9 @@ class EngineConfig:
         if not 0.0 <= self.auto_bits_max_error < 1.0:  # also refuses NaN
             raise ValueError(
                 f"auto_bits_max_error must be in [0, 1), got {self.auto_bits_max_error}")
+        if self.auto_bits_relative_to not in ("delta", "state"):
+            raise ValueError(f"auto_bits_relative_to must be 'delta' or 'state', got "
+                             f"{self.auto_bits_relative_to!r}")
         if self.representative not in ("mean", "midrange"):
             raise ValueError(
                 f"representative must be 'mean' or 'midrange', got {self.representative!r}"
@@ -424,6 +432,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_delta_fraction": ("engine", "max_delta_fraction", float),
     "bits": ("engine", "default_bits", parse_bits),
     "auto_bits_max_error": ("engine", "auto_bits_max_error", float),
+    "auto_bits_relative_to": ("engine", "auto_bits_relative_to", _parse_lower),
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
     "base_compression": ("engine", "base_compression", _parse_lower),

@@ -58,6 +58,8 @@ _SERVE_HELP = {
     "the smallest within --auto-bits-max-error",
     "auto_bits_max_error": "error budget of --bits auto: relative L2 error the dropped "
     "buckets may add to a tensor's change (0-1)",
+    "auto_bits_relative_to": "what --auto-bits-max-error is relative to: delta (the "
+    "tensor's change) or state (the tensor itself)",
     "representative": "value a kept bucket decodes to: mean or midrange",
     "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
     "base_compression": "lossless blobs: zstd, none (raw), or auto (raw when the measured "
@@ -100,7 +102,7 @@ _SERVE_HELP = {
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
              "log_format": "FORMAT", "metrics_listen": "ADDR", "storage_mode": "MODE",
              "representative": "KIND", "coder": "CODER", "base_compression": "MODE",
-             "max_delta_fraction": "X",
+             "max_delta_fraction": "X", "auto_bits_relative_to": "WHAT",
              "retention_keep_interval_s": "SECONDS", "retention_best_metric": "NAME",
              "retention_best_mode": "MODE", "retention_max_bytes": "BYTES",
              "test_pause_at": "POINT:PATH",

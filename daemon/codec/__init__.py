@@ -62,6 +62,8 @@ Coder = Literal["zstd", "huffman"]
 # "linear": the delta of the values; "log": of their logarithm (non-negative tensors);
 # "scaled": of the values against a fitted multiple of the reference (decaying tensors).
 Domain = Literal["linear", "log", "scaled"]
+# What the error budget of bits="auto" is relative to (``encode_delta``).
+AutoRelativeTo = Literal["delta", "state"]
 
 DEFAULT_BITS = 3
 DEFAULT_CODER: Coder = "zstd"
@@ -73,7 +75,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
                  representative: Representative = DEFAULT_REPRESENTATIVE,
                  coder: Coder = DEFAULT_CODER, bfloat16: bool = False,
                  domain: Domain = "linear",
-                 auto_max_error: float = AUTO_MAX_ERROR) -> tuple[bytes, np.ndarray]:
+                 auto_max_error: float = AUTO_MAX_ERROR,
+                 auto_relative_to: AutoRelativeTo = "delta") -> tuple[bytes, np.ndarray]:
     """Lossy delta of a float tensor against the reconstruction it follows.
 
     Args:
@@ -98,6 +101,12 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
             error the dropped buckets may add to the reconstructed change (a dropped
             element is restored as no change; the kept buckets' own error, ~20 % of the
             change, is the same at every b). Ignored for a fixed ``bits``.
+        auto_relative_to: what that budget is relative to: ``"delta"`` (the change, as
+            above) or ``"state"`` (the reference the change is added to: the dropped
+            buckets' L2 norm at most ``auto_max_error`` of the reference's, so a small
+            change between frequent saves gets fewer bits than a large one; in the log
+            domain the dropped log-steps' RMS at most ``auto_max_error``: the same relative
+            error of the state). Only the width chosen differs; the blob format is the same.
 
     Returns:
         ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is
@@ -111,7 +120,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
     """
     return delta.encode_delta(current, reference, bits=bits, representative=representative,
                               coder=coder, bfloat16=bfloat16, domain=domain,
-                              auto_max_error=auto_max_error)
+                              auto_max_error=auto_max_error,
+                              auto_relative_to=auto_relative_to)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,

@@ -15,6 +15,8 @@ into the output buffer before pass 1 (``scaled``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import chunks, domains, entropy, quantize, scaled
@@ -40,15 +42,18 @@ from .format import (
 AUTO = "auto"
 _F32 = np.dtype("<f4")
 _U64 = np.dtype("<u8")
+_MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
 
 
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                  representative: str, coder: str, bfloat16: bool, domain: str = "linear",
                  auto_max_error: float = quantize.AUTO_MAX_ERROR,
+                 auto_relative_to: str = "delta",
                  ops_type: type[domains.Ops] = domains.Ops) -> tuple[bytes, np.ndarray]:
     """See ``ckptd.daemon.codec.encode_delta``. ``ops_type`` runs the per-chunk passes (the
     tests substitute the numpy codec, their oracle, to compare the bytes)."""
-    _check_options(bits, representative, coder, domain, auto_max_error)
+    _check_options(bits, representative, coder, domain, auto_max_error,
+                   auto_relative_to=auto_relative_to)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
@@ -65,8 +70,11 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
         stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
         merged = quantize.merge(stats, representative)
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
-        bits = (quantize.auto_bits(merged, auto_max_error, representative) if bits == AUTO
-                else int(bits))
+        if bits == AUTO:
+            bits = quantize.auto_bits(merged, auto_max_error, representative,
+                                      state_energy=_state_energy(ref, ops, auto_relative_to))
+        else:
+            bits = int(bits)
         plan = quantize.make_plan(merged, bits, representative)
         enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
         coded = run(lambda s: _encode_chunk(cur[s], ref[s], out[s], ops, plan=plan, enc=enc,
@@ -168,11 +176,39 @@ def _read_exceptions(reader: Reader, header: Header,
     return index.astype(np.intp), np.frombuffer(raw, header.dtype.holder, count, count * 8)
 
 
+def _state_energy(ref: np.ndarray, ops: domains.Ops, relative_to: str) -> float | None:
+    """The energy a state-relative budget is a share of; None keeps the delta-relative one.
+
+    Linear: ``sum r^2`` of the reference (scaled: of ``alpha * reference``, what the delta
+    is added to), non-finite elements (stored verbatim) left out. Log: its delta is a step
+    of the bit pattern, ``~2^m * log2`` of the ratio (m mantissa bits), a relative change
+    already; ``count * (2^m / ln 2)^2`` makes dropped steps of RMS at most ``max_error``
+    a relative error of the state of at most that, the meaning of the linear budget. The
+    linear sum is a separate pass over the reference, not a pass-1 statistic: enough for
+    measuring the rule (``bench/auto_budget.py``)."""
+    if relative_to != "state":
+        return None
+    if ops.domain == domains.LOG:
+        return ref.size * (2.0 ** _MANTISSA_BITS[ops.dtype_name] / math.log(2.0)) ** 2
+    total = 0.0
+    scratch = chunks.Scratch()
+    for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):
+        values = scaled._widen(ref[part], ops.dtype_name,
+                              scratch.get("energy", part.stop - part.start, _F32))
+        finite = np.isfinite(values)
+        with np.errstate(all="ignore"):
+            total += float(np.dot(values[finite], values[finite]))
+    return total
+
+
 def _check_options(bits: int | str, representative: str, coder: str, domain: str,
-                   auto_max_error: float) -> None:
+                   auto_max_error: float, *, auto_relative_to: str = "delta") -> None:
     if bits == AUTO:
         if not 0.0 <= auto_max_error < 1.0:  # also refuses NaN
             raise CodecError(f"auto_max_error must be in [0, 1), got {auto_max_error!r}")
+        if auto_relative_to not in quantize.AUTO_RELATIVE_TO:
+            raise CodecError(f"auto_relative_to must be one of {quantize.AUTO_RELATIVE_TO}, "
+                             f"got {auto_relative_to!r}")
     elif isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 1 <= bits <= 8:
         raise CodecError(f"bits must be an integer in 1..8, got {bits!r} (or 'auto')")
     if representative not in REPRESENTATIVE_IDS or representative == "none":

@@ -26,6 +26,9 @@ _MANTISSA_BITS = 23
 # bits="auto": the default relative L2 error the dropped buckets may add to a delta
 # (``auto_bits``); chosen from bench/RESULTS.md.
 AUTO_MAX_ERROR = 0.2
+# What the budget of bits="auto" is relative to: "delta" (the change, the shipped rule) or
+# "state" (the tensor the change is added to; bench/README.md, "State-relative auto budget").
+AUTO_RELATIVE_TO = ("delta", "state")
 _F32 = np.dtype(np.float32)
 
 
@@ -87,9 +90,17 @@ def _means(stats: Stats, kept: np.ndarray) -> np.ndarray:
     return np.where(kept >> 8, -magnitude, magnitude)
 
 
-def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int = 8) -> int:
+def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int = 8,
+              state_energy: float | None = None) -> int:
     """The smallest width (1..``max_bits``) whose dropped buckets hold at most
     ``max_error`` of the delta's L2 norm: ``sqrt(sum dropped d^2 / sum d^2) <= max_error``.
+
+    With ``state_energy`` (``sum r^2`` of the tensor the delta is added to) the budget is
+    relative to the state instead: ``sqrt(sum dropped d^2 / sum r^2) <= max_error``. The
+    delta-relative budget is scale-free in the delta, so it keeps as many buckets of a tiny
+    change between frequent saves as of a large one between sparse saves; the
+    state-relative one drops more of the tiny change (harmless to the state) and less of
+    the large one. A zero state keeps everything (``max_bits``) unless nothing is dropped.
 
     A dropped element is restored as no change, so this is the relative L2 error the
     width adds to the reconstructed change; the kept buckets' own error (each bucket spans
@@ -106,9 +117,10 @@ def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int
                       strict=True))
     total = sum(energy.values())
     kept = np.concatenate([[0.0], np.cumsum([energy[int(k)] for k in order])])
+    budget = max_error * max_error * (total if state_energy is None else state_energy)
     for bits in range(1, max_bits):
         dropped = total - kept[min((1 << bits) - 1, order.size)]
-        if dropped <= max_error * max_error * total:
+        if dropped <= budget:
             return bits
     return max_bits
 

@@ -274,6 +274,7 @@ def _encode_tensor(
         reference,
         bits=bits_for(spec, config),
         auto_max_error=config.auto_bits_max_error,
+        auto_relative_to=cast(codec.AutoRelativeTo, config.auto_bits_relative_to),
         representative=cast(codec.Representative, config.representative),
         coder=cast(codec.Coder, config.coder),
         bfloat16=bfloat16,

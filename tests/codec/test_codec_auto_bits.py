@@ -92,3 +92,70 @@ def test_bad_auto_options_are_refused(bits: str, budget: float, needle: str) -> 
     values = np.zeros(16, np.float32)
     with pytest.raises(CodecError, match=needle):
         encode_delta(values, values, bits=bits, auto_max_error=budget)  # type: ignore[arg-type]
+
+
+def test_a_state_relative_budget_gives_a_larger_change_more_bits() -> None:
+    """The same change pattern at two scales: relative to the delta the widths are equal
+    (the rule is scale-free in the delta); relative to the state the tiny change between
+    frequent saves gets fewer bits than the large one between sparse saves."""
+    rng = np.random.default_rng(4)
+    reference = rng.standard_normal(50_000).astype(np.float32)
+    pattern = rng.standard_t(3, 50_000)
+    widths = {}
+    for relative_to in ("delta", "state"):
+        for scale in (1e-4, 1e-2):
+            current = reference + (pattern * scale).astype(np.float32)
+            blob, recon = encode_delta(current, reference, bits="auto", auto_max_error=0.01,
+                                       auto_relative_to=relative_to)  # type: ignore[arg-type]
+            assert np.array_equal(decode_delta(blob, reference), recon)
+            widths[relative_to, scale] = blob_info(blob).bits
+    assert widths["delta", 1e-4] == widths["delta", 1e-2]
+    assert widths["state", 1e-4] < widths["state", 1e-2]
+
+
+@pytest.mark.parametrize("budget", [0.001, 0.01, 0.05])
+def test_the_state_relative_width_is_the_smallest_within_the_budget(budget: float) -> None:
+    # Exact powers of two against a reference of norm 100: the estimate is exact.
+    reference = np.full(10_000, 1.0, np.float32)
+    change = _delta_of([(2.0 ** -3, 2_000), (2.0 ** -5, 4_000), (2.0 ** -7, 4_000)])
+    current = reference + change
+    blob, recon = encode_delta(current, reference, bits="auto", auto_max_error=budget,
+                               auto_relative_to="state")
+    bits = blob_info(blob).bits
+    norm = float(np.linalg.norm(reference))
+
+    def dropped(recon: np.ndarray) -> float:
+        return float(np.linalg.norm(change[recon == reference]))
+
+    assert dropped(recon) <= budget * norm + 1e-6
+    if bits > 1:
+        assert dropped(encode_delta(current, reference, bits=bits - 1)[1]) > budget * norm
+
+
+def test_the_log_domain_budget_is_a_relative_error_of_the_state() -> None:
+    """Its delta is a log-step, a relative change of the state already: under "state" the
+    dropped log-steps' RMS stays within the budget, so a 100x smaller relative change gets
+    fewer bits, while "delta" gives both the same."""
+    rng = np.random.default_rng(6)
+    reference = np.abs(rng.standard_normal(20_000)).astype(np.float32) + 0.1
+    pattern = rng.standard_t(3, 20_000)
+    widths = {}
+    for relative_to in ("delta", "state"):
+        for scale in (1e-4, 1e-2):
+            current = reference * np.exp(pattern * scale).astype(np.float32)
+            blob, recon = encode_delta(current, reference, bits="auto", domain="log",
+                                       auto_max_error=0.01,
+                                       auto_relative_to=relative_to)  # type: ignore[arg-type]
+            steps = np.log(current.astype(np.float64)) - np.log(reference)
+            dropped = steps[recon == reference]
+            if relative_to == "state":
+                assert np.sqrt(np.sum(dropped ** 2) / steps.size) <= 0.01 * 1.01
+            widths[relative_to, scale] = blob_info(blob).bits
+    assert widths["delta", 1e-4] == widths["delta", 1e-2]
+    assert widths["state", 1e-4] < widths["state", 1e-2]
+
+
+def test_a_bad_auto_reference_is_refused() -> None:
+    values = np.zeros(16, np.float32)
+    with pytest.raises(CodecError, match=r"auto_relative_to must be one of.*'tensor'"):
+        encode_delta(values, values, bits="auto", auto_relative_to="tensor")  # type: ignore[arg-type]

@@ -340,6 +340,33 @@ def test_auto_bits_picks_a_width_per_tensor_and_save(tmp_path: Path) -> None:
     assert all(w["flat"] <= 2 and w["busy"] > w["flat"] and w["fixed"] == 3 for w in widths)
 
 
+
+@pytest.mark.parametrize("relative_to", ["delta", "state"])
+def test_auto_bits_relative_to_reaches_the_codec(tmp_path: Path, relative_to: str) -> None:
+    """auto_bits_relative_to="state": of two tensors changed in the same pattern, the one
+    changed 100x less gets fewer bits; "delta" (the default rule) gives both the same."""
+    config = dataclasses.replace(SMALL, default_bits=AUTO_BITS, auto_bits_max_error=0.01,
+                                 auto_bits_relative_to=relative_to)
+    rng = np.random.default_rng(7)
+    reference = rng.standard_normal(4096).astype(np.float32)
+    pattern = rng.standard_t(3, 4096)
+
+    async def scenario() -> dict[str, int]:
+        async with open_engine(tmp_path, config) as engine:
+            await save(engine, 0, {"small": Tensor(reference.copy()),
+                                   "large": Tensor(reference.copy())})
+            await save(engine, 1, {
+                "small": Tensor(reference + (1e-4 * pattern).astype(np.float32)),
+                "large": Tensor(reference + (1e-2 * pattern).astype(np.float32))})
+        return _blob_bits(tmp_path, 1, ("small", "large"))
+
+    widths = asyncio.run(scenario())
+    if relative_to == "state":
+        assert widths["small"] < widths["large"]
+    else:
+        assert widths["small"] == widths["large"]
+
+
 def _blob_bits(root: Path, step: int, names: tuple[str, ...]) -> dict[str, int]:
     storage = LocalStorage(root)
     manifest = Manifest.from_bytes(storage.get(manifest_key(StepKey(RUN, 0, step))), "test")

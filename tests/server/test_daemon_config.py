@@ -10,6 +10,7 @@ from ckptd.daemon.config import (
     AUTO_BITS,
     SETTINGS,
     DaemonConfig,
+    EngineConfig,
     GiB,
     MiB,
     env_name,
@@ -109,3 +110,14 @@ def test_bits_auto_selects_the_adaptive_width() -> None:
     assert (config.engine.default_bits, config.engine.auto_bits_max_error) == (AUTO_BITS, 0.3)
     with pytest.raises(ValueError, match="auto_bits_max_error must be in"):
         DaemonConfig.from_env({"CKPTD_STORAGE": "/d"}, {"auto_bits_max_error": "1.5"})
+
+
+def test_auto_bits_relative_to_is_a_setting() -> None:
+    """The state-relative budget of bits="auto" is opt-in: flag, environment and settings
+    file alike; anything but delta/state is refused naming the value."""
+    assert EngineConfig().auto_bits_relative_to == "delta"
+    config = DaemonConfig.from_env({"CKPTD_STORAGE": "/d"}, {"auto_bits_relative_to": "State"})
+    assert config.engine.auto_bits_relative_to == "state"
+    with pytest.raises(ValueError, match=r"auto_bits_relative_to must be .* got 'tensor'"):
+        DaemonConfig.from_env({"CKPTD_STORAGE": "/d", "CKPTD_AUTO_BITS_RELATIVE_TO": "tensor"},
+                              {})

@@ -1,0 +1,157 @@
+"""Evidence for a state-relative error budget of ``bits="auto"`` (issue 16).
+
+The shipped adaptive width keeps, per tensor and save, the smallest b whose dropped buckets
+hold at most a share of *the delta's* L2 norm; that rule is scale-free in the delta, so a
+tiny change between frequent saves keeps as many buckets as a large one between sparse
+saves. ``EngineConfig.auto_bits_relative_to="state"`` makes the budget a share of *the
+tensor's* norm instead (the log domain: an RMS relative error of the state). This runs
+chosen settings of the recovery sweep with it, through the same harness
+(``bench.recovery.run_plan``, ``bench.recovery_ckptd.run_setting``: the real daemon and
+client, the same failures and rework protocol), and compares them with the sweep's own
+rows (``bench/out/recovery-full.json``: b3, auto0.2...).
+
+Usage (from the repository root; run it niced, the rework is counted in steps)::
+
+    nice -n 19 python -m bench.auto_budget --budgets 0.003 0.01 --sizes-only   # widths only
+    nice -n 19 python -m bench.auto_budget --budgets 0.003 0.01                # + rework
+    python -m bench.auto_budget --report-only bench/out/auto-budget.json
+
+Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
+beside it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.recovery import full_plan, run_plan
+from bench.recovery_analysis import summarize
+from bench.recovery_ckptd import Setting
+
+_BENCH = Path(__file__).resolve().parent
+_BASELINE = _BENCH / "out" / "recovery-full.json"
+# The sweep's rows the state-relative budgets are compared with, per K.
+# ``recovery_ckptd._breakdown``'s element counts per width: overall and per tensor group.
+_WIDTH_KEY = re.compile(r"(?:(.+)_)?bits(\d+)_elements")
+_BASELINE_SETTINGS = ("b2", "b3", "b4", "auto0.2", "auto0.3")
+
+
+def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[int],
+                   optims: list[str], measure_rework: bool) -> list[Setting]:
+    """``state<budget>-K<k>[-minlossy1][-optim-fixed3]``: the adaptive width with a
+    state-relative budget, every other knob at the sweep's centre."""
+    return [Setting(f"state{budget:g}-K{k}" + ("" if m == 1024 else f"-minlossy{m}")
+                    + ("" if optim == "sq-log" else f"-optim-{optim.replace(':', '')}"),
+                    "auto_budget", k, f"auto:{budget}", min_lossy_elements=m,
+                    auto_relative_to="state", optim=optim, measure_rework=measure_rework)
+            for budget in budgets for k in intervals for m in min_lossy for optim in optims]
+
+
+def _widths(row_items: list[dict[str, Any]]) -> str:
+    """Mean bits per lossy element of the last delta, per tensor group (``all`` where the
+    results predate the groups), over the seeds."""
+    totals: dict[str, list[int]] = {}
+    for item in row_items:
+        breakdown = item["delta_breakdown"]
+        found = [(m.group(1) or "all", int(m.group(2)), count) for key, count in
+                 breakdown.items() if (m := _WIDTH_KEY.fullmatch(key))]
+        grouped = any(group != "all" for group, _, _ in found)
+        for group, bits, count in found:
+            if (group == "all") != grouped:  # the overall count where groups exist
+                acc = totals.setdefault(group, [0, 0])
+                acc[0] += bits * count
+                acc[1] += count
+    return ", ".join(f"{g} {s / n:.1f}" for g, (s, n) in sorted(totals.items()) if n)
+
+
+def _line(row: dict[str, Any], widths: str) -> str:
+    rework = ("-" if row["rework_ratio"] is None else
+              f"{row['rework_ratio']:.2f} +/- {row['rework_ratio_2se']:.2f}")
+    lost = ("-" if row["rework_ratio"] is None else
+            f"{row['diverged']}/{row['censored']} of {row['failures']}")
+    return (f"| {row['workload']} | {row['interval']} | `{row['name']}` | "
+            f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x | {rework} | {lost} | "
+            f"{widths} |")
+
+
+def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """A Markdown table: each workload and K, the sweep's rows then the new ones."""
+    rows = summarize(output)
+    items = {(r["workload"], r["setting"]["name"]): [] for r in output["results"]}
+    for r in output["results"]:
+        items[(r["workload"], r["setting"]["name"])].append(r)
+    old: list[dict[str, Any]] = []
+    old_items: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if baseline is not None:
+        workloads = {r["workload"] for r in rows}
+        wanted = {f"{b}-K{r['interval']}" for b in _BASELINE_SETTINGS for r in rows}
+        wanted |= {f"{n}-K10-minlossy1" for n in ("b4", "auto0.2")}
+        old = [r for r in summarize(baseline)
+               if r["workload"] in workloads and r["name"] in wanted]
+        for r in baseline["results"]:
+            old_items.setdefault((r["workload"], r["setting"]["name"]), []).append(r)
+    lines = [
+        "| workload | K | setting | delta xts | history xts | rework vs exact (+/-2se) | "
+        "diverged/capped | mean bits of the last delta by group |",
+        "|---|---:|---|---:|---:|---|---|---|",
+    ]
+    for row in sorted(old + rows, key=lambda r: (r["workload"], r["interval"],
+                                                 r in rows, r["name"])):
+        source = items if row in rows else old_items
+        lines.append(_line(row, _widths(source[(row["workload"], row["name"])])))
+    provenance = output.get("provenance", {})
+    head = (f"Measured {provenance.get('date')} at commit `{provenance.get('git_commit', '')[:7]}`"
+            f", 1-min load average {provenance.get('loadavg_1m_at_start', 0):.1f} at start and "
+            f"{provenance.get('loadavg_1m_at_end', 0):.1f} at end, "
+            f"{output.get('seconds', 0) / 60:.1f} min. Sweep rows (first per K) from "
+            f"`bench/out/recovery-full.json`.")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.003, 0.01])
+    parser.add_argument("--intervals", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--workloads", nargs="+", default=["logreg", "lenet", "lm"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--min-lossy", type=int, nargs="+", default=[1024, 1],
+                        help="min_lossy_elements values (1: small tensors lossy too)")
+    parser.add_argument("--optim", nargs="+", default=["sq-log"],
+                        help="optimizer-state policies (Setting.optim): sq-log = the built-in "
+                        "rules at the adaptive width, fixed:3 = the built-in domains at b=3")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="save and measure sizes and widths, no failures (minutes less)")
+    parser.add_argument("--out", type=Path, default=_BENCH / "out" / "auto-budget.json")
+    parser.add_argument("--report-only", type=Path, metavar="JSON")
+    args = parser.parse_args(argv)
+    baseline = json.loads(_BASELINE.read_text()) if _BASELINE.is_file() else None
+    if args.report_only:
+        print(report(json.loads(args.report_only.read_text()), baseline))
+        return 0
+    torch.set_num_threads(1)  # as bench.recovery: bit-identical replays
+    plan = replace(
+        full_plan(), mode="auto-budget", workloads=tuple(args.workloads),
+        seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
+        settings=tuple(state_settings(args.budgets, args.intervals, args.min_lossy,
+                                      args.optim, not args.sizes_only)),
+        out_dir=args.out.parent, json_path=args.out)
+    output = run_plan(plan, log=lambda line: print(line, flush=True))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(output))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    text = report(output, baseline)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
