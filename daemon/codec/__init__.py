@@ -138,19 +138,22 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
     return delta.decode_delta(blob, reference, in_place=in_place)
 
 
-def apply_deltas(blobs: Sequence[bytes | memoryview], array: np.ndarray, *,
-                 verified: bool = False) -> np.ndarray:
-    """Applies a chain of delta blobs in turn to ``array``, in place, and returns it.
+def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
+                 in_place: bool = False, verified: bool = False) -> np.ndarray:
+    """Reconstruction from a chain of delta blobs, applied in turn to ``reference``.
 
-    The result is bit for bit ``decode_delta(blob, array, in_place=True)`` called for each
-    blob in order, computed chunk by chunk across the whole chain (each chunk stays in the
-    CPU's cache while every delta is applied to it) on several threads.
+    The result is bit for bit ``decode_delta`` called for each blob in order, computed
+    chunk by chunk across the whole chain (each chunk stays in the CPU's cache while every
+    delta is applied to it, starting from a copy of the reference's chunk) on several
+    threads.
 
     Args:
-        blobs: delta blobs, the first encoded against ``array``, each next one against the
-            reconstruction of the one before.
-        array: a writeable, C-contiguous array of the blobs' holder dtype and shape; on
-            error it may be partly overwritten.
+        blobs: delta blobs, the first encoded against ``reference``, each next one against
+            the reconstruction of the one before.
+        reference: the chain's start (a decoded base), of the blobs' holder dtype and shape;
+            read-only unless ``in_place``.
+        in_place: write the result over ``reference`` (then a writeable, C-contiguous
+            array, partly overwritten on error) instead of into a new array.
         verified: the caller has already checked every byte of each blob (a restore
             compares each blob's xxh3_64 with its manifest): the payload checksums are
             then not computed again. The headers' checksums and the payloads' structure
@@ -158,10 +161,10 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], array: np.ndarray, *,
 
     Raises:
         ChainError: a ``CodecError`` naming the delta (its ``position`` in ``blobs``) that
-            is truncated, corrupt, of an unknown version or not a delta, or that ``array``
-            does not match.
+            is truncated, corrupt, of an unknown version or not a delta, or that
+            ``reference`` does not match.
     """
-    return chain.apply_deltas(blobs, array, verified=verified)
+    return chain.apply_deltas(blobs, reference, in_place=in_place, verified=verified)
 
 
 def warm_up() -> None:

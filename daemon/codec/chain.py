@@ -39,37 +39,45 @@ class ChainError(CodecError):
         self.position = position
 
 
-def apply_deltas(blobs: Sequence[bytes | memoryview], array: np.ndarray, *,
-                 verified: bool = False) -> np.ndarray:
+def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
+                 in_place: bool = False, verified: bool = False) -> np.ndarray:
     """See ``ckptd.daemon.codec.apply_deltas``."""
-    array = np.asarray(array)
+    reference = np.asarray(reference)
     steps = []
     for position, blob in enumerate(blobs):
         with _naming(position):
-            steps.append(_Step(parse_delta(blob, array, verified=verified), position))
+            steps.append(_Step(parse_delta(blob, reference, verified=verified), position))
     if not steps:
-        return array
-    with _naming(0):
-        check_in_place(array, steps[0].parsed.header.dtype)
+        return reference if in_place else reference.copy()
+    holder = steps[0].parsed.header.dtype.holder
+    if in_place:
+        with _naming(0):
+            check_in_place(reference, steps[0].parsed.header.dtype)
+        out = source = reference.reshape(-1)
+    else:
+        out = chunks.empty_output(reference.size, holder)
+        source = reference.reshape(-1)  # a copy only if it is strided
     if len({step.parsed.header.chunk_elems for step in steps}) > 1:
         # Never written so (the encoder's chunk size is a constant), but readable.
+        np.copyto(out, source)
         for position, blob in enumerate(blobs):
             with _naming(position):
-                decode_delta(blob, array, in_place=True)
-        return array
-    flat = array.reshape(-1)
+                decode_delta(blob, out, in_place=True)
+        return out.reshape(reference.shape)
     parts = steps[0].parsed.parts
     pool = chunks.ScratchPool()
 
     def apply_chunk(i: int) -> None:
-        scratch = pool.get()
+        scratch, chunk = pool.get(), out[parts[i]]
+        if source is not out:  # the reference's chunk is copied in as the chain starts on it
+            np.copyto(chunk, source[parts[i]])
         for step in steps:
             with _naming(step.position):
-                step.apply(i, flat[parts[i]], scratch)
+                step.apply(i, chunk, scratch)
 
     with chunks.mapper(len(parts)) as run:
         run(apply_chunk, range(len(parts)))
-    return array
+    return out.reshape(reference.shape)
 
 
 class _Step:

@@ -256,20 +256,21 @@ def _apply(
             f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} is a "
             "delta with no base to apply to"
         )
-    spec = entries[start][1].spec
+    spec, last = entries[start][1].spec, start == len(entries) - 1
     with _decoding(entries[start]):
-        if raw_view and start == len(entries) - 1 and (
-                (view := codec.raw_view(blobs[start])) is not None):
+        # A raw base is read through a view of its blob: the chain's first chunk-by-chunk
+        # pass copies it out (each blob's bytes were checked against its manifest).
+        view = codec.raw_view(blobs[start]) if raw_view or not last else None
+        if view is not None and last:
             return as_holder(view, spec)
-        array = as_holder(codec.decode_exact(blobs[start]), spec)
-    if start == len(entries) - 1:
+        array = as_holder(codec.decode_exact(blobs[start]) if view is None else view, spec)
+    if last:
         return array
-    if not _writeable(array):
-        array = array.copy()
     try:
-        # Every array here was decoded by this call, so the deltas may overwrite it: one
-        # buffer for the whole chain. Each blob's bytes were checked against its manifest.
-        applied = codec.apply_deltas(blobs[start + 1:], array, verified=True)
+        # A decoded base is this call's own array: the deltas overwrite it (one buffer for
+        # the whole chain).
+        applied = codec.apply_deltas(blobs[start + 1:], array, in_place=view is None
+                                     and _writeable(array), verified=True)
     except codec.ChainError as exc:
         raise _undecodable(entries[start + 1 + exc.position], exc) from exc
     with _decoding(entries[-1]):

@@ -68,9 +68,9 @@ def test_chain_equals_deltas_applied_one_at_a_time(dtype: str, domain: str, seed
     expected = base.copy()
     for blob in blobs:
         expected = oracle_decode(blob, expected)
-    target = base.copy()
-    applied = codec.apply_deltas(blobs, target, verified=seed % 2 == 0)
-    assert np.shares_memory(applied, target)
+    target, in_place = base.copy(), seed % 3 != 0
+    applied = codec.apply_deltas(blobs, target, in_place=in_place, verified=seed % 2 == 0)
+    assert np.shares_memory(applied, target) == in_place
     assert applied.tobytes() == expected.tobytes() == recon.tobytes()
 
 
@@ -92,7 +92,7 @@ def test_golden_delta_blobs_apply_as_they_decode(name: str) -> None:
     reference = CASES[name][1] if name in CASES else LEGACY[name][0]
     assert reference is not None
     blob = (GOLDEN / f"{name}.ckpd").read_bytes()
-    applied = codec.apply_deltas([blob, blob], np.array(reference(), copy=True))
+    applied = codec.apply_deltas([blob, blob], np.array(reference(), copy=True), in_place=True)
     expected = codec.decode_delta(blob, codec.decode_delta(blob, reference()))
     assert applied.tobytes() == expected.tobytes()
 
@@ -102,7 +102,7 @@ def test_a_corrupt_blob_is_named_by_its_position() -> None:
     damaged = bytearray(blobs[1])
     damaged[-3] ^= 0xFF
     with pytest.raises(codec.ChainError, match="checksum") as caught:
-        codec.apply_deltas([blobs[0], bytes(damaged), blobs[2]], base.copy())
+        codec.apply_deltas([blobs[0], bytes(damaged), blobs[2]], base)
     assert caught.value.position == 1
     with pytest.raises(codec.ChainError, match="reference is float64") as caught:
         codec.apply_deltas(blobs, base.astype(np.float64))
@@ -110,7 +110,7 @@ def test_a_corrupt_blob_is_named_by_its_position() -> None:
     read_only = base.copy()
     read_only.flags.writeable = False
     with pytest.raises(codec.ChainError, match="in place"):
-        codec.apply_deltas(blobs, read_only)
+        codec.apply_deltas(blobs, read_only, in_place=True)
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -130,3 +130,14 @@ def test_kernels_refuse_symbols_outside_their_stream(dtype: str) -> None:
 def test_adaptive_streams_refuse_an_unknown_mode() -> None:
     with pytest.raises(codec.CodecError, match="layout mode 7"):
         layouts.adaptive_streams(memoryview(b"\x07abc"), 4, 3, chunks.Scratch())
+
+
+def test_a_chain_from_a_read_only_reference_leaves_it_alone() -> None:
+    """Not in place (a restore from a raw base's view): a new array, the reference intact."""
+    base, blobs, recon = _chain("bfloat16", "scaled", 5, 3000, 3, 0.5, "zstd")
+    reference = base.copy()
+    reference.flags.writeable = False
+    applied = codec.apply_deltas(blobs, reference)
+    assert not np.shares_memory(applied, reference)
+    assert applied.tobytes() == recon.tobytes()
+    assert reference.tobytes() == base.tobytes()
