@@ -8,15 +8,17 @@ tensor larger than the CPU caches every pass streams the tensor from memory agai
 Here the outer loop is over chunks and the inner one over the deltas: a chunk of the array
 (1 MiB of float32) stays in cache while every delta of the chain is applied to it, and
 chunks run on several threads, so one huge tensor keeps every core busy. For the adaptive
-zstd layout (what the encoder writes) the compiled kernels read each symbol straight from
-the entropy decoder's packed bytes (``kernels.apply_packed`` / ``apply_split``): no values
-buffer. Other coders and layouts go through their values, as ``decode_delta`` does.
+zstd layout's packed chunks (what the encoder writes for all but mostly-zero deltas) a
+compiled kernel reads each symbol straight from the entropy decoder's packed bytes
+(``kernels.apply_packed``): no values buffer. Split chunks, other coders and the legacy
+layouts go through their values, as ``decode_delta`` does: a kernel placing a split
+chunk's symbols measured no faster than numpy's scatter on this machine.
 
 The arithmetic is unchanged, element by element: delta ``j``'s scaled reference (scaled
 domain), then ``reference (+) reps[symbol]`` rounded to the dtype, then delta ``j``'s
 exceptions overwrite their elements, before delta ``j + 1`` touches the chunk. So the result
-is bit for bit what ``decode_delta`` gives applied in turn (``tests/codec/test_codec_chain_apply.py``
-checks it for every domain, dtype and layout).
+is bit for bit what ``decode_delta`` gives applied in turn
+(``tests/codec/test_codec_chain_apply.py`` checks it for every domain, dtype and layout).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import chunks, domains, kernels, layouts, scaled
+from . import chunks, domains, kernels, layouts, packing, scaled
 from .delta import ParsedDelta, check_in_place, decode_delta, parse_delta
 from .format import CODER_IDS, CodecError
 
@@ -97,6 +99,7 @@ class _Step:
         # Every byte value indexes it: a corrupt symbol reads a zero, then fails the check.
         self._reps = np.zeros(256, np.float32)
         self._reps[:parsed.reps.size] = parsed.reps
+        self._split_table: packing.ValueTable | None = None
         self._ops = domains.Ops(header.domain, self._dtype_name)
         self._index, self._values = _ascending(parsed.index, parsed.values)
 
@@ -117,14 +120,16 @@ class _Step:
         parsed, n = self.parsed, chunk.size
         bitmap, packed = layouts.adaptive_streams(parsed.bodies[i], n, parsed.header.bits,
                                                   scratch)
-        out, bits = chunk.view(self._view_type), parsed.header.bits
-        if bitmap is None:
-            ok = self._kernels.apply_packed(packed, n, bits, self._reps, out)
-        else:
-            ok = self._kernels.apply_split(bitmap, packed, n, bits, self._reps, out)
-        if not ok:
+        bits = parsed.header.bits
+        if bitmap is not None:  # mostly zeros: their values, as decode_delta (see above)
+            if self._split_table is None:  # built once per delta (two threads may both)
+                self._split_table = packing.ValueTable.build(parsed.reps, bits, lo=1)
+            values = layouts.split_values(bitmap, packed, n, self._split_table, scratch)
+            self._ops.add_values(values, chunk, chunk)
+        elif not self._kernels.apply_packed(packed, n, bits, self._reps,
+                                            chunk.view(self._view_type)):
             raise CodecError(f"corrupt blob: chunk {i} holds a symbol outside "
-                             f"{0 if bitmap is None else 1}..{(1 << bits) - 1} (b = {bits})")
+                             f"0..{(1 << bits) - 1} (b = {bits})")
 
 
 @contextmanager

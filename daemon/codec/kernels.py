@@ -10,11 +10,10 @@ setup. Each kernel here is one loop that does a whole pass per element:
 * ``encode_chunk`` (encode pass 2): key -> symbol, the reconstruction, the exceptions.
 * ``add_values`` (decode): ``ref (+) values`` rounded to the dtype (``add_values_in_place``
   when the output is the reference).
-* ``apply_packed`` / ``apply_split`` (a chain's restore, ``chain``): the same addition in
-  place, reading each symbol straight from the entropy decoder's packed bytes (the
-  adaptive layout's two modes) instead of from a float32 array of its values: one pass
-  over the chunk instead of a table lookup writing 4 bytes an element and a second pass
-  reading them back.
+* ``apply_packed`` (a chain's restore, ``chain``): the same addition in place, reading
+  each symbol straight from the entropy decoder's packed bytes (the adaptive layout's
+  packed mode) instead of from a float32 array of its values: one pass over the chunk
+  instead of a table lookup writing 4 bytes an element and a second pass reading them.
 
 The arithmetic is the format's (``format``, ``domains``): float16/bfloat16 widen exactly to
 float32, add there and round to nearest even (float16 by its bit pattern: numba has no
@@ -195,22 +194,18 @@ class Kernels:
     restore). Its own loop: with two arrays that overlap exactly, the compiled loop's
     aliasing check fails and it runs one element at a time, without SIMD.
 
-    ``apply_packed(packed, n, bits, reps, out) -> ok`` and ``apply_split(bitmap, nonzero,
-    n, bits, reps, out) -> ok``: ``out[i] = out[i] (+) reps[symbol i]`` for ``n`` b-bit
-    symbols packed whole into bytes (``packing``), all of them in ``packed``, or (split)
-    those whose ``bitmap`` bit is set in ``nonzero`` and symbol 0 (-0.0) for the others:
-    the arithmetic of ``add_values_in_place``, element for element. ``reps`` must have an
-    entry for every value a field can hold (256 is always enough), so a corrupt symbol
-    reads a defined value; ``ok`` is False when a symbol was outside its stream's range
-    (2^b and above; 0 in ``nonzero``), and then ``out`` holds garbage.
+    ``apply_packed(packed, n, bits, reps, out) -> ok``: ``out[i] = out[i] (+) reps[symbol
+    i]`` for ``n`` b-bit symbols packed whole into bytes (``packing``), the arithmetic of
+    ``add_values_in_place`` element for element. ``reps`` must have an entry for every
+    value a field can hold (256 is always enough), so a corrupt symbol reads a defined
+    value; ``ok`` is False when a symbol was 2^b or above, and then ``out`` holds garbage.
     """
 
     analyze: Callable[..., None]
     encode_chunk: Callable[..., int]
     add_values: Callable[..., None]
     add_values_in_place: Callable[..., None]
-    apply_packed: Callable[..., int]
-    apply_split: Callable[..., int]
+    apply_packed: Callable[..., bool]
 
 
 def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
@@ -262,6 +257,13 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
         for i in range(values.size):
             _store(out, i, values[i], out[i], kind, log, limit)
 
+    return Kernels(analyze, encode_chunk, add_values, add_values_in_place,
+                   _build_chain(kind, log, limit))
+
+
+def _build_chain(kind: int, log: bool, limit: int) -> Callable[..., bool]:
+    """``apply_packed`` with ``_build``'s constants."""
+
     @_jit
     def apply_packed(packed: Any, n: int, bits: int, reps: Any, out: Any) -> bool:
         shift, width = _packing(bits)
@@ -281,22 +283,7 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
             _store(out, i, reps[symbol], out[i], kind, log, limit)
         return (seen & _high_bits(bits, shift, width)) == 0
 
-    @_jit
-    def apply_split(bitmap: Any, nonzero: Any, n: int, bits: int, reps: Any, out: Any) -> bool:
-        shift, width = _packing(bits)
-        taken = 0
-        ok = True
-        for i in range(n):
-            symbol = 0
-            if (bitmap[i >> 3] >> (i & 7)) & 1:
-                symbol = _field(nonzero, taken, shift, width)
-                taken += 1
-                ok &= 0 < symbol < (1 << bits)
-            _store(out, i, reps[symbol], out[i], kind, log, limit)
-        return ok
-
-    return Kernels(analyze, encode_chunk, add_values, add_values_in_place, apply_packed,
-                   apply_split)
+    return apply_packed
 
 
 @_inline
@@ -381,4 +368,3 @@ def warm_up() -> None:
         fns.add_values_in_place(reps[:1].repeat(4), cur.copy())
         stream = np.frombuffer(bytes(1), np.uint8)  # as the zstd decoder's: read-only
         fns.apply_packed(stream, 1, 1, reps, cur.copy())
-        fns.apply_split(stream, stream, 1, 1, reps, cur.copy())

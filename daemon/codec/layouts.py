@@ -89,7 +89,7 @@ def chunk_decoder(layout: int, bits: int, reps: np.ndarray) -> ChunkDecoder:
             _stream(body, packing.packed_size(bits, n), zstdio.decompress, scratch), n,
             table, scratch)
     shifted = packing.ValueTable.build(reps[1:], bits)  # the stream holds symbol - 1
-    return lambda body, n, scratch: _scatter(
+    return lambda body, n, scratch: split_values(
         *_split_streams(body, n, bits, zstdio.decompress, scratch), n, shifted, scratch)
 
 
@@ -114,7 +114,7 @@ def _adaptive(body: memoryview, n: int, table: packing.ValueTable,
     bitmap, packed = adaptive_streams(body, n, table.bits, scratch)
     if bitmap is None:
         return _values(packed, n, table, scratch)
-    return _scatter(bitmap, packed, n, split_table(), scratch)
+    return split_values(bitmap, packed, n, split_table(), scratch)
 
 
 def _stream(frame: memoryview, size: int, decompress: Decompress,
@@ -149,9 +149,10 @@ def _values(packed: np.ndarray, n: int, table: packing.ValueTable, scratch: Scra
     return table.lookup(packed, n, scratch, name)
 
 
-def _scatter(bitmap: np.ndarray, nonzero: np.ndarray, n: int, table: packing.ValueTable,
+def split_values(bitmap: np.ndarray, nonzero: np.ndarray, n: int, table: packing.ValueTable,
              scratch: Scratch) -> np.ndarray:
-    """The values of a split chunk: -0.0 (symbol 0) where ``bitmap`` is clear."""
+    """The float32 values of a split chunk's ``n`` symbols (in ``scratch``): -0.0 (symbol 0)
+    where ``bitmap`` is clear, else the next of ``nonzero`` (``table`` checks them)."""
     index = np.flatnonzero(np.unpackbits(bitmap, count=n, bitorder="little").view(np.bool_))
     values = _values(nonzero, index.size, table, scratch, "split_values")
     contrib = scratch.get("contrib", n, _F32)
