@@ -288,10 +288,20 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
             deep["restore_deep"].append(timed(lambda: ckpt.restore(deep_step)))
             # The base: read from storage each time (only a chain's head stays in memory).
             deep["restore_base_after_restart"].append(timed(lambda: ckpt.restore(1)))
+    restores = stage_lines(main_dir, "restore served")
+    if args.before:  # the same chain restored by the before code, from the same storage
+        deep.update(restore_deep_before=[], torch_load_deep_before=[])
+        with serve(main_dir, budget, *workers, code=args.before) as old, \
+                Checkpointer(old.address, run=f"{kind}-deep", transport="shm") as ckpt:
+            for _ in range(args.reps):
+                deep["torch_load_deep_before"].append(
+                    timed(lambda: torch.load(path, weights_only=True)))
+                deep["restore_deep_before"].append(timed(lambda: ckpt.restore(deep_step)))
+        restores["before"] = {key: lines[len(restores.get(key, [])):] for key, lines in
+                              stage_lines(main_dir, "restore served").items()}
     path.unlink()
     record.update(deep)
     stages = stage_lines(main_dir)
-    restores = stage_lines(main_dir, "restore served")
     shutil.rmtree(main_dir)
     return {"size": label, "kind": kind, "bytes": nbytes, "tensors": len(flat),
             "seconds": record, "stages": stages, "stages_before": before_stages,
@@ -335,6 +345,8 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
         "restore_latest_grpc": s["restore_latest_grpc"] / load,
         "restore_base_after_restart": s["restore_base_after_restart"] / s["torch_load_deep"],
         "restore_deep": s["restore_deep"] / s["torch_load_deep"],
+        "restore_deep_before": (s["restore_deep_before"] / s["torch_load_deep_before"]
+                                if "restore_deep_before" in s else float("nan")),
         "sustained_over_torch_save": s["sustained_MBps"] / torch_MBps,
         "safetensors_save_fsync": s["safetensors_save_fsync"] / save,
         "dcp_async_save": s["dcp_async_save"] / save,
@@ -356,9 +368,9 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
     out = ["| size | state | base shm | (before) | delta shm | (before) | next delta shm "
            "| (before) | base grpc "
            "| delta grpc | restore latest | (before) | restore grpc | base after restart | deep "
-           "| sustained | safetensors save | DCP async_save | torch.save+fsync s "
+           "| (before) | sustained | safetensors save | DCP async_save | torch.save+fsync s "
            "| torch.load s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
@@ -369,7 +381,8 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             f"| {r['base_save_grpc']:.2f} | {r['delta_save_grpc']:.2f} "
             f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
             f"| {r['restore_latest_grpc']:.2f} | {r['restore_base_after_restart']:.2f} "
-            f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
+            f"| {r['restore_deep']:.2f} | {r['restore_deep_before']:.2f} "
+            f"| {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
     out += ["", "Stages (daemon busy seconds, median; base, delta and next delta over shm):", "",
@@ -386,8 +399,11 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
     for case in cases:
         for what, (prefix, step) in (("latest (head)", ("shm", 3)),
                                      ("latest over gRPC", ("grpc", 2)),
-                                     ("deep, from storage", ("deep", None))):
+                                     ("deep, from storage", ("deep", None)),
+                                     ("(before) deep", ("deep-before", None))):
             lines = restore_lines(case, prefix, step)
+            if not lines:
+                continue
             prepare = median([float(line["prepare_s"]) for line in lines])
             stream = median([float(line["stream_s"]) for line in lines])
             out.append(f"| {case['size']} | {case['kind']} | {what} | {prepare:.2f} "
@@ -410,10 +426,12 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
 def restore_lines(case: dict[str, Any], prefix: str, step: int | None) -> list[dict[str, Any]]:
     """``restore served`` lines of runs ``{kind}-{prefix}-*`` at ``step`` (``deep``: the
     deep run's latest step)."""
-    if prefix == "deep":
-        latest = max(int(k.rsplit("/", 1)[1]) for k in case.get("restores", {})
+    if prefix in ("deep", "deep-before"):
+        restores = case.get("restores", {})
+        latest = max(int(k.rsplit("/", 1)[1]) for k in restores
                      if k.startswith(f"{case['kind']}-deep/"))
-        return list(case["restores"].get(f"{case['kind']}-deep/{latest}", []))
+        found = restores.get("before", {}) if prefix == "deep-before" else restores
+        return list(found.get(f"{case['kind']}-deep/{latest}", []))
     return [line for k, lines in case.get("restores", {}).items()
             if k.startswith(f"{case['kind']}-{prefix}-") and k.endswith(f"/{step}")
             for line in lines]
