@@ -93,9 +93,9 @@ class _Step:
         self._log = header.domain == domains.LOG
         self._view_type = (kernels.PATTERNS if self._log else kernels.HOLDERS)[self._dtype_name]
         self._kernels = kernels.for_dtype(self._dtype_name, self._log)
-        self._packed = (header.coder == CODER_IDS["zstd"]
+        self._adaptive = (header.coder == CODER_IDS["zstd"]
                         and bytes(parsed.params) == bytes([layouts.ADAPTIVE]))
-        self._values_of = None if self._packed else parsed.values_decoder()
+        self._values_of = None if self._adaptive else parsed.values_decoder()
         # Every byte value indexes it: a corrupt symbol reads a zero, then fails the check.
         self._reps = np.zeros(256, np.float32)
         self._reps[:parsed.reps.size] = parsed.reps
@@ -111,17 +111,17 @@ class _Step:
         if self._values_of is not None:
             self._ops.add_values(self._values_of(i, scratch), chunk, chunk)
         else:
-            self._apply_packed(i, chunk, scratch)
+            self._apply_adaptive(i, chunk, scratch)
         lo, hi = np.searchsorted(self._index, (part.start, part.stop))
         if hi > lo:
             chunk[self._index[lo:hi] - part.start] = self._values[lo:hi]
 
-    def _apply_packed(self, i: int, chunk: np.ndarray, scratch: chunks.Scratch) -> None:
+    def _apply_adaptive(self, i: int, chunk: np.ndarray, scratch: chunks.Scratch) -> None:
         parsed, n = self.parsed, chunk.size
         bitmap, packed = layouts.adaptive_streams(parsed.bodies[i], n, parsed.header.bits,
                                                   scratch)
         bits = parsed.header.bits
-        if bitmap is not None:  # mostly zeros: their values, as decode_delta (see above)
+        if bitmap is not None:  # mostly zeros: through their values (module docstring)
             if self._split_table is None:  # built once per delta (two threads may both)
                 self._split_table = packing.ValueTable.build(parsed.reps, bits, lo=1)
             values = layouts.split_values(bitmap, packed, n, self._split_table, scratch)
