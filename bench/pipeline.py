@@ -17,7 +17,9 @@ log domain), in one run and interleaved rep by rep (``--reps``, medians reported
   ``--base-compression zstd``; a base and a delta streamed over gRPC;
 * once per case: a chain ``--depth`` deltas deep, then the daemon restarted and, rep by
   rep, a restore of that step (read from storage through every delta), of a base (from
-  storage) and ``torch.load``; back-to-back delta saves (sustained throughput);
+  storage) and ``torch.load``; back-to-back delta saves (sustained throughput); with
+  ``--before``, the same deep step then restored by a daemon on the before code, on the
+  same storage (the format is shared), against its own ``torch.load``;
 * once, at the first size (weights): sustained delta throughput per ``--worker-counts``
   (``--encode-workers`` 1 and 2 by default).
 
