@@ -21,6 +21,11 @@ Usage::
 
     python bench/codec_speed.py --before /tmp/ckptd-main/pkg [--elements N] [--reps 5]
     python bench/codec_speed.py --profile --cases weights      # where encode's time goes
+    python bench/codec_speed.py --profile-chain --cases weights   # where a chain's goes
+
+*chain*: ``CHAIN`` deltas applied in turn to the reference, as a restore from storage does
+(``codec.apply_deltas`` where the code has it, else ``decode_delta`` in place, one delta
+after the other, on a copy of the reference: both sides start from the reference).
 """
 
 from __future__ import annotations
@@ -91,8 +96,9 @@ def worker(cases: list[str], n: int) -> dict[str, Any]:
     return results
 
 
-def profile(case: str, n: int) -> str:
-    """cProfile of one ``encode_delta`` on one thread (the ``ckptd`` on the path), top 12."""
+def profile(case: str, n: int, *, chain: bool = False) -> str:
+    """cProfile of one ``encode_delta`` (``chain``: of one chain's restore, ``_chain``) on one
+    thread (the ``ckptd`` on the path), top 12 by own time."""
     import cProfile
     import io
     import pstats
@@ -103,24 +109,36 @@ def profile(case: str, n: int) -> str:
     chunks.MAX_THREADS = 1  # the profile then sees the work, not the waits on pool threads
     cur, ref, options = make_case(case, n)
     options = {"bfloat16": False, "domain": "linear", **options}
-    codec.encode_delta(cur, ref, **options)
+    blob, _ = codec.encode_delta(cur, ref, **options)
+    call = (lambda: _chain(codec, blob, ref)) if chain else (
+        lambda: codec.encode_delta(cur, ref, **options))
+    call()
     profiler = cProfile.Profile()
-    profiler.runcall(codec.encode_delta, cur, ref, **options)
+    profiler.runcall(call)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
     return text.getvalue()
 
 
 def _chain_s(codec: Any, blob: bytes, ref: np.ndarray) -> tuple[float, float]:
-    """Seconds (wall, CPU) to apply ``CHAIN`` deltas in turn, as a restore does
-    (``daemon/store/restore.py``): in place where this code can, else a fresh array each."""
+    """Seconds (wall, CPU) of ``_chain``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    _chain(codec, blob, ref)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _chain(codec: Any, blob: bytes, ref: np.ndarray) -> np.ndarray:
+    """``CHAIN`` deltas applied in turn to ``ref``, as a restore does
+    (``daemon/store/restore.py``): ``apply_deltas`` where this code has it, else one
+    ``decode_delta`` after the other, in place where it can (a fresh array each before)."""
+    if hasattr(codec, "apply_deltas"):
+        return codec.apply_deltas([blob] * CHAIN, ref)
     in_place = "in_place" in inspect.signature(codec.decode_delta).parameters
     array = ref.copy()
-    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(CHAIN):
         array = (codec.decode_delta(blob, array, in_place=True) if in_place
                  else codec.decode_delta(blob, array))
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return array
 
 
 def _warm(codec: Any, options: dict[str, Any]) -> tuple[bytes, np.ndarray]:
@@ -188,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile one encode of the first case instead (this process's ckptd: "
                         "PYTHONPATH=DIR for older code)")
+    parser.add_argument("--profile-chain", action="store_true",
+                        help=f"profile a chain of {CHAIN} deltas of the first case instead")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     if unknown := set(cases) - set(CASES):
         parser.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
-    if args.profile:
-        print(profile(cases[0], args.elements))
+    if args.profile or args.profile_chain:
+        print(profile(cases[0], args.elements, chain=args.profile_chain))
         return 0
     if args.worker:
         print(json.dumps(worker(cases, args.elements)))

@@ -17,7 +17,9 @@ log domain), in one run and interleaved rep by rep (``--reps``, medians reported
   ``--base-compression zstd``; a base and a delta streamed over gRPC;
 * once per case: a chain ``--depth`` deltas deep, then the daemon restarted and, rep by
   rep, a restore of that step (read from storage through every delta), of a base (from
-  storage) and ``torch.load``; back-to-back delta saves (sustained throughput);
+  storage) and ``torch.load``; back-to-back delta saves (sustained throughput); with
+  ``--before``, the same deep step then restored by a daemon on the before code, on the
+  same storage (the format is shared), against its own ``torch.load``;
 * once, at the first size (weights): sustained delta throughput per ``--worker-counts``
   (``--encode-workers`` 1 and 2 by default).
 
@@ -291,10 +293,20 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
             deep["restore_deep"].append(timed(lambda: ckpt.restore(deep_step)))
             # The base: read from storage each time (only a chain's head stays in memory).
             deep["restore_base_after_restart"].append(timed(lambda: ckpt.restore(1)))
+    restores = stage_lines(main_dir, "restore served")
+    if args.before:  # the same chain restored by the before code, from the same storage
+        deep.update(restore_deep_before=[], torch_load_deep_before=[])
+        with serve(main_dir, budget, *workers, code=args.before) as old, \
+                Checkpointer(old.address, run=f"{kind}-deep", transport="shm") as ckpt:
+            for _ in range(args.reps):
+                deep["torch_load_deep_before"].append(
+                    timed(lambda: torch.load(path, weights_only=True)))
+                deep["restore_deep_before"].append(timed(lambda: ckpt.restore(deep_step)))
+        restores["before"] = {key: lines[len(restores.get(key, [])):] for key, lines in
+                              stage_lines(main_dir, "restore served").items()}
     path.unlink()
     record.update(deep)
     stages = stage_lines(main_dir)
-    restores = stage_lines(main_dir, "restore served")
     shutil.rmtree(main_dir)
     return {"size": label, "kind": kind, "bytes": nbytes, "tensors": len(flat),
             "seconds": record, "stages": stages, "stages_before": before_stages,
@@ -341,6 +353,8 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
         "restore_latest_grpc_before": s["restore_latest_grpc_before"] / load,
         "restore_base_after_restart": s["restore_base_after_restart"] / s["torch_load_deep"],
         "restore_deep": s["restore_deep"] / s["torch_load_deep"],
+        "restore_deep_before": (s["restore_deep_before"] / s["torch_load_deep_before"]
+                                if "restore_deep_before" in s else float("nan")),
         "sustained_over_torch_save": s["sustained_MBps"] / torch_MBps,
         "safetensors_save_fsync": s["safetensors_save_fsync"] / save,
         "dcp_async_save": s["dcp_async_save"] / save,
@@ -362,11 +376,11 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
     out = ["| size | state | base shm | (before) | delta shm | (before) | next delta shm "
            "| (before) | base grpc | (before) "
            "| delta grpc | (before) | restore latest | (before) | restore grpc | (before) "
-           "| base after restart | deep "
+           "| base after restart | deep | (before) "
            "| sustained | safetensors save | DCP async_save | torch.save+fsync s "
            "| torch.load s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-           "---|---|---|"]
+           "---|---|---|---|"]
     for case in cases:
         r, s = ratios(case), case["seconds"]
         out.append(
@@ -379,7 +393,8 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             f"| {r['restore_latest']:.2f} | {r['restore_latest_before']:.2f} "
             f"| {r['restore_latest_grpc']:.2f} | {r['restore_latest_grpc_before']:.2f} "
             f"| {r['restore_base_after_restart']:.2f} "
-            f"| {r['restore_deep']:.2f} | {r['sustained_over_torch_save']:.2f} "
+            f"| {r['restore_deep']:.2f} | {r['restore_deep_before']:.2f} "
+            f"| {r['sustained_over_torch_save']:.2f} "
             f"| {r['safetensors_save_fsync']:.2f} | {r['dcp_async_save']:.2f} "
             f"| {median(s['torch_save_fsync']):.2f} | {median(s['torch_load']):.2f} |")
     out += ["", "Stages (daemon busy seconds, median; over shm unless it says gRPC):", "",
@@ -398,8 +413,11 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
     for case in cases:
         for what, (prefix, step) in (("latest (head)", ("shm", 3)),
                                      ("latest over gRPC", ("grpc", 2)),
-                                     ("deep, from storage", ("deep", None))):
+                                     ("deep, from storage", ("deep", None)),
+                                     ("(before) deep", ("deep-before", None))):
             lines = restore_lines(case, prefix, step)
+            if not lines:
+                continue
             prepare = median([float(line["prepare_s"]) for line in lines])
             stream = median([float(line["stream_s"]) for line in lines])
             out.append(f"| {case['size']} | {case['kind']} | {what} | {prepare:.2f} "
@@ -422,10 +440,12 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
 def restore_lines(case: dict[str, Any], prefix: str, step: int | None) -> list[dict[str, Any]]:
     """``restore served`` lines of runs ``{kind}-{prefix}-*`` at ``step`` (``deep``: the
     deep run's latest step)."""
-    if prefix == "deep":
-        latest = max(int(k.rsplit("/", 1)[1]) for k in case.get("restores", {})
+    if prefix in ("deep", "deep-before"):
+        restores = case.get("restores", {})
+        latest = max(int(k.rsplit("/", 1)[1]) for k in restores
                      if k.startswith(f"{case['kind']}-deep/"))
-        return list(case["restores"].get(f"{case['kind']}-deep/{latest}", []))
+        found = restores.get("before", {}) if prefix == "deep-before" else restores
+        return list(found.get(f"{case['kind']}-deep/{latest}", []))
     return [line for k, lines in case.get("restores", {}).items()
             if k.startswith(f"{case['kind']}-{prefix}-") and k.endswith(f"/{step}")
             for line in lines]

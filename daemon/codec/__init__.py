@@ -12,7 +12,9 @@ never imports the server.
   reconstruction is never negative (``ckptd.daemon.codec.domains``). With
   ``domain="scaled"`` it is taken against a fitted multiple of the reference, for tensors
   that decay between saves (``ckptd.daemon.codec.scaled``).
-* ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit.
+* ``decode_delta(blob, reference)`` returns that reconstruction, bit for bit;
+  ``apply_deltas(blobs, array)`` applies a chain of them in place, the same bits faster
+  (``ckptd.daemon.codec.chain``).
 * ``encode_exact`` / ``decode_exact``: lossless, for bases and non-float tensors.
 * ``blob_info`` reads a blob's header.
 * ``warm_up`` compiles the per-element kernels (``kernels``, numba) ahead of first use.
@@ -23,12 +25,14 @@ The serialized form is described in ``ckptd.daemon.codec.format``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from . import delta, exact, kernels
+from . import chain, delta, exact, kernels
+from .chain import ChainError
 from .domains import DOMAINS
 from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
 from .quantize import AUTO_MAX_ERROR
@@ -42,10 +46,12 @@ __all__ = [
     "DEFAULT_CODER",
     "DEFAULT_REPRESENTATIVE",
     "BlobInfo",
+    "ChainError",
     "CodecError",
     "Coder",
     "Domain",
     "Representative",
+    "apply_deltas",
     "blob_info",
     "decode_delta",
     "decode_exact",
@@ -140,6 +146,35 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
             writeable C-contiguous array).
     """
     return delta.decode_delta(blob, reference, in_place=in_place)
+
+
+def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
+                 in_place: bool = False, verified: bool = False) -> np.ndarray:
+    """Reconstruction from a chain of delta blobs, applied in turn to ``reference``.
+
+    The result is bit for bit ``decode_delta`` called for each blob in order, computed
+    chunk by chunk across the whole chain (each chunk stays in the CPU's cache while every
+    delta is applied to it, starting from a copy of the reference's chunk) on several
+    threads.
+
+    Args:
+        blobs: delta blobs, the first encoded against ``reference``, each next one against
+            the reconstruction of the one before.
+        reference: the chain's start (a decoded base), of the blobs' holder dtype and shape;
+            read-only unless ``in_place``.
+        in_place: write the result over ``reference`` (then a writeable, C-contiguous
+            array, partly overwritten on error) instead of into a new array.
+        verified: the caller has already checked every byte of each blob (a restore
+            compares each blob's xxh3_64 with its manifest): the payload checksums are
+            then not computed again. The headers' checksums and the payloads' structure
+            are checked either way.
+
+    Raises:
+        ChainError: a ``CodecError`` naming the delta (its ``position`` in ``blobs``) that
+            is truncated, corrupt, of an unknown version or not a delta, or that
+            ``reference`` does not match.
+    """
+    return chain.apply_deltas(blobs, reference, in_place=in_place, verified=verified)
 
 
 def warm_up() -> None:

@@ -16,6 +16,8 @@ into the output buffer before pass 1 (``scaled``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,48 +100,86 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: bool = False,
                  ops_type: type[domains.Ops] = domains.Ops) -> np.ndarray:
     """See ``ckptd.daemon.codec.decode_delta`` (``ops_type``: as for ``encode_delta``)."""
-    view = memoryview(blob).cast("B")
-    header = unpack_header(view)
-    if header.kind != KIND_DELTA:
-        raise CodecError(f"decode_delta got a {KIND_NAMES[header.kind]} blob; use decode_exact")
     reference = np.asarray(reference)
-    if _little(reference.dtype) != header.dtype.holder or reference.shape != header.shape:
-        raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
-                         f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
-    reader = Reader(verify_payload(view, header))
-    alpha = (reader.array(_F32, 1, "alpha")[0] if header.domain == domains.SCALED
-             else np.float32(1.0))
-    reps = np.concatenate([np.array([-0.0], _F32),
-                           reader.array(_F32, (1 << header.bits) - 1, "representatives")])
-    params = reader.take(reader.u32("coder parameter length"), "coder parameters")
-    pool = chunks.ScratchPool()
-    index, values = _read_exceptions(reader, header, pool.get())
-    bodies = read_chunks(reader, header.nchunks)
-    reader.at_end()
-    parts = chunks.bounds(header.count, header.chunk_elems)
-    values_of = entropy.decoder(CODERS[header.coder], params, header.bits, bodies,
-                                [s.stop - s.start for s in parts], reps=reps)
+    parsed = parse_delta(blob, reference)
+    header = parsed.header
     if in_place:
-        _check_in_place(reference, header.dtype)
+        check_in_place(reference, header.dtype)
         ref = out = reference.reshape(-1)  # add_values may write over the values it reads
     else:
         ref = _flat(reference, header.dtype)
         out = chunks.empty_output(header.count, header.dtype.holder)
     if header.domain == domains.SCALED:  # then decoded in place against it
-        ref = scaled.scale_reference(ref, alpha, header.dtype.name, out)
+        ref = scaled.scale_reference(ref, parsed.alpha, header.dtype.name, out)
     ops = ops_type(header.domain, header.dtype.name)
+    values_of = parsed.values_decoder()
+    pool = chunks.ScratchPool()
 
     def decode_chunk(i: int) -> None:
-        values = values_of(i, pool.get())
-        if values.size != parts[i].stop - parts[i].start:
-            raise CodecError(f"corrupt blob: chunk {i} decodes to {values.size} symbols, "
-                             f"expected {parts[i].stop - parts[i].start}")
-        ops.add_values(values, ref[parts[i]], out[parts[i]])
+        part = parsed.parts[i]
+        ops.add_values(values_of(i, pool.get()), ref[part], out[part])
 
-    with chunks.mapper(len(parts)) as run:
-        run(decode_chunk, range(len(parts)))
-    out[index] = values
+    with chunks.mapper(len(parsed.parts)) as run:
+        run(decode_chunk, range(len(parsed.parts)))
+    out[parsed.index] = parsed.values
     return out.reshape(header.shape)
+
+
+@dataclass(frozen=True)
+class ParsedDelta:
+    """A delta blob's payload, checked and split into its fields (views of the blob)."""
+
+    header: Header
+    alpha: np.float32  # 1.0 unless scaled
+    reps: np.ndarray  # 2^b float32 values of the symbols, -0.0 first
+    params: memoryview  # the coder's
+    index: np.ndarray  # the exceptions' positions (as written: ascending) ...
+    values: np.ndarray  # ... and their values, in the holder dtype
+    bodies: list[memoryview]  # the chunks' coded symbols
+    parts: list[slice]  # the chunks' element ranges
+
+    def values_decoder(self) -> Callable[[int, chunks.Scratch], np.ndarray]:
+        """``(chunk index, scratch) -> float32 reps[symbols]`` of that chunk (in ``scratch``)."""
+        sizes = [s.stop - s.start for s in self.parts]
+        values_of = entropy.decoder(CODERS[self.header.coder], self.params, self.header.bits,
+                                    self.bodies, sizes, reps=self.reps)
+
+        def checked(i: int, scratch: chunks.Scratch) -> np.ndarray:
+            values = values_of(i, scratch)
+            if values.size != sizes[i]:
+                raise CodecError(f"corrupt blob: chunk {i} decodes to {values.size} symbols, "
+                                 f"expected {sizes[i]}")
+            return values
+
+        return checked
+
+
+def parse_delta(blob: bytes | memoryview, reference: np.ndarray, *,
+                verified: bool = False) -> ParsedDelta:
+    """Checks a delta blob against its reference's dtype and shape, and splits its payload.
+
+    ``verified``: the caller checked the whole blob's bytes already (a restore compares
+    each blob's xxh3_64 with its manifest), so the payload is not hashed a second time; its
+    structure is checked all the same.
+    """
+    view = memoryview(blob).cast("B")
+    header = unpack_header(view)
+    if header.kind != KIND_DELTA:
+        raise CodecError(f"decode_delta got a {KIND_NAMES[header.kind]} blob; use decode_exact")
+    if _little(reference.dtype) != header.dtype.holder or reference.shape != header.shape:
+        raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, the blob needs "
+                         f"{header.dtype.name} ({header.dtype.holder}){list(header.shape)}")
+    reader = Reader(view[header.size:] if verified else verify_payload(view, header))
+    alpha = (reader.array(_F32, 1, "alpha")[0] if header.domain == domains.SCALED
+             else np.float32(1.0))
+    reps = np.concatenate([np.array([-0.0], _F32),
+                           reader.array(_F32, (1 << header.bits) - 1, "representatives")])
+    params = reader.take(reader.u32("coder parameter length"), "coder parameters")
+    index, values = _read_exceptions(reader, header, chunks.Scratch())
+    bodies = read_chunks(reader, header.nchunks)
+    reader.at_end()
+    return ParsedDelta(header, alpha, reps, params, index, values, bodies,
+                       chunks.bounds(header.count, header.chunk_elems))
 
 
 def _encode_chunk(cur: np.ndarray, ref: np.ndarray, out: np.ndarray, ops: domains.Ops, *,
@@ -236,7 +276,8 @@ def _matching(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
     return reference
 
 
-def _check_in_place(reference: np.ndarray, dtype: DType) -> None:
+def check_in_place(reference: np.ndarray, dtype: DType) -> None:
+    """Raises ``CodecError`` unless a delta of ``dtype`` can be decoded over ``reference``."""
     flags = reference.flags
     if reference.dtype != dtype.holder or not (flags.c_contiguous and flags.writeable):
         raise CodecError(f"decoding in place needs a writeable C-contiguous {dtype.holder} "

@@ -10,6 +10,10 @@ setup. Each kernel here is one loop that does a whole pass per element:
 * ``encode_chunk`` (encode pass 2): key -> symbol, the reconstruction, the exceptions.
 * ``add_values`` (decode): ``ref (+) values`` rounded to the dtype (``add_values_in_place``
   when the output is the reference).
+* ``apply_packed`` (a chain's restore, ``chain``): the same addition in place, reading
+  each symbol straight from the entropy decoder's packed bytes (the adaptive layout's
+  packed mode) instead of from a float32 array of its values: one pass over the chunk
+  instead of a table lookup writing 4 bytes an element and a second pass reading them.
 
 The arithmetic is the format's (``format``, ``domains``): float16/bfloat16 widen exactly to
 float32, add there and round to nearest even (float16 by its bit pattern: numba has no
@@ -172,7 +176,7 @@ def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: in
 
 @dataclass(frozen=True)
 class Kernels:
-    """The three kernels of one dtype and domain (see the module docstring).
+    """The kernels of one dtype and domain (see the module docstring).
 
     ``analyze(cur, ref, mean, counts, sums, lo, hi)``: encode pass 1 over a chunk; adds its
     per-key statistics to ``counts`` (int64) and ``sums`` (uint64 mantissa sums, "mean") or
@@ -189,12 +193,19 @@ class Kernels:
     ``add_values_in_place(values, out)`` the same with ``ref`` being ``out`` (a chain's
     restore). Its own loop: with two arrays that overlap exactly, the compiled loop's
     aliasing check fails and it runs one element at a time, without SIMD.
+
+    ``apply_packed(packed, n, bits, reps, out) -> ok``: ``out[i] = out[i] (+) reps[symbol
+    i]`` for ``n`` b-bit symbols packed whole into bytes (``packing``), the arithmetic of
+    ``add_values_in_place`` element for element. ``reps`` must have an entry for every
+    value a field can hold (256 is always enough), so a corrupt symbol reads a defined
+    value; ``ok`` is False when a symbol was 2^b or above, and then ``out`` holds garbage.
     """
 
     analyze: Callable[..., None]
     encode_chunk: Callable[..., int]
     add_values: Callable[..., None]
     add_values_in_place: Callable[..., None]
+    apply_packed: Callable[..., bool]
 
 
 def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
@@ -246,7 +257,77 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
         for i in range(values.size):
             _store(out, i, values[i], out[i], kind, log, limit)
 
-    return Kernels(analyze, encode_chunk, add_values, add_values_in_place)
+    return Kernels(analyze, encode_chunk, add_values, add_values_in_place,
+                   _build_chain(kind, log, limit))
+
+
+def _build_chain(kind: int, log: bool, limit: int) -> Callable[..., bool]:
+    """``apply_packed`` with ``_build``'s constants."""
+
+    @_jit
+    def apply_packed(packed: Any, n: int, bits: int, reps: Any, out: Any) -> bool:
+        shift, width = _packing(bits)
+        whole = n >> shift
+        # One branch per packing, so the loop over a byte's symbols has a constant count.
+        if shift == 0:
+            seen = _apply_bytes(packed, whole, 1, 8, reps, out, kind, log, limit)
+        elif shift == 1:
+            seen = _apply_bytes(packed, whole, 2, 4, reps, out, kind, log, limit)
+        elif shift == 2:
+            seen = _apply_bytes(packed, whole, 4, 2, reps, out, kind, log, limit)
+        else:
+            seen = _apply_bytes(packed, whole, 8, 1, reps, out, kind, log, limit)
+        for i in range(whole << shift, n):
+            symbol = _field(packed, i, shift, width)
+            seen |= symbol
+            _store(out, i, reps[symbol], out[i], kind, log, limit)
+        return (seen & _high_bits(bits, shift, width)) == 0
+
+    return apply_packed
+
+
+@_inline
+def _packing(bits: int) -> tuple[int, int]:
+    """(log2 of symbols per byte, bits per field) of b-bit symbols, as ``packing`` packs
+    them: 8 symbols a byte for b = 1, 4 for b = 2, 2 for b = 3..4, 1 for b >= 5."""
+    if bits == 1:
+        return 3, 1
+    if bits == 2:
+        return 2, 2
+    if bits <= 4:
+        return 1, 4
+    return 0, 8
+
+
+@_inline
+def _field(packed: Any, i: int, shift: int, width: int) -> Any:
+    """Symbol ``i`` of a packed stream."""
+    return (np.int64(packed[i >> shift]) >> ((i & ((1 << shift) - 1)) * width)) & (
+        (1 << width) - 1)
+
+
+@_inline
+def _high_bits(bits: int, shift: int, width: int) -> int:
+    """The bits of a packed byte that no symbol below 2^bits sets."""
+    high = 0
+    for t in range(1 << shift):
+        high |= (((1 << width) - 1) & ~((1 << bits) - 1)) << (t * width)
+    return high
+
+
+@_inline
+def _apply_bytes(packed: Any, nbytes: int, per_byte: int, width: int, reps: Any, out: Any,
+                 kind: int, log: bool, limit: int) -> int:
+    """``apply_packed`` over whole bytes; the OR of the bytes (to check the symbols')."""
+    mask = (1 << width) - 1
+    seen = 0
+    for j in range(nbytes):
+        byte = np.int64(packed[j])
+        seen |= byte
+        for t in range(per_byte):
+            i = j * per_byte + t
+            _store(out, i, reps[(byte >> (t * width)) & mask], out[i], kind, log, limit)
+    return seen
 
 
 # What the kernels take for each dtype (float16 as its words: numba has no float16), its
@@ -285,3 +366,5 @@ def warm_up() -> None:
                          np.zeros(4, np.intp))
         fns.add_values(reps[:1].repeat(4), cur, cur.copy())
         fns.add_values_in_place(reps[:1].repeat(4), cur.copy())
+        stream = np.frombuffer(bytes(1), np.uint8)  # as the zstd decoder's: read-only
+        fns.apply_packed(stream, 1, 1, reps, cur.copy())

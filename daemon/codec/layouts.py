@@ -85,46 +85,76 @@ def chunk_decoder(layout: int, bits: int, reps: np.ndarray) -> ChunkDecoder:
 
         return lambda body, n, scratch: _adaptive(body, n, table, split_table, scratch)
     if layout == LEGACY_PACKED:
-        return lambda body, n, scratch: _packed(body, n, table, zstdio.decompress, scratch)
+        return lambda body, n, scratch: _values(
+            _stream(body, packing.packed_size(bits, n), zstdio.decompress, scratch), n,
+            table, scratch)
     shifted = packing.ValueTable.build(reps[1:], bits)  # the stream holds symbol - 1
-    return lambda body, n, scratch: _split(body, n, shifted, zstdio.decompress, scratch)
+    return lambda body, n, scratch: split_values(
+        *_split_streams(body, n, bits, zstdio.decompress, scratch), n, shifted, scratch)
+
+
+def adaptive_streams(body: memoryview, n: int, bits: int,
+                     scratch: Scratch) -> tuple[np.ndarray | None, np.ndarray]:
+    """The entropy-decoded streams of an adaptive chunk of ``n`` symbols: ``(None, packed
+    symbols)`` in packed mode, ``(bitmap, packed non-zero symbols)`` in split mode. The
+    symbols are not range-checked here (their consumer does it). They may live in
+    ``scratch``."""
+    if not len(body):
+        raise CodecError("corrupt blob: empty chunk body")
+    if body[0] == _MODE_PACKED[0]:
+        return None, _stream(body[1:], packing.packed_size(bits, n), zstdio.decompress_bare,
+                             scratch)
+    if body[0] == _MODE_SPLIT[0]:
+        return _split_streams(body[1:], n, bits, zstdio.decompress_bare, scratch)
+    raise CodecError(f"corrupt blob: chunk layout mode {body[0]}, expected 0 or 1")
 
 
 def _adaptive(body: memoryview, n: int, table: packing.ValueTable,
               split_table: Callable[[], packing.ValueTable], scratch: Scratch) -> np.ndarray:
-    if not len(body):
-        raise CodecError("corrupt blob: empty chunk body")
-    if body[0] == _MODE_PACKED[0]:
-        return _packed(body[1:], n, table, zstdio.decompress_bare, scratch)
-    if body[0] == _MODE_SPLIT[0]:
-        return _split(body[1:], n, split_table(), zstdio.decompress_bare, scratch)
-    raise CodecError(f"corrupt blob: chunk layout mode {body[0]}, expected 0 or 1")
+    bitmap, packed = adaptive_streams(body, n, table.bits, scratch)
+    if bitmap is None:
+        return _values(packed, n, table, scratch)
+    return split_values(bitmap, packed, n, split_table(), scratch)
 
 
-def _symbol_values(frame: memoryview, n: int, table: packing.ValueTable,
-                   decompress: Decompress, *, scratch: Scratch, name: str) -> np.ndarray:
-    """Values of the ``n`` symbols packed in ``frame``; checks every symbol's range."""
-    packed = np.frombuffer(decompress(frame, packing.packed_size(table.bits, n), scratch),
-                           np.uint8)
+def _stream(frame: memoryview, size: int, decompress: Decompress,
+            scratch: Scratch) -> np.ndarray:
+    return np.frombuffer(decompress(frame, size, scratch), np.uint8)
+
+
+def _split_streams(body: memoryview, n: int, bits: int, decompress: Decompress,
+                   scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """(bitmap, packed non-zero symbols) of a split body of ``n`` symbols."""
+    reader = Reader(body)
+    frame = reader.take(reader.u32("bitmap length"), "bitmap")
+    bitmap = _stream(frame, -(-n // 8), decompress, scratch)
+    ones = _ones(bitmap, n)
+    return bitmap, _stream(body[reader.pos:], packing.packed_size(bits, ones), decompress,
+                           scratch)
+
+
+def _ones(bitmap: np.ndarray, n: int) -> int:
+    """How many of the first ``n`` bits of ``bitmap`` (first bit lowest) are set."""
+    whole, rem = divmod(n, 8)
+    ones = int(np.bitwise_count(bitmap[:whole]).sum(dtype=np.int64))
+    return ones + (int(bitmap[whole] & ((1 << rem) - 1)).bit_count() if rem else 0)
+
+
+def _values(packed: np.ndarray, n: int, table: packing.ValueTable, scratch: Scratch,
+            name: str = "contrib") -> np.ndarray:
+    """Values of the ``n`` symbols packed in ``packed``; checks every symbol's range."""
     if not table.valid(packed, n, scratch):
         raise CodecError(f"corrupt blob: a symbol outside {table.lo}..{table.hi - 1} "
                          f"(b = {table.bits})")
     return table.lookup(packed, n, scratch, name)
 
 
-def _packed(body: memoryview, n: int, table: packing.ValueTable, decompress: Decompress,
-            scratch: Scratch) -> np.ndarray:
-    return _symbol_values(body, n, table, decompress, scratch=scratch, name="contrib")
-
-
-def _split(body: memoryview, n: int, table: packing.ValueTable, decompress: Decompress,
-           scratch: Scratch) -> np.ndarray:
-    reader = Reader(body)
-    frame = reader.take(reader.u32("bitmap length"), "bitmap")
-    bitmap = np.frombuffer(decompress(frame, -(-n // 8), scratch), np.uint8)
+def split_values(bitmap: np.ndarray, nonzero: np.ndarray, n: int, table: packing.ValueTable,
+             scratch: Scratch) -> np.ndarray:
+    """The float32 values of a split chunk's ``n`` symbols (in ``scratch``): -0.0 (symbol 0)
+    where ``bitmap`` is clear, else the next of ``nonzero`` (``table`` checks them)."""
     index = np.flatnonzero(np.unpackbits(bitmap, count=n, bitorder="little").view(np.bool_))
-    values = _symbol_values(body[reader.pos:], index.size, table, decompress,
-                            scratch=scratch, name="split_values")
+    values = _values(nonzero, index.size, table, scratch, "split_values")
     contrib = scratch.get("contrib", n, _F32)
     contrib.fill(-0.0)  # symbol 0 adds -0.0: x + (-0.0) == x bit for bit
     contrib[index] = values

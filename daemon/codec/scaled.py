@@ -54,15 +54,16 @@ def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
 
 
 def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str,
-                    out: np.ndarray) -> np.ndarray:
+                    out: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     """``out = alpha * ref`` in ``ref``'s holder dtype, chunk by chunk; ``out`` may be ``ref``.
 
     A NaN or Inf here becomes a NaN delta and so an exception, as in the linear domain.
+    ``scratch``: the calling thread's, when it calls this chunk by chunk (a chain's restore).
     """
     fns = kernels.for_dtype(dtype_name, False)
     view = kernels.HOLDERS[dtype_name]
     factor = np.float32(alpha - np.float32(1.0))
-    scratch = Scratch()
+    scratch = scratch or Scratch()
     for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):
         step = _widen(ref[part], dtype_name, scratch.get("step", part.stop - part.start, _F32))
         with np.errstate(all="ignore"):

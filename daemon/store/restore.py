@@ -16,9 +16,10 @@ the arrays pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 from ckptd.daemon import codec
@@ -243,32 +244,54 @@ def _apply(
     entries: list[tuple[Manifest, TensorEntry]], blobs: Sequence[bytes | memoryview], *,
     raw_view: bool = False,
 ) -> np.ndarray:
-    """Decodes the base blob, then applies each delta (runs in the codec pool); with
-    ``raw_view``, the last blob when it is a raw exact one comes back as a read-only view
-    of the blob instead of a copy."""
-    array: np.ndarray | None = None
-    last = len(entries) - 1
-    for position, ((manifest, entry), blob) in enumerate(zip(entries, blobs, strict=True)):
-        try:
-            if entry.encoding == EXACT and raw_view and position == last and (
-                    (view := codec.raw_view(blob)) is not None):
-                return as_holder(view, entry.spec)
-            if entry.encoding == EXACT:
-                decoded = codec.decode_exact(blob)
-            elif array is None:
-                raise CorruptCheckpointError("a delta blob has no base to apply to")
-            else:
-                # Every array here was decoded by this call, so a delta may overwrite its
-                # reference: one buffer for the whole chain, not a fresh one per delta.
-                decoded = codec.decode_delta(blob, array, in_place=_writeable(array))
-            array = as_holder(decoded, entry.spec)
-        except (codec.CodecError, ValueError) as exc:
-            raise CorruptCheckpointError(
-                f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
-                f"cannot be decoded: {exc}"
-            ) from exc
-    assert array is not None  # a plan has at least its base
-    return array
+    """Decodes the tensor's last exact blob (its base, or a later step that stored it
+    exactly), then applies every delta after it in one ``codec.apply_deltas`` (runs in the
+    codec pool); with ``raw_view``, the last blob when it is a raw exact one comes back as
+    a read-only view of the blob instead of a copy. Blobs before that exact one are not
+    decoded (their checksums were checked when they were read)."""
+    start = max((i for i, (_, e) in enumerate(entries) if e.encoding == EXACT), default=None)
+    if start is None:
+        manifest, entry = entries[0]
+        raise CorruptCheckpointError(
+            f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} is a "
+            "delta with no base to apply to"
+        )
+    spec, last = entries[start][1].spec, start == len(entries) - 1
+    with _decoding(entries[start]):
+        # A raw base is read through a view of its blob: the chain's first chunk-by-chunk
+        # pass copies it out (each blob's bytes were checked against its manifest).
+        view = codec.raw_view(blobs[start]) if raw_view or not last else None
+        if view is not None and last:
+            return as_holder(view, spec)
+        array = as_holder(codec.decode_exact(blobs[start]) if view is None else view, spec)
+    if last:
+        return array
+    try:
+        # A decoded base is this call's own array: the deltas overwrite it (one buffer for
+        # the whole chain).
+        applied = codec.apply_deltas(blobs[start + 1:], array, in_place=view is None
+                                     and _writeable(array), verified=True)
+    except codec.ChainError as exc:
+        raise _undecodable(entries[start + 1 + exc.position], exc) from exc
+    with _decoding(entries[-1]):
+        return as_holder(applied, spec)
+
+
+@contextlib.contextmanager
+def _decoding(at: tuple[Manifest, TensorEntry]) -> Iterator[None]:
+    """Reports a codec error of the blob ``at`` as a corrupt checkpoint naming it."""
+    try:
+        yield
+    except (codec.CodecError, ValueError) as exc:
+        raise _undecodable(at, exc) from exc
+
+
+def _undecodable(at: tuple[Manifest, TensorEntry], exc: Exception) -> CorruptCheckpointError:
+    manifest, entry = at
+    return CorruptCheckpointError(
+        f"step {manifest.key}: blob {entry.blob_key} of tensor {entry.spec.name!r} "
+        f"cannot be decoded: {exc}"
+    )
 
 
 def _writeable(array: np.ndarray) -> bool:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_support import this_code_as_before
 
 pytestmark = pytest.mark.bench
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +20,7 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     done = subprocess.run(
         [sys.executable, "-m", "bench.pipeline", "--sizes", "16MiB", "--kinds", "adam",
          "--reps", "1", "--depth", "2", "--burst", "1", "--worker-counts", "1",
+         "--before", str(this_code_as_before(tmp_path)),  # the deep chain restored by it too
          "--out", str(out)],  # its own short temporary directory: unix socket paths are short
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -42,8 +44,11 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert case["restores"]["adam-grpc-0/2"][0]["transport"] == "stream"
     assert "| 16MiB | adam | latest over gRPC |" in done.stdout
     assert "| 16MiB | adam | deep, from storage |" in done.stdout
+    assert "| 16MiB | adam | (before) deep |" in done.stdout
+    assert case["restores"]["before"]["adam-deep/3"][0]["stream_s"] > 0
     [ratios] = report["ratios"]
     assert ratios["restore_deep"] > 0 and ratios["sustained_over_torch_save"] > 0
+    assert ratios["restore_deep_before"] > 0
     assert ratios["restore_latest_grpc"] > 0 and ratios["next_delta_save_shm"] > 0
     assert "| 16MiB | adam | next delta |" in done.stdout
     assert report["workers"][0]["MBps"]["1"] > 0
