@@ -59,6 +59,9 @@ exact tensor's buffer becomes the chain's new reconstruction instead of being co
 delta's is kept for the next save's receive, within the budget's free room:
 ``ckptd.daemon.engine.buffers``);
 what the budget still covers after that is the encoded blobs on their way to storage.
+Once a chain's save is durable and no other is reserved, buffers its next save would lack
+(a base's and exact tensors' became the head) are made and mapped in the background,
+within the same free room (``ckptd.daemon.engine.prefill``).
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
 evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
 being streamed hold their tensors within ``max_restore_bytes``.
@@ -91,6 +94,7 @@ from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.ledger import SaveLedger
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.engine.pipeline import SavePipeline
+from ckptd.daemon.engine.prefill import Prefill
 from ckptd.daemon.engine.reports import Reports
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
@@ -126,6 +130,7 @@ class Engine:
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._receive_buffers = ReceiveBuffers(self._budget)
+        self._prefill = Prefill(self._receive_buffers, self._pools)
         self._resident = ResidentHeads(config.max_resident_bytes)
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
@@ -193,6 +198,7 @@ class Engine:
         self._repository.worlds.check_header(header)
         key = header.key
         chain = self._chain(key.run, key.rank)
+        self._prefill.stop(chain)  # the session takes what is ready
         await self._leases.hold(chain)
         self._check_accepting()
         self._check_step_free(chain, key)
@@ -413,6 +419,7 @@ class Engine:
             for save in list(chain.queued.values()):
                 self._finish(chain, save, "the daemon shut down before the save was encoded")
         await self._leases.close()
+        await self._prefill.close()
         self._receive_buffers.clear()
         await self._pools.shutdown()
 
@@ -509,6 +516,8 @@ class Engine:
         self._reports.durable(save, committed, self._ledger.latency_s(save.header.key))
         await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
+        if not self._draining:
+            self._prefill.schedule(chain)  # a no-op while another save is reserved
         self._schedule_retention(chain)
 
     def _holds(self, run: str, rank: int) -> bool:
