@@ -14,7 +14,9 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    then fills the session's buffers with ``session.write(index, offset, data)`` (streamed
    chunks, in order) or ``session.fill_with(index, fill)`` (shared memory), and calls
    ``status = await session.commit()``, which checks completeness and hands the save to
-   the pipeline: accepted → encoding → writing → durable | failed. On any error before
+   the pipeline: accepted → encoding → writing → durable | failed. On an idle chain the
+   tensors are encoded and written as they arrive, and only the commit waits for the
+   whole checkpoint (``ckptd.daemon.engine.streaming``). On any error before
    commit, the transport calls ``session.abort()``: budget and step are released and
    nothing durable changes. ``async with session:`` aborts on exception.
 3. ``engine.status(key)`` / ``await engine.wait(key, timeout_s)`` report a save's state.
@@ -100,6 +102,7 @@ from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
+from ckptd.daemon.engine.streaming import StreamedEncode, open_streamed
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
     InvalidRequestError,
@@ -150,6 +153,8 @@ class Engine:
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
+        self._streamed: dict[SaveSession, StreamedEncode] = {}
+        self._abandoning: set[asyncio.Task[None]] = set()
         self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -212,12 +217,25 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            session = SaveSession(header, self._accept, self._abandon, identity=identity,
-                                  allocate=self._receive_buffers.take)
+            stream = await open_streamed(chain, header, identity=identity,
+                                         pipeline=self._pipeline, pools=self._pools,
+                                         index=self._index)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
             raise
+        try:
+            on_tensor = None if stream is None else stream.on_tensor
+            session = SaveSession(header, self._accept, self._abandon, identity=identity,
+                                  allocate=self._receive_buffers.take, on_tensor=on_tensor)
+        except BaseException:
+            self._budget.release(header.nbytes, identity)
+            self._release_step(chain, key.step)
+            if stream is not None:
+                await stream.abandon()
+            raise
+        if stream is not None:
+            self._streamed[session] = stream
         self._receive_buffers.trim()  # after the session took what fits: the rest is idle
         self._sessions.add(session)
         self._idle.clear()
@@ -411,6 +429,7 @@ class Engine:
         await self._retainer.close()
         for session in list(self._sessions):
             session.abort()
+        await asyncio.gather(*self._abandoning, return_exceptions=True)
         workers = [c.worker for c in self._chains.values() if c.worker is not None]
         for worker in workers:
             worker.cancel()
@@ -465,7 +484,11 @@ class Engine:
             raise ShuttingDownError(SHUTDOWN_REASON)
         key = session.header.key
         chain = self._chain(key.run, key.rank)
-        save = QueuedSave(session.header, session.take_arrays(), session.identity)
+        stream = self._streamed.pop(session, None)
+        if stream is None:
+            save = QueuedSave(session.header, session.take_arrays(), session.identity)
+        else:
+            save = stream.accept(session.take_arrays())
         save.stages.add("receive", session.receive_s)
         self._sessions.discard(session)
         self._ledger.accepted(save)
@@ -475,10 +498,17 @@ class Engine:
             name = f"ckptd-chain-{key.run}-{key.rank}"
             chain.worker = asyncio.create_task(self._work(chain), name=name)
         self._notify(lambda: self._observer.save_accepted(key, session.header.nbytes))
-        return save.status
+        return SaveStatus(key, SaveState.ACCEPTED)
 
     def _abandon(self, session: SaveSession) -> None:
-        """``SaveSession.abort``: gives back the budget and the step."""
+        """``SaveSession.abort``: gives back the budget and the step. A save encoded while
+        received deletes what it wrote in the background, holding the chain's lock until
+        then, so the chain's next save or a delete waits for that."""
+        stream = self._streamed.pop(session, None)
+        if stream is not None:
+            task = asyncio.create_task(stream.abandon(), name=f"ckptd-abandon-{session.header.key}")
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
         self._sessions.discard(session)
         self._budget.release(session.nbytes, session.identity)
         key = session.header.key
@@ -500,8 +530,9 @@ class Engine:
             chain.worker = None
 
     async def _process(self, chain: Chain, save: QueuedSave) -> None:
+        held = chain.lock if save.streamed is None else save.streamed.holding()
         try:
-            async with chain.lock:
+            async with held:
                 committed = await self._pipeline.run(chain, save)
                 chain.advance(committed.head)
         except asyncio.CancelledError:
