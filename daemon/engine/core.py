@@ -102,7 +102,7 @@ from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
-from ckptd.daemon.engine.streaming import StreamedEncode, open_streamed
+from ckptd.daemon.engine.streaming import StreamedSaves
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
     InvalidRequestError,
@@ -153,8 +153,7 @@ class Engine:
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
-        self._streamed: dict[SaveSession, StreamedEncode] = {}
-        self._abandoning: set[asyncio.Task[None]] = set()
+        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index)
         self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -217,9 +216,7 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            stream = await open_streamed(chain, header, identity=identity,
-                                         pipeline=self._pipeline, pools=self._pools,
-                                         index=self._index)
+            stream = await self._streamed.open(chain, header, identity)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
@@ -235,7 +232,7 @@ class Engine:
                 await stream.abandon()
             raise
         if stream is not None:
-            self._streamed[session] = stream
+            self._streamed.add(session, stream)
         self._receive_buffers.trim()  # after the session took what fits: the rest is idle
         self._sessions.add(session)
         self._idle.clear()
@@ -429,7 +426,7 @@ class Engine:
         await self._retainer.close()
         for session in list(self._sessions):
             session.abort()
-        await asyncio.gather(*self._abandoning, return_exceptions=True)
+        await self._streamed.settled()
         workers = [c.worker for c in self._chains.values() if c.worker is not None]
         for worker in workers:
             worker.cancel()
@@ -484,7 +481,7 @@ class Engine:
             raise ShuttingDownError(SHUTDOWN_REASON)
         key = session.header.key
         chain = self._chain(key.run, key.rank)
-        stream = self._streamed.pop(session, None)
+        stream = self._streamed.accepted(session)
         if stream is None:
             save = QueuedSave(session.header, session.take_arrays(), session.identity)
         else:
@@ -504,11 +501,7 @@ class Engine:
         """``SaveSession.abort``: gives back the budget and the step. A save encoded while
         received deletes what it wrote in the background, holding the chain's lock until
         then, so the chain's next save or a delete waits for that."""
-        stream = self._streamed.pop(session, None)
-        if stream is not None:
-            task = asyncio.create_task(stream.abandon(), name=f"ckptd-abandon-{session.header.key}")
-            self._abandoning.add(task)
-            task.add_done_callback(self._abandoning.discard)
+        self._streamed.abandon(session)
         self._sessions.discard(session)
         self._budget.release(session.nbytes, session.identity)
         key = session.header.key

@@ -94,6 +94,50 @@ async def open_streamed(
                           pipeline, pools)
 
 
+class StreamedSaves:
+    """The engine's saves being encoded while received, by their session, and the abandoned
+    ones still deleting what they wrote (on the event loop's thread)."""
+
+    def __init__(self, pipeline: SavePipeline, pools: Pools, index: StepIndex) -> None:
+        self._pipeline = pipeline
+        self._pools = pools
+        self._index = index
+        self._open: dict[object, StreamedEncode] = {}
+        self._abandoning: set[asyncio.Task[None]] = set()
+
+    async def open(
+        self, chain: Chain, header: CheckpointHeader, identity: str
+    ) -> StreamedEncode | None:
+        """``open_streamed`` with the engine's pipeline; ``add`` it once its session exists."""
+        return await open_streamed(chain, header, identity=identity, pipeline=self._pipeline,
+                                   pools=self._pools, index=self._index)
+
+    def add(self, session: object, stream: StreamedEncode) -> None:
+        self._open[session] = stream
+
+    def get(self, session: object) -> StreamedEncode | None:
+        return self._open.get(session)
+
+    def accepted(self, session: object) -> StreamedEncode | None:
+        """The session's stream (None: not streamed), forgotten: it is queued now."""
+        return self._open.pop(session, None)
+
+    def abandon(self, session: object) -> None:
+        """The session was aborted: its stream (if any) deletes what it wrote in the
+        background, holding the chain's lock until then."""
+        stream = self._open.pop(session, None)
+        if stream is None:
+            return
+        task = asyncio.create_task(stream.abandon(),
+                                   name=f"ckptd-abandon-{stream.save.header.key}")
+        self._abandoning.add(task)
+        task.add_done_callback(self._abandoning.discard)
+
+    async def settled(self) -> None:
+        """Returns once every abandoned stream deleted what it wrote (close, tests)."""
+        await asyncio.gather(*self._abandoning, return_exceptions=True)
+
+
 class StreamedEncode:
     """One save's tensors, encoded and written while the rest of it is received."""
 

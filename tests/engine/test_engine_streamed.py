@@ -41,7 +41,8 @@ def _write(session: SaveSession, state: State, tensors: range) -> None:
 async def _blob_written(engine: Engine, session: SaveSession, index: int) -> str:
     """Waits for tensor ``index``'s encode and put (the task the stream started), returns
     its key."""
-    stream = engine._streamed[session]
+    stream = engine._streamed.get(session)
+    assert stream is not None
 
     async def started() -> asyncio.Task[object]:
         while index not in stream._tasks:  # handed through call_soon_threadsafe
@@ -65,7 +66,7 @@ def test_tensors_are_written_before_the_save_is_complete_and_commit_after(
         async with open_engine(tmp_path) as engine:
             await save(engine, 1, states[0])
             session = await engine.open_save(header(2, states[1]))
-            assert session in engine._streamed  # the chain was idle, its head ready
+            assert engine._streamed.get(session) is not None  # the chain was idle, its head ready
             _write(session, states[1], range(3))
             key = await _blob_written(engine, session, 0)
             assert key in engine.storage.list(f"runs/{RUN}/")
@@ -105,7 +106,7 @@ def test_an_abandoned_save_leaves_no_key_and_the_chain_serves_the_next(
                 with pytest.raises(IncompleteStreamError):
                     async with session:  # as the servicer: aborts on the error
                         await session.commit()
-            await asyncio.gather(*engine._abandoning)
+            await engine._streamed.settled()
             assert _step_keys(engine, 2) == []
             assert [info.step for info in engine.list_steps(RUN, 0)] == [1]
             assert_same(head, await engine.restore(RUN, 0, None))
@@ -128,7 +129,7 @@ def test_a_save_opened_while_another_is_in_flight_takes_the_usual_path(
             await save(engine, 1, states[0])
             first = await engine.open_save(header(2, states[1]))
             second = await engine.open_save(header(3, states[2]))
-            assert first in engine._streamed and second not in engine._streamed
+            assert engine._streamed.get(first) is not None and engine._streamed.get(second) is None
             _write(second, states[2], range(len(states[2])))
             third_step = await second.commit()  # queued: waits for step 2
             _write(first, states[1], range(len(states[1])))
