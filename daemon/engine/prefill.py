@@ -105,7 +105,7 @@ class Prefill:
                     continue  # a smaller one may still fit
                 self._making_bytes += nbytes
                 try:
-                    buffer = await self._pools.run_io(functools.partial(_mapped, nbytes))
+                    buffer = await self._pools.run_io(functools.partial(mapped_buffer, nbytes))
                 finally:
                     self._making_bytes -= nbytes
                 before = self._buffers.idle_bytes
@@ -120,7 +120,7 @@ class Prefill:
                 idle_bytes=self._buffers.idle_bytes))
 
 
-def _mapped(nbytes: int) -> np.ndarray:
+def mapped_buffer(nbytes: int) -> np.ndarray:
     """A new buffer whose pages are mapped (I/O pool): one write per page faults it in
     (the kernel zeroes the page), far cheaper than writing every byte."""
     buffer = np.empty(nbytes, dtype=np.uint8)

@@ -158,11 +158,6 @@ class StreamedEncode:
         self._locked = True
         self._loop = asyncio.get_running_loop()
 
-    @property
-    def started(self) -> int:
-        """Tensors whose encode started (or ran)."""
-        return len(self._tasks)
-
     def tensor_ready(self, index: int, array: np.ndarray) -> None:
         """Starts encoding tensor ``index`` (its bytes are final); a second call for the
         same tensor, or any call after ``abandon``, does nothing."""
@@ -183,7 +178,8 @@ class StreamedEncode:
         for index, array in enumerate(arrays):
             if array is not None:
                 self.tensor_ready(index, array)
-        self.save.state = SaveState.ENCODING
+        encoding = self._plan.progress.remaining > 0
+        self.save.state = SaveState.ENCODING if encoding else SaveState.WRITING
         return self.save
 
     async def finish(self) -> Committed:
