@@ -194,11 +194,16 @@ class StreamedEncode:
             encoded = [result for result in results if not isinstance(result, BaseException)]
             written = await self._pipeline.commit(self._chain, self.save, self._plan, encoded)
         except asyncio.CancelledError:
+            self._forget()
             raise  # shutting down: storage may hang, so leave the keys to the next start
         except BaseException:
             await self._pipeline.discard(key, count)
+            self._forget()
             raise
-        return await self._pipeline.settle(self.save, self._plan, written)
+        try:
+            return await self._pipeline.settle(self.save, self._plan, written)
+        finally:
+            self._forget()
 
     async def abandon(self) -> None:
         """The session was aborted: lets running tensors finish, deletes what was written,
@@ -210,6 +215,7 @@ class StreamedEncode:
             await self._pipeline.discard(self.save.header.key, len(self.save.header.tensors))
         finally:
             self.save.arrays = []
+            self._forget()
             self._release()
 
     @contextlib.asynccontextmanager
@@ -230,6 +236,14 @@ class StreamedEncode:
             except BaseException as exc:
                 self._failure.append(exc)
                 raise
+
+    def _forget(self) -> None:
+        """Drops what the save no longer needs: the save and this object refer to each
+        other, and a cycle would keep the previous head and the encoded tensors (GiBs that
+        the garbage collector does not count) alive until a full collection."""
+        self.save.streamed = None
+        self._tasks.clear()
+        self._failure.clear()
 
     def _release(self) -> None:
         if self._locked:

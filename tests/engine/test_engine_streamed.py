@@ -9,6 +9,8 @@ second save opened meanwhile is encoded against a head that is about to move.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,31 @@ def test_a_save_opened_while_another_is_in_flight_takes_the_usual_path(
                 assert_same(found, await restarted.restore(RUN, 0, found.key.step))
 
     asyncio.run(scenario())
+
+
+def test_a_streamed_save_holds_nothing_once_durable(tmp_path: Path) -> None:
+    """The save and its stream refer to each other while it runs; once durable nothing may
+    keep the stream (and with it the previous head, GiBs the garbage collector does not
+    count) alive until a full collection: checked with the collector off."""
+    states = list(random_walk(9, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path) as engine:
+            await save(engine, 1, states[0])
+            session = await engine.open_save(header(2, states[1]))
+            stream = engine._streamed.get(session)
+            assert stream is not None
+            gone = weakref.ref(stream)
+            del stream
+            _write(session, states[1], range(len(states[1])))
+            accepted = await session.commit()
+            del session
+            assert (await engine.wait(accepted.key, WAIT_S)).state is SaveState.DURABLE
+            await save(engine, 3, states[2])  # the chain's worker moved past step 2
+            assert gone() is None
+
+    gc.disable()
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.enable()
