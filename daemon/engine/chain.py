@@ -81,7 +81,8 @@ class QueuedSave:
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stages: StageTimes = field(default_factory=StageTimes)  # busy seconds per stage
-    streamed: StreamedEncode | None = None  # set when encoded while it was received
+    streamed: StreamedEncode | None = None  # while it is encoded as it is received
+    was_streamed: bool = False  # it was (for its log line, once ``streamed`` is dropped)
 
     @property
     def status(self) -> SaveStatus:

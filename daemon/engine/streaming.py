@@ -146,6 +146,7 @@ class StreamedEncode:
     ) -> None:
         self.save = save
         save.streamed = self
+        save.was_streamed = True
         self._chain = chain
         self._pipeline = pipeline
         self._pools = pools
