@@ -9,6 +9,9 @@ of ``pipeline.make_state`` (transformer-shaped weights), rep by rep, interleaved
   ``ckptd.daemon.engine.buffers``: the copy faults in every page;
 * ``reused``: into the buffers of the previous rep, handed back to a ``ReceiveBuffers``
   as the pipeline does once a delta is encoded;
+* ``prepared``: into new buffers made ready beforehand the way ``ckptd.daemon.engine.prefill``
+  makes them once a chain's save is durable (one write per page); ``prepare`` is the time
+  that took, off the receive's path (between saves, in the daemon's I/O pool);
 * ``mapped_copy``: for scale only, ``np.copyto`` of the whole segment through a mapping
   into a reused buffer (one memcpy; the daemon never maps a client's segment: a client
   that shrinks it would SIGBUS the daemon).
@@ -39,6 +42,7 @@ import torch
 from ckptd.daemon.domain import CheckpointHeader, SaveStatus, StepKey, TensorSpec
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.buffers import ReceiveBuffers
+from ckptd.daemon.engine.prefill import mapped_buffer
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.server import shm
 from ckptd.protos import segments
@@ -50,7 +54,7 @@ except ImportError:  # run as a script: python bench/receive.py
     import stall  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "receive.json"
-CASES = ("fresh", "reused", "mapped_copy")
+CASES = ("fresh", "reused", "prepared", "prepare", "mapped_copy")
 
 
 def table(label: str) -> tuple[CheckpointHeader, list[np.ndarray]]:
@@ -105,11 +109,16 @@ def measure(label: str, reps: int) -> dict[str, Any]:
             pool.give_back(array)  # the buffers of an earlier save
         whole = np.empty(ref.segment_bytes, np.uint8)
         whole.fill(0)
+        ready = ReceiveBuffers(ByteBudget(4 * header.nbytes))
         with mmap.mmap(fd, ref.segment_bytes, prot=mmap.PROT_READ) as mapping:
             runs: dict[str, Callable[[], object]] = {
                 "fresh": lambda: receive(header, shm.OpenSegment(ref, os.dup(fd)), None),
                 "reused": lambda: [pool.give_back(a) for a in receive(
                     header, shm.OpenSegment(ref, os.dup(fd)), pool.take)],
+                "prepare": lambda: [ready.give_back(mapped_buffer(spec.nbytes))
+                                    for spec in header.tensors],
+                "prepared": lambda: (receive(header, shm.OpenSegment(ref, os.dup(fd)),
+                                             ready.take), ready.clear()),
                 "mapped_copy": lambda: np.copyto(whole, np.frombuffer(mapping, np.uint8)),
             }
             for _ in range(reps):

@@ -54,7 +54,7 @@ class ReceiveBuffers:
         if array.nbytes == 0 or not array.flags.c_contiguous:
             return
         buffer = array.reshape(-1).view(np.uint8)
-        if self.idle_bytes + buffer.nbytes > self._room():
+        if not self.fits(buffer.nbytes):
             return
         self._idle.setdefault(buffer.nbytes, []).append(buffer)
         self.idle_bytes += buffer.nbytes
@@ -68,6 +68,22 @@ class ReceiveBuffers:
                 self.idle_bytes -= nbytes
             if not free:
                 del self._idle[nbytes]
+
+    def lacking(self, sizes: list[int]) -> list[int]:
+        """The entries of ``sizes`` (one per tensor of a table) that a save of that table
+        would find no idle buffer for, in table order."""
+        spare = {nbytes: len(free) for nbytes, free in self._idle.items()}
+        missing = []
+        for nbytes in sizes:
+            if spare.get(nbytes, 0):
+                spare[nbytes] -= 1
+            elif nbytes:
+                missing.append(nbytes)
+        return missing
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``give_back`` would keep a buffer of ``nbytes`` now."""
+        return self.idle_bytes + nbytes <= self._room()
 
     def clear(self) -> None:
         """Drops every idle buffer."""

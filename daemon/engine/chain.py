@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ckptd.daemon.config import EngineConfig
@@ -22,6 +23,9 @@ from ckptd.daemon.domain import CheckpointHeader, SaveStatus, TensorSpec
 from ckptd.daemon.engine.stages import StageTimes
 from ckptd.daemon.store.manifest import BASE, DELTA, Manifest
 from ckptd.protos.records import SaveState
+
+if TYPE_CHECKING:
+    from ckptd.daemon.engine.streaming import StreamedEncode
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class QueuedSave:
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stages: StageTimes = field(default_factory=StageTimes)  # busy seconds per stage
+    streamed: StreamedEncode | None = None  # while it is encoded as it is received
+    was_streamed: bool = False  # it was (for its log line, once ``streamed`` is dropped)
 
     @property
     def status(self) -> SaveStatus:

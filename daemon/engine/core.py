@@ -14,7 +14,9 @@ Call order, all from the daemon's event loop (one asyncio loop, one thread):
    then fills the session's buffers with ``session.write(index, offset, data)`` (streamed
    chunks, in order) or ``session.fill_with(index, fill)`` (shared memory), and calls
    ``status = await session.commit()``, which checks completeness and hands the save to
-   the pipeline: accepted → encoding → writing → durable | failed. On any error before
+   the pipeline: accepted → encoding → writing → durable | failed. On an idle chain the
+   tensors are encoded and written as they arrive, and only the commit waits for the
+   whole checkpoint (``ckptd.daemon.engine.streaming``). On any error before
    commit, the transport calls ``session.abort()``: budget and step are released and
    nothing durable changes. ``async with session:`` aborts on exception.
 3. ``engine.status(key)`` / ``await engine.wait(key, timeout_s)`` report a save's state.
@@ -59,6 +61,9 @@ exact tensor's buffer becomes the chain's new reconstruction instead of being co
 delta's is kept for the next save's receive, within the budget's free room:
 ``ckptd.daemon.engine.buffers``);
 what the budget still covers after that is the encoded blobs on their way to storage.
+Once a chain's save is durable and no other is reserved, buffers its next save would lack
+(a base's and exact tensors' became the head) are made and mapped in the background,
+within the same free room (``ckptd.daemon.engine.prefill``).
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
 evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
 being streamed hold their tensors within ``max_restore_bytes``.
@@ -91,11 +96,13 @@ from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.ledger import SaveLedger
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.engine.pipeline import SavePipeline
+from ckptd.daemon.engine.prefill import Prefill
 from ckptd.daemon.engine.reports import Reports
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
+from ckptd.daemon.engine.streaming import StreamedSaves
 from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
 from ckptd.daemon.errors import (
     InvalidRequestError,
@@ -126,6 +133,7 @@ class Engine:
         self._pools = Pools(config.encode_workers, config.storage_workers)
         self._budget = ByteBudget(config.max_inflight_bytes, share=config.max_inflight_share)
         self._receive_buffers = ReceiveBuffers(self._budget)
+        self._prefill = Prefill(self._receive_buffers, self._pools)
         self._resident = ResidentHeads(config.max_resident_bytes)
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
@@ -145,6 +153,7 @@ class Engine:
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
+        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index)
         self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,6 +202,7 @@ class Engine:
         self._repository.worlds.check_header(header)
         key = header.key
         chain = self._chain(key.run, key.rank)
+        self._prefill.stop(chain)  # the session takes what is ready
         await self._leases.hold(chain)
         self._check_accepting()
         self._check_step_free(chain, key)
@@ -206,12 +216,23 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            session = SaveSession(header, self._accept, self._abandon, identity=identity,
-                                  allocate=self._receive_buffers.take)
+            stream = await self._streamed.open(chain, header, identity)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
             raise
+        try:
+            on_tensor = None if stream is None else stream.on_tensor
+            session = SaveSession(header, self._accept, self._abandon, identity=identity,
+                                  allocate=self._receive_buffers.take, on_tensor=on_tensor)
+        except BaseException:
+            self._budget.release(header.nbytes, identity)
+            self._release_step(chain, key.step)
+            if stream is not None:
+                await stream.abandon()
+            raise
+        if stream is not None:
+            self._streamed.add(session, stream)
         self._receive_buffers.trim()  # after the session took what fits: the rest is idle
         self._sessions.add(session)
         self._idle.clear()
@@ -405,6 +426,7 @@ class Engine:
         await self._retainer.close()
         for session in list(self._sessions):
             session.abort()
+        await self._streamed.settled()
         workers = [c.worker for c in self._chains.values() if c.worker is not None]
         for worker in workers:
             worker.cancel()
@@ -413,6 +435,7 @@ class Engine:
             for save in list(chain.queued.values()):
                 self._finish(chain, save, "the daemon shut down before the save was encoded")
         await self._leases.close()
+        await self._prefill.close()
         self._receive_buffers.clear()
         await self._pools.shutdown()
 
@@ -458,7 +481,11 @@ class Engine:
             raise ShuttingDownError(SHUTDOWN_REASON)
         key = session.header.key
         chain = self._chain(key.run, key.rank)
-        save = QueuedSave(session.header, session.take_arrays(), session.identity)
+        stream = self._streamed.accepted(session)
+        if stream is None:
+            save = QueuedSave(session.header, session.take_arrays(), session.identity)
+        else:
+            save = stream.accept(session.take_arrays())
         save.stages.add("receive", session.receive_s)
         self._sessions.discard(session)
         self._ledger.accepted(save)
@@ -468,10 +495,13 @@ class Engine:
             name = f"ckptd-chain-{key.run}-{key.rank}"
             chain.worker = asyncio.create_task(self._work(chain), name=name)
         self._notify(lambda: self._observer.save_accepted(key, session.header.nbytes))
-        return save.status
+        return SaveStatus(key, SaveState.ACCEPTED)
 
     def _abandon(self, session: SaveSession) -> None:
-        """``SaveSession.abort``: gives back the budget and the step."""
+        """``SaveSession.abort``: gives back the budget and the step. A save encoded while
+        received deletes what it wrote in the background, holding the chain's lock until
+        then, so the chain's next save or a delete waits for that."""
+        self._streamed.abandon(session)
         self._sessions.discard(session)
         self._budget.release(session.nbytes, session.identity)
         key = session.header.key
@@ -493,8 +523,9 @@ class Engine:
             chain.worker = None
 
     async def _process(self, chain: Chain, save: QueuedSave) -> None:
+        held = chain.lock if save.streamed is None else save.streamed.holding()
         try:
-            async with chain.lock:
+            async with held:
                 committed = await self._pipeline.run(chain, save)
                 chain.advance(committed.head)
         except asyncio.CancelledError:
@@ -509,6 +540,8 @@ class Engine:
         self._reports.durable(save, committed, self._ledger.latency_s(save.header.key))
         await self._repository.worlds.committed(save.header.key, save.header.world_size)
         self._finish(chain, save, "")
+        if not self._draining:
+            self._prefill.schedule(chain)  # a no-op while another save is reserved
         self._schedule_retention(chain)
 
     def _holds(self, run: str, rank: int) -> bool:

@@ -80,6 +80,27 @@ class _Progress:
     encoded_at_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What ``SavePipeline.plan`` decided for a save: base or delta, the head a delta is
+    encoded against, and when encoding started (monotonic s)."""
+
+    kind: str
+    previous: Reconstruction | None
+    progress: _Progress
+    started_s: float
+
+
+@dataclass(frozen=True)
+class Written:
+    """A save past its commit point: its manifest, index entry and reconstructed arrays."""
+
+    manifest: Manifest
+    entry: IndexEntry
+    arrays: tuple[np.ndarray, ...]
+    began_s: float  # perf_counter when the manifest's commit began
+
+
 class SavePipeline:
     """Turns an accepted save into a committed step and the chain's next reconstruction."""
 
@@ -127,61 +148,86 @@ class SavePipeline:
     async def run(self, chain: Chain, save: QueuedSave) -> Committed:
         """Encodes, writes and commits ``save``; returns the chain's new head (the caller
         advances the chain to it). Raises whatever failed, after deleting the step's
-        partial keys."""
-        stages = save.stages
+        partial keys. A save whose tensors were encoded while it was received
+        (``save.streamed``: ``ckptd.daemon.engine.streaming``) is only finished here."""
+        if save.streamed is not None:
+            return await save.streamed.finish()
         began = time.perf_counter()
         await self.ensure_head(chain)
-        stages.add("head", time.perf_counter() - began)
-        header = save.header
-        kind, why = choose_kind(chain.head, header.tensors, self._config)
-        log.debug("encoding save %s", step_fields(header.key, kind=kind, why=why))
-        previous = chain.head if kind == DELTA else None
-        save.state = SaveState.ENCODING
-        started_s = time.monotonic()
-        progress = _Progress(len(save.arrays))
+        save.stages.add("head", time.perf_counter() - began)
+        plan = self.plan(chain, save)
         try:
-            await self._repository.mark_pending(header.key)
-            encoded = await self._encode_and_put(save, previous, progress)
-            save.state = SaveState.WRITING
-            entries = tuple(entry for entry, _ in encoded)
-            arrays = tuple(array for _, array in encoded)
-            specs = header.tensors
-            # The blobs' one fsync batch runs while the codec pool hashes the tensors.
-            keys = [entry.blob_key for entry in entries]
-            _, checksum = await asyncio.gather(
-                self._pools.run_io(stages.timed("sync", lambda: self._storage.sync(keys))),
-                self._pools.run_codec(
-                    stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
-            )
-            self.base_coding.synced(stages.seconds()["sync"])
-            generation = await self._fence(chain) if self._fence is not None else 0
-            manifest = self._manifest(save, kind, previous, entries, checksum,
-                                      generation=generation)
-            began = time.perf_counter()
-            entry = await self._repository.commit(manifest)
+            await self.mark_pending(save.header.key)
+            encoded = await self._encode_and_put(save, plan)
+            written = await self.commit(chain, save, plan, encoded)
         except asyncio.CancelledError:
             raise  # shutting down: storage may hang, so leave the keys to the next start
         except BaseException:
-            await self._discard(header.key, len(header.tensors))
+            await self.discard(save.header.key, len(save.header.tensors))
             raise
-        await self._repository.clear_pending(header.key)
-        stages.add("commit", time.perf_counter() - began)
-        encode_s = (progress.encoded_at_s or time.monotonic()) - started_s
-        return Committed(_next_head(manifest, arrays, previous), entry, encode_s,
-                         stages.seconds())
+        return await self.settle(save, plan, written)
+
+    async def mark_pending(self, key: StepKey) -> None:
+        """Puts the step's pending marker: before its first blob, so that a crash leaves a
+        directory start-up can prove uncommitted."""
+        await self._repository.mark_pending(key)
+
+    def plan(self, chain: Chain, save: QueuedSave) -> Plan:
+        """Chooses base or delta against ``chain.head`` (which must be ready: ``ensure_head``)
+        and starts the save's encoding phase."""
+        kind, why = choose_kind(chain.head, save.header.tensors, self._config)
+        log.debug("encoding save %s", step_fields(save.header.key, kind=kind, why=why))
+        save.state = SaveState.ENCODING
+        previous = chain.head if kind == DELTA else None
+        return Plan(kind, previous, _Progress(len(save.header.tensors)), time.monotonic())
+
+    async def commit(
+        self, chain: Chain, save: QueuedSave, plan: Plan,
+        encoded: list[tuple[TensorEntry, np.ndarray]],
+    ) -> Written:
+        """Syncs the blobs of ``encoded`` (every tensor's, in table order), checks the lease
+        and commits the manifest: the commit point. On a failure the caller discards the
+        step's keys (``discard``); after it, the caller calls ``settle``."""
+        stages, header = save.stages, save.header
+        save.state = SaveState.WRITING
+        entries = tuple(entry for entry, _ in encoded)
+        arrays = tuple(array for _, array in encoded)
+        specs = header.tensors
+        # The blobs' one fsync batch runs while the codec pool hashes the tensors.
+        keys = [entry.blob_key for entry in entries]
+        _, checksum = await asyncio.gather(
+            self._pools.run_io(stages.timed("sync", lambda: self._storage.sync(keys))),
+            self._pools.run_codec(
+                stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
+        )
+        self.base_coding.synced(stages.seconds()["sync"])
+        generation = await self._fence(chain) if self._fence is not None else 0
+        manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
+                                  generation=generation)
+        began = time.perf_counter()
+        entry = await self._repository.commit(manifest)
+        return Written(manifest, entry, arrays, began)
+
+    async def settle(self, save: QueuedSave, plan: Plan, written: Written) -> Committed:
+        """After the commit point: removes the pending marker; the chain's next head."""
+        await self._repository.clear_pending(save.header.key)
+        save.stages.add("commit", time.perf_counter() - written.began_s)
+        encode_s = (plan.progress.encoded_at_s or time.monotonic()) - plan.started_s
+        head = _next_head(written.manifest, written.arrays, plan.previous)
+        return Committed(head, written.entry, encode_s, save.stages.seconds())
 
     async def _encode_and_put(
-        self, save: QueuedSave, previous: Reconstruction | None, progress: _Progress
+        self, save: QueuedSave, plan: Plan
     ) -> list[tuple[TensorEntry, np.ndarray]]:
-        calls = [
-            functools.partial(self._tensor, save, i, previous, progress)
-            for i in range(len(save.arrays))
-        ]
+        calls = [functools.partial(self.tensor, save, i, plan) for i in range(len(save.arrays))]
         return await gather_bounded(calls, self._pools.blob_slots)
 
-    async def _tensor(
-        self, save: QueuedSave, index: int, previous: Reconstruction | None, progress: _Progress
+    async def tensor(
+        self, save: QueuedSave, index: int, plan: Plan
     ) -> tuple[TensorEntry, np.ndarray]:
+        """Encodes tensor ``index`` of ``save`` (codec pool), drops its received buffer and
+        puts its blob (I/O pool); the caller holds one of ``Pools.blob_slots``."""
+        previous, progress = plan.previous, plan.progress
         spec = save.header.tensors[index]
         current = save.arrays[index]
         assert current is not None
@@ -233,7 +279,8 @@ class SavePipeline:
             world_size=save.header.world_size,
         )
 
-    async def _discard(self, key: StepKey, tensors: int) -> None:
+    async def discard(self, key: StepKey, tensors: int) -> None:
+        """Deletes the keys a failed save may have written, the pending marker last."""
         keys = [manifest_key(key)] + [blob_key(key, i) for i in range(tensors)]
         try:
             await self._pools.run_io(functools.partial(self._storage.delete, keys))

@@ -45,6 +45,7 @@ class Reports:
         log.info("save durable %s", step_fields(
             key, kind=durable.kind, raw_bytes=durable.raw_bytes,
             stored_bytes=durable.stored_bytes, chain_depth=manifest.chain_depth,
+            streamed=save.was_streamed,  # encoded while received
             encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4),
             **{f"{stage}_s": round(s, 4) for stage, s in durable.stages.items()}))
         self.notify(lambda: self.observer.save_durable(durable))

@@ -35,8 +35,13 @@ class SaveSession:
         *,
         identity: str = "",
         allocate: Callable[[int], np.ndarray] | None = None,
+        on_tensor: Callable[[int, np.ndarray], None] | None = None,
     ) -> None:
-        """``allocate(nbytes)`` returns a 1-D uint8 buffer (default: a new one)."""
+        """``allocate(nbytes)`` returns a 1-D uint8 buffer (default: a new one).
+        ``on_tensor(index, array)`` hears of each tensor once its bytes are complete, in
+        table order, with the buffer viewed as the tensor (the session never writes it
+        again); it is called on the thread that completed it (a ``fill_with`` may run in a
+        worker thread)."""
         self.header = header
         self.identity = identity  # whose share of the in-flight budget the bytes count in
         self._on_commit = on_commit
@@ -45,6 +50,8 @@ class SaveSession:
         self._buffers = [allocate(spec.nbytes) for spec in header.tensors]
         self._received = [0] * len(header.tensors)
         self._cursor = 0  # first tensor that is not complete; chunks must go there
+        self._on_tensor = on_tensor
+        self._announced = 0  # tensors handed to on_tensor: those before the cursor
         self._state = _OPEN
         self._opened_s = time.perf_counter()
         self.receive_s = 0.0  # header to commit, once committed: the "receive" stage
@@ -130,12 +137,13 @@ class SaveSession:
 
     def take_arrays(self) -> list[np.ndarray | None]:
         """Hands the filled buffers, viewed as their tensors, to the pipeline (once)."""
-        arrays: list[np.ndarray | None] = [
-            buffer.view(spec.dtype_info.numpy).reshape(spec.shape)
-            for buffer, spec in zip(self._buffers, self.header.tensors, strict=True)
-        ]
+        arrays: list[np.ndarray | None] = [self._view(i) for i in range(len(self._buffers))]
         self._buffers = []
         return arrays
+
+    def _view(self, index: int) -> np.ndarray:
+        spec = self.header.tensors[index]
+        return self._buffers[index].view(spec.dtype_info.numpy).reshape(spec.shape)
 
     async def __aenter__(self) -> SaveSession:
         return self
@@ -162,6 +170,11 @@ class SaveSession:
             and self._received[self._cursor] == self.header.tensors[self._cursor].nbytes
         ):
             self._cursor += 1
+        if self._on_tensor is not None:
+            while self._announced < self._cursor:
+                index = self._announced
+                self._announced += 1
+                self._on_tensor(index, self._view(index))
 
     def _describe_expected(self) -> str:
         if self._cursor >= len(self._buffers):

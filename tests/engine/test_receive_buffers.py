@@ -12,15 +12,23 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.buffers import ReceiveBuffers
+from ckptd.daemon.engine.chain import Chain, Reconstruction
+from ckptd.daemon.engine.prefill import Prefill
+from ckptd.daemon.pools import Pools
+from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
     SMALL,
+    WAIT_S,
     assert_same,
+    header,
     open_engine,
     random_walk,
     save,
+    send,
 )
 
 
@@ -84,16 +92,91 @@ def test_reused_buffers_never_change_a_stored_step_or_the_head(tmp_path: Path) -
     asyncio.run(scenario())
 
 
-def test_no_buffer_is_kept_when_the_budget_has_no_room(tmp_path: Path) -> None:
+def test_buffers_are_kept_only_within_the_budgets_free_room(tmp_path: Path) -> None:
+    """A budget of one state: a delta's buffers come back while its own bytes are still
+    reserved (no room: dropped), and the buffers made ready after each durable save fill
+    the room only once nothing is reserved."""
     state_bytes = sum(t.array.nbytes for t in next(random_walk(3, 1)).values())
     config = dataclasses.replace(SMALL, max_inflight_bytes=state_bytes)
 
     async def scenario() -> None:
         async with open_engine(tmp_path, config) as engine:
+            buffers = engine._receive_buffers
             for step, state in enumerate(random_walk(3, 4), 1):
-                await save(engine, step, state)
-            # Each delta's buffers came back while its own bytes were still reserved.
-            assert engine._receive_buffers.idle_bytes == 0
-            assert engine._receive_buffers.reused == 0
+                accepted = await send(engine, step, state)
+                assert buffers.idle_bytes + engine.inflight_bytes <= state_bytes
+                assert (await engine.wait(accepted.key, WAIT_S)).state is SaveState.DURABLE
+                await engine._prefill.settled()
+                assert buffers.idle_bytes + engine.inflight_bytes <= state_bytes
+            assert buffers.reused > 0 and engine._prefill.prepared_bytes > 0
+
+    asyncio.run(scenario())
+
+
+def test_after_a_base_the_next_save_receives_into_buffers_made_ready(tmp_path: Path) -> None:
+    """A base's buffers become the head; once it is durable, buffers for its whole table are
+    made in the background, so the first delta takes none fresh, and it and the steps after
+    it restore the same from the head and from storage."""
+    states = list(random_walk(11, 3))
+    sizes = [t.array.nbytes for t in states[0].values()]
+
+    async def scenario() -> None:
+        heads = []
+        async with open_engine(tmp_path) as engine:
+            buffers = engine._receive_buffers
+            await save(engine, 1, states[0])
+            await engine._prefill.settled()
+            assert buffers.lacking(sizes) == []
+            assert engine._prefill.prepared_bytes == sum(sizes)
+            assert buffers.idle_bytes + engine.inflight_bytes <= SMALL.max_inflight_bytes
+            reused = buffers.reused
+            session = await engine.open_save(header(2, states[1]))
+            session.abort()
+            assert buffers.reused - reused == len(sizes)  # every buffer was ready
+            for step, state in enumerate(states, 1):
+                if step > 1:
+                    await save(engine, step, state)
+                heads.append(await engine.restore(RUN, 0, step))
+        async with open_engine(tmp_path) as restarted:
+            for step, head in enumerate(heads, 1):
+                assert_same(head, await restarted.restore(RUN, 0, step))
+
+    asyncio.run(scenario())
+
+
+def test_a_prefill_makes_only_what_fits_and_stops_when_told(tmp_path: Path) -> None:
+    """Sizes that do not fit in the free room are skipped (smaller ones after them are
+    still made); a chain with a save reserved gets none; ``stop`` ends a prefill."""
+    sizes = (6_000, 9_000, 2_000, 2_000)
+    specs = tuple(TensorSpec(f"t{i}", "uint8", (n,)) for i, n in enumerate(sizes))
+
+    async def scenario() -> None:
+        budget = ByteBudget(20_000)
+        buffers = ReceiveBuffers(budget)
+        pools = Pools(1, 1)
+        prefill = Prefill(buffers, pools)
+        try:
+            chain = Chain("run", 0)
+            arrays = tuple(np.zeros(n, np.uint8) for n in sizes)
+            chain.advance(Reconstruction(1, specs, arrays, "", 1, 0, 0, 0))
+            await budget.acquire(8_000, wait=False, what="another save")
+            chain.reserved.add(2)
+            prefill.schedule(chain)  # a save of the chain is reserved: nothing to do
+            await prefill.settled()
+            assert buffers.idle_bytes == 0
+            chain.reserved.clear()
+            prefill.schedule(chain)
+            await prefill.settled()
+            # 12_000 free: 6_000, then 9_000 does not fit, then 2_000 twice fit.
+            assert buffers.idle_bytes == 10_000 and buffers.lacking(list(sizes)) == [9_000]
+            assert all(buffers.take(n).nbytes == n for n in (6_000, 2_000, 2_000))
+            budget.release(8_000)
+            prefill.schedule(chain)
+            prefill.stop(chain)  # before the task ran: it makes nothing
+            await prefill.settled()
+            assert buffers.idle_bytes == 0
+        finally:
+            await prefill.close()
+            await pools.shutdown()
 
     asyncio.run(scenario())
