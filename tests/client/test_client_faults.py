@@ -186,6 +186,7 @@ def test_accepted_but_not_durable_save_lost_in_a_crash_is_reported(
         assert "no longer knows it" in str(handle.exception())
 
 
+@pytest.mark.slow  # over 2 s: the full suite (--all) runs it
 def test_close_does_not_hang_while_the_daemon_is_down(
     tmp_path: Path, socket_path: Path, spawn_daemon: SpawnDaemon
 ) -> None:

@@ -28,6 +28,7 @@ class FlippingProxy:
         self.upstream = upstream
         self.flip_at = flip_at
         self.flipped = False
+        self._connections: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -39,6 +40,7 @@ class FlippingProxy:
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
+            self._connections += [client, server]
             threading.Thread(target=_pump, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pump_frames, args=(server, client), daemon=True).start()
 
@@ -60,7 +62,11 @@ class FlippingProxy:
             sink.close()
 
     def close(self) -> None:
+        """Stops accepting and cuts the forwarded connections, so the daemon's shutdown
+        does not wait out its grace period for a client behind the proxy."""
         self._listener.close()
+        for connection in self._connections:
+            connection.close()
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:

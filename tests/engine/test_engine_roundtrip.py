@@ -258,6 +258,7 @@ def test_manifest_records_the_layout(tmp_path: Path) -> None:
     assert manifest.stored_bytes < manifest.raw_bytes
 
 
+@pytest.mark.slow  # over 2 s: the full suite (--all) runs it
 def test_engine_on_s3_compatible_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same chain on an object store (moto's S3 server): save, restart, delete."""
     states = list(random_walk(9, 4))

@@ -12,6 +12,7 @@ from pathlib import Path
 import daemon_wire as wire
 import grpc
 import numpy as np
+import pytest
 from ckptd.protos.v1 import pb
 from daemon_harness import InProcessDaemon, SpawnDaemon, start_in_process, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,6 +116,7 @@ def test_second_daemon_on_the_same_storage_fails_with_exit_1(
     assert _health(daemon.address) == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow  # over 2 s: the full suite (--all) runs it
 def test_sigterm_drains_accepted_saves_and_exits_0(
     tmp_path: Path, spawn_daemon: SpawnDaemon
 ) -> None:

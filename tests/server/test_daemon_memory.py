@@ -128,6 +128,7 @@ def test_200_idle_streams_of_one_trainer_cannot_starve_another(
                what="every reservation to be released")
 
 
+@pytest.mark.slow  # over 2 s: the full suite (--all) runs it
 def test_unread_restores_hold_bounded_memory_and_time_out(
     small_daemon: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -218,6 +218,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # over 2 s: the full suite (--all) runs it
 def test_a_fifo_named_like_a_client_segment_blocks_neither_serve_nor_the_client(
     tmp_path: Path,
 ) -> None:
