@@ -25,7 +25,7 @@ def test_receive_bench_times_fresh_and_reused_buffers(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     [case] = json.loads(out.read_text())["cases"]
     assert case["size"] == "16MiB" and case["tensors"] > 1
-    assert set(case["seconds"]) == {"fresh", "reused", "mapped_copy"}
+    assert set(case["seconds"]) == {"fresh", "reused", "prepared", "prepare", "mapped_copy"}
     assert all(s > 0 for seconds in case["seconds"].values() for s in seconds)
-    assert "| 16MiB | reused |" in done.stdout
+    assert "| 16MiB | reused |" in done.stdout and "| 16MiB | prepared |" in done.stdout
     assert {p.name for p in Path("/dev/shm").glob("ckptd-bench-receive-*")} == before

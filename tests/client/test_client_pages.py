@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import torch
@@ -14,8 +15,11 @@ def resident_bytes() -> int:
 
 
 def test_a_fresh_tensor_is_resident_after_populate_and_keeps_its_bytes() -> None:
-    nbytes = 64 << 20  # above glibc's largest mmap threshold: fresh, untouched pages
-    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    nbytes = 64 << 20
+    # A private anonymous mapping: pages nobody touched yet, whatever the allocator kept
+    # from earlier tests (a torch.empty may reuse resident heap memory in a long session).
+    memory = mmap.mmap(-1, nbytes)
+    tensor = torch.frombuffer(memory, dtype=torch.uint8)
     before = resident_bytes()
     assert PagePopulator().populate(tensor)
     assert resident_bytes() - before >= nbytes - (1 << 20)
