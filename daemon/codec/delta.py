@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import chunks, domains, entropy, quantize, scaled
+from . import chunks, domains, entropy, kernels, quantize, scaled
 from .format import (
     CODER_IDS,
     CODERS,
@@ -44,7 +44,6 @@ from .format import (
 AUTO = "auto"
 _F32 = np.dtype("<f4")
 _U64 = np.dtype("<u8")
-_MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7, "float64": 52}
 
 
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
@@ -229,11 +228,11 @@ def _state_energy(ref: np.ndarray, ops: domains.Ops, relative_to: str) -> float 
     if relative_to != "state":
         return None
     if ops.domain == domains.LOG:
-        return ref.size * (2.0 ** _MANTISSA_BITS[ops.dtype_name] / math.log(2.0)) ** 2
+        return ref.size * (2.0 ** kernels.MANTISSA_BITS[ops.dtype_name] / math.log(2.0)) ** 2
     total = 0.0
     scratch = chunks.Scratch()
     for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):
-        values = scaled._widen(ref[part], ops.dtype_name,
+        values = scaled.widen(ref[part], ops.dtype_name,
                               scratch.get("energy", part.stop - part.start, _F32))
         finite = np.isfinite(values)
         with np.errstate(all="ignore"):

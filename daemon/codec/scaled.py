@@ -38,8 +38,8 @@ def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
     scratch = Scratch()
     for part in chunks.bounds(cur.size, chunks.CHUNK_ELEMS):
         n = part.stop - part.start
-        a = _widen(cur[part], dtype_name, scratch.get("fit_a", n, _F32))
-        b = _widen(ref[part], dtype_name, scratch.get("fit_b", n, _F32))
+        a = widen(cur[part], dtype_name, scratch.get("fit_a", n, _F32))
+        b = widen(ref[part], dtype_name, scratch.get("fit_b", n, _F32))
         finite = np.isfinite(a, out=scratch.get("fit_ok", n, np.bool_))
         finite &= np.isfinite(b)
         if not finite.all():
@@ -65,7 +65,7 @@ def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str,
     factor = np.float32(alpha - np.float32(1.0))
     scratch = scratch or Scratch()
     for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):
-        step = _widen(ref[part], dtype_name, scratch.get("step", part.stop - part.start, _F32))
+        step = widen(ref[part], dtype_name, scratch.get("step", part.stop - part.start, _F32))
         with np.errstate(all="ignore"):
             np.multiply(step, factor, out=step)
         if ref.ctypes.data == out.ctypes.data:
@@ -75,7 +75,7 @@ def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str,
     return out
 
 
-def _widen(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
+def widen(values: np.ndarray, dtype_name: str, out: np.ndarray) -> np.ndarray:
     """float32 of float16/bfloat16 (its uint16 words)/float32/float64 holders, into ``out``."""
     if dtype_name == "bfloat16":
         np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)
