@@ -6,8 +6,10 @@ batch i) and says, per restore: when the header came, when the first and the las
 were announced, how long the client spent copying (and hashing) announced batches, how long
 it sat waiting for the next announcement, and what came after the last copy (mapping
 dropped, segment closed, structure rebuilt, tensors dropped); plus the CPU seconds of the
-client and of the daemon. Cases: ``latest`` (the chain's head, copied), ``views`` (the
-same, ``zero_copy=True``), ``base`` (step 1 from storage). One daemon, this code; the state
+client and of the daemon. Cases: ``latest`` (the chain's head, copied), ``latest_inline``
+(the same with the client as it was before its second thread, ``client/sidecar.py``: each
+fresh tensor faulted in as it is allocated, nothing released behind the copy), ``views``
+(the same, ``zero_copy=True``), ``base`` (step 1 from storage). One daemon, this code; the state
 is ``pipeline.make_state(size, "weights")``, saved as a base and one delta. Usage::
 
     python bench/restore_timeline.py --sizes 256MiB --reps 5
@@ -27,6 +29,9 @@ from typing import Any
 
 import torch
 from ckptd.client import Checkpointer
+from ckptd.client import restore as client_restore
+from ckptd.client.pages import PagePopulator
+from ckptd.client.sidecar import RestoreSidecar
 from ckptd.protos import streams
 
 try:
@@ -73,13 +78,40 @@ class Timeline:
         }
 
 
+class InlineSidecar(RestoreSidecar):
+    """The client before its second thread: each fresh tensor faulted in on the copying
+    thread as it is allocated; the segment left to be freed when it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inline = PagePopulator()
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._inline.populate(tensor)
+
+    def segment(self, fd: int, offsets: Any, sizes: Any) -> None:
+        pass
+
+
+def inline(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with the client's restores on ``InlineSidecar``."""
+    def run() -> object:
+        client_restore.RestoreSidecar = InlineSidecar  # type: ignore[misc]
+        try:
+            return call()
+        finally:
+            client_restore.RestoreSidecar = RestoreSidecar  # type: ignore[misc]
+    return run
+
+
 def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
     state = pipeline.make_state(pipeline.SIZES[label], "weights")
     nbytes = sum(t.nbytes for t in pipeline.tensors(state).values())
     timeline = Timeline()
     real = streams._announced
     streams._announced = timeline.wrap(real)  # type: ignore[assignment]
-    record: dict[str, list[dict[str, float]]] = {"latest": [], "views": [], "base": []}
+    record: dict[str, list[dict[str, float]]] = {
+        "latest": [], "latest_inline": [], "views": [], "base": []}
     loads: list[float] = []
     try:
         with pipeline.serve(root / label, 2 * nbytes + 64 * pipeline.MiB) as daemon:
@@ -88,7 +120,8 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
             del state
             with Checkpointer(daemon.address, run="r", transport="shm") as ckpt:
                 cases: dict[str, Callable[[], object]] = {
-                    "latest": ckpt.restore, "views": lambda: ckpt.restore(zero_copy=True),
+                    "latest": ckpt.restore, "latest_inline": inline(ckpt.restore),
+                    "views": lambda: ckpt.restore(zero_copy=True),
                     "base": lambda: ckpt.restore(1)}
                 for rep in range(reps):
                     loads.append(pipeline.timed(

@@ -1,14 +1,17 @@
-"""Faulting in a restore's fresh tensors with one call each, before the copy.
+"""Kernel advice for a restore's memory: fault fresh tensors in, punch copied bytes out.
 
 A restore writes every byte of tensors nobody touched yet, so the kernel faults their
 memory in 4 KiB page by page: one trap, one zeroed page and one page-table entry at a time,
 about as much work as the copy itself. ``MADV_POPULATE_WRITE`` (Linux 5.14) does the same
-allocation in one call per tensor, without a trap per page (less CPU: ``bench/README.md``,
-"Restore at torch.load speed?"), and on the shared-memory path the client does it while
-the daemon writes the first batches. The memory is the tensor's own either way (allocated
-by torch, freed with it; only whole pages inside the tensor are touched, and their bytes
-are kept); a kernel without the flag (or another OS) refuses the advice, and the copy
-faults the pages in as before.
+allocation in one call per range, without a trap per page (less CPU: ``bench/README.md``,
+"Restore at torch.load speed?"). The memory is the tensor's own either way (allocated by
+torch, freed with it; only whole pages inside the tensor are touched, and their bytes are
+kept); a kernel without the flag (or another OS) refuses the advice, and the copy faults the
+pages in as before.
+
+The other way, ``punch_hole`` frees a range of a restore segment the client has finished
+copying (``fallocate(PUNCH_HOLE)``; tmpfs supports it), so that closing the segment has
+no pages left to free. Both run on the restore's second thread (``sidecar.py``).
 
 Transparent huge pages (``MADV_HUGEPAGE``) were measured too and are not used: on the
 development machine (a VM, THP in ``madvise`` mode) faulting 1 GiB of huge pages was
@@ -27,38 +30,83 @@ PAGE_BYTES = 4096
 # Below this, a tensor's pages fault in faster than a syscall is made.
 MIN_POPULATED_BYTES = 1 << 20
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 
-Madvise = Callable[[int, int, int], int]
+
+
+def page_span(address: int, nbytes: int) -> tuple[int, int]:
+    """The whole pages inside ``[address, address + nbytes)``: ``(start, end)`` addresses,
+    page-aligned, ``start >= end`` when there are none."""
+    return -(-address // PAGE_BYTES) * PAGE_BYTES, (address + nbytes) // PAGE_BYTES * PAGE_BYTES
 
 
 class PagePopulator:
-    """Populates fresh tensors' memory ahead of a copy (Linux; a no-op elsewhere).
+    """Populates fresh memory ahead of a copy (Linux; a no-op elsewhere).
 
     One per restore: it looks ``madvise`` up once, and stops asking after the kernel
     refused once (an old kernel, a seccomp filter): the advice only changes speed."""
 
     def __init__(self) -> None:
-        self._madvise = _libc_madvise() if sys.platform.startswith("linux") else None
+        self._madvise = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    @property
+    def enabled(self) -> bool:
+        """False once the kernel refused (or where there is no ``madvise``)."""
+        return self._madvise is not None
 
     def populate(self, tensor: torch.Tensor) -> bool:
         """Faults in the whole pages inside ``tensor``'s memory, writable, before it is
         first written; returns whether the kernel did."""
         nbytes = tensor.numel() * tensor.element_size()
-        if self._madvise is None or nbytes < MIN_POPULATED_BYTES:
+        if nbytes < MIN_POPULATED_BYTES:
             return False
-        start = -(-tensor.data_ptr() // PAGE_BYTES) * PAGE_BYTES
-        end = (tensor.data_ptr() + nbytes) // PAGE_BYTES * PAGE_BYTES
+        return self.populate_pages(*page_span(tensor.data_ptr(), nbytes))
+
+    def populate_pages(self, start: int, end: int) -> bool:
+        """Faults in the pages ``[start, end)`` (page-aligned addresses of memory this
+        process owns and keeps mapped meanwhile); returns whether the kernel did. Releases
+        the GIL for the call (ctypes), so another thread may copy meanwhile."""
+        if self._madvise is None or end <= start:
+            return False
         if self._madvise(start, end - start, _MADV_POPULATE_WRITE) == 0:
             return True
         self._madvise = None
         return False
 
 
-def _libc_madvise() -> Madvise | None:
+class HolePuncher:
+    """Frees ranges of a file's pages, keeping its size (Linux tmpfs; a no-op elsewhere);
+    stops asking after the kernel refused once."""
+
+    def __init__(self) -> None:
+        self._fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                                ctypes.c_long)
+
+    @property
+    def enabled(self) -> bool:
+        """False once the kernel refused (or where there is no ``fallocate``)."""
+        return self._fallocate is not None
+
+    def punch(self, fd: int, offset: int, nbytes: int) -> bool:
+        """Frees ``nbytes`` of ``fd`` from ``offset`` (they read as zeros after; mappings of
+        them are dropped); returns whether the kernel did."""
+        if self._fallocate is None or nbytes <= 0:
+            return False
+        flags = _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE
+        if self._fallocate(fd, flags, offset, nbytes) == 0:
+            return True
+        self._fallocate = None
+        return False
+
+
+def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """``name`` from the C library, typed, or None where it is missing (or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function

@@ -8,7 +8,10 @@ skips, repeats or truncates bytes raises ``CorruptCheckpointError``. On the daem
 (``restore``), the daemon writes the step into a segment the client created instead, and the
 client copies it out, hashing each block as it lands, or, with ``zero_copy``, maps it,
 hashes each batch as it is announced and returns views of the mapping (no copy on the
-client; the mapping lives as long as the tensors): never unverified bytes.
+client; the mapping lives as long as the tensors): never unverified bytes. Meanwhile a
+second thread (``sidecar.py``, joined before ``receive`` returns or raises) faults the
+fresh tensors in ahead of the copy and, when they are copied out of a segment, frees the
+segment's pages behind it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from ckptd.protos.v1 import pb
 
 from .errors import CorruptCheckpointError, SharedMemoryRefusedError
 from .grpc_transport import Connection
-from .pages import PagePopulator
 from .shm import RestoreSegment
+from .sidecar import RestoreSidecar
 from .structure import STRUCTURE_KEY, unflatten
 
 logger = logging.getLogger("ckptd.client")
@@ -44,11 +47,10 @@ class RestoredState:
     """How the bytes came: ``"shm"`` (the daemon's shared memory) or ``"grpc"`` (streamed)."""
 
 
-def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
-    """An allocator for ``streams.receive`` that keeps each torch tensor it makes, its
-    memory faulted in at once (``pages.py``: every byte is about to be written; through
-    shared memory the daemon writes the first batches meanwhile)."""
-    populator = PagePopulator()
+def _allocate_into(tensors: list[torch.Tensor], sidecar: RestoreSidecar) -> streams.Allocate:
+    """An allocator for ``streams.receive`` that keeps each torch tensor it makes and hands
+    it to ``sidecar``, which faults its memory in ahead of the copy (every byte is about to
+    be written) from a second thread."""
 
     def allocate(spec: pb.TensorSpec) -> np.ndarray:
         try:
@@ -57,11 +59,28 @@ def _allocate_into(tensors: list[torch.Tensor]) -> streams.Allocate:
             raise CorruptCheckpointError(f"tensor {spec.name!r}: {exc}") from None
         shape = tuple(int(d) for d in spec.shape)
         tensor = torch.empty(shape, dtype=getattr(torch, row.torch_name))
-        populator.populate(tensor)
+        sidecar.add(tensor)
         tensors.append(tensor)
         return tensor.reshape(-1).view(torch.uint8).numpy()
 
     return allocate
+
+
+def _segment_to(
+    sidecar: RestoreSidecar, segment: streams.Segment, replies: Iterator[streams.Reply]
+) -> Iterator[streams.Reply]:
+    """``replies``, telling ``sidecar`` where the daemon put each tensor in ``segment``
+    once the header says so (a header naming another segment is refused by
+    ``streams.receive``, and releases nothing)."""
+    first = next(replies, None)
+    if first is None:
+        return
+    if isinstance(first, pb.RestoreResponse) and first.WhichOneof("item") == "header":
+        ref = first.header.shared_memory
+        if first.header.HasField("shared_memory") and ref.segment_name == segment.name:
+            sidecar.segment(segment.fd, ref.offsets, [t.nbytes for t in first.header.tensors])
+    yield first
+    yield from replies
 
 
 def _adopt_into(tensors: list[torch.Tensor]) -> streams.Adopt:
@@ -92,11 +111,15 @@ def receive(
     ``{name: tensor}`` dict.
     """
     tensors: list[torch.Tensor] = []
-    try:
-        header = streams.receive(replies, _allocate_into(tensors), segment=segment,
-                                 adopt=_adopt_into(tensors) if zero_copy else None)
-    except streams.StreamError as exc:
-        raise CorruptCheckpointError(str(exc)) from exc
+    with RestoreSidecar() as sidecar:
+        if segment is not None and not zero_copy:  # views of the segment are never released
+            replies = _segment_to(sidecar, segment, replies)
+        try:
+            header = streams.receive(replies, _allocate_into(tensors, sidecar),
+                                     sidecar.copied, segment=segment,
+                                     adopt=_adopt_into(tensors) if zero_copy else None)
+        except streams.StreamError as exc:
+            raise CorruptCheckpointError(str(exc)) from exc
     device = torch.device(map_location)
     if device.type != "cpu":
         tensors = [t.to(device) for t in tensors]
