@@ -149,6 +149,7 @@ class RestoreSidecar:
         self._plan = Plan()
         self._wake = threading.Condition()
         self._stopping = False
+        self._told = 0  # the copy's progress when the thread was last woken for it
         self._thread: threading.Thread | None = None
 
     def add(self, tensor: torch.Tensor) -> None:
@@ -168,7 +169,10 @@ class RestoreSidecar:
         """Progress of the copy (copied and checked), in stream bytes (``streams.Progress``)."""
         with self._wake:
             self._plan.copied += nbytes
-            self._wake.notify()
+            # Only a release waits on progress, and it waits for MIN_RELEASE_BYTES of it.
+            if self._plan.copied - self._told >= MIN_RELEASE_BYTES:
+                self._told = self._plan.copied
+                self._wake.notify()
 
     def close(self) -> None:
         """Stops the helper and joins it (idempotent)."""
