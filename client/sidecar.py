@@ -9,9 +9,10 @@ Faulting in and freeing are kernel work that releases the GIL and touches no byt
 reads or writes, so one helper thread does them while the main thread copies:
 
 * **ahead**: it populates the tensors in table order (the order the daemon announces them),
-  a slice at a time, each slice from where the copy is if the copy got there first (a page
-  the copy already wrote is left to it; both populating one page is harmless, the kernel
-  faults it in once);
+  a slice at a time; where the copy overtook it (populating is the slower of the two), it
+  leaves the copy the slice ahead of it and goes on past that, so the two fault in
+  different pages (one page populated twice would be harmless: the kernel faults it in
+  once);
 * **behind**: when it has nothing to populate ahead of the copy, it punches the segment's
   whole pages the copy has finished out of the file (``copied`` is reported after each
   block is copied *and* hashed, and the daemon never writes a range twice), so the tail has
@@ -123,7 +124,9 @@ class Plan:
         while self._next < len(self.fresh) and self.populator.enabled:
             fresh = self.fresh[self._next]
             reached = fresh.tensor.data_ptr() + max(0, self.copied - fresh.stream_start)
-            start = max(fresh.next_page, -(-reached // PAGE_BYTES) * PAGE_BYTES)
+            start = fresh.next_page
+            if reached > start:  # the copy overtook: leave it its next slice, go past it
+                start = -(-reached // PAGE_BYTES) * PAGE_BYTES + SLICE_BYTES
             if start >= fresh.end_page:
                 self._next += 1
                 continue

@@ -81,15 +81,20 @@ def test_fresh_tensors_are_populated_ahead_in_table_order_a_slice_at_a_time() ->
                                        page_span(second.data_ptr(), second.nbytes)]
 
 
-def test_what_the_copy_reached_is_left_to_it() -> None:
+def test_the_copy_that_overtook_is_left_its_next_slice() -> None:
     plan, populated, _ = recording_plan()
-    first, second = fresh(8 * MiB, 16), fresh(8 * MiB, 16)
+    first, second = fresh(8 * MiB, 16), fresh(40 * MiB, 16)
     plan.add(first)
     plan.add(second)
     plan.copied = first.nbytes + 3 * MiB + 5  # the copy overtook the helper
     drain(plan)
     reached = -(-(second.data_ptr() + 3 * MiB + 5) // PAGE_BYTES) * PAGE_BYTES
-    assert merged(populated.calls) == [(reached, page_span(second.data_ptr(), second.nbytes)[1])]
+    end = page_span(second.data_ptr(), second.nbytes)[1]
+    assert merged(populated.calls) == [(reached + SLICE_BYTES, end)]
+    plan.add(fresh(8 * MiB))
+    plan.copied = first.nbytes + second.nbytes + 4 * MiB  # past the helper, near the end
+    drain(plan)
+    assert len(populated.calls) == 2  # nothing of the third: the copy's next slice
 
 
 def test_the_segment_is_released_behind_the_copy_in_whole_pages_only() -> None:
