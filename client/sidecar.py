@@ -71,10 +71,9 @@ class _Layout:
         self.starts = [0] * len(sizes)
         for index in range(1, len(sizes)):
             self.starts[index] = self.starts[index - 1] + self.sizes[index - 1]
-        ordered = all(self.offsets[i] + self.sizes[i] <= self.offsets[i + 1]
-                      for i in range(len(sizes) - 1))
-        self.usable = ordered and len(self.offsets) == len(sizes) and all(
-            offset >= 0 for offset in self.offsets)
+        self.usable = len(self.offsets) == len(sizes) and all(
+            offset >= 0 for offset in self.offsets) and all(
+            self.offsets[i] + self.sizes[i] <= self.offsets[i + 1] for i in range(len(sizes) - 1))
         self.released = 0  # the segment is free below this offset
 
     def finished_until(self, copied: int) -> int:
@@ -85,7 +84,6 @@ class _Layout:
             return 0
         done = min(copied - self.starts[index], self.sizes[index])
         return (self.offsets[index] + done) // PAGE_BYTES * PAGE_BYTES
-
 
 
 class Plan:
