@@ -71,16 +71,22 @@ def _segment_to(
 ) -> Iterator[streams.Reply]:
     """``replies``, telling ``sidecar`` where the daemon put each tensor in ``segment``
     once the header says so (a header naming another segment is refused by
-    ``streams.receive``, and releases nothing)."""
+    ``streams.receive``, and releases nothing), and when the daemon announced the last."""
     first = next(replies, None)
     if first is None:
         return
+    count = -1
     if isinstance(first, pb.RestoreResponse) and first.WhichOneof("item") == "header":
         ref = first.header.shared_memory
         if first.header.HasField("shared_memory") and ref.segment_name == segment.name:
+            count = len(first.header.tensors)
             sidecar.segment(segment.fd, ref.offsets, [t.nbytes for t in first.header.tensors])
     yield first
-    yield from replies
+    for reply in replies:
+        if (isinstance(reply, pb.RestoreResponse) and reply.WhichOneof("item") == "segment_ready"
+                and reply.segment_ready == count):
+            sidecar.written()
+        yield reply
 
 
 def _adopt_into(tensors: list[torch.Tensor]) -> streams.Adopt:

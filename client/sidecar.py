@@ -13,20 +13,22 @@ reads or writes, so one helper thread does them while the main thread copies:
   leaves the copy the slice ahead of it and goes on past that, so the two fault in
   different pages (one page populated twice would be harmless: the kernel faults it in
   once);
-* **behind**: when it has nothing to populate ahead of the copy, it punches the segment's
-  whole pages the copy has finished out of the file (``copied`` is reported after each
-  block is copied *and* hashed, and the daemon never writes a range twice), so the tail has
-  almost nothing left to unmap or free. Only a segment the tensors are copied out of: never
+* **behind**: once the daemon has written the whole segment (its last ``segment_ready``;
+  a punch and the daemon's writes take the same inode lock, so punching earlier slowed
+  both sides in ``bench/restore_timeline.py``) and when it has nothing to populate ahead of
+  the copy, it punches the segment's whole pages the copy has finished out of the file
+  (``copied`` is reported after each block is copied *and* hashed), so the tail has almost
+  nothing left to unmap or free. Only a segment the tensors are copied out of: never
   one whose views are returned (``zero_copy``).
 
 Call order: ``receive`` (``restore.py``) makes one per restore and uses it as a context
 manager; ``segment`` (from the header, when the daemon wrote into the client's segment) and
 ``add`` (each fresh tensor, in table order, as it is allocated) come before the copy,
-``copied`` from the copying thread as it goes; leaving the ``with`` stops the thread and
-joins it (after at most one slice's syscall), on success and on error alike, so no thread
-outlives the restore. The helper only gives the kernel advice: where it falls behind or the
-kernel refuses, the copy faults pages in itself and closing the segment frees the rest, as
-without it.
+``copied`` from the copying thread as it goes, ``written`` when the last batch is
+announced; leaving the ``with`` stops the thread and joins it (after at most one slice's
+syscall), on success and on error alike, so no thread outlives the restore. The helper only
+gives the kernel advice: where it falls behind or the kernel refuses, the copy faults pages
+in itself and closing the segment frees the rest, as without it.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Plan:
         self._stream_bytes = 0
         self.copied = 0
         self.layout: _Layout | None = None
+        self.written = False  # the daemon wrote the whole segment (its last announcement)
 
     def add(self, tensor: torch.Tensor) -> bool:
         """Takes the next fresh tensor; returns whether it has pages to populate."""
@@ -132,7 +135,7 @@ class Plan:
             fresh.next_page = end
             return lambda: self.populator.populate_pages(start, end)
         layout = self.layout
-        if layout is None or not self.puncher.enabled:
+        if layout is None or not self.written or not self.puncher.enabled:
             return None
         target = layout.finished_until(self.copied)
         if target - layout.released < MIN_RELEASE_BYTES:
@@ -165,6 +168,13 @@ class RestoreSidecar:
         with self._wake:
             if self._plan.segment(fd, offsets, sizes):
                 self._start()
+
+    def written(self) -> None:
+        """The daemon has written the whole segment: releasing may start (a punch takes
+        the segment's inode lock, which the daemon's writes take too)."""
+        with self._wake:
+            self._plan.written = True
+            self._wake.notify()
 
     def copied(self, nbytes: int) -> None:
         """Progress of the copy (copied and checked), in stream bytes (``streams.Progress``)."""

@@ -102,6 +102,9 @@ def test_the_segment_is_released_behind_the_copy_in_whole_pages_only() -> None:
     sizes = [6 * MiB + 100, 10, 9 * MiB]
     offsets = [0, 6 * MiB + 128, 6 * MiB + 192]  # 64-byte aligned, as the daemon lays them
     assert plan.segment(fd=-1, offsets=offsets, sizes=sizes)
+    plan.copied = sizes[0]
+    assert plan.next_job() is None  # the daemon may still be writing the segment
+    plan.written = True
     plan.copied = MIN_RELEASE_BYTES - 1
     assert plan.next_job() is None  # too little finished to be worth a call
     plan.copied = sizes[0] + 2  # into the second tensor: the first's last page is shared
@@ -118,7 +121,7 @@ def test_the_segment_is_released_behind_the_copy_in_whole_pages_only() -> None:
 def test_a_layout_out_of_order_or_overlapping_releases_nothing(offsets: list[int]) -> None:
     plan, _, punched = recording_plan()
     assert not plan.segment(fd=-1, offsets=offsets, sizes=[8 * MiB, 8 * MiB])
-    plan.copied = 16 * MiB
+    plan.copied, plan.written = 16 * MiB, True
     drain(plan)
     assert punched.calls == []
 
