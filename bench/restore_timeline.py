@@ -6,10 +6,10 @@ batch i) and says, per restore: when the header came, when the first and the las
 were announced, how long the client spent copying (and hashing) announced batches, how long
 it sat waiting for the next announcement, and what came after the last copy (mapping
 dropped, segment closed, structure rebuilt, tensors dropped); plus the CPU seconds of the
-client and of the daemon. Cases: ``latest`` (the chain's head, copied), ``latest_ahead``
-(the same with the client's second thread, ``client/sidecar.py``, populating ahead of the
-copy but not releasing the segment behind it), ``latest_inline`` (the client before that
-thread: each fresh tensor faulted in as it is allocated, nothing released), ``views``
+client and of the daemon. Cases: ``latest`` (the chain's head, copied; the client's second
+thread, ``client/sidecar.py``, faults the fresh tensors in ahead of the copy),
+``latest_inline`` (the same with the client before that thread: each fresh tensor faulted
+in on the copying thread as it is allocated), ``views``
 (the same, ``zero_copy=True``), ``base`` (step 1 from storage). One daemon, this code; the state
 is ``pipeline.make_state(size, "weights")``, saved as a base and one delta. Usage::
 
@@ -81,7 +81,7 @@ class Timeline:
 
 class InlineSidecar(RestoreSidecar):
     """The client before its second thread: each fresh tensor faulted in on the copying
-    thread as it is allocated; the segment left to be freed when it is closed."""
+    thread as it is allocated."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,16 +89,6 @@ class InlineSidecar(RestoreSidecar):
 
     def add(self, tensor: torch.Tensor) -> None:
         self._inline.populate(tensor)
-
-    def segment(self, fd: int, offsets: Any, sizes: Any) -> None:
-        pass
-
-
-class AheadOnlySidecar(RestoreSidecar):
-    """The second thread populating ahead of the copy, without releasing the segment."""
-
-    def segment(self, fd: int, offsets: Any, sizes: Any) -> None:
-        pass
 
 
 def on(sidecar: type[RestoreSidecar], call: Callable[[], object]) -> Callable[[], object]:
@@ -119,7 +109,7 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
     real = streams._announced
     streams._announced = timeline.wrap(real)  # type: ignore[assignment]
     record: dict[str, list[dict[str, float]]] = {
-        "latest": [], "latest_ahead": [], "latest_inline": [], "views": [], "base": []}
+        "latest": [], "latest_inline": [], "views": [], "base": []}
     loads: list[float] = []
     try:
         with pipeline.serve(root / label, 2 * nbytes + 64 * pipeline.MiB) as daemon:
@@ -128,9 +118,7 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
             del state
             with Checkpointer(daemon.address, run="r", transport="shm") as ckpt:
                 cases: dict[str, Callable[[], object]] = {
-                    "latest": ckpt.restore,
-                    "latest_ahead": on(AheadOnlySidecar, ckpt.restore),
-                    "latest_inline": on(InlineSidecar, ckpt.restore),
+                    "latest": ckpt.restore, "latest_inline": on(InlineSidecar, ckpt.restore),
                     "views": lambda: ckpt.restore(zero_copy=True),
                     "base": lambda: ckpt.restore(1)}
                 for rep in range(reps):

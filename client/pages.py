@@ -1,4 +1,4 @@
-"""Kernel advice for a restore's memory: fault fresh tensors in, punch copied bytes out.
+"""Faulting in a restore's fresh tensors with one call per range, before the copy.
 
 A restore writes every byte of tensors nobody touched yet, so the kernel faults their
 memory in 4 KiB page by page: one trap, one zeroed page and one page-table entry at a time,
@@ -9,9 +9,7 @@ torch, freed with it; only whole pages inside the tensor are touched, and their 
 kept); a kernel without the flag (or another OS) refuses the advice, and the copy faults the
 pages in as before.
 
-The other way, ``punch_hole`` frees a range of a restore segment the client has finished
-copying (``fallocate(PUNCH_HOLE)``; tmpfs supports it), so that closing the segment has
-no pages left to free. Both run on the restore's second thread (``sidecar.py``).
+It runs on the restore's second thread (``sidecar.py``), ahead of the copy.
 
 Transparent huge pages (``MADV_HUGEPAGE``) were measured too and are not used: on the
 development machine (a VM, THP in ``madvise`` mode) faulting 1 GiB of huge pages was
@@ -30,7 +28,6 @@ PAGE_BYTES = 4096
 # Below this, a tensor's pages fault in faster than a syscall is made.
 MIN_POPULATED_BYTES = 1 << 20
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 
 
 
@@ -71,31 +68,6 @@ class PagePopulator:
         if self._madvise(start, end - start, _MADV_POPULATE_WRITE) == 0:
             return True
         self._madvise = None
-        return False
-
-
-class HolePuncher:
-    """Frees ranges of a file's pages, keeping its size (Linux tmpfs; a no-op elsewhere);
-    stops asking after the kernel refused once."""
-
-    def __init__(self) -> None:
-        self._fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_long,
-                                ctypes.c_long)
-
-    @property
-    def enabled(self) -> bool:
-        """False once the kernel refused (or where there is no ``fallocate``)."""
-        return self._fallocate is not None
-
-    def punch(self, fd: int, offset: int, nbytes: int) -> bool:
-        """Frees ``nbytes`` of ``fd`` from ``offset`` (they read as zeros after; mappings of
-        them are dropped); returns whether the kernel did."""
-        if self._fallocate is None or nbytes <= 0:
-            return False
-        flags = _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE
-        if self._fallocate(fd, flags, offset, nbytes) == 0:
-            return True
-        self._fallocate = None
         return False
 
 

@@ -10,8 +10,7 @@ client copies it out, hashing each block as it lands, or, with ``zero_copy``, ma
 hashes each batch as it is announced and returns views of the mapping (no copy on the
 client; the mapping lives as long as the tensors): never unverified bytes. Meanwhile a
 second thread (``sidecar.py``, joined before ``receive`` returns or raises) faults the
-fresh tensors in ahead of the copy and, when they are copied out of a segment, frees the
-segment's pages behind it.
+fresh tensors in ahead of the copy.
 """
 
 from __future__ import annotations
@@ -66,29 +65,6 @@ def _allocate_into(tensors: list[torch.Tensor], sidecar: RestoreSidecar) -> stre
     return allocate
 
 
-def _segment_to(
-    sidecar: RestoreSidecar, segment: streams.Segment, replies: Iterator[streams.Reply]
-) -> Iterator[streams.Reply]:
-    """``replies``, telling ``sidecar`` where the daemon put each tensor in ``segment``
-    once the header says so (a header naming another segment is refused by
-    ``streams.receive``, and releases nothing), and when the daemon announced the last."""
-    first = next(replies, None)
-    if first is None:
-        return
-    count = -1
-    if isinstance(first, pb.RestoreResponse) and first.WhichOneof("item") == "header":
-        ref = first.header.shared_memory
-        if first.header.HasField("shared_memory") and ref.segment_name == segment.name:
-            count = len(first.header.tensors)
-            sidecar.segment(segment.fd, ref.offsets, [t.nbytes for t in first.header.tensors])
-    yield first
-    for reply in replies:
-        if (isinstance(reply, pb.RestoreResponse) and reply.WhichOneof("item") == "segment_ready"
-                and reply.segment_ready == count):
-            sidecar.written()
-        yield reply
-
-
 def _adopt_into(tensors: list[torch.Tensor]) -> streams.Adopt:
     """An adopter for ``streams.receive`` that makes each view of the segment a tensor
     (no copy: the tensors share the mapping, which lives as long as any of them)."""
@@ -118,8 +94,6 @@ def receive(
     """
     tensors: list[torch.Tensor] = []
     with RestoreSidecar() as sidecar:
-        if segment is not None and not zero_copy:  # views of the segment are never released
-            replies = _segment_to(sidecar, segment, replies)
         try:
             header = streams.receive(replies, _allocate_into(tensors, sidecar),
                                      sidecar.copied, segment=segment,
