@@ -30,7 +30,6 @@ MIN_POPULATED_BYTES = 1 << 20
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
 
-
 def page_span(address: int, nbytes: int) -> tuple[int, int]:
     """The whole pages inside ``[address, address + nbytes)``: ``(start, end)`` addresses,
     page-aligned, ``start >= end`` when there are none."""
