@@ -138,9 +138,9 @@ def _line(row: dict[str, Any], items: list[dict[str, Any]], sweep: bool) -> str:
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """A Markdown table: each workload and K, the sweep's rows then the new ones."""
     rows = summarize(output)
-    items = {(r["workload"], r["setting"]["name"]): [] for r in output["results"]}
+    items: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in output["results"]:
-        items[(r["workload"], r["setting"]["name"])].append(r)
+        items.setdefault((r["workload"], r["setting"]["name"]), []).append(r)
     old: list[dict[str, Any]] = []
     old_items: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if baseline is not None:
