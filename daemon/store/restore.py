@@ -143,11 +143,15 @@ class Restorer:
         checksum covers; a mismatch there makes ``check_blobs`` hash it to name it."""
         entries = _from_last_exact(plan, index)
         held = [buffers.take(entry.blob_bytes + 1) for _, entry in entries]
+        # A chain's result goes into a reused buffer too (not fresh pages per tensor).
+        out = buffers.take(entries[0][1].spec.nbytes) if len(entries) > 1 else None
+        held += [] if out is None else [out]
         try:
             blobs = await self._run_io(lambda: [
                 self._read_blob_into(m, e, b, trust_raw=i == 0)
-                for i, ((m, e), b) in enumerate(zip(entries, held, strict=True))])
-            array = await self._run_codec(lambda: _apply(entries, blobs, raw_view=True))
+                for i, ((m, e), b) in enumerate(zip(entries, held, strict=False))])
+            array = await self._run_codec(lambda: _apply(entries, blobs, raw_view=True,
+                                                         out=out))
         except BaseException:
             buffers.give_back(held)
             raise
@@ -302,12 +306,13 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 def _apply(
     entries: list[tuple[Manifest, TensorEntry]], blobs: Sequence[bytes | memoryview], *,
-    raw_view: bool = False,
+    raw_view: bool = False, out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decodes ``entries[0]``, the tensor's last exact blob (``_from_last_exact``), then
     applies every delta after it in one ``codec.apply_deltas`` (runs in the codec pool);
     with ``raw_view``, the exact blob when it is the last and raw comes back as a
-    read-only view of the blob instead of a copy."""
+    read-only view of the blob instead of a copy. ``out``: bytes (at least the tensor's)
+    that a chain on a raw base writes its result into, instead of a new array."""
     spec, last = entries[0][1].spec, len(entries) == 1
     with _decoding(entries[0]):
         # A raw base is read through a view of its blob: the chain's first chunk-by-chunk
@@ -322,8 +327,10 @@ def _apply(
     try:
         # A decoded base is this call's own array: the deltas overwrite it (one buffer for
         # the whole chain).
-        applied = codec.apply_deltas(blobs[1:], array, in_place=view is None
-                                     and _writeable(array), verified=True)
+        in_place = view is None and _writeable(array)
+        target = None if in_place or out is None else out[:spec.nbytes].view(array.dtype)
+        applied = codec.apply_deltas(blobs[1:], array, in_place=in_place, verified=True,
+                                     out=target)
     except codec.ChainError as exc:
         raise _undecodable(entries[1 + exc.position], exc) from exc
     with _decoding(entries[-1]):
