@@ -59,8 +59,7 @@ def test_restore_breakdown_times_each_stage_of_a_base_and_a_deep_restore(
     tmp_path: Path,
 ) -> None:
     printed, report = run_bench("restore_breakdown", tmp_path / "breakdown.json",
-                                "--sizes", "16MiB", "--reps", "2", "--depth", "2",
-                                "--workdir", str(tmp_path))
+                                "--sizes", "16MiB", "--reps", "2", "--depth", "2")
     [case] = report["cases"]
     assert case["depth"] == 2 and len(case["reps"]["torch_load"]) == 2
     for name in ("base", "deep"):
