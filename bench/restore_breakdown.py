@@ -15,9 +15,12 @@ Each stage is timed where it runs (busy seconds, summed over threads, like the s
 against its manifest), ``apply`` (``_apply``: the base's raw view or decode, and the
 chain's ``apply_deltas``), ``fold`` (the step's xxh3_128, in table order), ``write`` (the
 ``pwritev`` into the segment), and ``wait``: the consumer waiting for the next tensor
-to be ready (the pipeline's idle time as the writer sees it). ``cpu_s`` is this process's
-CPU seconds over the restore, ``wall_s`` its wall seconds. Besides, ``torch.load`` of the
-same state from a file in the page cache (the pipeline's baseline) is timed each rep.
+to be ready (the pipeline's idle time as the writer sees it); ``<stage>_cpu`` is the CPU
+time of the thread that ran each stage (not of threads it starts). ``cpu_s`` is this
+process's CPU seconds over the restore, ``wall_s`` its wall seconds; the summary's
+``other_cpu`` is ``cpu_s`` less the stages' own CPU: mostly the decode's chunk threads.
+Besides, ``torch.load`` of the same state from a file in the page cache (the pipeline's
+baseline) is timed each rep.
 
 Usage::
 
