@@ -14,6 +14,8 @@ Usage (from the repository root; run it niced, the rework is counted in steps)::
 
     nice -n 19 python -m bench.auto_budget --budgets 0.003 0.01 --sizes-only   # widths only
     nice -n 19 python -m bench.auto_budget --budgets 0.003 0.01                # + rework
+    nice -n 19 python -m bench.auto_budget --workloads lm --intervals 50 --budgets \
+        --bits 4 exact --failures 18     # the sweep's own rows, with 3x lm's failures
     python -m bench.auto_budget --report-only bench/out/auto-budget.json
 
 Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.recovery import full_plan, run_plan
+from bench.recovery import Plan, full_plan, grid_settings, run_plan
 from bench.recovery_analysis import summarize
 from bench.recovery_ckptd import Setting
 
@@ -55,6 +57,53 @@ def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[i
             for budget in budgets for k in intervals for m in min_lossy for optim in optims]
 
 
+def fixed_settings(bits: list[str], intervals: list[int],
+                   measure_rework: bool) -> list[Setting]:
+    """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
+    baseline (its rework measured at every K here): to re-run them under this command's
+    failures beside the state-relative ones."""
+    widths = tuple(int(b) for b in bits if b != "exact")
+    return [replace(s, measure_rework=measure_rework)
+            for s in grid_settings(widths, tuple(intervals))
+            if s.bits is not None or "exact" in bits]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The sweep's plan (steps, failures per seed...) cut to the chosen workloads, seeds and
+    settings; ``--failures`` replaces the failures per seed of every chosen workload."""
+    plan = full_plan()
+    failures = dict(plan.failures_per_seed)
+    if args.failures is not None:
+        failures.update({name: args.failures for name in args.workloads})
+    settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only)
+                + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
+                                 not args.sizes_only))
+    return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
+                   seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
+                   failures_per_seed=failures, settings=tuple(settings),
+                   out_dir=args.out.parent, json_path=args.out)
+
+
+def clustered_2se(items: list[dict[str, Any]]) -> float | None:
+    """Two standard errors of the rework ratio with the failures grouped by the checkpoint
+    they restore (seed, step): failures after one checkpoint share its restored state, so
+    they are not independent, and more failures per checkpoint narrow the plain 2se more
+    than the evidence. Cluster-robust (sandwich) variance of the mean rework difference;
+    None with fewer than two checkpoints."""
+    resumes = [(item["seed"], r) for item in items for r in item["resumes"]]
+    clusters: dict[tuple[int, int], list[int]] = {}
+    for seed, r in resumes:
+        clusters.setdefault((seed, r["restore_step"]), []).append(r["rework"] - r["exact_rework"])
+    if len(clusters) < 2:
+        return None
+    n = len(resumes)
+    mean = sum(sum(d) for d in clusters.values()) / n
+    exact_mean = sum(r["exact_rework"] for _, r in resumes) / n
+    spread = sum(sum(x - mean for x in d) ** 2 for d in clusters.values())
+    variance = spread / n**2 * len(clusters) / (len(clusters) - 1)
+    return 2 * variance**0.5 / exact_mean
+
+
 def _widths(row_items: list[dict[str, Any]]) -> str:
     """Mean bits per lossy element of the last delta, per tensor group (``all`` where the
     results predate the groups), over the seeds."""
@@ -72,12 +121,16 @@ def _widths(row_items: list[dict[str, Any]]) -> str:
     return ", ".join(f"{g} {s / n:.1f}" for g, (s, n) in sorted(totals.items()) if n)
 
 
-def _line(row: dict[str, Any], widths: str) -> str:
+def _line(row: dict[str, Any], items: list[dict[str, Any]], sweep: bool) -> str:
+    clustered = clustered_2se(items) if row["rework_ratio"] is not None else None
     rework = ("-" if row["rework_ratio"] is None else
-              f"{row['rework_ratio']:.2f} +/- {row['rework_ratio_2se']:.2f}")
+              f"{row['rework_ratio']:.2f} +/- {row['rework_ratio_2se']:.2f}"
+              + ("" if clustered is None else f" ({clustered:.2f})"))
     lost = ("-" if row["rework_ratio"] is None else
             f"{row['diverged']}/{row['censored']} of {row['failures']}")
-    return (f"| {row['workload']} | {row['interval']} | `{row['name']}` | "
+    widths = _widths(items)
+    return (f"| {row['workload']} | {row['interval']} | `{row['name']}`"
+            f"{' (sweep)' if sweep else ''} | "
             f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x | {rework} | {lost} | "
             f"{widths} |")
 
@@ -85,9 +138,9 @@ def _line(row: dict[str, Any], widths: str) -> str:
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """A Markdown table: each workload and K, the sweep's rows then the new ones."""
     rows = summarize(output)
-    items = {(r["workload"], r["setting"]["name"]): [] for r in output["results"]}
+    items: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in output["results"]:
-        items[(r["workload"], r["setting"]["name"])].append(r)
+        items.setdefault((r["workload"], r["setting"]["name"]), []).append(r)
     old: list[dict[str, Any]] = []
     old_items: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if baseline is not None:
@@ -99,14 +152,15 @@ def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
         for r in baseline["results"]:
             old_items.setdefault((r["workload"], r["setting"]["name"]), []).append(r)
     lines = [
-        "| workload | K | setting | delta xts | history xts | rework vs exact (+/-2se) | "
+        "| workload | K | setting | delta xts | history xts | rework vs exact (+/-2se; "
+        "clustered by checkpoint) | "
         "diverged/capped | mean bits of the last delta by group |",
         "|---|---:|---|---:|---:|---|---|---|",
     ]
     for row in sorted(old + rows, key=lambda r: (r["workload"], r["interval"],
                                                  r in rows, r["name"])):
         source = items if row in rows else old_items
-        lines.append(_line(row, _widths(source[(row["workload"], row["name"])])))
+        lines.append(_line(row, source[(row["workload"], row["name"])], row not in rows))
     provenance = output.get("provenance", {})
     head = (f"Measured {provenance.get('date')} at commit `{provenance.get('git_commit', '')[:7]}`"
             f", 1-min load average {provenance.get('loadavg_1m_at_start', 0):.1f} at start and "
@@ -118,7 +172,14 @@ def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.003, 0.01])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.003, 0.01],
+                        help="state-relative budgets (none: only the --bits rows)")
+    parser.add_argument("--bits", nargs="*", default=[], metavar="B|exact",
+                        help="also the sweep's fixed-width rows (b<B>-K<k>, every other knob "
+                        "at the sweep's centre) and, for exact, its lossless baseline")
+    parser.add_argument("--failures", type=int, metavar="N",
+                        help="failures per seed of every chosen workload (default: the "
+                        "sweep's, e.g. lm 6, lenet 16)")
     parser.add_argument("--intervals", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--workloads", nargs="+", default=["logreg", "lenet", "lm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -137,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(json.loads(args.report_only.read_text()), baseline))
         return 0
     torch.set_num_threads(1)  # as bench.recovery: bit-identical replays
-    plan = replace(
-        full_plan(), mode="auto-budget", workloads=tuple(args.workloads),
-        seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
-        settings=tuple(state_settings(args.budgets, args.intervals, args.min_lossy,
-                                      args.optim, not args.sizes_only)),
-        out_dir=args.out.parent, json_path=args.out)
+    plan = make_plan(args)
     output = run_plan(plan, log=lambda line: print(line, flush=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output))

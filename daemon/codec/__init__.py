@@ -149,7 +149,8 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
 
 
 def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
-                 in_place: bool = False, verified: bool = False) -> np.ndarray:
+                 in_place: bool = False, verified: bool = False,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Reconstruction from a chain of delta blobs, applied in turn to ``reference``.
 
     The result is bit for bit ``decode_delta`` called for each blob in order, computed
@@ -168,13 +169,17 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
             compares each blob's xxh3_64 with its manifest): the payload checksums are
             then not computed again. The headers' checksums and the payloads' structure
             are checked either way.
+        out: write the result into this array (writeable, C-contiguous, of the holder
+            dtype and the reference's size, not overlapping it; a restore reuses one
+            across tensors instead of faulting fresh pages in) instead of a new array;
+            ignored with ``in_place``.
 
     Raises:
         ChainError: a ``CodecError`` naming the delta (its ``position`` in ``blobs``) that
             is truncated, corrupt, of an unknown version or not a delta, or that
             ``reference`` does not match.
     """
-    return chain.apply_deltas(blobs, reference, in_place=in_place, verified=verified)
+    return chain.apply_deltas(blobs, reference, in_place=in_place, verified=verified, out=out)
 
 
 def warm_up() -> None:

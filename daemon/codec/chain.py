@@ -42,7 +42,8 @@ class ChainError(CodecError):
 
 
 def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
-                 in_place: bool = False, verified: bool = False) -> np.ndarray:
+                 in_place: bool = False, verified: bool = False,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """See ``ckptd.daemon.codec.apply_deltas``."""
     reference = np.asarray(reference)
     steps = []
@@ -50,15 +51,22 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
         with _naming(position):
             steps.append(_Step(parse_delta(blob, reference, verified=verified), position))
     if not steps:
-        return reference if in_place else reference.copy()
+        if in_place:
+            return reference
+        if out is None:
+            return reference.copy()
+        np.copyto(_given_output(out, reference, reference.dtype), reference.reshape(-1))
+        return out.reshape(reference.shape)
     holder = steps[0].parsed.header.dtype.holder
+    source = reference.reshape(-1)  # a copy only if it is strided
     if in_place:
         with _naming(0):
             check_in_place(reference, steps[0].parsed.header.dtype)
-        out = source = reference.reshape(-1)
+        out = source
+    elif out is not None:
+        out = _given_output(out, reference, holder)
     else:
         out = chunks.empty_output(reference.size, holder)
-        source = reference.reshape(-1)  # a copy only if it is strided
     if len({step.parsed.header.chunk_elems for step in steps}) > 1:
         # Never written so (the encoder's chunk size is a constant), but readable.
         np.copyto(out, source)
@@ -80,6 +88,17 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
     with chunks.mapper(len(parts)) as run:
         run(apply_chunk, range(len(parts)))
     return out.reshape(reference.shape)
+
+
+def _given_output(out: np.ndarray, reference: np.ndarray, holder: np.dtype) -> np.ndarray:
+    """``out`` as the flat output of a chain on ``reference``; ``ValueError`` if it cannot
+    be (a caller's mistake, not a corrupt blob)."""
+    if (out.dtype != holder or out.size != reference.size or not out.flags.writeable
+            or not out.flags.c_contiguous or np.may_share_memory(out, reference)):
+        raise ValueError(f"out must be a writeable, C-contiguous {holder} array of "
+                         f"{reference.size} elements apart from the reference, got "
+                         f"{out.dtype}[{out.size}]")
+    return out.reshape(-1)
 
 
 class _Step:

@@ -98,6 +98,8 @@ class Restores:
                 reread = await self._plan_again(key, entry, exc, reread)
                 continue
             if checksum.hexdigest() != manifest.checksum:
+                # A raw exact blob is left to this checksum (``Restorer.stream``): name it.
+                await self._repository.check_blobs(key)
                 raise CorruptCheckpointError(
                     f"step {key} reconstructs to checksum {checksum.hexdigest()}, but its "
                     f"manifest records {manifest.checksum}"

@@ -234,11 +234,17 @@ class Deleter:
             sync = functools.partial(self._storage.sync, [e.blob_key for e in entries])
             await self._pools.run_io(sync)
             await self._pause(PAUSE_REBASE)
-            await commit(rebased)
+        except asyncio.CancelledError:
+            raise  # shutting down: storage may hang, so leave the new blobs to the next start
         except BaseException:
             keys = [blob_key(child.key, i, tag) for i in range(len(arrays))]
             await self._delete_quietly(keys, child.key)
             raise
+        # The commit point. Once the manifest put has started, the stored manifest may name
+        # the new blobs whatever this coroutine sees: a cancellation does not stop the I/O
+        # thread's put, and a failed put may have renamed it into place. So nothing is
+        # deleted from here on a failure; the next start removes the blobs no manifest names.
+        await asyncio.shield(commit(rebased))
         log.info("rebased step %s", step_fields(child.key, stored_bytes=rebased.stored_bytes))
         await self._delete_quietly([t.blob_key for t in child.tensors], child.key)
         await self._renumber_descendants(rebased, commit)

@@ -160,6 +160,12 @@ class Repository:
         they are decoded and folded into ``checksum`` (``Restorer.stream``)."""
         return self._restorer.stream(self.index.plan(key), checksum, start)
 
+    async def check_blobs(self, key: StepKey) -> None:
+        """Hashes every blob a restore of ``key`` uses against its manifest; raises
+        ``CorruptCheckpointError`` naming the first that fails (``Restorer.check_blobs``:
+        after a streamed restore's checksum mismatch, which blob it was)."""
+        await self._restorer.check_blobs(self.index.plan(key))
+
     def head_views(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         """Read-only views of a chain head's arrays (``Restorer.head_views``: no copy, and
         no second hash of what its save or restore already verified)."""

@@ -7,6 +7,7 @@ and the optimizer state the fixed one its policy names, and the summary reports 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.auto_budget import state_settings
+from bench.auto_budget import clustered_2se, main, make_plan, state_settings
 from bench.recovery_ckptd import client_policies, daemon_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,49 @@ def test_settings_reach_the_daemon_and_the_client(tmp_path: Path) -> None:
     assert (engine.auto_bits_relative_to, engine.auto_bits_max_error,
             engine.min_lossy_elements) == ("state", 0.01, 1)
     assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in client_policies(setting, False)
+
+
+def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
+        optim=["fixed:3"], bits=["4", "exact"], failures=18, sizes_only=False,
+        out=tmp_path / "a.json")
+    plan = make_plan(args)
+    assert plan.failures_per_seed["lm"] == 18
+    assert plan.failures_per_seed["lenet"] == 16  # the sweep's, for workloads not chosen
+    names = {s.name: s for s in plan.settings}
+    assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3"}
+    assert all(s.measure_rework for s in plan.settings)
+    assert (names["b4-K50"].bits, names["b4-K50"].optim) == (4, "sq-log")
+    assert names["exact-K50"].bits is None
+
+
+def _resume(restore_step: int, rework: int, exact: int) -> dict[str, int]:
+    return {"restore_step": restore_step, "rework": rework, "exact_rework": exact}
+
+
+def test_clustered_2se_groups_failures_by_their_checkpoint() -> None:
+    # Two checkpoints, each restored twice with the same excess: as wide as the two
+    # checkpoints alone, where the plain 2se counts four independent failures.
+    two = [{"seed": 0, "resumes": [_resume(100, 12, 10), _resume(200, 10, 10)]}]
+    four = [{"seed": 0, "resumes": [_resume(100, 12, 10), _resume(100, 13, 11),
+                                   _resume(200, 10, 10), _resume(200, 11, 11)]}]
+    assert clustered_2se(two) == pytest.approx(clustered_2se(four) * 10.5 / 10)
+    assert clustered_2se(two) == pytest.approx(2 * 1.0 / 10)  # d = 2, 0: se 1
+    assert clustered_2se([{"seed": 0, "resumes": [_resume(100, 12, 10)]}]) is None
+
+
+@pytest.mark.bench
+def test_failures_set_per_run_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "fixed.json"
+    assert main(["--workloads", "logreg", "--seeds", "0", "--intervals", "10", "--budgets",
+                 "--bits", "3", "--failures", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["setting"]["name"] == "b3-K10"
+    assert len(result["resumes"]) == 2
+    row = next(line for line in out.with_suffix(".md").read_text().splitlines()
+               if "`b3-K10` |" in line)
+    assert re.search(r"\| \d/\d of 2 \|", row)
 
 
 @pytest.mark.bench

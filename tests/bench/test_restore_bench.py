@@ -53,3 +53,21 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
             assert rep["last_ready_s"] < rep["total_s"] and rep["client_copy_s"] > 0, name
             assert rep["client_cpu_s"] > 0, name
         assert f"| 16MiB | {name} |" in printed
+
+
+def test_restore_breakdown_times_each_stage_of_a_base_and_a_deep_restore(
+    tmp_path: Path,
+) -> None:
+    printed, report = run_bench("restore_breakdown", tmp_path / "breakdown.json",
+                                "--sizes", "16MiB", "--reps", "2", "--depth", "2")
+    [case] = report["cases"]
+    assert case["depth"] == 2 and len(case["reps"]["torch_load"]) == 2
+    for name in ("base", "deep"):
+        assert len(case["reps"][name]) == 2, name
+        for rep in case["reps"][name]:
+            # Every stage ran (the base's blobs are read; the deep one's deltas hashed).
+            assert rep["wall_s"] > 0 and rep["cpu_s"] > 0, name
+            assert rep["read"] > 0 and rep["apply"] > 0 and rep["write"] > 0, name
+            assert rep["fold"] > 0, name
+        assert f"| 16MiB | {name} |" in printed
+    assert all(rep["blob_hash"] > 0 for rep in case["reps"]["deep"])

@@ -139,3 +139,26 @@ def test_a_chain_from_a_read_only_reference_leaves_it_alone() -> None:
     assert not np.shares_memory(applied, reference)
     assert applied.tobytes() == recon.tobytes()
     assert reference.tobytes() == base.tobytes()
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_a_chain_writes_into_a_given_output(depth: int) -> None:
+    """``out`` (a restore's reused buffer, stale bytes in it): the result lands there, the
+    same bits as into a new array, the read-only reference intact."""
+    base, blobs, recon = _chain("float32", "linear", seed=6, size=3000, depth=depth,
+                                changed=0.5)
+    reference = base.copy()
+    reference.flags.writeable = False
+    out = np.full(base.size, np.nan, np.float32)
+    applied = codec.apply_deltas(blobs, reference, out=out)
+    assert np.shares_memory(applied, out)
+    assert applied.tobytes() == recon.tobytes() == out.tobytes()
+    assert reference.tobytes() == base.tobytes()
+
+
+def test_a_chain_refuses_an_output_it_cannot_fill() -> None:
+    base, blobs, _ = _chain("float32", "linear", seed=7, size=3000, depth=2, changed=0.5)
+    for out in (np.empty(base.size, np.float64), np.empty(base.size - 1, np.float32),
+                np.empty(2 * base.size, np.float32)[::2], base):
+        with pytest.raises(ValueError, match="out must be"):
+            codec.apply_deltas(blobs, base, out=out)

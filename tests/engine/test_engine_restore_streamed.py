@@ -17,7 +17,17 @@ import pytest
 from ckptd.daemon.domain import RestoredCheckpoint, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
 from ckptd.daemon.store.manifest import Manifest, blob_key, manifest_key
-from engine_support import RUN, assert_same, open_engine, random_walk, restore_streamed, save
+from engine_support import (
+    RUN,
+    SMALL,
+    assert_same,
+    open_engine,
+    random_walk,
+    restore_streamed,
+    save,
+)
+
+RAW_BASES = dataclasses.replace(SMALL, base_compression="none")
 
 
 def test_streamed_arrays_equal_the_restored_ones_after_a_restart(tmp_path: Path) -> None:
@@ -122,5 +132,62 @@ def test_a_stream_resumes_on_the_new_plan_when_a_delete_rebases_its_step(
                                      found.checksum)
             assert_same(got, expected)
             assert [info.kind for info in engine.list_steps(RUN, 0)] == ["base", "delta"]
+
+    asyncio.run(scenario())
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_raw_base_is_named_before_the_stream_ends(tmp_path: Path) -> None:
+    # A raw exact blob is not hashed on its way (the step's checksum covers its bytes):
+    # the damage must still fail the restore, before its end, naming the blob.
+    states = list(random_walk(26, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, RAW_BASES) as engine:
+            for step, state in enumerate(states):
+                await save(engine, step, state)
+        damaged = blob_key(StepKey(RUN, 0, 0), 0)  # model.weight's base: raw
+        _flip_byte(tmp_path / damaged, -100)  # in its payload, past the header
+        async with open_engine(tmp_path, RAW_BASES) as engine:
+            for step in (0, 2):  # the base itself, and two deltas applied onto it
+                ended = False
+                with pytest.raises(CorruptCheckpointError, match=f"blob {damaged} .* fails "
+                                   "its checksum"):
+                    async with engine.restoring_streamed(RUN, 0, step) as found:
+                        async for _ in found.arrays:
+                            pass
+                        ended = True
+                assert not ended
+                with pytest.raises(CorruptCheckpointError, match=f"blob {damaged}"):
+                    await engine.restore(RUN, 0, step)
+            assert engine.restore_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_blobs_before_a_tensors_last_exact_one_are_not_read(tmp_path: Path) -> None:
+    # Integer buffers are stored exactly at every step: a later step's restore starts at
+    # its own blob, so damage to an earlier step's (unused) blob does not touch it.
+    states = list(random_walk(27, 3))
+    names = list(states[0])
+    ints = names.index("buffers.ints")
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, RAW_BASES) as engine:
+            for step, state in enumerate(states):
+                await save(engine, step, state)
+            expected = await engine.restore(RUN, 0, 2)
+        damaged = blob_key(StepKey(RUN, 0, 0), ints)
+        (tmp_path / damaged).unlink()
+        async with open_engine(tmp_path, RAW_BASES) as engine:
+            assert_same(await restore_streamed(engine, RUN, 2), expected)
+            assert_same(await engine.restore(RUN, 0, 2), expected)
+            with pytest.raises(CorruptCheckpointError, match=f"blob {damaged}"):
+                await restore_streamed(engine, RUN, 0)
 
     asyncio.run(scenario())
