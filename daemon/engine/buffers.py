@@ -34,6 +34,7 @@ class ReceiveBuffers:
         self._idle: dict[int, list[np.ndarray]] = {}
         self.idle_bytes = 0
         self.reused = 0  # buffers handed out again (for tests and logs)
+        self.reused_bytes = 0  # their bytes, in all (a save's log line: were they ready?)
 
     def take(self, nbytes: int) -> np.ndarray:
         """A 1-D uint8 buffer of ``nbytes`` (contents undefined): an idle one of that
@@ -46,6 +47,7 @@ class ReceiveBuffers:
             del self._idle[nbytes]
         self.idle_bytes -= nbytes
         self.reused += 1
+        self.reused_bytes += nbytes
         return buffer
 
     def give_back(self, array: np.ndarray) -> None:

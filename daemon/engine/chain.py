@@ -83,6 +83,10 @@ class QueuedSave:
     stages: StageTimes = field(default_factory=StageTimes)  # busy seconds per stage
     streamed: StreamedEncode | None = None  # while it is encoded as it is received
     was_streamed: bool = False  # it was (for its log line, once ``streamed`` is dropped)
+    # Bytes received into buffers that were mapped already (reused or prepared), and delta
+    # reconstructions written into a replaced head's arrays: the save's log line says.
+    ready_bytes: int = 0
+    recycled_bytes: int = 0
 
     @property
     def status(self) -> SaveStatus:

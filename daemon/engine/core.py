@@ -97,13 +97,14 @@ from ckptd.daemon.engine.ledger import SaveLedger
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.engine.pipeline import SavePipeline
 from ckptd.daemon.engine.prefill import Prefill
+from ckptd.daemon.engine.recycle import SpareOutputs
 from ckptd.daemon.engine.reports import Reports
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.streaming import StreamedSaves
-from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
+from ckptd.daemon.engine.validation import check_header, check_key, check_run_name, is_lossy
 from ckptd.daemon.errors import (
     InvalidRequestError,
     ShuttingDownError,
@@ -135,6 +136,7 @@ class Engine:
         self._receive_buffers = ReceiveBuffers(self._budget)
         self._prefill = Prefill(self._receive_buffers, self._pools)
         self._resident = ResidentHeads(config.max_resident_bytes)
+        self._outputs = SpareOutputs(self._resident, lambda spec: is_lossy(spec, config))
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
         self._leases = ChainLeases(self._repository, self._pools, config, self._chain)
@@ -149,7 +151,8 @@ class Engine:
         self._notify = self._reports.notify  # every observer call: it never fails a save
         self._pipeline = SavePipeline(self._repository, config, self._pools,
                                       fence=self._leases.fence,
-                                      recycle=self._receive_buffers.give_back)
+                                      recycle=self._receive_buffers.give_back,
+                                      output=self._outputs.take)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
@@ -223,8 +226,10 @@ class Engine:
             raise
         try:
             on_tensor = None if stream is None else stream.on_tensor
+            reused = self._receive_buffers.reused_bytes
             session = SaveSession(header, self._accept, self._abandon, identity=identity,
                                   allocate=self._receive_buffers.take, on_tensor=on_tensor)
+            session.ready_bytes = self._receive_buffers.reused_bytes - reused
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
@@ -437,6 +442,7 @@ class Engine:
         await self._leases.close()
         await self._prefill.close()
         self._receive_buffers.clear()
+        self._outputs.clear()
         await self._pools.shutdown()
 
     # -- internals ------------------------------------------------------------------------
@@ -487,6 +493,7 @@ class Engine:
         else:
             save = stream.accept(session.take_arrays())
         save.stages.add("receive", session.receive_s)
+        save.ready_bytes = session.ready_bytes
         self._sessions.discard(session)
         self._ledger.accepted(save)
         chain.queued[key.step] = save
@@ -527,7 +534,9 @@ class Engine:
         try:
             async with held:
                 committed = await self._pipeline.run(chain, save)
+                replaced = chain.head
                 chain.advance(committed.head)
+                self._outputs.retire(replaced, committed.head)
         except asyncio.CancelledError:
             self._finish(chain, save, "the daemon shut down before the save was durable")
             raise
@@ -604,6 +613,7 @@ class Engine:
                 run=evicted.run, rank=evicted.rank, step=evicted.step, bytes=evicted.nbytes,
                 resident_bytes=self._resident.resident_bytes))
             self._notify(functools.partial(self._observer.head_evicted, evicted.nbytes))
+        self._outputs.trim()  # spare outputs fit beside the heads
         resident = self._resident.resident_bytes
         self._notify(lambda: self._observer.resident_heads(resident))
 
