@@ -264,7 +264,8 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     )}  # fmt: skip
     main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
     workers = ("--encode-workers", str(args.encode_workers))
-    before_flags = () if args.before else ("--base-compression", "zstd")
+    before_flags = tuple(args.before_flags.split()) if args.before_flags else (
+        () if args.before else ("--base-compression", "zstd"))
     with serve(main_dir, budget, *workers) as main, \
             serve(before_dir, budget, *workers, *before_flags, code=args.before) as before:
         for rep in range(args.reps):
@@ -495,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
     parser.add_argument("--before", type=Path, default=None,
                         help="directory with an older ckptd package for the before daemon")
+    parser.add_argument("--before-flags", default="",
+                        help="daemon flags of the before daemon (e.g. the same code as "
+                             "--before with '--stream-saves never')")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]

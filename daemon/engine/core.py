@@ -156,7 +156,8 @@ class Engine:
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
-        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index)
+        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index,
+                                       config.stream_saves)
         self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -219,7 +220,9 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            stream = await self._streamed.open(chain, header, identity)
+            sizes = [spec.nbytes for spec in header.tensors]
+            ready = not self._receive_buffers.lacking(sizes)
+            stream = await self._streamed.open(chain, header, identity, ready=ready)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
