@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 class Reconstruction:
     """The tensors a restore of ``step`` returns, plus the counters the chain policy needs.
 
-    Arrays are never modified in place (each step gets new arrays), so a restore may serve
-    them (read-only views, no copy) from a worker thread while the pipeline moves the head on.
+    Arrays are never modified while anything else refers to them (each step gets arrays of
+    its own; a replaced head's memory is reused for a later step only once nothing but the
+    head refers to it: ``ckptd.daemon.engine.recycle``), so a restore may serve them
+    (read-only views, no copy) from a worker thread while the pipeline moves the head on.
     """
 
     step: int

@@ -65,7 +65,9 @@ Once a chain's save is durable and no other is reserved, buffers its next save w
 (a base's and exact tensors' became the head) are made and mapped in the background,
 within the same free room (``ckptd.daemon.engine.prefill``).
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
-evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
+evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``); a replaced
+head's memory that nothing reads any more is kept, within the same bound, as the next
+deltas' reconstructions (``ckptd.daemon.engine.recycle``); and restores
 being streamed hold their tensors within ``max_restore_bytes``.
 """
 

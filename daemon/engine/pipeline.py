@@ -248,7 +248,7 @@ class SavePipeline:
         del job, out
         if (self._recycle is not None and encoding == DELTA
                 and not np.may_share_memory(current, reconstruction)):
-            self._recycle(current)  # a delta's head is a new array: nothing else holds these
+            self._recycle(current)  # a delta's head is other memory: nothing else holds these
         del current
         progress.remaining -= 1
         if progress.remaining == 0:
