@@ -35,6 +35,17 @@ def _restored_matches_manifest(client: wire.pb_grpc.CheckpointdServiceStub, stor
         storage, RUN, 0, step)
 
 
+def _every_step_after_a_restart(storage: Path, steps: int) -> None:
+    restarted = start_in_process(storage)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            client = wire.stub(channel)
+            for step in range(1, steps + 1):
+                _restored_matches_manifest(client, storage, step)
+    finally:
+        restarted.stop()
+
+
 def _recycled_bytes(daemon: InProcessDaemon) -> int:
     return int(daemon.call(lambda engine: engine._outputs.recycled_bytes))
 
@@ -68,14 +79,7 @@ def test_a_restore_of_the_old_head_streams_its_bytes_while_later_saves_reuse_mem
                 storage, RUN, 0, 3)
     finally:
         daemon.stop()
-    restarted = start_in_process(storage)
-    try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            client = wire.stub(channel)
-            for step in range(1, 7):
-                _restored_matches_manifest(client, storage, step)
-    finally:
-        restarted.stop()
+    _every_step_after_a_restart(storage, 6)
 
 
 @pytest.mark.parametrize("stream_saves", ["always", "never"])
@@ -107,11 +111,4 @@ def test_a_save_cut_by_its_client_leaves_every_step_as_committed(
             assert _recycled_bytes(daemon) > 0
     finally:
         daemon.stop()
-    restarted = start_in_process(storage)
-    try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            client = wire.stub(channel)
-            for step in range(1, 6):
-                _restored_matches_manifest(client, storage, step)
-    finally:
-        restarted.stop()
+    _every_step_after_a_restart(storage, 5)
