@@ -145,6 +145,18 @@ class Chain:
         return f"Chain({self.run}/rank{self.rank}, head={head}, reserved={sorted(self.reserved)})"
 
 
+def planned_base(chain: Chain, save: QueuedSave, config: EngineConfig, latest: int | None) -> bool:
+    """Whether ``save``, just accepted, will be a base (its receive buffers become the head):
+    as planned when it is streamed, else ``choose_kind`` against the head in memory (False
+    when the head must first be rebuilt from storage: ``latest`` is the chain's latest
+    committed step)."""
+    if save.streamed is not None:
+        return save.streamed.kind == BASE
+    if chain.head is None and latest is not None:
+        return False
+    return choose_kind(chain.head, save.header.tensors, config)[0] == BASE
+
+
 def choose_kind(
     recon: Reconstruction | None, specs: tuple[TensorSpec, ...], config: EngineConfig
 ) -> tuple[str, str]:

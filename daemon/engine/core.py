@@ -93,7 +93,7 @@ from ckptd.daemon.domain import (
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.buffers import ReceiveBuffers
 from ckptd.daemon.engine.catalog import CatalogRefresh
-from ckptd.daemon.engine.chain import Chain, QueuedSave
+from ckptd.daemon.engine.chain import Chain, QueuedSave, planned_base
 from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.ledger import SaveLedger
 from ckptd.daemon.engine.observer import EngineObserver
@@ -503,6 +503,8 @@ class Engine:
         self._ledger.accepted(save)
         chain.queued[key.step] = save
         chain.wakeup.set()
+        base = planned_base(chain, save, self.config, self._index.latest(key.run, key.rank))
+        self._prefill.accepted(chain, save.header.tensors, base=base)
         if chain.worker is None:
             name = f"ckptd-chain-{key.run}-{key.rank}"
             chain.worker = asyncio.create_task(self._work(chain), name=name)

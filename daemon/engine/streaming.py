@@ -167,6 +167,11 @@ class StreamedEncode:
         self._locked = True
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def kind(self) -> str:
+        """Base or delta: planned when the save opened."""
+        return self._plan.kind
+
     def tensor_ready(self, index: int, array: np.ndarray) -> None:
         """Starts encoding tensor ``index`` (its bytes are final); a second call for the
         same tensor, or any call after ``abandon``, does nothing."""
