@@ -61,9 +61,9 @@ exact tensor's buffer becomes the chain's new reconstruction instead of being co
 delta's is kept for the next save's receive, within the budget's free room:
 ``ckptd.daemon.engine.buffers``);
 what the budget still covers after that is the encoded blobs on their way to storage.
-Once a chain's save is durable and no other is reserved, buffers its next save would lack
-(a base's and exact tensors' became the head) are made and mapped in the background,
-within the same free room (``ckptd.daemon.engine.prefill``).
+Once a chain's save is durable and no other is reserved (a base: once it is accepted),
+buffers its next save would lack (a base's and exact tensors' became the head) are made
+and mapped in the background, within the same free room (``ckptd.daemon.engine.prefill``).
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
 evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``); a replaced
 head's memory that nothing reads any more is kept, within the same bound, as the next
