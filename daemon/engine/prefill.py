@@ -12,7 +12,8 @@ next save's receive copies into mapped memory, and the page faults happen betwee
 A base starts this sooner, at its ACCEPTED (``accepted``): its buffers will all become the
 head, and a base's encode and writes leave the CPU mostly idle (raw blobs, writeback),
 while the time between a base's DURABLE and the next save's open was often too short to
-map them all (bench/README.md, "Delta saves after a base": 28-83 % ready at 256 MiB).
+map them all (bench/README.md, "Delta saves after a base": 6-89 % of a 1 GiB first
+delta's bytes were ready).
 
 Call order, all on the event loop's thread: the engine calls ``accepted(chain, specs,
 base=...)`` when a save is accepted, ``schedule(chain)`` once a
