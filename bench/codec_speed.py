@@ -46,7 +46,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 OUT_PATH = REPO / "bench" / "out" / "codec_speed.json"
 CASES = ("weights", "synthetic", "log", "bf16")
-KEYS = ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s", "chain_s", "chain_cpu_s")
+KEYS = ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s", "chain_s", "chain_cpu_s",
+        "encode_out_s", "encode_out_cpu_s")
 MB = 1e6
 CHAIN = 10  # deltas applied in turn: bench/pipeline.py's deep restore
 
@@ -83,14 +84,16 @@ def worker(cases: list[str], n: int) -> dict[str, Any]:
         options = {"bfloat16": False, "domain": "linear", **options}
         codec.decode_delta(*_warm(codec, options))  # thread pools, zstd contexts, page cache
         wall, cpu = time.perf_counter(), time.process_time()
-        blob, _ = codec.encode_delta(cur, ref, **options)
+        blob, recon = codec.encode_delta(cur, ref, **options)
         enc = (time.perf_counter() - wall, time.process_time() - cpu)
+        into = _encode_out_s(codec, cur, ref, recon, options)
         wall, cpu = time.perf_counter(), time.process_time()
         codec.decode_delta(blob, ref)
         dec = (time.perf_counter() - wall, time.process_time() - cpu)
         chain = _chain_s(codec, blob, ref)
         results[case] = {"encode_s": enc[0], "encode_cpu_s": enc[1], "decode_s": dec[0],
                          "decode_cpu_s": dec[1], "chain_s": chain[0], "chain_cpu_s": chain[1],
+                         "encode_out_s": into[0], "encode_out_cpu_s": into[1],
                          "bytes": cur.nbytes, "blob_bytes": len(blob),
                          "blob_xxh3": xxhash.xxh3_64_hexdigest(blob)}
     return results
@@ -118,6 +121,18 @@ def profile(case: str, n: int, *, chain: bool = False) -> str:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
     return text.getvalue()
+
+
+def _encode_out_s(codec: Any, cur: np.ndarray, ref: np.ndarray, recon: np.ndarray,
+                  options: dict[str, Any]) -> tuple[float, float]:
+    """Seconds (wall, CPU) of the same encode writing its reconstruction into ``recon``
+    (mapped already, as a replaced chain head is in the daemon: ``out=``); NaN where this
+    code has no ``out``."""
+    if "out" not in inspect.signature(codec.encode_delta).parameters:
+        return float("nan"), float("nan")
+    wall, cpu = time.perf_counter(), time.process_time()
+    codec.encode_delta(cur, ref, out=recon, **options)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _chain_s(codec: Any, blob: bytes, ref: np.ndarray) -> tuple[float, float]:
@@ -178,20 +193,30 @@ def summarize(reps: list[dict[str, Any]], cases: list[str], sides: list[str]) ->
 
 def markdown(summary: dict[str, Any], n: int, sides: list[str]) -> str:
     mb = 4 * n / MB
-    lines = ["| case | side | encode MB/s | encode cpu s | decode MB/s | decode cpu s | "
-             f"chain of {CHAIN} s | chain cpu s | blob MB |", "|---" * 9 + "|"]
+    lines = ["| case | side | encode MB/s | encode cpu s | into a mapped output MB/s | cpu s "
+             f"| decode MB/s | decode cpu s | chain of {CHAIN} s | chain cpu s | blob MB |",
+             "|---" * 11 + "|"]
     for case, row in summary.items():
         for side in sides:
             cells = [f"{mb / row[f'{side}_encode_s']:.0f}", f"{row[f'{side}_encode_cpu_s']:.2f}",
+                     f"{mb / row[f'{side}_encode_out_s']:.0f}",
+                     f"{row[f'{side}_encode_out_cpu_s']:.2f}",
                      f"{mb / row[f'{side}_decode_s']:.0f}", f"{row[f'{side}_decode_cpu_s']:.2f}",
                      f"{row[f'{side}_chain_s']:.2f}", f"{row[f'{side}_chain_cpu_s']:.2f}",
                      f"{row[f'{side}_blob_bytes'] / MB:.2f}"]
             lines.append(f"| {case} | {side} | " + " | ".join(cells) + " |")
+    lines += ["", "| case | side | encode into a mapped output / into a new array: wall "
+              "| cpu |", "|---|---|---|---|"]
+    for case, row in summary.items():
+        for side in sides:
+            wall = row[f"{side}_encode_out_s"] / row[f"{side}_encode_s"]
+            cpu = row[f"{side}_encode_out_cpu_s"] / row[f"{side}_encode_cpu_s"]
+            lines.append(f"| {case} | {side} | {wall:.2f} | {cpu:.2f} |")
     if "before" in sides:
         lines += ["", "| before / after | encode wall | encode cpu | decode wall | decode cpu | "
                   "chain wall | chain cpu | same bytes |", "|---" * 8 + "|"]
         for case, row in summary.items():
-            cells = " | ".join(f"{row[f'speedup_{key}']:.2f}" for key in KEYS)
+            cells = " | ".join(f"{row[f'speedup_{key}']:.2f}" for key in KEYS[:6])
             lines.append(f"| {case} | {cells} | {row['identical_bytes']} |")
     return "\n".join(lines)
 

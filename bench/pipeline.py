@@ -264,7 +264,8 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     )}  # fmt: skip
     main_dir, before_dir = root / f"{label}-{kind}", root / f"{label}-{kind}-before"
     workers = ("--encode-workers", str(args.encode_workers))
-    before_flags = () if args.before else ("--base-compression", "zstd")
+    before_flags = tuple(args.before_flags.split()) if args.before_flags else (
+        () if args.before else ("--base-compression", "zstd"))
     with serve(main_dir, budget, *workers) as main, \
             serve(before_dir, budget, *workers, *before_flags, code=args.before) as before:
         for rep in range(args.reps):
@@ -407,6 +408,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             st = stage_summary(case, prefix, step)
             cells = " | ".join(f"{st.get(k, float('nan')):.2f}" for k in STAGE_KEYS)
             out.append(f"| {case['size']} | {case['kind']} | {what} | {cells} |")
+    out += usage_lines(cases)
     out += ["", "Restores (daemon seconds, median: prepare = budget, copy or decode, verify; "
             "stream = header and chunks until the client took the last):", "",
             "| size | state | restore | prepare s | stream s |", "|---|---|---|---|---|"]
@@ -435,6 +437,32 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
                         f"(>= 1: {'PASS' if sustained >= 1 else 'FAIL'})")
         out.append(f"- {case['size']} {case['kind']}: " + "; ".join(verdicts))
     return out
+
+
+def usage_lines(cases: list[dict[str, Any]]) -> list[str]:
+    """What each delta over shm used, from its ``save durable`` line: the share of its raw
+    bytes received into buffers mapped already (reused or prepared after a base), the share
+    reconstructed into a replaced head's memory, and how many reps were streamed."""
+    out = ["", "What the deltas used (per save line; ready = received into mapped buffers, "
+           "recycled = reconstructed into a replaced head, share of raw bytes):", "",
+           "| size | state | save | ready (each rep) | recycled (each rep) | streamed |",
+           "|---|---|---|---|---|---|"]
+    for case in cases:
+        for what, step in (("delta", 2), ("next delta", 3)):
+            lines = [v for k, v in sorted(case["stages"].items())
+                     if k.startswith(f"{case['kind']}-shm-") and k.endswith(f"/{step}")]
+            if not lines or "ready_bytes" not in lines[0]:
+                continue
+            ready = ", ".join(_share(line, "ready_bytes") for line in lines)
+            used = ", ".join(_share(line, "recycled_bytes") for line in lines)
+            streamed = sum(bool(line.get("streamed")) for line in lines)
+            out.append(f"| {case['size']} | {case['kind']} | {what} | {ready} | {used} "
+                       f"| {streamed} of {len(lines)} |")
+    return out
+
+
+def _share(line: dict[str, Any], field: str) -> str:
+    return f"{int(line[field]) / max(1, int(line['raw_bytes'])):.2f}"
 
 
 def restore_lines(case: dict[str, Any], prefix: str, step: int | None) -> list[dict[str, Any]]:
@@ -468,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
     parser.add_argument("--before", type=Path, default=None,
                         help="directory with an older ckptd package for the before daemon")
+    parser.add_argument("--before-flags", default="",
+                        help="daemon flags of the before daemon (e.g. the same code as "
+                             "--before with '--stream-saves never')")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]

@@ -62,6 +62,10 @@ class EngineConfig:
     # Lossless blobs (bases, exact tensors): "zstd" (byte planes + zstd), "none" (raw), or
     # "auto": raw when the measured storage is faster than the coder (engine/basecoding.py).
     base_compression: str = "auto"
+    # Encode a save while it is received (engine/streaming.py): "always" (when its chain is
+    # idle), "ready" (and only when every receive buffer was mapped already: the copy does
+    # not fault pages in while the codec threads run), or "never" (encode from ACCEPTED).
+    stream_saves: str = "always"
     # Float tensors with fewer elements than this are stored exactly when the client leaves
     # the policy to the daemon (POLICY_UNSPECIFIED); reported as ServerInfo.lossy_min_elements.
     min_lossy_elements: int = 1024
@@ -135,6 +139,9 @@ class EngineConfig:
         if self.base_compression not in ("auto", "zstd", "none"):
             raise ValueError(f"base_compression must be 'auto', 'zstd' or 'none', got "
                              f"{self.base_compression!r}")
+        if self.stream_saves not in ("always", "ready", "never"):
+            raise ValueError(f"stream_saves must be 'always', 'ready' or 'never', got "
+                             f"{self.stream_saves!r}")
         if self.encode_workers < 1:
             raise ValueError(f"encode_workers must be >= 1, got {self.encode_workers}")
         if self.storage_workers < 1:
@@ -436,6 +443,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
     "base_compression": ("engine", "base_compression", _parse_lower),
+    "stream_saves": ("engine", "stream_saves", _parse_lower),
     "min_lossy_elements": ("engine", "min_lossy_elements", int),
     "encode_workers": ("engine", "encode_workers", int),
     "retention_keep_last": ("engine", "retention_keep_last", int),

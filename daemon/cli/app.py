@@ -64,6 +64,8 @@ _SERVE_HELP = {
     "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
     "base_compression": "lossless blobs: zstd, none (raw), or auto (raw when the measured "
                         "storage is faster than the coder)",
+    "stream_saves": "encode a save while it is received: always (when its chain is idle), "
+                    "ready (only into receive buffers mapped already), or never",
     "min_lossy_elements": "float tensors with fewer elements are stored exactly (under the "
     "auto policy)",
     "encode_workers": "threads that encode checkpoints",
@@ -102,6 +104,7 @@ _SERVE_HELP = {
 _METAVARS = {"storage": "URL", "listen": "ADDR", "loop": "LOOP", "log_level": "LEVEL",
              "log_format": "FORMAT", "metrics_listen": "ADDR", "storage_mode": "MODE",
              "representative": "KIND", "coder": "CODER", "base_compression": "MODE",
+             "stream_saves": "MODE",
              "max_delta_fraction": "X", "auto_bits_relative_to": "WHAT",
              "retention_keep_interval_s": "SECONDS", "retention_best_metric": "NAME",
              "retention_best_mode": "MODE", "retention_max_bytes": "BYTES",

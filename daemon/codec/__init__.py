@@ -82,7 +82,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
                  coder: Coder = DEFAULT_CODER, bfloat16: bool = False,
                  domain: Domain = "linear",
                  auto_max_error: float = AUTO_MAX_ERROR,
-                 auto_relative_to: AutoRelativeTo = "delta") -> tuple[bytes, np.ndarray]:
+                 auto_relative_to: AutoRelativeTo = "delta",
+                 out: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
     """Lossy delta of a float tensor against the reconstruction it follows.
 
     Args:
@@ -113,6 +114,11 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
             change between frequent saves gets fewer bits than a large one; in the log
             domain the dropped log-steps' RMS at most ``auto_max_error``: the same relative
             error of the state). Only the width chosen differs; the blob format is the same.
+        out: where the reconstruction is written (None: a new array): a writeable,
+            C-contiguous array of ``current``'s holder dtype and element count, sharing no
+            memory with ``current`` or ``reference``; its contents are ignored. The daemon
+            passes a replaced chain head's memory, already mapped, instead of faulting in
+            a fresh tensor-sized array. The blob is the same either way.
 
     Returns:
         ``(blob, reconstruction)``: the reconstruction has ``current``'s shape and dtype and is
@@ -127,7 +133,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
     return delta.encode_delta(current, reference, bits=bits, representative=representative,
                               coder=coder, bfloat16=bfloat16, domain=domain,
                               auto_max_error=auto_max_error,
-                              auto_relative_to=auto_relative_to)
+                              auto_relative_to=auto_relative_to, out=out)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,

@@ -49,7 +49,7 @@ _U64 = np.dtype("<u8")
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                  representative: str, coder: str, bfloat16: bool, domain: str = "linear",
                  auto_max_error: float = quantize.AUTO_MAX_ERROR,
-                 auto_relative_to: str = "delta",
+                 auto_relative_to: str = "delta", out: np.ndarray | None = None,
                  ops_type: type[domains.Ops] = domains.Ops) -> tuple[bytes, np.ndarray]:
     """See ``ckptd.daemon.codec.encode_delta``. ``ops_type`` runs the per-chunk passes (the
     tests substitute the numpy codec, their oracle, to compare the bytes)."""
@@ -59,7 +59,10 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
     ref = _flat(_matching(reference, current), dtype)
-    out = chunks.empty_output(cur.size, dtype.holder)
+    if out is None:
+        out = chunks.empty_output(cur.size, dtype.holder)
+    else:
+        out = _output(out, dtype, cur, ref)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     alpha: list[np.float32] = []
@@ -273,6 +276,20 @@ def _matching(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
         raise CodecError(f"reference is {reference.dtype}{list(reference.shape)}, current is "
                          f"{current.dtype}{list(current.shape)}: they must match")
     return reference
+
+
+def _output(out: np.ndarray, dtype: DType, cur: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``out`` as the flat output of an encode of ``cur`` against ``ref``, or ``CodecError``:
+    pass 2 reads ``cur`` and ``ref`` chunk by chunk while it writes, so no overlap."""
+    flags = out.flags
+    if (out.dtype != dtype.holder or out.size != cur.size
+            or not (flags.c_contiguous and flags.writeable)):
+        raise CodecError(f"out must be a writeable C-contiguous {dtype.holder} array of "
+                         f"{cur.size} elements, got {out.dtype} with {out.size} (contiguous "
+                         f"{flags.c_contiguous}, writeable {flags.writeable})")
+    if np.may_share_memory(out, cur) or np.may_share_memory(out, ref):
+        raise CodecError("out overlaps current or reference; pass a separate buffer")
+    return out.reshape(-1)
 
 
 def check_in_place(reference: np.ndarray, dtype: DType) -> None:

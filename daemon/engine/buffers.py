@@ -4,8 +4,8 @@ Why: a save's receive copies every byte into fresh ``np.empty`` buffers, and fau
 fresh pages costs more than the copy itself (``bench/receive.py``; numbers in
 ``bench/README.md``, "Receive buffers"). A trainer saves the
 same tensor table again and again, so a delta's receive buffers, no longer needed once
-the tensor is encoded (the delta's reconstruction is a new array), fit the next save
-exactly.
+the tensor is encoded (the delta's reconstruction is other memory: a new array, or a
+replaced head's, ``ckptd.daemon.engine.recycle``), fit the next save exactly.
 
 Call order, all on the event loop's thread (no lock): ``SaveSession`` takes one buffer
 per tensor (``take``) when the engine opens a save, after its bytes are reserved in the
@@ -34,6 +34,7 @@ class ReceiveBuffers:
         self._idle: dict[int, list[np.ndarray]] = {}
         self.idle_bytes = 0
         self.reused = 0  # buffers handed out again (for tests and logs)
+        self.reused_bytes = 0  # their bytes, in all (a save's log line: were they ready?)
 
     def take(self, nbytes: int) -> np.ndarray:
         """A 1-D uint8 buffer of ``nbytes`` (contents undefined): an idle one of that
@@ -46,6 +47,7 @@ class ReceiveBuffers:
             del self._idle[nbytes]
         self.idle_bytes -= nbytes
         self.reused += 1
+        self.reused_bytes += nbytes
         return buffer
 
     def give_back(self, array: np.ndarray) -> None:

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 class Reconstruction:
     """The tensors a restore of ``step`` returns, plus the counters the chain policy needs.
 
-    Arrays are never modified in place (each step gets new arrays), so a restore may serve
-    them (read-only views, no copy) from a worker thread while the pipeline moves the head on.
+    Arrays are never modified while anything else refers to them (each step gets arrays of
+    its own; a replaced head's memory is reused for a later step only once nothing but the
+    head refers to it: ``ckptd.daemon.engine.recycle``), so a restore may serve them
+    (read-only views, no copy) from a worker thread while the pipeline moves the head on.
     """
 
     step: int
@@ -83,6 +85,10 @@ class QueuedSave:
     stages: StageTimes = field(default_factory=StageTimes)  # busy seconds per stage
     streamed: StreamedEncode | None = None  # while it is encoded as it is received
     was_streamed: bool = False  # it was (for its log line, once ``streamed`` is dropped)
+    # Bytes received into buffers that were mapped already (reused or prepared), and delta
+    # reconstructions written into a replaced head's arrays: the save's log line says.
+    ready_bytes: int = 0
+    recycled_bytes: int = 0
 
     @property
     def status(self) -> SaveStatus:
@@ -137,6 +143,18 @@ class Chain:
     def __repr__(self) -> str:
         head = self._head.step if self._head else None
         return f"Chain({self.run}/rank{self.rank}, head={head}, reserved={sorted(self.reserved)})"
+
+
+def planned_base(chain: Chain, save: QueuedSave, config: EngineConfig, latest: int | None) -> bool:
+    """Whether ``save``, just accepted, will be a base (its receive buffers become the head):
+    as planned when it is streamed, else ``choose_kind`` against the head in memory (False
+    when the head must first be rebuilt from storage: ``latest`` is the chain's latest
+    committed step)."""
+    if save.streamed is not None:
+        return save.streamed.kind == BASE
+    if chain.head is None and latest is not None:
+        return False
+    return choose_kind(chain.head, save.header.tensors, config)[0] == BASE
 
 
 def choose_kind(

@@ -61,11 +61,13 @@ exact tensor's buffer becomes the chain's new reconstruction instead of being co
 delta's is kept for the next save's receive, within the budget's free room:
 ``ckptd.daemon.engine.buffers``);
 what the budget still covers after that is the encoded blobs on their way to storage.
-Once a chain's save is durable and no other is reserved, buffers its next save would lack
-(a base's and exact tensors' became the head) are made and mapped in the background,
-within the same free room (``ckptd.daemon.engine.prefill``).
+Once a chain's save is durable and no other is reserved (a base: once it is accepted),
+buffers its next save would lack (a base's and exact tensors' became the head) are made
+and mapped in the background, within the same free room (``ckptd.daemon.engine.prefill``).
 Beyond the budget, chains hold their head reconstruction in memory, least recently used
-evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``), and restores
+evicted beyond ``max_resident_bytes`` (``ckptd.daemon.engine.resident``); a replaced
+head's memory that nothing reads any more is kept, within the same bound, as the next
+deltas' reconstructions (``ckptd.daemon.engine.recycle``); and restores
 being streamed hold their tensors within ``max_restore_bytes``.
 """
 
@@ -91,19 +93,20 @@ from ckptd.daemon.domain import (
 from ckptd.daemon.engine.budget import ByteBudget
 from ckptd.daemon.engine.buffers import ReceiveBuffers
 from ckptd.daemon.engine.catalog import CatalogRefresh
-from ckptd.daemon.engine.chain import Chain, QueuedSave
+from ckptd.daemon.engine.chain import Chain, QueuedSave, planned_base
 from ckptd.daemon.engine.lease import ChainLeases
 from ckptd.daemon.engine.ledger import SaveLedger
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.engine.pipeline import SavePipeline
 from ckptd.daemon.engine.prefill import Prefill
+from ckptd.daemon.engine.recycle import SpareOutputs
 from ckptd.daemon.engine.reports import Reports
 from ckptd.daemon.engine.resident import ResidentHeads
 from ckptd.daemon.engine.restores import Restores
 from ckptd.daemon.engine.retention import Retainer, pause_for_tests
 from ckptd.daemon.engine.session import SaveSession
 from ckptd.daemon.engine.streaming import StreamedSaves
-from ckptd.daemon.engine.validation import check_header, check_key, check_run_name
+from ckptd.daemon.engine.validation import check_header, check_key, check_run_name, is_lossy
 from ckptd.daemon.errors import (
     InvalidRequestError,
     ShuttingDownError,
@@ -135,6 +138,7 @@ class Engine:
         self._receive_buffers = ReceiveBuffers(self._budget)
         self._prefill = Prefill(self._receive_buffers, self._pools)
         self._resident = ResidentHeads(config.max_resident_bytes)
+        self._outputs = SpareOutputs(self._resident, lambda spec: is_lossy(spec, config))
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
         self._leases = ChainLeases(self._repository, self._pools, config, self._chain)
@@ -149,11 +153,13 @@ class Engine:
         self._notify = self._reports.notify  # every observer call: it never fails a save
         self._pipeline = SavePipeline(self._repository, config, self._pools,
                                       fence=self._leases.fence,
-                                      recycle=self._receive_buffers.give_back)
+                                      recycle=self._receive_buffers.give_back,
+                                      output=self._outputs.take)
         self._retainer = Retainer(self._repository, config.retention, self._retention_deleted)
         self._chains: dict[tuple[str, int], Chain] = {}
         self._sessions: set[SaveSession] = set()
-        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index)
+        self._streamed = StreamedSaves(self._pipeline, self._pools, self._index,
+                                       config.stream_saves)
         self._ledger = SaveLedger()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -216,15 +222,19 @@ class Engine:
             self._release_step(chain, key.step)
             raise
         try:
-            stream = await self._streamed.open(chain, header, identity)
+            sizes = [spec.nbytes for spec in header.tensors]
+            ready = not self._receive_buffers.lacking(sizes)
+            stream = await self._streamed.open(chain, header, identity, ready=ready)
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
             raise
         try:
             on_tensor = None if stream is None else stream.on_tensor
+            reused = self._receive_buffers.reused_bytes
             session = SaveSession(header, self._accept, self._abandon, identity=identity,
                                   allocate=self._receive_buffers.take, on_tensor=on_tensor)
+            session.ready_bytes = self._receive_buffers.reused_bytes - reused
         except BaseException:
             self._budget.release(header.nbytes, identity)
             self._release_step(chain, key.step)
@@ -437,6 +447,7 @@ class Engine:
         await self._leases.close()
         await self._prefill.close()
         self._receive_buffers.clear()
+        self._outputs.clear()
         await self._pools.shutdown()
 
     # -- internals ------------------------------------------------------------------------
@@ -487,10 +498,13 @@ class Engine:
         else:
             save = stream.accept(session.take_arrays())
         save.stages.add("receive", session.receive_s)
+        save.ready_bytes = session.ready_bytes
         self._sessions.discard(session)
         self._ledger.accepted(save)
         chain.queued[key.step] = save
         chain.wakeup.set()
+        base = planned_base(chain, save, self.config, self._index.latest(key.run, key.rank))
+        self._prefill.accepted(chain, save.header.tensors, base=base)
         if chain.worker is None:
             name = f"ckptd-chain-{key.run}-{key.rank}"
             chain.worker = asyncio.create_task(self._work(chain), name=name)
@@ -527,7 +541,9 @@ class Engine:
         try:
             async with held:
                 committed = await self._pipeline.run(chain, save)
+                replaced = chain.head
                 chain.advance(committed.head)
+                self._outputs.retire(replaced, committed.head)
         except asyncio.CancelledError:
             self._finish(chain, save, "the daemon shut down before the save was durable")
             raise
@@ -604,6 +620,7 @@ class Engine:
                 run=evicted.run, rank=evicted.rank, step=evicted.step, bytes=evicted.nbytes,
                 resident_bytes=self._resident.resident_bytes))
             self._notify(functools.partial(self._observer.head_evicted, evicted.nbytes))
+        self._outputs.trim()  # spare outputs fit beside the heads
         resident = self._resident.resident_bytes
         self._notify(lambda: self._observer.resident_heads(resident))
 

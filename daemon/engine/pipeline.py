@@ -109,16 +109,21 @@ class SavePipeline:
         repository: Repository,
         config: EngineConfig,
         pools: Pools,
+        *,
         fence: Callable[[Chain], Awaitable[int]] | None = None,
         recycle: Callable[[np.ndarray], None] | None = None,
+        output: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
         """``fence(chain)`` returns the lease generation a commit records, or raises when
         this daemon no longer holds the chain (``ChainLeases.fence``); None: no leases.
         ``recycle(array)`` takes a received tensor no longer needed (a delta's, once
-        encoded) for a later save's receive (``ReceiveBuffers.give_back``)."""
+        encoded) for a later save's receive (``ReceiveBuffers.give_back``).
+        ``output(nbytes)`` returns memory for a delta tensor's reconstruction, or None for
+        a new array (``SpareOutputs.take``: a replaced head's, already mapped)."""
         self._repository = repository
         self._fence = fence
         self._recycle = recycle
+        self._output = output
         self._storage = repository.storage
         self._config = config
         self._pools = pools
@@ -233,14 +238,17 @@ class SavePipeline:
         assert current is not None
         reference = previous.arrays[index] if previous is not None else None
         compress = self.base_coding.compress()  # used only if the tensor is coded exactly
+        out = self._output_for(spec, reference)
+        if out is not None:
+            save.recycled_bytes += out.nbytes
         job = functools.partial(_encode_tensor, spec, current, reference, self._config,
-                                _Timing(save.stages, self.base_coding, compress))
+                                _Timing(save.stages, self.base_coding, compress), out=out)
         encoding, blob, digest, reconstruction = await self._pools.run_codec(job)
         save.arrays[index] = None  # the received bytes are no longer needed
-        del job
+        del job, out
         if (self._recycle is not None and encoding == DELTA
                 and not np.may_share_memory(current, reconstruction)):
-            self._recycle(current)  # a delta's head is a new array: nothing else holds these
+            self._recycle(current)  # a delta's head is other memory: nothing else holds these
         del current
         progress.remaining -= 1
         if progress.remaining == 0:
@@ -252,6 +260,14 @@ class SavePipeline:
         save.stages.add("write", spent_s)
         self.base_coding.written(len(blob), spent_s)
         return TensorEntry(spec, encoding, key, len(blob), digest), reconstruction
+
+    def _output_for(self, spec: TensorSpec, reference: np.ndarray | None) -> np.ndarray | None:
+        """Memory for the reconstruction of a tensor coded as a delta (None: exact, or none
+        spare), viewed as the tensor's holder dtype."""
+        if self._output is None or reference is None or not is_lossy(spec, self._config):
+            return None
+        memory = self._output(spec.nbytes)
+        return None if memory is None else memory.view(spec.dtype_info.numpy)
 
     def _manifest(
         self,
@@ -303,10 +319,11 @@ class _Timing:
 
 def _encode_tensor(
     spec: TensorSpec, current: np.ndarray, reference: np.ndarray | None, config: EngineConfig,
-    timing: _Timing,
+    timing: _Timing, *, out: np.ndarray | None = None,
 ) -> Encoded:
     """Encodes one tensor (codec pool): exact without a reference or when the policy says
-    so, else a lossy delta. Returns the blob and the tensor as a restore will rebuild it."""
+    so, else a lossy delta, whose reconstruction goes into ``out`` when given. Returns the
+    blob and the tensor as a restore will rebuild it."""
     bfloat16 = spec.dtype_info.is_bfloat16
     began = time.perf_counter()
     if reference is None or not is_lossy(spec, config):
@@ -326,6 +343,7 @@ def _encode_tensor(
         coder=cast(codec.Coder, config.coder),
         bfloat16=bfloat16,
         domain=cast(codec.Domain, domain_for(spec)),
+        out=out,
     )
     timing.stages.add("encode_delta", time.perf_counter() - began)
     return DELTA, blob, _blob_checksum(blob, timing.stages), as_holder(reconstruction, spec)

@@ -9,9 +9,16 @@ and no other save of the chain is reserved, ``Prefill`` allocates, in the I/O po
 buffer for each tensor of the head's table that the idle buffers lack, writes one byte per
 page so that the kernel maps them now, and hands each to ``ReceiveBuffers.give_back``: the
 next save's receive copies into mapped memory, and the page faults happen between saves.
+A base starts this sooner, at its ACCEPTED (``accepted``): its buffers will all become the
+head, and a base's encode and writes leave the CPU mostly idle (raw blobs, writeback),
+while the time between a base's DURABLE and the next save's open was often too short to
+map them all (bench/README.md, "Delta saves after a base": 6-89 % of a 1 GiB first
+delta's bytes were ready).
 
-Call order, all on the event loop's thread: the engine calls ``schedule(chain)`` once a
-save of the chain is durable and nothing else of it is reserved, ``stop(chain)`` when it
+Call order, all on the event loop's thread: the engine calls ``accepted(chain, specs,
+base=...)`` when a save is accepted, ``schedule(chain)`` once a
+save of the chain is durable and nothing else of it is reserved (a job already running for
+the chain goes on), ``stop(chain)`` when it
 opens a save of the chain (the session takes what is ready; the prefill stops after the
 buffer it is making, so its page faults do not compete with the receive for long), and
 ``close`` at shutdown. ``settled`` waits for every running prefill (tests, benchmarks).
@@ -31,6 +38,7 @@ import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
+from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.engine.buffers import ReceiveBuffers
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.logs import fields, get_logger
@@ -62,10 +70,19 @@ class Prefill:
         """Starts making the buffers that a save of ``chain``'s head table would lack
         (nothing when the chain has no head in memory or a save is reserved)."""
         head = chain.head
-        if head is None or chain.reserved:
+        if head is None or chain.reserved or (chain.run, chain.rank) in self._jobs:
             return
-        self.stop(chain)
-        sizes = self._buffers.lacking([spec.nbytes for spec in head.specs])
+        self._start(chain, head.specs)
+
+    def accepted(self, chain: Chain, specs: tuple[TensorSpec, ...], *, base: bool) -> None:
+        """A save of ``chain`` with table ``specs`` was accepted: when it is a base and no
+        other save of the chain is reserved, starts making its next save's buffers now."""
+        if base and len(chain.reserved) == 1:
+            self.stop(chain)
+            self._start(chain, specs)
+
+    def _start(self, chain: Chain, specs: tuple[TensorSpec, ...]) -> None:
+        sizes = self._buffers.lacking([spec.nbytes for spec in specs])
         if not sizes:
             return
         job = _Job(sizes)

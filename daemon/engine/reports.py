@@ -46,6 +46,8 @@ class Reports:
             key, kind=durable.kind, raw_bytes=durable.raw_bytes,
             stored_bytes=durable.stored_bytes, chain_depth=manifest.chain_depth,
             streamed=save.was_streamed,  # encoded while received
+            ready_bytes=save.ready_bytes,  # received into buffers mapped already
+            recycled_bytes=save.recycled_bytes,  # reconstructed into a replaced head
             encode_s=round(durable.encode_s, 4), latency_s=round(durable.latency_s, 4),
             **{f"{stage}_s": round(s, 4) for stage, s in durable.stages.items()}))
         self.notify(lambda: self.observer.save_durable(durable))

@@ -55,6 +55,7 @@ class SaveSession:
         self._state = _OPEN
         self._opened_s = time.perf_counter()
         self.receive_s = 0.0  # header to commit, once committed: the "receive" stage
+        self.ready_bytes = 0  # of the buffers, mapped already (the engine's ReceiveBuffers)
         self._advance()
 
     @property

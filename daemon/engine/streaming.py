@@ -98,7 +98,11 @@ class StreamedSaves:
     """The engine's saves being encoded while received, by their session, and the abandoned
     ones still deleting what they wrote (on the event loop's thread)."""
 
-    def __init__(self, pipeline: SavePipeline, pools: Pools, index: StepIndex) -> None:
+    def __init__(
+        self, pipeline: SavePipeline, pools: Pools, index: StepIndex, mode: str = "always"
+    ) -> None:
+        """``mode``: ``EngineConfig.stream_saves``."""
+        self._mode = mode
         self._pipeline = pipeline
         self._pools = pools
         self._index = index
@@ -106,9 +110,13 @@ class StreamedSaves:
         self._abandoning: set[asyncio.Task[None]] = set()
 
     async def open(
-        self, chain: Chain, header: CheckpointHeader, identity: str
+        self, chain: Chain, header: CheckpointHeader, identity: str, *, ready: bool
     ) -> StreamedEncode | None:
-        """``open_streamed`` with the engine's pipeline; ``add`` it once its session exists."""
+        """``open_streamed`` with the engine's pipeline (None when the mode says no; ``ready``:
+        every receive buffer of the save is mapped already); ``add`` it once its session
+        exists."""
+        if self._mode == "never" or (self._mode == "ready" and not ready):
+            return None
         return await open_streamed(chain, header, identity=identity, pipeline=self._pipeline,
                                    pools=self._pools, index=self._index)
 
@@ -158,6 +166,11 @@ class StreamedEncode:
         self._abandoned = False
         self._locked = True
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def kind(self) -> str:
+        """Base or delta: planned when the save opened."""
+        return self._plan.kind
 
     def tensor_ready(self, index: int, array: np.ndarray) -> None:
         """Starts encoding tensor ``index`` (its bytes are final); a second call for the

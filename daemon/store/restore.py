@@ -163,7 +163,8 @@ class Restorer:
 
         Not hashed again: a head was verified when it became the head (its manifest's
         checksum was computed from these very arrays by the save, or ``restore`` checked
-        them), a chain never modifies its arrays in place (each step gets new ones), and
+        them), a chain never writes arrays anything else refers to (a replaced head's
+        memory is reused only once no view of it is left: ``engine.recycle``), and
         every restore is verified end to end by its client against that checksum. So the
         head may be evicted or replaced while a restore still sends them; the views keep
         them alive, and a caller that writes into one gets an error, not a damaged head.

@@ -21,6 +21,7 @@ import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,6 +196,32 @@ def test_legacy_split_matches_the_current_encoder() -> None:
 def test_encoding_reproduces_golden_bytes(name: str) -> None:
     encode, _, _ = CASES[name]
     assert encode() == (GOLDEN / f"{name}.ckpd").read_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.startswith("delta")))
+def test_encoding_into_used_memory_reproduces_golden_bytes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``out=`` (the daemon passes a replaced head's memory, full of old bytes) changes
+    neither the blob nor the reconstruction; the reconstruction is ``out``."""
+    fresh = encode_delta
+    written = []
+
+    def into_used_memory(current: np.ndarray, reference: np.ndarray,
+                         **options: Any) -> tuple[bytes, np.ndarray]:
+        out = np.empty_like(np.ascontiguousarray(current))
+        out.reshape(-1).view(np.uint8)[:] = 0xA5
+        blob, reconstruction = fresh(current, reference, out=out, **options)
+        assert np.shares_memory(reconstruction, out)
+        expected = fresh(current, reference, **options)[1]
+        assert reconstruction.tobytes() == expected.tobytes()
+        written.append(blob)
+        return blob, reconstruction
+
+    monkeypatch.setattr(sys.modules[__name__], "encode_delta", into_used_memory)
+    encode, _, _ = CASES[name]
+    assert encode() == (GOLDEN / f"{name}.ckpd").read_bytes()
+    assert len(written) == 1
 
 
 def test_exact_header_layout() -> None:

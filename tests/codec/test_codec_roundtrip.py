@@ -82,6 +82,28 @@ def test_multi_chunk_round_trip(coder: Coder, bits: int) -> None:
     assert len(blob) < current.nbytes / 2
 
 
+def test_an_output_must_fit_and_overlap_nothing() -> None:
+    """``out=`` must be a separate writeable C-contiguous array of the holder dtype and size."""
+    reference = np.linspace(-1, 1, 64, dtype=np.float32)
+    current = reference + np.float32(1e-3)
+    bad = {
+        "dtype": np.empty(64, np.float64),
+        "size": np.empty(63, np.float32),
+        "read-only": np.empty(64, np.float32),
+        "strided": np.empty(128, np.float32)[::2],
+        "overlaps current": current,
+        "overlaps reference": reference[::-1][::-1],
+    }
+    bad["read-only"].flags.writeable = False
+    for out in bad.values():
+        with pytest.raises(CodecError, match="out"):
+            encode_delta(current, reference, out=out)
+    out = np.empty((8, 8), np.float32)  # any shape of the right size
+    blob, recon = encode_delta(current, reference, out=out)
+    assert np.shares_memory(recon, out) and recon.shape == current.shape
+    assert _bits_equal(decode_delta(blob, reference), recon)
+
+
 def test_memoryview_and_bytearray_blobs_decode() -> None:
     reference = np.linspace(-1, 1, 100, dtype=np.float32)
     blob, recon = encode_delta(reference + np.float32(0.01), reference)

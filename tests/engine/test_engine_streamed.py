@@ -9,6 +9,7 @@ second save opened meanwhile is encoded against a head that is about to move.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import weakref
 from pathlib import Path
@@ -22,6 +23,7 @@ from ckptd.daemon.store.manifest import blob_key
 from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
+    SMALL,
     WAIT_S,
     State,
     assert_same,
@@ -174,3 +176,34 @@ def test_a_streamed_save_holds_nothing_once_durable(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("mode", ["always", "ready", "never"])
+def test_the_stream_saves_mode_decides_which_saves_are_streamed(
+    tmp_path: Path, mode: str
+) -> None:
+    """``stream_saves``: "always" streams every save on an idle chain, "ready" only one whose
+    receive buffers were all mapped already (not a first base; a delta once the buffers
+    were made ready after the base), "never" none; every step stores the same either way."""
+    states = list(random_walk(21, 3))
+    config = dataclasses.replace(SMALL, stream_saves=mode)
+    expected = {"always": [True, True, True], "ready": [False, True, True],
+                "never": [False, False, False]}[mode]
+
+    async def scenario() -> None:
+        streamed = []
+        async with open_engine(tmp_path, config) as engine:
+            for step, state in enumerate(states, 1):
+                await engine._prefill.settled()
+                session = await engine.open_save(header(step, state))
+                streamed.append(engine._streamed.get(session) is not None)
+                _write(session, state, range(len(state)))
+                accepted = await session.commit()
+                assert (await engine.wait(accepted.key, WAIT_S)).state is SaveState.DURABLE
+            restored = [await engine.restore(RUN, 0, step) for step in (1, 2, 3)]
+        assert streamed == expected
+        async with open_engine(tmp_path) as restarted:
+            for found in restored:
+                assert_same(found, await restarted.restore(RUN, 0, found.key.step))
+
+    asyncio.run(scenario())

@@ -180,3 +180,37 @@ def test_a_prefill_makes_only_what_fits_and_stops_when_told(tmp_path: Path) -> N
             await pools.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_base_makes_its_next_saves_buffers_from_its_acceptance(tmp_path: Path) -> None:
+    """The base waits in its chain's queue (the test holds the chain's lock from after the
+    save opened); its next save's buffers are made meanwhile, within the budget's free
+    room. A delta accepted the same way makes none: its buffers come back once encoded."""
+    states = list(random_walk(17, 3))
+    sizes = [t.array.nbytes for t in states[0].values()]
+    config = dataclasses.replace(SMALL, stream_saves="never")
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            buffers, prefill = engine._receive_buffers, engine._prefill
+            chain = engine._chain(RUN, 0)
+            for step, state in enumerate(states, 1):
+                made = prefill.prepared_bytes
+                session = await engine.open_save(header(step, state))
+                async with chain.lock:  # the save waits in the chain's queue: not durable
+                    for index, tensor in enumerate(state.values()):
+                        session.write(index, 0, np.ascontiguousarray(tensor.array).tobytes())
+                    accepted = await session.commit()
+                    await prefill.settled()
+                    assert engine.status(accepted.key).state is SaveState.ACCEPTED
+                    if step == 1:
+                        assert buffers.lacking(sizes) == []
+                        assert prefill.prepared_bytes == sum(sizes)
+                    else:
+                        assert prefill.prepared_bytes == made
+                    assert buffers.idle_bytes + engine.inflight_bytes <= SMALL.max_inflight_bytes
+                assert (await engine.wait(accepted.key, WAIT_S)).state is SaveState.DURABLE
+                await prefill.settled()
+            assert buffers.reused >= len(sizes)
+
+    asyncio.run(scenario())
