@@ -45,7 +45,7 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
     printed, report = run_bench("restore_timeline", tmp_path / "timeline.json",
                                 "--sizes", "16MiB", "--reps", "2")
     [case] = report["cases"]
-    assert set(case["restores"]) == {"latest", "views", "base"}
+    assert set(case["restores"]) == {"latest", "latest_inline", "views", "base"}
     for name, reps in case["restores"].items():
         assert len(reps) == 2, name
         for rep in reps:
