@@ -197,9 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         print(report(json.loads(args.report_only.read_text()), baseline))
         return 0
-    torch.set_num_threads(1)  # as bench.recovery: bit-identical replays
-    plan = make_plan(args)
-    output = run_plan(plan, log=lambda line: print(line, flush=True))
+    # As bench.recovery: bit-identical replays. Restored after, so that a caller in the same
+    # process (a test) keeps its own count: a leaked 1 made the in-process half of another
+    # test's training differ from its subprocess half.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plan = make_plan(args)
+        output = run_plan(plan, log=lambda line: print(line, flush=True))
+    finally:
+        torch.set_num_threads(threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output))
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
