@@ -153,3 +153,13 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what or condition}")
         time.sleep(POLL_INTERVAL_S)
+
+
+def stored_blob_key(storage_root: Path, run: str, rank: int, step: int, index: int) -> str:
+    """The key of tensor ``index``'s blob of a committed step in local storage at
+    ``storage_root``, read from its manifest: each save names its blobs with its own tag."""
+    from ckptd.daemon.domain import StepKey
+    from ckptd.daemon.store.manifest import Manifest, manifest_key
+
+    key = manifest_key(StepKey(run, rank, step))
+    return Manifest.from_bytes((storage_root / key).read_bytes(), key).tensors[index].blob_key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,10 @@ class QueuedSave:
     # reconstructions written into a replaced head's arrays: the save's log line says.
     ready_bytes: int = 0
     recycled_bytes: int = 0
+    # Names this save's blobs (``blob_key``'s tag): a writer that loses a commit race for
+    # the step (``StepExistsError``) then deletes only its own blobs, never the winner's.
+    blob_tag: str = field(default_factory=lambda: f"s{secrets.token_hex(6)}")
+    commit_started: bool = False  # its manifest put began: a failure may have left it
 
     @property
     def status(self) -> SaveStatus:

@@ -37,7 +37,7 @@ from ckptd.daemon.engine.basecoding import BaseCoding
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
 from ckptd.daemon.engine.stages import StageTimes
 from ckptd.daemon.engine.validation import bits_for, domain_for, is_lossy
-from ckptd.daemon.errors import CorruptCheckpointError
+from ckptd.daemon.errors import CorruptCheckpointError, StepExistsError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
 from ckptd.daemon.storage.base import Storage
@@ -167,8 +167,8 @@ class SavePipeline:
             written = await self.commit(chain, save, plan, encoded)
         except asyncio.CancelledError:
             raise  # shutting down: storage may hang, so leave the keys to the next start
-        except BaseException:
-            await self.discard(save.header.key, len(save.header.tensors))
+        except BaseException as exc:
+            await self.discard(save, exc)
             raise
         return await self.settle(save, plan, written)
 
@@ -210,6 +210,7 @@ class SavePipeline:
         manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
                                   generation=generation)
         began = time.perf_counter()
+        save.commit_started = True
         entry = await self._repository.commit(manifest)
         return Written(manifest, entry, arrays, began)
 
@@ -254,7 +255,7 @@ class SavePipeline:
         if progress.remaining == 0:
             progress.encoded_at_s = time.monotonic()
             save.state = SaveState.WRITING
-        key = blob_key(save.header.key, index)
+        key = blob_key(save.header.key, index, save.blob_tag)
         put = functools.partial(_timed_put, self._storage, key, blob)
         spent_s = await self._pools.run_io(put)
         save.stages.add("write", spent_s)
@@ -295,9 +296,16 @@ class SavePipeline:
             world_size=save.header.world_size,
         )
 
-    async def discard(self, key: StepKey, tensors: int) -> None:
-        """Deletes the keys a failed save may have written, the pending marker last."""
-        keys = [manifest_key(key)] + [blob_key(key, i) for i in range(tensors)]
+    async def discard(self, save: QueuedSave, failure: BaseException) -> None:
+        """Deletes the keys ``save`` may have written, the pending marker last. Its blobs
+        carry its own tag, so they are never another writer's; the manifest is deleted
+        only when this save may have created it: its put began and did not report that
+        another writer's manifest was there (``StepExistsError``: that writer won the step,
+        and its manifest and blobs stay)."""
+        key = save.header.key
+        keys = [blob_key(key, i, save.blob_tag) for i in range(len(save.header.tensors))]
+        if save.commit_started and not isinstance(failure, StepExistsError):
+            keys.insert(0, manifest_key(key))
         try:
             await self._pools.run_io(functools.partial(self._storage.delete, keys))
         except Exception as exc:

@@ -199,7 +199,7 @@ class StreamedEncode:
     async def finish(self) -> Committed:
         """Waits for every tensor, then commits (``SavePipeline.commit``); on a failure the
         step's keys are deleted and it is raised."""
-        key, count = self.save.header.key, len(self.save.header.tensors)
+        count = len(self.save.header.tensors)
         try:
             results = await asyncio.gather(
                 *(self._tasks[i] for i in range(count)), return_exceptions=True)
@@ -210,8 +210,8 @@ class StreamedEncode:
         except asyncio.CancelledError:
             self._forget()
             raise  # shutting down: storage may hang, so leave the keys to the next start
-        except BaseException:
-            await self._pipeline.discard(key, count)
+        except BaseException as exc:
+            await self._pipeline.discard(self.save, exc)
             self._forget()
             raise
         try:
@@ -226,7 +226,7 @@ class StreamedEncode:
         self._failure.append(_Abandoned())
         try:
             await asyncio.gather(*self._tasks.values(), self._marked, return_exceptions=True)
-            await self._pipeline.discard(self.save.header.key, len(self.save.header.tensors))
+            await self._pipeline.discard(self.save, _Abandoned())
         finally:
             self.save.arrays = []
             self._forget()

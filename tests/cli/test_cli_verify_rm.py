@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import CliRunner, Store, assert_same_state
+from daemon_harness import stored_blob_key
 
 
 class _Terminal(io.StringIO):
@@ -37,7 +38,8 @@ def test_verify_passes_on_intact_checkpoints(cli: CliRunner, source: list[str]) 
 def test_verify_reports_every_corrupt_step(
     cli: CliRunner, source: list[str], store: Store
 ) -> None:
-    blob = store.storage_path / "runs/alpha/0/00000000000000000002/00000.blob"
+    damaged = stored_blob_key(store.storage_path, "alpha", 0, 2, 0)
+    blob = store.storage_path / damaged
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -46,7 +48,7 @@ def test_verify_reports_every_corrupt_step(
     assert code == 1
     failed = [line for line in out.splitlines() if line.startswith("FAILED")]
     assert failed[0].startswith("FAILED alpha/rank0/step2: CorruptCheckpointError: ")
-    assert "00000.blob" in failed[0] and "checksum" in failed[0]
+    assert f"blob {damaged} " in failed[0] and "checksum" in failed[0]
     # Step 3 is a delta on step 2: restored from storage, it fails too. (A daemon serves
     # its chain's newest step from memory, so there step 3 still verifies.)
     expected_failures = 2 if source[0] == "--storage" else 1

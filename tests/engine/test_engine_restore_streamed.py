@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from ckptd.daemon.domain import RestoredCheckpoint, StepKey
 from ckptd.daemon.errors import CorruptCheckpointError
-from ckptd.daemon.store.manifest import Manifest, blob_key, manifest_key
+from ckptd.daemon.store.manifest import Manifest, manifest_key
+from daemon_harness import stored_blob_key
 from engine_support import (
     RUN,
     SMALL,
@@ -57,13 +58,13 @@ def test_a_corrupt_blob_stops_the_stream_at_its_tensor(tmp_path: Path) -> None:
         async with open_engine(tmp_path) as engine:
             await save(engine, 0, state)
         last = len(state) - 1
-        path = tmp_path / blob_key(StepKey(RUN, 0, 0), last)
+        path = tmp_path / stored_blob_key(tmp_path, RUN, 0, 0, last)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(bytes(data))
         async with open_engine(tmp_path) as engine:
             received: list[np.ndarray] = []
-            damaged = blob_key(StepKey(RUN, 0, 0), last)
+            damaged = stored_blob_key(tmp_path, RUN, 0, 0, last)
             with pytest.raises(CorruptCheckpointError, match=f"blob {damaged}"):
                 async with engine.restoring_streamed(RUN, 0, 0) as found:
                     async for array in found.arrays:
@@ -151,7 +152,7 @@ def test_a_corrupt_raw_base_is_named_before_the_stream_ends(tmp_path: Path) -> N
         async with open_engine(tmp_path, RAW_BASES) as engine:
             for step, state in enumerate(states):
                 await save(engine, step, state)
-        damaged = blob_key(StepKey(RUN, 0, 0), 0)  # model.weight's base: raw
+        damaged = stored_blob_key(tmp_path, RUN, 0, 0, 0)  # model.weight's base: raw
         _flip_byte(tmp_path / damaged, -100)  # in its payload, past the header
         async with open_engine(tmp_path, RAW_BASES) as engine:
             for step in (0, 2):  # the base itself, and two deltas applied onto it
@@ -182,7 +183,7 @@ def test_blobs_before_a_tensors_last_exact_one_are_not_read(tmp_path: Path) -> N
             for step, state in enumerate(states):
                 await save(engine, step, state)
             expected = await engine.restore(RUN, 0, 2)
-        damaged = blob_key(StepKey(RUN, 0, 0), ints)
+        damaged = stored_blob_key(tmp_path, RUN, 0, 0, ints)
         (tmp_path / damaged).unlink()
         async with open_engine(tmp_path, RAW_BASES) as engine:
             assert_same(await restore_streamed(engine, RUN, 2), expected)

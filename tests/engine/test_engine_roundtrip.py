@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ckptd.daemon.store.manifest import (
     pending_key,
 )
 from ckptd.protos.records import SaveState
+from daemon_harness import stored_blob_key
 from engine_support import (
     RUN,
     SMALL,
@@ -184,7 +186,8 @@ def test_start_removes_uncommitted_leftovers(tmp_path: Path) -> None:
     keys, steps, restored = asyncio.run(second())
     assert steps == [3] and restored.checksum == checksum_of(restored)
     assert blob_key(committed, 0, "r1") not in keys and blob_key(orphan_dir, 0) not in keys
-    assert manifest_key(committed) in keys and blob_key(committed, 0) in keys
+    assert manifest_key(committed) in keys
+    assert stored_blob_key(tmp_path, RUN, 0, 3, 0) in keys
     assert not temporary.exists()
     assert manifest_key(orphan_dir) in storage.list()
     assert pending_key(orphan_dir) not in storage.list()
@@ -201,15 +204,16 @@ def test_corrupt_blob_is_detected(tmp_path: Path) -> None:
         async with open_engine(tmp_path) as engine:
             for step, state in enumerate(states):
                 await save(engine, step, state)
-        path = tmp_path / blob_key(StepKey(RUN, 0, 1), 0)
+        damaged = stored_blob_key(tmp_path, RUN, 0, 1, 0)
+        path = tmp_path / damaged
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(bytes(data))
         async with open_engine(tmp_path) as engine:
             await engine.restore(RUN, 0, 0)
             for step in (1, 2):  # step 2 is a delta on top of step 1
-                with pytest.raises(CorruptCheckpointError, match=r"step run-a/rank0/step1: "
-                                   r"blob runs/run-a/0/00000000000000000001/00000.blob"):
+                with pytest.raises(CorruptCheckpointError,
+                                   match=re.escape(f"step run-a/rank0/step1: blob {damaged} ")):
                     await engine.restore(RUN, 0, step)
 
     asyncio.run(scenario())

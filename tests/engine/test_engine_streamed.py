@@ -54,7 +54,7 @@ async def _blob_written(engine: Engine, session: SaveSession, index: int) -> str
         return stream._tasks[index]
 
     await asyncio.wait_for(await asyncio.wait_for(started(), WAIT_S), WAIT_S)
-    return blob_key(session.header.key, index)
+    return blob_key(session.header.key, index, stream.save.blob_tag)
 
 
 def _step_keys(engine: Engine, step: int) -> list[str]:

@@ -18,6 +18,7 @@ from ckptd.daemon.domain import TensorSpec
 from ckptd.daemon.engine.chain import Reconstruction
 from ckptd.daemon.engine.recycle import SpareOutputs
 from ckptd.daemon.engine.resident import ResidentHeads
+from daemon_harness import stored_blob_key
 from engine_support import RUN, SMALL, assert_same, open_engine, random_walk, save
 
 
@@ -96,12 +97,14 @@ def test_reconstructions_into_reused_memory_store_the_same_bytes(tmp_path: Path)
     async def scenario() -> None:
         assert await run(tmp_path / "reused", True) > 0
         assert await run(tmp_path / "fresh", False) == 0
-        blobs = sorted(p.relative_to(tmp_path / "fresh")
-                       for p in (tmp_path / "fresh").rglob("*.blob"))
-        assert blobs
-        for blob in blobs:
-            assert (tmp_path / "reused" / blob).read_bytes() == (
-                tmp_path / "fresh" / blob).read_bytes()
+        compared = 0
+        for step in range(1, len(states) + 1):
+            for index in range(len(states[0])):
+                reused, fresh = (root / stored_blob_key(root, RUN, 0, step, index)
+                                 for root in (tmp_path / "reused", tmp_path / "fresh"))
+                assert reused.read_bytes() == fresh.read_bytes()
+                compared += 1
+        assert compared == len(states) * len(states[0])
         async with open_engine(tmp_path / "reused") as a, open_engine(tmp_path / "fresh") as b:
             for step in range(1, len(states) + 1):
                 assert_same(await a.restore(RUN, 0, step), await b.restore(RUN, 0, step))
