@@ -9,7 +9,8 @@ dropped, segment closed, structure rebuilt, tensors dropped); plus the CPU secon
 client and of the daemon. Cases: ``latest`` (the chain's head, copied; the client's second
 thread, ``client/sidecar.py``, faults the fresh tensors in ahead of the copy),
 ``latest_inline`` (the same with the client before that thread: each fresh tensor faulted
-in on the copying thread as it is allocated), ``views``
+in on the copying thread as it is allocated), ``latest_huge`` (the same as ``latest`` with
+the fresh tensors advised ``MADV_HUGEPAGE`` first: transparent huge pages), ``views``
 (the same, ``zero_copy=True``), ``base`` (step 1 from storage). One daemon, this code; the state
 is ``pipeline.make_state(size, "weights")``, saved as a base and one delta. Usage::
 
@@ -23,6 +24,7 @@ client's private ``streams._announced`` to see the batches: a measuring tool, no
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from ckptd.client import Checkpointer
 from ckptd.client import restore as client_restore
-from ckptd.client.pages import PagePopulator
+from ckptd.client.pages import PagePopulator, _libc
 from ckptd.client.sidecar import RestoreSidecar
 from ckptd.protos import streams
 
@@ -79,6 +81,29 @@ class Timeline:
         }
 
 
+HUGE_PAGE_BYTES = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+class HugeSidecar(RestoreSidecar):
+    """The client with each fresh tensor's whole 2 MiB pages advised ``MADV_HUGEPAGE``
+    before its helper populates them (transparent huge pages in ``madvise`` mode: faulted
+    as 2 MiB pages, fewer faults and page-table entries, and compaction where none is
+    free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._madvise = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        address, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        end = (address + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if self._madvise is not None and end > start:
+            self._madvise(start, end - start, _MADV_HUGEPAGE)
+        super().add(tensor)
+
+
 class InlineSidecar(RestoreSidecar):
     """The client before its second thread: each fresh tensor faulted in on the copying
     thread as it is allocated."""
@@ -109,7 +134,7 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
     real = streams._announced
     streams._announced = timeline.wrap(real)  # type: ignore[assignment]
     record: dict[str, list[dict[str, float]]] = {
-        "latest": [], "latest_inline": [], "views": [], "base": []}
+        "latest": [], "latest_inline": [], "latest_huge": [], "views": [], "base": []}
     loads: list[float] = []
     try:
         with pipeline.serve(root / label, 2 * nbytes + 64 * pipeline.MiB) as daemon:
@@ -119,6 +144,7 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
             with Checkpointer(daemon.address, run="r", transport="shm") as ckpt:
                 cases: dict[str, Callable[[], object]] = {
                     "latest": ckpt.restore, "latest_inline": on(InlineSidecar, ckpt.restore),
+                    "latest_huge": on(HugeSidecar, ckpt.restore),
                     "views": lambda: ckpt.restore(zero_copy=True),
                     "base": lambda: ckpt.restore(1)}
                 for rep in range(reps):
