@@ -45,7 +45,7 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
     printed, report = run_bench("restore_timeline", tmp_path / "timeline.json",
                                 "--sizes", "16MiB", "--reps", "2")
     [case] = report["cases"]
-    assert set(case["restores"]) == {"latest", "latest_inline", "latest_huge", "views", "base"}
+    assert set(case["restores"]) == {"latest", "latest_huge", "latest_inline", "views", "base"}
     for name, reps in case["restores"].items():
         assert len(reps) == 2, name
         for rep in reps:
@@ -69,7 +69,9 @@ def test_restore_after_saves_times_hot_and_settled_restores_on_both_daemons(
         for rep in reps:
             for when in ("hot", "settled"):
                 assert rep[when]["wall_s"] > 0 and rep[when]["client_cpu_s"] > 0, (side, when)
-                assert rep[when]["daemon_cpu_s"] > 0, (side, when)  # it wrote the segment
+                # In clock ticks (10 ms): a 16 MiB restore may cost the daemon less.
+                assert rep[when]["daemon_cpu_s"] >= 0, (side, when)
+                assert rep[when]["unwritten_mib_at_start"] >= 0, (side, when)
             assert rep["settled"]["settle_s"] >= 0
         for when in ("hot", "settled"):
             assert f"| 16MiB | {when} | {side} |" in printed
