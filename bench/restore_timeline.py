@@ -8,8 +8,10 @@ it sat waiting for the next announcement, and what came after the last copy (map
 dropped, segment closed, structure rebuilt, tensors dropped); plus the CPU seconds of the
 client and of the daemon. Cases: ``latest`` (the chain's head, copied; the client's second
 thread, ``client/sidecar.py``, faults the fresh tensors in ahead of the copy),
-``latest_inline`` (the same with the client before that thread: each fresh tensor faulted
-in on the copying thread as it is allocated), ``views``
+``latest_huge`` (the same with each fresh tensor advised ``MADV_HUGEPAGE`` first:
+transparent huge pages, tried and not kept), ``latest_inline`` (the client before the
+second thread: each fresh tensor faulted in on the copying thread as it is allocated),
+``views``
 (the same, ``zero_copy=True``), ``base`` (step 1 from storage). One daemon, this code; the state
 is ``pipeline.make_state(size, "weights")``, saved as a base and one delta. Usage::
 
@@ -23,6 +25,7 @@ client's private ``streams._announced`` to see the batches: a measuring tool, no
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -79,6 +82,30 @@ class Timeline:
         }
 
 
+HUGE_PAGE_BYTES = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+class HugeSidecar(RestoreSidecar):
+    """The client with each fresh tensor's whole 2 MiB pages advised ``MADV_HUGEPAGE``
+    before its helper populates them: with transparent huge pages in ``madvise`` mode they
+    fault in as 2 MiB pages (fewer faults and page-table entries; direct compaction where
+    no free huge page is at hand). Tried for the client, not kept (bench/README.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def add(self, tensor: torch.Tensor) -> None:
+        address, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        end = (address + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if end > start:
+            self._madvise(start, end - start, _MADV_HUGEPAGE)
+        super().add(tensor)
+
+
 class InlineSidecar(RestoreSidecar):
     """The client before its second thread: each fresh tensor faulted in on the copying
     thread as it is allocated."""
@@ -109,7 +136,7 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
     real = streams._announced
     streams._announced = timeline.wrap(real)  # type: ignore[assignment]
     record: dict[str, list[dict[str, float]]] = {
-        "latest": [], "latest_inline": [], "views": [], "base": []}
+        "latest": [], "latest_huge": [], "latest_inline": [], "views": [], "base": []}
     loads: list[float] = []
     try:
         with pipeline.serve(root / label, 2 * nbytes + 64 * pipeline.MiB) as daemon:
@@ -118,7 +145,8 @@ def measure(label: str, reps: int, root: Path) -> dict[str, Any]:
             del state
             with Checkpointer(daemon.address, run="r", transport="shm") as ckpt:
                 cases: dict[str, Callable[[], object]] = {
-                    "latest": ckpt.restore, "latest_inline": on(InlineSidecar, ckpt.restore),
+                    "latest": ckpt.restore, "latest_huge": on(HugeSidecar, ckpt.restore),
+                    "latest_inline": on(InlineSidecar, ckpt.restore),
                     "views": lambda: ckpt.restore(zero_copy=True),
                     "base": lambda: ckpt.restore(1)}
                 for rep in range(reps):

@@ -45,7 +45,7 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
     printed, report = run_bench("restore_timeline", tmp_path / "timeline.json",
                                 "--sizes", "16MiB", "--reps", "2")
     [case] = report["cases"]
-    assert set(case["restores"]) == {"latest", "latest_inline", "views", "base"}
+    assert set(case["restores"]) == {"latest", "latest_huge", "latest_inline", "views", "base"}
     for name, reps in case["restores"].items():
         assert len(reps) == 2, name
         for rep in reps:
@@ -53,6 +53,28 @@ def test_restore_timeline_follows_each_restore_batch_by_batch(tmp_path: Path) ->
             assert rep["last_ready_s"] < rep["total_s"] and rep["client_copy_s"] > 0, name
             assert rep["client_cpu_s"] > 0, name
         assert f"| 16MiB | {name} |" in printed
+
+
+def test_restore_after_saves_times_hot_and_settled_restores_on_both_daemons(
+    tmp_path: Path,
+) -> None:
+    before = this_code_as_before(tmp_path)
+    printed, report = run_bench("restore_after_saves", tmp_path / "after_saves.json",
+                                "--sizes", "16MiB", "--reps", "2", "--before", str(before))
+    [case] = report["cases"]
+    assert len(case["seconds"]["torch_load"]) == 2
+    for side in ("after", "before"):
+        reps = case["seconds"][side]
+        assert len(reps) == 2, side
+        for rep in reps:
+            for when in ("hot", "settled"):
+                assert rep[when]["wall_s"] > 0 and rep[when]["client_cpu_s"] > 0, (side, when)
+                # In clock ticks (10 ms): a 16 MiB restore may cost the daemon less.
+                assert rep[when]["daemon_cpu_s"] >= 0, (side, when)
+                assert rep[when]["unwritten_mib_at_start"] >= 0, (side, when)
+            assert rep["settled"]["settle_s"] >= 0
+        for when in ("hot", "settled"):
+            assert f"| 16MiB | {when} | {side} |" in printed
 
 
 def test_restore_breakdown_times_each_stage_of_a_base_and_a_deep_restore(
