@@ -6,11 +6,11 @@ A save's tensor bytes are nearly all of what crosses the wire, so the servicer r
 ``data`` is a view of the received message, and ``SaveSession.write`` copies it once, into
 the tensor's receive buffer. A chunk framed otherwise (another language's protobuf, say)
 arrives as a ``pb.SaveRequest`` and is written the same way. Why, measured (bench/README.md,
-"gRPC saves: where the receive goes"): protobuf's parse and the read of ``data`` are two
-copies of every chunk, 12 % of the daemon's CPU for a save over gRPC; with a codec
-encoding the save while it arrives (``stream_saves``) on the same cores, that CPU is
-time to durable. Transport-free: the servicer hands over the request iterator and the
-session; no gRPC ``context`` reaches this module.
+"gRPC saves: where the receive goes"; ``bench/transport.py --parts``): protobuf's parse
+and the read of ``data`` are two copies of every chunk, two thirds of what the daemon's
+Python spends on one; with a codec encoding the save while it arrives (``stream_saves``)
+on the same cores, that CPU is time to durable. Transport-free: the servicer hands over
+the request iterator and the session; no gRPC ``context`` reaches this module.
 """
 
 from __future__ import annotations
