@@ -13,13 +13,21 @@ interleaved, on each daemon in turn:
 * ``restore``: a restore of the latest step (the chain's head, in the daemon's memory)
   streamed over gRPC, with the same CPU seconds.
 
-The client is this code on both sides (``--before`` changes the daemon only). ``--perf DIR``
+The client is this code on both sides (``--before`` changes the daemon only). Each save also
+records both processes' context switches (voluntary and not, all threads: a thread woken
+per HTTP/2 window update or per message shows here). ``--daemon-flags "--stream-saves
+never"`` makes ACCEPTED the receive alone (no encode running beside it). ``--parts`` also
+times, in this process, what the Python code does per chunk of a save (``parts`` in the
+JSON): the client's serialization (``encode_chunk``), protobuf's parse and read of
+``data``, the hand parser (``streams.decode_request``) and the copy into a receive buffer,
+per 256 MiB of ``max_chunk_bytes`` chunks. ``--perf DIR``
 also records ``perf record -g`` of both processes during the first rep's save and restore on
 each daemon (``DIR/{daemon,client}-{save,restore}-{after,before}.data``; read with ``perf
 report -i FILE --children --sort sym --stdio -g none``). Usage::
 
     python bench/transport.py --before /tmp/ckptd-main/pkg                # 256MiB; 5 reps
     python bench/transport.py --sizes 1GiB --reps 3 --before DIR
+    python bench/transport.py --reps 5 --before DIR --daemon-flags "--stream-saves never" --parts
 
 Writes ``bench/out/transport.json`` and prints a markdown summary (medians; *x before* is
 this code's median over the before daemon's, same run).
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import resource
 import shutil
@@ -42,7 +51,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ckptd.client import Checkpointer
+from ckptd.protos import streams
+from ckptd.protos.v1 import pb
 
 try:
     from . import pipeline
@@ -58,6 +70,18 @@ def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary plus involuntary context switches of all of process ``pid``'s threads."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        # A thread that ended meanwhile is gone from /proc.
+        with contextlib.suppress(FileNotFoundError), \
+                open(f"/proc/{pid}/task/{tid}/status") as status:
+            total += sum(int(line.split()[1]) for line in status
+                         if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+    return total
 
 
 def own_cpu_s() -> float:
@@ -93,12 +117,16 @@ def measured(call: Callable[[], object], daemon_pid: int) -> tuple[float, float,
 
 
 def one_rep(address: str, pid: int, rep: int, state: dict[str, Any], *, side: str,
-            record: dict[str, list[float]], perf_dir: Path | None) -> None:
+            record: dict[str, list[float]], switches: dict[str, list[int]],
+            perf_dir: Path | None) -> None:
     with Checkpointer(address, run=f"grpc-{rep}", transport="grpc") as ckpt:
         ckpt.save(1, state).wait_durable()
         pipeline.perturb(state)
         with perf_recording(perf_dir if rep == 0 else None, pid, f"save-{side}"):
+            daemon0, own0 = context_switches(pid), context_switches(os.getpid())
             save = measured(lambda: ckpt.save(2, state).wait_accepted(), pid)
+            switches[f"daemon_{side}"].append(context_switches(pid) - daemon0)
+            switches[f"client_{side}"].append(context_switches(os.getpid()) - own0)
         ckpt.wait()
         with perf_recording(perf_dir if rep == 0 else None, pid, f"restore-{side}"):
             restore = measured(ckpt.restore, pid)
@@ -114,32 +142,72 @@ def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     record: dict[str, list[float]] = {
         f"{what}_{metric}_{side}": [] for what in ("save", "restore")
         for metric in ("s", "daemon_cpu_s", "client_cpu_s") for side in SIDES}
-    with pipeline.serve(root / f"{label}-after", budget) as after, \
-            pipeline.serve(root / f"{label}-before", budget, code=args.before) as before:
+    switches: dict[str, list[int]] = {f"{who}_{side}": [] for who in ("daemon", "client")
+                                      for side in SIDES}
+    flags = args.daemon_flags.split()
+    with pipeline.serve(root / f"{label}-after", budget, *flags) as after, \
+            pipeline.serve(root / f"{label}-before", budget, *flags, code=args.before) as before:
         for rep in range(args.reps):
             for side, proc in (("after", after), ("before", before)):
                 one_rep(proc.address, proc.proc.pid, rep, state, side=side, record=record,
-                        perf_dir=args.perf)
+                        switches=switches, perf_dir=args.perf)
             print(f"[{label}] rep {rep}: " + ", ".join(
                 f"{k} {v[-1]:.2f}" for k, v in record.items()), flush=True)
     for side in SIDES:
         shutil.rmtree(root / f"{label}-{side}")
-    return {"size": label, "bytes": nbytes, "seconds": record}
+    return {"size": label, "bytes": nbytes, "seconds": record, "save_switches": switches}
 
 
-def report_lines(cases: list[dict[str, Any]]) -> list[str]:
-    out = ["| size | what | side | wall s | MB/s | daemon CPU s | client CPU s | x before |",
-           "|---|---|---|---|---|---|---|---|"]
+def chunk_parts(chunk_bytes: int, total_bytes: int = 256 * pipeline.MiB) -> dict[str, float]:
+    """Seconds per ``total_bytes`` (best of 3) of each step the Python code of a save takes
+    per chunk, on one warm chunk (the daemon reuses message memory: ``allocator.py``)."""
+    source = np.random.default_rng(0).integers(0, 255, chunk_bytes, dtype=np.uint8)
+    message = streams.encode_chunk(1, 0, memoryview(source))
+    parsed = pb.SaveRequest.FromString(message)
+    data = parsed.chunk.data
+    target = np.ones(chunk_bytes, np.uint8)
+    steps: dict[str, Callable[[], object]] = {
+        "client: encode_chunk (one copy)": lambda: streams.encode_chunk(1, 0, memoryview(source)),
+        "daemon: protobuf parse": lambda: pb.SaveRequest.FromString(message),
+        "daemon: protobuf read of data": lambda: parsed.chunk.data,
+        "daemon: hand parse (a view)": lambda: streams.decode_request(message),
+        "daemon: copy into the receive buffer": lambda: np.copyto(
+            target, np.frombuffer(data, np.uint8)),
+    }
+    count = max(1, total_bytes // chunk_bytes)
+    out = {}
+    for name, step in steps.items():
+        best = math.inf
+        for _ in range(3):
+            began = time.perf_counter()
+            for _ in range(count):
+                step()
+            best = min(best, time.perf_counter() - began)
+        out[name] = best
+    return out
+
+
+def report_lines(cases: list[dict[str, Any]], parts: dict[str, float] | None = None,
+                 chunk_bytes: int = pipeline.MiB) -> list[str]:
+    out = ["| size | what | side | wall s | MB/s | daemon CPU s | client CPU s | x before "
+           "| switches daemon / client |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         s = {k: statistics.median(v) for k, v in case["seconds"].items()}
         for what in ("save", "restore"):
             for side in SIDES:
                 wall = s[f"{what}_s_{side}"]
                 ratio = wall / s[f"{what}_s_before"]
+                shown = "" if what == "restore" else " / ".join(
+                    f"{statistics.median(case['save_switches'][f'{who}_{side}']):.0f}"
+                    for who in ("daemon", "client"))
                 out.append(
                     f"| {case['size']} | {what} | {side} | {wall:.3f} "
                     f"| {case['bytes'] / wall / 1e6:.0f} | {s[f'{what}_daemon_cpu_s_{side}']:.2f} "
-                    f"| {s[f'{what}_client_cpu_s_{side}']:.2f} | {ratio:.2f} |")
+                    f"| {s[f'{what}_client_cpu_s_{side}']:.2f} | {ratio:.2f} | {shown} |")
+    if parts:
+        out += ["", f"| per 256 MiB of {chunk_bytes >> 20} MiB chunks | ms |", "|---|---|"]
+        out += [f"| {name} | {seconds * 1e3:.1f} |" for name, seconds in parts.items()]
     return out
 
 
@@ -152,6 +220,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--perf", type=Path, default=None,
                         help="record perf profiles of the first rep into this directory")
     parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
+    parser.add_argument("--daemon-flags", default="",
+                        help='more "ckptd serve" flags for both daemons, e.g. '
+                             '"--stream-saves never" (ACCEPTED = the receive alone)')
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the Python steps of a save per chunk, in this process")
+    parser.add_argument("--chunk-bytes", type=int, default=pipeline.MiB,
+                        help="chunk size for --parts (the daemon's max_chunk_bytes)")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -168,12 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ckptd-transport-", dir=args.workdir) as tmp:
         cases = [measure(label, args, Path(tmp)) for label in args.sizes]
-    summary = report_lines(cases)
+    parts = chunk_parts(args.chunk_bytes) if args.parts else None
+    summary = report_lines(cases, parts, args.chunk_bytes)
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
         "command": " ".join(["python bench/transport.py", *(argv or sys.argv[1:])]),
-        "cases": cases, "summary": summary,
+        "cases": cases, "parts": parts, "summary": summary,
     }  # fmt: skip
     pipeline.write_report(args.out, report, summary)
 

@@ -82,6 +82,8 @@ class Chunk:
 
 Reply = pb.RestoreResponse | Chunk
 """What a restore stream yields: messages, or chunks where ``decode_reply`` parsed them."""
+Request = pb.SaveRequest | Chunk
+"""What a save stream yields to the daemon: messages, or chunks ``decode_request`` parsed."""
 
 
 def decode_reply(message: bytes) -> Reply:
@@ -93,8 +95,24 @@ def decode_reply(message: bytes) -> Reply:
     return chunk if chunk is not None else pb.RestoreResponse.FromString(message)
 
 
+def decode_request(message: bytes) -> Request:
+    """The daemon's Save request deserializer, ``decode_reply``'s mirror (a save chunk is
+    framed byte for byte like a restore chunk): a chunk becomes a view of ``message``, so
+    the daemon copies its bytes once, into the receive buffer, where protobuf made a copy
+    on parsing and one more on each read of ``data``. Anything else goes through protobuf,
+    which also raises ``DecodeError`` for a malformed message."""
+    chunk = _parse_chunk(memoryview(message))
+    return chunk if chunk is not None else pb.SaveRequest.FromString(message)
+
+
+def item_of(message: Reply | Request) -> str | None:
+    """Which item of its ``oneof`` a stream message holds (``"chunk"`` for a ``Chunk``)."""
+    return "chunk" if isinstance(message, Chunk) else message.WhichOneof("item")
+
+
 def _parse_chunk(view: memoryview) -> Chunk | None:
-    """``RestoreResponse{chunk}`` with fields 1-3 in any order, or None."""
+    """``RestoreResponse{chunk}`` or ``SaveRequest{chunk}`` (both field 2) with fields 1-3
+    in any order, or None."""
     if len(view) < 2 or view[0] != 0x12:
         return None
     size, pos = _read_varint(view, 1)
@@ -274,7 +292,7 @@ def _announced(header: pb.RestoreHeader, replies: Iterator[Reply]) -> Iterator[r
     """The tensors each ``segment_ready`` announces written (checked to grow to all)."""
     done, tensors = 0, len(header.tensors)
     for reply in replies:
-        item = "chunk" if isinstance(reply, Chunk) else reply.WhichOneof("item")
+        item = item_of(reply)
         if item != "segment_ready" or isinstance(reply, Chunk):
             raise StreamError("a restore through shared memory carries no chunks or second "
                               f"header; got a {item}")

@@ -38,7 +38,7 @@ from ckptd.daemon.server.metrics import Metrics
 from ckptd.daemon.server.policy import Scope, TokenTable
 from ckptd.daemon.server.savestream import SaveStream
 from ckptd.daemon.server.status import maps_errors, status_for
-from ckptd.protos import segments
+from ckptd.protos import segments, streams
 from ckptd.protos.v1 import pb, pb_grpc
 from google.protobuf.message import DecodeError
 
@@ -79,13 +79,19 @@ class MalformedMessage:
 
 
 def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    parse = _PARSERS.get(message_type, message_type.FromString)
+
     def deserialize(data: bytes) -> Any:
         try:
-            return message_type.FromString(data)
+            return parse(data)
         except DecodeError as exc:  # invalid UTF-8 in a string field is one too
             return MalformedMessage(message_type.DESCRIPTOR.full_name, exc)
 
     return deserialize
+
+
+# Save chunks are parsed by hand into views of the received bytes (savestream.py).
+_PARSERS: dict[Any, Callable[[bytes], Any]] = {pb.SaveRequest: streams.decode_request}
 
 
 _HANDLER_KINDS = {
@@ -217,7 +223,7 @@ class CheckpointdServicer(pb_grpc.CheckpointdServiceServicer):
 
     @rpc
     async def Save(
-        self, request_iterator: AsyncIterator[pb.SaveRequest], context: Context
+        self, request_iterator: AsyncIterator[streams.Request], context: Context
     ) -> pb.SaveResponse:
         stream = SaveStream(request_iterator, self._idle_timeout_s)
         message = await stream.header()

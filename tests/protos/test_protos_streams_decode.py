@@ -1,7 +1,8 @@
-"""``streams.decode_reply``, the client's Restore deserializer: a chunk is parsed by hand
-into a view of the received bytes and must mean exactly what protobuf would parse; every
-other message, or a chunk framed in a way the hand parser does not take, goes through
-protobuf unchanged."""
+"""``streams.decode_reply``, the client's Restore deserializer, and its mirror
+``streams.decode_request``, the daemon's Save deserializer: a chunk is parsed by hand into a
+view of the received bytes and must mean exactly what protobuf would parse; every other
+message, or a chunk framed in a way the hand parser does not take, goes through protobuf
+unchanged."""
 
 from __future__ import annotations
 
@@ -72,3 +73,31 @@ def test_other_messages_go_through_protobuf(message: bytes) -> None:
 def test_broken_chunks_fail_as_protobuf_fails(message: bytes) -> None:
     with pytest.raises(DecodeError):
         streams.decode_reply(message)
+
+
+@given(index=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**64 - 1),
+       data=st.binary(max_size=300))
+def test_save_chunks_parse_as_protobuf_does(index: int, offset: int, data: bytes) -> None:
+    message = streams.encode_chunk(index, offset, memoryview(data))
+    got, want = streams.decode_request(message), pb.SaveRequest.FromString(message)
+    assert isinstance(got, streams.Chunk)
+    assert streams.item_of(got) == streams.item_of(want) == "chunk"
+    assert (got.tensor_index, got.offset, bytes(got.data)) == (
+        want.chunk.tensor_index, want.chunk.offset, want.chunk.data)
+    assert got.data.obj is message
+
+
+@pytest.mark.parametrize("message", [
+    pb.SaveRequest(header=pb.SaveHeader(run="r", step=3)).SerializeToString(),
+    b"\x12\x07" + b"\x08\x01" + b"\x20\x01" + b"\x1a\x01z",  # an unknown field
+    b"",
+])
+def test_other_save_requests_go_through_protobuf(message: bytes) -> None:
+    got = streams.decode_request(message)
+    assert isinstance(got, pb.SaveRequest)
+    assert got == pb.SaveRequest.FromString(message)
+
+
+def test_broken_save_chunks_fail_as_protobuf_fails() -> None:
+    with pytest.raises(DecodeError):
+        streams.decode_request(b"\x12\x05\x1a\x09abc")
