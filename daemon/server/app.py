@@ -56,8 +56,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointdService"].full_name
 _HEALTH_SERVICES = ("", SERVICE_NAME)
 # After draining, in-flight RPCs (restores, waits) get this long to finish.
 _STOP_GRACE_S = 5.0
-# The HTTP/2 receive window of each stream (see _build_server).
-STREAM_WINDOW_BYTES = 4 << 20
 
 
 class Daemon:
@@ -143,19 +141,12 @@ class Daemon:
                 ("grpc.max_send_message_length", limit),
                 # Two daemons must not share a port (and split a run's saves between them).
                 ("grpc.so_reuseport", 0),
-                # Fixed HTTP/2 stream windows, no BDP probing. With probing gRPC grows each
-                # stream's window and buffers what Python has not read yet, outside the
-                # in-flight budget: 8 clients streaming 1 MiB chunks cost +100-250 MB RSS
-                # in gRPC alone, against +40 MB without (bench/daemon.py's 8-client peak:
-                # 640-930 MB with it, 560 MB without).
+                # Fixed 64 KiB HTTP/2 windows. With BDP probing gRPC grows each stream's
+                # window and buffers what Python has not read yet, outside the in-flight
+                # budget: 8 clients streaming 1 MiB chunks cost +100-250 MB RSS in gRPC
+                # alone, against +40 MB without, for ~15-20% less loopback throughput
+                # (bench/daemon.py's 8-client peak: 640-930 MB with it, 560 MB without).
                 ("grpc.http2.bdp_probe", 0),
-                # A fixed window of STREAM_WINDOW_BYTES instead of 64 KiB: a client sends
-                # a few chunks ahead of the event loop instead of waiting for a window
-                # update every 32 KiB, so a save's receive is not paced by how soon the
-                # loop (sharing the cores with the codec) is scheduled; bounded: at most
-                # this much per stream sits in gRPC (bench/README.md, "gRPC saves: where
-                # the receive goes").
-                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ]
         )
         servicer = CheckpointdServicer(
