@@ -66,12 +66,17 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     alpha: list[np.float32] = []
+    first_pass = lambda s: ops.stats(cur[s], ref[s], representative)  # noqa: E731
     if ops.domain == domains.SCALED:  # pass 2 overwrites the scaled reference element by element
         alpha = [scaled.fit_alpha(cur, ref, dtype.name)]
-        ref = scaled.scale_reference(ref, alpha[0], dtype.name, out)
+        unscaled, ref = ref, out
+        # Each chunk's scaled reference is written just before pass 1 reads it (from cache).
+        first_pass = lambda s: ops.stats(  # noqa: E731
+            cur[s], scaled.scale_reference(unscaled[s], alpha[0], dtype.name, out[s]),
+            representative)
     pool = chunks.ScratchPool()
     with chunks.mapper(len(parts)) as run:
-        stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
+        stats = run(first_pass, parts)
         merged = quantize.merge(stats, representative)
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
         if bits == AUTO:

@@ -10,6 +10,8 @@ setup. Each kernel here is one loop that does a whole pass per element:
 * ``encode_chunk`` (encode pass 2): key -> symbol, the reconstruction, the exceptions.
 * ``add_values`` (decode): ``ref (+) values`` rounded to the dtype (``add_values_in_place``
   when the output is the reference).
+* ``split_symbols`` (encode, the adaptive layout's split mode): the zero/non-zero bitmap
+  and the non-zero symbols of a chunk, one pass.
 * ``apply_packed`` (a chain's restore, ``chain``): the same addition in place, reading
   each symbol straight from the entropy decoder's packed bytes (the adaptive layout's
   packed mode) instead of from a float32 array of its values: one pass over the chunk
@@ -54,7 +56,14 @@ KINDS = {"float32": F32, "float16": F16, "bfloat16": BF16, "float64": F64}
 # The statistics are accumulated in LANES interleaved tables: consecutive elements mostly
 # hit the same key, and one table would make every update wait for the previous one.
 LANES = 4
-NKEYS = 512
+KEY_BITS = 9
+NKEYS = 1 << KEY_BITS
+# Pass 1 keeps a key's count and mantissa sum in one uint64: the count from bit 43 up, the
+# sum of its 23-bit mantissas below (exact while a lane sees fewer than 2^20 elements:
+# ``MAX_ANALYZE_ELEMS``).
+COUNT_SHIFT = 43
+COUNT_ONE = 1 << COUNT_SHIFT
+MAX_ANALYZE_ELEMS = LANES << (COUNT_SHIFT - 23)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -146,6 +155,18 @@ def _delta(c: Any, r: Any, kind: int, log: bool, limit: int) -> Any:
 
 
 @_inline
+def _log_step(value: Any, limit: int) -> Any:
+    """The log domain's integer pattern step of a float32 representative."""
+    return np.int64(np.rint(min(max(np.float64(value), -np.float64(limit)), np.float64(limit))))
+
+
+@_inline
+def _log_add(r: Any, step: Any, limit: int) -> Any:
+    """A pattern plus a step, clamped to ``[+0.0, largest finite]``."""
+    return min(max(np.int64(r) + step, 0), limit - 1)
+
+
+@_inline
 def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: int) -> bool:
     """``out[i] = r (+) value`` in the dtype (log: as a pattern); whether it is non-finite.
 
@@ -153,9 +174,7 @@ def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: in
     int64 patterns of float64 through float64.
     """
     if log:
-        step = min(max(np.float64(value), -np.float64(limit)), np.float64(limit))
-        total = np.int64(r) + np.int64(np.rint(step))
-        out[i] = min(max(total, 0), limit - 1)
+        out[i] = _log_add(r, _log_step(value, limit), limit)
         return False
     if kind == F32:
         single = np.float32(r + value)
@@ -178,9 +197,10 @@ def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: in
 class Kernels:
     """The kernels of one dtype and domain (see the module docstring).
 
-    ``analyze(cur, ref, mean, counts, sums, lo, hi)``: encode pass 1 over a chunk; adds its
-    per-key statistics to ``counts`` (int64) and ``sums`` (uint64 mantissa sums, "mean") or
-    ``lo``/``hi`` (float32, "midrange"), each ``(LANES, 512)``.
+    ``analyze(cur, ref, mean, table, lo, hi)``: encode pass 1 over a chunk of at most
+    ``MAX_ANALYZE_ELEMS``; adds its per-key statistics to ``table`` (uint64, ``LANES * 512``,
+    lane-major: ``count << COUNT_SHIFT`` plus, for "mean", the sum of the mantissas) and
+    for "midrange" to ``lo``/``hi`` (float32, the same shape).
 
     ``encode_chunk(cur, ref, out, lut, reps, symbols, index) -> count``: encode pass 2; the
     uint8 ``symbols`` and the reconstruction into ``out``. An element is an exception when
@@ -194,6 +214,10 @@ class Kernels:
     restore). Its own loop: with two arrays that overlap exactly, the compiled loop's
     aliasing check fails and it runs one element at a time, without SIMD.
 
+    ``scale(ref, factor, out)`` (linear kernels; the scaled domain's reference):
+    ``out = ref (+) float32(widen(ref) * factor)``, the arithmetic of ``add_values`` with
+    those values; ``out`` may be ``ref``.
+
     ``apply_packed(packed, n, bits, reps, out) -> ok``: ``out[i] = out[i] (+) reps[symbol
     i]`` for ``n`` b-bit symbols packed whole into bytes (``packing``), the arithmetic of
     ``add_values_in_place`` element for element. ``reps`` must have an entry for every
@@ -206,6 +230,7 @@ class Kernels:
     add_values: Callable[..., None]
     add_values_in_place: Callable[..., None]
     apply_packed: Callable[..., bool]
+    scale: Callable[..., None]
 
 
 def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
@@ -215,23 +240,27 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
     pass 2 markedly slower)."""
 
     @_jit
-    def analyze(cur: Any, ref: Any, mean: bool, counts: Any, sums: Any, lo: Any,
-                hi: Any) -> None:
+    def analyze(cur: Any, ref: Any, mean: bool, table: Any, lo: Any, hi: Any) -> None:
+        # One flat table, lane-major (2-D indexing measured ~25% slower); "mean" adds count
+        # and mantissa in one update (a second table cost a second read-modify-write).
+        if mean:
+            for i in range(cur.size):
+                u = _bits(_delta(cur[i], ref[i], kind, log, limit))
+                table[((i & (LANES - 1)) << KEY_BITS) | (u >> 23)] += (
+                    np.uint64(u & 0x7FFFFF) + np.uint64(COUNT_ONE))
+            return
         for i in range(cur.size):
             d = _delta(cur[i], ref[i], kind, log, limit)
-            u = _bits(d)
-            key = u >> 23
-            lane = i & (LANES - 1)
-            counts[lane, key] += 1
-            if mean:
-                sums[lane, key] += np.uint64(u & 0x7FFFFF)
-            else:
-                lo[lane, key] = min(lo[lane, key], d)
-                hi[lane, key] = max(hi[lane, key], d)
+            j = ((i & (LANES - 1)) << KEY_BITS) | (_bits(d) >> 23)
+            table[j] += np.uint64(COUNT_ONE)
+            lo[j] = min(lo[j], d)
+            hi[j] = max(hi[j], d)
 
     @_jit
     def encode_chunk(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any,
                      index: Any) -> int:
+        if log:
+            return _encode_log(cur, ref, out, lut, reps, symbols, index, limit, max_step)
         count = 0
         for i in range(cur.size):
             c = cur[i]
@@ -239,9 +268,7 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
             symbol = lut[key]
             symbols[i] = symbol
             bad = _store(out, i, reps[symbol], ref[i], kind, log, limit)
-            if (key & 0xFF) == 0xFF or bad or (log and (
-                    (c == 0 and out[i] != 0)
-                    or abs(np.int64(out[i]) - np.int64(c)) > max_step)):
+            if (key & 0xFF) == 0xFF or bad:
                 out[i] = c
                 index[count] = i
                 count += 1
@@ -257,8 +284,39 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
         for i in range(values.size):
             _store(out, i, values[i], out[i], kind, log, limit)
 
+    @_jit
+    def scale(ref: Any, factor: Any, out: Any) -> None:
+        for i in range(ref.size):
+            r = ref[i]
+            w = np.float32(r) if kind in (F32, F64) else _widen(r, kind)
+            _store(out, i, np.float32(w * factor), r, kind, False, limit)
+
     return Kernels(analyze, encode_chunk, add_values, add_values_in_place,
-                   _build_chain(kind, log, limit))
+                   _build_chain(kind, log, limit), scale)
+
+
+@_inline
+def _encode_log(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any, index: Any,
+                limit: int, max_step: int) -> int:
+    """``encode_chunk`` in the log domain: each symbol's integer step is rounded once
+    (``_log_step``, as ``_store`` rounds it per element), not per element."""
+    steps = np.empty(reps.size, np.int64)
+    for s in range(reps.size):
+        steps[s] = _log_step(reps[s], limit)
+    count = 0
+    for i in range(cur.size):
+        c = cur[i]
+        r = ref[i]
+        key = _bits(_delta(c, r, F32, True, limit)) >> 23
+        symbol = lut[key]
+        symbols[i] = symbol
+        rec = _log_add(r, steps[symbol], limit)
+        if (key & 0xFF) == 0xFF or (c == 0 and rec != 0) or abs(rec - np.int64(c)) > max_step:
+            rec = c
+            index[count] = i
+            count += 1
+        out[i] = rec
+    return count
 
 
 def _build_chain(kind: int, log: bool, limit: int) -> Callable[..., bool]:
@@ -330,6 +388,39 @@ def _apply_bytes(packed: Any, nbytes: int, per_byte: int, width: int, reps: Any,
     return seen
 
 
+@_jit
+def split_symbols(symbols: Any, bitmap: Any, nonzero: Any) -> int:
+    """The split layout's streams before packing (``layouts``), in one pass: ``bitmap`` bit i
+    (LSB first, ``ceil(n / 8)`` bytes) is ``symbols[i] != 0``, and the non-zero symbols in
+    order go to the front of ``nonzero`` (``n`` bytes); returns how many there are.
+
+    Replaces ``np.packbits`` + ``np.compress`` (the latter ~1 ns an element). Branch-free,
+    so the zero/non-zero pattern costs no mispredictions: every symbol is stored at the
+    next free place, which only a non-zero one takes.
+    """
+    n = symbols.size
+    count = 0
+    for j in range(n >> 3):
+        byte = 0
+        for t in range(8):
+            s = symbols[(j << 3) + t]
+            nz = np.int64(s != 0)
+            byte |= nz << t
+            nonzero[count] = s
+            count += nz
+        bitmap[j] = byte
+    if n & 7:
+        byte = 0
+        for i in range(n & ~7, n):
+            s = symbols[i]
+            nz = np.int64(s != 0)
+            byte |= nz << (i & 7)
+            nonzero[count] = s
+            count += nz
+        bitmap[n >> 3] = byte
+    return count
+
+
 # What the kernels take for each dtype (float16 as its words: numba has no float16), its
 # signed view (log domain), and the pattern of +Inf.
 HOLDERS: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"),
@@ -357,7 +448,7 @@ def warm_up() -> None:
     """Compiles (or loads from the cache) every kernel the codec calls."""
     reps = np.zeros(2, np.float32)
     lut = np.zeros(NKEYS, np.uint8)
-    stats = [np.zeros((LANES, NKEYS), t) for t in (np.int64, np.uint64, np.float32, np.float32)]
+    stats = [np.zeros(LANES * NKEYS, t) for t in (np.uint64, np.float32, np.float32)]
     for (name, log), fns in _KERNELS.items():
         cur = np.zeros(4, HOLDERS[name]).view(PATTERNS[name] if log else HOLDERS[name])
         for mean in (True, False):
@@ -368,3 +459,7 @@ def warm_up() -> None:
         fns.add_values_in_place(reps[:1].repeat(4), cur.copy())
         stream = np.frombuffer(bytes(1), np.uint8)  # as the zstd decoder's: read-only
         fns.apply_packed(stream, 1, 1, reps, cur.copy())
+        if not log:
+            fns.scale(cur, np.float32(0.5), cur.copy())
+            fns.scale(cur.copy(), np.float32(0.5), cur.copy())
+    split_symbols(np.zeros(9, np.uint8), np.zeros(2, np.uint8), np.zeros(9, np.uint8))
