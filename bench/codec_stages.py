@@ -26,6 +26,7 @@ STAGES = (
     ("scaled", "fit_alpha", "scaled: fit alpha"),
     ("scaled", "scale_reference", "scaled: alpha * reference"),
     ("chunks", "empty_output", "output allocation"),
+    ("chunks", "populate", "output: pages populated"),
     ("domains", "Ops.stats", "pass 1: delta + statistics"),
     ("quantize", "merge", "plan: merge statistics"),
     ("quantize", "auto_bits", "plan: bits=auto"),

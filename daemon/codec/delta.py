@@ -59,6 +59,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
     ref = _flat(_matching(reference, current), dtype)
+    fresh = out is None
     if out is None:
         out = chunks.empty_output(cur.size, dtype.holder)
     else:
@@ -75,8 +76,14 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
             cur[s], scaled.scale_reference(unscaled[s], alpha[0], dtype.name, out[s]),
             representative)
     pool = chunks.ScratchPool()
+
+    def analyze(s: slice) -> quantize.Stats:
+        if fresh:  # pass 2 writes it: its pages now, from this thread, one call per chunk
+            chunks.populate(out[s])
+        return first_pass(s)
+
     with chunks.mapper(len(parts)) as run:
-        stats = run(first_pass, parts)
+        stats = run(analyze, parts)
         merged = quantize.merge(stats, representative)
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
         if bits == AUTO:
@@ -124,6 +131,8 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: b
 
     def decode_chunk(i: int) -> None:
         part = parsed.parts[i]
+        if not in_place:
+            chunks.populate(out[part])
         ops.add_values(values_of(i, pool.get()), ref[part], out[part])
 
     with chunks.mapper(len(parsed.parts)) as run:
