@@ -10,7 +10,10 @@ arithmetic on ``reps[symbol]``, so decode returns the encoder's reconstruction b
 bit. The domain (linear, log for tensors that must stay non-negative, or scaled for tensors
 that decay) changes only the delta and that addition; promotion, representatives and coding
 are the same. The scaled domain is the linear passes against ``alpha * reference``, written
-into the output buffer before pass 1 (``scaled``).
+into the output buffer chunk by chunk just before pass 1 reads it (``scaled``).
+
+A fresh output's pages are populated in pass 1, one ``madvise`` per chunk from the thread
+that will write it in pass 2 (``chunks.populate``), instead of one fault per 4 KiB page.
 """
 
 from __future__ import annotations

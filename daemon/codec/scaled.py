@@ -10,9 +10,10 @@ per tensor predicts the decay: a dropped element comes back as ``alpha * referen
 ``alpha`` is fitted by the encoder only and stored in the blob as a float32, so the decoder
 never recomputes it: the scaled reference is a pure function of the stored ``alpha`` and the
 reference, computed by ``scale_reference`` on both sides (``ref + (alpha - 1) * ref`` in
-float32, rounded to the tensor's dtype by the linear kernels' own addition), and a decode
-stays bit-exact. ``delta`` writes it into the output buffer, so the linear passes then run
-against it with no tensor-sized temporary.
+float32, rounded to the tensor's dtype by the linear kernels' own addition; one fused
+compiled pass, ``kernels.Kernels.scale``), and a decode stays bit-exact. ``delta`` writes it
+into the output buffer, so the linear passes then run against it with no tensor-sized
+temporary.
 """
 
 from __future__ import annotations
