@@ -89,11 +89,13 @@ def populate(array: np.ndarray) -> None:
     """Faults in the whole pages inside a fresh ``array`` with one ``madvise`` call
     (``MADV_POPULATE_WRITE``) before it is written, instead of one trap per 4 KiB page.
 
-    For a fresh output's chunk, from the codec thread that is about to write it: the same
-    zeroed pages, less CPU than faulting them in one by one (``bench/README.md``, "Encode
-    CPU per element"), and spread over the codec threads (one call for the whole output
-    ran on one thread and made a single decode slower in wall time). Advice only: an old
-    kernel or another OS refuses it and the writes fault the pages in as before.
+    For a fresh output's chunk, in encode's pass 1 from the codec thread that writes it in
+    pass 2: the same zeroed pages for less CPU than faulting them in one by one (measured
+    ~0.8 ns an element of a float32 encode, ``bench/README.md``, "Encode CPU per element"),
+    spread over the codec threads (one call for the whole output ran on one thread and made
+    a single decode slower in wall time). Not in decode: populating each chunk just before
+    its addition writes it measured slower there. Advice only: an old kernel or another OS
+    refuses it and the writes fault the pages in as before.
     """
     if sys.platform != "linux" or array.nbytes < 2 * _PAGE_BYTES:
         return

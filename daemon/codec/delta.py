@@ -134,8 +134,6 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *, in_place: b
 
     def decode_chunk(i: int) -> None:
         part = parsed.parts[i]
-        if not in_place:
-            chunks.populate(out[part])
         ops.add_values(values_of(i, pool.get()), ref[part], out[part])
 
     with chunks.mapper(len(parsed.parts)) as run:
