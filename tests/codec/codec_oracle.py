@@ -274,23 +274,17 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
 def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
     """``scaled.fit_alpha`` as it was before its float32 fast path: every chunk widened
     into copies and masked to its finite elements."""
-    num = den = 0.0
-    scratch = Scratch()
-    for start in range(0, cur.size, chunks.CHUNK_ELEMS):
-        part = slice(start, min(start + chunks.CHUNK_ELEMS, cur.size))
-        n = part.stop - part.start
-        a = widen(cur[part], dtype_name, scratch.get("fit_a", n, _F32))
-        b = widen(ref[part], dtype_name, scratch.get("fit_b", n, _F32))
-        finite = np.isfinite(a) & np.isfinite(b)
-        if not finite.all():
-            a, b = a[finite], b[finite]
+    sums = np.zeros(2)
+    for part in chunks.bounds(cur.size, chunks.CHUNK_ELEMS):
+        a = widen(cur[part], dtype_name, np.empty(part.stop - part.start, _F32))
+        b = widen(ref[part], dtype_name, np.empty_like(a))
+        keep = np.isfinite(a) & np.isfinite(b)
         with np.errstate(all="ignore"):
-            num += float(np.dot(a, b))
-            den += float(np.dot(b, b))
-    alpha = num / den if den > 0 else 1.0
-    with np.errstate(over="ignore"):
-        stored = np.float32(alpha)
-    return stored if np.isfinite(alpha) and np.isfinite(stored) else np.float32(1.0)
+            sums += [float(np.dot(a[keep], b[keep])), float(np.dot(b[keep], b[keep]))]
+    alpha = float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
+    with np.errstate(all="ignore"):
+        fitted = np.float32(alpha)
+    return fitted if np.isfinite(alpha) and np.isfinite(fitted) else np.float32(1.0)
 
 
 def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str) -> np.ndarray:
