@@ -281,8 +281,8 @@ def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
         keep = np.isfinite(a) & np.isfinite(b)
         with np.errstate(all="ignore"):
             sums += [float(np.dot(a[keep], b[keep])), float(np.dot(b[keep], b[keep]))]
-    alpha = float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
     with np.errstate(all="ignore"):
+        alpha = float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
         fitted = np.float32(alpha)
     return fitted if np.isfinite(alpha) and np.isfinite(fitted) else np.float32(1.0)
 

@@ -191,7 +191,7 @@ def test_kernels_work_without_a_writable_cache(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(dtype=st.sampled_from(sorted(_HOLDERS)), size=_SIZES, seed=st.integers(0, 2**32 - 1),
        specials=st.sampled_from([0.0, 0.01, 0.3]))
 def test_scaled_reference_and_alpha_match_the_numpy_passes(dtype: str, size: int, seed: int,
