@@ -17,7 +17,10 @@ Cases, each ``--elements`` elements (default 64 Mi: 256 MiB of float32):
 * ``log``: an Adam second moment (``U(0, 1e-6)`` times ``1 +- 1 %``) in the log domain, b=4;
 * ``bf16``: the weights change in bfloat16, b=4;
 * ``scaled``: an Adam first moment (``m' = 0.9 m + 0.1 g``, ``m`` and ``g`` of
-  ``N(0, 1e-3^2)``) in the scaled domain, ``bits="auto"`` as the daemon's default.
+  ``N(0, 1e-3^2)``) in the scaled domain, ``bits="auto"`` as the daemon's default;
+* ``first_sq``: ``bench/pipeline.py``'s first delta of Adam's second moment (``U(0, 1e-6)``
+  changed by ``x 1.0001 + 1e-6``: more than an octave for every element, so many
+  exceptions), log domain, ``bits="auto"``.
 
 Usage::
 
@@ -48,7 +51,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_PATH = REPO / "bench" / "out" / "codec_speed.json"
-CASES = ("weights", "synthetic", "log", "bf16", "scaled")
+CASES = ("weights", "synthetic", "log", "bf16", "scaled", "first_sq")
 KEYS = ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s", "chain_s", "chain_cpu_s",
         "encode_out_s", "encode_out_cpu_s")
 MB = 1e6
@@ -68,6 +71,10 @@ def make_case(case: str, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
         ref = rng.random(n, dtype=np.float32) * np.float32(1e-6)
         cur = ref * (np.float32(1) + np.float32(0.01) * rng.standard_normal(n, dtype=np.float32))
         return cur, ref, {"bits": 4, "domain": "log"}
+    if case == "first_sq":
+        ref = rng.random(n, dtype=np.float32) * np.float32(1e-6)
+        return ref * np.float32(1.0001) + np.float32(1e-6), ref, {"bits": "auto",
+                                                                  "domain": "log"}
     if case == "scaled":
         ref = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
         step = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-4)

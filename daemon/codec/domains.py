@@ -65,23 +65,16 @@ class Ops:
 
     def stats(self, cur: np.ndarray, ref: np.ndarray, representative: str) -> quantize.Stats:
         """Encode pass 1: per-key statistics of the chunk's float32 deltas."""
-        if cur.size > kernels.MAX_ANALYZE_ELEMS:  # chunks are far smaller: a bug, not data
-            raise ValueError(f"analyze takes at most {kernels.MAX_ANALYZE_ELEMS} elements, "
-                             f"got {cur.size}")
-        size = kernels.LANES * kernels.NKEYS
-        mean = representative == "mean"
-        table = np.zeros(size, np.uint64)
-        lo = np.full(size if not mean else 1, np.inf, np.float32)
-        hi = np.full(size if not mean else 1, -np.inf, np.float32)
-        self._kernels.analyze(self._view(cur), self._view(ref), mean, table, lo, hi)
-        lanes = table.reshape(kernels.LANES, kernels.NKEYS)
-        counts = (lanes >> np.uint64(kernels.COUNT_SHIFT)).sum(axis=0).astype(np.int64)
-        if mean:
-            sums = (lanes & np.uint64(kernels.COUNT_ONE - 1)).sum(axis=0, dtype=np.uint64)
-            return quantize.Stats(counts, sums, None, None)
         shape = (kernels.LANES, kernels.NKEYS)
-        return quantize.Stats(counts, None, lo.reshape(shape).min(axis=0),
-                              hi.reshape(shape).max(axis=0))
+        mean = representative == "mean"
+        counts = np.zeros(shape, np.int64)
+        sums = np.zeros(shape if mean else (1, 1), np.uint64)
+        lo = np.full(shape if not mean else (1, 1), np.inf, np.float32)
+        hi = np.full(shape if not mean else (1, 1), -np.inf, np.float32)
+        self._kernels.analyze(self._view(cur), self._view(ref), mean, counts, sums, lo, hi)
+        if mean:
+            return quantize.Stats(counts.sum(axis=0), sums.sum(axis=0), None, None)
+        return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0))
 
     def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
                scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:

@@ -56,14 +56,7 @@ KINDS = {"float32": F32, "float16": F16, "bfloat16": BF16, "float64": F64}
 # The statistics are accumulated in LANES interleaved tables: consecutive elements mostly
 # hit the same key, and one table would make every update wait for the previous one.
 LANES = 4
-KEY_BITS = 9
-NKEYS = 1 << KEY_BITS
-# Pass 1 keeps a key's count and mantissa sum in one uint64: the count from bit 43 up, the
-# sum of its 23-bit mantissas below (exact while a lane sees fewer than 2^20 elements:
-# ``MAX_ANALYZE_ELEMS``).
-COUNT_SHIFT = 43
-COUNT_ONE = 1 << COUNT_SHIFT
-MAX_ANALYZE_ELEMS = LANES << (COUNT_SHIFT - 23)
+NKEYS = 512
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -197,10 +190,9 @@ def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: in
 class Kernels:
     """The kernels of one dtype and domain (see the module docstring).
 
-    ``analyze(cur, ref, mean, table, lo, hi)``: encode pass 1 over a chunk of at most
-    ``MAX_ANALYZE_ELEMS``; adds its per-key statistics to ``table`` (uint64, ``LANES * 512``,
-    lane-major: ``count << COUNT_SHIFT`` plus, for "mean", the sum of the mantissas) and
-    for "midrange" to ``lo``/``hi`` (float32, the same shape).
+    ``analyze(cur, ref, mean, counts, sums, lo, hi)``: encode pass 1 over a chunk; adds its
+    per-key statistics to ``counts`` (int64) and ``sums`` (uint64 mantissa sums, "mean") or
+    ``lo``/``hi`` (float32, "midrange"), each ``(LANES, 512)``.
 
     ``encode_chunk(cur, ref, out, lut, reps, symbols, index) -> count``: encode pass 2; the
     uint8 ``symbols`` and the reconstruction into ``out``. An element is an exception when
@@ -240,21 +232,19 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
     pass 2 markedly slower)."""
 
     @_jit
-    def analyze(cur: Any, ref: Any, mean: bool, table: Any, lo: Any, hi: Any) -> None:
-        # One flat table, lane-major (2-D indexing measured ~25% slower); "mean" adds count
-        # and mantissa in one update (a second table cost a second read-modify-write).
-        if mean:
-            for i in range(cur.size):
-                u = _bits(_delta(cur[i], ref[i], kind, log, limit))
-                table[((i & (LANES - 1)) << KEY_BITS) | (u >> 23)] += (
-                    np.uint64(u & 0x7FFFFF) + np.uint64(COUNT_ONE))
-            return
+    def analyze(cur: Any, ref: Any, mean: bool, counts: Any, sums: Any, lo: Any,
+                hi: Any) -> None:
         for i in range(cur.size):
             d = _delta(cur[i], ref[i], kind, log, limit)
-            j = ((i & (LANES - 1)) << KEY_BITS) | (_bits(d) >> 23)
-            table[j] += np.uint64(COUNT_ONE)
-            lo[j] = min(lo[j], d)
-            hi[j] = max(hi[j], d)
+            u = _bits(d)
+            key = u >> 23
+            lane = i & (LANES - 1)
+            counts[lane, key] += 1
+            if mean:
+                sums[lane, key] += np.uint64(u & 0x7FFFFF)
+            else:
+                lo[lane, key] = min(lo[lane, key], d)
+                hi[lane, key] = max(hi[lane, key], d)
 
     @_jit
     def encode_chunk(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any,
@@ -448,7 +438,7 @@ def warm_up() -> None:
     """Compiles (or loads from the cache) every kernel the codec calls."""
     reps = np.zeros(2, np.float32)
     lut = np.zeros(NKEYS, np.uint8)
-    stats = [np.zeros(LANES * NKEYS, t) for t in (np.uint64, np.float32, np.float32)]
+    stats = [np.zeros((LANES, NKEYS), t) for t in (np.int64, np.uint64, np.float32, np.float32)]
     for (name, log), fns in _KERNELS.items():
         cur = np.zeros(4, HOLDERS[name]).view(PATTERNS[name] if log else HOLDERS[name])
         for mean in (True, False):

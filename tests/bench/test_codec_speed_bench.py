@@ -28,7 +28,8 @@ def test_codec_speed_compares_two_sides_and_their_bytes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert set(report["summary"]) == {"weights", "synthetic", "log", "bf16", "scaled"}
+    assert set(report["summary"]) == {"weights", "synthetic", "log", "bf16", "scaled",
+                                         "first_sq"}
     for case, row in report["summary"].items():
         assert row["identical_bytes"], case
         assert row["before_blob_bytes"] == row["after_blob_bytes"] > 0
