@@ -15,13 +15,19 @@ Cases, each ``--elements`` elements (default 64 Mi: 256 MiB of float32):
   ``bits="auto"`` as the daemon's default;
 * ``synthetic``: ``bench/codec.py``'s digits-shaped change (zeros, damped and plain steps), b=3;
 * ``log``: an Adam second moment (``U(0, 1e-6)`` times ``1 +- 1 %``) in the log domain, b=4;
-* ``bf16``: the weights change in bfloat16, b=4.
+* ``bf16``: the weights change in bfloat16, b=4;
+* ``scaled``: an Adam first moment (``m' = 0.9 m + 0.1 g``, ``m`` and ``g`` of
+  ``N(0, 1e-3^2)``) in the scaled domain, ``bits="auto"`` as the daemon's default;
+* ``first_sq``: ``bench/pipeline.py``'s first delta of Adam's second moment (``U(0, 1e-6)``
+  changed by ``x 1.0001 + 1e-6``: more than an octave for every element, so many
+  exceptions), log domain, ``bits="auto"``.
 
 Usage::
 
     python bench/codec_speed.py --before /tmp/ckptd-main/pkg [--elements N] [--reps 5]
     python bench/codec_speed.py --profile --cases weights      # where encode's time goes
     python bench/codec_speed.py --profile-chain --cases weights   # where a chain's goes
+    python bench/codec_speed.py --stages --cases weights,log,scaled,bf16   # per stage, ns/element
 
 *chain*: ``CHAIN`` deltas applied in turn to the reference, as a restore from storage does
 (``codec.apply_deltas`` where the code has it, else ``decode_delta`` in place, one delta
@@ -45,7 +51,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_PATH = REPO / "bench" / "out" / "codec_speed.json"
-CASES = ("weights", "synthetic", "log", "bf16")
+CASES = ("weights", "synthetic", "log", "bf16", "scaled", "first_sq")
 KEYS = ("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s", "chain_s", "chain_cpu_s",
         "encode_out_s", "encode_out_cpu_s")
 MB = 1e6
@@ -65,6 +71,14 @@ def make_case(case: str, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
         ref = rng.random(n, dtype=np.float32) * np.float32(1e-6)
         cur = ref * (np.float32(1) + np.float32(0.01) * rng.standard_normal(n, dtype=np.float32))
         return cur, ref, {"bits": 4, "domain": "log"}
+    if case == "first_sq":
+        ref = rng.random(n, dtype=np.float32) * np.float32(1e-6)
+        return ref * np.float32(1.0001) + np.float32(1e-6), ref, {"bits": "auto",
+                                                                  "domain": "log"}
+    if case == "scaled":
+        ref = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+        step = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-4)
+        return ref * np.float32(0.9) + step, ref, {"bits": "auto", "domain": "scaled"}
     ref = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
     cur = ref * np.float32(1.0001) + np.float32(1e-6)
     if case == "bf16":
@@ -121,6 +135,18 @@ def profile(case: str, n: int, *, chain: bool = False) -> str:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
     return text.getvalue()
+
+
+def stage_table(cases: list[str], n: int, reps: int) -> str:
+    """``codec_stages`` of every case, as one markdown table."""
+    sys.path.insert(0, str(REPO))
+    from bench.codec_stages import markdown, stages
+
+    results = {}
+    for case in cases:
+        cur, ref, options = make_case(case, n)
+        results[case] = stages(cur, ref, {"bfloat16": False, "domain": "linear", **options}, reps)
+    return markdown(results)
 
 
 def _encode_out_s(codec: Any, cur: np.ndarray, ref: np.ndarray, recon: np.ndarray,
@@ -233,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         "PYTHONPATH=DIR for older code)")
     parser.add_argument("--profile-chain", action="store_true",
                         help=f"profile a chain of {CHAIN} deltas of the first case instead")
+    parser.add_argument("--stages", action="store_true",
+                        help="own thread-CPU ns per element of each encode stage, per case "
+                        "(bench/codec_stages.py; this process's ckptd)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -240,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
     if args.profile or args.profile_chain:
         print(profile(cases[0], args.elements, chain=args.profile_chain))
+        return 0
+    if args.stages:
+        print(stage_table(cases, args.elements, args.reps))
         return 0
     if args.worker:
         print(json.dumps(worker(cases, args.elements)))

@@ -126,7 +126,7 @@ class _Step:
         """Applies this delta to chunk ``i`` (``chunk``: a view of the array's elements)."""
         parsed, part = self.parsed, self.parsed.parts[i]
         if parsed.header.domain == domains.SCALED:
-            scaled.scale_reference(chunk, parsed.alpha, self._dtype_name, chunk, scratch)
+            scaled.scale_reference(chunk, parsed.alpha, self._dtype_name, chunk)
         if self._values_of is not None:
             self._ops.add_values(self._values_of(i, scratch), chunk, chunk)
         else:

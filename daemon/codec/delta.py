@@ -10,7 +10,10 @@ arithmetic on ``reps[symbol]``, so decode returns the encoder's reconstruction b
 bit. The domain (linear, log for tensors that must stay non-negative, or scaled for tensors
 that decay) changes only the delta and that addition; promotion, representatives and coding
 are the same. The scaled domain is the linear passes against ``alpha * reference``, written
-into the output buffer before pass 1 (``scaled``).
+into the output buffer chunk by chunk just before pass 1 reads it (``scaled``).
+
+A fresh output's pages are populated in pass 1, one ``madvise`` per chunk from the thread
+that will write it in pass 2 (``chunks.populate``), instead of one fault per 4 KiB page.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
     ref = _flat(_matching(reference, current), dtype)
+    fresh = out is None
     if out is None:
         out = chunks.empty_output(cur.size, dtype.holder)
     else:
@@ -66,12 +70,23 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     alpha: list[np.float32] = []
+    first_pass = lambda s: ops.stats(cur[s], ref[s], representative)  # noqa: E731
     if ops.domain == domains.SCALED:  # pass 2 overwrites the scaled reference element by element
         alpha = [scaled.fit_alpha(cur, ref, dtype.name)]
-        ref = scaled.scale_reference(ref, alpha[0], dtype.name, out)
+        unscaled, ref = ref, out
+        # Each chunk's scaled reference is written just before pass 1 reads it (from cache).
+        first_pass = lambda s: ops.stats(  # noqa: E731
+            cur[s], scaled.scale_reference(unscaled[s], alpha[0], dtype.name, out[s]),
+            representative)
     pool = chunks.ScratchPool()
+
+    def analyze(s: slice) -> quantize.Stats:
+        if fresh:  # pass 2 writes it: its pages now, from this thread, one call per chunk
+            chunks.populate(out[s])
+        return first_pass(s)
+
     with chunks.mapper(len(parts)) as run:
-        stats = run(lambda s: ops.stats(cur[s], ref[s], representative), parts)
+        stats = run(analyze, parts)
         merged = quantize.merge(stats, representative)
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
         if bits == AUTO:

@@ -32,8 +32,8 @@ scaled reference.
 * **scaled** (format code 2): the linear domain against ``alpha * reference``, one float32
   factor per tensor fitted by the encoder and stored in the blob (``scaled``): a value that
   decays between saves (Adam's first moment) decays where its delta is dropped instead of
-  staying stale. ``delta`` writes the scaled reference into the output buffer first and
-  runs the linear passes against it, so ``Ops`` treats it as linear.
+  staying stale. ``delta`` writes the scaled reference into the output buffer (chunk by
+  chunk, in pass 1) and runs the linear passes against it, so ``Ops`` treats it as linear.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .chunks import Scratch
 
 
@@ -57,6 +58,17 @@ def pack(symbols: np.ndarray, bits: int, scratch: Scratch) -> np.ndarray:
         shifts = np.arange(symbols.size - whole, dtype=np.uint8) * (8 // k)
         out[-1] = np.bitwise_or.reduce(symbols[whole:] << shifts)
     return out
+
+
+def split(symbols: np.ndarray, bits: int, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """``(bitmap, packed non-zero symbols)``: ``np.packbits(symbols != 0, bitorder="little")``
+    and ``pack(symbols[symbols != 0], bits)``, byte for byte, the selection in one compiled
+    pass (``kernels.split_symbols``). Both may live in ``scratch``."""
+    n = symbols.size
+    bitmap = scratch.get("split_bitmap", -(-n // 8), np.uint8)
+    nonzero = scratch.get("split_nonzero", n, np.uint8)
+    count = kernels.split_symbols(symbols, bitmap, nonzero)
+    return bitmap, pack(nonzero[:count], bits, scratch)
 
 
 def _field_width(bits: int) -> int:

@@ -10,9 +10,10 @@ per tensor predicts the decay: a dropped element comes back as ``alpha * referen
 ``alpha`` is fitted by the encoder only and stored in the blob as a float32, so the decoder
 never recomputes it: the scaled reference is a pure function of the stored ``alpha`` and the
 reference, computed by ``scale_reference`` on both sides (``ref + (alpha - 1) * ref`` in
-float32, rounded to the tensor's dtype by the linear kernels' own addition), and a decode
-stays bit-exact. ``delta`` writes it into the output buffer, so the linear passes then run
-against it with no tensor-sized temporary.
+float32, rounded to the tensor's dtype by the linear kernels' own addition; one fused
+compiled pass, ``kernels.Kernels.scale``), and a decode stays bit-exact. ``delta`` writes it
+into the output buffer, so the linear passes then run against it with no tensor-sized
+temporary.
 """
 
 from __future__ import annotations
@@ -33,10 +34,22 @@ def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
     Non-finite elements (stored verbatim anyway) are left out of the fit. 1.0 (a plain
     linear delta) when the reference is zero there or the fit overflows: a factor is only
     a prediction, so a bad one costs bytes, never correctness.
+
+    float32 chunks are dotted as they are, with no copy and no mask: a non-finite element
+    makes its chunk's dot products non-finite (NaN and Inf propagate through the sum), so
+    finite dots prove that no element needed masking, and only a chunk with a non-finite
+    dot takes the masked path (the same sums as before: the same values, dotted in order).
     """
     num = den = 0.0
     scratch = Scratch()
     for part in chunks.bounds(cur.size, chunks.CHUNK_ELEMS):
+        if dtype_name == "float32":
+            with np.errstate(all="ignore"):
+                dots = float(np.dot(cur[part], ref[part])), float(np.dot(ref[part], ref[part]))
+            if math.isfinite(dots[0]) and math.isfinite(dots[1]):
+                num += dots[0]
+                den += dots[1]
+                continue
         n = part.stop - part.start
         a = widen(cur[part], dtype_name, scratch.get("fit_a", n, _F32))
         b = widen(ref[part], dtype_name, scratch.get("fit_b", n, _F32))
@@ -54,24 +67,17 @@ def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
 
 
 def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str,
-                    out: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
-    """``out = alpha * ref`` in ``ref``'s holder dtype, chunk by chunk; ``out`` may be ``ref``.
+                    out: np.ndarray) -> np.ndarray:
+    """``out = alpha * ref`` in ``ref``'s holder dtype (one compiled pass, ``kernels``);
+    ``out`` may be ``ref``.
 
-    A NaN or Inf here becomes a NaN delta and so an exception, as in the linear domain.
-    ``scratch``: the calling thread's, when it calls this chunk by chunk (a chain's restore).
+    Computed as ``ref + (alpha - 1) * ref``: the step in float32, added by the linear
+    kernels' own addition (``kernels.Kernels.scale``). A NaN or Inf here becomes a NaN delta
+    and so an exception, as in the linear domain.
     """
-    fns = kernels.for_dtype(dtype_name, False)
     view = kernels.HOLDERS[dtype_name]
     factor = np.float32(alpha - np.float32(1.0))
-    scratch = scratch or Scratch()
-    for part in chunks.bounds(ref.size, chunks.CHUNK_ELEMS):
-        step = widen(ref[part], dtype_name, scratch.get("step", part.stop - part.start, _F32))
-        with np.errstate(all="ignore"):
-            np.multiply(step, factor, out=step)
-        if ref.ctypes.data == out.ctypes.data:
-            fns.add_values_in_place(step, out[part].view(view))
-        else:
-            fns.add_values(step, ref[part].view(view), out[part].view(view))
+    kernels.for_dtype(dtype_name, False).scale(ref.view(view), factor, out.view(view))
     return out
 
 

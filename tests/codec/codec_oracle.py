@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ckptd.daemon.codec import delta, domains, quantize
+from ckptd.daemon.codec import chunks, delta, domains, quantize
 from ckptd.daemon.codec.chunks import Scratch
 from ckptd.daemon.codec.domains import LOG
 from ckptd.daemon.codec.kernels import LOG_MAX_ERROR_OCTAVES, MANTISSA_BITS
@@ -269,3 +269,30 @@ def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
                  in_place: bool = False) -> np.ndarray:
     """``ckptd.daemon.codec.decode_delta`` with the numpy passes."""
     return delta.decode_delta(blob, reference, in_place=in_place, ops_type=NumpyOps)
+
+
+def fit_alpha(cur: np.ndarray, ref: np.ndarray, dtype_name: str) -> np.float32:
+    """``scaled.fit_alpha`` as it was before its float32 fast path: every chunk widened
+    into copies and masked to its finite elements."""
+    sums = np.zeros(2)
+    for part in chunks.bounds(cur.size, chunks.CHUNK_ELEMS):
+        a = widen(cur[part], dtype_name, np.empty(part.stop - part.start, _F32))
+        b = widen(ref[part], dtype_name, np.empty_like(a))
+        keep = np.isfinite(a) & np.isfinite(b)
+        with np.errstate(all="ignore"):
+            sums += [float(np.dot(a[keep], b[keep])), float(np.dot(b[keep], b[keep]))]
+    with np.errstate(all="ignore"):
+        alpha = float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
+        fitted = np.float32(alpha)
+    return fitted if np.isfinite(alpha) and np.isfinite(fitted) else np.float32(1.0)
+
+
+def scale_reference(ref: np.ndarray, alpha: np.float32, dtype_name: str) -> np.ndarray:
+    """``scaled.scale_reference`` in numpy passes: ``ref + float32(widen(ref) * (alpha -
+    1))``, added as a decode adds (``add_values``)."""
+    step = widen(ref, dtype_name, np.empty(ref.size, _F32))
+    with np.errstate(all="ignore"):
+        np.multiply(step, np.float32(alpha - np.float32(1.0)), out=step)
+    out = np.empty_like(ref)
+    NumpyOps(domains.LINEAR, dtype_name).add_values(step, ref, out)
+    return out

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 from ckptd.daemon import codec
-from ckptd.daemon.codec import chunks, domains, kernels
+from ckptd.daemon.codec import chunks, domains, kernels, scaled
 from codec_oracle import decode_delta as oracle_decode
 from codec_oracle import encode_delta as oracle_encode
+from codec_oracle import fit_alpha as oracle_fit_alpha
+from codec_oracle import scale_reference as oracle_scale
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,3 +189,21 @@ def test_kernels_work_without_a_writable_cache(tmp_path: Path) -> None:
     assert bytes.fromhex(result.stdout.strip()) == codec.encode_delta(
         ref * np.float32(1.001), ref)[0]
     assert not (tmp_path / "unused").exists()
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from(sorted(_HOLDERS)), size=_SIZES, seed=st.integers(0, 2**32 - 1),
+       specials=st.sampled_from([0.0, 0.01, 0.3]))
+def test_scaled_reference_and_alpha_match_the_numpy_passes(dtype: str, size: int, seed: int,
+                                                           specials: float) -> None:
+    # The fused scale kernel and fit_alpha's float32 path without copies or masks (issue 17,
+    # encode CPU) against the numpy passes they replaced, special values included.
+    reference, current = _pair(dtype, "scaled", size, seed, specials)
+    alpha = scaled.fit_alpha(current, reference, dtype)
+    assert alpha.tobytes() == oracle_fit_alpha(current, reference, dtype).tobytes()
+    expected = oracle_scale(reference, alpha, dtype)
+    out = np.empty_like(reference)
+    scaled.scale_reference(reference, alpha, dtype, out)
+    assert out.tobytes() == expected.tobytes()
+    scaled.scale_reference(reference, alpha, dtype, reference)  # in place
+    assert reference.tobytes() == expected.tobytes()

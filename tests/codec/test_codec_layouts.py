@@ -149,3 +149,25 @@ def test_large_outputs_are_ordinary_arrays() -> None:
     assert out.shape == (count,) and out.dtype == np.float32 and out.flags.writeable
     out.fill(1.5)
     assert float(out[-1]) == 1.5 and out.base is None
+
+
+@settings(max_examples=120, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_split_streams_equal_packbits_and_compress(bits: int, data: st.DataObject) -> None:
+    # The compiled split (issue 17, encode CPU) writes the bytes of the numpy passes it
+    # replaced, whatever the zero pattern and the size modulo 8 and per byte.
+    symbols = _symbols(data, bits, max_size=2000)
+    nonzero = symbols != 0
+    bitmap, packed = packing.split(symbols, bits, Scratch())
+    assert bitmap.tobytes() == np.packbits(nonzero, bitorder="little").tobytes()
+    expected = packing.pack(np.compress(nonzero, symbols), bits, Scratch())
+    assert packed.tobytes() == expected.tobytes()
+
+
+def test_populated_pages_keep_their_bytes() -> None:
+    # Populating is advice: bytes already written (a recycled buffer) stay as they are.
+    array = np.arange(3 << 20, dtype=np.uint8)
+    expected = array.copy()
+    chunks.populate(array[5:])
+    chunks.populate(array[:10])  # less than a page: nothing to do
+    np.testing.assert_array_equal(array, expected)
