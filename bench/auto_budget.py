@@ -70,17 +70,22 @@ def fixed_settings(bits: list[str], intervals: list[int],
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """The sweep's plan (steps, failures per seed...) cut to the chosen workloads, seeds and
-    settings; ``--failures`` replaces the failures per seed of every chosen workload."""
+    settings; ``--failures`` replaces the failures per seed of every chosen workload and
+    ``--steps`` its run length (a 400-step run at K=50 has 8 checkpoints: 2000 steps give the
+    40 that the history line counts)."""
     plan = full_plan()
     failures = dict(plan.failures_per_seed)
     if args.failures is not None:
         failures.update({name: args.failures for name in args.workloads})
+    steps = dict(plan.steps)
+    if args.steps is not None:
+        steps.update({name: args.steps for name in args.workloads})
     settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
                                  not args.sizes_only))
     return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
                    seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
-                   failures_per_seed=failures, settings=tuple(settings),
+                   failures_per_seed=failures, steps=steps, settings=tuple(settings),
                    out_dir=args.out.parent, json_path=args.out)
 
 
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="training steps of every chosen workload (default: the sweep's, "
+                        "400 for all but gpt-bf16)")
     parser.add_argument("--intervals", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--workloads", nargs="+", default=["logreg", "lenet", "lm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

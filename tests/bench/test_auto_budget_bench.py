@@ -35,11 +35,12 @@ def test_settings_reach_the_daemon_and_the_client(tmp_path: Path) -> None:
 def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
-        optim=["fixed:3"], bits=["4", "exact"], failures=18, sizes_only=False,
+        optim=["fixed:3"], bits=["4", "exact"], failures=18, steps=2000, sizes_only=False,
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
     assert plan.failures_per_seed["lenet"] == 16  # the sweep's, for workloads not chosen
+    assert (plan.steps["lm"], plan.steps["lenet"]) == (2000, 400)
     names = {s.name: s for s in plan.settings}
     assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3"}
     assert all(s.measure_rework for s in plan.settings)
@@ -63,13 +64,16 @@ def test_clustered_2se_groups_failures_by_their_checkpoint() -> None:
 
 
 @pytest.mark.bench
-def test_failures_set_per_run_end_to_end(tmp_path: Path) -> None:
+def test_failures_and_steps_set_per_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "fixed.json"
     assert main(["--workloads", "logreg", "--seeds", "0", "--intervals", "10", "--budgets",
-                 "--bits", "3", "--failures", "2", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["results"][0]
+                 "--bits", "3", "--failures", "2", "--steps", "200", "--out", str(out)]) == 0
+    output = json.loads(out.read_text())
+    assert output["references"][0]["steps"] == 200
+    result = output["results"][0]
     assert result["setting"]["name"] == "b3-K10"
     assert len(result["resumes"]) == 2
+    assert len(result["steps"]) == 20  # a checkpoint every 10 of the 200 steps
     row = next(line for line in out.with_suffix(".md").read_text().splitlines()
                if "`b3-K10` |" in line)
     assert re.search(r"\| \d/\d of 2 \|", row)
