@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.recovery import Plan, full_plan, grid_settings, run_plan
-from bench.recovery_analysis import summarize
+from bench.recovery_analysis import HISTORY_CHECKPOINTS, summarize
 from bench.recovery_ckptd import Setting
 
 _BENCH = Path(__file__).resolve().parent
@@ -134,10 +134,24 @@ def _line(row: dict[str, Any], items: list[dict[str, Any]], sweep: bool) -> str:
     lost = ("-" if row["rework_ratio"] is None else
             f"{row['diverged']}/{row['censored']} of {row['failures']}")
     widths = _widths(items)
+    # Fewer checkpoints than the history line counts (a 400-step run at K=50 has 8).
+    count = row["history_checkpoints"]
+    kept = "" if count >= HISTORY_CHECKPOINTS else f" ({count})"
     return (f"| {row['workload']} | {row['interval']} | `{row['name']}`"
             f"{' (sweep)' if sweep else ''} | "
-            f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x | {rework} | {lost} | "
-            f"{widths} |")
+            f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x{kept} | {rework} | "
+            f"{lost} | {widths} | {_errors(row)} |")
+
+
+def _errors(row: dict[str, Any]) -> str:
+    """The restored state's error (median relative L2 of the weights / the optimizer state)
+    and the restored Adam update direction's, per parameter group: what the issue asks the
+    report to show beside the rework; ``-`` without restores."""
+    if row["rework_ratio"] is None:
+        return "-"
+    update = ", ".join(f"{g} {e:.2f}" for g, e in row.get("update_error", {}).items())
+    return (f"{row['restore_error_model']:.3f} / {row['restore_error_optim']:.2f}"
+            + (f"; {update}" if update else ""))
 
 
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
@@ -159,8 +173,9 @@ def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     lines = [
         "| workload | K | setting | delta xts | history xts | rework vs exact (+/-2se; "
         "clustered by checkpoint) | "
-        "diverged/capped | mean bits of the last delta by group |",
-        "|---|---:|---|---:|---:|---|---|---|",
+        "diverged/capped | mean bits of the last delta by group | restored error weights / "
+        "optim; Adam update by group (medians) |",
+        "|---|---:|---|---:|---:|---|---|---|---|",
     ]
     for row in sorted(old + rows, key=lambda r: (r["workload"], r["interval"],
                                                  r in rows, r["name"])):

@@ -77,6 +77,10 @@ def test_failures_and_steps_set_per_run_end_to_end(tmp_path: Path) -> None:
     row = next(line for line in out.with_suffix(".md").read_text().splitlines()
                if "`b3-K10` |" in line)
     assert re.search(r"\| \d/\d of 2 \|", row)
+    # 20 checkpoints, fewer than the history line's 40: the count is shown; then the
+    # restored weights' / optimizer state's error.
+    assert re.search(r"x \(20\) \|", row)
+    assert re.search(r"\| \d\.\d{3} / \d\.\d{2}(; [^|]+)? \|$", row)
 
 
 @pytest.mark.bench
