@@ -32,6 +32,16 @@ def test_settings_reach_the_daemon_and_the_client(tmp_path: Path) -> None:
     assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in client_policies(setting, False)
 
 
+def test_second_moment_takes_its_own_width() -> None:
+    [setting] = state_settings([0.03], [50], [1], ["fixed:2+sq3"], False)
+    assert setting.name == "state0.03-K50-minlossy1-optim-fixed2+sq3"
+    rules = client_policies(setting, False)
+    assert rules[:4] == [("optim/state/*/step", "exact"),
+                         ("optim/state/*/exp_avg_sq", "lossy-log:3"),
+                         ("optim/state/*/exp_avg", "lossy-scaled:2"),
+                         ("optim/state/*", "lossy:2")]
+
+
 def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
