@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", nargs="+", default=["sq-log"],
                         help="optimizer-state policies (Setting.optim): sq-log = the built-in "
                         "rules at the adaptive width, fixed:3 = the built-in domains at b=3, "
-                        "fixed:2+sq3 = the same at b=2 with exp_avg_sq at b=3")
+                        "fixed:2-sq3 = the same at b=2 with exp_avg_sq at b=3")
     parser.add_argument("--sizes-only", action="store_true",
                         help="save and measure sizes and widths, no failures (minutes less)")
     parser.add_argument("--out", type=Path, default=_BENCH / "out" / "auto-budget.json")

@@ -33,8 +33,9 @@ def test_settings_reach_the_daemon_and_the_client(tmp_path: Path) -> None:
 
 
 def test_second_moment_takes_its_own_width() -> None:
-    [setting] = state_settings([0.03], [50], [1], ["fixed:2+sq3"], False)
-    assert setting.name == "state0.03-K50-minlossy1-optim-fixed2+sq3"
+    [setting] = state_settings([0.03], [50], [1], ["fixed:2-sq3"], False)
+    assert setting.name == "state0.03-K50-minlossy1-optim-fixed2-sq3"
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", setting.name)  # it becomes the daemon's run name
     rules = client_policies(setting, False)
     assert rules[:4] == [("optim/state/*/step", "exact"),
                          ("optim/state/*/exp_avg_sq", "lossy-log:3"),
