@@ -57,13 +57,17 @@ def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[i
             for budget in budgets for k in intervals for m in min_lossy for optim in optims]
 
 
-def fixed_settings(bits: list[str], intervals: list[int],
-                   measure_rework: bool) -> list[Setting]:
+def fixed_settings(bits: list[str], intervals: list[int], measure_rework: bool,
+                   optim: str = "sq-log") -> list[Setting]:
     """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
     baseline (its rework measured at every K here): to re-run them under this command's
-    failures beside the state-relative ones."""
+    failures beside the state-relative ones. ``optim`` other than the sweep's ``sq-log``
+    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``)."""
     widths = tuple(int(b) for b in bits if b != "exact")
     return [replace(s, measure_rework=measure_rework)
+            if s.bits is None or optim == "sq-log" else
+            replace(s, measure_rework=measure_rework, optim=optim,
+                    name=f"{s.name}-optim-{optim.replace(':', '')}")
             for s in grid_settings(widths, tuple(intervals))
             if s.bits is not None or "exact" in bits]
 
@@ -80,7 +84,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     steps = dict(plan.steps)
     if args.steps is not None:
         steps.update({name: args.steps for name in args.workloads})
-    settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only)
+    settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only,
+                               args.bits_optim)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
                                  not args.sizes_only))
     return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
@@ -197,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="*", default=[], metavar="B|exact",
                         help="also the sweep's fixed-width rows (b<B>-K<k>, every other knob "
                         "at the sweep's centre) and, for exact, its lossless baseline")
+    parser.add_argument("--bits-optim", default="sq-log", metavar="OPTIM",
+                        help="the optimizer-state policy of the --bits rows (default: the "
+                        "sweep's sq-log; e.g. fixed:2-sq3)")
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")

@@ -46,7 +46,8 @@ def test_second_moment_takes_its_own_width() -> None:
 def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
-        optim=["fixed:3"], bits=["4", "exact"], failures=18, steps=2000, sizes_only=False,
+        optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", failures=18, steps=2000,
+        sizes_only=False,
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
@@ -57,6 +58,19 @@ def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     assert all(s.measure_rework for s in plan.settings)
     assert (names["b4-K50"].bits, names["b4-K50"].optim) == (4, "sq-log")
     assert names["exact-K50"].bits is None
+
+
+def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        workloads=["gpt"], seeds=[0], intervals=[50], budgets=[], min_lossy=[1024],
+        optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", failures=None,
+        steps=None, sizes_only=True, out=tmp_path / "a.json")
+    names = {s.name: s for s in make_plan(args).settings}
+    assert set(names) == {"exact-K50", "b3-K50-optim-fixed2-sq3"}
+    rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
+    assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in rules
+    assert ("optim/state/*/exp_avg", "lossy-scaled:2") in rules
+    assert names["exact-K50"].optim == "sq-log"
 
 
 def _resume(restore_step: int, rework: int, exact: int) -> dict[str, int]:
