@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.recovery import Plan, full_plan, grid_settings, run_plan
-from bench.recovery_analysis import summarize
+from bench.recovery_analysis import HISTORY_CHECKPOINTS, summarize
 from bench.recovery_ckptd import Setting
 
 _BENCH = Path(__file__).resolve().parent
@@ -57,30 +57,40 @@ def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[i
             for budget in budgets for k in intervals for m in min_lossy for optim in optims]
 
 
-def fixed_settings(bits: list[str], intervals: list[int],
-                   measure_rework: bool) -> list[Setting]:
+def fixed_settings(bits: list[str], intervals: list[int], measure_rework: bool,
+                   optim: str = "sq-log") -> list[Setting]:
     """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
     baseline (its rework measured at every K here): to re-run them under this command's
-    failures beside the state-relative ones."""
+    failures beside the state-relative ones. ``optim`` other than the sweep's ``sq-log``
+    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``)."""
     widths = tuple(int(b) for b in bits if b != "exact")
     return [replace(s, measure_rework=measure_rework)
+            if s.bits is None or optim == "sq-log" else
+            replace(s, measure_rework=measure_rework, optim=optim,
+                    name=f"{s.name}-optim-{optim.replace(':', '')}")
             for s in grid_settings(widths, tuple(intervals))
             if s.bits is not None or "exact" in bits]
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """The sweep's plan (steps, failures per seed...) cut to the chosen workloads, seeds and
-    settings; ``--failures`` replaces the failures per seed of every chosen workload."""
+    settings; ``--failures`` replaces the failures per seed of every chosen workload and
+    ``--steps`` its run length (a 400-step run at K=50 has 8 checkpoints: 2000 steps give the
+    40 that the history line counts)."""
     plan = full_plan()
     failures = dict(plan.failures_per_seed)
     if args.failures is not None:
         failures.update({name: args.failures for name in args.workloads})
-    settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only)
+    steps = dict(plan.steps)
+    if args.steps is not None:
+        steps.update({name: args.steps for name in args.workloads})
+    settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only,
+                               args.bits_optim)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
                                  not args.sizes_only))
     return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
                    seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
-                   failures_per_seed=failures, settings=tuple(settings),
+                   failures_per_seed=failures, steps=steps, settings=tuple(settings),
                    out_dir=args.out.parent, json_path=args.out)
 
 
@@ -129,10 +139,24 @@ def _line(row: dict[str, Any], items: list[dict[str, Any]], sweep: bool) -> str:
     lost = ("-" if row["rework_ratio"] is None else
             f"{row['diverged']}/{row['censored']} of {row['failures']}")
     widths = _widths(items)
+    # Fewer checkpoints than the history line counts (a 400-step run at K=50 has 8).
+    count = row["history_checkpoints"]
+    kept = "" if count >= HISTORY_CHECKPOINTS else f" ({count})"
     return (f"| {row['workload']} | {row['interval']} | `{row['name']}`"
             f"{' (sweep)' if sweep else ''} | "
-            f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x | {rework} | {lost} | "
-            f"{widths} |")
+            f"{row['delta_ratio']:.1f}x | {row['history_ratio']:.1f}x{kept} | {rework} | "
+            f"{lost} | {widths} | {_errors(row)} |")
+
+
+def _errors(row: dict[str, Any]) -> str:
+    """The restored state's error (median relative L2 of the weights / the optimizer state)
+    and the restored Adam update direction's, per parameter group: what the issue asks the
+    report to show beside the rework; ``-`` without restores."""
+    if row["rework_ratio"] is None:
+        return "-"
+    update = ", ".join(f"{g} {e:.2f}" for g, e in row.get("update_error", {}).items())
+    return (f"{row['restore_error_model']:.3f} / {row['restore_error_optim']:.2f}"
+            + (f"; {update}" if update else ""))
 
 
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
@@ -154,8 +178,9 @@ def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     lines = [
         "| workload | K | setting | delta xts | history xts | rework vs exact (+/-2se; "
         "clustered by checkpoint) | "
-        "diverged/capped | mean bits of the last delta by group |",
-        "|---|---:|---|---:|---:|---|---|---|",
+        "diverged/capped | mean bits of the last delta by group | restored error weights / "
+        "optim; Adam update by group (medians) |",
+        "|---|---:|---|---:|---:|---|---|---|---|",
     ]
     for row in sorted(old + rows, key=lambda r: (r["workload"], r["interval"],
                                                  r in rows, r["name"])):
@@ -177,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="*", default=[], metavar="B|exact",
                         help="also the sweep's fixed-width rows (b<B>-K<k>, every other knob "
                         "at the sweep's centre) and, for exact, its lossless baseline")
+    parser.add_argument("--bits-optim", default="sq-log", metavar="OPTIM",
+                        help="the optimizer-state policy of the --bits rows (default: the "
+                        "sweep's sq-log; e.g. fixed:2-sq3)")
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="training steps of every chosen workload (default: the sweep's, "
+                        "400 for all but gpt-bf16)")
     parser.add_argument("--intervals", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--workloads", nargs="+", default=["logreg", "lenet", "lm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -187,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="min_lossy_elements values (1: small tensors lossy too)")
     parser.add_argument("--optim", nargs="+", default=["sq-log"],
                         help="optimizer-state policies (Setting.optim): sq-log = the built-in "
-                        "rules at the adaptive width, fixed:3 = the built-in domains at b=3")
+                        "rules at the adaptive width, fixed:3 = the built-in domains at b=3, "
+                        "fixed:2-sq3 = the same at b=2 with exp_avg_sq at b=3")
     parser.add_argument("--sizes-only", action="store_true",
                         help="save and measure sizes and widths, no failures (minutes less)")
     parser.add_argument("--out", type=Path, default=_BENCH / "out" / "auto-budget.json")

@@ -55,7 +55,7 @@ class Setting:
             domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
             width, SGD's momentum linear: the adaptive width then chooses for the weights
-            alone).
+            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width.
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
     """
@@ -94,8 +94,8 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     elif setting.optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
     elif setting.optim.startswith("fixed:"):
-        bits = setting.optim.partition(":")[2]
-        rules += [("optim/state/*/exp_avg_sq", f"lossy-log:{bits}"),
+        bits, _, sq_bits = setting.optim.partition(":")[2].partition("-sq")
+        rules += [("optim/state/*/exp_avg_sq", f"lossy-log:{sq_bits or bits}"),
                   ("optim/state/*/exp_avg", f"lossy-scaled:{bits}"),
                   ("optim/state/*", f"lossy:{bits}")]
     elif setting.optim == "auto":

@@ -32,19 +32,45 @@ def test_settings_reach_the_daemon_and_the_client(tmp_path: Path) -> None:
     assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in client_policies(setting, False)
 
 
+def test_second_moment_takes_its_own_width() -> None:
+    [setting] = state_settings([0.03], [50], [1], ["fixed:2-sq3"], False)
+    assert setting.name == "state0.03-K50-minlossy1-optim-fixed2-sq3"
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", setting.name)  # it becomes the daemon's run name
+    rules = client_policies(setting, False)
+    assert rules[:4] == [("optim/state/*/step", "exact"),
+                         ("optim/state/*/exp_avg_sq", "lossy-log:3"),
+                         ("optim/state/*/exp_avg", "lossy-scaled:2"),
+                         ("optim/state/*", "lossy:2")]
+
+
 def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
-        optim=["fixed:3"], bits=["4", "exact"], failures=18, sizes_only=False,
+        optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", failures=18, steps=2000,
+        sizes_only=False,
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
     assert plan.failures_per_seed["lenet"] == 16  # the sweep's, for workloads not chosen
+    assert (plan.steps["lm"], plan.steps["lenet"]) == (2000, 400)
     names = {s.name: s for s in plan.settings}
     assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3"}
     assert all(s.measure_rework for s in plan.settings)
     assert (names["b4-K50"].bits, names["b4-K50"].optim) == (4, "sq-log")
     assert names["exact-K50"].bits is None
+
+
+def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        workloads=["gpt"], seeds=[0], intervals=[50], budgets=[], min_lossy=[1024],
+        optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", failures=None,
+        steps=None, sizes_only=True, out=tmp_path / "a.json")
+    names = {s.name: s for s in make_plan(args).settings}
+    assert set(names) == {"exact-K50", "b3-K50-optim-fixed2-sq3"}
+    rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
+    assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in rules
+    assert ("optim/state/*/exp_avg", "lossy-scaled:2") in rules
+    assert names["exact-K50"].optim == "sq-log"
 
 
 def _resume(restore_step: int, rework: int, exact: int) -> dict[str, int]:
@@ -63,16 +89,23 @@ def test_clustered_2se_groups_failures_by_their_checkpoint() -> None:
 
 
 @pytest.mark.bench
-def test_failures_set_per_run_end_to_end(tmp_path: Path) -> None:
+def test_failures_and_steps_set_per_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "fixed.json"
     assert main(["--workloads", "logreg", "--seeds", "0", "--intervals", "10", "--budgets",
-                 "--bits", "3", "--failures", "2", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["results"][0]
+                 "--bits", "3", "--failures", "2", "--steps", "200", "--out", str(out)]) == 0
+    output = json.loads(out.read_text())
+    assert output["references"][0]["steps"] == 200
+    result = output["results"][0]
     assert result["setting"]["name"] == "b3-K10"
     assert len(result["resumes"]) == 2
+    assert len(result["steps"]) == 20  # a checkpoint every 10 of the 200 steps
     row = next(line for line in out.with_suffix(".md").read_text().splitlines()
                if "`b3-K10` |" in line)
     assert re.search(r"\| \d/\d of 2 \|", row)
+    # 20 checkpoints, fewer than the history line's 40: the count is shown; then the
+    # restored weights' / optimizer state's error.
+    assert re.search(r"x \(20\) \|", row)
+    assert re.search(r"\| \d\.\d{3} / \d\.\d{2}(; [^|]+)? \|$", row)
 
 
 @pytest.mark.bench
