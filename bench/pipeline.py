@@ -231,8 +231,12 @@ def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, k
               record: dict[str, list[float]]) -> None:
     """One rep of ckptd: shm base, delta, next delta (the steady state: a delta after a
     delta), restore latest; gRPC base, delta and restore latest; each on this daemon and
-    the before one (this client talks to both)."""
-    for daemon, suffix in ((addr, ""), (before_addr, "_before")):
+    the before one (this client talks to both). The two daemons take turns going first, so
+    that each follows the other's gigabytes of writes (and their writeback) equally often."""
+    sides = ((addr, ""), (before_addr, "_before"))
+    if rep % 2:
+        sides = sides[::-1]
+    for daemon, suffix in sides:
         with Checkpointer(daemon, run=f"{kind}-shm{suffix}-{rep}", transport="shm") as ckpt:
             record[f"base_save_shm{suffix}"].append(durable_s(ckpt, 1, state))
             perturb(state)
@@ -240,7 +244,7 @@ def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, k
             perturb(state)
             record[f"next_delta_save_shm{suffix}"].append(durable_s(ckpt, 3, state))
             record[f"restore_latest{suffix}"].append(timed(ckpt.restore))
-    for daemon, suffix in ((addr, ""), (before_addr, "_before")):
+    for daemon, suffix in sides:
         with Checkpointer(daemon, run=f"{kind}-grpc{suffix}-{rep}", transport="grpc") as ckpt:
             record[f"base_save_grpc{suffix}"].append(durable_s(ckpt, 1, state))
             perturb(state)
