@@ -33,9 +33,9 @@ from ckptd.protos.v1 import pb, pb_grpc
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.
 _MAX_RECEIVE_BYTES = 1 << 30
 _INFO_FIELDS = ("version", "api_version", "storage_url", "hostname", "default_bits",
-                "auto_bits_max_error", "base_interval", "lossy_min_elements",
-                "max_inflight_bytes", "max_checkpoint_bytes", "max_message_bytes",
-                "max_chunk_bytes", "max_tensors", "shared_memory")
+                "auto_bits_max_error", "auto_bits_relative_to", "base_interval",
+                "lossy_min_elements", "max_inflight_bytes", "max_checkpoint_bytes",
+                "max_message_bytes", "max_chunk_bytes", "max_tensors", "shared_memory")
 
 
 

@@ -190,6 +190,7 @@ class Daemon:
             boot_id=_boot_id(),
             lossy_min_elements=engine.min_lossy_elements,
             auto_bits_max_error=engine.auto_bits_max_error,
+            auto_bits_relative_to=engine.auto_bits_relative_to,
         )
 
     def request_stop(self) -> None:

@@ -425,7 +425,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id", "lossy_min_elements", "auto_bits_max_error")
+    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id", "lossy_min_elements", "auto_bits_max_error", "auto_bits_relative_to")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URL_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +441,7 @@ class ServerInfo(_message.Message):
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     LOSSY_MIN_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     AUTO_BITS_MAX_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AUTO_BITS_RELATIVE_TO_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     storage_url: str
@@ -456,7 +457,8 @@ class ServerInfo(_message.Message):
     boot_id: str
     lossy_min_elements: int
     auto_bits_max_error: float
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., lossy_min_elements: _Optional[int] = ..., auto_bits_max_error: _Optional[float] = ...) -> None: ...
+    auto_bits_relative_to: str
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., lossy_min_elements: _Optional[int] = ..., auto_bits_max_error: _Optional[float] = ..., auto_bits_relative_to: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("info",)
