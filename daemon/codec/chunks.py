@@ -76,12 +76,8 @@ def empty_output(count: int, dtype: np.dtype) -> np.ndarray:
     off Linux, the buffer is the plain ``np.empty``.
     """
     out = np.empty(count, dtype)
-    if out.nbytes >= SMALL_PAGES_MIN_BYTES and sys.platform == "linux":
-        page = mmap.PAGESIZE
-        start = -(-out.ctypes.data // page) * page
-        end = (out.ctypes.data + out.nbytes) // page * page
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_NOHUGEPAGE)
+    if out.nbytes >= SMALL_PAGES_MIN_BYTES:
+        _advise(out, _MADV_NOHUGEPAGE)
     return out
 
 
@@ -97,13 +93,18 @@ def populate(array: np.ndarray) -> None:
     its addition writes it measured slower there. Advice only: an old kernel or another OS
     refuses it and the writes fault the pages in as before.
     """
-    if sys.platform != "linux" or array.nbytes < 2 * _PAGE_BYTES:
-        return
+    if array.nbytes >= 2 * _PAGE_BYTES:
+        _advise(array, _MADV_POPULATE_WRITE)
+
+
+def _advise(array: np.ndarray, advice: int) -> None:
+    """``madvise(advice)`` on the whole pages inside ``array``'s memory; the result is
+    ignored (advice only), and nothing is asked off Linux."""
     start = -(-array.ctypes.data // _PAGE_BYTES) * _PAGE_BYTES
     end = (array.ctypes.data + array.nbytes) // _PAGE_BYTES * _PAGE_BYTES
-    if end > start:
+    if sys.platform == "linux" and end > start:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_WRITE)
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 class Scratch:

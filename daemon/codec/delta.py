@@ -70,20 +70,18 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
     ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
     alpha: list[np.float32] = []
-    first_pass = lambda s: ops.stats(cur[s], ref[s], representative)  # noqa: E731
+    unscaled = ref
     if ops.domain == domains.SCALED:  # pass 2 overwrites the scaled reference element by element
         alpha = [scaled.fit_alpha(cur, ref, dtype.name)]
-        unscaled, ref = ref, out
-        # Each chunk's scaled reference is written just before pass 1 reads it (from cache).
-        first_pass = lambda s: ops.stats(  # noqa: E731
-            cur[s], scaled.scale_reference(unscaled[s], alpha[0], dtype.name, out[s]),
-            representative)
+        ref = out  # each chunk's scaled reference, written just before pass 1 reads it
     pool = chunks.ScratchPool()
 
     def analyze(s: slice) -> quantize.Stats:
         if fresh:  # pass 2 writes it: its pages now, from this thread, one call per chunk
             chunks.populate(out[s])
-        return first_pass(s)
+        if alpha:
+            scaled.scale_reference(unscaled[s], alpha[0], dtype.name, out[s])
+        return ops.stats(cur[s], ref[s], representative)
 
     with chunks.mapper(len(parts)) as run:
         stats = run(analyze, parts)
