@@ -56,6 +56,17 @@ def _join(rank: int, world: int, init_file: Path) -> None:
                             world_size=world, timeout=PG_TIMEOUT)
 
 
+def run_rank(fn: Any, rank: int, world: int, init_file: Path, job: Job) -> None:
+    """A process's target: ``fn`` for one rank, then its process group torn down. A process
+    that exits with gloo's group still up can abort in the group's destructor ("terminate
+    called without an active exception", exit -6) after its work succeeded."""
+    try:
+        fn(rank, world, init_file, job)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))

@@ -46,7 +46,7 @@ def _spawn(fn: Callable[..., None], world: int, tmp_path: Path, job: Job,
     """Starts ``fn(rank, world, init_file, job)`` on ``world`` fresh interpreters."""
     init_file = tmp_path / f"pg-{uuid.uuid4().hex}"  # a file store serves one group only
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=fn, args=(rank, world, init_file, job))
+    procs = [context.Process(target=dist_workers.run_rank, args=(fn, rank, world, init_file, job))
              for rank in range(world)]
     for proc in procs:
         proc.start()
