@@ -112,9 +112,11 @@ def test_200_idle_streams_of_one_trainer_cannot_starve_another(
         async with grpc.aio.insecure_channel(small_daemon.address, options=OWN_CHANNEL) as ch:
             hog = pb_grpc.CheckpointdServiceStub(ch)
             calls = [hog.Save(_idle_stream(f"hog{i}", 1)) for i in range(200)]
-            # 16 of them fill the 4 MiB budget; the other 184 wait behind them.
+            # 16 of them fill the 4 MiB budget; the other 184 wait behind them. Not "== 184":
+            # on a loaded machine the 200 calls take over IDLE_S to arrive, the first idle
+            # streams time out meanwhile and the queue never holds all 184 at once.
             await asyncio.to_thread(
-                wait_until, lambda: small_daemon.call(lambda e: e._budget.waiting) == 184)
+                wait_until, lambda: small_daemon.call(lambda e: e._budget.waiting) >= 150)
             status = await other_trainer()
             for call in calls:
                 call.cancel()
