@@ -3,7 +3,9 @@
 ``--base-compression``: ``zstd`` always compresses, ``none`` always writes raw, ``auto``
 (default) decides per tensor from what this daemon measured: the coder's throughput and
 compression ratio on exact blobs, and the storage's write throughput (the puts of the
-blobs and each save's sync of its batch, so that an fsync counts). Per byte of tensor,
+blobs as they happen, so a first base learns the storage's rate after its first large
+blob, and each save's sync charged to the bytes its puts observed, so that an fsync
+counts). Per byte of tensor,
 compressing costs ``1/coder + 1/(ratio * storage)`` and raw costs ``1/storage``, so raw
 wins when ``storage > coder * (1 - 1/ratio)``. Float weights compress to only ~1.1-1.2x,
 so on a local disk raw nearly always wins; storage far slower than the coder (an object
@@ -21,6 +23,7 @@ Called from the pipeline: ``compress()`` on the event loop when an exact tensor 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 BASE_COMPRESSIONS = ("auto", "zstd", "none")
 _DECAY = 0.8  # weight of what was measured before each new observation
@@ -38,6 +41,10 @@ class _Rate:
     def observe(self, nbytes: int, seconds: float) -> None:
         self.nbytes = self.nbytes * _DECAY + nbytes
         self.seconds = self.seconds * _DECAY + seconds
+
+    def charge(self, seconds: float) -> None:
+        """More time for bytes already observed (no decay: it is the same observations')."""
+        self.seconds += seconds
 
     @property
     def per_s(self) -> float | None:
@@ -85,10 +92,21 @@ class BaseCoding:
         with self._lock:
             self._storage.observe(nbytes, seconds)
 
-    def synced(self, seconds: float) -> None:
-        """A save's batch took ``seconds`` to become durable: storage time of its bytes."""
+    def synced(self, blob_sizes: Sequence[int], seconds: float) -> None:
+        """A save's batch of blobs (``blob_sizes`` bytes each) took ``seconds`` to become
+        durable: the share of it that belongs to the blobs ``written`` observed is charged
+        to them.
+
+        Not an observation of its own: one with no bytes would decay the byte history at
+        every save, and syncs of saves whose blobs were all too small to observe would
+        drag the rate down with the number of saves until a fast disk read as slow.
+        """
+        total = sum(blob_sizes)
+        observed = sum(n for n in blob_sizes if n >= MIN_OBSERVED_BYTES)
+        if observed == 0:
+            return
         with self._lock:
-            self._storage.observe(0, seconds)
+            self._storage.charge(seconds * observed / total)
 
     def rates(self) -> dict[str, float | None]:
         """What ``auto`` decides from: coder and storage MB/s, compression ratio."""

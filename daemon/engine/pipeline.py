@@ -205,7 +205,7 @@ class SavePipeline:
             self._pools.run_codec(
                 stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
         )
-        self.base_coding.synced(stages.seconds()["sync"])
+        self.base_coding.synced([entry.blob_bytes for entry in entries], stages.seconds()["sync"])
         generation = await self._fence(chain) if self._fence is not None else 0
         manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
                                   generation=generation)

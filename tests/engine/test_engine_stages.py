@@ -103,8 +103,54 @@ def test_auto_counts_the_sync_of_a_batch_as_storage_time() -> None:
     coding.coded(100 * MIN_OBSERVED_BYTES, 80 * MIN_OBSERVED_BYTES, 1.0)
     coding.written(100 * MIN_OBSERVED_BYTES, 0.1)  # into the page cache: fast
     assert not coding.compress()
-    coding.synced(9.0)  # but the fsync took 9 s: ~8 MiB/s in all, compressing wins
-    assert coding.compress()
+    coding.synced([100 * MIN_OBSERVED_BYTES], 9.0)  # but the fsync took 9 s: ~11 MiB/s in
+    assert coding.compress()  # all, compressing wins
+
+
+def test_auto_stays_raw_however_many_small_saves_follow() -> None:
+    # A sync once counted as an observation of no bytes: each decayed the byte history,
+    # so every save, even one of blobs too small to observe, dragged the storage rate down
+    # until a fast disk read as slow and bases got compressed.
+    coding = BaseCoding("auto")
+    coding.coded(100 * MIN_OBSERVED_BYTES, 80 * MIN_OBSERVED_BYTES, 1.0)
+    coding.written(100 * MIN_OBSERVED_BYTES, 0.25)
+    coding.synced([100 * MIN_OBSERVED_BYTES], 0.25)  # puts + sync: 200 MiB/s
+    assert coding.rates()["storage_MBps"] == pytest.approx(200 * MIN_OBSERVED_BYTES / 1e6)
+    for _ in range(50):  # small delta saves: their blobs and syncs say nothing of throughput
+        coding.synced([MIN_OBSERVED_BYTES // 4] * 2, 0.05)
+    assert not coding.compress()
+    assert coding.rates()["storage_MBps"] == pytest.approx(200 * MIN_OBSERVED_BYTES / 1e6)
+    # A save of one large blob and many small ones: its large blob's share of the sync.
+    coding.written(100 * MIN_OBSERVED_BYTES, 0.0)
+    coding.synced([100 * MIN_OBSERVED_BYTES] + [MIN_OBSERVED_BYTES // 4] * 400, 1.0)
+    nbytes = 100 * MIN_OBSERVED_BYTES * (1 + 0.8)
+    assert coding.rates()["storage_MBps"] == pytest.approx(nbytes / (0.5 * 0.8 + 0.5) / 1e6)
+
+
+def test_small_delta_saves_leave_the_storage_rate_alone(tmp_path: Path) -> None:
+    """The pipeline's wiring: a base of large blobs measures the storage; delta saves whose
+    blobs are all under the observation floor leave that measurement as it was."""
+    rng = np.random.default_rng(24)
+    base = [rng.standard_normal(1 << 19).astype(np.float32) for _ in range(2)]  # 2 MiB each
+    config = dataclasses.replace(SMALL, base_compression="none")
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            coding = engine._pipeline.base_coding
+            weights = base
+            await save(engine, 1, {f"w{i}": Tensor(w) for i, w in enumerate(weights)})
+            after_base = coding.rates()["storage_MBps"]
+            assert after_base is not None
+            for step in range(2, 6):
+                weights = [w + np.float32(1e-3) for w in weights]
+                await save(engine, step, {f"w{i}": Tensor(w) for i, w in enumerate(weights)})
+            key = manifest_key(StepKey(RUN, 0, 5))
+            manifest = Manifest.from_bytes(engine.storage.get(key), key)
+            assert manifest.kind == "delta"
+            assert max(t.blob_bytes for t in manifest.tensors) < MIN_OBSERVED_BYTES
+            assert coding.rates()["storage_MBps"] == pytest.approx(after_base)
+
+    asyncio.run(scenario())
 
 
 def test_auto_writes_raw_when_nothing_compresses() -> None:
