@@ -121,21 +121,23 @@ def test_a_world_size_change_is_refused_unless_reshardable(tmp_path: Path, pools
     asyncio.run(scenario())
 
 
-def _fence_rank(storage: LocalStorage, rank: int) -> None:
-    """Another daemon takes the rank's chain, having found no step in it: any manifest of an
-    earlier lease generation committed from now on is void (``store.lease.is_void``)."""
-    lease.take(storage, RUN, rank, "daemon-c", ttl_s=30, now_unix_s=time.time(),
+async def _late_rank_one(tmp_path: Path, pools: Pools) -> tuple[Repository, Repository]:
+    """Repository ``a`` commits rank 0 of step 7 (a world of 2); another daemon takes rank
+    1's chain, finding no step in it; then ``b``, a writer that had lost rank 1's lease,
+    commits rank 1 of step 7 past that fence: a void manifest (``store.lease.is_void``)."""
+    a, b = (Repository(LocalStorage(tmp_path), pools) for _ in range(2))
+    for repo in (a, b):
+        await repo.load()
+    await _commit(a, 0, 7, 2)
+    lease.take(a.storage, RUN, 1, "daemon-c", ttl_s=30, now_unix_s=time.time(),
                after_step=None)
+    await _commit(b, 1, 7, 2)
+    return a, b
 
 
 def test_a_void_manifest_does_not_complete_a_world_step(tmp_path: Path, pools: Pools) -> None:
     async def scenario() -> None:
-        a, b = (Repository(LocalStorage(tmp_path), pools) for _ in range(2))
-        for repo in (a, b):
-            await repo.load()
-        await _commit(a, 0, 7, 2)
-        _fence_rank(a.storage, 1)
-        await _commit(b, 1, 7, 2)  # a writer that lost rank 1's lease, past the fence
+        a, _ = await _late_rank_one(tmp_path, pools)
         assert await a.worlds.missing_ranks(RUN, 7, 2) == (1,)
         with pytest.raises(StepIncompleteError, match=r"ranks \[1\]"):
             await a.worlds.restorable(RUN, 0, 7, allow_incomplete=False)
@@ -148,12 +150,7 @@ def test_a_record_that_a_void_manifest_completed_goes_at_the_next_scan(
     tmp_path: Path, pools: Pools
 ) -> None:
     async def scenario() -> None:
-        a, b = (Repository(LocalStorage(tmp_path), pools) for _ in range(2))
-        for repo in (a, b):
-            await repo.load()
-        await _commit(a, 0, 7, 2)
-        _fence_rank(a.storage, 1)
-        await _commit(b, 1, 7, 2)
+        _, b = await _late_rank_one(tmp_path, pools)
         # The late writer records the world from its own index before anyone saw the fence.
         assert await b.worlds.committed(StepKey(RUN, 1, 7), 2)
         record = tmp_path / world_key(RUN, 7)
