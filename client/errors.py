@@ -18,6 +18,7 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     │   └── StepConflictError                       STEP_EXISTS, STEP_ORDER; ALREADY_EXISTS,
     │                                               FAILED_PRECONDITION, ABORTED
     ├── SharedMemoryRefusedError (OSError)          SHARED_MEMORY_REFUSED: stream instead
+    │   └── SharedMemoryFullError                   /dev/shm has no room for a segment
     ├── StorageInUseError                           STORAGE_IN_USE: an operator must act
     │   └── ChainLeasedError                        CHAIN_LEASED: another daemon writes
     │                                               this (run, rank); retry after its lease
@@ -95,6 +96,16 @@ class StepConflictError(InvalidCheckpointError):
 class SharedMemoryRefusedError(CkptdClientError, OSError):
     """Raised when the daemon cannot open the save's shared-memory segment (another host or
     ``/dev/shm``); with ``transport="auto"`` the client streams instead."""
+
+
+class SharedMemoryFullError(SharedMemoryRefusedError):
+    """Raised by the client itself when ``/dev/shm`` has no room for a staging segment (a
+    container's is 64 MB unless given ``--shm-size``); the message names the size and the
+    free space. With ``transport="auto"`` the client streams over gRPC instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.details = message
 
 
 class StorageInUseError(CkptdClientError):

@@ -11,6 +11,9 @@ header crosses gRPC. Lifecycle, so nothing is left in ``/dev/shm``:
   (the whole process group killed) the next client or the daemon reclaims the orphan
   (``ckptd.protos.segments``); a client reclaims when it starts using shared memory;
 * segments are reused across saves (they are pooled staging buffers);
+* every page of a staging segment is allocated when it is created (``_reserve``), so a
+  full ``/dev/shm`` (a container's is 64 MB by default) is a ``SharedMemoryFullError``
+  there, on which ``transport="auto"`` streams over gRPC, never a SIGBUS in the copy;
 * ``ShmBuffer.close`` unlinks the name first, then unmaps; a stray tensor view keeps
   the mapping valid (never a dangling pointer) until it dies;
 * the daemon only opens and copies; it never unlinks.
@@ -36,6 +39,7 @@ import torch
 from ckptd.protos import segments, streams
 from ckptd.protos.v1 import pb
 
+from .errors import SharedMemoryFullError
 from .grpc_transport import Connection, encode_header
 from .staging import PAGE_BYTES, Layout, StagingBuffer
 from .transport import SaveTransport
@@ -54,6 +58,11 @@ class ShmBuffer(StagingBuffer):
         )
         self.name = self.segment.name
         self._hold = segments.hold(self.name)
+        try:
+            _reserve(self.name, capacity)
+        except BaseException:
+            self._discard()
+            raise
         # Through numpy, so every tensor view holds a buffer export of the mapping: the
         # mapping then cannot be unmapped under a live view (torch.frombuffer holds none).
         mapping = self.segment.buf
@@ -66,6 +75,14 @@ class ShmBuffer(StagingBuffer):
     @property
     def capacity(self) -> int:
         return self._capacity if self.segment is not None else 0
+
+    def _discard(self) -> None:
+        """Unlinks and closes a segment that was never mapped into a tensor."""
+        with contextlib.suppress(FileNotFoundError):
+            self.segment.unlink()
+        if self._hold is not None:
+            os.close(self._hold)
+        self.segment.close()
 
     def close(self) -> None:
         """Unlinks the segment, then unmaps it (idempotent)."""
@@ -136,6 +153,40 @@ class RestoreSegment:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _reserve(name: str, capacity: int) -> None:
+    """Allocates every page of a new segment now. ``SharedMemory`` only ``ftruncate``s, so
+    tmpfs would allocate a page at the first write through the mapping, and on a full
+    ``/dev/shm`` that write is a SIGBUS that kills the trainer; ``posix_fallocate`` fails
+    with ENOSPC instead, before any byte is copied (``SharedMemoryFullError``)."""
+    if not hasattr(os, "posix_fallocate"):  # not Linux: no /dev/shm to exhaust either
+        return
+    try:
+        fd = segments.open_no_follow(segments.SHM_ROOT / name, writable=True)
+    except OSError:
+        return  # the host exposes no /dev/shm file to reserve (not Linux)
+    try:
+        os.posix_fallocate(fd, 0, capacity)
+    except OSError as exc:
+        raise SharedMemoryFullError(_no_room_message(capacity, exc)) from exc
+    finally:
+        os.close(fd)
+
+
+def _no_room_message(capacity: int, exc: OSError) -> str:
+    try:
+        fs = os.statvfs(segments.SHM_ROOT)
+        room = (f"{fs.f_bavail * fs.f_frsize} bytes free of {fs.f_blocks * fs.f_frsize} "
+                f"in {segments.SHM_ROOT}")
+    except OSError:
+        room = f"{segments.SHM_ROOT} cannot be inspected"
+    return (
+        f"cannot reserve a {capacity}-byte shared-memory staging buffer: {exc.strerror} "
+        f"({room}); give the trainer's container a larger /dev/shm (docker run "
+        "--shm-size, a Kubernetes emptyDir with medium: Memory), or save over gRPC "
+        "(transport='grpc'; transport='auto' switches by itself)"
+    )
 
 
 def _page_lock(data: torch.Tensor) -> bool:

@@ -3,7 +3,10 @@
 * The **sender** takes snapshots in step order, hands each to the transport, and frees the
   staging buffer as soon as the daemon ACCEPTED it (or refused it). A busy daemon with
   ``fail_if_busy`` set marks the save skipped; a daemon that cannot open our shared memory
-  makes the sender switch to streaming for good (``fallback``).
+  makes the sender switch to streaming for good (``fallback``). So does a ``/dev/shm``
+  without room for a new staging segment (``SharedMemoryFullError``, raised on the trainer
+  thread by the pool's ``allocate``, which the worker wraps): that save is staged in
+  process memory instead. Either way the switch happens once, with one warning.
 * The **watcher** follows accepted saves in order with ``WaitSave`` until each is DURABLE
   or FAILED, so handles resolve without the trainer polling and failures are logged as
   they happen.
@@ -32,6 +35,7 @@ from .errors import (
     DaemonBusyError,
     RequestCancelledError,
     SaveFailedError,
+    SharedMemoryFullError,
     SharedMemoryRefusedError,
 )
 from .grpc_transport import Connection
@@ -70,6 +74,8 @@ class SaveWorker:
         self.transport = transport
         self.pool = pool
         self._fallback = fallback
+        self._switch = threading.Lock()  # the trainer's allocate and the sender both switch
+        pool.allocate = self._allocate
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._accepted: queue.Queue[SaveHandle | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -125,17 +131,17 @@ class SaveWorker:
                     ),
                 )
                 return
+            transport = self.transport
             try:
-                status = self.transport.send(job.header, job.buffer, job.layout)
+                status = transport.send(job.header, job.buffer, job.layout)
             except DaemonBusyError as exc:
                 handle._set_skipped(f"daemon busy: {exc.details}")
                 logger.warning("skipped checkpoint step %d: %s", handle.step, exc)
                 return
             except SharedMemoryRefusedError as exc:
-                if self._fallback is None:
+                if not self._switch_to_streaming(exc, transport):
                     self._fail(handle, exc)
                     return
-                self._switch_to_streaming(exc)
                 continue
             except CkptdClientError as exc:
                 self._fail(handle, exc)
@@ -150,16 +156,35 @@ class SaveWorker:
         handle._set_accepted()
         self._accepted.put(handle)
 
-    def _switch_to_streaming(self, exc: CkptdClientError) -> None:
-        assert self._fallback is not None
-        logger.warning(
-            "the daemon cannot read this process's shared memory (%s); "
-            "streaming checkpoints over gRPC instead",
-            exc.details,
-        )
-        self.transport = self._fallback()
-        self.pool.allocate = self.transport.allocate
-        self._fallback = None
+    def _allocate(self, capacity: int) -> StagingBuffer:
+        """The pool's ``allocate`` (trainer thread): a new buffer from the transport in use,
+        switching to streaming first when shared memory has no room for it."""
+        transport = self.transport
+        try:
+            return transport.allocate(capacity)
+        except SharedMemoryFullError as exc:
+            if not self._switch_to_streaming(exc, transport):
+                raise
+        return self.transport.allocate(capacity)
+
+    def _switch_to_streaming(self, exc: SharedMemoryRefusedError, failed: SaveTransport) -> bool:
+        """Streams every later save, unless ``failed`` (the transport that raised ``exc``)
+        was replaced already; False when there is no fallback to switch to."""
+        with self._switch:
+            if self.transport is not failed:
+                return True  # the other thread switched meanwhile
+            if self._fallback is None:
+                return False
+            full = isinstance(exc, SharedMemoryFullError)
+            logger.warning(
+                "%s (%s); streaming checkpoints over gRPC instead",
+                "shared memory is full" if full else
+                "the daemon cannot read this process's shared memory",
+                exc.details,
+            )
+            self.transport = self._fallback()
+            self._fallback = None
+            return True
 
     # Watcher.
 

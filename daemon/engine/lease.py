@@ -21,6 +21,11 @@ the rules). Call order, all on the engine's event loop:
   finds the lease lost drops it (later saves take it again or are refused).
 * ``await close()`` stops the task and releases every held lease, so that after a clean
   shutdown another daemon takes the chains at once instead of waiting for the expiry.
+
+Records do not pile up (``store.prune``, ``store.remove``): a take, once it deleted the
+previous holder's void manifests, prunes the chain's older records, and on storage this
+daemon holds alone the release of a chain with no step left (its run deleted) removes its
+records instead of marking them released.
 """
 
 from __future__ import annotations
@@ -174,28 +179,49 @@ class ChainLeases:
         log.info("chain lease taken %s", fields(
             run=chain.run, rank=chain.rank, generation=lease.generation, after_step=after,
             steps=len(found.entries), leftover_keys=len(found.garbage)))
-        await self._clean(chain, found.garbage)
+        if await self._clean(chain, found.garbage):
+            await self._prune(lease)
         for moved in await self._repository.quarantine(found.damaged):
             log.error("quarantined a step that may have been committed; see `ckptd ls "
                       "--quarantined` %s", fields(run=chain.run, rank=chain.rank,
                                                    step=moved.key.step, reason=moved.reason))
         return lease
 
-    async def _clean(self, chain: Chain, garbage: list[str]) -> None:
+    async def _clean(self, chain: Chain, garbage: list[str]) -> bool:
         """Deletes the previous holder's uncommitted and void step directories (best
-        effort: the next taker finds whatever is left)."""
+        effort: the next taker finds whatever is left); returns whether all went."""
         if not garbage:
-            return
+            return True
         try:
             await self._pools.run_io(functools.partial(self._storage.delete, garbage))
         except StorageError as exc:
             log.warning("cannot remove a previous writer's leftovers %s",
                         fields(run=chain.run, rank=chain.rank, error=str(exc)))
+            return False
+        return True
+
+    async def _prune(self, lease: store.Lease) -> None:
+        """Deletes the chain's older lease records that fence nothing any more
+        (``store.prune``; best effort: the next taker prunes what is left)."""
+        prune = functools.partial(store.prune, self._storage, lease, now_unix_s=self._clock(),
+                                  exclusive=not self._storage.shared)
+        try:
+            pruned = await self._pools.run_io(prune)
+        except StorageError as exc:
+            log.warning("cannot prune old chain lease records %s",
+                        fields(run=lease.run, rank=lease.rank, error=str(exc)))
+            return
+        if pruned:
+            log.info("old chain lease records pruned %s", fields(
+                run=lease.run, rank=lease.rank, generations=len(pruned)))
 
     async def _release(self, key: ChainKey) -> None:
         lease = self._held.pop(key, None)
         self._used_at_s.pop(key, None)
         if lease is None:
+            return
+        if not self._storage.shared and not self._repository.index.entries(*key):
+            await self._remove(key)  # its run was deleted: nothing left to fence
             return
         release = functools.partial(store.release, self._storage, lease,
                                     now_unix_s=self._clock())
@@ -207,6 +233,16 @@ class ChainLeases:
             return
         log.info("chain lease released %s", fields(run=key[0], rank=key[1],
                                                      generation=lease.generation))
+
+    async def _remove(self, key: ChainKey) -> None:
+        try:
+            removed = await self._pools.run_io(functools.partial(store.remove, self._storage, *key))
+        except StorageError as exc:
+            log.warning("cannot remove the lease records of a chain without steps %s",
+                        fields(run=key[0], rank=key[1], error=str(exc)))
+            return
+        log.info("lease records of a chain without steps removed %s",
+                 fields(run=key[0], rank=key[1], records=removed))
 
     def _lost(self, key: ChainKey) -> None:
         self._held.pop(key, None)

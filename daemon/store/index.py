@@ -199,6 +199,9 @@ class ScanResult:
     entries: list[IndexEntry]
     garbage: list[str]
     damaged: list[DamagedStep] = field(default_factory=list)
+    # Void manifests (their keys are in ``garbage``): a writer that had lost its lease
+    # committed them, so their steps are not committed, whatever a world record says.
+    void: list[Manifest] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ async def scan(
     for step, outcome in zip(committed, loaded, strict=True):
         if isinstance(outcome, IndexEntry) and _void(outcome.manifest, leases):
             result.garbage.extend(by_step[step])
+            result.void.append(outcome.manifest)
         elif isinstance(outcome, IndexEntry):
             hidden = hidden_key(step) in by_step[step]
             result.entries.append(dataclasses.replace(outcome, hidden=hidden))

@@ -32,9 +32,21 @@ The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local
   generation: every commit made under the previous lease is in that listing, and a commit
   it did not see is always after ``after_step``.
 
+* **Pruning**: a take makes a record, and a chain idle for ``lease_ttl_s`` is released, so
+  a trainer saving less often than that takes a generation per save; records are pruned so
+  that they do not grow with the saves (and every scan, which reads them all, with them).
+  Once a taker has deleted the void manifests its scan found, it deletes the records below
+  its own (``prune``): every one of them where the storage is the caller's alone
+  (``exclusive``: no other writer can commit late), else those that ended more than
+  ``RECORD_GRACE_S`` ago. A chain with no step left (its run deleted) loses its last record
+  at release on exclusive storage (``remove``); on shared storage that record stays, so
+  that its generation count, and the fence of a writer still in flight, go on.
+
 Assumptions, stated in the README: wall clocks of the daemons agree well within
-``lease_ttl_s`` (expiry is wall time, compared by each reader), and the store's listing is
-strongly consistent (S3 is since 2020; a local directory is).
+``lease_ttl_s`` (expiry is wall time, compared by each reader), the store's listing is
+strongly consistent (S3 is since 2020; a local directory is), and a commit reaches the store
+within ``RECORD_GRACE_S`` of its writer's lease check (a write delayed longer, by a process
+paused between the check and its manifest put, is fenced only by the records still kept).
 """
 
 from __future__ import annotations
@@ -51,6 +63,9 @@ from ckptd.daemon.storage.base import KeyNotFoundError, Storage
 FORMAT_NAME = "ckptd.lease"
 FORMAT_VERSION = 1
 LEASES_PREFIX = "leases/"
+# How long after a superseded lease ended its record still fences late commits on shared
+# storage; far beyond any storage call's retries, so only a paused process outlives it.
+RECORD_GRACE_S = 3600.0
 _KEY_RE = re.compile(r"leases/(?P<run>[A-Za-z0-9._-]+)/(?P<rank>[0-9]+)/(?P<gen>[0-9]{20})\.json")
 
 
@@ -227,6 +242,34 @@ def check_current(storage: Storage, lease: Lease, *, now_unix_s: float) -> None:
     if generations and generations[-1] != lease.generation:
         current = read_current(storage, lease.run, lease.rank)
         raise _leased(current or lease, now_unix_s, lost=True)
+
+
+def prune(storage: Storage, lease: Lease, *, now_unix_s: float, exclusive: bool) -> list[int]:
+    """Deletes the chain's generations below ``lease`` (the caller's own) that no longer
+    fence a commit; returns them. Call only once the void manifests of the taker's scan are
+    deleted: a pruned record no longer voids what only it fenced. ``exclusive``: the caller
+    holds the whole storage, so every lower generation goes; else those that ended
+    (``expires_unix_s``) at least ``RECORD_GRACE_S`` before ``now_unix_s``."""
+    if exclusive:
+        old = [g for g in read_generations(storage, lease.run, lease.rank)
+               if g < lease.generation]
+    else:
+        chain = read_all(storage, chain_prefix(lease.run, lease.rank)).get(
+            (lease.run, lease.rank), [])
+        old = [record.generation for record in chain if record.generation < lease.generation
+               and now_unix_s - record.expires_unix_s >= RECORD_GRACE_S]
+    if old:
+        storage.delete([lease_key(lease.run, lease.rank, generation) for generation in old])
+    return old
+
+
+def remove(storage: Storage, run: str, rank: int) -> int:
+    """Deletes every lease record of a chain that has no step left, on storage its caller
+    holds alone (no other writer: nothing is left to fence); returns how many."""
+    keys = [lease_key(run, rank, g) for g in read_generations(storage, run, rank)]
+    if keys:
+        storage.delete(keys)
+    return len(keys)
 
 
 def _rewrite(storage: Storage, lease: Lease, updated: Lease, now_unix_s: float) -> Lease:

@@ -87,6 +87,7 @@ class Repository:
         for entry in found.entries:
             self.index.add(entry)
         await self.worlds.load()
+        await self.worlds.discard_void(found.void)
         return found
 
     async def refresh(self) -> None:
@@ -95,6 +96,7 @@ class Repository:
         known = {manifest_key(e.manifest.key): e for run, rank in self.index.chains()
                  for e in self.index.entries(run, rank)}
         found = await scan(self.storage, self._pools.run_io, known=known)
+        await self.worlds.discard_void(found.void)
         by_chain: dict[ChainKey, list[IndexEntry]] = {}
         for entry in found.entries:
             by_chain.setdefault((entry.manifest.key.run, entry.manifest.key.rank), []).append(
@@ -104,8 +106,11 @@ class Repository:
                 self.replace_chain(chain, by_chain.get(chain, []))
 
     async def scan_chain(self, run: str, rank: int) -> ScanResult:
-        """One chain's committed steps in storage, read afresh (nothing cached)."""
-        return await scan(self.storage, self._pools.run_io, chain=(run, rank))
+        """One chain's committed steps in storage, read afresh (nothing cached); the world
+        records its void manifests claimed are deleted."""
+        found = await scan(self.storage, self._pools.run_io, chain=(run, rank))
+        await self.worlds.discard_void(found.void)
+        return found
 
     async def reread_chain(self, run: str, rank: int) -> None:
         """Re-reads one chain from storage into the index unless this process holds it

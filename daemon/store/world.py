@@ -20,7 +20,11 @@ step without its record: ``missing_ranks`` (restores) and ``repair`` (the engine
 record it when they find every manifest, so the record is repaired lazily.
 
 **What reads it.** ``missing_ranks`` answers a restore: a record means complete; without
-one, the index and then storage decide, and a complete step gets its record on the way.
+one, the index and then storage decide (a manifest there counts unless it is void: its
+writer had lost the chain's lease, ``ckptd.daemon.store.lease``), and a complete step gets
+its record on the way. A record that a void manifest made look complete (written before
+the fence was seen) is deleted by the next scan that finds the manifest void
+(``discard_void``: at start, on a refresh, or when the chain's lease is taken).
 ``missing_indexed`` answers listings from memory: the records this process has seen and
 its index (an index that other daemons' commits have not reached yet reports their ranks
 missing until it is refreshed). A deletion of any rank's step, or retention hiding it,
@@ -35,10 +39,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from ckptd.daemon.domain import CheckpointHeader, StepKey
-from ckptd.daemon.errors import InvalidRequestError, KeyNotFoundError, StepIncompleteError
+from ckptd.daemon.errors import (
+    CorruptCheckpointError,
+    InvalidRequestError,
+    KeyNotFoundError,
+    StepIncompleteError,
+    StorageError,
+)
 from ckptd.daemon.logs import fields, get_logger, step_fields
 from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store.index import RunInPool, StepIndex
+from ckptd.daemon.store.lease import chain_prefix, is_void, read_all
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 
 FORMAT_NAME = "ckptd.world"
@@ -139,7 +150,7 @@ class Worlds:
                 return ()
             missing = []
             for rank in absent:
-                if not await self._exists(manifest_key(StepKey(run, rank, step))):
+                if not await self._committed_in_storage(StepKey(run, rank, step)):
                     missing.append(rank)
                     if first_only:
                         break
@@ -219,6 +230,22 @@ class Worlds:
         await self._run_io(lambda: self._storage.delete(keys))
         self._recorded.difference_update((run, step) for step in steps)
 
+    async def discard_void(self, manifests: Iterable[Manifest]) -> None:
+        """Deletes the records of the world steps that void manifests (``scan``'s ``void``)
+        claim: a rank whose copy is void never committed the step, so a record made while
+        that manifest looked committed (before the fence was seen) is wrong. Best effort:
+        a record left by a failed delete is found again at the next scan."""
+        by_run: dict[str, set[int]] = {}
+        for manifest in manifests:
+            if manifest.world_size:
+                by_run.setdefault(manifest.key.run, set()).add(manifest.key.step)
+        for run, steps in by_run.items():
+            try:
+                await self.forget(run, sorted(steps))
+            except StorageError as exc:
+                log.warning("cannot delete the world records of void steps %s",
+                            fields(run=run, steps=sorted(steps), error=str(exc)))
+
     def _latest_of_run(self, run: str) -> Manifest | None:
         latest: Manifest | None = None
         for rank in self._index.ranks(run):
@@ -245,6 +272,23 @@ class Worlds:
         if created:
             log.info("world step complete %s", fields(run=run, step=step, world_size=world_size))
         return int(created)
+
+    async def _committed_in_storage(self, key: StepKey) -> bool:
+        """Whether another writer committed ``key``: its manifest is in storage, readable,
+        and not void (committed by a writer that had lost the chain's lease, which the
+        chain's next holder deletes: counting it would record a step that rank lacks)."""
+        where = manifest_key(key)
+
+        def read() -> bool:
+            try:
+                manifest = Manifest.from_bytes(self._storage.get(where), where)
+            except (KeyNotFoundError, CorruptCheckpointError):
+                return False  # absent, or damaged: not a copy a restore could serve
+            leases = read_all(self._storage, chain_prefix(key.run, key.rank))
+            return manifest.key == key and not is_void(
+                manifest.lease_generation, key.step, leases.get((key.run, key.rank), ()))
+
+        return await self._run_io(read)
 
     async def _exists(self, key: str) -> bool:
         try:

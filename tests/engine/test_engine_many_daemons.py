@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from ckptd.daemon.cli.storage_catalog import StorageCatalog
 from ckptd.daemon.domain import StepKey
+from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
-from ckptd.daemon.storage import open_storage
+from ckptd.daemon.storage import LocalStorage, open_storage
 from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 from ckptd.protos.records import SaveState
@@ -170,3 +171,27 @@ def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
         assert [i.step for i in catalog.list_steps(RUN, 0)] == [1]
         current = lease.read_current(open_storage(s3_url), RUN, 0)
         assert current is not None and current.released and current.after_step == 1
+
+
+def test_lease_records_do_not_grow_with_saves_and_go_with_their_run(tmp_path: Path) -> None:
+    # A trainer that saves less often than lease_ttl_s takes a generation per save.
+    config = dataclasses.replace(SMALL, lease_ttl_s=0.6, lease_renew_interval_s=0.15)
+    states = list(random_walk(13, 2))
+
+    async def released(engine: Engine) -> None:
+        deadline = time.monotonic() + 30
+        while not (current := lease.read_current(engine.storage, RUN, 0)).released:
+            assert time.monotonic() < deadline, current
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            await save(engine, 0, states[0])
+            await released(engine)
+            await save(engine, 1, states[1])  # takes generation 2: generation 1 is pruned
+            assert lease.read_generations(engine.storage, RUN, 0) == [2]
+            assert await engine.delete_run(RUN) == 2
+        # The deleted run's chain, released at close, leaves no lease record behind.
+        assert not LocalStorage(tmp_path).list("leases/")
+
+    asyncio.run(scenario())

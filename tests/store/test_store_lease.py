@@ -113,3 +113,35 @@ def test_check_free_refuses_only_another_holders_live_lease(tmp_path: Path) -> N
     lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0 + TTL_S)  # expired
     lease.release(storage, held, now_unix_s=T0 + 2)
     lease.check_free(storage, "r", 0, "daemon-b", now_unix_s=T0 + 3)  # released
+
+
+def test_prune_keeps_superseded_records_on_shared_storage_until_their_grace_ran_out(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path)
+    first = lease.release(storage, _take(storage, "daemon-a", T0), now_unix_s=T0 + 5)
+    second = lease.release(storage, _take(storage, "daemon-b", T0 + 6, after=3),
+                           now_unix_s=T0 + 30)
+    third = _take(storage, "daemon-a", T0 + 200, after=8)
+    assert lease.prune(storage, third, now_unix_s=T0 + 200, exclusive=False) == []
+    # A late commit of generation 1 past step 3 stays void while generation 2 is kept.
+    assert lease.is_void(1, 5, lease.read_all(storage)[("r", 0)])
+    ended_first = first.expires_unix_s + lease.RECORD_GRACE_S
+    assert lease.prune(storage, third, now_unix_s=ended_first, exclusive=False) == [1]
+    ended_second = second.expires_unix_s + lease.RECORD_GRACE_S
+    assert lease.prune(storage, third, now_unix_s=ended_second, exclusive=False) == [2]
+    assert lease.read_generations(storage, "r", 0) == [3]
+    assert lease.read_current(storage, "r", 0) == third
+
+
+def test_prune_on_exclusive_storage_keeps_only_the_takers_record(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    for now in (T0, T0 + 100, T0 + 200):
+        taken = _take(storage, "daemon-a", now, after=int(now - T0))
+        lease.release(storage, taken, now_unix_s=now + 1)
+    current = _take(storage, "daemon-a", T0 + 300, after=300)
+    assert lease.prune(storage, current, now_unix_s=T0 + 300, exclusive=True) == [1, 2, 3]
+    assert lease.read_generations(storage, "r", 0) == [4]
+    assert lease.remove(storage, "r", 0) == 1
+    assert lease.read_generations(storage, "r", 0) == []
+    assert _take(storage, "daemon-a", T0 + 400).generation == 1

@@ -20,6 +20,7 @@ from ckptd.daemon.domain import CheckpointHeader, StepKey, TensorSpec
 from ckptd.daemon.errors import InvalidRequestError, StepIncompleteError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import LocalStorage
+from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import (
     BASE,
     EXACT,
@@ -116,5 +117,50 @@ def test_a_world_size_change_is_refused_unless_reshardable(tmp_path: Path, pools
         with pytest.raises(InvalidRequestError, match="rank 4 is outside its world of 4"):
             repo.worlds.check_header(CheckpointHeader(StepKey(RUN, 4, 2), (SPEC,),
                                                       world_size=4))
+
+    asyncio.run(scenario())
+
+
+async def _late_rank_one(tmp_path: Path, pools: Pools) -> tuple[Repository, Repository]:
+    """Repository ``a`` commits rank 0 of step 7 (a world of 2); another daemon takes rank
+    1's chain, finding no step in it; then ``b``, a writer that had lost rank 1's lease,
+    commits rank 1 of step 7 past that fence: a void manifest (``store.lease.is_void``)."""
+    a, b = (Repository(LocalStorage(tmp_path), pools) for _ in range(2))
+    for repo in (a, b):
+        await repo.load()
+    await _commit(a, 0, 7, 2)
+    lease.take(a.storage, RUN, 1, "daemon-c", ttl_s=30, now_unix_s=time.time(),
+               after_step=None)
+    await _commit(b, 1, 7, 2)
+    return a, b
+
+
+def test_a_void_manifest_does_not_complete_a_world_step(tmp_path: Path, pools: Pools) -> None:
+    async def scenario() -> None:
+        a, _ = await _late_rank_one(tmp_path, pools)
+        assert await a.worlds.missing_ranks(RUN, 7, 2) == (1,)
+        with pytest.raises(StepIncompleteError, match=r"ranks \[1\]"):
+            await a.worlds.restorable(RUN, 0, 7, allow_incomplete=False)
+        assert not (tmp_path / world_key(RUN, 7)).exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_record_that_a_void_manifest_completed_goes_at_the_next_scan(
+    tmp_path: Path, pools: Pools
+) -> None:
+    async def scenario() -> None:
+        _, b = await _late_rank_one(tmp_path, pools)
+        # The late writer records the world from its own index before anyone saw the fence.
+        assert await b.worlds.committed(StepKey(RUN, 1, 7), 2)
+        record = tmp_path / world_key(RUN, 7)
+        assert record.exists()
+        fresh = Repository(LocalStorage(tmp_path), pools)
+        found = await fresh.load()
+        assert [m.key for m in found.void] == [StepKey(RUN, 1, 7)]
+        assert not record.exists()
+        with pytest.raises(StepIncompleteError, match=r"ranks \[1\]"):
+            await fresh.worlds.restorable(RUN, 0, 7, allow_incomplete=False)
+        assert await fresh.worlds.restorable(RUN, 0, None, allow_incomplete=True) == 7
 
     asyncio.run(scenario())

@@ -1,0 +1,107 @@
+"""A trainer and its daemon on a /dev/shm too small for the checkpoint (Docker's default is
+64 MB). Run by ``test_client_shm_full.py`` inside its own user and mount namespace, whose
+/dev/shm is a private tmpfs of ``--shm-bytes`` (the host's /dev/shm is never filled).
+
+Prints one JSON object: what each scenario ended with (an exception's class and message,
+the transport, whether the restored state matched). A SIGBUS kills the process instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: daemon_harness
+
+from ckptd.client import Checkpointer
+from daemon_harness import start_in_process
+
+
+class Warnings(logging.Handler):
+    """Collects the client's warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def state(nbytes: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(nbytes // 4, generator=generator),
+            "step": torch.tensor(seed, dtype=torch.int64)}
+
+
+def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def failure(exc: BaseException) -> dict[str, str]:
+    return {"error": type(exc).__name__, "message": str(exc)}
+
+
+def scenarios(address: str, big: int, small: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    warnings = Warnings()
+    logging.getLogger("ckptd.client").addHandler(warnings)
+    big_state = state(big, 1)
+    # transport="auto": the staging segment does not fit, the save streams over gRPC.
+    with Checkpointer(address, "auto-run", connect_timeout_s=30) as ckpt:
+        out["auto_transport_before"] = ckpt.transport
+        ckpt.save(1, big_state)
+        ckpt.save(2, state(big, 2))
+        ckpt.wait(timeout_s=120)
+        out["auto_transport_after"] = ckpt.transport
+        out["auto_warnings"] = list(warnings.messages)
+        warnings.messages.clear()
+        # The restore segment cannot hold the step either: the daemon refuses, it streams.
+        out["auto_restore_same"] = same(ckpt.restore(1), big_state)
+        out["auto_restore_zero_copy_same"] = same(ckpt.restore(1, zero_copy=True), big_state)
+        out["auto_restore_warnings"] = list(warnings.messages)
+    # transport="shm": the same saves and restores fail with a clear error instead.
+    with Checkpointer(address, "shm-run", transport="shm", connect_timeout_s=30) as ckpt:
+        try:
+            ckpt.save(1, big_state)
+            out["shm_save"] = {"error": None}
+        except Exception as exc:
+            out["shm_save"] = failure(exc)
+        small_state = state(small, 3)
+        ckpt.save(2, small_state)  # one that fits still goes through shared memory
+        ckpt.wait(timeout_s=120)
+        out["shm_small_transport"] = ckpt.transport
+        out["shm_small_restore_same"] = same(ckpt.restore(2), small_state)
+    with Checkpointer(address, "auto-run", transport="shm", connect_timeout_s=30) as ckpt:
+        try:
+            ckpt.restore(1)
+            out["shm_restore"] = {"error": None}
+        except Exception as exc:
+            out["shm_restore"] = failure(exc)
+    out["leftover_segments"] = sorted(os.listdir("/dev/shm"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--big-bytes", type=int, required=True)
+    parser.add_argument("--small-bytes", type=int, required=True)
+    args = parser.parse_args()
+    daemon = start_in_process(args.dir / "storage", listen=f"unix://{args.dir}/ckptd.sock")
+    try:
+        result = scenarios(daemon.address, args.big_bytes, args.small_bytes)
+    finally:
+        daemon.stop()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
