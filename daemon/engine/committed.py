@@ -49,14 +49,11 @@ class CommittedSteps:
         touch: Callable[[Chain], None],
         schedule_retention: Callable[[Chain], None],
     ) -> None:
-        self._repository = repository
-        self._index = repository.index
-        self._catalog = catalog
-        self._retainer = retainer
-        self._leases = leases
+        self._repository, self._index = repository, repository.index
+        self._catalog, self._retainer, self._leases = catalog, retainer, leases
         self._reports = reports
-        self._chain = chain
-        self._touch = touch
+        # The engine's: the lookup that makes a chain, its head's residency, retention.
+        self._chain, self._touch = chain, touch
         self._schedule_retention = schedule_retention
 
     async def restorable(

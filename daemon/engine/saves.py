@@ -71,21 +71,13 @@ class Saves:
         schedule_retention: Callable[[Chain], None],
     ) -> None:
         self.config = config
-        self._repository = repository
-        self._index = repository.index
-        self._budget = budget
-        self._receive_buffers = receive_buffers
-        self._prefill = prefill
-        self._streamed = streamed
-        self._pipeline = pipeline
-        self._outputs = outputs
-        self._leases = leases
-        self._reports = reports
-        self._observer = reports.observer
+        self._repository, self._index = repository, repository.index
+        self._budget, self._receive_buffers, self._prefill = budget, receive_buffers, prefill
+        self._streamed, self._pipeline, self._outputs = streamed, pipeline, outputs
+        self._leases, self._reports, self._observer = leases, reports, reports.observer
         self._notify = reports.notify  # every observer call: it never fails a save
-        self._chains = chains
-        self._chain = chain
-        self._touch = touch
+        # The engine's: every chain, the lookup that makes one, its head's residency.
+        self._chains, self._chain, self._touch = chains, chain, touch
         self._schedule_retention = schedule_retention
         self._sessions: set[SaveSession] = set()
         self._ledger = SaveLedger()
