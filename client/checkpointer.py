@@ -2,17 +2,16 @@
 
 ``save`` snapshots the state into a pooled staging buffer and returns a ``SaveHandle`` at
 once; the client's sender thread hands the snapshot to the daemon, and its watcher thread
-follows it to durability. With ``snapshot="overlap"`` a third thread makes the copy while
-the trainer computes on (``overlap.py``). ``restore`` streams a step back and rebuilds the
-saved structure. Everything runs on gRPC's sync API and private threads: nothing imposes an
+follows it to durability (``saver.py``, over the transport ``selection.py`` chose). With
+``snapshot="overlap"`` a third thread makes the copy while the trainer computes on
+(``overlap.py``). ``restore`` streams a step back and rebuilds the saved structure
+(``restore.py``). Everything runs on gRPC's sync API and private threads: nothing imposes an
 event loop on the trainer, and nothing in the background raises into it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 import weakref
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -25,22 +24,19 @@ from ckptd.protos.v1 import pb
 
 from .config import CheckpointerConfig, check_run, check_world
 from .credentials import TlsArg, resolve_token, tls_files
-from .errors import CheckpointNotFoundError, CkptdTimeoutError
-from .grpc_transport import Connection, StreamTransport, chunk_bytes_for
-from .handle import SaveHandle, SaveState
+from .errors import CheckpointNotFoundError
+from .grpc_transport import Connection
+from .handle import SaveHandle
 from .header import HeaderBuilder
-from .overlap import Guard, PendingCopy, SnapshotThread, install_guard, split_leaves
+from .overlap import Guard
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, restore_state
-from .retention import Retention, check_metrics
+from .retention import Retention
 from .retry import Retry
-from .shm import ShmTransport, is_unix_target, same_host
-from .staging import StagingPool, plan_layout, snapshot
-from .structure import flatten
-from .transport import SaveTransport
-from .worker import SaveJob, SaveWorker
-
-logger = logging.getLogger("ckptd.client")
+from .saver import Saver, shutdown
+from .selection import choose_transport
+from .shm import ShmTransport
+from .staging import StagingPool
 
 # How long a checkpointer left open at interpreter exit keeps handing over queued saves.
 EXIT_TIMEOUT_S = 30.0
@@ -169,7 +165,8 @@ class Checkpointer:
             self.server_info = self._connection.wait_ready(
                 Retry(self.config.connect_timeout_s, "connect_timeout_s")
             )
-            transport_impl, fallback = self._choose_transport(self.server_info)
+            transport_impl, fallback = choose_transport(
+                self.config.transport, self.target, self._connection, self.server_info)
             # Restores follow the save's choice: shared memory where saves use it.
             self._restore_shm = isinstance(transport_impl, ShmTransport)
             self._restore_fallback = fallback is not None
@@ -179,35 +176,18 @@ class Checkpointer:
         except BaseException:
             self._connection.close()
             raise
-        self._pool = StagingPool(
-            transport_impl.allocate,
-            max_buffers=self.config.staging_buffers,
-            max_total_bytes=self.config.max_staging_bytes,
-        )
-        self._worker = SaveWorker(
-            self._connection,
-            transport_impl,
-            self._pool,
-            fallback=fallback,
-        )
-        self._copier = (
-            SnapshotThread(self._worker.submit, self._pool.release)
-            if self.config.snapshot == "overlap"
-            else None
-        )
-        self._guards: list[Guard] = []
-        self._warned_unguarded = False
-        self._headers = HeaderBuilder(run, rank, self.config.policies, self.server_info,
-                                      world_size=world, reshardable=bool(reshardable))
-        self._handles: list[SaveHandle] = []
-        self._last_step: int | None = None
-        self._latest_known = False  # whether _last_step covers steps saved before us
+        headers = HeaderBuilder(run, rank, self.config.policies, self.server_info,
+                                world_size=world, reshardable=bool(reshardable))
+        self._saver = Saver(self.config, self._connection, transport_impl, headers,
+                            fallback=fallback)
+        self._worker = self._saver.worker
+        self._latest_known = False  # whether the saver's last step covers steps saved before us
         self._closed = False
         # A checkpointer dropped or left open at exit still hands over its queued saves and
         # unlinks its shared memory (the threads and the pool do not reference self).
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._copier, self._worker, self._connection, self._pool,
-            EXIT_TIMEOUT_S,
+            self, shutdown, self._saver.copier, self._worker, self._connection,
+            self._saver.pool, EXIT_TIMEOUT_S,
         )  # fmt: skip
 
     # Public API.
@@ -220,7 +200,7 @@ class Checkpointer:
     @property
     def staging_pool(self) -> StagingPool:
         """The staging buffers (exposed for tests and benchmarks: ``stats``, ``buffers``)."""
-        return self._pool
+        return self._saver.pool
 
     def save(
         self,
@@ -255,42 +235,7 @@ class Checkpointer:
             ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits.
         """
         self._check_open()
-        self._check_step(step)
-        scores = check_metrics(None if metrics is None else dict(metrics))
-        flat = flatten(state)
-        bits = check_bits(bits, "bits") or self.config.bits
-        header = self._headers.build(step, flat, bits, metadata)
-        header.metrics.update(scores)
-        layout = plan_layout([leaf.nbytes for leaf in flat.leaves])
-        handle = SaveHandle(self.run, self.rank, step)
-        skip = self.config.when_busy == "skip"
-        buffer = self._pool.acquire(layout.total_bytes, 0.0 if skip else self.config.busy_timeout_s)
-        if buffer is None:
-            reason = self._busy_reason(skip)
-            handle._set_skipped(reason)
-            logger.warning("skipped checkpoint step %d: %s", step, reason)
-            return handle
-        header.fail_if_busy = skip
-        job = SaveJob(handle, header, buffer, layout)
-        copy_now: list[int] | None = None  # None: every leaf
-        deferred: list[int] = []
-        versions: list[int] = []
-        if self._copier is not None:
-            self._warn_if_unguarded()
-            buffers = set().union(*(guard.buffer_pointers() for guard in self._guards))
-            copy_now, deferred, versions = split_leaves(flat.leaves, buffers)
-        try:
-            snapshot(flat.leaves, layout, buffer, copy_now)
-        except BaseException:
-            self._pool.release(buffer)
-            raise
-        self._last_step = step
-        self._track(handle)
-        if self._copier is None:
-            self._worker.submit(job)
-        else:
-            self._copier.put(PendingCopy(job, flat.leaves, tuple(deferred), tuple(versions)))
-        return handle
+        return self._saver.save(step, state, bits, metadata, metrics)
 
     def guard(self, *targets: torch.nn.Module | torch.optim.Optimizer) -> Guard:
         """Makes the calls that change a saved state wait for overlapped copies in flight.
@@ -305,22 +250,7 @@ class Checkpointer:
             TypeError: A target is neither an optimizer nor a module.
         """
         self._check_open()
-        # The hooks hold the copier, not the checkpointer, so a model outliving it does not
-        # keep it (and its threads) alive.
-        guard = install_guard(targets, self._copier.wait if self._copier else _nothing_pending)
-        self._guards.append(guard)
-        return guard
-
-    def _warn_if_unguarded(self) -> None:
-        if self._warned_unguarded or any(guard.hooks for guard in self._guards):
-            return
-        self._warned_unguarded = True
-        logger.warning(
-            "snapshot='overlap' but no optimizer is guarded: call "
-            "Checkpointer.guard(model, optimizer), or wait_snapshot() before changing saved "
-            "tensors; changes that bypass torch's version counters (fused optimizers, "
-            "tensor.data) would otherwise be saved half-updated without an error"
-        )
+        return self._saver.guard(targets)
 
     def wait_snapshot(self, timeout_s: float | None = None) -> None:
         """Waits until every overlapped copy started so far has finished (returns at once
@@ -329,8 +259,7 @@ class Checkpointer:
         Raises:
             CkptdTimeoutError: Copies were still running after ``timeout_s``.
         """
-        if self._copier is not None:
-            self._copier.wait(timeout_s)
+        self._saver.wait_snapshot(timeout_s)
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Waits until every save made so far is durable (skipped ones are ignored).
@@ -339,19 +268,7 @@ class Checkpointer:
             CkptdTimeoutError: Some save was not durable within ``timeout_s``.
             CkptdClientError: The first failed save's error (each failure is raised once).
         """
-        handles = list(self._handles)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for handle in handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not handle.durable(remaining) and not handle.done():
-                pending = [h.step for h in handles if not h.done()]
-                raise CkptdTimeoutError(f"steps {pending} were not durable within {timeout_s} s")
-        self._handles = [h for h in self._handles if h not in handles]
-        for handle in handles:
-            if handle.state is SaveState.FAILED:
-                error = handle.exception(0)
-                assert error is not None
-                raise error
+        self._saver.wait(timeout_s)
 
     def restore(
         self,
@@ -430,12 +347,14 @@ class Checkpointer:
         self._check_open()
         if not self._latest_known:
             latest = max(self.steps(), default=None)  # this rank's own: steps only grow
-            if latest is not None and (self._last_step is None or latest > self._last_step):
-                self._last_step = latest
+            last = self._saver.last_step
+            if latest is not None and (last is None or latest > last):
+                self._saver.last_step = latest
             self._latest_known = True
-        if self._last_step is None:
+        last = self._saver.last_step
+        if last is None:
             return True
-        return step > self._last_step and step % self.save_interval_steps == 0
+        return step > last and step % self.save_interval_steps == 0
 
     def latest_step(self) -> int | None:
         """The newest committed step (for a run saved with a world, the newest step every
@@ -456,9 +375,7 @@ class Checkpointer:
             return
         self._closed = True
         self._finalizer.detach()
-        for guard in self._guards:
-            guard.remove()
-        _shutdown(self._copier, self._worker, self._connection, self._pool, timeout_s)
+        self._saver.close(timeout_s)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -473,79 +390,9 @@ class Checkpointer:
 
     # Helpers.
 
-    def _choose_transport(self, info: pb.ServerInfo) -> tuple[SaveTransport, Any]:
-        pin = torch.cuda.is_available()
-
-        def stream() -> SaveTransport:
-            return StreamTransport(self._connection, chunk_bytes_for(info), pin_memory=pin)
-
-        mode = self.config.transport
-        if mode == "grpc":
-            return stream(), None
-        if mode == "shm":
-            if not info.shared_memory:
-                raise ValueError(
-                    f"transport='shm' but the daemon at {self.target!r} does not accept shared "
-                    "memory (its ServerInfo.shared_memory is false); use transport='grpc' or 'auto'"
-                )
-            if not is_unix_target(self.target):
-                raise ValueError(
-                    f"transport='shm' needs the daemon's unix socket (unix:///path), got "
-                    f"{self.target!r}: the daemon serves shared memory only to clients whose "
-                    "uid it can read off the socket; use transport='grpc' or 'auto' over TCP"
-                )
-            return ShmTransport(self._connection, pin_memory=pin), None
-        local = is_unix_target(self.target) and same_host(info.hostname, info.boot_id)
-        if info.shared_memory and local:
-            return ShmTransport(self._connection, pin_memory=pin), stream
-        return stream(), None
-
-    def _busy_reason(self, skip: bool) -> str:
-        busy = f"all {self._pool.buffers} staging buffers hold saves not yet accepted by the daemon"
-        if skip:
-            return f"{busy} (when_busy='skip')"
-        return f"{busy} after waiting {self.config.busy_timeout_s} s (busy_timeout_s)"
-
-    def _track(self, handle: SaveHandle) -> None:
-        # Forget saves that ended well; failures stay until wait() reports them.
-        self._handles = [
-            h for h in self._handles if h.state not in (SaveState.DURABLE, SaveState.SKIPPED)
-        ]
-        self._handles.append(handle)
-
-    def _check_step(self, step: int) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**64:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if self._last_step is not None and step <= self._last_step:
-            raise ValueError(
-                f"step {step} is not after step {self._last_step}, "
-                "the last step this checkpointer saved"
-            )
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"the checkpointer for run {self.run!r} rank {self.rank} is closed")
-
-
-def _nothing_pending() -> None:
-    """A guard's wait when saves copy before returning (``snapshot="copy"``)."""
-
-
-def _shutdown(
-    copier: SnapshotThread | None,
-    worker: SaveWorker,
-    connection: Connection,
-    pool: StagingPool,
-    timeout_s: float,
-) -> None:
-    try:
-        if copier is not None:
-            copier.finish()  # local copies only: they end without the daemon
-        worker.finish(timeout_s)
-    finally:
-        connection.close()  # aborts calls in flight, so the threads end promptly
-        worker.join()
-        pool.close()
 
 
 __all__ = ["Checkpointer"]

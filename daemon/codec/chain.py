@@ -55,7 +55,8 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
             return reference
         if out is None:
             return reference.copy()
-        np.copyto(_given_output(out, reference, reference.dtype), reference.reshape(-1))
+        out = chunks.given_output(out, reference.dtype, reference.size, {"reference": reference})
+        np.copyto(out, reference.reshape(-1))
         return out.reshape(reference.shape)
     holder = steps[0].parsed.header.dtype.holder
     source = reference.reshape(-1)  # a copy only if it is strided
@@ -64,7 +65,7 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
             check_in_place(reference, steps[0].parsed.header.dtype)
         out = source
     elif out is not None:
-        out = _given_output(out, reference, holder)
+        out = chunks.given_output(out, holder, reference.size, {"reference": reference})
     else:
         out = chunks.empty_output(reference.size, holder)
     if len({step.parsed.header.chunk_elems for step in steps}) > 1:
@@ -88,17 +89,6 @@ def apply_deltas(blobs: Sequence[bytes | memoryview], reference: np.ndarray, *,
     with chunks.mapper(len(parts)) as run:
         run(apply_chunk, range(len(parts)))
     return out.reshape(reference.shape)
-
-
-def _given_output(out: np.ndarray, reference: np.ndarray, holder: np.dtype) -> np.ndarray:
-    """``out`` as the flat output of a chain on ``reference``; ``ValueError`` if it cannot
-    be (a caller's mistake, not a corrupt blob)."""
-    if (out.dtype != holder or out.size != reference.size or not out.flags.writeable
-            or not out.flags.c_contiguous or np.may_share_memory(out, reference)):
-        raise ValueError(f"out must be a writeable, C-contiguous {holder} array of "
-                         f"{reference.size} elements apart from the reference, got "
-                         f"{out.dtype}[{out.size}]")
-    return out.reshape(-1)
 
 
 class _Step:

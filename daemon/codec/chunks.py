@@ -81,6 +81,30 @@ def empty_output(count: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def given_output(out: np.ndarray, holder: np.dtype, count: int,
+                 apart_from: dict[str, np.ndarray],
+                 error: type[ValueError] = ValueError) -> np.ndarray:
+    """A caller's ``out=`` as the flat output of a call writing ``count`` elements of
+    ``holder``, or ``error`` naming what is wrong.
+
+    Every pass writes ``out`` chunk by chunk while it still reads its inputs' later chunks,
+    so ``out`` may share no memory with any of ``apart_from`` (named for the message). Each
+    caller chooses its error: a mistake of the caller's own (``ValueError``), or the codec's
+    ``CodecError`` for an unusable input.
+    """
+    flags = out.flags
+    if (out.dtype != holder or out.size != count
+            or not (flags.c_contiguous and flags.writeable)):
+        raise error(f"out must be a writeable C-contiguous {holder} array of {count} "
+                    f"elements, got {out.dtype} with {out.size} (contiguous "
+                    f"{flags.c_contiguous}, writeable {flags.writeable})")
+    shared = [name for name, array in apart_from.items() if np.may_share_memory(out, array)]
+    if shared:
+        raise error(f"out must be a separate buffer, but it shares memory with the "
+                    f"{' and '.join(shared)}")
+    return out.reshape(-1)
+
+
 def populate(array: np.ndarray) -> None:
     """Faults in the whole pages inside a fresh ``array`` with one ``madvise`` call
     (``MADV_POPULATE_WRITE``) before it is written, instead of one trap per 4 KiB page.

@@ -294,15 +294,8 @@ def _matching(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
 def _output(out: np.ndarray, dtype: DType, cur: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """``out`` as the flat output of an encode of ``cur`` against ``ref``, or ``CodecError``:
     pass 2 reads ``cur`` and ``ref`` chunk by chunk while it writes, so no overlap."""
-    flags = out.flags
-    if (out.dtype != dtype.holder or out.size != cur.size
-            or not (flags.c_contiguous and flags.writeable)):
-        raise CodecError(f"out must be a writeable C-contiguous {dtype.holder} array of "
-                         f"{cur.size} elements, got {out.dtype} with {out.size} (contiguous "
-                         f"{flags.c_contiguous}, writeable {flags.writeable})")
-    if np.may_share_memory(out, cur) or np.may_share_memory(out, ref):
-        raise CodecError("out overlaps current or reference; pass a separate buffer")
-    return out.reshape(-1)
+    return chunks.given_output(out, dtype.holder, cur.size,
+                               {"current": cur, "reference": ref}, CodecError)
 
 
 def check_in_place(reference: np.ndarray, dtype: DType) -> None:
