@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .kernels import LANES, _bits, _delta, _jit, _store
+from .kernels import LANES, _bits, _delta, _jit, _store, tally
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,7 @@ def _build(kind: int, limit: int) -> FineKernels:
         for i in range(cur.size):
             d = _delta(cur[i], ref[i], kind, False, limit)
             u = _bits(d)
-            key = u >> shift
-            lane = i & (LANES - 1)
-            counts[lane, key] += 1
-            if mean:
-                sums[lane, key] += np.uint64(u & 0x7FFFFF)
-            else:
-                lo[lane, key] = min(lo[lane, key], d)
-                hi[lane, key] = max(hi[lane, key], d)
+            tally(i & (LANES - 1), u >> shift, u, d, mean, counts, sums, lo, hi)
 
     @_jit
     def encode_chunk(cur: Any, ref: Any, out: Any, shift: int, lut: Any, reps: Any,
