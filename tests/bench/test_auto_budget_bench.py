@@ -47,15 +47,17 @@ def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
         optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", failures=18, steps=2000,
-        sizes_only=False,
+        sizes_only=False, fine=["4:2"],
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
     assert plan.failures_per_seed["lenet"] == 16  # the sweep's, for workloads not chosen
     assert (plan.steps["lm"], plan.steps["lenet"]) == (2000, 400)
     names = {s.name: s for s in plan.settings}
-    assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3"}
+    assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3",
+                          "fine2-b4-K50-minlossy1-optim-fixed3"}
     assert all(s.measure_rework for s in plan.settings)
+    assert names["fine2-b4-K50-minlossy1-optim-fixed3"].buckets_per_octave == 2
     assert (names["b4-K50"].bits, names["b4-K50"].optim) == (4, "sq-log")
     assert names["exact-K50"].bits is None
 
@@ -64,7 +66,7 @@ def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["gpt"], seeds=[0], intervals=[50], budgets=[], min_lossy=[1024],
         optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", failures=None,
-        steps=None, sizes_only=True, out=tmp_path / "a.json")
+        steps=None, sizes_only=True, fine=[], out=tmp_path / "a.json")
     names = {s.name: s for s in make_plan(args).settings}
     assert set(names) == {"exact-K50", "b3-K50-optim-fixed2-sq3"}
     rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
