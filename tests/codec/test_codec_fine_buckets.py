@@ -36,13 +36,16 @@ def _as(dtype: str, values: np.ndarray) -> np.ndarray:
 @given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 3000),
        bits=st.integers(1, 8), per_octave=st.sampled_from([2, 4]),
        dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64"]),
-       domain=st.sampled_from(["linear", "scaled"]))
+       domain=st.sampled_from(["linear", "scaled"]),
+       representative=st.sampled_from(["mean", "midrange"]))
 def test_decode_is_the_encoders_reconstruction(  # noqa: PLR0917 (hypothesis draws them)
-        seed: int, size: int, bits: int, per_octave: int, dtype: str, domain: str) -> None:
+        seed: int, size: int, bits: int, per_octave: int, dtype: str, domain: str,
+        representative: str) -> None:
     reference, current = (_as(dtype, a) for a in _pair(seed, size))
     bf16 = dtype == "bfloat16"
     blob, rec = codec.encode_delta(current, reference, bits=bits, bfloat16=bf16,
                                    domain=domain,  # type: ignore[arg-type]
+                                   representative=representative,  # type: ignore[arg-type]
                                    buckets_per_octave=per_octave)
     decoded = codec.decode_delta(blob, reference)
     assert decoded.tobytes() == rec.tobytes()
