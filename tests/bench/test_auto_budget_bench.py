@@ -12,12 +12,14 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from bench.auto_budget import clustered_2se, main, make_plan, state_settings
-from bench.recovery_ckptd import client_policies, daemon_config
+from bench.recovery import _earlier_results
+from bench.recovery_ckptd import Setting, client_policies, daemon_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,3 +128,14 @@ def test_one_setting_end_to_end(tmp_path: Path) -> None:
     row = next(line for line in out.with_suffix(".md").read_text().splitlines()
                if "`state0.03-K10-minlossy1-optim-fixed3`" in line)
     assert re.search(r"momentum_buffer 3\.0", row) and re.search(r"model \d\.\d", row)
+
+
+def test_results_before_finer_buckets_still_resume() -> None:
+    """An interrupted run from before ``Setting.buckets_per_octave`` existed is reused for
+    a setting at its default (1), not for one with finer buckets."""
+    setting = Setting("b3-K10", "grid", 10, 3)
+    old = {k: v for k, v in asdict(setting).items() if k != "buckets_per_octave"}
+    earlier = {"results": [{"workload": "lm", "seed": 0, "setting": old}]}
+    assert _earlier_results(earlier, "lm", 0, (setting,)) == earlier["results"]
+    finer = replace(setting, buckets_per_octave=2)
+    assert _earlier_results(earlier, "lm", 0, (finer,)) is None
