@@ -57,6 +57,30 @@ def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[i
             for budget in budgets for k in intervals for m in min_lossy for optim in optims]
 
 
+def fine_settings(specs: list[str], intervals: list[int], min_lossy: list[int],
+                  optims: list[str], measure_rework: bool) -> list[Setting]:
+    """``fine<P>-b<B>-K<k>[-minlossy1][-optim-fixed2]`` for each ``B:P`` of ``specs``: the
+    weights (the tensors under the daemon's AUTO policy) at width B (``auto`` or
+    ``auto<eps>``, e.g. ``auto0.005``: the adaptive width, state-relative budget eps) with P
+    buckets per octave
+    (``EngineConfig.buckets_per_octave``); the optimizer state by ``optims``."""
+    out = []
+    for spec in specs:
+        width, _, per_octave = spec.partition(":")
+        bits: int | str = int(width) if width.isdigit() else f"auto:{width[4:]}"
+        for k in intervals:
+            for m in min_lossy:
+                for optim in optims:
+                    out.append(Setting(
+                        f"fine{per_octave}-b{width}-K{k}" + ("" if m == 1024 else
+                                                             f"-minlossy{m}")
+                        + ("" if optim == "sq-log" else f"-optim-{optim.replace(':', '')}"),
+                        "auto_budget", k, bits, min_lossy_elements=m,
+                        auto_relative_to="state", optim=optim,
+                        measure_rework=measure_rework, buckets_per_octave=int(per_octave)))
+    return out
+
+
 def fixed_settings(bits: list[str], intervals: list[int], measure_rework: bool,
                    optim: str = "sq-log") -> list[Setting]:
     """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
@@ -87,7 +111,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only,
                                args.bits_optim)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
-                                 not args.sizes_only))
+                                 not args.sizes_only)
+                + fine_settings(args.fine, args.intervals, args.min_lossy, args.optim,
+                                not args.sizes_only))
     return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
                    seeds=tuple(args.seeds), only={}, seed_count={}, confirm_defaults=False,
                    failures_per_seed=failures, steps=steps, settings=tuple(settings),
@@ -205,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits-optim", default="sq-log", metavar="OPTIM",
                         help="the optimizer-state policy of the --bits rows (default: the "
                         "sweep's sq-log; e.g. fixed:2-sq3)")
+    parser.add_argument("--fine", nargs="*", default=[], metavar="B:P",
+                        help="finer buckets for the weights: width B (or auto<eps>) with P "
+                        "buckets per octave (2 or 4), e.g. 4:2 5:4 (bench/quantizers.py)")
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")

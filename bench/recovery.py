@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,13 +219,15 @@ def run_plan(plan: Plan, log: Callable[[str], None],
 def _earlier_results(earlier: dict[str, Any] | None, workload: str, seed: int,
                      settings: tuple[Setting, ...]) -> list[dict[str, Any]] | None:
     """The earlier run's results of every setting of (workload, seed), or None unless it
-    holds all of them with the same parameters."""
+    holds all of them with the same parameters. A parameter added to ``Setting`` since the
+    earlier run (``buckets_per_octave``) reads as its default there: that run used it."""
     if earlier is None:
         return None
     found = {r["setting"]["name"]: r for r in earlier["results"]
              if (r["workload"], r["seed"]) == (workload, seed)}
     kept = [found.get(s.name) for s in settings]
-    if any(r is None or r["setting"] != json.loads(json.dumps(asdict(s)))
+    defaults = {f.name: f.default for f in fields(Setting) if f.default is not MISSING}
+    if any(r is None or {**defaults, **r["setting"]} != json.loads(json.dumps(asdict(s)))
            for r, s in zip(kept, settings, strict=True)):
         return None
     return [r for r in kept if r is not None]

@@ -56,6 +56,9 @@ class Setting:
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
             width, SGD's momentum linear: the adaptive width then chooses for the weights
             alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width.
+        buckets_per_octave: The daemon's buckets per octave for the tensors it decides
+            about (policy AUTO: the weights; ``EngineConfig.buckets_per_octave``; 1 is the
+            shipped octave buckets, 2 or 4 finer; ``bench/auto_budget.py --fine``).
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
     """
@@ -72,6 +75,7 @@ class Setting:
     auto_relative_to: str = "delta"
     optim: str = "sq-log"
     measure_rework: bool = True
+    buckets_per_octave: int = 1
 
     @property
     def fixed_bits(self) -> int | None:
@@ -118,6 +122,7 @@ def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
         auto_bits_max_error=(float(str(setting.bits).partition(":")[2]) if auto
                                else EngineConfig.auto_bits_max_error),
         auto_bits_relative_to=setting.auto_relative_to,
+        buckets_per_octave=setting.buckets_per_octave,
         representative=setting.representative,
         coder=setting.coder,
     )

@@ -31,6 +31,7 @@ import os
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -274,7 +275,7 @@ def _stdlib_text() -> bytes:
     """A few pure-Python stdlib modules, concatenated: offline, and the same on every run
     of one interpreter version (the files differ a little between Python versions)."""
     root = sysconfig.get_paths()["stdlib"]
-    return b"\n".join(open(os.path.join(root, name), "rb").read() for name in _LM_FILES)
+    return b"\n".join(Path(root, name).read_bytes() for name in _LM_FILES)
 
 
 def _stdlib_corpus(limit_bytes: int) -> bytes:

@@ -57,6 +57,12 @@ class EngineConfig:
     # than a large one between sparse saves). An experiment (bench/README.md, "State-
     # relative auto budget"); only the widths chosen differ, not the format.
     auto_bits_relative_to: str = "delta"
+    # Buckets per octave of the delta for the tensors the daemon decides about (policy AUTO:
+    # the weights; a client's lossy rules keep octaves): 1 is LC-Checkpoint's exponent
+    # buckets; 2 or 4 split each octave by the top mantissa bits, for a smaller restored
+    # error at one width (bench/README.md, "Finer buckets for the weights"). An experiment,
+    # encode-side only: the blob format and decode are the same.
+    buckets_per_octave: int = 1
     representative: str = "mean"
     coder: str = "zstd"
     # Lossless blobs (bases, exact tensors): "zstd" (byte planes + zstd), "none" (raw), or
@@ -130,6 +136,9 @@ class EngineConfig:
         if self.auto_bits_relative_to not in ("delta", "state"):
             raise ValueError(f"auto_bits_relative_to must be 'delta' or 'state', got "
                              f"{self.auto_bits_relative_to!r}")
+        if self.buckets_per_octave not in (1, 2, 4):
+            raise ValueError(f"buckets_per_octave must be 1, 2 or 4, got "
+                             f"{self.buckets_per_octave!r}")
         if self.representative not in ("mean", "midrange"):
             raise ValueError(
                 f"representative must be 'mean' or 'midrange', got {self.representative!r}"
@@ -440,6 +449,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "bits": ("engine", "default_bits", parse_bits),
     "auto_bits_max_error": ("engine", "auto_bits_max_error", float),
     "auto_bits_relative_to": ("engine", "auto_bits_relative_to", _parse_lower),
+    "buckets_per_octave": ("engine", "buckets_per_octave", int),
     "representative": ("engine", "representative", _parse_lower),
     "coder": ("engine", "coder", _parse_lower),
     "base_compression": ("engine", "base_compression", _parse_lower),

@@ -60,6 +60,8 @@ _SERVE_HELP = {
     "buckets may add to a tensor's change (0-1)",
     "auto_bits_relative_to": "what --auto-bits-max-error is relative to: delta (the "
     "tensor's change) or state (the tensor itself)",
+    "buckets_per_octave": "buckets per octave of a delta for tensors under the auto "
+    "policy: 1 (exponent buckets), 2 or 4 (finer: less error at one width)",
     "representative": "value a kept bucket decodes to: mean or midrange",
     "coder": "entropy coder of lossy deltas: zstd or huffman (the paper's)",
     "base_compression": "lossless blobs: zstd, none (raw), or auto (raw when the measured "

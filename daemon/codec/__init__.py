@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import chain, delta, exact, kernels
+from . import chain, delta, exact, finekeys, kernels
 from .chain import ChainError
 from .domains import DOMAINS
 from .format import CODERS, KIND_NAMES, REPRESENTATIVES, CodecError, unpack_header
@@ -83,6 +83,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
                  domain: Domain = "linear",
                  auto_max_error: float = AUTO_MAX_ERROR,
                  auto_relative_to: AutoRelativeTo = "delta",
+                 buckets_per_octave: int = 1,
                  out: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
     """Lossy delta of a float tensor against the reconstruction it follows.
 
@@ -114,6 +115,13 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
             change between frequent saves gets fewer bits than a large one; in the log
             domain the dropped log-steps' RMS at most ``auto_max_error``: the same relative
             error of the state). Only the width chosen differs; the blob format is the same.
+        buckets_per_octave: 1 (LC-Checkpoint's exponent buckets), 2 or 4: the buckets also
+            split each octave by the delta's top 1 or 2 mantissa bits, so a kept element is
+            restored within a half or a quarter octave of its change instead of a whole
+            one, and the ``2^b - 1`` largest of these finer buckets are kept (fewer octaves
+            at one width). Linear and scaled domains only. Encode-side only: the blob
+            format, and so decode, is the same (``bench/README.md``, "Finer buckets for
+            the weights").
         out: where the reconstruction is written (None: a new array): a writeable,
             C-contiguous array of ``current``'s holder dtype and element count, sharing no
             memory with ``current`` or ``reference``; its contents are ignored. The daemon
@@ -133,7 +141,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *,
     return delta.encode_delta(current, reference, bits=bits, representative=representative,
                               coder=coder, bfloat16=bfloat16, domain=domain,
                               auto_max_error=auto_max_error,
-                              auto_relative_to=auto_relative_to, out=out)
+                              auto_relative_to=auto_relative_to,
+                              buckets_per_octave=buckets_per_octave, out=out)
 
 
 def decode_delta(blob: bytes | memoryview, reference: np.ndarray, *,
@@ -196,6 +205,7 @@ def warm_up() -> None:
     at start, off the request path. Safe to call from any thread, any number of times.
     """
     kernels.warm_up()
+    finekeys.warm_up()
 
 
 def encode_exact(array: np.ndarray, *, bfloat16: bool = False, compress: bool = True) -> bytes:

@@ -52,12 +52,13 @@ _U64 = np.dtype("<u8")
 def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                  representative: str, coder: str, bfloat16: bool, domain: str = "linear",
                  auto_max_error: float = quantize.AUTO_MAX_ERROR,
-                 auto_relative_to: str = "delta", out: np.ndarray | None = None,
+                 auto_relative_to: str = "delta", buckets_per_octave: int = 1,
+                 out: np.ndarray | None = None,
                  ops_type: type[domains.Ops] = domains.Ops) -> tuple[bytes, np.ndarray]:
     """See ``ckptd.daemon.codec.encode_delta``. ``ops_type`` runs the per-chunk passes (the
     tests substitute the numpy codec, their oracle, to compare the bytes)."""
     _check_options(bits, representative, coder, domain, auto_max_error,
-                   auto_relative_to=auto_relative_to)
+                   auto_relative_to=auto_relative_to, buckets_per_octave=buckets_per_octave)
     current = np.asarray(current)
     dtype = _float_dtype(current, bfloat16)
     cur = _flat(current, dtype)
@@ -68,7 +69,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
     else:
         out = _output(out, dtype, cur, ref)
     parts = chunks.bounds(cur.size, chunks.CHUNK_ELEMS)
-    ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name)
+    key_bits = quantize.key_bits(buckets_per_octave)
+    ops = ops_type(domains.DOMAIN_IDS[domain], dtype.name, key_bits)
     alpha: list[np.float32] = []
     unscaled = ref
     if ops.domain == domains.SCALED:  # pass 2 overwrites the scaled reference element by element
@@ -257,7 +259,8 @@ def _state_energy(ref: np.ndarray, ops: domains.Ops, relative_to: str) -> float 
 
 
 def _check_options(bits: int | str, representative: str, coder: str, domain: str,
-                   auto_max_error: float, *, auto_relative_to: str = "delta") -> None:
+                   auto_max_error: float, *, auto_relative_to: str = "delta",
+                   buckets_per_octave: int = 1) -> None:
     if bits == AUTO:
         if not 0.0 <= auto_max_error < 1.0:  # also refuses NaN
             raise CodecError(f"auto_max_error must be in [0, 1), got {auto_max_error!r}")
@@ -273,6 +276,13 @@ def _check_options(bits: int | str, representative: str, coder: str, domain: str
                          f"got {coder!r}")
     if domain not in domains.DOMAIN_IDS:
         raise CodecError(f"domain must be one of {sorted(domains.DOMAIN_IDS)}, got {domain!r}")
+    if (isinstance(buckets_per_octave, bool)
+            or buckets_per_octave not in quantize.BUCKETS_PER_OCTAVE):
+        raise CodecError(f"buckets_per_octave must be one of {quantize.BUCKETS_PER_OCTAVE}, "
+                         f"got {buckets_per_octave!r}")
+    if buckets_per_octave != 1 and domain == "log":
+        raise CodecError(f"buckets_per_octave {buckets_per_octave} needs the linear or scaled "
+                         "domain; the log domain keys by octave (pass 1)")
 
 
 def _float_dtype(current: np.ndarray, bfloat16: bool) -> DType:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, quantize
+from . import finekeys, kernels, quantize
 from .chunks import Scratch
 
 LINEAR = 0
@@ -58,23 +58,32 @@ class Ops:
 
     Arrays are the dtype's holder (``format.DType.holder``); the log domain hands the
     kernels their signed integer view, so its arithmetic is on the bit patterns.
+    ``key_bits`` > 0 (linear arithmetic only): the encode passes key each element by its
+    sign, exponent and top ``key_bits`` mantissa bits (``finekeys``); decode is the same.
     """
 
     domain: int
     dtype_name: str
+    key_bits: int = 0
 
     def stats(self, cur: np.ndarray, ref: np.ndarray, representative: str) -> quantize.Stats:
         """Encode pass 1: per-key statistics of the chunk's float32 deltas."""
-        shape = (kernels.LANES, kernels.NKEYS)
+        shape = (kernels.LANES, kernels.NKEYS << self.key_bits)
         mean = representative == "mean"
         counts = np.zeros(shape, np.int64)
         sums = np.zeros(shape if mean else (1, 1), np.uint64)
         lo = np.full(shape if not mean else (1, 1), np.inf, np.float32)
         hi = np.full(shape if not mean else (1, 1), -np.inf, np.float32)
-        self._kernels.analyze(self._view(cur), self._view(ref), mean, counts, sums, lo, hi)
+        if self.key_bits:
+            finekeys.for_dtype(self.dtype_name).analyze(
+                self._view(cur), self._view(ref), 23 - self.key_bits, mean, counts, sums, lo, hi)
+        else:
+            self._kernels.analyze(self._view(cur), self._view(ref), mean, counts, sums, lo, hi)
         if mean:
-            return quantize.Stats(counts.sum(axis=0), sums.sum(axis=0), None, None)
-        return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0))
+            return quantize.Stats(counts.sum(axis=0), sums.sum(axis=0), None, None,
+                                  self.key_bits)
+        return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0),
+                              self.key_bits)
 
     def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
                scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
@@ -82,8 +91,14 @@ class Ops:
         reconstruction into ``out`` (exceptions hold their value verbatim)."""
         symbols = scratch.get("symbols", cur.size, np.uint8)
         index = scratch.get("exceptions", cur.size, np.intp)
-        count = self._kernels.encode_chunk(self._view(cur), self._view(ref), self._view(out),
-                                           plan.lut, plan.reps, symbols, index)
+        if self.key_bits:
+            count = finekeys.for_dtype(self.dtype_name).encode_chunk(
+                self._view(cur), self._view(ref), self._view(out), 23 - self.key_bits,
+                plan.lut, plan.reps, symbols, index)
+        else:
+            count = self._kernels.encode_chunk(self._view(cur), self._view(ref),
+                                               self._view(out), plan.lut, plan.reps, symbols,
+                                               index)
         return symbols, (index[:count].copy() if count else None)
 
     def add_values(self, values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:

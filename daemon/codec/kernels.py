@@ -186,6 +186,19 @@ def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: in
     return (word & 0x7F80) == 0x7F80
 
 
+@_inline
+def tally(lane: int, key: Any, u: Any, d: Any, mean: bool, counts: Any, sums: Any, lo: Any,
+          hi: Any) -> None:
+    """Pass 1's statistics of one element: its key's count and mantissa sum ("mean") or
+    minimum and maximum ("midrange"), in table ``lane``."""
+    counts[lane, key] += 1
+    if mean:
+        sums[lane, key] += np.uint64(u & 0x7FFFFF)
+    else:
+        lo[lane, key] = min(lo[lane, key], d)
+        hi[lane, key] = max(hi[lane, key], d)
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The kernels of one dtype and domain (see the module docstring).
@@ -237,14 +250,7 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
         for i in range(cur.size):
             d = _delta(cur[i], ref[i], kind, log, limit)
             u = _bits(d)
-            key = u >> 23
-            lane = i & (LANES - 1)
-            counts[lane, key] += 1
-            if mean:
-                sums[lane, key] += np.uint64(u & 0x7FFFFF)
-            else:
-                lo[lane, key] = min(lo[lane, key], d)
-                hi[lane, key] = max(hi[lane, key], d)
+            tally(i & (LANES - 1), u >> 23, u, d, mean, counts, sums, lo, hi)
 
     @_jit
     def encode_chunk(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any,

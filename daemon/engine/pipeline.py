@@ -36,7 +36,7 @@ from ckptd.daemon.domain import StepKey, TensorSpec
 from ckptd.daemon.engine.basecoding import BaseCoding
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
 from ckptd.daemon.engine.stages import StageTimes
-from ckptd.daemon.engine.validation import bits_for, domain_for, is_lossy
+from ckptd.daemon.engine.validation import bits_for, buckets_for, domain_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError, StepExistsError
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
@@ -347,6 +347,7 @@ def _encode_tensor(
         bits=bits_for(spec, config),
         auto_max_error=config.auto_bits_max_error,
         auto_relative_to=cast(codec.AutoRelativeTo, config.auto_bits_relative_to),
+        buckets_per_octave=buckets_for(spec, config),
         representative=cast(codec.Representative, config.representative),
         coder=cast(codec.Coder, config.coder),
         bfloat16=bfloat16,

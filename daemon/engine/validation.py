@@ -140,6 +140,12 @@ def domain_for(spec: TensorSpec) -> str:
     return _DOMAINS.get(spec.policy, "linear")
 
 
+def buckets_for(spec: TensorSpec, config: EngineConfig) -> int:
+    """Buckets per octave of a lossy tensor's delta: the daemon's setting for the tensors it
+    decides about (policy AUTO, linear domain), octaves (1) for a client's lossy rules."""
+    return config.buckets_per_octave if spec.policy is Policy.AUTO else 1
+
+
 def bits_for(spec: TensorSpec, config: EngineConfig) -> int | Literal["auto"]:
     """The tensor's bit width: its own, else the daemon's default (``"auto"`` for
     ``AUTO_BITS``: the codec picks per tensor and save)."""

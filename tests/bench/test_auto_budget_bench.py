@@ -12,12 +12,14 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from bench.auto_budget import clustered_2se, main, make_plan, state_settings
-from bench.recovery_ckptd import client_policies, daemon_config
+from bench.recovery import _earlier_results
+from bench.recovery_ckptd import Setting, client_policies, daemon_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,15 +49,17 @@ def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
         optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", failures=18, steps=2000,
-        sizes_only=False,
+        sizes_only=False, fine=["4:2"],
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
     assert plan.failures_per_seed["lenet"] == 16  # the sweep's, for workloads not chosen
     assert (plan.steps["lm"], plan.steps["lenet"]) == (2000, 400)
     names = {s.name: s for s in plan.settings}
-    assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3"}
+    assert set(names) == {"exact-K50", "b4-K50", "state0.01-K50-minlossy1-optim-fixed3",
+                          "fine2-b4-K50-minlossy1-optim-fixed3"}
     assert all(s.measure_rework for s in plan.settings)
+    assert names["fine2-b4-K50-minlossy1-optim-fixed3"].buckets_per_octave == 2
     assert (names["b4-K50"].bits, names["b4-K50"].optim) == (4, "sq-log")
     assert names["exact-K50"].bits is None
 
@@ -64,7 +68,7 @@ def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["gpt"], seeds=[0], intervals=[50], budgets=[], min_lossy=[1024],
         optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", failures=None,
-        steps=None, sizes_only=True, out=tmp_path / "a.json")
+        steps=None, sizes_only=True, fine=[], out=tmp_path / "a.json")
     names = {s.name: s for s in make_plan(args).settings}
     assert set(names) == {"exact-K50", "b3-K50-optim-fixed2-sq3"}
     rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
@@ -124,3 +128,14 @@ def test_one_setting_end_to_end(tmp_path: Path) -> None:
     row = next(line for line in out.with_suffix(".md").read_text().splitlines()
                if "`state0.03-K10-minlossy1-optim-fixed3`" in line)
     assert re.search(r"momentum_buffer 3\.0", row) and re.search(r"model \d\.\d", row)
+
+
+def test_results_before_finer_buckets_still_resume() -> None:
+    """An interrupted run from before ``Setting.buckets_per_octave`` existed is reused for
+    a setting at its default (1), not for one with finer buckets."""
+    setting = Setting("b3-K10", "grid", 10, 3)
+    old = {k: v for k, v in asdict(setting).items() if k != "buckets_per_octave"}
+    earlier = {"results": [{"workload": "lm", "seed": 0, "setting": old}]}
+    assert _earlier_results(earlier, "lm", 0, (setting,)) == earlier["results"]
+    finer = replace(setting, buckets_per_octave=2)
+    assert _earlier_results(earlier, "lm", 0, (finer,)) is None

@@ -377,3 +377,31 @@ def _blob_bits(root: Path, step: int, names: tuple[str, ...]) -> dict[str, int]:
     manifest = Manifest.from_bytes(storage.get(manifest_key(StepKey(RUN, 0, step))), "test")
     return {entry.spec.name: blob_info(storage.get(entry.blob_key)).bits
             for entry in manifest.tensors if entry.spec.name in names}
+
+
+def test_buckets_per_octave_reaches_the_weights_only(tmp_path: Path) -> None:
+    """buckets_per_octave=4 applies to the tensors the daemon decides about (policy AUTO):
+    every kept element of theirs restores within a quarter of its change; a client's lossy
+    rule keeps octave buckets, some element of which is further off than that."""
+    config = dataclasses.replace(SMALL, default_bits=8, buckets_per_octave=4)
+    rng = np.random.default_rng(5)
+    reference = rng.standard_normal(4096).astype(np.float32)
+    current = (reference + rng.standard_normal(4096) * 1e-2).astype(np.float32)
+
+    async def scenario() -> RestoredCheckpoint:
+        async with open_engine(tmp_path, config) as engine:
+            await save(engine, 0, {"weights": Tensor(reference.copy()),
+                                   "rule": Tensor(reference.copy(), policy=Policy.LOSSY)})
+            await save(engine, 1, {"weights": Tensor(current.copy()),
+                                   "rule": Tensor(current.copy(), policy=Policy.LOSSY)})
+            return await engine.restore(RUN, 0, 1)
+
+    restored = asyncio.run(scenario())
+    change = current.astype(np.float64) - reference
+    worst = {}
+    for spec, array in zip(restored.tensors, restored.arrays, strict=True):
+        kept = array != reference
+        off = np.abs(array[kept].astype(np.float64) - current[kept])
+        worst[spec.name] = float(np.max(
+            (off - np.spacing(np.abs(current[kept]))) / np.abs(change[kept])))
+    assert worst["weights"] <= 0.25 < worst["rule"]
