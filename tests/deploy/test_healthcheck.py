@@ -81,16 +81,21 @@ def test_target_defaults_to_the_listen_address_in_the_environment(
     assert main(PATIENT, environ={"CKPTD_LISTEN": f"0.0.0.0:{tcp_server.port}"}) == 0
 
 
+def _probe_of_a_serving_server(target: str) -> int:
+    """The probe's exit code against a server started at ``target`` that is SERVING."""
+    server = HealthServer(target)
+    try:
+        server.set("", SERVING)
+        return main([target, *PATIENT])
+    finally:
+        server.close()
+
+
 def test_unix_socket_and_missing_daemon(socket_path: Path, capsys: Capture) -> None:
     target = f"unix://{socket_path}"
     assert main([target, *PATIENT]) == 1  # refused at once: no wait
     assert "UNAVAILABLE" in capsys.readouterr().err
-    server = HealthServer(target)
-    try:
-        server.set("", SERVING)
-        assert main([target, *PATIENT]) == 0
-    finally:
-        server.close()
+    assert _probe_of_a_serving_server(target) == 0
 
 
 def test_a_probe_connects_afresh_after_a_failed_one(socket_path: Path) -> None:
@@ -104,12 +109,7 @@ def test_a_probe_connects_afresh_after_a_failed_one(socket_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as failed:
             health_pb2_grpc.HealthStub(earlier).Check(health_pb2.HealthCheckRequest(), timeout=60)
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-        server = HealthServer(target)
-        try:
-            server.set("", SERVING)
-            assert main([target, *PATIENT]) == 0
-        finally:
-            server.close()
+        assert _probe_of_a_serving_server(target) == 0
 
 
 def test_runs_as_a_module_the_way_the_image_runs_it(tcp_server: HealthServer) -> None:
