@@ -25,6 +25,11 @@ from ckptd.protos.names import normalize_target
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# A probe connects afresh. By default gRPC shares one connection per target across the
+# process's channels, and one whose last attempt failed answers UNAVAILABLE at once until
+# its reconnect backoff ends (1 s, growing to 120 s): a probe made in a process that probed
+# before the daemon was up (a supervisor, a test) reported a serving daemon unhealthy.
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def check(
@@ -39,8 +44,8 @@ def check(
     Raises:
         grpc.RpcError: when the call fails (unreachable, deadline, NOT_FOUND service).
     """
-    channel = (grpc.insecure_channel(target) if credentials is None
-               else grpc.secure_channel(target, credentials))
+    channel = (grpc.insecure_channel(target, options=_OWN_CONNECTION) if credentials is None
+               else grpc.secure_channel(target, credentials, options=_OWN_CONNECTION))
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

@@ -127,4 +127,4 @@ def test_the_checkpointer_authenticates_with_token_or_ckptd_token(
 
 
 def test_health_answers_probes_without_credentials(daemon: InProcessDaemon) -> None:
-    assert check(daemon.address) == "SERVING"
+    assert check(daemon.address, timeout_s=60) == "SERVING"  # what it answers, not how fast

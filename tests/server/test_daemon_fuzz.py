@@ -16,7 +16,7 @@ from ckptd.client.errors import CorruptCheckpointError
 from ckptd.client.structure import STRUCTURE_KEY
 from ckptd.protos.checksum import tensors_checksum
 from ckptd.protos.v1 import pb
-from daemon_harness import InProcessDaemon, start_in_process
+from daemon_harness import InProcessDaemon, start_in_process, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -148,7 +148,11 @@ def test_a_long_fuzz_leaves_the_daemon_healthy_and_bounded(fuzzed: InProcessDaem
 
     run()
     assert process.memory_info().rss - before < RSS_GROWTH_BOUND
-    assert fuzzed.call(lambda engine: engine.inflight_bytes) == 0
+    # A fuzzed save the daemon accepted holds its bytes until it is durable, a moment after
+    # its call returned (longer under load, when the last ones may still be encoding): the
+    # budget must come back to zero, not be zero the instant the fuzz ends.
+    wait_until(lambda: fuzzed.call(lambda engine: engine.inflight_bytes) == 0, 60.0,
+               "the accepted fuzzed saves to be durable and release their budget")
     _healthy(fuzzed.address, 2)
 
 

@@ -100,13 +100,17 @@ def test_each_reason_reaches_the_client_and_the_cli(
 
     daemon.call(lambda engine: setattr(engine, "list_steps", fail))
     try:
-        connection = Connection(daemon.address, call_timeout_s=10, reconnect_timeout_s=0)
+        # Deadlines no loaded machine reaches: the test checks where a reason lands, and a
+        # DEADLINE_EXCEEDED of a starved in-process daemon would land elsewhere. No retry, so
+        # the reason is the first answer's.
+        connection = Connection(daemon.address, call_timeout_s=60, reconnect_timeout_s=0)
         try:
             with pytest.raises(client_errors.CkptdClientError) as info:
                 connection.list_steps("job", 3)
         finally:
             connection.close()
-        code = cli_main(["ls", "job", "--target", daemon.address], environ={})
+        code = cli_main(["ls", "job", "--target", daemon.address, "--timeout-s", "60"],
+                        environ={})
     finally:
         daemon.call(lambda engine: vars(engine).pop("list_steps"))
     client_class, exit_code = EXPECTED[reason]
