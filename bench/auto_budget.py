@@ -58,18 +58,26 @@ def state_settings(budgets: list[float], intervals: list[int], min_lossy: list[i
 
 
 def fixed_settings(bits: list[str], intervals: list[int], measure_rework: bool,
-                   optim: str = "sq-log") -> list[Setting]:
+                   optim: str = "sq-log", min_lossy: int = 1024) -> list[Setting]:
     """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
     baseline (its rework measured at every K here): to re-run them under this command's
     failures beside the state-relative ones. ``optim`` other than the sweep's ``sq-log``
-    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``)."""
+    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``);
+    ``min_lossy`` other than the sweep's 1024 their ``min_lossy_elements``
+    (``b3-K50-optim-fixed2-sq3-minlossy1``: small tensors lossy, as the state-relative rows
+    measure them)."""
     widths = tuple(int(b) for b in bits if b != "exact")
-    return [replace(s, measure_rework=measure_rework)
-            if s.bits is None or optim == "sq-log" else
-            replace(s, measure_rework=measure_rework, optim=optim,
-                    name=f"{s.name}-optim-{optim.replace(':', '')}")
-            for s in grid_settings(widths, tuple(intervals))
-            if s.bits is not None or "exact" in bits]
+    out = []
+    for s in grid_settings(widths, tuple(intervals)):
+        if s.bits is None:
+            if "exact" in bits:
+                out.append(replace(s, measure_rework=measure_rework))
+            continue
+        name = (s.name + ("" if optim == "sq-log" else f"-optim-{optim.replace(':', '')}")
+                + ("" if min_lossy == 1024 else f"-minlossy{min_lossy}"))
+        out.append(replace(s, name=name, measure_rework=measure_rework,
+                           optim=optim, min_lossy_elements=min_lossy))
+    return out
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -85,7 +93,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.steps is not None:
         steps.update({name: args.steps for name in args.workloads})
     settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only,
-                               args.bits_optim)
+                               args.bits_optim, args.bits_min_lossy)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
                                  not args.sizes_only))
     return replace(plan, mode="auto-budget", workloads=tuple(args.workloads),
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits-optim", default="sq-log", metavar="OPTIM",
                         help="the optimizer-state policy of the --bits rows (default: the "
                         "sweep's sq-log; e.g. fixed:2-sq3)")
+    parser.add_argument("--bits-min-lossy", type=int, default=1024, metavar="N",
+                        help="min_lossy_elements of the --bits rows (default: the sweep's "
+                        "1024; 1: small tensors lossy too)")
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")
