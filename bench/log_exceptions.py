@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from ckptd.daemon import codec
-from ckptd.daemon.codec import chunks, delta, domains
+from ckptd.daemon.codec import chunks, delta, domains, quantize
 
 from bench.recovery_protocol import parameter_groups, update_errors
 from bench.workloads import make_workload
@@ -58,15 +58,21 @@ def _trained(workload: str, seed: int, steps: int, every: int,
             yield trainer.step, state
 
 
-def exceptions(cur: np.ndarray, ref: np.ndarray, blob: bytes, bits: int) -> dict[str, int]:
+def exceptions(cur: np.ndarray, ref: np.ndarray, blob: bytes) -> dict[str, int]:
     """One log-domain blob's bytes: its coded symbols and its exceptions (count, stored
-    bytes), the exceptions split by whether their bucket was dropped at ``bits`` (restored
-    as no change) or kept (the bucket's one representative too far from their step)."""
+    bytes), the exceptions split by whether their bucket was dropped at the blob's width
+    (restored as no change) or kept (the bucket's one representative too far from their
+    step); and that width (``bits="auto"`` chooses it per tensor)."""
     parsed = delta.parse_delta(blob, ref)
+    bits = parsed.header.bits
     index = parsed.index
     cur_flat, ref_flat = cur.reshape(-1), ref.reshape(-1)
     ops = domains.Ops(domains.LOG, "float32")
-    plan = ops.plan(ops.stats(cur_flat, ref_flat, "mean"), bits, "mean")
+    stats = ops.stats(cur_flat, ref_flat, "mean")
+    # A codec from before the log domain's own promotion (``--before``'s layout on
+    # PYTHONPATH) has no ``Ops.plan``: priority promotion for every domain.
+    plan = (ops.plan(stats, bits, "mean") if hasattr(ops, "plan")
+            else quantize.make_plan(stats, bits, "mean"))
     step = (cur_flat[index].view(np.int32).astype(np.int64)
             - ref_flat[index].view(np.int32).astype(np.int64))
     keys = step.astype(np.float32).view(np.uint32) >> 23
@@ -76,10 +82,10 @@ def exceptions(cur: np.ndarray, ref: np.ndarray, blob: bytes, bits: int) -> dict
             "exceptions_kept_bucket": int(index.size) - dropped,
             "exceptions_step_over_an_octave": int(np.sum(np.abs(step) > _OCTAVE)),
             "exception_bytes": stored, "symbol_bytes": sum(len(b) for b in parsed.bodies),
-            "elements": int(cur.size)}
+            "elements": int(cur.size), "bit_elements": bits * int(cur.size)}
 
 
-def measure(states: Iterator[tuple[int, dict[str, Any]]], bits: list[int],
+def measure(states: Iterator[tuple[int, dict[str, Any]]], bits: list[int | str],
             groups: dict[int, str]) -> list[dict[str, Any]]:
     """One row per (delta checkpoint, width): every ``exp_avg_sq`` chained in the log
     domain against its previous reconstruction at that width."""
@@ -99,7 +105,7 @@ def measure(states: Iterator[tuple[int, dict[str, Any]]], bits: list[int],
                 blob, out = codec.encode_delta(v, ref, bits=b, domain="log")
                 prev[(b, index)] = out
                 totals["blob_bytes"] += len(blob)
-                for key, value in exceptions(v, ref, blob, b).items():
+                for key, value in exceptions(v, ref, blob).items():
                     totals[key] += value
                 restored[index] = {"exp_avg": moments["exp_avg"],
                                    "exp_avg_sq": torch.from_numpy(out.copy())}
@@ -110,13 +116,15 @@ def measure(states: Iterator[tuple[int, dict[str, Any]]], bits: list[int],
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
-    lines = ["| step | b | v delta MB | symbols MB | exceptions | of the elements | "
+    lines = ["| step | b (mean) | v delta MB | symbols MB | exceptions | of the elements | "
              "exception MB | dropped / kept bucket | step > 1 octave | Adam update error "
              "by group (m exact) |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         update = ", ".join(f"{g} {e:.2f}" for g, e in sorted(r["update_error"].items()))
         lines.append(
-            f"| {r['step']} | {r['bits']} | {r['blob_bytes'] / 1e6:.2f} | "
+            f"| {r['step']} | {r['bits']}"
+            + ("" if r["bits"] != "auto" else f" ({r['bit_elements'] / r['elements']:.1f})")
+            + f" | {r['blob_bytes'] / 1e6:.2f} | "
             f"{r['symbol_bytes'] / 1e6:.2f} | {r['exceptions']} | "
             f"{r['exceptions'] / r['elements']:.2%} | {r['exception_bytes'] / 1e6:.2f} | "
             f"{r['exceptions_dropped_bucket']} / {r['exceptions_kept_bucket']} | "
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=50, help="K: steps between checkpoints")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--bits", nargs="+", default=["2", "3"], metavar="B|auto",
+                        help="widths (auto: the codec's adaptive width, its default budget)")
     parser.add_argument("--states", type=Path, help="read <step>.pt states instead of training")
     parser.add_argument("--save-states", type=Path, help="keep the trained states here")
     parser.add_argument("--out", type=Path, default=Path("bench/out/log-exceptions.json"))
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = parameter_groups(make_workload(args.workload).trainer(args.seed))
     states = (_from_files(args.states) if args.states else
               _trained(args.workload, args.seed, args.steps, args.every, args.save_states))
-    rows = measure(states, args.bits, groups)
+    rows = measure(states, [b if b == "auto" else int(b) for b in args.bits], groups)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "rows": rows}, indent=1))

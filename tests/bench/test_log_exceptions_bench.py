@@ -35,7 +35,8 @@ def test_exceptions_are_split_by_their_bucket() -> None:
     vanished = rng.choice(np.setdiff1d(np.arange(reference.size), jumped), 30, replace=False)
     current[vanished] = 0.0  # collapses to zero: a step no bucket at b=1 keeps
     blob, _ = encode_delta(current, reference, bits=1, domain="log")
-    counts = exceptions(current, reference, blob, 1)
+    counts = exceptions(current, reference, blob)
+    assert counts["bit_elements"] == current.size  # b=1
     assert counts["exceptions"] == counts["exceptions_dropped_bucket"] + counts[
         "exceptions_kept_bucket"]
     assert counts["exceptions_dropped_bucket"] >= 30
