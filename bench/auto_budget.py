@@ -17,6 +17,7 @@ Usage (from the repository root; run it niced, the rework is counted in steps)::
     nice -n 19 python -m bench.auto_budget --workloads lm --intervals 50 --budgets \
         --bits 4 exact --failures 18     # the sweep's own rows, with 3x lm's failures
     python -m bench.auto_budget --report-only bench/out/auto-budget.json
+    python -m bench.auto_budget --report-only seed0.json seed1.json   # pooled over seeds
 
 Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
 beside it (``.md``).
@@ -167,6 +168,23 @@ def _errors(row: dict[str, Any]) -> str:
             + (f"; {update}" if update else ""))
 
 
+def pooled(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one (``summarize`` pools a setting's seeds): the first
+    run's provenance, the load at the last one's end, the minutes summed. A (workload,
+    seed, setting) in two of them is a mistake, not more failures: refused."""
+    seen = [(r["workload"], r["seed"], r["setting"]["name"])
+            for output in outputs for r in output["results"]]
+    if len(set(seen)) != len(seen):
+        raise SystemExit("--report-only: the same workload, seed and setting in two files")
+    first, last = outputs[0], outputs[-1]
+    provenance = {**first.get("provenance", {}), "loadavg_1m_at_end":
+                  last.get("provenance", {}).get("loadavg_1m_at_end", 0)}
+    return {**first, "provenance": provenance,
+            "seconds": sum(o.get("seconds", 0) for o in outputs),
+            "references": [r for o in outputs for r in o["references"]],
+            "results": [r for o in outputs for r in o["results"]]}
+
+
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """A Markdown table: each workload and K, the sweep's rows then the new ones."""
     rows = summarize(output)
@@ -234,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-only", action="store_true",
                         help="save and measure sizes and widths, no failures (minutes less)")
     parser.add_argument("--out", type=Path, default=_BENCH / "out" / "auto-budget.json")
-    parser.add_argument("--report-only", type=Path, metavar="JSON")
+    parser.add_argument("--report-only", type=Path, nargs="+", metavar="JSON",
+                        help="redraw the summary from saved results; several files (one "
+                        "per seed, say) are pooled as one run's")
     args = parser.parse_args(argv)
     baseline = json.loads(_BASELINE.read_text()) if _BASELINE.is_file() else None
     if args.report_only:
-        print(report(json.loads(args.report_only.read_text()), baseline))
+        print(report(pooled([json.loads(path.read_text()) for path in args.report_only]),
+                     baseline))
         return 0
     # As bench.recovery: bit-identical replays. Restored after, so that a caller in the same
     # process (a test) keeps its own count: a leaked 1 made the in-process half of another

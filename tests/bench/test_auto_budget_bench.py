@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.auto_budget import clustered_2se, main, make_plan, state_settings
+from bench.auto_budget import clustered_2se, main, make_plan, pooled, state_settings
 from bench.recovery_ckptd import client_policies, daemon_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +90,23 @@ def test_fixed_rows_take_small_tensors_lossy(tmp_path: Path) -> None:
     assert (engine.default_bits, engine.min_lossy_elements) == (3, 1)
     assert client_policies(setting, False)[0] == ("optim/state/*/step", "exact")
     assert names["exact-K50"].min_lossy_elements == 1024
+
+
+def _run(seed: int, minutes: float, load_end: float) -> dict:
+    result = {"workload": "gpt", "seed": seed, "setting": {"name": "b3-K50"}}
+    return {"mode": "auto-budget", "seconds": 60 * minutes,
+            "provenance": {"date": f"seed {seed}", "loadavg_1m_at_end": load_end},
+            "references": [{"workload": "gpt", "seed": seed}], "results": [result]}
+
+
+def test_runs_of_one_seed_each_are_reported_as_one() -> None:
+    both = pooled([_run(0, 10, 3.0), _run(1, 20, 5.0)])
+    assert [r["seed"] for r in both["results"]] == [0, 1]
+    assert [r["seed"] for r in both["references"]] == [0, 1]
+    assert both["seconds"] == 1800
+    assert both["provenance"] == {"date": "seed 0", "loadavg_1m_at_end": 5.0}
+    with pytest.raises(SystemExit, match="the same workload, seed and setting"):
+        pooled([_run(0, 10, 3.0), _run(0, 10, 3.0)])
 
 
 def _resume(restore_step: int, rework: int, exact: int) -> dict[str, int]:
