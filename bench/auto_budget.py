@@ -17,6 +17,7 @@ Usage (from the repository root; run it niced, the rework is counted in steps)::
     nice -n 19 python -m bench.auto_budget --workloads lm --intervals 50 --budgets \
         --bits 4 exact --failures 18     # the sweep's own rows, with 3x lm's failures
     python -m bench.auto_budget --report-only bench/out/auto-budget.json
+    python -m bench.auto_budget --report-only seed0.json seed1.json   # pooled over seeds
 
 Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
 beside it (``.md``).
@@ -82,18 +83,26 @@ def fine_settings(specs: list[str], intervals: list[int], min_lossy: list[int],
 
 
 def fixed_settings(bits: list[str], intervals: list[int], measure_rework: bool,
-                   optim: str = "sq-log") -> list[Setting]:
+                   optim: str = "sq-log", min_lossy: int = 1024) -> list[Setting]:
     """The sweep's own fixed-width rows (``b4-K50``...) and, for ``exact``, its lossless
     baseline (its rework measured at every K here): to re-run them under this command's
     failures beside the state-relative ones. ``optim`` other than the sweep's ``sq-log``
-    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``)."""
+    gives the lossy rows' optimizer state that policy (``b3-K50-optim-fixed2-sq3``);
+    ``min_lossy`` other than the sweep's 1024 their ``min_lossy_elements``
+    (``b3-K50-optim-fixed2-sq3-minlossy1``: small tensors lossy, as the state-relative rows
+    measure them)."""
     widths = tuple(int(b) for b in bits if b != "exact")
-    return [replace(s, measure_rework=measure_rework)
-            if s.bits is None or optim == "sq-log" else
-            replace(s, measure_rework=measure_rework, optim=optim,
-                    name=f"{s.name}-optim-{optim.replace(':', '')}")
-            for s in grid_settings(widths, tuple(intervals))
-            if s.bits is not None or "exact" in bits]
+    out = []
+    for s in grid_settings(widths, tuple(intervals)):
+        if s.bits is None:
+            if "exact" in bits:
+                out.append(replace(s, measure_rework=measure_rework))
+            continue
+        name = (s.name + ("" if optim == "sq-log" else f"-optim-{optim.replace(':', '')}")
+                + ("" if min_lossy == 1024 else f"-minlossy{min_lossy}"))
+        out.append(replace(s, name=name, measure_rework=measure_rework,
+                           optim=optim, min_lossy_elements=min_lossy))
+    return out
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -109,7 +118,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.steps is not None:
         steps.update({name: args.steps for name in args.workloads})
     settings = (fixed_settings(args.bits, args.intervals, not args.sizes_only,
-                               args.bits_optim)
+                               args.bits_optim, args.bits_min_lossy)
                 + state_settings(args.budgets, args.intervals, args.min_lossy, args.optim,
                                  not args.sizes_only)
                 + fine_settings(args.fine, args.intervals, args.min_lossy, args.optim,
@@ -185,6 +194,23 @@ def _errors(row: dict[str, Any]) -> str:
             + (f"; {update}" if update else ""))
 
 
+def pooled(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one (``summarize`` pools a setting's seeds): the first
+    run's provenance, the load at the last one's end, the minutes summed. A (workload,
+    seed, setting) in two of them is a mistake, not more failures: refused."""
+    seen = [(r["workload"], r["seed"], r["setting"]["name"])
+            for output in outputs for r in output["results"]]
+    if len(set(seen)) != len(seen):
+        raise SystemExit("--report-only: the same workload, seed and setting in two files")
+    first, last = outputs[0], outputs[-1]
+    provenance = {**first.get("provenance", {}), "loadavg_1m_at_end":
+                  last.get("provenance", {}).get("loadavg_1m_at_end", 0)}
+    return {**first, "provenance": provenance,
+            "seconds": sum(o.get("seconds", 0) for o in outputs),
+            "references": [r for o in outputs for r in o["references"]],
+            "results": [r for o in outputs for r in o["results"]]}
+
+
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """A Markdown table: each workload and K, the sweep's rows then the new ones."""
     rows = summarize(output)
@@ -234,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fine", nargs="*", default=[], metavar="B:P",
                         help="finer buckets for the weights: width B (or auto<eps>) with P "
                         "buckets per octave (2 or 4), e.g. 4:2 5:4 (bench/quantizers.py)")
+    parser.add_argument("--bits-min-lossy", type=int, default=1024, metavar="N",
+                        help="min_lossy_elements of the --bits rows (default: the sweep's "
+                        "1024; 1: small tensors lossy too)")
     parser.add_argument("--failures", type=int, metavar="N",
                         help="failures per seed of every chosen workload (default: the "
                         "sweep's, e.g. lm 6, lenet 16)")
@@ -252,11 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-only", action="store_true",
                         help="save and measure sizes and widths, no failures (minutes less)")
     parser.add_argument("--out", type=Path, default=_BENCH / "out" / "auto-budget.json")
-    parser.add_argument("--report-only", type=Path, metavar="JSON")
+    parser.add_argument("--report-only", type=Path, nargs="+", metavar="JSON",
+                        help="redraw the summary from saved results; several files (one "
+                        "per seed, say) are pooled as one run's")
     args = parser.parse_args(argv)
     baseline = json.loads(_BASELINE.read_text()) if _BASELINE.is_file() else None
     if args.report_only:
-        print(report(json.loads(args.report_only.read_text()), baseline))
+        print(report(pooled([json.loads(path.read_text()) for path in args.report_only]),
+                     baseline))
         return 0
     # As bench.recovery: bit-identical replays. Restored after, so that a caller in the same
     # process (a test) keeps its own count: a leaked 1 made the in-process half of another

@@ -94,7 +94,7 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
                                       state_energy=_state_energy(ref, ops, auto_relative_to))
         else:
             bits = int(bits)
-        plan = quantize.make_plan(merged, bits, representative)
+        plan = ops.plan(merged, bits, representative)
         enc = entropy.encoder(coder, plan.sym_counts, bits, cur.size)
         coded = run(lambda s: _encode_chunk(cur[s], ref[s], out[s], ops, plan=plan, enc=enc,
                                             scratch=pool.get()), parts)

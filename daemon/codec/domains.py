@@ -22,6 +22,14 @@ scaled reference.
   (``bench/first_moment.py``), so storing them verbatim costs little. Subnormals are the
   patterns just above 0 (there the step is absolute, below every normal value).
 
+  Which buckets a width keeps is the log domain's own (``promote_log``): priority promotion
+  keeps the largest steps, and where more buckets hold steps over the bound than the width
+  has symbols (Adam's second moment 50 steps apart: decays of 1-4 octaves and growths of
+  1-4 beside rare jumps of tens), every element of a dropped one is an exception; it keeps
+  instead the buckets whose elements would otherwise be exceptions the most often. Only
+  the encoder chooses (the blob holds the representatives, not the keys), so every earlier
+  blob decodes as before.
+
   Every operation is integer arithmetic or IEEE-754 rounding of a float (no ``log``/``exp``,
   whose results differ between numpy's SIMD paths), so a decode on any host reproduces the
   encoder's reconstruction bit for bit.
@@ -85,6 +93,12 @@ class Ops:
         return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0),
                               self.key_bits)
 
+    def plan(self, stats: quantize.Stats, bits: int, representative: str) -> quantize.Plan:
+        """Between the passes: what every key becomes at width ``bits`` (the log domain
+        keeps its buckets by ``promote_log``, the others by priority promotion)."""
+        kept = promote_log(stats, bits, self.dtype_name) if self.domain == LOG else None
+        return quantize.make_plan(stats, bits, representative, kept)
+
     def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
                scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
         """Encode pass 2: the chunk's symbols (in ``scratch``) and its exceptions' positions,
@@ -115,3 +129,25 @@ class Ops:
     def _view(self, array: np.ndarray) -> np.ndarray:
         views = kernels.PATTERNS if self.domain == LOG else kernels.HOLDERS
         return array.view(views[self.dtype_name])
+
+
+def promote_log(stats: quantize.Stats, bits: int, dtype_name: str) -> np.ndarray:
+    """The log domain's kept keys, in priority promotion's (symbol) order.
+
+    A key is a bucket of pattern steps ``[2^k, 2^(k+1))``. Dropped, its elements come back
+    unchanged, so they are exceptions (stored verbatim, ~12 bytes each before zstd, against
+    ``bits`` bits for a symbol) when the step exceeds the bound (``LOG_MAX_ERROR_OCTAVES``
+    octaves of patterns, ``limit``): all of them for ``2^k >= limit``, about half where the
+    bucket straddles it, none for ``2^(k+1) <= limit``. Kept, they come back at the
+    bucket's one representative, within the bound for about ``min(1, 2 limit / 2^k)`` of
+    them. The keys saving the most exceptions (count times both shares) are kept, ties and
+    the remaining symbols in priority promotion's order; so where every bucket over the
+    bound fits, the kept set, and the blob, are priority promotion's.
+    """
+    order = quantize.promote(stats, 9)  # 2^9 - 1 >= 508: every normal key, largest first
+    limit = kernels.LOG_MAX_ERROR_OCTAVES * (1 << kernels.MANTISSA_BITS[dtype_name])
+    low = np.ldexp(1.0, (order & 0xFF).astype(np.int64) - 127)  # 2^k, each key's smallest
+    over = np.where(low >= limit, 1.0, np.where(2 * low <= limit, 0.0, 0.5))
+    saved = stats.counts[order] * over * np.minimum(1.0, 2 * limit / low)
+    chosen = np.argsort(-saved, kind="stable")[: (1 << bits) - 1]
+    return order[np.sort(chosen)]

@@ -167,9 +167,13 @@ def _midranges(stats: Stats, keys: np.ndarray) -> np.ndarray:
     return (stats.lo[keys].astype(np.float64) + stats.hi[keys]) / 2
 
 
-def make_plan(stats: Stats, bits: int, representative: str) -> Plan:
-    """Promotion plus representatives: what every key becomes."""
-    kept = promote(stats, bits)
+def make_plan(stats: Stats, bits: int, representative: str,
+              kept: np.ndarray | None = None) -> Plan:
+    """Promotion plus representatives: what every key becomes. ``kept`` (in symbol order, at
+    most ``2^b - 1`` normal keys) replaces priority promotion (the log domain's own:
+    ``domains.promote_log``)."""
+    if kept is None:
+        kept = promote(stats, bits)
     lut = np.zeros(stats.counts.size, np.uint8)
     lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
     reps = np.zeros(1 << bits, _F32)

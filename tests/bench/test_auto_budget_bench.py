@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.auto_budget import clustered_2se, main, make_plan, state_settings
+from bench.auto_budget import clustered_2se, main, make_plan, pooled, state_settings
 from bench.recovery import _earlier_results
 from bench.recovery_ckptd import Setting, client_policies, daemon_config
 
@@ -48,8 +48,8 @@ def test_second_moment_takes_its_own_width() -> None:
 def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["lm"], seeds=[0, 1], intervals=[50], budgets=[0.01], min_lossy=[1],
-        optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", failures=18, steps=2000,
-        sizes_only=False, fine=["4:2"],
+        optim=["fixed:3"], bits=["4", "exact"], bits_optim="sq-log", bits_min_lossy=1024,
+        failures=18, steps=2000, sizes_only=False, fine=["4:2"],
         out=tmp_path / "a.json")
     plan = make_plan(args)
     assert plan.failures_per_seed["lm"] == 18
@@ -67,14 +67,50 @@ def test_failures_and_fixed_rows_reach_the_plan(tmp_path: Path) -> None:
 def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
     args = argparse.Namespace(
         workloads=["gpt"], seeds=[0], intervals=[50], budgets=[], min_lossy=[1024],
-        optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", failures=None,
-        steps=None, sizes_only=True, fine=[], out=tmp_path / "a.json")
+        optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", bits_min_lossy=1024,
+        failures=None, steps=None, sizes_only=True, fine=[], out=tmp_path / "a.json")
     names = {s.name: s for s in make_plan(args).settings}
     assert set(names) == {"exact-K50", "b3-K50-optim-fixed2-sq3"}
     rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
     assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in rules
     assert ("optim/state/*/exp_avg", "lossy-scaled:2") in rules
     assert names["exact-K50"].optim == "sq-log"
+    assert names["b3-K50-optim-fixed2-sq3"].min_lossy_elements == 1024
+
+
+def test_fixed_rows_take_small_tensors_lossy(tmp_path: Path) -> None:
+    # The per-optimizer rule for AdamW (issue 16): weights b3, exp_avg b2, exp_avg_sq b3,
+    # small tensors lossy; the exact baseline keeps its own (sweep) setting.
+    args = argparse.Namespace(
+        workloads=["gpt"], seeds=[0, 1], intervals=[50, 10], budgets=[], min_lossy=[1024],
+        optim=["sq-log"], bits=["3", "exact"], bits_optim="fixed:2-sq3", bits_min_lossy=1,
+        failures=6, steps=None, sizes_only=False, fine=[], out=tmp_path / "a.json")
+    names = {s.name: s for s in make_plan(args).settings}
+    assert set(names) == {"exact-K50", "exact-K10", "b3-K50-optim-fixed2-sq3-minlossy1",
+                          "b3-K10-optim-fixed2-sq3-minlossy1"}
+    setting = names["b3-K50-optim-fixed2-sq3-minlossy1"]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", setting.name)  # it becomes the daemon's run name
+    engine = daemon_config(setting, tmp_path).engine
+    assert (engine.default_bits, engine.min_lossy_elements) == (3, 1)
+    assert client_policies(setting, False)[0] == ("optim/state/*/step", "exact")
+    assert names["exact-K50"].min_lossy_elements == 1024
+
+
+def _run(seed: int, minutes: float, load_end: float) -> dict:
+    result = {"workload": "gpt", "seed": seed, "setting": {"name": "b3-K50"}}
+    return {"mode": "auto-budget", "seconds": 60 * minutes,
+            "provenance": {"date": f"seed {seed}", "loadavg_1m_at_end": load_end},
+            "references": [{"workload": "gpt", "seed": seed}], "results": [result]}
+
+
+def test_runs_of_one_seed_each_are_reported_as_one() -> None:
+    both = pooled([_run(0, 10, 3.0), _run(1, 20, 5.0)])
+    assert [r["seed"] for r in both["results"]] == [0, 1]
+    assert [r["seed"] for r in both["references"]] == [0, 1]
+    assert both["seconds"] == 1800
+    assert both["provenance"] == {"date": "seed 0", "loadavg_1m_at_end": 5.0}
+    with pytest.raises(SystemExit, match="the same workload, seed and setting"):
+        pooled([_run(0, 10, 3.0), _run(0, 10, 3.0)])
 
 
 def _resume(restore_step: int, rework: int, exact: int) -> dict[str, int]:
