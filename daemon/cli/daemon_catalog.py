@@ -33,9 +33,10 @@ from ckptd.protos.v1 import pb, pb_grpc
 # Restore chunks are sized by the daemon (max_chunk_bytes); accept any it may send.
 _MAX_RECEIVE_BYTES = 1 << 30
 _INFO_FIELDS = ("version", "api_version", "storage_url", "hostname", "default_bits",
-                "auto_bits_max_error", "auto_bits_relative_to", "base_interval",
-                "lossy_min_elements", "max_inflight_bytes", "max_checkpoint_bytes",
-                "max_message_bytes", "max_chunk_bytes", "max_tensors", "shared_memory")
+                "auto_bits_max_error", "auto_bits_relative_to", "buckets_per_octave",
+                "base_interval", "lossy_min_elements", "max_inflight_bytes",
+                "max_checkpoint_bytes", "max_message_bytes", "max_chunk_bytes", "max_tensors",
+                "shared_memory")
 
 
 
@@ -44,6 +45,8 @@ def _info_value(info: pb.ServerInfo, name: str) -> str:
     value = getattr(info, name)
     if name == "default_bits" and value == AUTO_BITS:
         return "auto"
+    if name == "buckets_per_octave" and value == 0:
+        return "1"  # a daemon from before the field: octaves
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 

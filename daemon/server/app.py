@@ -191,6 +191,7 @@ class Daemon:
             lossy_min_elements=engine.min_lossy_elements,
             auto_bits_max_error=engine.auto_bits_max_error,
             auto_bits_relative_to=engine.auto_bits_relative_to,
+            buckets_per_octave=engine.buckets_per_octave,
         )
 
     def request_stop(self) -> None:

@@ -88,7 +88,7 @@ def test_info_of_a_step_shows_its_tensor_table(cli: CliRunner, source: list[str]
 
 def test_info_shows_an_adaptive_bit_width(cli: CliRunner, tmp_path: Path) -> None:
     engine = EngineConfig(default_bits=AUTO_BITS, auto_bits_max_error=0.25,
-                          auto_bits_relative_to="state")
+                          auto_bits_relative_to="state", buckets_per_octave=2)
     daemon = start_in_process(tmp_path / "storage", engine=engine)
     try:
         code, out, _ = cli("info", "--json", "--target", daemon.address)
@@ -96,5 +96,5 @@ def test_info_shows_an_adaptive_bit_width(cli: CliRunner, tmp_path: Path) -> Non
         daemon.stop()
     assert code == 0
     info = json.loads(out)
-    assert (info["default_bits"], info["auto_bits_max_error"],
-            info["auto_bits_relative_to"]) == ("auto", "0.25", "state")
+    assert (info["default_bits"], info["auto_bits_max_error"], info["auto_bits_relative_to"],
+            info["buckets_per_octave"]) == ("auto", "0.25", "state", "2")

@@ -425,7 +425,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id", "lossy_min_elements", "auto_bits_max_error", "auto_bits_relative_to")
+    __slots__ = ("version", "api_version", "storage_url", "max_inflight_bytes", "max_message_bytes", "max_chunk_bytes", "max_checkpoint_bytes", "max_tensors", "default_bits", "base_interval", "shared_memory", "hostname", "boot_id", "lossy_min_elements", "auto_bits_max_error", "auto_bits_relative_to", "buckets_per_octave")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URL_FIELD_NUMBER: _ClassVar[int]
@@ -442,6 +442,7 @@ class ServerInfo(_message.Message):
     LOSSY_MIN_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     AUTO_BITS_MAX_ERROR_FIELD_NUMBER: _ClassVar[int]
     AUTO_BITS_RELATIVE_TO_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_PER_OCTAVE_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     storage_url: str
@@ -458,7 +459,8 @@ class ServerInfo(_message.Message):
     lossy_min_elements: int
     auto_bits_max_error: float
     auto_bits_relative_to: str
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., lossy_min_elements: _Optional[int] = ..., auto_bits_max_error: _Optional[float] = ..., auto_bits_relative_to: _Optional[str] = ...) -> None: ...
+    buckets_per_octave: int
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., storage_url: _Optional[str] = ..., max_inflight_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_checkpoint_bytes: _Optional[int] = ..., max_tensors: _Optional[int] = ..., default_bits: _Optional[int] = ..., base_interval: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., lossy_min_elements: _Optional[int] = ..., auto_bits_max_error: _Optional[float] = ..., auto_bits_relative_to: _Optional[str] = ..., buckets_per_octave: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("info",)
