@@ -1,8 +1,12 @@
-"""The engine's two thread pools and a gather that never leaves work behind.
+"""The engine's thread pools and a gather that never leaves work behind.
 
 Codec work (numpy, zstd: they release the GIL) runs in ``encode_workers`` threads; storage
 calls run in ``storage_workers`` threads of their own, so that slow I/O (an object store's
-latency) never holds a codec thread and the event loop never blocks on either.
+latency) never holds a codec thread and the event loop never blocks on either. The chain
+leases' few small storage calls (take, renew, fence, release) run in one thread of their
+own: queued behind a save's blob writes and syncs (large tensors to an object store, many
+ranks' saves at once) a renewal could wait past the lease's ttl, and the daemon would lose
+the chain it is writing.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ T = TypeVar("T")
 
 
 class Pools:
-    """``run_codec(fn)`` / ``run_io(fn)``: await a blocking call in the matching pool."""
+    """``run_codec(fn)`` / ``run_io(fn)`` / ``run_lease(fn)``: await a blocking call in the
+    matching pool."""
 
     def __init__(self, codec_workers: int, io_workers: int) -> None:
         # Tensors worked on at once: enough to keep both pools busy, few enough that only
@@ -31,6 +36,7 @@ class Pools:
             codec_workers, thread_name_prefix="ckptd-codec"
         )
         self._io = concurrent.futures.ThreadPoolExecutor(io_workers, thread_name_prefix="ckptd-io")
+        self._lease = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptd-lease")
 
     def run_codec(self, call: Callable[[], T], /) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._codec, call)
@@ -38,10 +44,14 @@ class Pools:
     def run_io(self, call: Callable[[], T], /) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._io, call)
 
+    def run_lease(self, call: Callable[[], T], /) -> Awaitable[T]:
+        """A lease's storage call, never queued behind data I/O (module docstring)."""
+        return asyncio.get_running_loop().run_in_executor(self._lease, call)
+
     async def shutdown(self) -> None:
         """Waits (off the loop) for running calls to return, then stops the threads."""
         loop = asyncio.get_running_loop()
-        for pool in (self._codec, self._io):
+        for pool in (self._codec, self._io, self._lease):
             await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
 
 

@@ -102,7 +102,7 @@ class ChainLeases:
         check = functools.partial(store.check_current, self._storage, lease,
                                   now_unix_s=self._clock())
         try:
-            await self._pools.run_io(check)
+            await self._pools.run_lease(check)
         except ChainLeasedError:
             self._lost(key)
             raise
@@ -135,7 +135,7 @@ class ChainLeases:
             renew = functools.partial(store.renew, self._storage, lease,
                                       ttl_s=self._config.lease_ttl_s, now_unix_s=self._clock())
             try:
-                renewed = await self._pools.run_io(renew)
+                renewed = await self._pools.run_lease(renew)
             except ChainLeasedError as exc:
                 log.error("chain lease lost; this daemon stops writing the chain %s",
                           fields(run=key[0], rank=key[1], error=str(exc)))
@@ -161,14 +161,14 @@ class ChainLeases:
         free = functools.partial(store.check_free, self._storage, chain.run, chain.rank,
                                  self.holder, now_unix_s=self._clock(),
                                  exclusive=not self._storage.shared)
-        await self._pools.run_io(free)
+        await self._pools.run_lease(free)
         found = await self._repository.scan_chain(*key)
         after = max((entry.manifest.key.step for entry in found.entries), default=None)
         take = functools.partial(
             store.take, self._storage, chain.run, chain.rank, self.holder,
             ttl_s=self._config.lease_ttl_s, now_unix_s=self._clock(), after_step=after,
             exclusive=not self._storage.shared)
-        lease = await self._pools.run_io(take)
+        lease = await self._pools.run_lease(take)
         self._held[key] = lease
         self._repository.replace_chain(key, found.entries)
         latest = max(found.entries, key=lambda e: e.manifest.key.step, default=None)
@@ -206,7 +206,7 @@ class ChainLeases:
         prune = functools.partial(store.prune, self._storage, lease, now_unix_s=self._clock(),
                                   exclusive=not self._storage.shared)
         try:
-            pruned = await self._pools.run_io(prune)
+            pruned = await self._pools.run_lease(prune)
         except StorageError as exc:
             log.warning("cannot prune old chain lease records %s",
                         fields(run=lease.run, rank=lease.rank, error=str(exc)))
@@ -226,7 +226,7 @@ class ChainLeases:
         release = functools.partial(store.release, self._storage, lease,
                                     now_unix_s=self._clock())
         try:
-            await self._pools.run_io(release)
+            await self._pools.run_lease(release)
         except (ChainLeasedError, StorageError) as exc:
             log.warning("cannot release chain lease; it expires by itself %s",
                         fields(run=key[0], rank=key[1], error=str(exc)))
@@ -236,7 +236,8 @@ class ChainLeases:
 
     async def _remove(self, key: ChainKey) -> None:
         try:
-            removed = await self._pools.run_io(functools.partial(store.remove, self._storage, *key))
+            removed = await self._pools.run_lease(
+                functools.partial(store.remove, self._storage, *key))
         except StorageError as exc:
             log.warning("cannot remove the lease records of a chain without steps %s",
                         fields(run=key[0], rank=key[1], error=str(exc)))

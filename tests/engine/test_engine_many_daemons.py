@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ckptd.daemon.cli.storage_catalog import StorageCatalog
 from ckptd.daemon.domain import StepKey
@@ -19,7 +21,16 @@ from ckptd.daemon.storage import LocalStorage, open_storage
 from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 from ckptd.protos.records import SaveState
-from engine_support import RUN, SMALL, assert_same, open_engine, random_walk, save, send
+from engine_support import (
+    RUN,
+    SMALL,
+    Tensor,
+    assert_same,
+    open_engine,
+    random_walk,
+    save,
+    send,
+)
 from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
 
 # catalog_refresh_s=0: every catalog read refreshes, so no test waits for staleness.
@@ -193,5 +204,49 @@ def test_lease_records_do_not_grow_with_saves_and_go_with_their_run(tmp_path: Pa
             assert await engine.delete_run(RUN) == 2
         # The deleted run's chain, released at close, leaves no lease record behind.
         assert not LocalStorage(tmp_path).list("leases/")
+
+    asyncio.run(scenario())
+
+
+def test_lease_renewals_do_not_wait_behind_blob_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every storage thread busy writing a save's blobs (large tensors to an object store,
+    # many ranks at once): a renewal queued behind them could wait past the ttl and the
+    # daemon would lose the chain it is writing. Lease calls have a thread of their own.
+    config = dataclasses.replace(SMALL, storage_workers=2, lease_ttl_s=30.0,
+                                 lease_renew_interval_s=0.05)
+    state = {f"w{i}": Tensor(np.full(1024, i, np.float32)) for i in range(4)}
+    gate = threading.Event()
+    writing: list[str] = []
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config) as engine:
+            storage = engine.storage
+            real_batched = storage.put_batched
+
+            def blocked(key: str, data: bytes | memoryview) -> None:
+                writing.append(key)
+                gate.wait()
+                real_batched(key, data)
+
+            monkeypatch.setattr(storage, "put_batched", blocked)
+            saving = asyncio.create_task(save(engine, 0, state))
+            try:
+                deadline = time.monotonic() + 30
+                while len(writing) < config.storage_workers:  # every storage thread held
+                    assert time.monotonic() < deadline, writing
+                    await asyncio.sleep(0.01)
+                before = lease.read_current(storage, RUN, 0)
+                assert before is not None
+                while (now := lease.read_current(storage, RUN, 0)) is not None and (
+                        now.expires_unix_s <= before.expires_unix_s):
+                    assert time.monotonic() < deadline, "no renewal while the blobs were written"
+                    await asyncio.sleep(0.01)
+                assert now is not None and now.generation == before.generation
+            finally:
+                gate.set()
+            status = await saving
+            assert status.state == SaveState.DURABLE
 
     asyncio.run(scenario())
