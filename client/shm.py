@@ -175,16 +175,10 @@ def _reserve(name: str, capacity: int) -> None:
 
 
 def _no_room_message(capacity: int, exc: OSError) -> str:
-    try:
-        fs = os.statvfs(segments.SHM_ROOT)
-        room = (f"{fs.f_bavail * fs.f_frsize} bytes free of {fs.f_blocks * fs.f_frsize} "
-                f"in {segments.SHM_ROOT}")
-    except OSError:
-        room = f"{segments.SHM_ROOT} cannot be inspected"
     return (
         f"cannot reserve a {capacity}-byte shared-memory staging buffer: {exc.strerror} "
-        f"({room}); give the trainer's container a larger /dev/shm (docker run "
-        "--shm-size, a Kubernetes emptyDir with medium: Memory), or save over gRPC "
+        f"({segments.describe_room()}); give the trainer's container a larger /dev/shm "
+        "(docker run --shm-size, a Kubernetes emptyDir with medium: Memory), or save over gRPC "
         "(transport='grpc'; transport='auto' switches by itself)"
     )
 

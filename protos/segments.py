@@ -68,6 +68,24 @@ def open_no_follow(path: Path, *, writable: bool = False) -> int:
     return os.open(path, _OPEN_FLAGS | (os.O_RDWR if writable else os.O_RDONLY))
 
 
+def room(root: Path = SHM_ROOT) -> tuple[int, int] | None:
+    """(free, total) bytes of the filesystem holding the segments, as an unprivileged
+    writer sees it; None where it cannot be inspected."""
+    try:
+        fs = os.statvfs(root)
+    except OSError:
+        return None
+    return fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+
+
+def describe_room(root: Path = SHM_ROOT) -> str:
+    """``room`` for an error message: what a user sizing ``root`` needs to know."""
+    space = room(root)
+    if space is None:
+        return f"{root} cannot be inspected"
+    return f"{space[0]} bytes free of {space[1]} in {root}"
+
+
 def aligned_offsets(sizes: Sequence[int]) -> tuple[tuple[int, ...], int]:
     """Places byte ``sizes`` back to back, each at a multiple of ``ALIGN_BYTES``; returns
     their offsets and the bytes they span."""

@@ -3,9 +3,9 @@
 A restore through shared memory is the mirror image: the client creates an owner-only
 segment and names it in ``RestoreRequest.shared_memory``; the daemon opens it read-write
 with the same checks below (before any restore budget is reserved), sizes it with
-``ftruncate`` to what the step needs and allocates its pages (``size_for_restore``, from
-the tensor table: a step rebuilt from storage is written while it is decoded; a full
-``/dev/shm`` is refused there, before anything is decoded), answers the header with the offsets,
+``ftruncate`` to what the step needs (``size_for_restore``, from the tensor table: a step
+rebuilt from storage is written while it is decoded; a ``/dev/shm`` without that much room
+is refused there, before anything is decoded), answers the header with the offsets,
 then writes the tensors with ``pwritev`` (``write_tensors``) as they come, sending
 ``segment_ready`` after each batch so that the client copies one batch while the next is
 written; the last only once the daemon verified the step's checksum.
@@ -39,6 +39,7 @@ regular files are skipped and logged once each).
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import stat
@@ -236,12 +237,15 @@ def size_for_restore(segment: OpenSegment, sizes: Sequence[int]) -> SegmentRef:
     Raises ``SharedMemoryRefusedError`` when the segment cannot be resized."""
     offsets, total = segments.aligned_offsets(list(sizes))
     try:
+        # A /dev/shm without room refuses here, before the header and any decode (the
+        # client then streams). Checked, not reserved: reserving every page would run on
+        # the event loop and ahead of the writes it now overlaps; a /dev/shm filled
+        # meanwhile still ends in ENOSPC from ``pwritev`` (``write_tensors``), never in a
+        # fault, and the client reads only what was announced as written.
+        space = segments.room()
+        if space is not None and total > space[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.ftruncate(segment.fd, total)
-        if total and hasattr(os, "posix_fallocate"):
-            # Every page now, before the header goes out: a full /dev/shm refuses here
-            # (the client streams instead) rather than after the step was decoded, and the
-            # client's mapping (its zero_copy views) never covers a page tmpfs lacks.
-            os.posix_fallocate(segment.fd, 0, total)
     except OSError as exc:
         raise _no_room(segment, total, exc) from None
     return SegmentRef(segment.ref.name, total, offsets)
@@ -282,15 +286,11 @@ def write_tensors(
 
 
 def _no_room(segment: OpenSegment, total: int, exc: OSError) -> SharedMemoryRefusedError:
-    try:
-        fs = os.statvfs(segments.SHM_ROOT)
-        room = f" ({fs.f_bavail * fs.f_frsize} bytes free of {fs.f_blocks * fs.f_frsize})"
-    except OSError:
-        room = ""
     return SharedMemoryRefusedError(
         f"shared memory segment {segment.ref.name!r} cannot hold the restored {total} "
-        f"bytes: {exc.strerror}{room}; free memory in /dev/shm or give it more room "
-        "(docker run --shm-size), or restore over the stream (transport='grpc')"
+        f"bytes: {exc.strerror} ({segments.describe_room()}); free memory in /dev/shm or "
+        "give it more room (docker run --shm-size), or restore over the stream "
+        "(transport='grpc')"
     )
 
 
