@@ -18,6 +18,7 @@ Usage (from the repository root; run it niced, the rework is counted in steps)::
         --bits 4 exact --failures 18     # the sweep's own rows, with 3x lm's failures
     python -m bench.auto_budget --report-only bench/out/auto-budget.json
     python -m bench.auto_budget --report-only seed0.json seed1.json   # pooled over seeds
+    python -m bench.auto_budget --report-only a.json b.json --per-failure   # each failure
 
 Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
 beside it (``.md``).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch
 from bench.recovery import Plan, full_plan, grid_settings, run_plan
 from bench.recovery_analysis import HISTORY_CHECKPOINTS, summarize
 from bench.recovery_ckptd import Setting
+from bench.recovery_protocol import ema
 
 _BENCH = Path(__file__).resolve().parent
 _BASELINE = _BENCH / "out" / "recovery-full.json"
@@ -211,6 +214,68 @@ def pooled(outputs: list[dict[str, Any]]) -> dict[str, Any]:
             "results": [r for o in outputs for r in o["results"]]}
 
 
+def per_failure(output: dict[str, Any], top: int = 2) -> str:
+    """Each failure's rework under every setting, side by side, per workload and K: whether
+    a setting's mean is decided by one or two failure points, and whether they are the same
+    points for every setting (then the protocol's threshold, not one tensor group, decides).
+    Cells are steps to the target (``c``: capped, ``NaN``: diverged), and where a restore
+    took longer than exact, by how much it missed the target when exact reached it (the
+    resumed run's smoothed loss then, relative to the target, in %: a miss by a hair means
+    the threshold, not the restored state's quality, decided the steps); the last row is
+    the share of a setting's excess steps over exact that its ``top`` largest failures
+    carry."""
+    smoothed = {(ref["workload"], ref["seed"]): ema(ref["eval_loss"], ref["eval_loss"][0])
+                for ref in output["references"]}
+    columns: dict[tuple[str, int], list[str]] = {}
+    cells: dict[tuple[str, int], dict[tuple[int, int, int], dict[str, str]]] = {}
+    exact: dict[tuple[str, int], dict[tuple[int, int, int], int]] = {}
+    excess: dict[tuple[str, int, str], list[int]] = {}
+    for r in output["results"]:
+        name, key = r["setting"]["name"], (r["workload"], r["setting"]["interval"])
+        if r["setting"]["bits"] is None or not r["resumes"]:
+            continue  # the exact baseline is the reference's replay: the "exact" column
+        if name not in columns.setdefault(key, []):
+            columns[key].append(name)
+        for resume in r["resumes"]:
+            point = (r["seed"], resume["restore_step"], resume["failed_at"])
+            exact.setdefault(key, {})[point] = resume["exact_rework"]
+            cell = ("NaN" if resume["diverged"] else
+                    f"{resume['rework']}{'c' if resume['censored'] else ''}")
+            if not resume["diverged"] and resume["rework"] > resume["exact_rework"]:
+                resumed = ema(resume["eval_loss"][1:],
+                              smoothed[(r["workload"], r["seed"])][resume["restore_step"]])
+                margin = resumed[resume["exact_rework"] - 1] / resume["target"] - 1
+                cell += f" (+{100 * margin:.2f}%)"
+            cells.setdefault(key, {}).setdefault(point, {})[name] = cell
+            excess.setdefault((*key, name), []).append(
+                resume["rework"] - resume["exact_rework"])
+    out = []
+    for key in sorted(columns):
+        names = columns[key]
+        falls = []  # the reference's smoothed loss, relative fall per step at the failures
+        for seed, restored, failed in cells[key]:
+            curve = smoothed[(key[0], seed)]
+            falls.append(1 - (curve[failed] / curve[restored]) ** (1 / (failed - restored)))
+        out += [f"{key[0]} K={key[1]}: " + "; ".join(f"({i}) `{n}`"
+                                                     for i, n in enumerate(names, 1))
+                + f". The reference's smoothed loss falls {100 * statistics.median(falls):.2f}%"
+                " per step between restore and failure (median over the failures).",
+                "", "| seed | restored at | failed at | exact | "
+                + " | ".join(f"({i})" for i in range(1, len(names) + 1)) + " |",
+                "|---:|---:|---:|---:|" + "---:|" * len(names)]
+        for point in sorted(cells[key]):
+            row = cells[key][point]
+            out.append(f"| {point[0]} | {point[1]} | {point[2]} | {exact[key][point]} | "
+                       + " | ".join(row.get(n, "-") for n in names) + " |")
+        shares = []
+        for n in names:
+            extra = sorted(excess[(*key, n)], reverse=True)
+            total = sum(extra)
+            shares.append(f"{sum(extra[:top])}/{total}" if total > 0 else f"-/{total}")
+        out += [f"| excess: top {top} / all | | | | " + " | ".join(shares) + " |", ""]
+    return "\n".join(out)
+
+
 def report(output: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """A Markdown table: each workload and K, the sweep's rows then the new ones."""
     rows = summarize(output)
@@ -284,11 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", type=Path, nargs="+", metavar="JSON",
                         help="redraw the summary from saved results; several files (one "
                         "per seed, say) are pooled as one run's")
+    parser.add_argument("--per-failure", action="store_true",
+                        help="with --report-only: each failure's rework under every setting "
+                        "side by side (which failure points decide the mean)")
     args = parser.parse_args(argv)
     baseline = json.loads(_BASELINE.read_text()) if _BASELINE.is_file() else None
     if args.report_only:
-        print(report(pooled([json.loads(path.read_text()) for path in args.report_only]),
-                     baseline))
+        output = pooled([json.loads(path.read_text()) for path in args.report_only])
+        print(per_failure(output) if args.per_failure else report(output, baseline))
         return 0
     # As bench.recovery: bit-identical replays. Restored after, so that a caller in the same
     # process (a test) keeps its own count: a leaked 1 made the in-process half of another

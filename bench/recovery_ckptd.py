@@ -30,6 +30,8 @@ from bench.workloads import Workload
 _RESTORE_REPEATS = 3
 # A state this big is restored once per timing (the decoder's take seconds each).
 _ONE_REPEAT_BYTES = 64 << 20
+# ``Setting.optim``'s prefix that also marks every model tensor exact.
+_EXACT_MODEL = "exactmodel-"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,11 @@ class Setting:
             domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
             width, SGD's momentum linear: the adaptive width then chooses for the weights
-            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width.
+            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width;
+            either width may be ``exact`` (``fixed:2-sqexact``: ``exp_avg_sq`` exact,
+            ``fixed:exact-sq3``: the first moment exact). The prefix ``exactmodel-``
+            (``exactmodel-fixed:2``) also stores the model's tensors exactly, so that only
+            the optimizer state is lossy (``bench/auto_budget.py``: which group costs rework).
         buckets_per_octave: The daemon's buckets per octave for the tensors it decides
             about (policy AUTO: the weights; ``EngineConfig.buckets_per_octave``; 1 is the
             shipped octave buckets, 2 or 4 finer; ``bench/auto_budget.py --fine``).
@@ -93,20 +99,28 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     if setting.bits is None:
         return [("*", "exact")]
     rules = [("optim/state/*/step", "exact")]
-    if setting.optim == "sq-exact":
+    optim = setting.optim
+    if optim.startswith(_EXACT_MODEL):
+        optim = optim.removeprefix(_EXACT_MODEL)
+        rules.append(("model/*", "exact"))
+    if optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
-    elif setting.optim == "sq-log":
+    elif optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
-    elif setting.optim.startswith("fixed:"):
-        bits, _, sq_bits = setting.optim.partition(":")[2].partition("-sq")
-        rules += [("optim/state/*/exp_avg_sq", f"lossy-log:{sq_bits or bits}"),
-                  ("optim/state/*/exp_avg", f"lossy-scaled:{bits}"),
-                  ("optim/state/*", f"lossy:{bits}")]
-    elif setting.optim == "auto":
+    elif optim.startswith("fixed:"):
+        bits, _, sq_bits = optim.partition(":")[2].partition("-sq")
+
+        def spec(domain: str, width: str) -> str:
+            return "exact" if width == "exact" else f"{domain}:{width}"
+
+        rules += [("optim/state/*/exp_avg_sq", spec("lossy-log", sq_bits or bits)),
+                  ("optim/state/*/exp_avg", spec("lossy-scaled", bits)),
+                  ("optim/state/*", spec("lossy", bits))]
+    elif optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
     else:
-        rules.append(("optim/*", setting.optim))
+        rules.append(("optim/*", optim))
     if force_lossy:
         rules.append(("*", "lossy"))
     return rules

@@ -14,10 +14,19 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.auto_budget import clustered_2se, main, make_plan, pooled, state_settings
+from bench.auto_budget import (
+    clustered_2se,
+    fine_settings,
+    main,
+    make_plan,
+    per_failure,
+    pooled,
+    state_settings,
+)
 from bench.recovery import _earlier_results
 from bench.recovery_ckptd import Setting, client_policies, daemon_config
 
@@ -175,3 +184,52 @@ def test_results_before_finer_buckets_still_resume() -> None:
     assert _earlier_results(earlier, "lm", 0, (setting,)) == earlier["results"]
     finer = replace(setting, buckets_per_octave=2)
     assert _earlier_results(earlier, "lm", 0, (finer,)) is None
+
+
+def test_one_group_exact_and_the_model_exact() -> None:
+    """The attribution forms (issue 16, i16a): either moment exact, or the model exact with
+    the optimizer state lossy; the step counters stay exact first, and the name stays a
+    valid run name."""
+    [sq_exact, m_exact, model_exact] = fine_settings(
+        ["4:2"], [50], [1], ["fixed:2-sqexact", "fixed:exact-sq3", "exactmodel-fixed:2-sq3"],
+        True)
+    assert model_exact.name == "fine2-b4-K50-minlossy1-optim-exactmodel-fixed2-sq3"
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", s.name)
+               for s in (sq_exact, m_exact, model_exact))
+    assert client_policies(sq_exact, False)[1:3] == [
+        ("optim/state/*/exp_avg_sq", "exact"), ("optim/state/*/exp_avg", "lossy-scaled:2")]
+    assert client_policies(m_exact, False)[1:] == [
+        ("optim/state/*/exp_avg_sq", "lossy-log:3"), ("optim/state/*/exp_avg", "exact"),
+        ("optim/state/*", "exact")]
+    rules = client_policies(model_exact, False)
+    assert rules[:3] == [("optim/state/*/step", "exact"), ("model/*", "exact"),
+                         ("optim/state/*/exp_avg_sq", "lossy-log:3")]
+    # Without the prefix the model's tensors are left to the daemon (the finer buckets).
+    assert all(pattern != "model/*" for pattern, _ in client_policies(m_exact, True))
+
+
+def _failure(restore_step: int, failed_at: int, rework: int, exact: int,
+             eval_loss: list[float]) -> dict[str, Any]:
+    return {"restore_step": restore_step, "failed_at": failed_at, "rework": rework,
+            "exact_rework": exact, "censored": False, "diverged": False,
+            "target": 1.0, "eval_loss": eval_loss}
+
+
+def test_per_failure_sets_settings_side_by_side() -> None:
+    # A flat reference at loss 2 (its smoothed curve too); each failure's target is 1, so
+    # the margin reads as the resumed run's smoothed loss when exact reached the target.
+    reference = {"workload": "lm", "seed": 0, "eval_loss": [2.0] * 11}
+    lossy = [_failure(2, 4, 6, 2, [9.0, 1.02, 1.01, 1.0, 1.0, 1.0, 1.0]),
+             _failure(4, 6, 2, 2, [9.0, 1.0, 1.0])]
+    other = [_failure(2, 4, 2, 2, [9.0, 1.0, 1.0]), _failure(4, 6, 5, 2, [9.0] * 6)]
+    output = {"references": [reference], "results": [
+        {"workload": "lm", "seed": 0, "setting": {"name": name, "interval": 2, "bits": 4},
+         "resumes": resumes} for name, resumes in (("a", lossy), ("b", other))]}
+    text = per_failure(output, top=1)
+    assert "(1) `a`; (2) `b`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |")]
+    # The resumed run's EMA (from the reference's at step 2, i.e. 2.0) after 2 steps:
+    # 0.3 * 1.01 + 0.7 * (0.3 * 1.02 + 0.7 * 2.0) = 1.4972 against a target of 1.0.
+    assert rows[0] == "| 0 | 2 | 4 | 2 | 6 (+49.72%) | 2 |"
+    assert rows[1].startswith("| 0 | 4 | 6 | 2 | 2 | 5 (+")
+    assert text.splitlines()[-1] == "| excess: top 1 / all | | | | 4/4 | 3/3 |"
