@@ -21,6 +21,7 @@ import pytest
 from bench.auto_budget import (
     clustered_2se,
     fine_settings,
+    loosened,
     main,
     make_plan,
     per_failure,
@@ -29,6 +30,7 @@ from bench.auto_budget import (
 )
 from bench.recovery import _earlier_results
 from bench.recovery_ckptd import Setting, client_policies, daemon_config
+from bench.recovery_protocol import ema, first_reached
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -233,3 +235,20 @@ def test_per_failure_sets_settings_side_by_side() -> None:
     assert rows[0] == "| 0 | 2 | 4 | 2 | 6 (+49.72%) | 2 |"
     assert rows[1].startswith("| 0 | 4 | 6 | 2 | 2 | 5 (+")
     assert text.splitlines()[-1] == "| excess: top 1 / all | | | | 4/4 | 3/3 |"
+
+
+def test_a_loosened_target_reads_the_stored_curves() -> None:
+    # A reference falling 0.1 a step; the lossy run restored at 2 trails it by 0.02 and so
+    # reaches the reference's smoothed loss at 4 only a few steps late.
+    losses = [3.0 - 0.1 * t for t in range(12)]
+    curve = ema(losses, losses[0])
+    resumed = [losses[0]] + [x + 0.02 for x in losses[3:12]]
+    reached = first_reached(ema(resumed[1:], curve[2]), curve[4], start=0)
+    assert reached is not None and reached + 1 > 2  # later than exact's 2 steps
+    resume = {**_failure(2, 4, reached + 1, 2, resumed), "target": curve[4]}
+    output = {"references": [{"workload": "lm", "seed": 0, "eval_loss": losses}],
+              "results": [{"workload": "lm", "seed": 0, "resumes": [resume],
+                           "setting": {"name": "a", "interval": 2, "bits": 4}}]}
+    row = loosened(output, [0.0, 0.05]).splitlines()[-1]
+    # At 0 the protocol's own ratio; 5 % looser, both reach it at the same step.
+    assert row == f"| lm | 2 | `a` | {(reached + 1) / 2:.2f} +/- 0.00 | 1.00 +/- 0.00 |"
