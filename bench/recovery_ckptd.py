@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from ckptd.daemon.config import AUTO_BITS, DaemonConfig, EngineConfig
 from ckptd.daemon.server.app import serve_in_thread
 from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest
 
-from bench.recovery_protocol import Reference, plan_failures, resume
+from bench.recovery_protocol import Reference, parameter_groups, plan_failures, resume
 from bench.workloads import Workload
 
 _RESTORE_REPEATS = 3
@@ -32,6 +34,8 @@ _RESTORE_REPEATS = 3
 _ONE_REPEAT_BYTES = 64 << 20
 # ``Setting.optim``'s prefix that also marks every model tensor exact.
 _EXACT_MODEL = "exactmodel-"
+# A ``fixed:`` form's ``<group><width>`` part: that parameter group's first moment's width.
+_GROUP_WIDTH = re.compile(r"([a-z]+?)(\d+|exact)")
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,16 @@ class Setting:
         return self.bits if isinstance(self.bits, int) else None
 
 
-def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]]:
+def client_policies(setting: Setting, force_lossy: bool,
+                    groups: Mapping[int, str] | None = None) -> list[tuple[str, str]]:
     """The ``Checkpointer`` policy rules of a setting.
 
     Adam's step counters stay exact whatever the optimizer policy says (a 0-dim float
     bias-correction counter is not something to quantize). ``force_lossy`` makes every other
     tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold.
+    ``groups`` (optimizer-state index -> parameter group, ``parameter_groups``) is needed
+    by a ``fixed:`` form that gives one group's first moment its own width
+    (``fixed:2-sq2-head3``: ``exp_avg`` at b3 for the head's parameters, b2 elsewhere).
     """
     if setting.bits is None:
         return [("*", "exact")]
@@ -108,13 +116,22 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     elif optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
     elif optim.startswith("fixed:"):
-        bits, _, sq_bits = optim.partition(":")[2].partition("-sq")
+        bits, sq_bits, tokens = _fixed_form(optim)
+        by_group = {}
+        for token in tokens:
+            match = _GROUP_WIDTH.fullmatch(token)
+            if match is None or groups is None:
+                raise ValueError(f"optimizer policy {optim!r}: {token!r} is not <group><bits> "
+                                 "or no parameter groups were given")
+            by_group[match[1]] = match[2]
 
         def spec(domain: str, width: str) -> str:
             return "exact" if width == "exact" else f"{domain}:{width}"
 
-        rules += [("optim/state/*/exp_avg_sq", spec("lossy-log", sq_bits or bits)),
-                  ("optim/state/*/exp_avg", spec("lossy-scaled", bits)),
+        rules.append(("optim/state/*/exp_avg_sq", spec("lossy-log", sq_bits)))
+        rules += [(f"optim/state/{index}/exp_avg", spec("lossy-scaled", by_group[group]))
+                  for index, group in sorted((groups or {}).items()) if group in by_group]
+        rules += [("optim/state/*/exp_avg", spec("lossy-scaled", bits)),
                   ("optim/state/*", spec("lossy", bits))]
     elif optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
@@ -124,6 +141,24 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
     if force_lossy:
         rules.append(("*", "lossy"))
     return rules
+
+
+def _fixed_form(optim: str) -> tuple[str, str, list[str]]:
+    """A ``fixed:`` form's widths: the optimizer state's, ``exp_avg_sq``'s and the
+    per-group first-moment parts (``fixed:2-sq3-head3`` -> ``2``, ``3``, ``[head3]``)."""
+    bits, *more = optim.partition(":")[2].split("-")
+    sq_bits = next((t[2:] for t in more if t.startswith("sq")), bits)
+    return bits, sq_bits, [t for t in more if not t.startswith("sq")]
+
+
+def _groups(workload: Workload, setting: Setting, seed: int) -> dict[int, str] | None:
+    """Optimizer-state index -> parameter group of ``workload``'s model where the setting's
+    policy names groups (a fresh trainer: the indices follow the model's structure);
+    None otherwise, so other settings build nothing more."""
+    optim = setting.optim.removeprefix(_EXACT_MODEL)
+    if not optim.startswith("fixed:") or not _fixed_form(optim)[2]:
+        return None
+    return parameter_groups(workload.trainer(seed))
 
 
 def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
@@ -162,7 +197,9 @@ def run_setting(
     run = f"{workload.name}-{setting.name}-seed{reference.seed}"
     with serve_in_thread(daemon_config(setting, storage)) as daemon, Checkpointer(
         daemon.address, run, bits=setting.fixed_bits,
-        policies=client_policies(setting, force_lossy), staging_buffers=4,
+        policies=client_policies(setting, force_lossy,
+                                 _groups(workload, setting, reference.seed)),
+        staging_buffers=4,
     ) as checkpointer:
         steps = list(range(setting.interval, reference.steps + 1, setting.interval))
         save_calls, save_total = _save_all(checkpointer, reference, steps)

@@ -252,3 +252,20 @@ def test_a_loosened_target_reads_the_stored_curves() -> None:
     row = loosened(output, [0.0, 0.05]).splitlines()[-1]
     # At 0 the protocol's own ratio; 5 % looser, both reach it at the same step.
     assert row == f"| lm | 2 | `a` | {(reached + 1) / 2:.2f} +/- 0.00 | 1.00 +/- 0.00 |"
+
+
+def test_one_parameter_groups_first_moment_takes_its_own_width() -> None:
+    # lm's optimizer-state indices by parameter group, as the harness derives them.
+    groups = {0: "embedding", 1: "embedding", 2: "norm/bias", 3: "attention", 4: "head"}
+    [setting] = fine_settings(["4:2"], [50], [1], ["fixed:2-head3-embeddingexact"], True)
+    assert setting.name == "fine2-b4-K50-minlossy1-optim-fixed2-head3-embeddingexact"
+    assert client_policies(setting, False, groups)[1:] == [
+        ("optim/state/*/exp_avg_sq", "lossy-log:2"),
+        ("optim/state/0/exp_avg", "exact"), ("optim/state/1/exp_avg", "exact"),
+        ("optim/state/4/exp_avg", "lossy-scaled:3"),
+        ("optim/state/*/exp_avg", "lossy-scaled:2"), ("optim/state/*", "lossy:2")]
+    with pytest.raises(ValueError, match="no parameter groups"):
+        client_policies(setting, False)
+    [malformed] = fine_settings(["4:2"], [50], [1], ["fixed:2-head"], True)
+    with pytest.raises(ValueError, match="'head' is not <group><bits>"):
+        client_policies(malformed, False, groups)
