@@ -229,7 +229,7 @@ def per_failure(output: dict[str, Any], top: int = 2) -> str:
     resumed run's smoothed loss then, relative to the target, in %: a miss by a hair means
     the threshold, not the restored state's quality, decided the steps); the last row is
     the share of a setting's excess steps over exact that its ``top`` largest failures
-    carry."""
+    carry (and, in the exact column, exact's steps summed over the failures)."""
     smoothed = _smoothed(output)
     columns: dict[tuple[str, int], list[str]] = {}
     cells: dict[tuple[str, int], dict[tuple[int, int, int], dict[str, str]]] = {}
@@ -277,7 +277,8 @@ def per_failure(output: dict[str, Any], top: int = 2) -> str:
             extra = sorted(excess[(*key, n)], reverse=True)
             total = sum(extra)
             shares.append(f"{sum(extra[:top])}/{total}" if total > 0 else f"-/{total}")
-        out += [f"| excess: top {top} / all | | | | " + " | ".join(shares) + " |", ""]
+        out += [f"| excess: top {top} / all | | | {sum(exact[key].values())} | "
+                + " | ".join(shares) + " |", ""]
     return "\n".join(out)
 
 
