@@ -18,7 +18,8 @@ Usage (from the repository root; run it niced, the rework is counted in steps)::
         --bits 4 exact --failures 18     # the sweep's own rows, with 3x lm's failures
     python -m bench.auto_budget --report-only bench/out/auto-budget.json
     python -m bench.auto_budget --report-only seed0.json seed1.json   # pooled over seeds
-    python -m bench.auto_budget --report-only a.json b.json --per-failure   # each failure
+    python -m bench.auto_budget --report-only a.json b.json --per-failure \
+        --tolerances 0 0.001     # each failure side by side; targets loosened by 0.1 %
 
 Writes the JSON (``--out``, default ``bench/out/auto-budget.json``) and a Markdown summary
 beside it (``.md``).
@@ -229,12 +230,14 @@ def per_failure(output: dict[str, Any], top: int = 2) -> str:
     resumed run's smoothed loss then, relative to the target, in %: a miss by a hair means
     the threshold, not the restored state's quality, decided the steps); the last row is
     the share of a setting's excess steps over exact that its ``top`` largest failures
-    carry (and, in the exact column, exact's steps summed over the failures)."""
+    carry, and exact's steps summed over the same failures (settings whose checkpoints
+    differ in kind, e.g. more bases, may have different failure points)."""
     smoothed = _smoothed(output)
     columns: dict[tuple[str, int], list[str]] = {}
     cells: dict[tuple[str, int], dict[tuple[int, int, int], dict[str, str]]] = {}
     exact: dict[tuple[str, int], dict[tuple[int, int, int], int]] = {}
     excess: dict[tuple[str, int, str], list[int]] = {}
+    exact_sums: dict[tuple[str, int, str], int] = {}
     for r in output["results"]:
         name, key = r["setting"]["name"], (r["workload"], r["setting"]["interval"])
         if r["setting"]["bits"] is None or not r["resumes"]:
@@ -254,6 +257,7 @@ def per_failure(output: dict[str, Any], top: int = 2) -> str:
             cells.setdefault(key, {}).setdefault(point, {})[name] = cell
             excess.setdefault((*key, name), []).append(
                 resume["rework"] - resume["exact_rework"])
+            exact_sums[(*key, name)] = exact_sums.get((*key, name), 0) + resume["exact_rework"]
     out = []
     for key in sorted(columns):
         names = columns[key]
@@ -276,9 +280,10 @@ def per_failure(output: dict[str, Any], top: int = 2) -> str:
         for n in names:
             extra = sorted(excess[(*key, n)], reverse=True)
             total = sum(extra)
-            shares.append(f"{sum(extra[:top])}/{total}" if total > 0 else f"-/{total}")
-        out += [f"| excess: top {top} / all | | | {sum(exact[key].values())} | "
-                + " | ".join(shares) + " |", ""]
+            shares.append(f"{sum(extra[:top]) if total > 0 else '-'}/{total} of "
+                          f"{exact_sums[(*key, n)]}")
+        out += [f"| excess: top {top} / all of exact's | | | | " + " | ".join(shares) + " |",
+                ""]
     return "\n".join(out)
 
 

@@ -234,7 +234,7 @@ def test_per_failure_sets_settings_side_by_side() -> None:
     # 0.3 * 1.01 + 0.7 * (0.3 * 1.02 + 0.7 * 2.0) = 1.4972 against a target of 1.0.
     assert rows[0] == "| 0 | 2 | 4 | 2 | 6 (+49.72%) | 2 |"
     assert rows[1].startswith("| 0 | 4 | 6 | 2 | 2 | 5 (+")
-    assert text.splitlines()[-1] == "| excess: top 1 / all | | | 4 | 4/4 | 3/3 |"
+    assert text.splitlines()[-1] == "| excess: top 1 / all of exact's | | | | 4/4 of 4 | 3/3 of 4 |"
 
 
 def test_a_loosened_target_reads_the_stored_curves() -> None:
