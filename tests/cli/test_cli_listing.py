@@ -58,7 +58,8 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     assert info["hidden_bytes"] == "0"
     if source[0] == "--target":
         assert info["api_version"] == "ckptd.v1" and info["target"] == store.daemon.address
-        assert info["lossy_min_elements"] == "1024"  # the daemon's config, over the wire
+        # The daemon's config, over the wire (the shipped threshold: every float tensor).
+        assert info["lossy_min_elements"] == str(EngineConfig().min_lossy_elements)
     else:
         assert info["access"] == "direct (no daemon)"
 
