@@ -92,7 +92,7 @@ def _train(optimizer: str, steps: int) -> list[dict[str, Any]]:
         else:
             with torch.no_grad():
                 for param in model.parameters():
-                    param -= 0.1 * param.grad  # type: ignore[operator]
+                    param.sub_(0.1 * param.grad)  # type: ignore[operator]
                     param.grad = None
         state: dict[str, Any] = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
         if opt is not None:

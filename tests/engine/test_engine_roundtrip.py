@@ -41,7 +41,6 @@ from engine_support import (
 )
 from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
 
-
 # The step counters (0-dim) and biases under AUTO stay exact below this threshold; the
 # daemon's shipped threshold of 1 leaves them to the client's rules (Adam's step: exact).
 _ADAM = dataclasses.replace(SMALL, base_interval=8, min_lossy_elements=1024)
