@@ -149,6 +149,28 @@ def builtin_rules(names: Iterable[str]) -> tuple[str, tuple[PolicyRule, ...]]:
     return "default", DEFAULT_RULES
 
 
+# Where the built-in widths and the daemon defaults they rely on were measured.
+EVIDENCE = ("bench/README.md: 'The per-optimizer rule for AdamW' (Adam set), 'Finer buckets "
+            "for the weights' (SGD set; daemon bits 4, 2 buckets per octave)")
+
+
+def describe_builtin() -> list[tuple[str, str]]:
+    """The built-in rule sets as ``(name, text)`` rows (``ckptd info``)."""
+    rows = []
+    for label, marker, rules in (*BUILTIN_SETS, ("default", "", DEFAULT_RULES)):
+        when = f"when the state holds {marker}" if marker else "otherwise"
+        rows.append((f"client_rules_{label}",
+                     f"{when}: " + ", ".join(f"{r.pattern} {format_spec(r)}" for r in rules)))
+    return [*rows, ("client_rules_evidence", EVIDENCE)]
+
+
+def format_spec(rule: PolicyRule) -> str:
+    """A rule's spec as ``parse_spec`` reads it (width 0: none, the daemon's)."""
+    kind = {pb.POLICY_EXACT: "exact", pb.POLICY_UNSPECIFIED: "auto",
+            **{v: k for k, v in _LOSSY_KINDS.items()}}[rule.policy]
+    return f"{kind}:{rule.bits}" if rule.bits and kind not in ("exact", "auto") else kind
+
+
 def resolve(
     rules: tuple[PolicyRule, ...],
     name: str,
