@@ -166,8 +166,9 @@ def describe_builtin() -> list[tuple[str, str]]:
 
 def format_spec(rule: PolicyRule) -> str:
     """A rule's spec as ``parse_spec`` reads it (width 0: none, the daemon's)."""
-    kind = {pb.POLICY_EXACT: "exact", pb.POLICY_UNSPECIFIED: "auto",
-            **{v: k for k, v in _LOSSY_KINDS.items()}}[rule.policy]
+    kinds: dict[int, str] = {pb.POLICY_EXACT: "exact", pb.POLICY_UNSPECIFIED: "auto",
+                             **{v: k for k, v in _LOSSY_KINDS.items()}}
+    kind = kinds[rule.policy]
     return f"{kind}:{rule.bits}" if rule.bits and kind not in ("exact", "auto") else kind
 
 
