@@ -152,7 +152,7 @@ SWEEP_CENTRE: dict[str, Any] = {
     "min_lossy_elements": _SHIPPED.min_lossy_elements, "optim": "builtin", "weights": "",
     "buckets_per_octave": _SHIPPED.buckets_per_octave}
 # What a row written before a knob existed had for it.
-_LEGACY = {"weights": "", "buckets_per_octave": 1}
+LEGACY = {"weights": "", "buckets_per_octave": 1}
 
 
 def choose_defaults(output: dict[str, Any]) -> dict[str, Any]:
@@ -353,7 +353,7 @@ def matching_rows(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> list[di
     keys = ("bits", "representative", "coder", "base_interval", "max_delta_fraction",
             "min_lossy_elements", "optim", "weights", "buckets_per_octave")
     found = [r for r in rows if r["bits"] is not None
-             and all(r.get(k, _LEGACY.get(k)) == chosen.get(k, _LEGACY.get(k)) for k in keys)]
+             and all(r.get(k, LEGACY.get(k)) == chosen.get(k, LEGACY.get(k)) for k in keys)]
     found.sort(key=lambda r: r["group"] != "chosen")
     unique: dict[tuple[str, int], dict[str, Any]] = {}
     for r in found:

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.recovery_analysis import (
     HISTORY_CHECKPOINTS,
+    LEGACY,
     REWORK_BOUND,
     SWEEP_CENTRE,
     bits_key,
@@ -28,7 +29,8 @@ _TITLE = "# Recovery benchmark: LC-Checkpoint compression against rework cost"
 def write_report(output: dict[str, Any], out_dir: Path) -> Path:
     """Writes ``out_dir/RESULTS.md`` and ``out_dir/plots/*.png``; returns the markdown path."""
     rows = summarize(output)
-    chosen = output.get("confirmation") or choose_defaults(output)
+    # An older file's pick predates some knobs: it ran them at their old values.
+    chosen = {**LEGACY, **(output.get("confirmation") or choose_defaults(output))}
     plots = write_plots(output, rows, out_dir / "plots")
     parts = [
         _header(output),
