@@ -113,6 +113,7 @@ ADAM_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 3),
     PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 2),
     PolicyRule("*/step", pb.POLICY_EXACT, 0),
+    PolicyRule("*.step", pb.POLICY_EXACT, 0),  # DCP's dotted names (ckptd.client.dcp)
     PolicyRule("*", pb.POLICY_LOSSY, 3),
 )
 # The SGD set (the state holds ``*momentum_buffer``): LeNet with SGD + momentum, both seeds,
@@ -142,7 +143,7 @@ def builtin_rules(names: Iterable[str]) -> tuple[str, tuple[PolicyRule, ...]]:
     """The built-in rule set for a save whose tensors are ``names``: ``("adam", ...)``
     when it holds Adam's second moment, ``("sgd", ...)`` when it holds SGD's momentum,
     else ``("default", DEFAULT_RULES)``. One pass over the names, once per save."""
-    names = tuple(names)
+    names = tuple(_unsharded(name) for name in names)
     for label, marker, rules in BUILTIN_SETS:
         if any(fnmatch.fnmatchcase(name, marker) for name in names):
             return label, rules
@@ -181,14 +182,22 @@ def resolve(
     """Returns (policy, bits) for tensor ``name``: the first of the user's ``rules`` and
     then the ``builtin`` set to match decides. A user rule without a width and every
     built-in rule take ``default_bits`` when it is given (``bits=``); a built-in rule
-    otherwise keeps its own width (0: the daemon's). Exact tensors carry bits 0."""
+    otherwise keeps its own width (0: the daemon's); a DCP shard's name matches the
+    built-in rules as its tensor's. Exact tensors carry bits 0."""
     for rule in rules:
         if fnmatch.fnmatchcase(name, rule.pattern):
             return _bits_of(rule, rule.bits or default_bits)
+    unsharded = _unsharded(name)
     for rule in builtin:
-        if fnmatch.fnmatchcase(name, rule.pattern):
+        if fnmatch.fnmatchcase(unsharded, rule.pattern):
             return _bits_of(rule, default_bits or rule.bits)
     return pb.POLICY_UNSPECIFIED, default_bits
+
+
+def _unsharded(name: str) -> str:
+    """A DCP shard's name (``fqn@offsets``, ``ckptd.client.dcp``) as its tensor's, so a
+    shard of Adam's second moment gets the second moment's rule."""
+    return name.partition("@")[0]
 
 
 def _bits_of(rule: PolicyRule, bits: int) -> tuple[int, int]:

@@ -66,7 +66,7 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     # evidence.
     assert info["client_rules_adam"] == (
         "when the state holds *exp_avg_sq: *exp_avg_sq lossy-log:3, *exp_avg lossy-scaled:2, "
-        "*/step exact, * lossy:3")
+        "*/step exact, *.step exact, * lossy:3")
     assert info["client_rules_sgd"] == (
         "when the state holds *momentum_buffer: *momentum_buffer lossy:2")
     assert info["client_rules_default"].startswith("otherwise: *exp_avg_sq lossy-log, ")

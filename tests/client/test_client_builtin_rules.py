@@ -42,6 +42,12 @@ def test_the_set_follows_the_optimizer_state_names() -> None:
     assert builtin_rules(["model/w", "model/b"]) == ("default", DEFAULT_RULES)
     # exp_avg alone (no second moment) is not Adam: today's rules, not the Adam widths.
     assert builtin_rules(["model/w", "optim/state/0/exp_avg"])[0] == "default"
+    # DCP's names: dotted fqns, a shard's with "@" and its offsets.
+    dcp = ["model.w@0,0", "optim.state.w.step", "optim.state.w.exp_avg_sq@0,0"]
+    assert builtin_rules(dcp)[0] == "adam"
+    assert resolve((), "optim.state.w.step", 0, ADAM_RULES) == (pb.POLICY_EXACT, 0)
+    assert resolve((), "optim.state.w.exp_avg_sq@8,0", 0, ADAM_RULES) == (
+        pb.POLICY_LOSSY_LOG, 3)
 
 
 def test_adam_set_widths_and_what_bits_overrides() -> None:
