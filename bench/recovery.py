@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from bench.recovery_analysis import DECODERS, choose_defaults, matching_rows, summarize
+from bench.recovery_analysis import DECODERS, LEGACY, choose_defaults, matching_rows, summarize
 from bench.recovery_ckptd import Setting, run_setting
 from bench.recovery_protocol import Reference, run_reference
 from bench.recovery_report import write_report
@@ -249,13 +249,16 @@ def _earlier_results(earlier: dict[str, Any] | None, workload: str, seed: int,
                      settings: tuple[Setting, ...]) -> list[dict[str, Any]] | None:
     """The earlier run's results of every setting of (workload, seed), or None unless it
     holds all of them with the same parameters. A parameter added to ``Setting`` since the
-    earlier run (``buckets_per_octave``) reads as its default there: that run used it."""
+    earlier run (``buckets_per_octave``, ``weights``) reads as its value before it existed
+    (``LEGACY``): that run used it."""
     if earlier is None:
         return None
     found = {r["setting"]["name"]: r for r in earlier["results"]
              if (r["workload"], r["seed"]) == (workload, seed)}
     kept = [found.get(s.name) for s in settings]
-    defaults = {f.name: f.default for f in fields(Setting) if f.default is not MISSING}
+    # A knob the earlier run's Setting lacked ran at its value before the knob existed.
+    defaults = {**{f.name: f.default for f in fields(Setting) if f.default is not MISSING},
+                **LEGACY}
     if any(r is None or {**defaults, **r["setting"]} != json.loads(json.dumps(asdict(s)))
            for r, s in zip(kept, settings, strict=True)):
         return None
