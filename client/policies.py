@@ -88,8 +88,8 @@ def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ..
 # The built-in rule sets, consulted after the user's rules (so a user rule for the same names
 # wins) and chosen per save by what the state holds (``builtin_rules``): the optimizer
 # decides which widths the evidence supports (bench/README.md, "The per-optimizer rule for
-# AdamW" and "One per-group rule for every workload?"). A width of 0 is the daemon's
-# default (its adaptive width); an explicit ``bits=`` replaces every built-in width.
+# AdamW" and "Finer buckets for the weights"). A width of 0 is the daemon's
+# default (``--bits``); an explicit ``bits=`` replaces every built-in width.
 #
 # Adam's second moment is a running mean of squared gradients: it must stay >= 0, and its
 # square root divides every update. A linear lossy delta can push small elements below
@@ -105,7 +105,7 @@ def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ..
 # The Adam set (Adam, AdamW: the state holds ``*exp_avg_sq``): the 22.4M-parameter decoder
 # with AdamW at both K (10, 50) and both seeds: weights b3, ``exp_avg`` b2, ``exp_avg_sq``
 # b3, small tensors lossy: delta 21.5-25.0x smaller than torch.save, rework 0.56-0.67x
-# exact, 0 of 30 restores diverged or capped. ``exp_avg_sq`` at b2 was 3.6x larger at K=50
+# exact, 0 of 36 restores diverged or capped. ``exp_avg_sq`` at b2 was 3.6x larger at K=50
 # (its log domain's exceptions); all-b3 was 19.0x at K=50. The step counters (0-dim floats
 # the bias correction divides by) stay exact. Kept as one table so a change to one moment's
 # rule is one line.
