@@ -39,7 +39,7 @@ def write_report(output: dict[str, Any], out_dir: Path) -> Path:
         evidence(rows, chosen, output),
         _protocol(output),
         _tables(rows),
-        _breakdown(output, rows, chosen),
+        _breakdown(output, rows, shipped()),
         _update_errors(rows),
         "## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in plots),
         _notes(rows, output),
@@ -271,8 +271,9 @@ _PARTS = ("manifest", "model_lossy", "model_exact", "optim_lossy", "optim_exact"
 
 
 def _breakdown(output: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any]) -> str:
-    """Where the bytes of one delta go at the chosen defaults (last delta of the first seed)."""
-    lines = ["## Where a delta's bytes go (chosen defaults, last delta of seed "
+    """Where the bytes of one delta go at ``chosen`` (the shipped defaults; last delta of the
+    first seed)."""
+    lines = ["## Where a delta's bytes go (shipped defaults, last delta of seed "
              f"{output['plan']['seeds'][0]})", "",
              "| workload | K | tensors | total | " + " | ".join(_PARTS) + " | lossy elements "
              "by width |",
