@@ -98,7 +98,8 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
 
     Adam's step counters stay exact whatever the optimizer policy says (a 0-dim float
     bias-correction counter is not something to quantize). ``force_lossy`` makes every other
-    tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold.
+    tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold
+    when the setting's threshold is above 1.
     """
     if setting.bits is None:
         return [("*", "exact")]
@@ -123,7 +124,8 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
     else:
         rules.append(("optim/*", setting.optim))
-    if force_lossy:
+    if force_lossy and setting.min_lossy_elements > 1:
+        # Under a threshold of 1 the daemon makes them lossy itself (at its buckets).
         rules.append(("*", "lossy"))
     return rules
 
