@@ -31,8 +31,8 @@ class HeaderBuilder:
         self.rules = rules
         self.server = server
         # Tensor names repeat every save; matching globs once per (built-in set, name,
-        # width) keeps save() cheap.
-        self._policies: dict[tuple[str, str, int], tuple[int, int]] = {}
+        # width, float or not) keeps save() cheap.
+        self._policies: dict[tuple[str, str, int, bool], tuple[int, int]] = {}
 
     def build(
         self, step: int, flat: FlatState, bits: int, metadata: Mapping[str, str] | None
@@ -44,7 +44,8 @@ class HeaderBuilder:
         label, builtin = builtin_rules(leaf.name for leaf in flat.leaves)
         specs = []
         for leaf in flat.leaves:
-            policy, leaf_bits = self._policy(label, builtin, leaf.name, bits)
+            policy, leaf_bits = self._policy(label, builtin, leaf.name, bits,
+                                             leaf.dtype.is_float)
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,
@@ -74,12 +75,14 @@ class HeaderBuilder:
             )
 
     def _policy(
-        self, label: str, builtin: tuple[PolicyRule, ...], name: str, bits: int
+        self, label: str, builtin: tuple[PolicyRule, ...], name: str, bits: int,
+        is_float: bool,
     ) -> tuple[int, int]:
-        key = (label, name, bits)
+        key = (label, name, bits, is_float)
         cached = self._policies.get(key)
         if cached is None:
-            cached = self._policies[key] = resolve(self.rules, name, bits, builtin)
+            cached = self._policies[key] = resolve(self.rules, name, bits, builtin,
+                                                   is_float=is_float)
         return cached
 
 

@@ -178,17 +178,23 @@ def resolve(
     name: str,
     default_bits: int,
     builtin: tuple[PolicyRule, ...] = DEFAULT_RULES,
+    *,
+    is_float: bool = True,
 ) -> tuple[int, int]:
     """Returns (policy, bits) for tensor ``name``: the first of the user's ``rules`` and
     then the ``builtin`` set to match decides. A user rule without a width and every
     built-in rule take ``default_bits`` when it is given (``bits=``); a built-in rule
     otherwise keeps its own width (0: the daemon's); a DCP shard's name matches the
-    built-in rules as its tensor's. Exact tensors carry bits 0."""
+    built-in rules as its tensor's. Built-in lossy rules skip tensors that are not
+    floats (``is_float`` False: RNG states, counters), which the daemon stores exactly and
+    refuses to be asked to quantize. Exact tensors carry bits 0."""
     for rule in rules:
         if fnmatch.fnmatchcase(name, rule.pattern):
             return _bits_of(rule, rule.bits or default_bits)
     unsharded = _unsharded(name)
     for rule in builtin:
+        if not is_float and rule.policy != pb.POLICY_EXACT:
+            continue
         if fnmatch.fnmatchcase(unsharded, rule.pattern):
             return _bits_of(rule, default_bits or rule.bits)
     return pb.POLICY_UNSPECIFIED, default_bits

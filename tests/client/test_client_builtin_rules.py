@@ -48,6 +48,10 @@ def test_the_set_follows_the_optimizer_state_names() -> None:
     assert resolve((), "optim.state.w.step", 0, ADAM_RULES) == (pb.POLICY_EXACT, 0)
     assert resolve((), "optim.state.w.exp_avg_sq@8,0", 0, ADAM_RULES) == (
         pb.POLICY_LOSSY_LOG, 3)
+    # Non-float tensors skip the built-in lossy rules (exact ones still apply).
+    assert resolve((), "rng", 0, ADAM_RULES, is_float=False) == (pb.POLICY_UNSPECIFIED, 0)
+    assert resolve((), "optim.state.w.step", 0, ADAM_RULES, is_float=False) == (
+        pb.POLICY_EXACT, 0)
 
 
 def test_adam_set_widths_and_what_bits_overrides() -> None:
@@ -100,7 +104,8 @@ def _train(optimizer: str, steps: int) -> list[dict[str, Any]]:
                 for param in model.parameters():
                     param.sub_(0.1 * param.grad)  # type: ignore[operator]
                     param.grad = None
-        state: dict[str, Any] = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+        state: dict[str, Any] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                                 "rng": torch.get_rng_state(), "seen": torch.tensor([32])}
         if opt is not None:
             state["optim"] = _clone(opt.state_dict())
         states.append(state)
@@ -157,6 +162,9 @@ def test_adam_state_gets_the_adam_set(
         assert got[f"{state}/exp_avg"] == (Policy.LOSSY_SCALED, 2, "delta", 2, "scaled")
         assert got[f"{state}/exp_avg_sq"] == (Policy.LOSSY_LOG, 3, "delta", 3, "log")
         assert got[f"{state}/step"][:3] == (Policy.EXACT, 0, "exact")
+    # The catch-all lossy rule is for floats: the RNG state (uint8) and an int counter are
+    # left to the daemon, which stores them exactly (it refuses to be asked otherwise).
+    assert got["rng"][:3] == got["seen"][:3] == (Policy.AUTO, 0, "exact")
 
 
 def test_explicit_bits_override_the_adam_widths_and_keep_the_domains(
