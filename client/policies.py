@@ -109,11 +109,18 @@ def parse_rules(rules: Iterable[tuple[str, str]] | None) -> tuple[PolicyRule, ..
 # (its log domain's exceptions); all-b3 was 19.0x at K=50. The step counters (0-dim floats
 # the bias correction divides by) stay exact. Kept as one table so a change to one moment's
 # rule is one line.
+#
+# Every set keeps optimizers' step counters exact (Adam's, but also RMSprop's, Adagrad's,
+# NAdam's...): the daemon's size threshold (``min_lossy_elements``) ships at 1, so without
+# a rule a 0-dim float counter would be stored lossily like any other float tensor.
+STEP_COUNTER_RULES: tuple[PolicyRule, ...] = (
+    PolicyRule("*/step", pb.POLICY_EXACT, 0),
+    PolicyRule("*.step", pb.POLICY_EXACT, 0),  # DCP's dotted names (ckptd.client.dcp)
+)
 ADAM_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 3),
     PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 2),
-    PolicyRule("*/step", pb.POLICY_EXACT, 0),
-    PolicyRule("*.step", pb.POLICY_EXACT, 0),  # DCP's dotted names (ckptd.client.dcp)
+    *STEP_COUNTER_RULES,
     PolicyRule("*", pb.POLICY_LOSSY, 3),
 )
 # The SGD set (the state holds ``*momentum_buffer``): LeNet with SGD + momentum, both seeds,
@@ -125,12 +132,14 @@ ADAM_RULES: tuple[PolicyRule, ...] = (
 # it ~100 % off at no measured rework cost.
 SGD_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*momentum_buffer", pb.POLICY_LOSSY, 2),
+    *STEP_COUNTER_RULES,
 )
 # Any other state (no optimizer, or one whose state has neither name): today's optimizer
 # rules at the daemon's width, every other tensor as the daemon decides (AUTO).
 DEFAULT_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 0),
     PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 0),
+    *STEP_COUNTER_RULES,
 )
 # Which set a save gets: the first whose marker glob matches one of its tensor names.
 BUILTIN_SETS: tuple[tuple[str, str, tuple[PolicyRule, ...]], ...] = (

@@ -68,7 +68,8 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
         "when the state holds *exp_avg_sq: *exp_avg_sq lossy-log:3, *exp_avg lossy-scaled:2, "
         "*/step exact, *.step exact, * lossy:3")
     assert info["client_rules_sgd"] == (
-        "when the state holds *momentum_buffer: *momentum_buffer lossy:2")
+        "when the state holds *momentum_buffer: *momentum_buffer lossy:2, */step exact, "
+        "*.step exact")
     assert info["client_rules_default"].startswith("otherwise: *exp_avg_sq lossy-log, ")
     assert "bench/README.md" in info["client_rules_evidence"]
 

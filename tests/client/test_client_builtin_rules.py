@@ -81,6 +81,14 @@ def test_sgd_set_fixes_the_momentum_and_leaves_the_weights_to_the_daemon() -> No
     assert resolve((), "model/conv.weight", 0, SGD_RULES) == (pb.POLICY_UNSPECIFIED, 0)
 
 
+def test_every_set_keeps_optimizer_step_counters_exact() -> None:
+    # The daemon's threshold ships at 1: without a rule RMSprop's or Adagrad's 0-dim float
+    # step counter would be stored lossily under AUTO.
+    for rules in (ADAM_RULES, SGD_RULES, DEFAULT_RULES):
+        for name in ("optim/state/3/step", "optim.state.w.step"):
+            assert resolve((), name, 0, rules) == (pb.POLICY_EXACT, 0), (rules, name)
+
+
 def _train(optimizer: str, steps: int) -> list[dict[str, Any]]:
     """States of a small model after each of ``steps`` optimizer steps (a copy each)."""
     torch.manual_seed(0)
