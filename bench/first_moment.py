@@ -28,8 +28,6 @@ losslessly, to tell ``m``'s share of the error from ``v``'s.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 from ckptd.daemon import codec
 
-from bench.second_moment import _group, _update, error_stats
+from bench.second_moment import _group, _update, error_stats, report, run_parser
 from bench.workloads import make_workload
 
 MIN_LOSSY_ELEMENTS = 1024
@@ -192,21 +190,14 @@ def summary(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", default="gpt", choices=("lm", "gpt", "gpt-bf16"))
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=10)
+    parser = run_parser(__doc__, ("gpt", "lm", "gpt-bf16"))
     parser.add_argument("--bits", default="auto:0.2", help="'auto:<budget>' or a width")
     parser.add_argument("--v-exact", action="store_true",
                         help="store exp_avg_sq exact (to isolate exp_avg's share of the error)")
-    parser.add_argument("--json", help="also write the full result here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = measure(args.workload, args.steps, args.every, args.bits, args.v_exact)
-    print(summary(result))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1, sort_keys=True)
+    report(result, summary(result), args.json)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ from safetensors.torch import load_file, save_file
 
 try:
     from . import stall
+    from .options import add_size_options
 except ImportError:  # run as a script: python bench/pipeline.py
     import stall  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
 
 MiB = 1 << 20
 SIZES = {"16MiB": 16 * MiB, "64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB,
@@ -489,21 +491,17 @@ STAGE_KEYS = ("latency_s", "receive_s", "head_s", "encode_exact_s", "encode_delt
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="256MiB,1GiB", help=f"comma list of {list(SIZES)}")
+    add_size_options(parser, sizes="256MiB,1GiB", reps=3, out=OUT_PATH, before="optional",
+                     reps_help="interleaved repetitions (>= 3)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of weights, adam")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (>= 3)")
     parser.add_argument("--depth", type=int, default=10, help="deltas of the deep restore")
     parser.add_argument("--burst", type=int, default=3, help="back-to-back saves (sustained)")
     parser.add_argument("--encode-workers", type=int, default=2, help="of the main daemons")
     parser.add_argument("--worker-counts", default="1,2",
                         help="encode workers compared for sustained throughput (empty: skip)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
-    parser.add_argument("--before", type=Path, default=None,
-                        help="directory with an older ckptd package for the before daemon")
     parser.add_argument("--before-flags", default="",
                         help="daemon flags of the before daemon (e.g. the same code as "
                              "--before with '--stream-saves never')")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]

@@ -49,9 +49,11 @@ from ckptd.protos import segments
 
 try:
     from . import pipeline, stall
+    from .options import add_size_options
 except ImportError:  # run as a script: python bench/receive.py
     import pipeline  # type: ignore[no-redef]
     import stall  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "receive.json"
 CASES = ("fresh", "reused", "prepared", "prepare", "mapped_copy")
@@ -148,9 +150,7 @@ def report_lines(cases: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="256MiB", help=f"comma list of {list(pipeline.SIZES)}")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    add_size_options(parser, sizes="256MiB", reps=7, out=OUT_PATH, workdir=False)
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     load_before = os.getloadavg()

@@ -12,12 +12,14 @@ Usage (from the repository root)::
     python -m bench.recovery --full     # the whole sweep -> bench/RESULTS.md, bench/plots/
     python -m bench.recovery --quick    # a smoke-sized sweep -> bench/out/quick/
     python -m bench.recovery --report-only bench/out/recovery-full.json
+    python -m bench.recovery --centre gpt --seeds 0 --intervals 10   # shipped defaults only
 
-The sweep is pruned one factor at a time: the b x K grid (fixed widths and the adaptive
-``bits="auto"`` at a few error budgets) with every other knob at the shipped defaults on
-the small workloads, lossy small tensors as a variation, then the chosen defaults
-confirmed on their own; the 22M-parameter decoder (``gpt``, ``gpt-bf16``) runs only the
-adaptive default and a fixed-width neighbour (it costs ~0.5 s a step on one CPU thread).
+The sweep's centre is what a user gets with no settings (the client's per-optimizer
+built-in rules, ``EngineConfig()``), and it is pruned one factor at a time from there: one
+width for every tensor (b=2-4, the adaptive ``bits="auto"``), the weights alone, the
+optimizer state alone, the daemon's buckets per octave; then the rule's pick confirmed on
+its own where it differs; the 22M-parameter decoder (``gpt``, ``gpt-bf16``) runs only the
+shipped defaults (it costs ~0.5 s a step on one CPU thread).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from bench.recovery_analysis import DECODERS, choose_defaults, matching_rows, summarize
+from bench.recovery_analysis import DECODERS, LEGACY, choose_defaults, matching_rows, summarize
 from bench.recovery_ckptd import Setting, run_setting
 from bench.recovery_protocol import Reference, run_reference
 from bench.recovery_report import write_report
@@ -92,33 +94,41 @@ def grid_settings(bits: tuple[int | str, ...], intervals: tuple[int, ...]) -> li
 
 
 def _bits_label(bits: int | str) -> str:
-    """``b4`` for a fixed width, ``auto0.05`` for the adaptive one at that budget."""
+    """``b4`` for a fixed width, ``auto0.05`` for the adaptive one at that budget,
+    ``shipped`` for the shipped defaults."""
     return f"b{bits}" if isinstance(bits, int) else str(bits).replace(":", "")
 
 
-def variation_settings() -> list[Setting]:
-    """One knob at a time around the default widths at K=10: small float tensors (biases,
-    LayerNorm, LeNet's first conv) lossy too, and Adam's second moment exact, to compare
-    with the built-in log domain."""
-    return [
-        Setting("b4-K10-minlossy1", "min_lossy", 10, 4, min_lossy_elements=1),
-        Setting("auto0.2-K10-minlossy1", "min_lossy", 10, "auto:0.2", min_lossy_elements=1),
-        *(Setting(f"b4-K{k}-optim-sq-exact", "optim", k, 4, optim="sq-exact")
-          for k in (10, 50)),
-    ]
+def variation_settings(intervals: tuple[int, ...] = (10, 50)) -> list[Setting]:
+    """One knob at a time around the shipped defaults, at every K: the weights alone at a
+    fixed octave width (``("model/*", "lossy:<b>")``, ahead of the built-in rules), the
+    optimizer state at one width in the built-in domains (Adam ships ``exp_avg`` b2 and
+    ``exp_avg_sq`` b3, SGD's momentum b2), and the daemon's weights at octave buckets."""
+    out = []
+    for k in intervals:
+        out += [Setting(f"shipped-K{k}-weights-b{b}", "weights", k, SHIPPED, weights=f"lossy:{b}")
+                for b in (2, 3, 4)]
+        out += [Setting(f"shipped-K{k}-optim-fixed{b}", "optim", k, SHIPPED, optim=f"fixed:{b}")
+                for b in (3, 4)]
+        out.append(Setting(f"shipped-K{k}-buckets1", "buckets", k, SHIPPED, buckets_per_octave=1))
+    return out
 
 
+# The sweep's centre: what a user gets with no settings (``Checkpointer`` without ``bits=``
+# or policies, ``EngineConfig()``: the client's per-optimizer built-in rules decide).
+SHIPPED = "shipped"
 # The adaptive width's error budgets the sweep measures (relative L2 error of the dropped
 # part of a delta).
-AUTO_BUDGETS = ("auto:0.1", "auto:0.2", "auto:0.3")
-# The decoder runs the adaptive width at the middle budget at both K, and the fixed width
-# b=3 with one seed (sized to finish in well under an hour on 2 shared cores).
-_DECODER_SETTINGS = ("auto0.2-K10", "auto0.2-K50", "b3-K10@0")
+AUTO_BUDGETS = ("auto:0.2",)
+# The decoder runs the shipped defaults at both K with both seeds (sized to finish in about
+# an hour on 2 shared cores).
+_DECODER_SETTINGS = ("shipped-K10", "shipped-K50")
 # The small transformer skips what the digits models already rule out or that costs its
-# K=50 restores the most (b=2, the budget nearest b=4, exp_avg_sq exact: bench/README.md).
-_LM_SETTINGS = ("exact-K10", "exact-K50", "b3-K10", "b3-K50", "b4-K10", "b4-K50",
-                "auto0.2-K10", "auto0.2-K50", "auto0.3-K10", "auto0.3-K50",
-                "b4-K10-minlossy1", "auto0.2-K10-minlossy1")
+# K=50 restores the most (b=2, the weights at b2).
+_LM_SETTINGS = ("exact-K10", "exact-K50", "shipped-K10", "shipped-K50", "b3-K10", "b3-K50",
+                "b4-K10", "b4-K50", "auto0.2-K10", "auto0.2-K50",
+                "shipped-K10-weights-b4", "shipped-K50-weights-b4",
+                "shipped-K10-optim-fixed3", "shipped-K50-optim-fixed3")
 
 
 def full_plan() -> Plan:
@@ -131,29 +141,48 @@ def full_plan() -> Plan:
         # An LM setting with 6 failures takes 30-40 s at K=10 on 2 cores shared with a
         # load of ~10, more at K=50 when restores run to the cap. The decoder costs
         # ~0.7-1 s a step (train + held-out eval) and ~3.5 s a save there: 3 failures per
-        # seed, its default settings only, the bf16-autocast variant with one seed at K=10.
+        # seed, the shipped defaults only, the bf16-autocast variant with one seed at K=10.
         failures_per_seed={"logreg": 12, "lenet": 16, "lm": 6, "gpt": 3, "gpt-bf16": 2},
-        settings=tuple(grid_settings((2, 3, 4, *AUTO_BUDGETS), (10, 50))
+        settings=tuple(grid_settings((SHIPPED, 2, 3, 4, *AUTO_BUDGETS), (10, 50))
                        + variation_settings()),
         confirm_defaults=True,
         out_dir=_BENCH,
         json_path=_BENCH / "out" / "recovery-full.json",
-        only={"lm": _LM_SETTINGS, "gpt": _DECODER_SETTINGS, "gpt-bf16": ("auto0.2-K10",)},
+        only={"lm": _LM_SETTINGS, "gpt": _DECODER_SETTINGS, "gpt-bf16": ("shipped-K10",)},
         seed_count={"gpt-bf16": 1},
     )
 
 
+def centre_plan(workloads: tuple[str, ...], seeds: tuple[int, ...], intervals: tuple[int, ...],
+                failures: int | None, out_dir: Path) -> Plan:
+    """The shipped defaults alone (and exact, for the rework baseline) on the workloads
+    named: a check of what a user gets, without the sweep. ``failures`` None: sizes only."""
+    full = full_plan()
+    settings = [s for s in grid_settings((SHIPPED,), intervals)
+                if failures is not None or s.group != "exact"]
+    if failures is None:
+        settings = [replace(s, measure_rework=False) for s in settings]
+    return Plan(
+        mode="centre", workloads=workloads, seeds=seeds,
+        steps={w: full.steps[w] for w in workloads},
+        failures_per_seed={w: failures or 0 for w in workloads},
+        settings=tuple(settings), confirm_defaults=False, out_dir=out_dir,
+        json_path=out_dir / "recovery-centre.json",
+    )
+
+
 def quick_plan(out_dir: Path) -> Plan:
-    """Small enough for the test suite: one workload, one seed, K=10, b=3 against exact,
-    and one size-only base-interval variation so every kind of plot is drawn."""
+    """Small enough for the test suite: one workload, one seed, K=10, the shipped defaults
+    against exact, and one size-only base-interval variation so every kind of plot is
+    drawn."""
     return Plan(
         mode="quick",
         workloads=("lenet",),
         seeds=(0,),
         steps={"lenet": 200},
         failures_per_seed={"lenet": 3},
-        settings=(*grid_settings((3,), (10,)),
-                  Setting("b3-K10-base5", "base_interval", 10, 3, base_interval=5,
+        settings=(*grid_settings((SHIPPED,), (10,)),
+                  Setting("shipped-K10-base5", "base_interval", 10, SHIPPED, base_interval=5,
                           measure_rework=False)),
         confirm_defaults=False,
         out_dir=out_dir,
@@ -220,13 +249,16 @@ def _earlier_results(earlier: dict[str, Any] | None, workload: str, seed: int,
                      settings: tuple[Setting, ...]) -> list[dict[str, Any]] | None:
     """The earlier run's results of every setting of (workload, seed), or None unless it
     holds all of them with the same parameters. A parameter added to ``Setting`` since the
-    earlier run (``buckets_per_octave``) reads as its default there: that run used it."""
+    earlier run (``buckets_per_octave``, ``weights``) reads as its value before it existed
+    (``LEGACY``): that run used it."""
     if earlier is None:
         return None
     found = {r["setting"]["name"]: r for r in earlier["results"]
              if (r["workload"], r["seed"]) == (workload, seed)}
     kept = [found.get(s.name) for s in settings]
-    defaults = {f.name: f.default for f in fields(Setting) if f.default is not MISSING}
+    # A knob the earlier run's Setting lacked ran at its value before the knob existed.
+    defaults = {**{f.name: f.default for f in fields(Setting) if f.default is not MISSING},
+                **LEGACY}
     if any(r is None or {**defaults, **r["setting"]} != json.loads(json.dumps(asdict(s)))
            for r, s in zip(kept, settings, strict=True)):
         return None
@@ -293,7 +325,9 @@ def _confirmation_settings(
             f"chosen-K{k}", "chosen", k, chosen["bits"], representative=chosen["representative"],
             coder=chosen["coder"], base_interval=chosen["base_interval"],
             max_delta_fraction=chosen["max_delta_fraction"],
-            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"]), missing))
+            min_lossy_elements=chosen["min_lossy_elements"], optim=chosen["optim"],
+            weights=chosen["weights"], buckets_per_octave=chosen["buckets_per_octave"]),
+            missing))
     return extra
 
 
@@ -322,6 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="a smoke-sized sweep (< 1 min)")
     mode.add_argument("--report-only", type=Path, metavar="JSON",
                       help="rewrite RESULTS.md and plots from a saved result file")
+    mode.add_argument("--centre", nargs="+", metavar="WORKLOAD",
+                      help="the shipped defaults alone on these workloads (-> bench/out/centre/)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                        help="--centre: the seeds")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[10, 50],
+                        help="--centre: the checkpoint intervals K")
+    parser.add_argument("--failures", type=int,
+                        help="--centre: failures per seed (none: sizes only)")
     parser.add_argument("--out", type=Path, help="where RESULTS.md and plots/ go")
     parser.add_argument("--resume", type=Path, metavar="PARTIAL_JSON",
                         help="take the (workload, seed)s an interrupted run finished from its "
@@ -334,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         write_report(output, args.out or (_BENCH if output["mode"] == "full" else
                                           args.report_only.parent))
         return 0
-    plan = full_plan() if args.full else quick_plan(args.out or _BENCH / "out" / "quick")
+    if args.centre:
+        plan = centre_plan(tuple(args.centre), tuple(args.seeds), tuple(args.intervals),
+                           args.failures, args.out or _BENCH / "out" / "centre")
+    else:
+        plan = full_plan() if args.full else quick_plan(args.out or _BENCH / "out" / "quick")
     if args.out:
         plan = replace(plan, out_dir=args.out, json_path=args.out / plan.json_path.name)
     earlier = json.loads(args.resume.read_text()) if args.resume else None

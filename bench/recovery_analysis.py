@@ -10,6 +10,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from ckptd.daemon.config import EngineConfig
+
 from bench.recovery_protocol import scratch_rework
 
 # The issue's targets (issue 16), per workload: delta and 40-checkpoint history ratios vs
@@ -140,10 +142,17 @@ def _timings(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# The setting every sweep varies one knob at a time from: ckptd's defaults before this
-# evidence chose today's (kept fixed so that reruns stay comparable with RESULTS.md).
-SWEEP_CENTRE = {"bits": 4, "representative": "mean", "coder": "zstd", "base_interval": 50,
-                    "max_delta_fraction": 8.0, "min_lossy_elements": 1024, "optim": "sq-log"}
+# The setting every sweep varies one knob at a time from: what a user gets with no settings
+# (``bits="shipped"``: no ``bits=``, the daemon's ``EngineConfig()``; ``optim="builtin"``:
+# the client's per-optimizer built-in rules), so the targets are checked at the defaults.
+_SHIPPED = EngineConfig()
+SWEEP_CENTRE: dict[str, Any] = {
+    "bits": "shipped", "representative": _SHIPPED.representative, "coder": _SHIPPED.coder,
+    "base_interval": _SHIPPED.base_interval, "max_delta_fraction": _SHIPPED.max_delta_fraction,
+    "min_lossy_elements": _SHIPPED.min_lossy_elements, "optim": "builtin", "weights": "",
+    "buckets_per_octave": _SHIPPED.buckets_per_octave}
+# What a row written before a knob existed had for it.
+LEGACY = {"weights": "", "buckets_per_octave": 1}
 
 
 def choose_defaults(output: dict[str, Any]) -> dict[str, Any]:
@@ -158,18 +167,35 @@ def choose_defaults(output: dict[str, Any]) -> dict[str, Any]:
             values, reason = found
             chosen.update(values)
             reasons[", ".join(values)] = reason
-    chosen["label"] = (f"bits={chosen['bits']}, {chosen['representative']}, {chosen['coder']}, "
-                       f"base_interval={chosen['base_interval']}, max_delta_fraction="
-                       f"{chosen['max_delta_fraction']:g}, min_lossy_elements="
-                       f"{chosen['min_lossy_elements']}, optimizer state "
-                       f"{_optim_words(chosen['optim'], chosen['bits'])}")
+    chosen["label"] = label(chosen)
     chosen["reasons"] = reasons
     return chosen
+
+
+def label(values: dict[str, Any]) -> str:
+    """A setting's knobs in words (the targets' and the chosen defaults' headings)."""
+    bits = ("the shipped widths (daemon b4, 2 buckets per octave; Adam weights b3)"
+            if values["bits"] == "shipped" else f"bits={values['bits']}")
+    weights = f", weights {values['weights']}" if values.get("weights") else ""
+    return (f"{bits}{weights}, {values['representative']}, {values['coder']}, "
+            f"base_interval={values['base_interval']}, max_delta_fraction="
+            f"{values['max_delta_fraction']:g}, min_lossy_elements="
+            f"{values['min_lossy_elements']}, buckets_per_octave="
+            f"{values.get('buckets_per_octave', 1)}, optimizer state "
+            f"{_optim_words(values['optim'], values['bits'])}")
+
+
+def shipped() -> dict[str, Any]:
+    """The sweep's centre with its label: the defaults the targets are checked at."""
+    return {**SWEEP_CENTRE, "label": label(SWEEP_CENTRE)}
 
 
 def _optim_words(optim: str, bits: int | str) -> str:
     return {"auto": f"lossy at b={bits} (AUTO, linear)", "exact": "exact",
             "sq-log": "built-in rules (exp_avg_sq lossy-log, exp_avg lossy-scaled)",
+            "builtin": "by the client's per-optimizer built-in rules (Adam: exp_avg "
+                       "lossy-scaled b2, exp_avg_sq lossy-log b3, step exact; SGD: "
+                       "momentum_buffer b2)",
             "sq-exact": "exp_avg_sq exact"}.get(optim, optim.replace("lossy:", "lossy at b="))
 
 
@@ -303,7 +329,7 @@ def _base_interval(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str] | N
     while the cost of restoring an old step grows with it."""
     by_policy: dict[tuple[int, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["name"] == "b3-K10" or r["group"] == "base_interval":
+        if r["name"] in ("b3-K10", "shipped-K10") or r["group"] == "base_interval":
             by_policy[(r["base_interval"], r["max_delta_fraction"])].append(r)
     if len(by_policy) < 2:
         return None
@@ -325,8 +351,9 @@ def matching_rows(rows: list[dict[str, Any]], chosen: dict[str, Any]) -> list[di
     """The rows measured with exactly the chosen defaults (any K), preferring the
     ``chosen`` confirmation runs over an equal sweep setting."""
     keys = ("bits", "representative", "coder", "base_interval", "max_delta_fraction",
-            "min_lossy_elements", "optim")
-    found = [r for r in rows if r["bits"] is not None and all(r[k] == chosen[k] for k in keys)]
+            "min_lossy_elements", "optim", "weights", "buckets_per_octave")
+    found = [r for r in rows if r["bits"] is not None
+             and all(r.get(k, LEGACY.get(k)) == chosen.get(k, LEGACY.get(k)) for k in keys)]
     found.sort(key=lambda r: r["group"] != "chosen")
     unique: dict[tuple[str, int], dict[str, Any]] = {}
     for r in found:

@@ -47,16 +47,20 @@ class Setting:
         group: Which part of the sweep it belongs to (``grid``, ``exact``, ``representative``,
             ``coder``, ``base_interval``, ``optim``, ``chosen``).
         interval: K, training steps between two checkpoints.
-        bits: Bit width of lossy tensors; ``"auto:<share>"`` the daemon's adaptive width
-            with that error budget (``auto_bits_max_error``); None stores everything
-            exactly (the baseline).
+        bits: Bit width of lossy tensors (``Checkpointer(bits=...)``: every built-in width
+            and the daemon's default); ``"auto:<share>"`` the daemon's adaptive width with
+            that error budget (``auto_bits_max_error``); ``"shipped"`` what a user gets
+            with no settings (no ``bits=``, the daemon's ``EngineConfig`` defaults); None
+            stores everything exactly (the baseline).
         max_delta_fraction: The engine's other base trigger: a new base once the deltas
             since the last one outweigh this fraction of it.
         min_lossy_elements: Float tensors smaller than this are stored exactly under AUTO.
         auto_relative_to: What the adaptive width's budget is relative to: ``"delta"`` (the
             shipped rule) or ``"state"`` (``auto_bits_relative_to``; ``bench/auto_budget.py``).
-        optim: Policy of optimizer tensors: ``"sq-log"`` (the client's built-in rules: Adam's
-            ``exp_avg_sq`` lossy in the log domain, the rest as the daemon decides),
+        optim: Policy of optimizer tensors: ``"builtin"`` (the client's built-in rules for
+            the optimizer saved: ``ckptd.client.policies.builtin_rules``; the shipped
+            default), ``"sq-log"`` (older runs: the built-in rules before they depended on
+            the optimizer: Adam's ``exp_avg_sq`` lossy-log, ``exp_avg`` lossy-scaled),
             ``"auto"`` (the daemon's rule for all, ``exp_avg_sq`` lossy in the linear
             domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
@@ -65,12 +69,18 @@ class Setting:
             either width may be ``exact`` (``fixed:2-sqexact``: ``exp_avg_sq`` exact,
             ``fixed:exact-sq3``: the first moment exact). The prefix ``exactmodel-``
             (``exactmodel-fixed:2``) also stores the model's tensors exactly, so that only
-            the optimizer state is lossy (``bench/auto_budget.py``: which group costs rework).
+            the optimizer state is lossy: ``weights="exact"`` as ``bench/auto_budget.py
+            --optim`` can say it (which group costs rework).
         buckets_per_octave: The daemon's buckets per octave for the tensors it decides
             about (policy AUTO: the weights; ``EngineConfig.buckets_per_octave``; 1 is the
             shipped octave buckets, 2 or 4 finer; ``bench/auto_budget.py --fine``).
+        weights: A policy spec for the model's tensors (a ``("model/*", spec)`` rule
+            ahead of the built-in ones), e.g. ``"lossy:2"``; ``""``: the built-in rules'.
         measure_rework: Restore and continue at the failure points (off where only sizes
             and restore times differ, e.g. base-interval variations).
+
+    The defaults of the knobs are the shipped ones (``EngineConfig``), so a setting differs
+    from what a user gets only in what it names.
     """
 
     name: str
@@ -81,11 +91,12 @@ class Setting:
     coder: str = "zstd"
     base_interval: int = 50
     max_delta_fraction: float = 8.0
-    min_lossy_elements: int = 1024
-    auto_relative_to: str = "delta"
-    optim: str = "sq-log"
+    min_lossy_elements: int = EngineConfig.min_lossy_elements
+    auto_relative_to: str = EngineConfig.auto_bits_relative_to
+    optim: str = "builtin"
     measure_rework: bool = True
-    buckets_per_octave: int = 1
+    buckets_per_octave: int = EngineConfig.buckets_per_octave
+    weights: str = ""
 
     @property
     def fixed_bits(self) -> int | None:
@@ -99,18 +110,24 @@ def client_policies(setting: Setting, force_lossy: bool,
 
     Adam's step counters stay exact whatever the optimizer policy says (a 0-dim float
     bias-correction counter is not something to quantize). ``force_lossy`` makes every other
-    tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold.
-    ``groups`` (optimizer-state index -> parameter group, ``parameter_groups``) is needed
-    by a ``fixed:`` form that gives one group's first moment its own width
-    (``fixed:2-sq2-head3``: ``exp_avg`` at b3 for the head's parameters, b2 elsewhere).
+    tensor lossy, for models whose tensors are all under the daemon's AUTO size threshold
+    when the setting's threshold is above 1. ``groups`` (optimizer-state index ->
+    parameter group, ``parameter_groups``) is needed by a ``fixed:`` form that gives one
+    group's first moment its own width (``fixed:2-sq2-head3``: ``exp_avg`` at b3 for the
+    head's parameters, b2 elsewhere).
     """
     if setting.bits is None:
         return [("*", "exact")]
-    rules = [("optim/state/*/step", "exact")]
-    optim = setting.optim
-    if optim.startswith(_EXACT_MODEL):
-        optim = optim.removeprefix(_EXACT_MODEL)
-        rules.append(("model/*", "exact"))
+    optim, weights_spec = setting.optim, setting.weights
+    if optim.startswith(_EXACT_MODEL):  # the command line's spelling of weights="exact"
+        optim, weights_spec = optim.removeprefix(_EXACT_MODEL), "exact"
+    weights = [("model/*", weights_spec)] if weights_spec else []
+    if optim == "builtin":
+        # Exactly what a user gets: the client's per-optimizer rules (Adam's step counters
+        # exact, SGD's weights lossy under the daemon's threshold of 1); forcing every
+        # tensor lossy here would override them.
+        return weights
+    rules = [("optim/state/*/step", "exact"), *weights]
     if optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif optim == "sq-log":
@@ -138,7 +155,8 @@ def client_policies(setting: Setting, force_lossy: bool,
         rules.append(("optim/state/*/exp_avg_sq", "auto"))
     else:
         rules.append(("optim/*", optim))
-    if force_lossy:
+    if force_lossy and setting.min_lossy_elements > 1:
+        # Under a threshold of 1 the daemon makes them lossy itself (at its buckets).
         rules.append(("*", "lossy"))
     return rules
 
@@ -162,14 +180,14 @@ def _groups(workload: Workload, setting: Setting, seed: int) -> dict[int, str] |
 
 
 def daemon_config(setting: Setting, storage: Path) -> DaemonConfig:
-    auto = isinstance(setting.bits, str)
+    auto = isinstance(setting.bits, str) and setting.bits.startswith("auto")
     engine = EngineConfig(
         base_interval=setting.base_interval,
         max_delta_fraction=setting.max_delta_fraction,
         min_lossy_elements=setting.min_lossy_elements,
         default_bits=AUTO_BITS if auto else setting.fixed_bits or EngineConfig.default_bits,
         auto_bits_max_error=(float(str(setting.bits).partition(":")[2]) if auto
-                               else EngineConfig.auto_bits_max_error),
+                             else EngineConfig.auto_bits_max_error),
         auto_bits_relative_to=setting.auto_relative_to,
         buckets_per_octave=setting.buckets_per_octave,
         representative=setting.representative,

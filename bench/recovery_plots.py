@@ -138,6 +138,8 @@ def _loss_around_failure(output: dict[str, Any], workloads: list[str], path: Pat
         references = {r["seed"]: r for r in output["references"] if r["workload"] == workload}
         mine = [r for r in output["results"] if r["workload"] == workload and r["resumes"]
                 and r["setting"]["group"] == "grid"]
+        if not mine:  # sizes only (``--centre`` without ``--failures``): nothing resumed
+            continue
         interval = min(r["setting"]["interval"] for r in mine)
         mine = sorted((r for r in mine if r["setting"]["interval"] == interval),
                       key=lambda r: bits_key(r["setting"]["bits"]))

@@ -7,17 +7,16 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ckptd.client.policies import BUILTIN_RULES, parse_spec
-from ckptd.daemon.config import AUTO_BITS, EngineConfig
-
 from bench.recovery_analysis import (
     HISTORY_CHECKPOINTS,
+    LEGACY,
     REWORK_BOUND,
     SWEEP_CENTRE,
     bits_key,
     choose_defaults,
     evaluate_targets,
     matching_rows,
+    shipped,
     summarize,
 )
 from bench.recovery_evidence import evidence, tradeoff_lines
@@ -30,16 +29,17 @@ _TITLE = "# Recovery benchmark: LC-Checkpoint compression against rework cost"
 def write_report(output: dict[str, Any], out_dir: Path) -> Path:
     """Writes ``out_dir/RESULTS.md`` and ``out_dir/plots/*.png``; returns the markdown path."""
     rows = summarize(output)
-    chosen = output.get("confirmation") or choose_defaults(output)
+    # An older file's pick predates some knobs: it ran them at their old values.
+    chosen = {**LEGACY, **(output.get("confirmation") or choose_defaults(output))}
     plots = write_plots(output, rows, out_dir / "plots")
     parts = [
         _header(output),
-        _verdicts(rows, chosen, output),
+        _verdicts(rows, shipped(), output),
         _defaults(chosen),
         evidence(rows, chosen, output),
         _protocol(output),
         _tables(rows),
-        _breakdown(output, rows, chosen),
+        _breakdown(output, rows, shipped()),
         _update_errors(rows),
         "## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in plots),
         _notes(rows, output),
@@ -82,7 +82,7 @@ def _reused(found: dict[str, Any] | None) -> str:
 
 
 def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[str, Any]) -> str:
-    lines = [f"## Targets at the chosen defaults ({chosen['label']})", "",
+    lines = [f"## Targets at the shipped defaults ({chosen['label']})", "",
              "| target | measured | bound | verdict |", "|---|---:|---:|---|"]
     for t in evaluate_targets(rows, chosen):
         lines.append(f"| {t['name']} | {t['value']:.2f} | {t['op']} {t['bound']:g} | "
@@ -102,9 +102,9 @@ def _verdicts(rows: list[dict[str, Any]], chosen: dict[str, Any], output: dict[s
 
 def _defaults(chosen: dict[str, Any]) -> str:
     lines = ["## Chosen defaults", "", f"**{chosen['label']}**.", "",
-             "The sweep varies one knob at a time from its centre, ckptd's defaults before "
-             "this evidence (`" + ", ".join(f"{k}={v}" for k, v in SWEEP_CENTRE.items())
-             + "`); the chosen values differ from it in: "
+             "The sweep varies one knob at a time from its centre, what a user gets with no "
+             "settings (`" + ", ".join(f"{k}={v}" for k, v in SWEEP_CENTRE.items())
+             + "`); the values the rules below pick differ from it in: "
              + (", ".join(f"`{k}` {SWEEP_CENTRE[k]!r} -> {chosen[k]!r}"
                           for k in SWEEP_CENTRE if chosen[k] != SWEEP_CENTRE[k]) or "nothing")
              + ".", ""]
@@ -116,44 +116,17 @@ def _defaults(chosen: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_ENGINE_FIELDS = (("representative", "representative"),
-                  ("coder", "coder"), ("base_interval", "base_interval"),
-                  ("max_delta_fraction", "max_delta_fraction"),
-                  ("min_lossy_elements", "min_lossy_elements"))
-_OPTIM_RULES = {"sq-exact": ("*exp_avg_sq", "exact"), "exact": ("optim/*", "exact"),
-                "sq-log": ("*exp_avg_sq", "lossy-log")}
-
-
-def _engine_bits(bits: int | str) -> tuple[int, float | None]:
-    """``EngineConfig`` (default_bits, auto_bits_max_error) of a setting's bits."""
-    if isinstance(bits, str):
-        return AUTO_BITS, float(bits.partition(":")[2])
-    return bits, None
-
-
 def _shipped(chosen: dict[str, Any]) -> str:
-    """Whether the daemon's and client's shipped defaults are the chosen ones."""
-    shipped = EngineConfig()
-    differ = [f"`EngineConfig.{field}` ships {getattr(shipped, field)!r}, chosen {chosen[key]!r}"
-              for field, key in _ENGINE_FIELDS if getattr(shipped, field) != chosen[key]]
-    bits, budget = _engine_bits(chosen["bits"])
-    if shipped.default_bits != bits or budget not in (None, shipped.auto_bits_max_error):
-        differ.append(f"`EngineConfig.default_bits` ships {shipped.default_bits!r} "
-                      f"(auto_bits_max_error {shipped.auto_bits_max_error:g}), chosen "
-                      f"{chosen['bits']!r}")
-    builtin = {(rule.pattern, rule.policy) for rule in BUILTIN_RULES}
-    rule = _OPTIM_RULES.get(chosen["optim"])
-    if rule is not None and (rule[0], parse_spec(rule[1])[0]) not in builtin:
-        differ.append(f"the client has no built-in rule `{rule!r}`")
-    if rule is None:
-        differ.append(f"optimizer policy {chosen['optim']!r} has no built-in rule")
+    """Whether the rules' pick is what ckptd ships (the sweep's centre)."""
+    differ = [f"`{k}` ships {SWEEP_CENTRE[k]!r}, the rules pick {chosen[k]!r}"
+              for k in SWEEP_CENTRE if chosen.get(k) != SWEEP_CENTRE[k]]
     if differ:
-        return "**The shipped defaults differ from these:** " + "; ".join(differ) + "."
-    return ("These are ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds the "
-            "engine's, and the client's built-in policy rules (`ckptd.client.policies."
-            "BUILTIN_RULES`, consulted after the user's) store `exp_avg_sq` lossy in the log "
-            "domain (`lossy-log`) and `exp_avg` against a fitted multiple of the previous save "
-            "(`lossy-scaled`).")
+        return ("**The shipped defaults differ from the rules' pick:** " + "; ".join(differ)
+                + ". The targets above are checked at the shipped defaults.")
+    return ("The rules pick ckptd's shipped defaults: `ckptd.daemon.config.EngineConfig` holds "
+            "the engine's, and the client's built-in policy rules (`ckptd.client.policies."
+            "builtin_rules`, consulted after the user's, one set per save by the optimizer "
+            "whose state it holds) the optimizer state's and Adam's weights'.")
 
 
 def _protocol(output: dict[str, Any]) -> str:
@@ -212,20 +185,25 @@ checkpoints in order through `ckptd.client.Checkpointer` (the calls a trainer ma
 * **final**: the middle failure of each seed also trains on to the end of the run; its final
   held-out loss/accuracy is compared with the reference's.
 
-Sweep (pruned one factor at a time): b in {{2,3,4}} and bits="auto" at budgets 0.1, 0.2
-and 0.3 (`auto<budget>`: the relative L2 error the dropped buckets may add to a delta) x K
-in {{10,50}} with everything else at the sweep's centre (ckptd's defaults: mean, zstd, base
-interval 50, max_delta_fraction 8, Adam's `exp_avg_sq` lossy-log and `exp_avg` lossy-scaled
-by the client's built-in rules), plus the exact baseline per K; then lossy small tensors
-(min_lossy_elements 1) at b=4 and auto0.2 (K=10), and `exp_avg_sq` exact at b=4 (K=10, 50);
-finally the chosen defaults on their own at both K where the sweep lacked them. The small
-transformer skips b=2, auto0.1 and `exp_avg_sq` exact. The decoder runs only `auto0.2` at
-both K and `b3-K10` with seed 0 (`gpt-bf16`: one seed, `auto0.2-K10`), and takes no part in
-choosing the defaults: its rows check them. The exact-K50 chain is measured for size only
-(exact restores replay the reference; exact-K10 checks it on the small workloads; the
-decoder's exact rework is read off its reference the same way).
-Workloads whose tensors are all under the daemon's AUTO size threshold ({forced}) are made
-lossy by a `("*", "lossy")` policy; Adam's step counters are always exact."""
+Sweep (pruned one factor at a time from its centre, `shipped`: what a user gets with no
+settings: no `bits=` or policies, `EngineConfig()`, the client's per-optimizer built-in rules;
+Adam: weights lossy b3, `exp_avg` lossy-scaled b2, `exp_avg_sq` lossy-log b3, step counters
+exact; SGD: `momentum_buffer` b2 and the weights the daemon's, b4 with 2 buckets per octave;
+every float tensor lossy, min_lossy_elements 1), x K in {{10,50}}, plus the exact baseline
+per K: one width for every tensor (`b2`-`b4`: `Checkpointer(bits=b)`, which replaces every
+built-in width and the daemon's; `auto0.2`: the daemon's adaptive width at budget 0.2, the
+relative L2 error the dropped buckets may add to a delta), the weights alone at an octave
+width (`-weights-b<b>`: a `("model/*", "lossy:<b>")` rule), the optimizer state alone at
+one width in the built-in domains (`-optim-fixed<b>`), the daemon's weights at octave
+buckets (`-buckets1`); finally the rules' pick on its own at both K where the sweep lacked
+it. The small transformer runs a subset (no b=2, no octave buckets). The decoder runs only
+the shipped defaults at both K (`gpt-bf16`: one seed, K=10), and takes no part in choosing:
+its rows check the defaults. The exact-K50 chain is measured for size only (exact restores
+replay the reference; exact-K10 checks it on the small workloads; the decoder's exact
+rework is read off its reference the same way).
+Rows of settings with explicit optimizer rules (`-optim-*`, older files' `sq-log`) keep
+Adam's step counters exact by a rule; where such a setting's tensors are all under the
+daemon's AUTO size threshold ({forced}) they are made lossy by a `("*", "lossy")` policy."""
 
 
 _COLUMNS = (
@@ -293,8 +271,9 @@ _PARTS = ("manifest", "model_lossy", "model_exact", "optim_lossy", "optim_exact"
 
 
 def _breakdown(output: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any]) -> str:
-    """Where the bytes of one delta go at the chosen defaults (last delta of the first seed)."""
-    lines = ["## Where a delta's bytes go (chosen defaults, last delta of seed "
+    """Where the bytes of one delta go at ``chosen`` (the shipped defaults; last delta of the
+    first seed)."""
+    lines = ["## Where a delta's bytes go (shipped defaults, last delta of seed "
              f"{output['plan']['seeds'][0]})", "",
              "| workload | K | tensors | total | " + " | ".join(_PARTS) + " | lossy elements "
              "by width |",

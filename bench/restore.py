@@ -47,8 +47,10 @@ from ckptd.client import Checkpointer
 
 try:
     from . import pipeline
+    from .options import add_size_options
 except ImportError:  # run as a script: python bench/restore.py
     import pipeline  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore.json"
 CASES = ("latest_shm", "latest_shm_views", "latest_grpc", "base_shm")
@@ -174,12 +176,7 @@ def summary(cases: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="256MiB,1GiB", help="comma list of 256MiB, 1GiB...")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
-    parser.add_argument("--before", type=Path, required=True,
-                        help="a directory holding the older ckptd package (bench/README.md)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where files go")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    add_size_options(parser, sizes="256MiB,1GiB", reps=7, out=OUT_PATH, before="required")
     args = parser.parse_args(argv)
     run_sizes("python bench/restore.py", args, argv,
               lambda label, root: measure(label, args, root), summary)

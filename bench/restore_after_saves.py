@@ -39,9 +39,11 @@ from ckptd.client import Checkpointer
 
 try:
     from . import pipeline
+    from .options import add_size_options
     from .restore import daemon_cpu_s, run_sizes
 except ImportError:  # run as a script: python bench/restore_after_saves.py
     import pipeline  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
     from restore import daemon_cpu_s, run_sizes  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore_after_saves.json"
@@ -145,17 +147,12 @@ def summary(cases: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="256MiB", help="comma list of 256MiB, 1GiB...")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
-    parser.add_argument("--before", type=Path, required=True,
-                        help="a directory holding the older ckptd package (bench/README.md)")
+    add_size_options(parser, sizes="256MiB", reps=7, out=OUT_PATH, before="required")
     parser.add_argument("--settle-mib", type=int, default=64,
                         help="dirty + writeback MiB under which a settled restore starts")
     parser.add_argument("--max-resident-bytes", type=int, default=None,
                         help="both daemons' bound on chain heads kept in memory (default: "
                         "theirs, 4 GiB); every rep's run keeps its head until evicted")
-    parser.add_argument("--workdir", type=Path, default=None, help="where files go")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     run_sizes("python bench/restore_after_saves.py", args, argv,
               lambda label, root: measure(label, args, root), summary)

@@ -40,9 +40,11 @@ from ckptd.protos import streams
 
 try:
     from . import pipeline
+    from .options import add_size_options
     from .restore import daemon_cpu_s, run_sizes, save_chain
 except ImportError:  # run as a script: python bench/restore_timeline.py
     import pipeline  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
     from restore import daemon_cpu_s, run_sizes, save_chain  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore_timeline.json"
@@ -186,10 +188,8 @@ def summary(cases: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="256MiB", help="comma list of 256MiB, 1GiB...")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where files go")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
+    add_size_options(parser, sizes="256MiB", reps=5, out=OUT_PATH,
+                     reps_help="repetitions (medians reported)")
     args = parser.parse_args(argv)
     run_sizes("python bench/restore_timeline.py", args, argv,
               lambda label, root: measure(label, args.reps, root), summary)

@@ -28,6 +28,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,20 +191,32 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", default="lm", choices=("lm", "lenet-adam"))
+def run_parser(doc: str, workloads: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options both moment studies take: the workload, its steps and the checkpoint
+    interval, and ``--json``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", maxsplit=1)[0])
+    parser.add_argument("--workload", default=workloads[0], choices=workloads)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--json", help="also write the full result (per group) here")
+    return parser
+
+
+def report(result: dict[str, Any], text: str, json_path: str | None) -> None:
+    """Prints the summary ``text``, and writes ``result`` to ``json_path`` if given."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(result, out, indent=1, sort_keys=True)
+
+
+def main() -> None:
+    parser = run_parser(__doc__, ("lm", "lenet-adam"))
+    parser.add_argument("--bits", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = measure(args.workload, args.steps, args.every, args.bits)
-    print(_summary(result))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1, sort_keys=True)
+    report(result, _summary(result), args.json)
 
 
 if __name__ == "__main__":

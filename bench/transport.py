@@ -58,8 +58,10 @@ from ckptd.protos.v1 import pb
 
 try:
     from . import pipeline
+    from .options import add_size_options
 except ImportError:  # run as a script: python bench/transport.py
     import pipeline  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "transport.json"
 SIDES = ("after", "before")
@@ -213,13 +215,9 @@ def report_lines(cases: list[dict[str, Any]], parts: dict[str, float] | None = N
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="256MiB", help=f"comma list of {list(pipeline.SIZES)}")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
-    parser.add_argument("--before", type=Path, required=True,
-                        help="directory with an older ckptd package for the before daemon")
+    add_size_options(parser, sizes="256MiB", reps=5, out=OUT_PATH, before="required")
     parser.add_argument("--perf", type=Path, default=None,
                         help="record perf profiles of the first rep into this directory")
-    parser.add_argument("--workdir", type=Path, default=None, help="where files go (local disk)")
     parser.add_argument("--daemon-flags", default="",
                         help='more "ckptd serve" flags for both daemons, e.g. '
                              '"--stream-saves never" (ACCEPTED = the receive alone)')
@@ -227,7 +225,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the Python steps of a save per chunk, in this process")
     parser.add_argument("--chunk-bytes", type=int, default=pipeline.MiB,
                         help="chunk size for --parts (the daemon's max_chunk_bytes)")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in pipeline.SIZES]

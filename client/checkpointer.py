@@ -61,12 +61,19 @@ class Checkpointer:
             ``"auto"`` picks shm on a unix socket when the daemon reports this host's
             hostname and boot id, and falls back to streaming if the daemon then refuses
             the segment (e.g. it runs in another container).
-        bits: Default bit width of lossy tensors (1..8); None: the daemon's default.
+        bits: Default bit width of lossy tensors (1..8): every built-in rule's width (the
+            domains stay; exact stays exact), the width of your rules that name none, and
+            the daemon's default. None: the built-in rules' own widths and the daemon's
+            default.
         policies: Ordered ``(glob, spec)`` rules matched against tensor names
             (``"optim/*"``), spec ``"auto"|"exact"|"lossy[:<bits>]"|"lossy-log[:<bits>]"|
             "lossy-scaled[:<bits>]"``; the first match wins. The built-in rules come after
-            them: Adam's ``*exp_avg_sq`` is lossy-log and ``*exp_avg`` lossy-scaled unless a
-            rule here names them (see ``ckptd.client.policies.BUILTIN_RULES``).
+            them, one set per save chosen by the optimizer state it holds
+            (``ckptd.client.policies.builtin_rules``): with Adam's ``*exp_avg_sq``, every
+            float tensor lossy at b=3, ``*exp_avg`` lossy-scaled b=2, ``*exp_avg_sq``
+            lossy-log b=3, ``*/step`` exact; with SGD's ``*momentum_buffer``, that lossy at
+            b=2 and the weights as the daemon decides; otherwise ``*exp_avg_sq`` lossy-log and
+            ``*exp_avg`` lossy-scaled at the daemon's width.
         when_busy: When every staging buffer is still busy (or the daemon's budget is full):
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.
@@ -219,7 +226,8 @@ class Checkpointer:
                 and rank.
             state: Nested dicts/lists/tuples of tensors, numpy arrays and plain Python
                 values (int, float, bool, str, bytes, None).
-            bits: Bit width of lossy tensors for this save (overrides the default).
+            bits: Bit width of lossy tensors for this save (overrides the default ``bits``,
+                with the same meaning: every built-in width, the daemon's default).
             metadata: Extra string metadata stored with the step (keys must not start
                 with ``"ckptd."``).
             metrics: Finite numbers to store with the step (``{"val_loss": 0.31}``),

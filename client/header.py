@@ -12,7 +12,7 @@ from typing import cast
 from ckptd.protos.v1 import pb
 
 from .errors import InvalidCheckpointError
-from .policies import PolicyRule, resolve
+from .policies import PolicyRule, builtin_rules, resolve
 from .structure import STRUCTURE_KEY, FlatState
 
 RESERVED_PREFIX = "ckptd."
@@ -30,8 +30,9 @@ class HeaderBuilder:
         self.reshardable = reshardable  # ckptd.client.dcp: DCP saves carry their layout
         self.rules = rules
         self.server = server
-        # Tensor names repeat every save; matching globs once per name keeps save() cheap.
-        self._policies: dict[tuple[str, int], tuple[int, int]] = {}
+        # Tensor names repeat every save; matching globs once per (built-in set, name,
+        # width, float or not) keeps save() cheap.
+        self._policies: dict[tuple[str, str, int, bool], tuple[int, int]] = {}
 
     def build(
         self, step: int, flat: FlatState, bits: int, metadata: Mapping[str, str] | None
@@ -39,9 +40,12 @@ class HeaderBuilder:
         """Raises ``InvalidCheckpointError`` beyond the daemon's limits and ``ValueError``
         for malformed or reserved metadata."""
         self._check_limits(flat)
+        # Which optimizer's built-in rules apply follows from the names, once per save.
+        label, builtin = builtin_rules(leaf.name for leaf in flat.leaves)
         specs = []
         for leaf in flat.leaves:
-            policy, leaf_bits = self._policy(leaf.name, bits)
+            policy, leaf_bits = self._policy(label, builtin, leaf.name, bits,
+                                             leaf.dtype.is_float)
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,
@@ -70,11 +74,15 @@ class HeaderBuilder:
                 f"the daemon accepts at most {info.max_checkpoint_bytes}"
             )
 
-    def _policy(self, name: str, bits: int) -> tuple[int, int]:
-        key = (name, bits)
+    def _policy(
+        self, label: str, builtin: tuple[PolicyRule, ...], name: str, bits: int,
+        is_float: bool,
+    ) -> tuple[int, int]:
+        key = (label, name, bits, is_float)
         cached = self._policies.get(key)
         if cached is None:
-            cached = self._policies[key] = resolve(self.rules, name, bits)
+            cached = self._policies[key] = resolve(self.rules, name, bits, builtin,
+                                                   is_float=is_float)
         return cached
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ckptd.client.credentials import TOKEN_ENV, TlsFiles, resolve_token
 from ckptd.client.errors import CkptdClientError, DaemonBusyError
+from ckptd.client.policies import describe_builtin
 from ckptd.daemon.cli.catalog import Catalog, open_catalog
 from ckptd.daemon.cli.output import format_bytes, format_ratio, format_table, format_world
 from ckptd.daemon.domain import RunInfo, StepKey
@@ -308,6 +309,8 @@ def _info_source(catalog: Catalog, as_json: bool) -> int:
                ("steps", str(sum(r.step_count for r in runs))),
                ("stored_bytes", str(sum(r.stored_bytes for r in runs))),
                ("hidden_bytes", str(sum(r.hidden_bytes for r in runs)))]
+    # What a Python client adds per tensor, so the defaults a trainer gets read in one place.
+    fields += describe_builtin()
     if as_json:
         print(json.dumps(dict(fields), indent=2))
         return 0

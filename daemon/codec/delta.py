@@ -91,7 +91,8 @@ def encode_delta(current: np.ndarray, reference: np.ndarray, *, bits: int | str,
         # The width is chosen between the passes: pass 1's statistics do not depend on it.
         if bits == AUTO:
             bits = quantize.auto_bits(merged, auto_max_error, representative,
-                                      state_energy=_state_energy(ref, ops, auto_relative_to))
+                                      state_energy=_state_energy(ref, ops, auto_relative_to),
+                                      ranked=ops.ranked(merged))
         else:
             bits = int(bits)
         plan = ops.plan(merged, bits, representative)

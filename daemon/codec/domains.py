@@ -28,7 +28,8 @@ scaled reference.
   1-4 beside rare jumps of tens), every element of a dropped one is an exception; it keeps
   instead the buckets whose elements would otherwise be exceptions the most often. Only
   the encoder chooses (the blob holds the representatives, not the keys), so every earlier
-  blob decodes as before.
+  blob decodes as before. ``bits="auto"`` counts the buckets this rule drops
+  (``Ops.ranked``), not priority promotion's.
 
   Every operation is integer arithmetic or IEEE-754 rounding of a float (no ``log``/``exp``,
   whose results differ between numpy's SIMD paths), so a decode on any host reproduces the
@@ -93,11 +94,26 @@ class Ops:
         return quantize.Stats(counts.sum(axis=0), None, lo.min(axis=0), hi.max(axis=0),
                               self.key_bits)
 
+    def keep(self, stats: quantize.Stats, bits: int) -> np.ndarray:
+        """The keys width ``bits`` keeps, in symbol order: the log domain's by
+        ``promote_log``, the others' by priority promotion."""
+        if self.domain == LOG:
+            return promote_log(stats, bits, self.dtype_name)
+        return quantize.promote(stats, bits)
+
+    def ranked(self, stats: quantize.Stats) -> np.ndarray:
+        """The keys in the order the widths take them: width b keeps the first ``2^b - 1``
+        (the set ``keep`` returns in symbol order). ``bits="auto"`` estimates each width's
+        dropped buckets from it (``quantize.auto_bits``), so it counts the buckets the
+        encoder drops."""
+        if self.domain == LOG:
+            order, chosen = _log_choice(stats, self.dtype_name)
+            return order[chosen]
+        return quantize.promote(stats, 8)
+
     def plan(self, stats: quantize.Stats, bits: int, representative: str) -> quantize.Plan:
-        """Between the passes: what every key becomes at width ``bits`` (the log domain
-        keeps its buckets by ``promote_log``, the others by priority promotion)."""
-        kept = promote_log(stats, bits, self.dtype_name) if self.domain == LOG else None
-        return quantize.make_plan(stats, bits, representative, kept)
+        """Between the passes: what every key becomes at width ``bits`` (``keep``)."""
+        return quantize.make_plan(stats, bits, representative, self.keep(stats, bits))
 
     def encode(self, cur: np.ndarray, ref: np.ndarray, out: np.ndarray, plan: quantize.Plan,
                scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
@@ -144,10 +160,16 @@ def promote_log(stats: quantize.Stats, bits: int, dtype_name: str) -> np.ndarray
     the remaining symbols in priority promotion's order; so where every bucket over the
     bound fits, the kept set, and the blob, are priority promotion's.
     """
+    order, chosen = _log_choice(stats, dtype_name)
+    return order[np.sort(chosen[: (1 << bits) - 1])]
+
+
+def _log_choice(stats: quantize.Stats, dtype_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every normal key in priority promotion's order, and the positions in it of the keys
+    in the order the log domain's widths take them (``promote_log``)."""
     order = quantize.promote(stats, 9)  # 2^9 - 1 >= 508: every normal key, largest first
     limit = kernels.LOG_MAX_ERROR_OCTAVES * (1 << kernels.MANTISSA_BITS[dtype_name])
     low = np.ldexp(1.0, (order & 0xFF).astype(np.int64) - 127)  # 2^k, each key's smallest
     over = np.where(low >= limit, 1.0, np.where(2 * low <= limit, 0.0, 0.5))
     saved = stats.counts[order] * over * np.minimum(1.0, 2 * limit / low)
-    chosen = np.argsort(-saved, kind="stable")[: (1 << bits) - 1]
-    return order[np.sort(chosen)]
+    return order, np.argsort(-saved, kind="stable")

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .kernels import LANES, _bits, _delta, _jit, _store, tally
+from .elementwise import _bits, _delta, _jit, _store
+from .kernels import LANES, tally
 
 
 @dataclass(frozen=True)

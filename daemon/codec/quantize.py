@@ -120,7 +120,8 @@ def _means(stats: Stats, kept: np.ndarray) -> np.ndarray:
 
 
 def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int = 8,
-              state_energy: float | None = None) -> int:
+              state_energy: float | None = None, *,
+              ranked: np.ndarray | None = None) -> int:
     """The smallest width (1..``max_bits``) whose dropped buckets hold at most
     ``max_error`` of the delta's L2 norm: ``sqrt(sum dropped d^2 / sum d^2) <= max_error``.
 
@@ -141,8 +142,18 @@ def auto_bits(stats: Stats, max_error: float, representative: str, max_bits: int
     Each bucket's energy is estimated as ``count * representative^2`` from the statistics
     of pass 1, which do not depend on the width: choosing costs no second encode. A
     tensor with nothing changed gets 1.
+
+    ``ranked``: the keys in the order the encoder's widths keep them (width b the first
+    ``2^b - 1``; ``domains.Ops.ranked``), priority promotion's by default. The log domain
+    keeps its own (``domains.promote_log``), so the buckets counted as dropped are the
+    ones its encoder drops. There a dropped bucket's steps over the bound are stored
+    verbatim rather than lost; they are counted all the same, so that a width is not
+    chosen that turns a populous bucket into exceptions, each ~12 bytes before zstd
+    against a few bits for a symbol (``bench/README.md``, "bits=auto counts the buckets
+    the log domain drops").
     """
-    order = promote(stats, max_bits)  # symbol order: the first 2^b - 1 are kept at width b
+    # The first 2^b - 1 are kept at width b.
+    order = promote(stats, max_bits) if ranked is None else ranked[: (1 << max_bits) - 1]
     exponent = _exponents(np.arange(stats.counts.size), stats.key_bits)
     normal = np.flatnonzero(stats.counts * ((exponent != 0) & (exponent != _EXP_MASK)))
     values = _means(stats, normal) if representative == "mean" else _midranges(stats, normal)

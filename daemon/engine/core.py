@@ -93,7 +93,7 @@ from ckptd.daemon.engine.buffers import ReceiveBuffers
 from ckptd.daemon.engine.catalog import CatalogRefresh
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.engine.committed import CommittedSteps
-from ckptd.daemon.engine.lease import ChainLeases
+from ckptd.daemon.engine.lease import ChainLeases, LeaseClocks
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.engine.pipeline import SavePipeline
 from ckptd.daemon.engine.prefill import Prefill
@@ -127,8 +127,11 @@ class Engine:
     """
 
     def __init__(
-        self, storage: Storage, config: EngineConfig, observer: EngineObserver | None = None
+        self, storage: Storage, config: EngineConfig, observer: EngineObserver | None = None,
+        *, lease_clocks: LeaseClocks | None = None,
     ) -> None:
+        """``lease_clocks``: what the chain leases read the time from (tests advance a
+        fake pair; ``ckptd.daemon.engine.lease.LeaseClocks``)."""
         self.storage = storage
         self.config = config
         self._pools = Pools(config.encode_workers, config.storage_workers)
@@ -139,7 +142,8 @@ class Engine:
         self._outputs = SpareOutputs(self._resident, lambda spec: is_lossy(spec, config))
         self._repository = Repository(storage, self._pools,
                                       pause_for_tests(config.test_pause_at), held=self._holds)
-        self._leases = ChainLeases(self._repository, self._pools, config, self._chain)
+        self._leases = ChainLeases(self._repository, self._pools, config, self._chain,
+                                   clocks=lease_clocks)
         self._catalog = CatalogRefresh(self._repository, config.catalog_refresh_s,
                                        enabled=storage.shared)
         self._restores = Restores(

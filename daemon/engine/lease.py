@@ -37,6 +37,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.engine.chain import Chain
@@ -50,6 +51,18 @@ from ckptd.daemon.store.repository import Repository
 log = get_logger("engine")
 
 
+@dataclass(frozen=True)
+class LeaseClocks:
+    """The two times leases are judged by. Expiry is wall-clock seconds (``wall_s``): the
+    records are read by other daemons, whose clocks agree with this one's (the store's
+    assumption). Idleness is ``monotonic_s``, which a wall-clock step cannot move. Tests
+    pass a pair they advance themselves, so a lease expires or idles when the test says
+    and not when a loaded machine is slow to run the renewal task."""
+
+    wall_s: Callable[[], float] = time.time
+    monotonic_s: Callable[[], float] = time.monotonic
+
+
 class ChainLeases:
     """This daemon's writer leases, one per chain it writes."""
 
@@ -60,7 +73,7 @@ class ChainLeases:
         config: EngineConfig,
         chain_of: Callable[[str, int], Chain],
         *,
-        clock: Callable[[], float] = time.time,
+        clocks: LeaseClocks | None = None,
     ) -> None:
         self.holder = store.new_holder("ckptd", os.getpid(), uuid.uuid4().hex[:12])
         self._repository = repository
@@ -68,7 +81,9 @@ class ChainLeases:
         self._pools = pools
         self._config = config
         self._chain_of = chain_of
-        self._clock = clock
+        clocks = clocks or LeaseClocks()
+        self._clock = clocks.wall_s
+        self._monotonic = clocks.monotonic_s
         self._held: dict[ChainKey, store.Lease] = {}
         self._used_at_s: dict[ChainKey, float] = {}  # monotonic: last write through it
         self._task: asyncio.Task[None] | None = None
@@ -81,7 +96,7 @@ class ChainLeases:
     async def hold(self, chain: Chain) -> store.Lease:
         """This daemon's live lease of ``chain``, taken first if need be (see above)."""
         key = (chain.run, chain.rank)
-        self._used_at_s[key] = time.monotonic()
+        self._used_at_s[key] = self._monotonic()
         if self.holds(*key):
             return self._held[key]
         async with chain.lock:
@@ -125,7 +140,7 @@ class ChainLeases:
     async def renew_all(self) -> None:
         """One renewal round: renew the leases of chains written within ``lease_ttl_s``,
         release the others."""
-        idle_after_s = time.monotonic() - self._config.lease_ttl_s
+        idle_after_s = self._monotonic() - self._config.lease_ttl_s
         for key, lease in list(self._held.items()):
             chain = self._chain_of(*key)
             busy = chain.reserved or chain.queued or chain.lock.locked()

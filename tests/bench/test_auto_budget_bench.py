@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ckptd.daemon.config import EngineConfig
 
 from bench.auto_budget import (
     clustered_2se,
@@ -85,7 +86,7 @@ def test_fixed_rows_take_an_optimizer_policy(tmp_path: Path) -> None:
     rules = client_policies(names["b3-K50-optim-fixed2-sq3"], False)
     assert ("optim/state/*/exp_avg_sq", "lossy-log:3") in rules
     assert ("optim/state/*/exp_avg", "lossy-scaled:2") in rules
-    assert names["exact-K50"].optim == "sq-log"
+    assert names["exact-K50"].optim == "builtin"  # the sweep's centre: the shipped rules
     assert names["b3-K50-optim-fixed2-sq3"].min_lossy_elements == 1024
 
 
@@ -104,7 +105,7 @@ def test_fixed_rows_take_small_tensors_lossy(tmp_path: Path) -> None:
     engine = daemon_config(setting, tmp_path).engine
     assert (engine.default_bits, engine.min_lossy_elements) == (3, 1)
     assert client_policies(setting, False)[0] == ("optim/state/*/step", "exact")
-    assert names["exact-K50"].min_lossy_elements == 1024
+    assert names["exact-K50"].min_lossy_elements == EngineConfig().min_lossy_elements
 
 
 def _run(seed: int, minutes: float, load_end: float) -> dict:
@@ -179,8 +180,9 @@ def test_one_setting_end_to_end(tmp_path: Path) -> None:
 
 def test_results_before_finer_buckets_still_resume() -> None:
     """An interrupted run from before ``Setting.buckets_per_octave`` existed is reused for
-    a setting at its default (1), not for one with finer buckets."""
-    setting = Setting("b3-K10", "grid", 10, 3)
+    a setting at the value it ran (1, octaves), not for one with finer buckets (the
+    shipped 2)."""
+    setting = Setting("b3-K10", "grid", 10, 3, buckets_per_octave=1)
     old = {k: v for k, v in asdict(setting).items() if k != "buckets_per_octave"}
     earlier = {"results": [{"workload": "lm", "seed": 0, "setting": old}]}
     assert _earlier_results(earlier, "lm", 0, (setting,)) == earlier["results"]
@@ -208,6 +210,9 @@ def test_one_group_exact_and_the_model_exact() -> None:
                          ("optim/state/*/exp_avg_sq", "lossy-log:3")]
     # Without the prefix the model's tensors are left to the daemon (the finer buckets).
     assert all(pattern != "model/*" for pattern, _ in client_policies(m_exact, True))
+    # The prefix is the command line's spelling of Setting.weights="exact".
+    spelled = replace(model_exact, optim="fixed:2-sq3", weights="exact")
+    assert client_policies(spelled, False) == rules
 
 
 def _failure(restore_step: int, failed_at: int, rework: int, exact: int,

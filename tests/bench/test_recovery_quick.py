@@ -41,8 +41,10 @@ def _result(output: dict[str, Any], name: str) -> dict[str, Any]:
 def test_report_and_plots_are_written(quick: tuple[Path, dict[str, Any]]) -> None:
     out, _ = quick
     text = (out / "RESULTS.md").read_text()
-    assert "## Targets at the chosen defaults" in text
-    assert "| `exact-K10` |" in text and "| `b3-K10` |" in text
+    assert "## Targets at the shipped defaults" in text
+    assert "| `exact-K10` |" in text and "| `shipped-K10` |" in text
+    # The centre is what ships: the targets are checked on it, at K=10.
+    assert "| lenet K=10: delta vs torch.save |" in text
     plots = sorted((out / "plots").glob("*.png"))
     assert [p.name for p in plots] == ["compression_vs_rework.png",
                                        "footprint_vs_base_interval.png",
@@ -72,7 +74,7 @@ def test_lossy_chain_is_smaller_and_restores_approximately(
     quick: tuple[Path, dict[str, Any]],
 ) -> None:
     _, output = quick
-    result = _result(output, "b3-K10")
+    result = _result(output, "shipped-K10")
     kinds = [s["kind"] for s in result["steps"]]
     assert kinds[0] == "base" and kinds.count("delta") >= len(kinds) // 2
     for step in result["steps"]:

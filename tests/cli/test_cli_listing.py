@@ -58,9 +58,20 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     assert info["hidden_bytes"] == "0"
     if source[0] == "--target":
         assert info["api_version"] == "ckptd.v1" and info["target"] == store.daemon.address
-        assert info["lossy_min_elements"] == "1024"  # the daemon's config, over the wire
+        # The daemon's config, over the wire (the shipped threshold: every float tensor).
+        assert info["lossy_min_elements"] == str(EngineConfig().min_lossy_elements)
     else:
         assert info["access"] == "direct (no daemon)"
+    # The client's per-optimizer built-in rules beside the daemon's defaults, with their
+    # evidence.
+    assert info["client_rules_adam"] == (
+        "when the state holds *exp_avg_sq: *exp_avg_sq lossy-log:3, *exp_avg lossy-scaled:2, "
+        "*/step exact, *.step exact, * lossy:3")
+    assert info["client_rules_sgd"] == (
+        "when the state holds *momentum_buffer: *momentum_buffer lossy:2, */step exact, "
+        "*.step exact")
+    assert info["client_rules_default"].startswith("otherwise: *exp_avg_sq lossy-log, ")
+    assert "bench/README.md" in info["client_rules_evidence"]
 
 
 def test_info_of_a_step_shows_its_tensor_table(cli: CliRunner, source: list[str]) -> None:

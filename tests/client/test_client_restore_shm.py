@@ -71,7 +71,8 @@ def test_restore_through_shm_equals_the_stream_bit_for_bit(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, policy: str
 ) -> None:
     run = f"shm-restore-{policy.replace(':', '')}"
-    saver = make_checkpointer(daemon.address, run, transport="shm", policies=[("w", policy)])
+    saver = make_checkpointer(daemon.address, run, transport="shm",
+                              policies=[("w", policy), ("*", "exact")])
     for step in range(1, 4):
         saver.save(step, state(step))
     saver.wait(timeout_s=120)

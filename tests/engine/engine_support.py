@@ -8,6 +8,7 @@ gRPC servicer uses.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ckptd.daemon.domain import (
     TensorSpec,
 )
 from ckptd.daemon.engine.core import Engine
+from ckptd.daemon.engine.lease import LeaseClocks
 from ckptd.daemon.engine.observer import EngineObserver
 from ckptd.daemon.storage import LocalStorage, open_storage
 from ckptd.daemon.store.manifest import tensors_checksum
@@ -53,14 +55,33 @@ class Tensor:
 State = Mapping[str, Tensor]
 
 
+class FakeClock:
+    """Lease time that moves only when the test says: a lease idles or expires at the
+    test's word, never because a loaded machine ran the renewal task late."""
+
+    def __init__(self) -> None:
+        self.wall_unix_s = time.time()
+        self.monotonic_s = 0.0
+
+    def idle(self, seconds: float) -> None:
+        """Moves the monotonic time only: the chains go ``seconds`` without a write while
+        every renewal (judged by the wall clock, which stays put) is on time."""
+        self.monotonic_s += seconds
+
+    @property
+    def clocks(self) -> LeaseClocks:
+        return LeaseClocks(wall_s=lambda: self.wall_unix_s, monotonic_s=lambda: self.monotonic_s)
+
+
 @contextlib.asynccontextmanager
 async def open_engine(
-    root: Path | str, config: EngineConfig = SMALL, observer: EngineObserver | None = None
+    root: Path | str, config: EngineConfig = SMALL, observer: EngineObserver | None = None,
+    *, lease_clocks: LeaseClocks | None = None,
 ) -> AsyncIterator[Engine]:
     """A started engine on ``LocalStorage(root)`` (or ``open_storage(url)`` for a URL);
     drained, closed and its storage closed on exit."""
     storage = LocalStorage(root) if isinstance(root, Path) else open_storage(root)
-    engine = Engine(storage, config, observer)
+    engine = Engine(storage, config, observer, lease_clocks=lease_clocks)
     try:
         await engine.start()
         yield engine

@@ -24,6 +24,7 @@ from ckptd.protos.records import SaveState
 from engine_support import (
     RUN,
     SMALL,
+    FakeClock,
     Tensor,
     assert_same,
     open_engine,
@@ -35,6 +36,16 @@ from s3server import TEST_BUCKET, MotoS3Server, use_dummy_aws_env
 
 # catalog_refresh_s=0: every catalog read refreshes, so no test waits for staleness.
 SHARED = dataclasses.replace(SMALL, catalog_refresh_s=0.0)
+
+
+async def released(engine: Engine) -> lease.Lease:
+    """The chain's lease record once the renewal task has released it (it runs every
+    ``lease_renew_interval_s``; the deadline only stops a hang)."""
+    deadline = time.monotonic() + 60
+    while not (current := lease.read_current(engine.storage, RUN, 0)).released:
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.02)
+    return current
 
 
 @pytest.fixture
@@ -139,18 +150,17 @@ def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
     tmp_path: Path,
 ) -> None:
-    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.2)
+    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.05)
+    clock = FakeClock()
     states = list(random_walk(9, 2))
 
     async def scenario() -> None:
-        async with open_engine(tmp_path, config) as engine:
+        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
             await save(engine, 0, states[0])
             first = lease.read_current(engine.storage, RUN, 0)
             assert first is not None and not first.released
-            deadline = time.monotonic() + 30
-            while not (current := lease.read_current(engine.storage, RUN, 0)).released:
-                assert time.monotonic() < deadline, current
-                await asyncio.sleep(0.05)
+            clock.idle(config.lease_ttl_s + 0.1)  # no write for longer than the ttl
+            current = await released(engine)
             assert current.generation == first.generation
             await save(engine, 1, states[1])
             again = lease.read_current(engine.storage, RUN, 0)
@@ -186,18 +196,14 @@ def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
 
 def test_lease_records_do_not_grow_with_saves_and_go_with_their_run(tmp_path: Path) -> None:
     # A trainer that saves less often than lease_ttl_s takes a generation per save.
-    config = dataclasses.replace(SMALL, lease_ttl_s=0.6, lease_renew_interval_s=0.15)
+    config = dataclasses.replace(SMALL, lease_ttl_s=0.6, lease_renew_interval_s=0.05)
+    clock = FakeClock()
     states = list(random_walk(13, 2))
 
-    async def released(engine: Engine) -> None:
-        deadline = time.monotonic() + 30
-        while not (current := lease.read_current(engine.storage, RUN, 0)).released:
-            assert time.monotonic() < deadline, current
-            await asyncio.sleep(0.05)
-
     async def scenario() -> None:
-        async with open_engine(tmp_path, config) as engine:
+        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
             await save(engine, 0, states[0])
+            clock.idle(config.lease_ttl_s + 0.1)
             await released(engine)
             await save(engine, 1, states[1])  # takes generation 2: generation 1 is pruned
             assert lease.read_generations(engine.storage, RUN, 0) == [2]

@@ -124,10 +124,10 @@ def test_auto_bits_relative_to_is_a_setting() -> None:
 
 
 def test_buckets_per_octave_is_a_setting() -> None:
-    """Finer buckets are opt-in (default 1, LC-Checkpoint's octaves); flag and environment
-    alike; anything but 1, 2, 4 is refused naming the value."""
-    assert EngineConfig().buckets_per_octave == 1
-    config = DaemonConfig.from_env({"CKPTD_STORAGE": "/d", "CKPTD_BUCKETS_PER_OCTAVE": "4"}, {})
-    assert config.engine.buckets_per_octave == 4
+    """Finer buckets ship on (2 per octave; 1 is LC-Checkpoint's octaves); flag and
+    environment alike; anything but 1, 2, 4 is refused naming the value."""
+    assert EngineConfig().buckets_per_octave == 2
+    config = DaemonConfig.from_env({"CKPTD_STORAGE": "/d", "CKPTD_BUCKETS_PER_OCTAVE": "1"}, {})
+    assert config.engine.buckets_per_octave == 1
     with pytest.raises(ValueError, match=r"buckets_per_octave must be 1, 2 or 4, got 3"):
         DaemonConfig.from_env({"CKPTD_STORAGE": "/d"}, {"buckets_per_octave": "3"})

@@ -77,6 +77,16 @@ async def _commit(
     return manifest, recon
 
 
+async def _commit_chain(
+    repo: Repository, steps: int
+) -> list[tuple[Manifest, tuple[np.ndarray, ...]]]:
+    """Steps 1..``steps`` of one chain: a base, then each a delta of the one before."""
+    chain = [await _commit(repo, 1, _state(1))]
+    for step in range(2, steps + 1):
+        chain.append(await _commit(repo, step, _state(step), *chain[-1]))
+    return chain
+
+
 @pytest.fixture
 def pools() -> Iterator[Pools]:
     made = Pools(2, 2)
@@ -94,8 +104,7 @@ def test_a_second_repository_sees_and_restores_what_the_first_committed(
     async def scenario() -> None:
         writer = Repository(LocalStorage(tmp_path), pools)
         await writer.load()
-        base, base_arrays = await _commit(writer, 1, _state(1))
-        delta, delta_arrays = await _commit(writer, 2, _state(2), base, base_arrays)
+        (base, base_arrays), (delta, delta_arrays) = await _commit_chain(writer, 2)
         assert delta_arrays[0].tobytes() != _state(2)[0].tobytes()  # lossy, as stored
 
         reader = Repository(LocalStorage(tmp_path), pools)
@@ -115,9 +124,8 @@ def test_deleting_a_parent_rebases_its_child_onto_the_same_bytes(
     async def scenario() -> None:
         repo = Repository(LocalStorage(tmp_path), pools)
         await repo.load()
-        base, base_arrays = await _commit(repo, 1, _state(1))
-        child, child_arrays = await _commit(repo, 2, _state(2), base, base_arrays)
-        grandchild, _ = await _commit(repo, 3, _state(3), child, child_arrays)
+        (base, _), (child, child_arrays), (grandchild, _) = await _commit_chain(
+            repo, 3)
         head = (child.key.step, child_arrays) if from_memory else None
 
         await repo.delete_step(base.key, head=head)
@@ -255,9 +263,7 @@ def test_a_hidden_step_stays_hidden_after_reload_and_its_dependant_restores(
     async def scenario() -> None:
         repo = Repository(LocalStorage(tmp_path), pools)
         await repo.load()
-        base, base_arrays = await _commit(repo, 1, _state(1))
-        middle, middle_arrays = await _commit(repo, 2, _state(2), base, base_arrays)
-        last, last_arrays = await _commit(repo, 3, _state(3), middle, middle_arrays)
+        _, (middle, _), (last, last_arrays) = await _commit_chain(repo, 3)
 
         await repo.hide([middle.key])
 
@@ -286,9 +292,7 @@ def test_rereading_a_chain_drops_hidden_steps_another_writer_deleted(
     async def scenario() -> None:
         writer = Repository(LocalStorage(tmp_path), pools)
         await writer.load()
-        base, base_arrays = await _commit(writer, 1, _state(1))
-        middle, middle_arrays = await _commit(writer, 2, _state(2), base, base_arrays)
-        await _commit(writer, 3, _state(3), middle, middle_arrays)
+        _, (middle, _), _ = await _commit_chain(writer, 3)
         await writer.hide([middle.key])
 
         reader = Repository(LocalStorage(tmp_path), pools)
