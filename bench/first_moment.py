@@ -129,7 +129,10 @@ def _checkpoints(workload: str, steps: int, every: int
                  ) -> Iterator[tuple[int, tuple[float, float], dict]]:
     """(step, betas, {param name: (w, m, v)}) every ``every`` steps."""
     trainer = make_workload(workload).trainer(seed=0)
-    named = list(trainer.model.named_parameters())
+    # The optimizer state's index i is the i-th parameter of its param groups, in order: the
+    # decoder's AdamW groups matrices before vectors, so model order would mislabel them.
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    named = [(names[id(p)], p) for g in trainer.optimizer.param_groups for p in g["params"]]
     betas = trainer.optimizer.param_groups[0]["betas"]
     for step in range(1, steps + 1):
         trainer.train_step()
