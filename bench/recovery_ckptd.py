@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ckptd.daemon.server.app import serve_in_thread
 from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest
 
 from bench.recovery_protocol import Reference, plan_failures, resume
+from bench.update_units import PREFIXES, from_update_units, to_update_units, uses_update_units
 from bench.workloads import Workload
 
 _RESTORE_REPEATS = 3
@@ -59,7 +61,9 @@ class Setting:
             domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
             width, SGD's momentum linear: the adaptive width then chooses for the weights
-            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width.
+            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width;
+            ``"upd:<bits>[-sq<b>]"`` (``"updlin:..."``) as ``fixed`` with Adam's ``exp_avg``
+            saved in the update's units, lossy-scaled (linear) (``bench/update_units.py``).
         buckets_per_octave: The daemon's buckets per octave for the tensors it decides
             about (policy AUTO: the weights; ``EngineConfig.buckets_per_octave``; 1 is the
             shipped octave buckets, 2 or 4 finer; ``bench/auto_budget.py --fine``).
@@ -114,10 +118,12 @@ def client_policies(setting: Setting, force_lossy: bool) -> list[tuple[str, str]
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif setting.optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
-    elif setting.optim.startswith("fixed:"):
-        bits, _, sq_bits = setting.optim.partition(":")[2].partition("-sq")
+    elif setting.optim.startswith(("fixed:", *PREFIXES)):
+        kind, _, widths = setting.optim.partition(":")
+        bits, _, sq_bits = widths.partition("-sq")
+        first = "lossy" if kind == "updlin" else "lossy-scaled"
         rules += [("optim/state/*/exp_avg_sq", f"lossy-log:{sq_bits or bits}"),
-                  ("optim/state/*/exp_avg", f"lossy-scaled:{bits}"),
+                  ("optim/state/*/exp_avg", f"{first}:{bits}"),
                   ("optim/state/*", f"lossy:{bits}")]
     elif setting.optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
@@ -163,24 +169,26 @@ def run_setting(
     what the lossy codec costs (how often a restore hits a base follows from the chain
     policy, whose footprint side is measured separately)."""
     storage = workdir / f"{workload.name}-{setting.name}-s{reference.seed}"
+    update_units = uses_update_units(setting.optim)
     run = f"{workload.name}-{setting.name}-seed{reference.seed}"
     with serve_in_thread(daemon_config(setting, storage)) as daemon, Checkpointer(
         daemon.address, run, bits=setting.fixed_bits,
         policies=client_policies(setting, force_lossy), staging_buffers=4,
     ) as checkpointer:
         steps = list(range(setting.interval, reference.steps + 1, setting.interval))
-        save_calls, save_total = _save_all(checkpointer, reference, steps)
+        save_calls, save_total = _save_all(
+            checkpointer, reference, steps, to_update_units if update_units else None)
         infos = checkpointer.step_infos()
         timings = _restore_timings(
             checkpointer, infos, 1 if reference.raw_bytes > _ONE_REPEAT_BYTES else _RESTORE_REPEATS)
         resumes = []
+        restore = _restorer(checkpointer, update_units)
         if setting.measure_rework:
             candidates = [i.step for i in infos if i.kind == "delta" or setting.bits is None]
             failures = plan_failures(candidates, reference.steps, setting.interval,
                                      failures_per_seed, reference.seed)
             resumes = [
-                asdict(resume(workload, reference, failure, setting.interval,
-                              checkpointer.restore))
+                asdict(resume(workload, reference, failure, setting.interval, restore))
                 for failure in failures
             ]
     breakdown = _breakdown(storage, infos)
@@ -205,16 +213,32 @@ def run_setting(
     }
 
 
+def _restorer(checkpointer: Checkpointer,
+              update_units: bool) -> Callable[[int], dict[str, Any]]:
+    """The restore the resumed runs train from: ``checkpointer.restore``, and with
+    ``update_units`` each restored ``w_hat`` turned back into Adam's ``exp_avg``."""
+    if not update_units:
+        return checkpointer.restore
+
+    def restore(step: int) -> dict[str, Any]:
+        return from_update_units(checkpointer.restore(step))
+    return restore
+
+
 def _save_all(
-    checkpointer: Checkpointer, reference: Reference, steps: list[int]
+    checkpointer: Checkpointer, reference: Reference, steps: list[int],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[list[float], float]:
-    """Saves each step as a trainer would; returns each ``save`` call's duration (the
-    trainer's stall) and the time until all were durable."""
+    """Saves each step as a trainer would (``prepare``: a bench-level transform of the
+    state, e.g. ``to_update_units``; inside the stall, as a trainer would pay it); returns
+    each ``save`` call's duration (the trainer's stall) and the time until all were
+    durable."""
     calls = []
     started = time.perf_counter()
     for step in steps:
         before = time.perf_counter()
-        handle = checkpointer.save(step, reference.snapshots[step])
+        state = reference.snapshots[step]
+        handle = checkpointer.save(step, prepare(state) if prepare else state)
         calls.append(time.perf_counter() - before)
         if handle.skipped:
             raise RuntimeError(f"step {step} was skipped: {handle.skip_reason}")
