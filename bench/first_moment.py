@@ -15,7 +15,13 @@ built-in rule stores it), and compare ways of coding ``m``:
   (Adam's ``m <- beta1^K m`` where no gradient arrives);
 * ``scaled-med``: the same with ``alpha`` the median of ``m / ref``;
 * ``scaled-rows``: one least-squares ``alpha`` per row (first dimension), 4 bytes a row;
-* ``sign-log``: ``|m|`` in the log domain, the signs lossless (their flips, zstd-coded).
+* ``sign-log``: ``|m|`` in the log domain, the signs lossless (their flips, zstd-coded);
+* ``update-linear`` / ``update-scaled`` (issue 16, i16n): ``m`` in the update's units,
+  ``w = m / (sqrt(v) + delta)`` with ``v`` the exact ``exp_avg_sq`` at save time, coded as
+  ``linear`` / ``scaled-ls`` code ``m``, and restored as ``m = w_hat * (sqrt(v_hat) + delta)``
+  with the *restored* ``v_hat``: the restored update's error is then ``w``'s quantization
+  error whatever ``v_hat``'s, and ``w``'s elements (about +/-1 at most) span few octaves,
+  where ``m``'s LC delta drops the small-``m``, small-``v`` elements whose updates are large.
 
 What must come back close is the Adam update ``m / (sqrt(v) + eps)``: per tensor group it
 reports the relative L2 error of that (bias-corrected) update after a restore, with the
@@ -24,6 +30,7 @@ elements; tensors under 1024 elements are exact in every option). ``--v-exact`` 
 losslessly, to tell ``m``'s share of the error from ``v``'s.
 
     python -m bench.first_moment [--workload gpt] [--steps 200] [--every 10] [--bits auto:0.2]
+        [--bits-v 3] [--options scaled-ls update-scaled] [--delta 1e-8]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 from ckptd.daemon import codec
 
 from bench.second_moment import _group, _update, error_stats, report, run_parser
+from bench.update_units import UPDATE_EPS
 from bench.workloads import make_workload
 
 MIN_LOSSY_ELEMENTS = 1024
@@ -65,7 +73,8 @@ def _scaled_rows(cur: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, int]:
 
 ALPHAS: dict[str, Alpha | str | None] = {"exact": "exact", "linear": None, "scaled-ls": "codec",
                                          "scaled-med": _alpha_median, "scaled-rows": "rows",
-                                         "sign-log": "sign-log"}
+                                         "sign-log": "sign-log", "update-linear": None,
+                                         "update-scaled": "codec"}
 
 
 def _bits_kwargs(bits: str) -> dict:
@@ -102,11 +111,26 @@ def code(cur: np.ndarray, prev: np.ndarray | None, bits: str, domain: codec.Doma
     return len(blob) + (4 if alpha is not None else 0), out
 
 
+def code_update(m: np.ndarray, v: np.ndarray, v_rec: np.ndarray, prev: np.ndarray | None, *,
+                bits: str, alpha: Alpha | str | None, delta: float = UPDATE_EPS
+                ) -> tuple[int, np.ndarray, np.ndarray]:
+    """(stored bytes, restored ``m``, reconstruction of ``w``) of ``m`` coded in the
+    update's units: the chain runs on ``w = m / (sqrt(v) + delta)`` (``v`` exact, as the
+    saving trainer holds it), the restore multiplies by ``sqrt(v_rec) + delta``."""
+    w = (m.astype(np.float64) / (np.sqrt(v.astype(np.float64)) + delta)).astype(np.float32)
+    size, w_rec = code(w, prev, bits, alpha=alpha)
+    scale = np.sqrt(v_rec.astype(np.float64)) + delta
+    return size, (w_rec * scale).astype(np.float32), w_rec
+
+
 def _checkpoints(workload: str, steps: int, every: int
                  ) -> Iterator[tuple[int, tuple[float, float], dict]]:
     """(step, betas, {param name: (w, m, v)}) every ``every`` steps."""
     trainer = make_workload(workload).trainer(seed=0)
-    named = list(trainer.model.named_parameters())
+    # The optimizer state's index i is the i-th parameter of its param groups, in order: the
+    # decoder's AdamW groups matrices before vectors, so model order would mislabel them.
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    named = [(names[id(p)], p) for g in trainer.optimizer.param_groups for p in g["params"]]
     betas = trainer.optimizer.param_groups[0]["betas"]
     for step in range(1, steps + 1):
         trainer.train_step()
@@ -118,9 +142,14 @@ def _checkpoints(workload: str, steps: int, every: int
                 for i, (name, p) in enumerate(named)}
 
 
-def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = False) -> dict:
+def measure(workload: str, steps: int, every: int, bits: str, *, v_exact: bool = False,
+            bits_v: str | None = None, options: list[str] | None = None,
+            delta: float = UPDATE_EPS) -> dict:
+    """``bits`` codes the weights and ``m`` (or ``w``), ``bits_v`` (default ``bits``) the
+    second moment; ``options`` picks the ways of coding ``m`` (default: all)."""
+    chosen = {o: ALPHAS[o] for o in (options or ALPHAS)}
     prev: dict[tuple[str, str], np.ndarray] = {}
-    rows: dict[str, dict[str, list[float]]] = {o: defaultdict(list) for o in ALPHAS}
+    rows: dict[str, dict[str, list[float]]] = {o: defaultdict(list) for o in chosen}
     m_bits: dict[str, list[float]] = defaultdict(list)
     other_bits: dict[str, list[float]] = defaultdict(list)
     stale: dict[str, list[float]] = defaultdict(list)
@@ -133,7 +162,7 @@ def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = Fa
         for name, (w, m, v) in state.items():
             size, prev[("w", name)] = code(w, prev.get(("w", name)), bits)
             w_bytes += size
-            size, v_rec = code(v, prev.get(("v", name)), bits, domain="log",
+            size, v_rec = code(v, prev.get(("v", name)), bits_v or bits, domain="log",
                                alpha="exact" if v_exact else None)
             prev[("v", name)] = v_rec
             v_bytes += size
@@ -141,10 +170,14 @@ def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = Fa
             true = _update(m, v, step, betas)
             group = _group(name)
             norm[group] += float(np.sum(true**2))
-            for option, alpha in ALPHAS.items():
+            for option, alpha in chosen.items():
                 before = prev.get((option, name))
-                size, m_rec = code(m, before, bits, alpha=alpha)
-                prev[(option, name)] = m_rec
+                if option.startswith("update-"):
+                    size, m_rec, prev[(option, name)] = code_update(
+                        m, v, v_rec, before, bits=bits, alpha=alpha, delta=delta)
+                else:
+                    size, m_rec = code(m, before, bits, alpha=alpha)
+                    prev[(option, name)] = m_rec
                 m_bytes[option] += size
                 err = _update(m_rec, v_rec, step, betas) - true
                 sq_err[(option, group)] += float(np.sum(err**2))
@@ -154,13 +187,14 @@ def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = Fa
             continue
         other_bits["weights"].append(8 * w_bytes / count)
         other_bits["exp_avg_sq"].append(8 * v_bytes / count)
-        for option in ALPHAS:
+        for option in chosen:
             m_bits[option].append(8 * m_bytes[option] / count)
             for (opt, group), value in sq_err.items():
                 if opt == option:
                     rows[option][group].append((value / norm[group]) ** 0.5)
     return {
         "workload": workload, "steps": steps, "every": every, "bits": bits,
+        "bits_v": bits_v or bits, "delta": delta,
         "bits_per_element": {k: float(np.median(v)) for k, v in other_bits.items()},
         "linear_unchanged_fraction": {k: float(np.median(v)) for k, v in stale.items()},
         "options": {
@@ -168,14 +202,15 @@ def measure(workload: str, steps: int, every: int, bits: str, v_exact: bool = Fa
                 "m_bits_per_element": float(np.median(m_bits[option])),
                 **error_stats(rows[option]),
             }
-            for option in ALPHAS
+            for option in chosen
         },
     }
 
 
 def summary(result: dict) -> str:
     lines = [f"{result['workload']}: {result['steps']} steps, a checkpoint every "
-             f"{result['every']}, bits={result['bits']}; weights "
+             f"{result['every']}, bits={result['bits']} (exp_avg_sq "
+             f"{result.get('bits_v', result['bits'])}); weights "
              f"{result['bits_per_element']['weights']:.2f}, exp_avg_sq (log) "
              f"{result['bits_per_element']['exp_avg_sq']:.2f} bits/element",
              "update rel. L2 error, median over delta checkpoints (max), per group:"]
@@ -194,9 +229,15 @@ def main() -> None:
     parser.add_argument("--bits", default="auto:0.2", help="'auto:<budget>' or a width")
     parser.add_argument("--v-exact", action="store_true",
                         help="store exp_avg_sq exact (to isolate exp_avg's share of the error)")
+    parser.add_argument("--bits-v", help="exp_avg_sq's width (default: --bits)")
+    parser.add_argument("--options", nargs="+", choices=tuple(ALPHAS),
+                        help="the ways of coding exp_avg to compare (default: all)")
+    parser.add_argument("--delta", type=float, default=UPDATE_EPS,
+                        help="the update-* options' w = m / (sqrt(v) + delta)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.workload, args.steps, args.every, args.bits, args.v_exact)
+    result = measure(args.workload, args.steps, args.every, args.bits, v_exact=args.v_exact,
+                     bits_v=args.bits_v, options=args.options, delta=args.delta)
     report(result, summary(result), args.json)
 
 

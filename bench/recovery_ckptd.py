@@ -15,7 +15,7 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ckptd.daemon.server.app import serve_in_thread
 from ckptd.daemon.store.manifest import MANIFEST_NAME, Manifest
 
 from bench.recovery_protocol import Reference, parameter_groups, plan_failures, resume
+from bench.update_units import PREFIXES, from_update_units, to_update_units, uses_update_units
 from bench.workloads import Workload
 
 _RESTORE_REPEATS = 3
@@ -70,7 +71,9 @@ class Setting:
             ``fixed:exact-sq3``: the first moment exact). The prefix ``exactmodel-``
             (``exactmodel-fixed:2``) also stores the model's tensors exactly, so that only
             the optimizer state is lossy: ``weights="exact"`` as ``bench/auto_budget.py
-            --optim`` can say it (which group costs rework).
+            --optim`` can say it (which group costs rework);
+            ``"upd:<bits>[-sq<b>]"`` (``"updlin:..."``) as ``fixed`` with Adam's ``exp_avg``
+            saved in the update's units, lossy-scaled (linear) (``bench/update_units.py``).
         buckets_per_octave: The daemon's buckets per octave for the tensors it decides
             about (policy AUTO: the weights; ``EngineConfig.buckets_per_octave``; 1 is the
             shipped octave buckets, 2 or 4 finer; ``bench/auto_budget.py --fine``).
@@ -132,7 +135,7 @@ def client_policies(setting: Setting, force_lossy: bool,
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif optim == "sq-log":
         pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
-    elif optim.startswith("fixed:"):
+    elif optim.startswith(("fixed:", *PREFIXES)):
         bits, sq_bits, tokens = _fixed_form(optim)
         by_group = {}
         for token in tokens:
@@ -141,14 +144,15 @@ def client_policies(setting: Setting, force_lossy: bool,
                 raise ValueError(f"optimizer policy {optim!r}: {token!r} is not <group><bits> "
                                  "or no parameter groups were given")
             by_group[match[1]] = match[2]
+        first = "lossy" if optim.startswith("updlin:") else "lossy-scaled"
 
         def spec(domain: str, width: str) -> str:
             return "exact" if width == "exact" else f"{domain}:{width}"
 
         rules.append(("optim/state/*/exp_avg_sq", spec("lossy-log", sq_bits)))
-        rules += [(f"optim/state/{index}/exp_avg", spec("lossy-scaled", by_group[group]))
+        rules += [(f"optim/state/{index}/exp_avg", spec(first, by_group[group]))
                   for index, group in sorted((groups or {}).items()) if group in by_group]
-        rules += [("optim/state/*/exp_avg", spec("lossy-scaled", bits)),
+        rules += [("optim/state/*/exp_avg", spec(first, bits)),
                   ("optim/state/*", spec("lossy", bits))]
     elif optim == "auto":
         # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
@@ -162,8 +166,9 @@ def client_policies(setting: Setting, force_lossy: bool,
 
 
 def _fixed_form(optim: str) -> tuple[str, str, list[str]]:
-    """A ``fixed:`` form's widths: the optimizer state's, ``exp_avg_sq``'s and the
-    per-group first-moment parts (``fixed:2-sq3-head3`` -> ``2``, ``3``, ``[head3]``)."""
+    """A ``fixed:`` (or ``upd:``, ``updlin:``) form's widths: the optimizer state's,
+    ``exp_avg_sq``'s and the per-group first-moment parts (``fixed:2-sq3-head3`` -> ``2``,
+    ``3``, ``[head3]``)."""
     bits, *more = optim.partition(":")[2].split("-")
     sq_bits = next((t[2:] for t in more if t.startswith("sq")), bits)
     return bits, sq_bits, [t for t in more if not t.startswith("sq")]
@@ -174,7 +179,7 @@ def _groups(workload: Workload, setting: Setting, seed: int) -> dict[int, str] |
     policy names groups (a fresh trainer: the indices follow the model's structure);
     None otherwise, so other settings build nothing more."""
     optim = setting.optim.removeprefix(_EXACT_MODEL)
-    if not optim.startswith("fixed:") or not _fixed_form(optim)[2]:
+    if not optim.startswith(("fixed:", *PREFIXES)) or not _fixed_form(optim)[2]:
         return None
     return parameter_groups(workload.trainer(seed))
 
@@ -212,6 +217,7 @@ def run_setting(
     what the lossy codec costs (how often a restore hits a base follows from the chain
     policy, whose footprint side is measured separately)."""
     storage = workdir / f"{workload.name}-{setting.name}-s{reference.seed}"
+    update_units = uses_update_units(setting.optim.removeprefix(_EXACT_MODEL))
     run = f"{workload.name}-{setting.name}-seed{reference.seed}"
     with serve_in_thread(daemon_config(setting, storage)) as daemon, Checkpointer(
         daemon.address, run, bits=setting.fixed_bits,
@@ -220,18 +226,19 @@ def run_setting(
         staging_buffers=4,
     ) as checkpointer:
         steps = list(range(setting.interval, reference.steps + 1, setting.interval))
-        save_calls, save_total = _save_all(checkpointer, reference, steps)
+        save_calls, save_total = _save_all(
+            checkpointer, reference, steps, to_update_units if update_units else None)
         infos = checkpointer.step_infos()
         timings = _restore_timings(
             checkpointer, infos, 1 if reference.raw_bytes > _ONE_REPEAT_BYTES else _RESTORE_REPEATS)
         resumes = []
+        restore = _restorer(checkpointer, update_units)
         if setting.measure_rework:
             candidates = [i.step for i in infos if i.kind == "delta" or setting.bits is None]
             failures = plan_failures(candidates, reference.steps, setting.interval,
                                      failures_per_seed, reference.seed)
             resumes = [
-                asdict(resume(workload, reference, failure, setting.interval,
-                              checkpointer.restore))
+                asdict(resume(workload, reference, failure, setting.interval, restore))
                 for failure in failures
             ]
     breakdown = _breakdown(storage, infos)
@@ -256,16 +263,32 @@ def run_setting(
     }
 
 
+def _restorer(checkpointer: Checkpointer,
+              update_units: bool) -> Callable[[int], dict[str, Any]]:
+    """The restore the resumed runs train from: ``checkpointer.restore``, and with
+    ``update_units`` each restored ``w_hat`` turned back into Adam's ``exp_avg``."""
+    if not update_units:
+        return checkpointer.restore
+
+    def restore(step: int) -> dict[str, Any]:
+        return from_update_units(checkpointer.restore(step))
+    return restore
+
+
 def _save_all(
-    checkpointer: Checkpointer, reference: Reference, steps: list[int]
+    checkpointer: Checkpointer, reference: Reference, steps: list[int],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[list[float], float]:
-    """Saves each step as a trainer would; returns each ``save`` call's duration (the
-    trainer's stall) and the time until all were durable."""
+    """Saves each step as a trainer would (``prepare``: a bench-level transform of the
+    state, e.g. ``to_update_units``; inside the stall, as a trainer would pay it); returns
+    each ``save`` call's duration (the trainer's stall) and the time until all were
+    durable."""
     calls = []
     started = time.perf_counter()
     for step in steps:
         before = time.perf_counter()
-        handle = checkpointer.save(step, reference.snapshots[step])
+        state = reference.snapshots[step]
+        handle = checkpointer.save(step, prepare(state) if prepare else state)
         calls.append(time.perf_counter() - before)
         if handle.skipped:
             raise RuntimeError(f"step {step} was skipped: {handle.skip_reason}")
