@@ -71,9 +71,13 @@ class Checkpointer:
             them, one set per save chosen by the optimizer state it holds
             (``ckptd.client.policies.builtin_rules``): with Adam's ``*exp_avg_sq``, every
             float tensor lossy at b=3, ``*exp_avg`` lossy-scaled b=2, ``*exp_avg_sq``
-            lossy-log b=3, ``*/step`` exact; with SGD's ``*momentum_buffer``, that lossy at
-            b=2 and the weights as the daemon decides; otherwise ``*exp_avg_sq`` lossy-log and
-            ``*exp_avg`` lossy-scaled at the daemon's width.
+            lossy-log b=3; with SGD's ``*momentum_buffer`` (and no RMSprop ``*square_avg``),
+            that lossy at b=2 and the weights as the daemon decides; otherwise
+            ``*exp_avg_sq`` lossy-log and ``*exp_avg`` lossy-scaled at the daemon's width.
+            Every set keeps step counters (``*/step``, ``*.step``) exact and other state
+            that must stay non-negative (``*square_avg``, ``*exp_inf``, ``*/sum``,
+            ``*running_var``) lossy-log; a DCP shard (``fqn@offsets``) matches every rule,
+            yours included, as its tensor.
         when_busy: When every staging buffer is still busy (or the daemon's budget is full):
             ``"wait"`` up to ``busy_timeout_s`` then skip, or ``"skip"`` at once. Skipped
             saves are logged and marked on their handle; they never raise.

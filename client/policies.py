@@ -17,6 +17,7 @@ lossily and everything else exactly.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -117,11 +118,24 @@ STEP_COUNTER_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*/step", pb.POLICY_EXACT, 0),
     PolicyRule("*.step", pb.POLICY_EXACT, 0),  # DCP's dotted names (ckptd.client.dcp)
 )
+# Every set also keeps other state that must not come back negative in the log domain
+# (relative error, never negative; a negative element is stored verbatim), at the set's
+# width: RMSprop's ``square_avg``, Adamax's ``exp_inf``, Adagrad's ``sum`` and BatchNorm's
+# ``running_var`` (a square root or a division of each; with the threshold at 1 a linear
+# lossy delta could bring them back below zero).
+NON_NEGATIVE_RULES: tuple[PolicyRule, ...] = (
+    PolicyRule("*square_avg", pb.POLICY_LOSSY_LOG, 0),
+    PolicyRule("*exp_inf", pb.POLICY_LOSSY_LOG, 0),
+    PolicyRule("*/sum", pb.POLICY_LOSSY_LOG, 0),
+    PolicyRule("*.sum", pb.POLICY_LOSSY_LOG, 0),
+    PolicyRule("*running_var", pb.POLICY_LOSSY_LOG, 0),
+)
+COMMON_RULES: tuple[PolicyRule, ...] = (*STEP_COUNTER_RULES, *NON_NEGATIVE_RULES)
 ADAM_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 3),
     PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 2),
-    *STEP_COUNTER_RULES,
-    PolicyRule("*", pb.POLICY_LOSSY, 3),
+    *COMMON_RULES,
+    PolicyRule("*", pb.POLICY_LOSSY, 3),  # the weights: last, the fallback
 )
 # The SGD set (the state holds ``*momentum_buffer``): LeNet with SGD + momentum, both seeds,
 # 87-91 failures per K: the momentum at b2, the weights as the daemon decides (AUTO: its
@@ -132,29 +146,33 @@ ADAM_RULES: tuple[PolicyRule, ...] = (
 # it ~100 % off at no measured rework cost.
 SGD_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*momentum_buffer", pb.POLICY_LOSSY, 2),
-    *STEP_COUNTER_RULES,
+    *COMMON_RULES,
 )
 # Any other state (no optimizer, or one whose state has neither name): today's optimizer
 # rules at the daemon's width, every other tensor as the daemon decides (AUTO).
 DEFAULT_RULES: tuple[PolicyRule, ...] = (
     PolicyRule("*exp_avg_sq", pb.POLICY_LOSSY_LOG, 0),
     PolicyRule("*exp_avg", pb.POLICY_LOSSY_SCALED, 0),
-    *STEP_COUNTER_RULES,
+    *COMMON_RULES,
 )
-# Which set a save gets: the first whose marker glob matches one of its tensor names.
-BUILTIN_SETS: tuple[tuple[str, str, tuple[PolicyRule, ...]], ...] = (
-    ("adam", "*exp_avg_sq", ADAM_RULES),
-    ("sgd", "*momentum_buffer", SGD_RULES),
+# Which set a save gets: the first whose marker glob matches one of its tensor names and
+# whose "unless" glob (if any) matches none. RMSprop with momentum also holds a
+# ``momentum_buffer``, but SGD's widths were measured for SGD only: it gets the default set.
+# A state holding both Adam's and SGD's names (two optimizers) gets the Adam set.
+BUILTIN_SETS: tuple[tuple[str, str, str, tuple[PolicyRule, ...]], ...] = (
+    ("adam", "*exp_avg_sq", "", ADAM_RULES),
+    ("sgd", "*momentum_buffer", "*square_avg", SGD_RULES),
 )
 
 
 def builtin_rules(names: Iterable[str]) -> tuple[str, tuple[PolicyRule, ...]]:
     """The built-in rule set for a save whose tensors are ``names``: ``("adam", ...)``
-    when it holds Adam's second moment, ``("sgd", ...)`` when it holds SGD's momentum,
-    else ``("default", DEFAULT_RULES)``. One pass over the names, once per save."""
+    when it holds Adam's second moment, ``("sgd", ...)`` when it holds SGD's momentum
+    (and no RMSprop ``square_avg``), else ``("default", DEFAULT_RULES)``."""
     names = tuple(_unsharded(name) for name in names)
-    for label, marker, rules in BUILTIN_SETS:
-        if any(fnmatch.fnmatchcase(name, marker) for name in names):
+    for label, marker, unless, rules in BUILTIN_SETS:
+        if any(fnmatch.fnmatchcase(name, marker) for name in names) and not (
+                unless and any(fnmatch.fnmatchcase(name, unless) for name in names)):
             return label, rules
     return "default", DEFAULT_RULES
 
@@ -167,8 +185,9 @@ EVIDENCE = ("bench/README.md: 'The per-optimizer rule for AdamW' (Adam set), 'Fi
 def describe_builtin() -> list[tuple[str, str]]:
     """The built-in rule sets as ``(name, text)`` rows (``ckptd info``)."""
     rows = []
-    for label, marker, rules in (*BUILTIN_SETS, ("default", "", DEFAULT_RULES)):
+    for label, marker, unless, rules in (*BUILTIN_SETS, ("default", "", "", DEFAULT_RULES)):
         when = f"when the state holds {marker}" if marker else "otherwise"
+        when += f" and no {unless}" if unless else ""
         rows.append((f"client_rules_{label}",
                      f"{when}: " + ", ".join(f"{r.pattern} {format_spec(r)}" for r in rules)))
     return [*rows, ("client_rules_evidence", EVIDENCE)]
@@ -193,14 +212,15 @@ def resolve(
     """Returns (policy, bits) for tensor ``name``: the first of the user's ``rules`` and
     then the ``builtin`` set to match decides. A user rule without a width and every
     built-in rule take ``default_bits`` when it is given (``bits=``); a built-in rule
-    otherwise keeps its own width (0: the daemon's); a DCP shard's name matches the
-    built-in rules as its tensor's. Built-in lossy rules skip tensors that are not
+    otherwise keeps its own width (0: the daemon's); a DCP shard's name (``fqn@offsets``)
+    matches every rule as its tensor's too. Built-in lossy rules skip tensors that are not
     floats (``is_float`` False: RNG states, counters), which the daemon stores exactly and
     refuses to be asked to quantize. Exact tensors carry bits 0."""
-    for rule in rules:
-        if fnmatch.fnmatchcase(name, rule.pattern):
-            return _bits_of(rule, rule.bits or default_bits)
     unsharded = _unsharded(name)
+    for rule in rules:
+        if fnmatch.fnmatchcase(name, rule.pattern) or fnmatch.fnmatchcase(unsharded,
+                                                                         rule.pattern):
+            return _bits_of(rule, rule.bits or default_bits)
     for rule in builtin:
         if not is_float and rule.policy != pb.POLICY_EXACT:
             continue
@@ -211,8 +231,12 @@ def resolve(
 
 def _unsharded(name: str) -> str:
     """A DCP shard's name (``fqn@offsets``, ``ckptd.client.dcp``) as its tensor's, so a
-    shard of Adam's second moment gets the second moment's rule."""
-    return name.partition("@")[0]
+    shard of Adam's second moment gets the second moment's rule. Only a trailing ``@`` and
+    integer offsets are a shard's: any other ``@`` is part of the name."""
+    return _SHARD_SUFFIX.sub("", name)
+
+
+_SHARD_SUFFIX = re.compile(r"@\d+(,\d+)*$")
 
 
 def _bits_of(rule: PolicyRule, bits: int) -> tuple[int, int]:

@@ -10,12 +10,12 @@ every other element becomes symbol 0. Keys with exponent field 0 (zeros and subn
 Symbol 0 adds ``-0.0``: ``x + (-0.0) == x`` bit for bit for every x (``+0.0`` would turn a
 reference ``-0.0`` into ``+0.0``), so dropped elements keep their reference value exactly.
 
-Finer buckets (opt-in, ``buckets_per_octave`` 2 or 4): the key also takes the top 1 or 2
-mantissa bits (``bits >> 22`` or ``bits >> 21``; ``512 * buckets_per_octave`` keys), so a kept
-element decodes within a half or a quarter octave of its value instead of a whole one, and
-promotion keeps the ``2^b - 1`` largest of these keys. Which key an element falls in is an
-encoder's choice only: decode adds ``reps[symbol]`` whatever the buckets were, so the blob
-format is unchanged (``bench/README.md``, "Finer buckets for the weights").
+Finer buckets (``buckets_per_octave`` 2 or 4; the engine's default is 2): the key also takes
+the top 1 or 2 mantissa bits (``bits >> 22`` or ``bits >> 21``; ``512 * buckets_per_octave``
+keys), so a kept element decodes within a half or a quarter octave of its value instead of a
+whole one, and promotion keeps the ``2^b - 1`` largest of these keys. Which key an element
+falls in is an encoder's choice only: decode adds ``reps[symbol]`` whatever the buckets were,
+so the blob format is unchanged (``bench/README.md``, "Finer buckets for the weights").
 
 The per-element work (the delta, its statistics, symbols and the reconstruction) runs in
 ``kernels`` (``finekeys`` for the finer buckets); this module decides, from the merged
@@ -37,7 +37,8 @@ AUTO_MAX_ERROR = 0.2
 # What the budget of bits="auto" is relative to: "delta" (the change, the shipped rule) or
 # "state" (the tensor the change is added to; bench/README.md, "State-relative auto budget").
 AUTO_RELATIVE_TO = ("delta", "state")
-# Buckets per octave of the delta's magnitude: 1 is LC-Checkpoint's (and the default); 2 and 4
+# Buckets per octave of the delta's magnitude: 1 is LC-Checkpoint's (the codec's default;
+# the engine ships 2, ``EngineConfig.buckets_per_octave``); 2 and 4
 # add the top 1 or 2 mantissa bits to the key (``key_bits``).
 BUCKETS_PER_OCTAVE = (1, 2, 4)
 _F32 = np.dtype(np.float32)

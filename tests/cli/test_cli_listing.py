@@ -64,12 +64,14 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
         assert info["access"] == "direct (no daemon)"
     # The client's per-optimizer built-in rules beside the daemon's defaults, with their
     # evidence.
+    common = ("*/step exact, *.step exact, *square_avg lossy-log, *exp_inf lossy-log, "
+              "*/sum lossy-log, *.sum lossy-log, *running_var lossy-log")
     assert info["client_rules_adam"] == (
         "when the state holds *exp_avg_sq: *exp_avg_sq lossy-log:3, *exp_avg lossy-scaled:2, "
-        "*/step exact, *.step exact, * lossy:3")
+        f"{common}, * lossy:3")
     assert info["client_rules_sgd"] == (
-        "when the state holds *momentum_buffer: *momentum_buffer lossy:2, */step exact, "
-        "*.step exact")
+        "when the state holds *momentum_buffer and no *square_avg: *momentum_buffer lossy:2, "
+        f"{common}")
     assert info["client_rules_default"].startswith("otherwise: *exp_avg_sq lossy-log, ")
     assert "bench/README.md" in info["client_rules_evidence"]
 

@@ -81,6 +81,46 @@ def test_sgd_set_fixes_the_momentum_and_leaves_the_weights_to_the_daemon() -> No
     assert resolve((), "model/conv.weight", 0, SGD_RULES) == (pb.POLICY_UNSPECIFIED, 0)
 
 
+def test_user_rules_match_a_shard_as_its_tensor() -> None:
+    # A DCP shard away from the origin is named fqn@offsets: a user rule for the tensor
+    # covers every shard of it, as the built-in rules do.
+    rules = parse_rules([("optim.state.*.exp_avg_sq", "exact")])
+    for name in ("optim.state.w.exp_avg_sq", "optim.state.w.exp_avg_sq@8,0"):
+        assert resolve(rules, name, 0, ADAM_RULES) == (pb.POLICY_EXACT, 0), name
+    assert resolve((), "optim.state.w.exp_avg_sq@8,0", 0, ADAM_RULES) == (
+        pb.POLICY_LOSSY_LOG, 3)
+
+
+def test_only_a_trailing_offsets_suffix_is_a_shard() -> None:
+    # An '@' inside a name is part of it: the second moment keeps its log rule.
+    name = "optim/state/emb@v2/exp_avg_sq"
+    assert builtin_rules([name])[0] == "adam"
+    assert resolve((), name, 0, ADAM_RULES) == (pb.POLICY_LOSSY_LOG, 3)
+    assert resolve((), "model/w@v2", 0, ADAM_RULES) == (pb.POLICY_LOSSY, 3)
+
+
+def test_other_non_negative_state_is_lossy_log_in_every_set() -> None:
+    names = ("optim/state/0/square_avg", "optim/state/0/exp_inf", "optim/state/0/sum",
+             "optim.state.w.sum", "model/bn.running_var")
+    for rules in (ADAM_RULES, SGD_RULES, DEFAULT_RULES):
+        for name in names:
+            assert resolve((), name, 0, rules) == (pb.POLICY_LOSSY_LOG, 0), (rules, name)
+    assert resolve((), "model/bn.running_var", 5, ADAM_RULES) == (pb.POLICY_LOSSY_LOG, 5)
+
+
+def test_rmsprop_with_momentum_is_not_given_sgd_widths() -> None:
+    # RMSprop(momentum=...) holds a momentum_buffer too; SGD's widths were measured for SGD.
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    names = [f"optim/state/{i}/{key}" for i, state in opt.state_dict()["state"].items()
+             for key in state]
+    assert any(n.endswith("momentum_buffer") for n in names)
+    assert builtin_rules(names) == ("default", DEFAULT_RULES)
+    assert builtin_rules([n for n in names if "square_avg" not in n])[0] == "sgd"
+
+
 def test_every_set_keeps_optimizer_step_counters_exact() -> None:
     # The daemon's threshold ships at 1: without a rule RMSprop's or Adagrad's 0-dim float
     # step counter would be stored lossily under AUTO.
