@@ -127,6 +127,7 @@ def test_a_segment_shorter_than_claimed_is_invalid_naming_sizes(
     assert f"holds 100 bytes, less than the {STATE['w'].nbytes}" in error.details()
 
 
+@pytest.mark.slow  # ~4 s (a large segment shrunk mid-copy): the full suite (--all) runs it
 def test_shrinking_a_segment_during_the_copy_fails_that_save_only(
     tmp_path: Path, spawn_daemon: SpawnDaemon, trap_path: Path
 ) -> None:
