@@ -2,11 +2,11 @@
 
 float16 and bfloat16 arrive as their uint16 words (numba has no float16 arithmetic): they
 widen to float32 exactly and round back to nearest even by bit pattern, as numpy's casts
-do. ``_delta`` is one element's float32 delta in its domain (the log domain's: the
+do. ``delta_of`` is one element's float32 delta in its domain (the log domain's: the
 difference of the integer bit patterns, NaN outside ``[+0.0, largest finite]``), and
-``_store`` is the addition both encode (the reconstruction) and decode end in, so a decode
+``store`` is the addition both encode (the reconstruction) and decode end in, so a decode
 returns the encoder's reconstruction bit for bit. Every function here is inlined into the
-loops of ``kernels`` and ``finekeys`` (``_inline``), which compile with the dtype
+loops of ``kernels`` and ``finekeys`` (``inline``), which compile with the dtype
 (``F32``/``F16``/``BF16``/``F64``) and domain as constants, so the other branches fold away.
 """
 
@@ -30,7 +30,7 @@ KINDS = {"float32": F32, "float16": F16, "bfloat16": BF16, "float64": F64}
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _jit(fn: _F) -> _F:
+def jit(fn: _F) -> _F:
     """``njit(nogil, cache)``; without a writable cache location, uncached."""
     try:
         return cast(_F, numba.njit(nogil=True, cache=True)(fn))
@@ -38,16 +38,16 @@ def _jit(fn: _F) -> _F:
         return cast(_F, numba.njit(nogil=True)(fn))
 
 
-def _inline(fn: _F) -> _F:
+def inline(fn: _F) -> _F:
     return cast(_F, numba.njit(inline="always")(fn))
 
 
-@_inline
-def _bits(x: Any) -> Any:
+@inline
+def bits_of(x: Any) -> Any:
     return np.float32(x).view(np.uint32)
 
 
-@_inline
+@inline
 def _half_to_f32(word: Any) -> Any:
     """float16 word -> float32, exactly (subnormals, Inf and NaN included)."""
     h = np.int64(word)
@@ -64,10 +64,10 @@ def _half_to_f32(word: Any) -> Any:
     return np.uint32(bits).view(np.float32)
 
 
-@_inline
+@inline
 def _f32_to_half(value: Any) -> Any:
     """float32 -> float16 word, rounded to nearest even (as numpy's cast)."""
-    x = np.int64(_bits(value))
+    x = np.int64(bits_of(value))
     sign = (x >> 16) & 0x8000
     magnitude = x & 0x7FFFFFFF
     if magnitude >= 0x7F800000:
@@ -84,26 +84,26 @@ def _f32_to_half(value: Any) -> Any:
     return np.uint16(sign | half)
 
 
-@_inline
+@inline
 def _bf16_to_f32(word: Any) -> Any:
     return np.uint32(np.int64(word) << 16).view(np.float32)
 
 
-@_inline
+@inline
 def _f32_to_bf16(value: Any) -> Any:
     """Round-to-nearest-even of a float32 to a bfloat16 word (NaN: an exception anyway)."""
-    w = np.int64(_bits(value))
+    w = np.int64(bits_of(value))
     return np.uint16(((w + 0x7FFF + ((w >> 16) & 1)) & 0xFFFFFFFF) >> 16)
 
 
-@_inline
-def _widen(word: Any, kind: int) -> Any:
+@inline
+def widen(word: Any, kind: int) -> Any:
     """float32 value of a float16/bfloat16 word."""
     return _half_to_f32(word) if kind == F16 else _bf16_to_f32(word)
 
 
-@_inline
-def _delta(c: Any, r: Any, kind: int, log: bool, limit: int) -> Any:
+@inline
+def delta_of(c: Any, r: Any, kind: int, log: bool, limit: int) -> Any:
     """float32 delta of one element (log: of its patterns; NaN outside the domain)."""
     if log:
         a = np.int64(c)
@@ -113,30 +113,30 @@ def _delta(c: Any, r: Any, kind: int, log: bool, limit: int) -> Any:
         return np.float32(a - b)
     if kind in (F32, F64):
         return np.float32(c - r)
-    return _widen(c, kind) - _widen(r, kind)
+    return widen(c, kind) - widen(r, kind)
 
 
-@_inline
-def _log_step(value: Any, limit: int) -> Any:
+@inline
+def log_step(value: Any, limit: int) -> Any:
     """The log domain's integer pattern step of a float32 representative."""
     return np.int64(np.rint(min(max(np.float64(value), -np.float64(limit)), np.float64(limit))))
 
 
-@_inline
-def _log_add(r: Any, step: Any, limit: int) -> Any:
+@inline
+def log_add(r: Any, step: Any, limit: int) -> Any:
     """A pattern plus a step, clamped to ``[+0.0, largest finite]``."""
     return min(max(np.int64(r) + step, 0), limit - 1)
 
 
-@_inline
-def _store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: int) -> bool:
+@inline
+def store(out: Any, i: int, value: Any, r: Any, kind: int, log: bool, limit: int) -> bool:
     """``out[i] = r (+) value`` in the dtype (log: as a pattern); whether it is non-finite.
 
     Each branch stores its own result: one return type for all dtypes would round the
     int64 patterns of float64 through float64.
     """
     if log:
-        out[i] = _log_add(r, _log_step(value, limit), limit)
+        out[i] = log_add(r, log_step(value, limit), limit)
         return False
     if kind == F32:
         single = np.float32(r + value)

@@ -10,7 +10,7 @@ Linear arithmetic only (the linear and scaled domains): the log domain keeps oct
   ``(LANES, 512 << key_bits)`` tables.
 * ``encode_chunk(cur, ref, out, shift, lut, reps, symbols, index) -> count``:
   ``kernels.Kernels.encode_chunk`` with that key; the exceptions are the same (a non-finite
-  delta or reconstruction), the reconstruction the same ``_store``.
+  delta or reconstruction), the reconstruction the same ``store``.
 """
 
 # numba compiles positional parameters only (no keyword-only ones): the kernels take many.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .elementwise import _bits, _delta, _jit, _store
+from .elementwise import bits_of, delta_of, jit, store
 from .kernels import LANES, tally
 
 
@@ -40,24 +40,24 @@ class FineKernels:
 def _build(kind: int, limit: int) -> FineKernels:
     """The passes with ``kind`` and ``limit`` compiled in as constants (as ``kernels``)."""
 
-    @_jit
+    @jit
     def analyze(cur: Any, ref: Any, shift: int, mean: bool, counts: Any, sums: Any, lo: Any,
                 hi: Any) -> None:
         for i in range(cur.size):
-            d = _delta(cur[i], ref[i], kind, False, limit)
-            u = _bits(d)
+            d = delta_of(cur[i], ref[i], kind, False, limit)
+            u = bits_of(d)
             tally(i & (LANES - 1), u >> shift, u, d, mean, counts, sums, lo, hi)
 
-    @_jit
+    @jit
     def encode_chunk(cur: Any, ref: Any, out: Any, shift: int, lut: Any, reps: Any,
                      symbols: Any, index: Any) -> int:
         count = 0
         for i in range(cur.size):
             c = cur[i]
-            u = _bits(_delta(c, ref[i], kind, False, limit))
+            u = bits_of(delta_of(c, ref[i], kind, False, limit))
             symbol = lut[u >> shift]
             symbols[i] = symbol
-            bad = _store(out, i, reps[symbol], ref[i], kind, False, limit)
+            bad = store(out, i, reps[symbol], ref[i], kind, False, limit)
             if ((u >> 23) & 0xFF) == 0xFF or bad:
                 out[i] = c
                 index[count] = i

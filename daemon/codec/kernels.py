@@ -21,7 +21,7 @@ The arithmetic is the format's (``format``, ``domains``): float16/bfloat16 widen
 float32, add there and round to nearest even (float16 by its bit pattern: numba has no
 float16 arithmetic); float64 subtracts in float64 and rounds the delta to float32; the log
 domain works on the integer bit patterns. That per-element arithmetic is
-``elementwise``'s; encode and decode both end in its ``_store``, so a decode returns the
+``elementwise``'s; encode and decode both end in its ``store``, so a decode returns the
 encoder's reconstruction bit for bit. ``tests/codec/codec_oracle.py``
 holds the numpy implementation these replaced; the tests check both give the same bytes.
 
@@ -52,14 +52,14 @@ from .elementwise import (
     F32,
     F64,
     KINDS,
-    _bits,
-    _delta,
-    _inline,
-    _jit,
-    _log_add,
-    _log_step,
-    _store,
-    _widen,
+    bits_of,
+    delta_of,
+    inline,
+    jit,
+    log_add,
+    log_step,
+    store,
+    widen,
 )
 
 # The statistics are accumulated in LANES interleaved tables: consecutive elements mostly
@@ -68,7 +68,7 @@ LANES = 4
 NKEYS = 512
 
 
-@_inline
+@inline
 def tally(lane: int, key: Any, u: Any, d: Any, mean: bool, counts: Any, sums: Any, lo: Any,
           hi: Any) -> None:
     """Pass 1's statistics of one element: its key's count and mantissa sum ("mean") or
@@ -126,15 +126,15 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
     the other dtypes and domain fold away (measured: a runtime switch per element made
     pass 2 markedly slower)."""
 
-    @_jit
+    @jit
     def analyze(cur: Any, ref: Any, mean: bool, counts: Any, sums: Any, lo: Any,
                 hi: Any) -> None:
         for i in range(cur.size):
-            d = _delta(cur[i], ref[i], kind, log, limit)
-            u = _bits(d)
+            d = delta_of(cur[i], ref[i], kind, log, limit)
+            u = bits_of(d)
             tally(i & (LANES - 1), u >> 23, u, d, mean, counts, sums, lo, hi)
 
-    @_jit
+    @jit
     def encode_chunk(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any,
                      index: Any) -> int:
         if log:
@@ -142,53 +142,53 @@ def _build(kind: int, log: bool, limit: int, max_step: int) -> Kernels:
         count = 0
         for i in range(cur.size):
             c = cur[i]
-            key = _bits(_delta(c, ref[i], kind, log, limit)) >> 23
+            key = bits_of(delta_of(c, ref[i], kind, log, limit)) >> 23
             symbol = lut[key]
             symbols[i] = symbol
-            bad = _store(out, i, reps[symbol], ref[i], kind, log, limit)
+            bad = store(out, i, reps[symbol], ref[i], kind, log, limit)
             if (key & 0xFF) == 0xFF or bad:
                 out[i] = c
                 index[count] = i
                 count += 1
         return count
 
-    @_jit
+    @jit
     def add_values(values: Any, ref: Any, out: Any) -> None:
         for i in range(values.size):
-            _store(out, i, values[i], ref[i], kind, log, limit)
+            store(out, i, values[i], ref[i], kind, log, limit)
 
-    @_jit
+    @jit
     def add_values_in_place(values: Any, out: Any) -> None:
         for i in range(values.size):
-            _store(out, i, values[i], out[i], kind, log, limit)
+            store(out, i, values[i], out[i], kind, log, limit)
 
-    @_jit
+    @jit
     def scale(ref: Any, factor: Any, out: Any) -> None:
         for i in range(ref.size):
             r = ref[i]
-            w = np.float32(r) if kind in (F32, F64) else _widen(r, kind)
-            _store(out, i, np.float32(w * factor), r, kind, False, limit)
+            w = np.float32(r) if kind in (F32, F64) else widen(r, kind)
+            store(out, i, np.float32(w * factor), r, kind, False, limit)
 
     return Kernels(analyze, encode_chunk, add_values, add_values_in_place,
                    _build_chain(kind, log, limit), scale)
 
 
-@_inline
+@inline
 def _encode_log(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any, index: Any,
                 limit: int, max_step: int) -> int:
     """``encode_chunk`` in the log domain: each symbol's integer step is rounded once
-    (``_log_step``, as ``_store`` rounds it per element), not per element."""
+    (``log_step``, as ``store`` rounds it per element), not per element."""
     steps = np.empty(reps.size, np.int64)
     for s in range(reps.size):
-        steps[s] = _log_step(reps[s], limit)
+        steps[s] = log_step(reps[s], limit)
     count = 0
     for i in range(cur.size):
         c = cur[i]
         r = ref[i]
-        key = _bits(_delta(c, r, F32, True, limit)) >> 23
+        key = bits_of(delta_of(c, r, F32, True, limit)) >> 23
         symbol = lut[key]
         symbols[i] = symbol
-        rec = _log_add(r, steps[symbol], limit)
+        rec = log_add(r, steps[symbol], limit)
         if (key & 0xFF) == 0xFF or (c == 0 and rec != 0) or abs(rec - np.int64(c)) > max_step:
             rec = c
             index[count] = i
@@ -200,7 +200,7 @@ def _encode_log(cur: Any, ref: Any, out: Any, lut: Any, reps: Any, symbols: Any,
 def _build_chain(kind: int, log: bool, limit: int) -> Callable[..., bool]:
     """``apply_packed`` with ``_build``'s constants."""
 
-    @_jit
+    @jit
     def apply_packed(packed: Any, n: int, bits: int, reps: Any, out: Any) -> bool:
         shift, width = _packing(bits)
         whole = n >> shift
@@ -216,13 +216,13 @@ def _build_chain(kind: int, log: bool, limit: int) -> Callable[..., bool]:
         for i in range(whole << shift, n):
             symbol = _field(packed, i, shift, width)
             seen |= symbol
-            _store(out, i, reps[symbol], out[i], kind, log, limit)
+            store(out, i, reps[symbol], out[i], kind, log, limit)
         return (seen & _high_bits(bits, shift, width)) == 0
 
     return apply_packed
 
 
-@_inline
+@inline
 def _packing(bits: int) -> tuple[int, int]:
     """(log2 of symbols per byte, bits per field) of b-bit symbols, as ``packing`` packs
     them: 8 symbols a byte for b = 1, 4 for b = 2, 2 for b = 3..4, 1 for b >= 5."""
@@ -235,14 +235,14 @@ def _packing(bits: int) -> tuple[int, int]:
     return 0, 8
 
 
-@_inline
+@inline
 def _field(packed: Any, i: int, shift: int, width: int) -> Any:
     """Symbol ``i`` of a packed stream."""
     return (np.int64(packed[i >> shift]) >> ((i & ((1 << shift) - 1)) * width)) & (
         (1 << width) - 1)
 
 
-@_inline
+@inline
 def _high_bits(bits: int, shift: int, width: int) -> int:
     """The bits of a packed byte that no symbol below 2^bits sets."""
     high = 0
@@ -251,7 +251,7 @@ def _high_bits(bits: int, shift: int, width: int) -> int:
     return high
 
 
-@_inline
+@inline
 def _apply_bytes(packed: Any, nbytes: int, per_byte: int, width: int, reps: Any, out: Any,
                  kind: int, log: bool, limit: int) -> int:
     """``apply_packed`` over whole bytes; the OR of the bytes (to check the symbols')."""
@@ -262,11 +262,11 @@ def _apply_bytes(packed: Any, nbytes: int, per_byte: int, width: int, reps: Any,
         seen |= byte
         for t in range(per_byte):
             i = j * per_byte + t
-            _store(out, i, reps[(byte >> (t * width)) & mask], out[i], kind, log, limit)
+            store(out, i, reps[(byte >> (t * width)) & mask], out[i], kind, log, limit)
     return seen
 
 
-@_jit
+@jit
 def split_symbols(symbols: Any, bitmap: Any, nonzero: Any) -> int:
     """The split layout's streams before packing (``layouts``), in one pass: ``bitmap`` bit i
     (LSB first, ``ceil(n / 8)`` bytes) is ``symbols[i] != 0``, and the non-zero symbols in
