@@ -32,7 +32,7 @@ Usage::
 
     python bench/pipeline.py                         # 256MiB,1GiB; 3 reps
     python -m bench.pipeline --sizes 256MiB --reps 3 --depth 4
-    python bench/pipeline.py --sizes 4GiB --reps 3   # alone on the machine: ~14 GB RAM
+    python bench/pipeline.py --sizes 1GiB,4GiB --reps 3 --no-before   # alone: ~14 GB RAM
     python bench/pipeline.py --before /tmp/ckptd-main/pkg   # before/after, same run
 
 Writes ``bench/out/pipeline.json`` and prints a markdown summary with the issue's targets.
@@ -57,14 +57,18 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from ckptd.client import Checkpointer
+from ckptd.daemon.config import EngineConfig
 from safetensors.torch import load_file, save_file
 
 try:
     from . import stall
+    from .daemon import PeakRss, memory_bound
     from .options import add_size_options
 except ImportError:  # run as a script: python bench/pipeline.py
     import stall  # type: ignore[no-redef]
     from options import add_size_options  # type: ignore[no-redef]
+
+    from daemon import PeakRss, memory_bound  # type: ignore[no-redef]
 
 MiB = 1 << 20
 SIZES = {"16MiB": 16 * MiB, "64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": 1024 * MiB,
@@ -193,9 +197,11 @@ def sustained_MBps(ckpt: Checkpointer, first_step: int, saves: int, state: dict[
 
 @contextlib.contextmanager
 def serve(
-    workdir: Path, budget: int, *flags: str, code: Path | None = None
+    workdir: Path, budget: int, *flags: str, code: Path | None = None,
+    memory: dict[str, int] | None = None,
 ) -> Iterator[stall.DaemonProcess]:
-    """A daemon logging JSON; ``code``: a directory whose ``ckptd`` package it runs."""
+    """A daemon logging JSON; ``code``: a directory whose ``ckptd`` package it runs.
+    ``memory``: its resident bytes are recorded there (``update_memory``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra = ("--log-level", "info", "--log-format", "json", *flags)
     saved = os.environ.get("PYTHONPATH")
@@ -203,12 +209,42 @@ def serve(
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), saved) if p)
     try:
         with stall.daemon(workdir, budget, extra) as proc:
-            yield proc
+            if memory is None:
+                yield proc
+                return
+            pid = proc.proc.pid
+            memory["idle_rss"] = min(memory.get("idle_rss", 1 << 62), status_bytes(pid, "VmRSS"))
+            with PeakRss(lambda: status_bytes(pid, "RssAnon"), 0.02) as anon:
+                try:
+                    yield proc
+                finally:
+                    update_memory(memory, pid, anon.peak)
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A size field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``...) in bytes;
+    0 once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def update_memory(memory: dict[str, int], pid: int, peak_anon: int) -> None:
+    """Folds one daemon's peaks into ``memory``, read before it stops: ``VmHWM`` (the
+    kernel's high-water mark of its whole RSS, the client's shared-memory segments it
+    mapped included) and the sampled peak of its anonymous RSS (its own memory)."""
+    memory["peak_rss"] = max(memory.get("peak_rss", 0), status_bytes(pid, "VmHWM"))
+    memory["peak_anon"] = max(memory.get("peak_anon", 0), peak_anon)
 
 
 def stage_lines(workdir: Path, msg: str = "save durable") -> dict[str, Any]:
@@ -229,13 +265,14 @@ def stage_lines(workdir: Path, msg: str = "save durable") -> dict[str, Any]:
     return found
 
 
-def ckptd_rep(addr: str, before_addr: str, rep: int, state: dict[str, Any], *, kind: str,
-              record: dict[str, list[float]]) -> None:
+def ckptd_rep(addr: str, before_addr: str | None, rep: int, state: dict[str, Any], *,
+              kind: str, record: dict[str, list[float]]) -> None:
     """One rep of ckptd: shm base, delta, next delta (the steady state: a delta after a
     delta), restore latest; gRPC base, delta and restore latest; each on this daemon and
     the before one (this client talks to both). The two daemons take turns going first, so
-    that each follows the other's gigabytes of writes (and their writeback) equally often."""
-    sides = ((addr, ""), (before_addr, "_before"))
+    that each follows the other's gigabytes of writes (and their writeback) equally often.
+    Without ``before_addr`` (``--no-before``) only this daemon."""
+    sides = ((addr, ""), (before_addr, "_before")) if before_addr else ((addr, ""),)
     if rep % 2:
         sides = sides[::-1]
     for daemon, suffix in sides:
@@ -272,13 +309,16 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     workers = ("--encode-workers", str(args.encode_workers))
     before_flags = tuple(args.before_flags.split()) if args.before_flags else (
         () if args.before else ("--base-compression", "zstd"))
-    with serve(main_dir, budget, *workers) as main, \
-            serve(before_dir, budget, *workers, *before_flags, code=args.before) as before:
+    memory: dict[str, int] = {}
+    before_daemon = (contextlib.nullcontext(None) if args.no_before else
+                     serve(before_dir, budget, *workers, *before_flags, code=args.before))
+    with serve(main_dir, budget, *workers, memory=memory) as main, before_daemon as before:
         for rep in range(args.reps):
             baselines(state, root, record)
-            ckptd_rep(main.address, before.address, rep, state, kind=kind, record=record)
+            ckptd_rep(main.address, before.address if before else None, rep, state, kind=kind,
+                      record=record)
             print(f"[{label} {kind}] rep {rep}: " + ", ".join(
-                f"{k} {v[-1]:.2f}" for k, v in record.items()), flush=True)
+                f"{k} {v[-1]:.2f}" for k, v in record.items() if v), flush=True)
         with Checkpointer(main.address, run=f"{kind}-deep", transport="shm") as ckpt:
             # Step 1 is a base; the burst's back-to-back deltas end the chain ``depth`` deep.
             singles = args.depth + 1 - args.burst
@@ -286,14 +326,14 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
                 perturb(state)
                 ckpt.save(step, state).wait_durable()
             record["sustained_MBps"] = [sustained_MBps(ckpt, singles + 1, args.burst, state)]
-    before_stages = stage_lines(before_dir)
-    shutil.rmtree(before_dir)
+    before_stages = {} if args.no_before else stage_lines(before_dir)
+    shutil.rmtree(before_dir, ignore_errors=True)
     deep = {"restore_deep": [], "restore_base_after_restart": [], "torch_load_deep": []}
     path = root / "deep.pt"
     torch.save(state, path)
     deep_step = args.depth + 1  # the chain's latest: ``depth`` deltas deep
     # Restarted: no head in memory.
-    with serve(main_dir, budget, *workers) as main, \
+    with serve(main_dir, budget, *workers, memory=memory) as main, \
             Checkpointer(main.address, run=f"{kind}-deep", transport="shm") as ckpt:
         for _ in range(args.reps):
             deep["torch_load_deep"].append(timed(lambda: torch.load(path, weights_only=True)))
@@ -315,9 +355,20 @@ def measure_case(label: str, kind: str, args: argparse.Namespace, root: Path) ->
     record.update(deep)
     stages = stage_lines(main_dir)
     shutil.rmtree(main_dir)
+    largest = max(t.nbytes for t in flat.values())
+    memory["bound"] = stated_bound(memory["idle_rss"], budget, nbytes, largest)
     return {"size": label, "kind": kind, "bytes": nbytes, "tensors": len(flat),
             "seconds": record, "stages": stages, "stages_before": before_stages,
-            "restores": restores}
+            "restores": restores, "daemon_memory": memory}
+
+
+def stated_bound(idle_rss: int, budget: int, restore_bytes: int, largest_tensor: int) -> int:
+    """README "Memory bound" for the main daemon as run here: its idle RSS, the in-flight
+    ``budget``, the default ``max_resident_bytes`` of heads, the restore budget or the
+    largest restore if larger, and the workers' encoded blobs (``bench.daemon.memory_bound``)."""
+    config = EngineConfig()
+    return (memory_bound(idle_rss, budget, config.max_resident_bytes, largest_tensor)
+            + max(config.max_restore_bytes, restore_bytes))
 
 
 def measure_workers(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -414,7 +465,7 @@ def report_lines(cases: list[dict[str, Any]], workers: list[dict[str, Any]]) -> 
             st = stage_summary(case, prefix, step)
             cells = " | ".join(f"{st.get(k, float('nan')):.2f}" for k in STAGE_KEYS)
             out.append(f"| {case['size']} | {case['kind']} | {what} | {cells} |")
-    out += usage_lines(cases)
+    out += usage_lines(cases) + memory_lines(cases)
     out += ["", "Restores (daemon seconds, median: prepare = budget, copy or decode, verify; "
             "stream = header and chunks until the client took the last):", "",
             "| size | state | restore | prepare s | stream s |", "|---|---|---|---|---|"]
@@ -467,6 +518,25 @@ def usage_lines(cases: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def memory_lines(cases: list[dict[str, Any]]) -> list[str]:
+    """The main daemon's resident memory per case against the README's stated bound."""
+    out = ["", "The daemon's memory (main daemon, both of its runs; MiB; peak RSS = VmHWM, with "
+           "the clients' shared-memory segments it mapped; anon = its own memory, sampled "
+           "every 20 ms):", "",
+           "| size | state | idle RSS | peak RSS | peak anon | stated bound | within |",
+           "|---|---|---|---|---|---|---|"]
+    for case in cases:
+        mem = case.get("daemon_memory")
+        if not mem:
+            continue
+        mib = {k: v / MiB for k, v in mem.items()}
+        within = "yes" if mem["peak_rss"] <= mem["bound"] else "NO"
+        out.append(f"| {case['size']} | {case['kind']} | {mib['idle_rss']:.0f} "
+                   f"| {mib['peak_rss']:.0f} | {mib['peak_anon']:.0f} | {mib['bound']:.0f} "
+                   f"| {within} |")
+    return out
+
+
 def _share(line: dict[str, Any], field: str) -> str:
     return f"{int(line[field]) / max(1, int(line['raw_bytes'])):.2f}"
 
@@ -499,6 +569,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encode-workers", type=int, default=2, help="of the main daemons")
     parser.add_argument("--worker-counts", default="1,2",
                         help="encode workers compared for sustained throughput (empty: skip)")
+    parser.add_argument("--no-before", action="store_true",
+                        help="run no second daemon (its columns stay empty): for 4GiB, "
+                             "whose two daemons would not fit in 24 GB")
     parser.add_argument("--before-flags", default="",
                         help="daemon flags of the before daemon (e.g. the same code as "
                              "--before with '--stream-saves never')")

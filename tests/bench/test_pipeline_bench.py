@@ -53,3 +53,25 @@ def test_pipeline_bench_reports_stages_ratios_and_targets(tmp_path: Path) -> Non
     assert "| 16MiB | adam | next delta |" in done.stdout
     assert report["workers"][0]["MBps"]["1"] > 0
     assert "| 16MiB | adam |" in done.stdout and "Targets (ckptd over baseline" in done.stdout
+    memory = case["daemon_memory"]  # the main daemon's resident bytes against its bound
+    assert 0 < memory["idle_rss"] < memory["peak_rss"] <= memory["bound"]
+    assert 0 < memory["peak_anon"] <= memory["peak_rss"]
+    assert "| 16MiB | adam |" in done.stdout.split("The daemon's memory")[1]
+
+
+def test_pipeline_bench_without_the_before_daemon(tmp_path: Path) -> None:
+    """``--no-before`` (for 4GiB, where two daemons would not fit) runs one daemon: every
+    before column is empty, every other one measured."""
+    out = tmp_path / "pipeline.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--sizes", "16MiB", "--kinds", "weights",
+         "--reps", "1", "--depth", "2", "--burst", "1", "--worker-counts", "", "--no-before",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [case] = json.loads(out.read_text())["cases"]
+    for name, seconds in case["seconds"].items():
+        assert (seconds == []) == name.endswith("_before"), name
+    assert case["stages_before"] == {} and "weights-shm-0/2" in case["stages"]
+    assert case["daemon_memory"]["peak_rss"] > 0
