@@ -32,10 +32,16 @@ Usage::
 
     python bench/pipeline.py                         # 256MiB,1GiB; 3 reps
     python -m bench.pipeline --sizes 256MiB --reps 3 --depth 4
-    python bench/pipeline.py --sizes 1GiB,4GiB --reps 3 --no-before   # alone: ~14 GB RAM
+    python bench/pipeline.py --sizes 4GiB --reps 3 --no-before   # alone: > 19 GB RAM
     python bench/pipeline.py --before /tmp/ckptd-main/pkg   # before/after, same run
 
 Writes ``bench/out/pipeline.json`` and prints a markdown summary with the issue's targets.
+
+At 4GiB this process holds the state, its shared-memory staging segment and a restored copy,
+the daemon a head and its receive buffers: a first run (2026-12-05, weights, with another
+engineer's jobs on the machine) was killed by the kernel's OOM killer at 23 GB with this
+process at 9.0 GB anonymous + 4.9 GB shared memory and the daemon at 9.5 GB RSS (the
+staging segment included), so it needs the machine alone and over 19 GB free.
 """
 
 from __future__ import annotations
