@@ -28,6 +28,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import metadata
 
 from ckptd.protos.v1 import pb
 
@@ -193,14 +194,27 @@ EVIDENCE = ("bench/README.md: 'The per-optimizer rule for AdamW' (Adam set), 'Fi
 
 
 def describe_builtin() -> list[tuple[str, str]]:
-    """The built-in rule sets as ``(name, text)`` rows (``ckptd info``)."""
-    rows = []
+    """The built-in rule sets as ``(name, text)`` rows (``ckptd info``), after a
+    ``client_rules`` row saying whose they are: this install's client library, which a
+    trainer on another machine (or with another version installed) need not share, since
+    each client applies its own rules before the daemon hears of any."""
+    rows = [("client_rules",
+             f"the built-in rules of the ckptd client library installed here (ckptd "
+             f"{_installed_version()}), not read from any trainer: a trainer applies those "
+             "of the client it has installed")]
     for label, marker, unless, rules in (*BUILTIN_SETS, ("default", "", "", DEFAULT_RULES)):
         when = f"when the state holds {marker}" if marker else "otherwise"
         when += f" and no {unless}" if unless else ""
         rows.append((f"client_rules_{label}",
                      f"{when}: " + ", ".join(f"{r.pattern} {format_spec(r)}" for r in rules)))
     return [*rows, ("client_rules_evidence", EVIDENCE)]
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("ckptd")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"
 
 
 def format_spec(rule: PolicyRule) -> str:
