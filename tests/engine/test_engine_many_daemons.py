@@ -18,6 +18,7 @@ from ckptd.daemon.domain import StepKey
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
 from ckptd.daemon.storage import LocalStorage, open_storage
+from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 from ckptd.protos.records import SaveState
@@ -145,6 +146,57 @@ def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
             assert not storage.list(f"runs/{RUN}/0/{2:020d}/")
 
     asyncio.run(scenario())
+
+
+def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lease records are pruned RECORD_GRACE_S after they end, so a manifest put issued
+    later than that after its writer's lease check could land unfenced. The daemon here
+    stops right after the check of step 2 (SIGSTOP, a suspended VM) for longer than
+    RECHECK_AFTER_S, and meanwhile another daemon takes the chain over: the writer checks
+    again before its put and refuses to commit (before: the late manifest was written)."""
+    config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
+    clock = FakeClock()
+    states = list(random_walk(17, 3))
+    real_check = lease.check_current
+    paused: list[float] = []
+
+    def check_then_pause(storage: Storage, held: lease.Lease, *, now_unix_s: float) -> None:
+        real_check(storage, held, now_unix_s=now_unix_s)
+        if paused:
+            return
+        paused.append(now_unix_s)  # the fence of step 2: the process stops right after it
+        clock.wall_unix_s += lease.RECHECK_AFTER_S + 1
+        clock.monotonic_s += lease.RECHECK_AFTER_S + 1
+        lease.take(storage, RUN, 0, "daemon-b", ttl_s=30, now_unix_s=clock.wall_unix_s,
+                   after_step=1)
+
+    async def scenario() -> None:
+        async with open_engine(root, config, lease_clocks=clock.clocks) as engine:
+            for step in (0, 1):
+                await save(engine, step, states[step])
+            monkeypatch.setattr(lease, "check_current", check_then_pause)
+            accepted = await send(engine, 2, states[2])
+            failed = await engine.wait(accepted.key, 60)
+            assert paused and failed.state is SaveState.FAILED
+            assert "ChainLeasedError" in failed.error, failed.error
+            assert "after its lease check" in failed.error and "not committed" in failed.error
+            assert not engine.storage.list(f"runs/{RUN}/0/{2:020d}/")
+            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
+
+    asyncio.run(scenario())
+
+
+def test_a_manifest_put_long_after_its_lease_check_checks_again_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_after_the_lease_check(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_late_manifest_put_on_s3_checks_again_and_commits_nothing(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_after_the_lease_check(s3_url, monkeypatch)
 
 
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
