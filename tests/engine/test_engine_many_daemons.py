@@ -49,6 +49,25 @@ async def released(engine: Engine) -> lease.Lease:
     return current
 
 
+# Leases renewed often enough for the renewal task to notice an idle chain at once.
+IDLE = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.05)
+
+
+async def save_idle_save(engine: Engine, clock: FakeClock, *, seed: int,
+                         ) -> tuple[lease.Lease, lease.Lease]:
+    """A trainer that saves less often than ``lease_ttl_s`` (an ``IDLE`` engine on
+    ``clock``): step 0, no write past the ttl until the renewal task released the lease,
+    then step 1, which takes it again. Returns the lease after step 0 and the released one."""
+    states = list(random_walk(seed, 2))
+    await save(engine, 0, states[0])
+    first = lease.read_current(engine.storage, RUN, 0)
+    assert first is not None and not first.released
+    clock.idle(IDLE.lease_ttl_s + 0.1)
+    idle = await released(engine)
+    await save(engine, 1, states[1])
+    return first, idle
+
+
 @pytest.fixture
 def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     with MotoS3Server() as server:
@@ -202,19 +221,12 @@ def test_a_late_manifest_put_on_s3_checks_again_and_commits_nothing(
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
     tmp_path: Path,
 ) -> None:
-    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.05)
     clock = FakeClock()
-    states = list(random_walk(9, 2))
 
     async def scenario() -> None:
-        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
-            await save(engine, 0, states[0])
-            first = lease.read_current(engine.storage, RUN, 0)
-            assert first is not None and not first.released
-            clock.idle(config.lease_ttl_s + 0.1)  # no write for longer than the ttl
-            current = await released(engine)
-            assert current.generation == first.generation
-            await save(engine, 1, states[1])
+        async with open_engine(tmp_path, IDLE, lease_clocks=clock.clocks) as engine:
+            first, idle = await save_idle_save(engine, clock, seed=9)
+            assert idle.generation == first.generation
             again = lease.read_current(engine.storage, RUN, 0)
             assert again is not None and (again.generation, again.after_step) == (2, 0)
             assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "delta"]
@@ -247,18 +259,12 @@ def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
 
 
 def test_lease_records_do_not_grow_with_saves_and_go_with_their_run(tmp_path: Path) -> None:
-    # A trainer that saves less often than lease_ttl_s takes a generation per save.
-    config = dataclasses.replace(SMALL, lease_ttl_s=0.6, lease_renew_interval_s=0.05)
     clock = FakeClock()
-    states = list(random_walk(13, 2))
 
     async def scenario() -> None:
-        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
-            await save(engine, 0, states[0])
-            clock.idle(config.lease_ttl_s + 0.1)
-            await released(engine)
-            await save(engine, 1, states[1])  # takes generation 2: generation 1 is pruned
-            assert lease.read_generations(engine.storage, RUN, 0) == [2]
+        async with open_engine(tmp_path, IDLE, lease_clocks=clock.clocks) as engine:
+            await save_idle_save(engine, clock, seed=13)  # step 1 took generation 2 ...
+            assert lease.read_generations(engine.storage, RUN, 0) == [2]  # ... and pruned 1
             assert await engine.delete_run(RUN) == 2
         # The deleted run's chain, released at close, leaves no lease record behind.
         assert not LocalStorage(tmp_path).list("leases/")
