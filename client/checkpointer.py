@@ -30,7 +30,7 @@ from .handle import SaveHandle
 from .header import HeaderBuilder
 from .overlap import Guard
 from .policies import check_bits, parse_rules
-from .restore import RestoredState, restore_state
+from .restore import RestoredState, RestoreRoom, restore_state
 from .retention import Retention
 from .retry import Retry
 from .saver import Saver, shutdown
@@ -181,6 +181,7 @@ class Checkpointer:
             # Restores follow the save's choice: shared memory where saves use it.
             self._restore_shm = isinstance(transport_impl, ShmTransport)
             self._restore_fallback = fallback is not None
+            self._restore_room = RestoreRoom()  # what refused restores taught: one warning
             if retention is not None:
                 self._connection.set_retention(
                     pb.SetRetentionRequest(run=run, policy=retention.to_message()))
@@ -324,7 +325,8 @@ class Checkpointer:
             request.step = step
         return restore_state(self._connection, request, map_location,
                              shared_memory=self._restore_shm,
-                             fallback=self._restore_fallback, zero_copy=zero_copy)
+                             fallback=self._restore_fallback, zero_copy=zero_copy,
+                             room=self._restore_room)
 
     def step_infos(self) -> list[StepInfo]:
         """The committed steps of this run and rank, oldest first ([] for a new run)."""

@@ -12,6 +12,14 @@ built-in ones, one set per save chosen by what the state holds (``builtin_rules`
 moments (``ADAM_RULES``), SGD's momentum (``SGD_RULES``), else ``DEFAULT_RULES``. A tensor
 no rule matches is ``auto``: the daemon stores float tensors above its size threshold
 lossily and everything else exactly.
+
+A lossy rule (any of the ``lossy*`` specs, any width) applies to floating-point tensors
+only, the user's as the built-in ones: the codec quantizes float deltas, and a glob such as
+``("*", "lossy:3")`` is read as "every float tensor", so the non-float tensors it matches
+(RNG states, integer buffers and counters, bool masks) skip it and stay exact. A user rule
+that names a non-float tensor by its exact name (a pattern without ``*``, ``?`` or ``[``)
+asked for the impossible on purpose, so the save raises ``InvalidCheckpointError`` naming
+the tensor and the rule rather than silently storing it exactly.
 """
 
 from __future__ import annotations
@@ -20,8 +28,11 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import metadata
 
 from ckptd.protos.v1 import pb
+
+from .errors import InvalidCheckpointError
 
 MIN_BITS = 1
 MAX_BITS = 8
@@ -183,14 +194,27 @@ EVIDENCE = ("bench/README.md: 'The per-optimizer rule for AdamW' (Adam set), 'Fi
 
 
 def describe_builtin() -> list[tuple[str, str]]:
-    """The built-in rule sets as ``(name, text)`` rows (``ckptd info``)."""
-    rows = []
+    """The built-in rule sets as ``(name, text)`` rows (``ckptd info``), after a
+    ``client_rules`` row saying whose they are: this install's client library, which a
+    trainer on another machine (or with another version installed) need not share, since
+    each client applies its own rules before the daemon hears of any."""
+    rows = [("client_rules",
+             f"the built-in rules of the ckptd client library installed here (ckptd "
+             f"{_installed_version()}), not read from any trainer: a trainer applies those "
+             "of the client it has installed")]
     for label, marker, unless, rules in (*BUILTIN_SETS, ("default", "", "", DEFAULT_RULES)):
         when = f"when the state holds {marker}" if marker else "otherwise"
         when += f" and no {unless}" if unless else ""
         rows.append((f"client_rules_{label}",
                      f"{when}: " + ", ".join(f"{r.pattern} {format_spec(r)}" for r in rules)))
     return [*rows, ("client_rules_evidence", EVIDENCE)]
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("ckptd")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"
 
 
 def format_spec(rule: PolicyRule) -> str:
@@ -213,20 +237,46 @@ def resolve(
     then the ``builtin`` set to match decides. A user rule without a width and every
     built-in rule take ``default_bits`` when it is given (``bits=``); a built-in rule
     otherwise keeps its own width (0: the daemon's); a DCP shard's name (``fqn@offsets``)
-    matches every rule as its tensor's too. Built-in lossy rules skip tensors that are not
-    floats (``is_float`` False: RNG states, counters), which the daemon stores exactly and
-    refuses to be asked to quantize. Exact tensors carry bits 0."""
+    matches every rule as its tensor's too. Exact tensors carry bits 0.
+
+    Lossy rules, the user's and the built-in ones, skip tensors that are not floats
+    (``is_float`` False: RNG states, counters, masks), which the daemon stores exactly
+    and refuses to be asked to quantize: a glob means "the float tensors it matches".
+
+    Raises:
+        InvalidCheckpointError: a user's lossy rule names this non-float tensor by its
+            exact name (no wildcard): a request that cannot be honoured, told at save
+            rather than ignored.
+    """
     unsharded = _unsharded(name)
     for rule in rules:
-        if fnmatch.fnmatchcase(name, rule.pattern) or fnmatch.fnmatchcase(unsharded,
-                                                                         rule.pattern):
-            return _bits_of(rule, rule.bits or default_bits)
+        if not (fnmatch.fnmatchcase(name, rule.pattern)
+                or fnmatch.fnmatchcase(unsharded, rule.pattern)):
+            continue
+        if not is_float and rule.policy in _LOSSY_POLICIES:
+            if not _is_glob(rule.pattern):
+                raise InvalidCheckpointError(
+                    f"policy rule ({rule.pattern!r}, {format_spec(rule)!r}) names tensor "
+                    f"{name!r}, which is not a floating-point tensor; lossy compression "
+                    "applies to float tensors only: give it 'exact' or 'auto', or drop "
+                    "the rule"
+                )
+            continue
+        return _bits_of(rule, rule.bits or default_bits)
     for rule in builtin:
-        if not is_float and rule.policy != pb.POLICY_EXACT:
+        if not is_float and rule.policy in _LOSSY_POLICIES:
             continue
         if fnmatch.fnmatchcase(unsharded, rule.pattern):
             return _bits_of(rule, default_bits or rule.bits)
     return pb.POLICY_UNSPECIFIED, default_bits
+
+
+_LOSSY_POLICIES = frozenset(_LOSSY_KINDS.values())
+
+
+def _is_glob(pattern: str) -> bool:
+    """Whether ``pattern`` holds an ``fnmatch`` wildcard (else it names one tensor)."""
+    return any(char in pattern for char in "*?[")
 
 
 def _unsharded(name: str) -> str:

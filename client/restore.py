@@ -11,18 +11,24 @@ hashes each batch as it is announced and returns views of the mapping (no copy o
 client; the mapping lives as long as the tensors): never unverified bytes. Meanwhile a
 second thread (``sidecar.py``, joined before ``receive`` returns or raises) faults the
 fresh tensors in ahead of the copy.
+
+With ``transport="auto"``, a restore the daemon refuses to write into shared memory (a
+``/dev/shm`` too small for the step, or a daemon that cannot open the segment) streams
+instead; ``RestoreRoom`` remembers a refusal for the rest of the checkpointer's life, so
+that one condition is one warning and a ``/dev/shm`` known to be too small is not asked
+again on every restore.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from ckptd.protos import dtypes, streams
+from ckptd.protos import dtypes, segments, streams
 from ckptd.protos.v1 import pb
 
 from .errors import CorruptCheckpointError, SharedMemoryRefusedError
@@ -44,6 +50,80 @@ class RestoredState:
     checksum: str
     transport: str = "grpc"
     """How the bytes came: ``"shm"`` (the daemon's shared memory) or ``"grpc"`` (streamed)."""
+    nbytes: int = 0
+    """The restored tensors' bytes (what a restore through shared memory needs there)."""
+
+
+# However little room /dev/shm had at the last refusal, every this many restores after it
+# asks for shared memory again: a smaller step may fit where the refused one did not.
+RETRY_EVERY_RESTORES = 8
+
+
+class RestoreRoom:
+    """Whether a checkpointer's next same-host restore asks for shared memory, from what
+    its earlier restores learned (``transport="auto"`` only: ``"shm"`` raises instead).
+
+    After a refusal the restore streams, and the step's size is remembered. While
+    ``/dev/shm`` has less room free than that (one ``statvfs`` per restore, the check the
+    daemon refuses by), later restores stream at once instead of creating a segment the
+    daemon would refuse again; shared memory is asked for again once the room is there,
+    and in any case on every ``RETRY_EVERY_RESTORES``-th restore since the last try (a
+    smaller step may fit). A refusal with room to spare (a daemon that cannot open the
+    segment) is retried every time, since the room says nothing about it.
+
+    One warning per condition: the first refusal warns with the daemon's reason and what
+    to do; refusals after it are logged at debug level until a restore goes through shared
+    memory again. Used from the trainer's thread that calls ``restore`` (not thread-safe,
+    like the rest of a checkpointer's restore path)."""
+
+    def __init__(
+        self, room: Callable[[], tuple[int, int] | None] = segments.room,
+    ) -> None:
+        self._room = room
+        self._needed: int | None = None  # bytes the last refused restore needed
+        self._skipped = 0  # restores streamed without asking since the last try
+        self._warned = False
+
+    def worth_trying(self) -> bool:
+        """Whether to ask the daemon for a segment this time (else: stream)."""
+        if self._needed is None:
+            return True
+        space = self._room()
+        fits = space is not None and space[0] >= self._needed
+        if fits or self._skipped + 1 >= RETRY_EVERY_RESTORES:
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        logger.debug("restore streams: /dev/shm has %s, the last refused restore needed %d "
+                     "bytes", "no room to inspect" if space is None
+                     else f"{space[0]} bytes free", self._needed)
+        return False
+
+    def refused(self, exc: SharedMemoryRefusedError, nbytes: int) -> None:
+        """Records that the daemon refused a segment for a restore of ``nbytes`` bytes,
+        which then streamed."""
+        space = self._room()
+        self._needed = nbytes if space is not None and space[0] < nbytes else None
+        self._skipped = 0
+        if self._warned:
+            logger.debug("restore through shared memory refused again, streamed: %s", exc)
+            return
+        self._warned = True
+        later = (f"later restores stream while /dev/shm has less than {nbytes} bytes free "
+                 f"(shared memory is tried again once it has, and every "
+                 f"{RETRY_EVERY_RESTORES} restores)" if self._needed is not None
+                 else "later restores try shared memory again and stream when refused")
+        logger.warning(
+            "restore through shared memory refused, streamed instead: %s; %s; see the "
+            "README's 'Sizing /dev/shm' (a larger /dev/shm), or pass transport='grpc' to "
+            "always stream (this warning is not repeated until shared memory works again)",
+            exc, later)
+
+    def served(self) -> None:
+        """Records a restore that went through shared memory: the condition has ended."""
+        if self._warned:
+            logger.info("restores go through shared memory again")
+        self._needed, self._skipped, self._warned = None, 0, False
 
 
 def _allocate_into(tensors: list[torch.Tensor], sidecar: RestoreSidecar) -> streams.Allocate:
@@ -114,7 +194,9 @@ def receive(
             f"{str(exc)[:200]}"
         ) from exc
     transport = "shm" if header.HasField("shared_memory") else "grpc"
-    return RestoredState(int(header.ref.step), state, metadata, header.checksum, transport)
+    nbytes = sum(int(spec.nbytes) for spec in header.tensors)
+    return RestoredState(int(header.ref.step), state, metadata, header.checksum, transport,
+                         nbytes)
 
 
 def restore_state(
@@ -125,13 +207,17 @@ def restore_state(
     shared_memory: bool,
     fallback: bool,
     zero_copy: bool = False,
+    room: RestoreRoom | None = None,
 ) -> RestoredState:
     """Runs ``request`` through the daemon's shared memory when ``shared_memory`` (same
     host, unix socket), else as a stream; with ``fallback``, a daemon that refuses the
-    segment (``SharedMemoryRefusedError``) is asked again for a stream. The segment is
-    unlinked on every path; with ``zero_copy`` its memory lives on in the returned
-    tensors, which are views of it."""
-    if shared_memory:
+    segment (``SharedMemoryRefusedError``) is asked again for a stream, and ``room`` (the
+    checkpointer's memory of refusals) decides whether to ask for a segment at all and
+    says so once. The segment is unlinked on every path; with ``zero_copy`` its memory
+    lives on in the returned tensors, which are views of it."""
+    room = room if room is not None else RestoreRoom()
+    refusal: SharedMemoryRefusedError | None = None
+    if shared_memory and (not fallback or room.worth_trying()):
         with RestoreSegment() as segment:
             ref = segment.reference
             if ref is not None:
@@ -139,11 +225,17 @@ def restore_state(
                 named.CopyFrom(request)
                 named.shared_memory.segment_name = ref.name
                 try:
-                    return connection.restore(
+                    restored = connection.restore(
                         named, lambda replies: receive(replies, map_location, ref,
                                                        zero_copy=zero_copy))
                 except SharedMemoryRefusedError as exc:
                     if not fallback:
                         raise
-                    logger.warning("restore through shared memory refused, streaming: %s", exc)
-    return connection.restore(request, lambda replies: receive(replies, map_location))
+                    refusal = exc
+                else:
+                    room.served()
+                    return restored
+    restored = connection.restore(request, lambda replies: receive(replies, map_location))
+    if refusal is not None:
+        room.refused(refusal, restored.nbytes)
+    return restored

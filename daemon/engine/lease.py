@@ -14,8 +14,11 @@ the rules). Call order, all on the engine's event loop:
   chain with a delta. A live lease of
   another daemon raises ``ChainLeasedError`` naming it.
 * ``await fence(chain)`` just before a commit: checks the lease is still this daemon's
-  (unexpired, and still the chain's highest generation) and returns the generation the
-  manifest records; a lost lease raises ``ChainLeasedError`` and the save fails.
+  (unexpired, and still the chain's highest generation) and returns a ``Fence``: the
+  generation the manifest records, and ``before_put``, which the storage thread calls just
+  before the manifest's put and which checks again if the put comes late
+  (``store.recheck_if_late``: a paused process, queued storage calls); a lost lease raises
+  ``ChainLeasedError`` and the save fails.
 * ``start()`` runs the renewal task: every ``lease_renew_interval_s`` each held lease is
   renewed, or released once its chain saw no write for ``lease_ttl_s``; a renewal that
   finds the lease lost drops it (later saves take it again or are refused).
@@ -49,6 +52,15 @@ from ckptd.daemon.store.index import ChainKey
 from ckptd.daemon.store.repository import Repository
 
 log = get_logger("engine")
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A commit's lease check: the generation its manifest records, and the call the
+    storage thread makes just before the manifest's put (``store.recheck_if_late``)."""
+
+    generation: int
+    before_put: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -104,9 +116,10 @@ class ChainLeases:
                 return self._held[key]
             return await self._take(chain)
 
-    async def fence(self, chain: Chain) -> int:
-        """The generation a commit of ``chain`` records, after checking in storage that
-        the lease is still this daemon's; ``ChainLeasedError`` if it is lost."""
+    async def fence(self, chain: Chain, step: int) -> Fence:
+        """The lease check before a commit of ``step`` of ``chain`` (see ``Fence``), after
+        checking in storage that the lease is still this daemon's; ``ChainLeasedError`` if
+        it is lost."""
         key = (chain.run, chain.rank)
         lease = self._held.get(key)
         if lease is None:
@@ -114,14 +127,24 @@ class ChainLeases:
                 f"this daemon no longer holds the writer lease of {chain.run}/rank{chain.rank} "
                 "(it was lost while the save was encoded); the save is not committed"
             )
+        checked_wall_s, checked_monotonic_s = self._clock(), self._monotonic()
         check = functools.partial(store.check_current, self._storage, lease,
-                                  now_unix_s=self._clock())
+                                  now_unix_s=checked_wall_s)
         try:
             await self._pools.run_lease(check)
         except ChainLeasedError:
             self._lost(key)
             raise
-        return lease.generation
+
+        def before_put() -> None:
+            # Both clocks: the monotonic one stops while the host is suspended, the wall
+            # one can step; the longer wait is the one to believe.
+            now_wall_s = self._clock()
+            waited_s = max(now_wall_s - checked_wall_s, self._monotonic() - checked_monotonic_s)
+            store.recheck_if_late(self._storage, lease, step, waited_s=waited_s,
+                                  now_unix_s=now_wall_s)
+
+        return Fence(lease.generation, before_put)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._renew_every(), name="ckptd-leases")

@@ -35,6 +35,7 @@ from ckptd.daemon.config import EngineConfig
 from ckptd.daemon.domain import StepKey, TensorSpec
 from ckptd.daemon.engine.basecoding import BaseCoding
 from ckptd.daemon.engine.chain import Chain, QueuedSave, Reconstruction, choose_kind
+from ckptd.daemon.engine.lease import Fence
 from ckptd.daemon.engine.stages import StageTimes
 from ckptd.daemon.engine.validation import bits_for, buckets_for, domain_for, is_lossy
 from ckptd.daemon.errors import CorruptCheckpointError, StepExistsError
@@ -110,12 +111,13 @@ class SavePipeline:
         config: EngineConfig,
         pools: Pools,
         *,
-        fence: Callable[[Chain], Awaitable[int]] | None = None,
+        fence: Callable[[Chain, int], Awaitable[Fence]] | None = None,
         recycle: Callable[[np.ndarray], None] | None = None,
         output: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
-        """``fence(chain)`` returns the lease generation a commit records, or raises when
-        this daemon no longer holds the chain (``ChainLeases.fence``); None: no leases.
+        """``fence(chain, step)`` returns the lease check a commit records (its generation,
+        and the call made just before the manifest's put), or raises when this daemon no
+        longer holds the chain (``ChainLeases.fence``); None: no leases.
         ``recycle(array)`` takes a received tensor no longer needed (a delta's, once
         encoded) for a later save's receive (``ReceiveBuffers.give_back``).
         ``output(nbytes)`` returns memory for a delta tensor's reconstruction, or None for
@@ -206,12 +208,14 @@ class SavePipeline:
                 stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
         )
         self.base_coding.synced([entry.blob_bytes for entry in entries], stages.seconds()["sync"])
-        generation = await self._fence(chain) if self._fence is not None else 0
+        fence = (await self._fence(chain, header.key.step) if self._fence is not None
+                 else None)
         manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
-                                  generation=generation)
+                                  generation=fence.generation if fence is not None else 0)
         began = time.perf_counter()
         save.commit_started = True
-        entry = await self._repository.commit(manifest)
+        entry = await self._repository.commit(
+            manifest, before_put=fence.before_put if fence is not None else None)
         return Written(manifest, entry, arrays, began)
 
     async def settle(self, save: QueuedSave, plan: Plan, written: Written) -> Committed:

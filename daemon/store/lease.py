@@ -42,11 +42,22 @@ The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local
   at release on exclusive storage (``remove``); on shared storage that record stays, so
   that its generation count, and the fence of a writer still in flight, go on.
 
+* **Late commits**: pruning relies on every manifest put being issued within
+  ``RECORD_GRACE_S`` of its writer's lease check, since a late put is fenced only by the
+  records still kept. A writer can in fact be late: its process paused (SIGSTOP, a
+  suspended VM, swapping) between the check and the put, or the put queued behind other
+  storage calls. So the writer makes it a guarantee (``recheck_if_late``, called in the
+  storage thread just before the manifest's ``put_if_absent``): when more than
+  ``RECHECK_AFTER_S`` (half the grace) passed since the check, by its wall or its
+  monotonic clock, it checks the lease again and, lost or expired, refuses to write: the
+  save fails as not committed (it was never reported durable) and the trainer saves it
+  again. What is left is the put itself, bounded by the storage client's timeouts and
+  retries (minutes) against the other half of the grace.
+
 Assumptions, stated in the README: wall clocks of the daemons agree well within
 ``lease_ttl_s`` (expiry is wall time, compared by each reader), the store's listing is
-strongly consistent (S3 is since 2020; a local directory is), and a commit reaches the store
-within ``RECORD_GRACE_S`` of its writer's lease check (a write delayed longer, by a process
-paused between the check and its manifest put, is fenced only by the records still kept).
+strongly consistent (S3 is since 2020; a local directory is), and a manifest put, once
+issued, lands within ``RECORD_GRACE_S - RECHECK_AFTER_S`` (half an hour).
 """
 
 from __future__ import annotations
@@ -66,6 +77,9 @@ LEASES_PREFIX = "leases/"
 # How long after a superseded lease ended its record still fences late commits on shared
 # storage; far beyond any storage call's retries, so only a paused process outlives it.
 RECORD_GRACE_S = 3600.0
+# A manifest put issued longer than this after its lease check checks the lease again first
+# (``recheck_if_late``): half the grace, so the put has the other half to land in.
+RECHECK_AFTER_S = RECORD_GRACE_S / 2
 _KEY_RE = re.compile(r"leases/(?P<run>[A-Za-z0-9._-]+)/(?P<rank>[0-9]+)/(?P<gen>[0-9]{20})\.json")
 
 
@@ -242,6 +256,25 @@ def check_current(storage: Storage, lease: Lease, *, now_unix_s: float) -> None:
     if generations and generations[-1] != lease.generation:
         current = read_current(storage, lease.run, lease.rank)
         raise _leased(current or lease, now_unix_s, lost=True)
+
+
+def recheck_if_late(
+    storage: Storage, lease: Lease, step: int, *, waited_s: float, now_unix_s: float,
+) -> None:
+    """What a writer calls just before it puts a manifest of ``step`` under ``lease``,
+    ``waited_s`` seconds after its lease check (``check_current``): a no-op within
+    ``RECHECK_AFTER_S``; later, the check again (see "Late commits" above), raising
+    ``ChainLeasedError`` that says why the save is not committed."""
+    if waited_s <= RECHECK_AFTER_S:
+        return
+    try:
+        check_current(storage, lease, now_unix_s=now_unix_s)
+    except ChainLeasedError as exc:
+        raise ChainLeasedError(
+            f"the manifest of step {step} of {lease.run}/rank{lease.rank} was to be written "
+            f"{waited_s:.0f} s after its lease check (the daemon was paused, or its storage "
+            f"calls queued, for over {RECHECK_AFTER_S:.0f} s); checked again: {exc}"
+        ) from exc
 
 
 def prune(storage: Storage, lease: Lease, *, now_unix_s: float, exclusive: bool) -> list[int]:

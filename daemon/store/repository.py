@@ -191,13 +191,22 @@ class Repository:
             log.warning("cannot remove pending marker; removed at next start %s",
                         step_fields(key, error=str(exc)))
 
-    async def commit(self, manifest: Manifest) -> IndexEntry:
+    async def commit(
+        self, manifest: Manifest, *, before_put: Callable[[], None] | None = None,
+    ) -> IndexEntry:
         """Creates ``manifest`` (the commit point: its blobs must be durable already) and
         indexes it; the step exists from here on. The manifest is created only where none
-        exists (``put_if_absent``): ``StepExistsError`` if another writer committed it."""
+        exists (``put_if_absent``): ``StepExistsError`` if another writer committed it.
+        ``before_put`` runs in the storage thread just before the put (the writer's last
+        lease check, ``lease.recheck_if_late``); what it raises stops the commit."""
         data = manifest.to_bytes()
         key = manifest_key(manifest.key)
-        create = functools.partial(self.storage.put_if_absent, key, data)
+
+        def create() -> bool:
+            if before_put is not None:
+                before_put()
+            return self.storage.put_if_absent(key, data)
+
         if not await self._pools.run_io(create):
             raise StepExistsError(
                 f"step {manifest.key} was committed by another writer meanwhile ({key} exists); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
 
 from ckptd.client.structure import flatten
@@ -63,7 +64,12 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
     else:
         assert info["access"] == "direct (no daemon)"
     # The client's per-optimizer built-in rules beside the daemon's defaults, with their
-    # evidence.
+    # evidence, labelled as this install's client library's (not a remote trainer's).
+    assert info["client_rules"] == (
+        f"the built-in rules of the ckptd client library installed here (ckptd "
+        f"{metadata.version('ckptd')}), not read from any trainer: a trainer applies those "
+        "of the client it has installed")
+    assert list(info).index("client_rules") + 1 == list(info).index("client_rules_adam")
     common = ("*/step exact, *.step exact, *square_avg lossy-log, *exp_inf lossy-log, "
               "*/sum lossy-log, *.sum lossy-log, *running_var lossy-log")
     assert info["client_rules_adam"] == (
@@ -74,6 +80,10 @@ def test_info_summarizes_the_source(cli: CliRunner, source: list[str], store: St
         f"{common}")
     assert info["client_rules_default"].startswith("otherwise: *exp_avg_sq lossy-log, ")
     assert "bench/README.md" in info["client_rules_evidence"]
+    code, out, _ = cli("info", *source)  # the table says it as plainly
+    assert code == 0
+    [label] = [line for line in out.splitlines() if line.startswith("client_rules ")]
+    assert label.split(None, 1)[1] == info["client_rules"]
 
 
 def test_info_of_a_step_shows_its_tensor_table(cli: CliRunner, source: list[str]) -> None:

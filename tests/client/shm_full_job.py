@@ -9,6 +9,7 @@ the transport, whether the restored state matched). A SIGBUS kills the process i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -20,8 +21,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: daemon_harness
 
-from ckptd.client import Checkpointer
+from ckptd.client import Checkpointer, restore
+from ckptd.client.restore import RETRY_EVERY_RESTORES
 from daemon_harness import start_in_process
+
+
+class CountedSegment(restore.RestoreSegment):
+    """A restore segment that counts its creations: each is one ask for shared memory."""
+
+    created = 0
+
+    def __init__(self) -> None:
+        CountedSegment.created += 1
+        super().__init__()
+
+
+restore.RestoreSegment = CountedSegment  # type: ignore[misc]
+
+
+def asked(do: Any) -> tuple[Any, int]:
+    """``do()`` and how many restore segments it created."""
+    before = CountedSegment.created
+    result = do()
+    return result, CountedSegment.created - before
+
+
+def fill_shm_but(nbytes: int) -> Path:
+    """A file in this namespace's private /dev/shm that leaves ``nbytes`` free in it."""
+    fs = os.statvfs("/dev/shm")
+    filler = Path("/dev/shm/filler")
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, fs.f_bavail * fs.f_frsize - nbytes)
+    finally:
+        os.close(fd)
+    return filler
 
 
 class Warnings(logging.Handler):
@@ -63,10 +97,33 @@ def scenarios(address: str, big: int, small: int) -> dict[str, Any]:
         out["auto_transport_after"] = ckpt.transport
         out["auto_warnings"] = list(warnings.messages)
         warnings.messages.clear()
-        # The restore segment cannot hold the step either: the daemon refuses, it streams.
-        out["auto_restore_same"] = same(ckpt.restore(1), big_state)
-        out["auto_restore_zero_copy_same"] = same(ckpt.restore(1, zero_copy=True), big_state)
+        # The restore segment cannot hold the step either: the daemon refuses, it streams,
+        # and later restores stream without asking until every RETRY_EVERY_RESTORES-th.
+        out["auto_restore_asks"], out["auto_restore_transports"] = [], []
+        for index in range(RETRY_EVERY_RESTORES + 1):
+            zero_copy = index == 1
+            restored, asks = asked(functools.partial(ckpt.restore_info, 1, zero_copy=zero_copy))
+            out["auto_restore_asks"].append(asks)
+            out["auto_restore_transports"].append(restored.transport)
+            key = "auto_restore_zero_copy_same" if zero_copy else "auto_restore_same"
+            out[key] = out.get(key, True) and same(restored.state, big_state)
         out["auto_restore_warnings"] = list(warnings.messages)
+        warnings.messages.clear()
+    # A step that fits an empty /dev/shm but not a full one: refused (one warning), not
+    # asked again while the room is short, and through shared memory once it is there.
+    with Checkpointer(address, "room-run", connect_timeout_s=30) as ckpt:
+        small_state = state(small, 4)
+        ckpt.save(1, small_state)
+        ckpt.wait(timeout_s=120)
+        filler = fill_shm_but(small // 2)
+        out["room_restores"] = []
+        for _ in range(3):
+            if len(out["room_restores"]) == 2:
+                filler.unlink()
+            restored, asks = asked(lambda: ckpt.restore_info(1))
+            out["room_restores"].append(
+                [restored.transport, asks, same(restored.state, small_state)])
+        out["room_warnings"] = list(warnings.messages)
     # transport="shm": the same saves and restores fail with a clear error instead.
     with Checkpointer(address, "shm-run", transport="shm", connect_timeout_s=30) as ckpt:
         try:

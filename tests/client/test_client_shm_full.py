@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,20 @@ def test_a_full_dev_shm_streams_or_fails_cleanly_instead_of_killing_the_trainer(
     [warning] = out["auto_warnings"]  # one warning, though two saves did not fit
     assert "shared memory is full" in warning and str(SHM_BYTES) in warning
     assert out["auto_restore_same"] and out["auto_restore_zero_copy_same"]
-    assert len(out["auto_restore_warnings"]) == 2
-    assert all("cannot hold the restored" in w for w in out["auto_restore_warnings"])
+    # One warning for a /dev/shm too small to restore into, though every restore streamed;
+    # the daemon was asked for shared memory on the first and the RETRY_EVERY_RESTORES-th
+    # after it, not on each (before: one warning and one refused segment per restore).
+    [warning] = out["auto_restore_warnings"]
+    assert "cannot hold the restored" in warning and "Sizing /dev/shm" in warning
+    needed = re.search(r"less than (\d+) bytes free", warning)
+    assert needed is not None and int(needed[1]) >= BIG_BYTES  # the step's size
+    assert set(out["auto_restore_transports"]) == {"grpc"}
+    retry = len(out["auto_restore_asks"]) - 1
+    assert out["auto_restore_asks"] == [1] + [0] * (retry - 1) + [1]
+    # Room made again (a file in /dev/shm removed): the next restore uses shared memory.
+    assert out["room_restores"] == [["grpc", 1, True], ["grpc", 0, True], ["shm", 1, True]]
+    [warning] = out["room_warnings"]
+    assert "cannot hold the restored" in warning
 
     assert out["shm_save"]["error"] == "SharedMemoryFullError"
     assert "--shm-size" in out["shm_save"]["message"]

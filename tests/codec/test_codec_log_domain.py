@@ -18,7 +18,7 @@ from ckptd.daemon.codec import (
     quantize,
 )
 from ckptd.daemon.codec.delta import parse_delta
-from ckptd.daemon.codec.domains import LINEAR, LOG, Ops
+from ckptd.daemon.codec.domains import LOG, Ops
 from ckptd.daemon.codec.kernels import LOG_MAX_ERROR_OCTAVES
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -206,24 +206,6 @@ def test_auto_counts_the_buckets_the_log_domain_drops() -> None:
     narrower, _ = encode_delta(current, reference, bits=bits - 1, domain="log")
     assert _not_carried(current, reference, narrower) > AUTO_MAX_ERROR
     assert _exceptions(blob, reference).size == 0
-
-
-@pytest.mark.parametrize(("domain", "dtype"), [(LOG, "float32"), (LOG, "float16"),
-                                               (LINEAR, "float32")])
-def test_the_width_auto_counts_with_keeps_what_the_encoder_keeps(domain: int,
-                                                                 dtype: str) -> None:
-    """One rule decides which buckets a width keeps: ``Ops.ranked``'s first ``2^b - 1``
-    (what auto counts) are ``Ops.keep``'s set (what the plan encodes) at every width."""
-    current, reference, _ = _sparse_save(20_000, 8)
-    cur, ref = current.astype(dtype), reference.astype(dtype)
-    ops = Ops(domain, dtype)
-    stats = ops.stats(cur, ref, "mean")  # the log domain views them as patterns itself
-    ranked = ops.ranked(stats)
-    for bits in range(1, 9):
-        kept = ops.keep(stats, bits)
-        assert set(ranked[: (1 << bits) - 1].tolist()) == set(kept.tolist())
-        assert np.array_equal(ops.plan(stats, bits, "mean").lut[kept],
-                              np.arange(1, kept.size + 1))
 
 
 def test_outside_the_domain_is_stored_verbatim() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ckptd.daemon.domain import StepKey
@@ -41,10 +42,10 @@ def test_a_save_that_loses_the_commit_race_keeps_the_winners_step(tmp_path: Path
             repository = engine._pipeline._repository
             commit = repository.commit
 
-            async def commit_after_the_winner(manifest: Manifest) -> IndexEntry:
+            async def commit_after_the_winner(manifest: Manifest, **kwargs: Any) -> IndexEntry:
                 if manifest.key.step == 2:  # the winner's step lands first
                     shutil.copytree(winner / step_dir, loser / step_dir, dirs_exist_ok=True)
-                return await commit(manifest)
+                return await commit(manifest, **kwargs)
 
             repository.commit = commit_after_the_winner
             accepted = await send(engine, 2, ours)

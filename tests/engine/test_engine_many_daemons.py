@@ -18,6 +18,7 @@ from ckptd.daemon.domain import StepKey
 from ckptd.daemon.engine.core import Engine
 from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError
 from ckptd.daemon.storage import LocalStorage, open_storage
+from ckptd.daemon.storage.base import Storage
 from ckptd.daemon.store import lease
 from ckptd.daemon.store.manifest import Manifest, manifest_key
 from ckptd.protos.records import SaveState
@@ -46,6 +47,25 @@ async def released(engine: Engine) -> lease.Lease:
         assert time.monotonic() < deadline, current
         await asyncio.sleep(0.02)
     return current
+
+
+# Leases renewed often enough for the renewal task to notice an idle chain at once.
+IDLE = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.05)
+
+
+async def save_idle_save(engine: Engine, clock: FakeClock, *, seed: int,
+                         ) -> tuple[lease.Lease, lease.Lease]:
+    """A trainer that saves less often than ``lease_ttl_s`` (an ``IDLE`` engine on
+    ``clock``): step 0, no write past the ttl until the renewal task released the lease,
+    then step 1, which takes it again. Returns the lease after step 0 and the released one."""
+    states = list(random_walk(seed, 2))
+    await save(engine, 0, states[0])
+    first = lease.read_current(engine.storage, RUN, 0)
+    assert first is not None and not first.released
+    clock.idle(IDLE.lease_ttl_s + 0.1)
+    idle = await released(engine)
+    await save(engine, 1, states[1])
+    return first, idle
 
 
 @pytest.fixture
@@ -147,22 +167,66 @@ def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
     asyncio.run(scenario())
 
 
+def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lease records are pruned RECORD_GRACE_S after they end, so a manifest put issued
+    later than that after its writer's lease check could land unfenced. The daemon here
+    stops right after the check of step 2 (SIGSTOP, a suspended VM) for longer than
+    RECHECK_AFTER_S, and meanwhile another daemon takes the chain over: the writer checks
+    again before its put and refuses to commit (before: the late manifest was written)."""
+    config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
+    clock = FakeClock()
+    states = list(random_walk(17, 3))
+    real_check = lease.check_current
+    paused: list[float] = []
+
+    def check_then_pause(storage: Storage, held: lease.Lease, *, now_unix_s: float) -> None:
+        real_check(storage, held, now_unix_s=now_unix_s)
+        if paused:
+            return
+        paused.append(now_unix_s)  # the fence of step 2: the process stops right after it
+        clock.wall_unix_s += lease.RECHECK_AFTER_S + 1
+        clock.monotonic_s += lease.RECHECK_AFTER_S + 1
+        lease.take(storage, RUN, 0, "daemon-b", ttl_s=30, now_unix_s=clock.wall_unix_s,
+                   after_step=1)
+
+    async def scenario() -> None:
+        async with open_engine(root, config, lease_clocks=clock.clocks) as engine:
+            for step in (0, 1):
+                await save(engine, step, states[step])
+            monkeypatch.setattr(lease, "check_current", check_then_pause)
+            accepted = await send(engine, 2, states[2])
+            failed = await engine.wait(accepted.key, 60)
+            assert paused and failed.state is SaveState.FAILED
+            assert "ChainLeasedError" in failed.error, failed.error
+            assert "after its lease check" in failed.error and "not committed" in failed.error
+            assert not engine.storage.list(f"runs/{RUN}/0/{2:020d}/")
+            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
+
+    asyncio.run(scenario())
+
+
+def test_a_manifest_put_long_after_its_lease_check_checks_again_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_after_the_lease_check(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_late_manifest_put_on_s3_checks_again_and_commits_nothing(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_after_the_lease_check(s3_url, monkeypatch)
+
+
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
     tmp_path: Path,
 ) -> None:
-    config = dataclasses.replace(SMALL, lease_ttl_s=1.2, lease_renew_interval_s=0.05)
     clock = FakeClock()
-    states = list(random_walk(9, 2))
 
     async def scenario() -> None:
-        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
-            await save(engine, 0, states[0])
-            first = lease.read_current(engine.storage, RUN, 0)
-            assert first is not None and not first.released
-            clock.idle(config.lease_ttl_s + 0.1)  # no write for longer than the ttl
-            current = await released(engine)
-            assert current.generation == first.generation
-            await save(engine, 1, states[1])
+        async with open_engine(tmp_path, IDLE, lease_clocks=clock.clocks) as engine:
+            first, idle = await save_idle_save(engine, clock, seed=9)
+            assert idle.generation == first.generation
             again = lease.read_current(engine.storage, RUN, 0)
             assert again is not None and (again.generation, again.after_step) == (2, 0)
             assert [i.kind for i in engine.list_steps(RUN, 0)] == ["base", "delta"]
@@ -195,18 +259,12 @@ def test_a_direct_rm_on_s3_takes_the_chain_lease(s3_url: str) -> None:
 
 
 def test_lease_records_do_not_grow_with_saves_and_go_with_their_run(tmp_path: Path) -> None:
-    # A trainer that saves less often than lease_ttl_s takes a generation per save.
-    config = dataclasses.replace(SMALL, lease_ttl_s=0.6, lease_renew_interval_s=0.05)
     clock = FakeClock()
-    states = list(random_walk(13, 2))
 
     async def scenario() -> None:
-        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
-            await save(engine, 0, states[0])
-            clock.idle(config.lease_ttl_s + 0.1)
-            await released(engine)
-            await save(engine, 1, states[1])  # takes generation 2: generation 1 is pruned
-            assert lease.read_generations(engine.storage, RUN, 0) == [2]
+        async with open_engine(tmp_path, IDLE, lease_clocks=clock.clocks) as engine:
+            await save_idle_save(engine, clock, seed=13)  # step 1 took generation 2 ...
+            assert lease.read_generations(engine.storage, RUN, 0) == [2]  # ... and pruned 1
             assert await engine.delete_run(RUN) == 2
         # The deleted run's chain, released at close, leaves no lease record behind.
         assert not LocalStorage(tmp_path).list("leases/")
