@@ -50,8 +50,10 @@ class HeaderBuilder:
         label, builtin = self._builtin[1]
         specs = []
         for leaf in flat.leaves:
-            policy, leaf_bits = self._policy(label, builtin, leaf.name, bits,
-                                             leaf.dtype.is_float)
+            # Raw bytes of a dtype the wire lacks (complex, float8) are never quantized,
+            # whatever a rule says: the daemon would read them as uint8.
+            policy, leaf_bits = (pb.POLICY_EXACT, 0) if leaf.exact else self._policy(
+                label, builtin, leaf.name, bits, leaf.dtype.is_float)
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -147,7 +148,8 @@ def test_numpy_arrays_and_scalars_come_back_as_numpy() -> None:
         ({"model": {"w": object()}}, "state['model']['w']"),
         ({"x": {1.5: 2}}, "key 1.5"),
         ({"x": {True: 2}}, "key True"),
-        ({"c": torch.zeros(2, dtype=torch.complex64)}, "torch.complex64"),
+        ({"c": torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)},
+         "torch.float4_e2m1fn_x2"),
         ({"s": {1, 2}}, "set"),
         ({"z": 1 + 2j}, "complex"),
         ({"sp": torch.eye(2).to_sparse()}, "dense"),
@@ -158,6 +160,14 @@ def test_unsupported_values_raise_type_error_naming_the_path(state: Any, fragmen
     with pytest.raises(TypeError) as info:
         flatten(state)
     assert fragment in str(info.value)
+
+
+def test_quantized_tensors_are_refused_naming_what_to_save() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors; users have some
+        quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"state\['q'\]: quantized .*dequantize\(\)"):
+        flatten({"q": quantized})
 
 
 def test_dict_subclasses_are_refused() -> None:
