@@ -269,15 +269,11 @@ def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:
 
 def _placement(value: torch.Tensor) -> tuple[Any, ...] | None:
     """Where a tensor's bytes lie, so a second path over the same bytes (tied weights) is
-    stored once; None for an empty tensor (no bytes, and no address to tell them apart) or
-    one whose memory has no address (a wrapper subclass)."""
-    if value.numel() == 0:
+    stored once; None for an empty tensor (no bytes, and no address to tell them apart)
+    and for a subclass, whose memory may not be its values (a wrapper's address is 0)."""
+    if value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter):
         return None
-    try:
-        address = value.data_ptr()
-    except RuntimeError:
-        return None
-    return (value.device, value.dtype, address, tuple(value.shape), value.stride())
+    return (value.device, value.dtype, value.data_ptr(), tuple(value.shape), value.stride())
 
 
 def _show(path: tuple[Any, ...]) -> str:
