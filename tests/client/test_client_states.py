@@ -10,13 +10,15 @@ what to save instead.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from ckptd.client import Checkpointer
+from ckptd.client import Checkpointer, InvalidCheckpointError
 from client_support import CheckpointerFactory
-from daemon_harness import InProcessDaemon
+from daemon_harness import InProcessDaemon, start_in_process
 
 MODES = [("shm", "copy"), ("grpc", "copy"), ("shm", "overlap"), ("grpc", "overlap")]
 
@@ -168,3 +170,33 @@ def test_unsupported_values_fail_in_save_naming_the_path_and_what_to_do(
     for fragment in fragments:
         assert fragment in message
     assert checkpointer.save(1, {"ok": torch.ones(1)}).durable(60)  # nothing was held back
+
+
+@pytest.fixture
+def small_message_daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
+    running = start_in_process(tmp_path / "storage", listen=f"unix://{tmp_path}/small.sock",
+                               max_message_bytes=2 << 20)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_a_header_over_the_daemons_message_limit_fails_in_save(
+    small_message_daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
+    transport: str,
+) -> None:
+    checkpointer = make_checkpointer(small_message_daemon.address, "history",
+                                     transport=transport)
+    history = [0.5 + step for step in range(100_000)]  # a loss per step, as a Python list
+
+    with pytest.raises(InvalidCheckpointError) as info:
+        checkpointer.save(1, {"w": torch.ones(4), "losses": history})
+
+    message = str(info.value)
+    assert "max_message_bytes of 2097152" in message and "torch.tensor(values)" in message
+    restored = save_and_restore(checkpointer, 1, {"w": torch.ones(4),
+                                                  "losses": torch.tensor(history)})
+    assert restored["losses"].tolist() == history
+    assert checkpointer.steps() == [1]
