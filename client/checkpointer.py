@@ -231,7 +231,9 @@ class Checkpointer:
             step: Training step; must be greater than every step saved before for this run
                 and rank.
             state: Nested dicts/lists/tuples of tensors, numpy arrays and plain Python
-                values (int, float, bool, str, bytes, None).
+                values (int, float, bool, str, bytes, None); ``restore`` gives it back with
+                tied tensors still one tensor, Parameters and ``requires_grad`` kept, and
+                complex and float8 tensors bit for bit (README, "What can be saved").
             bits: Bit width of lossy tensors for this save (overrides the default ``bits``,
                 with the same meaning: every built-in width, the daemon's default).
             metadata: Extra string metadata stored with the step (keys must not start
@@ -246,7 +248,10 @@ class Checkpointer:
 
         Raises:
             TypeError: Part of the state cannot be saved (the message names its path).
-            ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits.
+            ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits
+                (tensor count, bytes, a header larger than one gRPC message).
+            RuntimeError: Called in a process forked from the one that created the
+                checkpointer (create a new one there), or after ``close``.
         """
         self._check_open()
         return self._saver.save(step, state, bits, metadata, metrics)
