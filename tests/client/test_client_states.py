@@ -40,12 +40,31 @@ def save_and_restore(checkpointer: Checkpointer, step: int, state: Any, **kwargs
     return checkpointer.restore(step)
 
 
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessDaemon]:
+    """One daemon for the module (on a unix socket, for shared memory): every test saves
+    under a run of its own, and a daemon per test would cost more than the tests."""
+    root = tmp_path_factory.mktemp("states")
+    running = start_in_process(root / "storage", listen=f"unix://{root}/ckptd.sock")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest) -> str:
+    """A run name of this test's own (the module's tests share one daemon)."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in request.node.name)[-128:]
+
+
 @pytest.fixture(params=MODES, ids=[f"{t}-{s}" for t, s in MODES])
 def checkpointer(
-    request: pytest.FixtureRequest, daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory
+    request: pytest.FixtureRequest, daemon: InProcessDaemon,
+    make_checkpointer: CheckpointerFactory, run: str,
 ) -> Checkpointer:
     transport, snapshot = request.param
-    made = make_checkpointer(daemon.address, "states", transport=transport, snapshot=snapshot)
+    made = make_checkpointer(daemon.address, run, transport=transport, snapshot=snapshot)
     assert made.transport == transport
     return made
 
@@ -131,9 +150,10 @@ def test_complex_and_float8_tensors_come_back_bit_for_bit(checkpointer: Checkpoi
     assert not restored["conj"].is_conj()
 
 
-def test_lossy_rules_never_touch_raw_bytes(daemon: InProcessDaemon,
-                                           make_checkpointer: CheckpointerFactory) -> None:
-    checkpointer = make_checkpointer(daemon.address, "raw", policies=[("*", "lossy:2")])
+def test_lossy_rules_never_touch_raw_bytes(
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, run: str
+) -> None:
+    checkpointer = make_checkpointer(daemon.address, run, policies=[("*", "lossy:2")])
     torch.manual_seed(0)
     state = {"c": torch.randn(4096, dtype=torch.complex64), "w": torch.randn(4096)}
     save_and_restore(checkpointer, 1, state)  # the base: stored exactly anyway
@@ -159,10 +179,10 @@ def test_lossy_rules_never_touch_raw_bytes(daemon: InProcessDaemon,
     ids=["sparse", "meta", "namedtuple", "set", "generator", "float4"],
 )
 def test_unsupported_values_fail_in_save_naming_the_path_and_what_to_do(
-    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, value: Any,
+    daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory, run: str, value: Any,
     fragments: list[str],
 ) -> None:
-    checkpointer = make_checkpointer(daemon.address, "refused")
+    checkpointer = make_checkpointer(daemon.address, run)
     with pytest.raises(TypeError) as info:
         checkpointer.save(1, {"model": {"layer.x": value}})
     message = str(info.value)
