@@ -100,8 +100,9 @@ class HeaderBuilder:
                 f"step {header.step}: the save's header (a table of {len(header.tensors)} "
                 f"tensors, a structure of {structure_bytes} bytes and the metadata) needs up "
                 f"to {size} bytes, over the daemon's max_message_bytes of {limit}; hold long "
-                "lists of numbers as tensors or numpy arrays (torch.tensor(values)), save "
-                "fewer tensors, or raise the daemon's --max-message-bytes"
+                "lists of numbers and large bytes as tensors or numpy arrays "
+                "(torch.tensor(values), np.frombuffer(data, np.uint8)), save fewer tensors, "
+                "or raise the daemon's --max-message-bytes"
             )
 
     def _policy(
