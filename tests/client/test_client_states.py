@@ -10,7 +10,6 @@ what to save instead.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,15 @@ def save_and_restore(checkpointer: Checkpointer, step: int, state: Any, **kwargs
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessDaemon]:
+def daemon(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> InProcessDaemon:
     """One daemon for the module (on a unix socket, for shared memory): every test saves
     under a run of its own, and a daemon per test would cost more than the tests."""
     root = tmp_path_factory.mktemp("states")
     running = start_in_process(root / "storage", listen=f"unix://{root}/ckptd.sock")
-    try:
-        yield running
-    finally:
-        running.stop()
+    request.addfinalizer(running.stop)
+    return running
 
 
 @pytest.fixture
@@ -193,13 +192,11 @@ def test_unsupported_values_fail_in_save_naming_the_path_and_what_to_do(
 
 
 @pytest.fixture
-def small_message_daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
+def small_message_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> InProcessDaemon:
     running = start_in_process(tmp_path / "storage", listen=f"unix://{tmp_path}/small.sock",
                                max_message_bytes=2 << 20)
-    try:
-        yield running
-    finally:
-        running.stop()
+    request.addfinalizer(running.stop)
+    return running
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
