@@ -28,7 +28,7 @@ from .errors import CheckpointNotFoundError
 from .grpc_transport import Connection
 from .handle import SaveHandle
 from .header import HeaderBuilder
-from .overlap import Guard
+from .overlap import Guard, SnapshotThread
 from .policies import check_bits, parse_rules
 from .restore import RestoredState, RestoreRoom, restore_state
 from .retention import Retention
@@ -37,6 +37,7 @@ from .saver import Saver, shutdown
 from .selection import choose_transport
 from .shm import ShmTransport
 from .staging import StagingPool
+from .worker import SaveWorker
 
 # How long a checkpointer left open at interpreter exit keeps handing over queued saves.
 EXIT_TIMEOUT_S = 30.0
@@ -195,11 +196,12 @@ class Checkpointer:
         self._worker = self._saver.worker
         self._latest_known = False  # whether the saver's last step covers steps saved before us
         self._closed = False
+        self._pid = os.getpid()
         # A checkpointer dropped or left open at exit still hands over its queued saves and
         # unlinks its shared memory (the threads and the pool do not reference self).
         self._finalizer = weakref.finalize(
-            self, shutdown, self._saver.copier, self._worker, self._connection,
-            self._saver.pool, EXIT_TIMEOUT_S,
+            self, _shutdown_in, self._saver.copier, self._worker, self._connection,
+            self._saver.pool, EXIT_TIMEOUT_S, owner_pid=self._pid,
         )  # fmt: skip
 
     # Public API.
@@ -230,7 +232,9 @@ class Checkpointer:
             step: Training step; must be greater than every step saved before for this run
                 and rank.
             state: Nested dicts/lists/tuples of tensors, numpy arrays and plain Python
-                values (int, float, bool, str, bytes, None).
+                values (int, float, bool, str, bytes, None); ``restore`` gives it back with
+                tied tensors still one tensor, Parameters and ``requires_grad`` kept, and
+                complex and float8 tensors bit for bit (README, "What can be saved").
             bits: Bit width of lossy tensors for this save (overrides the default ``bits``,
                 with the same meaning: every built-in width, the daemon's default).
             metadata: Extra string metadata stored with the step (keys must not start
@@ -245,7 +249,10 @@ class Checkpointer:
 
         Raises:
             TypeError: Part of the state cannot be saved (the message names its path).
-            ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits.
+            ValueError: Bad step, bits, metadata, or a state beyond the daemon's limits
+                (tensor count, bytes, a header larger than one gRPC message).
+            RuntimeError: Called in a process forked from the one that created the
+                checkpointer (create a new one there), or after ``close``.
         """
         self._check_open()
         return self._saver.save(step, state, bits, metadata, metrics)
@@ -272,6 +279,7 @@ class Checkpointer:
         Raises:
             CkptdTimeoutError: Copies were still running after ``timeout_s``.
         """
+        self._check_process()
         self._saver.wait_snapshot(timeout_s)
 
     def wait(self, timeout_s: float | None = None) -> None:
@@ -281,6 +289,7 @@ class Checkpointer:
             CkptdTimeoutError: Some save was not durable within ``timeout_s``.
             CkptdClientError: The first failed save's error (each failure is raised once).
         """
+        self._check_process()
         self._saver.wait(timeout_s)
 
     def restore(
@@ -389,7 +398,8 @@ class Checkpointer:
             return
         self._closed = True
         self._finalizer.detach()
-        self._saver.close(timeout_s)
+        if os.getpid() == self._pid:  # a forked child's copy owns none of it (see _shutdown_in)
+            self._saver.close(timeout_s)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -405,8 +415,31 @@ class Checkpointer:
     # Helpers.
 
     def _check_open(self) -> None:
+        self._check_process()
         if self._closed:
             raise RuntimeError(f"the checkpointer for run {self.run!r} rank {self.rank} is closed")
+
+    def _check_process(self) -> None:
+        # After fork() the child has a copy of this object but not its threads (a save
+        # would be queued for a sender that does not exist) nor a usable gRPC channel.
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"the checkpointer for run {self.run!r} rank {self.rank} was created in "
+                f"process {self._pid}, and this is process {os.getpid()} (forked from it): "
+                "its threads and connection stay with the parent; create a new Checkpointer "
+                "in this process"
+            )
+
+
+def _shutdown_in(
+    copier: SnapshotThread | None, worker: SaveWorker, connection: Connection,
+    pool: StagingPool, timeout_s: float, *, owner_pid: int,
+) -> None:
+    """``shutdown`` in the process that made the checkpointer only: a forked child that
+    exits normally runs the inherited finalizer too, and would unlink the parent's shared
+    memory under it (and wait for threads that do not exist in the child)."""
+    if os.getpid() == owner_pid:
+        shutdown(copier, worker, connection, pool, timeout_s)
 
 
 __all__ = ["Checkpointer"]

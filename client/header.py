@@ -16,6 +16,10 @@ from .policies import PolicyRule, builtin_rules, resolve
 from .structure import STRUCTURE_KEY, FlatState
 
 RESERVED_PREFIX = "ckptd."
+# A shared-memory save sends its header with the segment's reference added: a varint
+# offset per tensor (at most 10 bytes) and the segment's name and size.
+SHM_REFERENCE_BYTES_PER_TENSOR = 10
+SHM_REFERENCE_BYTES = 256
 
 
 class HeaderBuilder:
@@ -50,8 +54,10 @@ class HeaderBuilder:
         label, builtin = self._builtin[1]
         specs = []
         for leaf in flat.leaves:
-            policy, leaf_bits = self._policy(label, builtin, leaf.name, bits,
-                                             leaf.dtype.is_float)
+            # Raw bytes of a dtype the wire lacks (complex, float8) are never quantized,
+            # whatever a rule says: the daemon would read them as uint8.
+            policy, leaf_bits = (pb.POLICY_EXACT, 0) if leaf.exact else self._policy(
+                label, builtin, leaf.name, bits, leaf.dtype.is_float)
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,
@@ -63,8 +69,11 @@ class HeaderBuilder:
                 )
             )
         meta = {**user_metadata(metadata), STRUCTURE_KEY: flat.structure}
-        return pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs, metadata=meta,
-                             world_size=self.world_size, reshardable=self.reshardable)
+        header = pb.SaveHeader(run=self.run, rank=self.rank, step=step, tensors=specs,
+                               metadata=meta, world_size=self.world_size,
+                               reshardable=self.reshardable)
+        self._check_message(header, len(flat.structure))
+        return header
 
     def _check_limits(self, flat: FlatState) -> None:
         info = self.server
@@ -78,6 +87,22 @@ class HeaderBuilder:
             raise InvalidCheckpointError(
                 f"the state holds {total} bytes; "
                 f"the daemon accepts at most {info.max_checkpoint_bytes}"
+            )
+
+    def _check_message(self, header: pb.SaveHeader, structure_bytes: int) -> None:
+        """The header travels as one gRPC message: past the daemon's limit it would be
+        refused after ``save()`` returned (as if the daemon were busy), so refuse it here."""
+        limit = self.server.max_message_bytes
+        size = (header.ByteSize() + SHM_REFERENCE_BYTES
+                + SHM_REFERENCE_BYTES_PER_TENSOR * len(header.tensors))
+        if limit and size > limit:
+            raise InvalidCheckpointError(
+                f"step {header.step}: the save's header (a table of {len(header.tensors)} "
+                f"tensors, a structure of {structure_bytes} bytes and the metadata) needs up "
+                f"to {size} bytes, over the daemon's max_message_bytes of {limit}; hold long "
+                "lists of numbers and large bytes as tensors or numpy arrays "
+                "(torch.tensor(values), np.frombuffer(data, np.uint8)), save fewer tensors, "
+                "or raise the daemon's --max-message-bytes"
             )
 
     def _policy(

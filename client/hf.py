@@ -114,7 +114,13 @@ class CkptdCallback(TrainerCallback):
         global_step = json.loads(trainer_state)["global_step"]
         out = Path(directory) / f"checkpoint-{global_step}"
         out.mkdir(parents=True, exist_ok=True)
-        weights = {name: tensor.contiguous() for name, tensor in state["model"].items()}
+        weights: dict[str, torch.Tensor] = {}
+        written: set[int] = set()
+        for name, tensor in state["model"].items():
+            # Tied weights come back as one tensor at both keys, and safetensors refuses
+            # tensors that share memory: each later key gets a copy (both load as before).
+            weights[name] = tensor.clone() if id(tensor) in written else tensor.contiguous()
+            written.add(id(tensor))
         save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         if state["optimizer"] is not None:
             torch.save(state["optimizer"], out / "optimizer.pt")

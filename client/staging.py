@@ -109,7 +109,7 @@ def snapshot(
 
 
 def _copy_on_this_thread(value: torch.Tensor, target: torch.Tensor) -> None:
-    source = value.detach()
+    source = value.detach().resolve_neg()  # numpy refuses a negated view (copies if one)
     if source.dtype == torch.bfloat16:  # numpy has no bfloat16; the bits are what matter
         source = source.view(torch.int16)
     np.copyto(target.view(source.dtype).view(source.shape).numpy(), source.numpy())

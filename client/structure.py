@@ -12,6 +12,19 @@ The wire carries only named tensors and string metadata, so a state such as
   Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so the
   document stays strict JSON that any language can read.
 
+What ``torch.save`` keeps about a tensor beyond its bytes is kept too, as optional fields of
+its node that older clients ignore:
+
+* a tensor that another path already holds (tied weights: two state-dict keys over one
+  storage, same offset, shape and strides) is stored once; its node names the first path's
+  tensor, and the restored state holds one tensor at both paths, as ``torch.load`` does.
+  Overlapping but different views are stored as their own bytes, and restored unshared;
+* ``nn.Parameter`` (``"param"``) and ``requires_grad`` (``"grad"``) come back as saved;
+* dtypes the wire has no row for (complex, float8) travel as their raw bytes — a uint8
+  tensor with one more dimension of the element size, always stored exactly — in a node of
+  type ``"bits"`` naming the dtype (``_BITS_DTYPES``), which an older client refuses rather
+  than return the bytes.
+
 Anything else raises ``TypeError`` naming the path: the client never pickles.
 """
 
@@ -22,7 +35,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +49,18 @@ ROOT_NAME = "@"
 _TORCH_ROWS: dict[torch.dtype, dtypes.DTypeInfo] = {
     getattr(torch, row.torch_name): row for row in dtypes.BY_WIRE.values()
 }
+# Dtypes carried as raw bytes ("bits" nodes), by the stable name the document holds; a name
+# this torch lacks is left out (older releases had fewer float8 kinds).
+_BITS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "complex32", "complex64", "complex128",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    )
+    if hasattr(torch, name)
+}
+_BITS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _BITS_DTYPES.items()}
+_RAW_ROW = dtypes.BY_NAME["uint8"]
 # bfloat16 has no numpy dtype; uint16 arrays are uint16.
 _NUMPY_ROWS: dict[np.dtype, dtypes.DTypeInfo] = {
     row.numpy: row for row in dtypes.BY_WIRE.values() if not row.is_bfloat16
@@ -49,6 +74,8 @@ class Leaf:
     name: str
     value: torch.Tensor | np.ndarray
     dtype: dtypes.DTypeInfo
+    exact: bool = False
+    """The raw bytes of a dtype the wire has no row for: stored exactly, whatever the rules."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -106,7 +133,7 @@ def unflatten(structure: str, tensors: Mapping[str, torch.Tensor]) -> Any:
                 f"unsupported {STRUCTURE_KEY} document (format {str(found)[:64]}); "
                 f"this client reads format {FORMAT_VERSION}"
             )
-        return _build(document["root"], tensors)
+        return _build(document["root"], tensors, {})
     except (RecursionError, LookupError, TypeError, AttributeError, ArithmeticError) as exc:
         # Hostile or damaged metadata (nesting past the recursion limit, missing keys,
         # wrong types) is a malformed document, never a crash of another kind.
@@ -121,6 +148,7 @@ class _Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self._paths: dict[str, tuple[Any, ...]] = {}
+        self._stored: dict[tuple[Any, ...], str] = {}  # where a tensor's bytes -> its leaf
 
     def visit(self, value: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
@@ -154,18 +182,31 @@ class _Flattener:
         return node
 
     def _tensor(self, value: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
-        row = torch_dtype_info(value.dtype)
-        if row is None:
-            supported = ", ".join(sorted(dtypes.BY_NAME))
-            raise TypeError(
-                f"cannot checkpoint {_show(path)}: dtype {value.dtype} is not one of {supported}"
-            )
-        if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
-            raise TypeError(
-                f"cannot checkpoint {_show(path)}: only dense tensors with data are supported "
-                f"(got layout {value.layout}, device {value.device}); call .to_dense() first"
-            )
-        return {"t": "tensor", "name": self._add(Leaf(self._name(path), value, row), path)}
+        _check_tensor(value, path)
+        node: dict[str, Any] = {"t": "tensor"}
+        bits = _BITS_NAMES.get(value.dtype)
+        if bits is not None:
+            node.update(t="bits", dtype=bits)
+        if type(value) is torch.nn.Parameter:
+            node["param"] = True
+        if value.requires_grad:
+            node["grad"] = True
+        place = _placement(value)
+        stored = self._stored.get(place) if place is not None else None
+        if stored is not None:  # tied: another path holds these bytes already
+            node["name"] = stored
+            return node
+        if bits is None:
+            leaf = Leaf(self._name(path), value, _TORCH_ROWS[value.dtype])
+        else:
+            # One more dimension of the element size (stride 1), so any view, 0-d included,
+            # reinterprets as bytes without a copy; a conjugate view is resolved first.
+            raw = value.resolve_conj().unsqueeze(-1).view(torch.uint8)
+            leaf = Leaf(self._name(path), raw, _RAW_ROW, exact=True)
+        node["name"] = self._add(leaf, path)
+        if place is not None:
+            self._stored[place] = node["name"]
+        return node
 
     def _array(self, value: np.ndarray | np.generic, path: tuple[Any, ...]) -> dict[str, Any]:
         array = np.asarray(value)
@@ -200,6 +241,39 @@ class _Flattener:
 
 
 _SEQUENCE_KINDS: dict[type, str] = {list: "list", tuple: "tuple", torch.Size: "size"}
+
+
+def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:
+    """Raises ``TypeError`` naming the path and what to save instead for a tensor whose
+    bytes cannot be stored as they are."""
+    where = f"cannot checkpoint {_show(path)}"
+    if value.is_quantized:
+        raise TypeError(
+            f"{where}: quantized tensors (dtype {value.dtype}) are not supported; save "
+            "t.dequantize(), or t.int_repr() with its scale and zero point"
+        )
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"{where}: {value.layout} tensors are not supported; save t.to_dense(), or the "
+            "tensors it is made of (indices() and values() of a COO tensor)"
+        )
+    if value.device.type == "meta":
+        raise TypeError(
+            f"{where}: a tensor on the meta device has no data; materialize it first "
+            "(module.to_empty(device=...) and initialize it) or leave it out of the state"
+        )
+    if torch_dtype_info(value.dtype) is None and value.dtype not in _BITS_NAMES:
+        supported = ", ".join(sorted([*dtypes.BY_NAME, *_BITS_DTYPES]))
+        raise TypeError(f"{where}: dtype {value.dtype} is not one of {supported}")
+
+
+def _placement(value: torch.Tensor) -> tuple[Any, ...] | None:
+    """Where a tensor's bytes lie, so a second path over the same bytes (tied weights) is
+    stored once; None for an empty tensor (no bytes, and no address to tell them apart)
+    and for a subclass, whose memory may not be its values (a wrapper's address is 0)."""
+    if value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    return (value.device, value.dtype, value.data_ptr(), tuple(value.shape), value.stride())
 
 
 def _show(path: tuple[Any, ...]) -> str:
@@ -237,8 +311,22 @@ def _scalar_node(value: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         return {"t": "torch.device", "v": str(value)}
     raise TypeError(
         f"cannot checkpoint {_show(path)}: values of type {type(value).__qualname__} are not "
-        "supported (use tensors, numpy arrays, dict/list/tuple, int, float, bool, str, bytes, None)"
+        f"supported; {_instead(value)}"
     )
+
+
+def _instead(value: Any) -> str:
+    """What to save in place of an unsupported value (the end of its error message)."""
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return "save value._asdict() (a dict) or tuple(value) instead of the namedtuple"
+    if is_dataclass(value):
+        return "save dataclasses.asdict(value) instead of the dataclass"
+    if isinstance(value, set | frozenset):
+        return "save sorted(value) (a list) instead of the set"
+    if isinstance(value, torch.Generator):
+        return "save generator.get_state() (a uint8 tensor) and restore it with set_state()"
+    return ("use tensors, numpy arrays, dict/list/tuple, int, float, bool, str, bytes, None, "
+            "torch.dtype, torch.device")
 
 
 def _is_plain_json(value: Any) -> bool:
@@ -249,10 +337,11 @@ def _is_plain_json(value: Any) -> bool:
     return True
 
 
-def _build(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+def _build(node: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+           built: dict[tuple[str, bool, bool], torch.Tensor]) -> Any:
     kind = node["t"]
     if kind in ("dict", "odict"):
-        pairs = [(key, _build(item, tensors)) for (_, key), item in node["items"]]
+        pairs = [(key, _build(item, tensors, built)) for (_, key), item in node["items"]]
         if kind == "dict":
             return dict(pairs)
         result: OrderedDict[Any, Any] = OrderedDict(pairs)
@@ -260,24 +349,55 @@ def _build(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
             result._metadata = node["meta"]  # type: ignore[attr-defined]
         return result
     if kind in ("list", "tuple", "size"):
-        items = [_build(item, tensors) for item in node["items"]]
+        items = [_build(item, tensors, built) for item in node["items"]]
         return {"list": list, "tuple": tuple, "size": torch.Size}[kind](items)
-    if kind in ("tensor", "ndarray"):
-        return _build_leaf(node, tensors)
+    if kind in ("tensor", "bits"):
+        return _build_tensor(node, tensors, built)
+    if kind == "ndarray":
+        array = _stored(node, tensors).cpu().numpy()
+        return array[()] if node.get("scalar") else array
     return _build_scalar(kind, node.get("v"))
 
 
-def _build_leaf(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+def _stored(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     try:
-        tensor = tensors[node["name"]]
+        return tensors[node["name"]]
     except KeyError:
         raise ValueError(
             f"the checkpoint's structure names tensor {node['name']!r}, which it does not hold"
         ) from None
-    if node["t"] == "tensor":
-        return tensor
-    array = tensor.cpu().numpy()
-    return array[()] if node.get("scalar") else array
+
+
+def _build_tensor(node: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+                  built: dict[tuple[str, bool, bool], torch.Tensor]) -> torch.Tensor:
+    """The tensor of a node; paths that saved one tensor (tied) get one object back, and
+    a Parameter or ``requires_grad`` comes back as saved."""
+    param, grad = bool(node.get("param")), bool(node.get("grad"))
+    key = (node["name"], param, grad)
+    if key in built:
+        return built[key]
+    tensor = _stored(node, tensors)
+    if node["t"] == "bits":
+        tensor = _from_bits(tensor, node.get("dtype"))
+    if param:
+        tensor = torch.nn.Parameter(tensor, requires_grad=grad)
+    elif grad:
+        tensor = tensor.detach().requires_grad_(True)
+    built[key] = tensor
+    return tensor
+
+
+def _from_bits(raw: torch.Tensor, name: Any) -> torch.Tensor:
+    """A ``"bits"`` leaf (uint8, one more dimension of the element size) as its dtype."""
+    dtype = _BITS_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"unknown dtype {str(name)[:64]!r} in {STRUCTURE_KEY}; "
+                         "written by a newer client or torch?")
+    size = dtype.itemsize
+    if raw.dtype != torch.uint8 or raw.dim() == 0 or raw.shape[-1] != size:
+        raise ValueError(f"a {name} tensor's bytes have shape {tuple(raw.shape)} and dtype "
+                         f"{raw.dtype}; expected uint8 with a last dimension of {size}")
+    return raw.contiguous().view(dtype).squeeze(-1)
 
 
 def _build_scalar(kind: str, value: Any) -> Any:

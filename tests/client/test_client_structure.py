@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -147,7 +148,8 @@ def test_numpy_arrays_and_scalars_come_back_as_numpy() -> None:
         ({"model": {"w": object()}}, "state['model']['w']"),
         ({"x": {1.5: 2}}, "key 1.5"),
         ({"x": {True: 2}}, "key True"),
-        ({"c": torch.zeros(2, dtype=torch.complex64)}, "torch.complex64"),
+        ({"c": torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)},
+         "torch.float4_e2m1fn_x2"),
         ({"s": {1, 2}}, "set"),
         ({"z": 1 + 2j}, "complex"),
         ({"sp": torch.eye(2).to_sparse()}, "dense"),
@@ -158,6 +160,14 @@ def test_unsupported_values_raise_type_error_naming_the_path(state: Any, fragmen
     with pytest.raises(TypeError) as info:
         flatten(state)
     assert fragment in str(info.value)
+
+
+def test_quantized_tensors_are_refused_naming_what_to_save() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors; users have some
+        quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"state\['q'\]: quantized .*dequantize\(\)"):
+        flatten({"q": quantized})
 
 
 def test_dict_subclasses_are_refused() -> None:
@@ -187,3 +197,44 @@ def test_missing_tensor_is_named() -> None:
     flat = flatten({"w": torch.ones(1)})
     with pytest.raises(ValueError, match="'w'"):
         unflatten(flat.structure, {})
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass (as torchao's are): no storage of its own, address 0."""
+
+    wrapped: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> _Wrapper:
+        made = torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+        made.wrapped = inner
+        return made
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        def unwrap(x: Any) -> Any:
+            return x.wrapped if isinstance(x, _Wrapper) else x
+
+        return func(*[unwrap(a) for a in args],
+                    **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+def test_tensor_subclasses_save_their_values_and_are_never_taken_for_tied() -> None:
+    state = {"a": _Wrapper(torch.arange(4.0)), "b": _Wrapper(torch.ones(4))}
+    assert [leaf.name for leaf in flatten(state).leaves] == ["a", "b"]
+    restored = roundtrip(state)
+    assert type(restored["a"]) is torch.Tensor
+    assert restored["a"].tolist() == [0.0, 1.0, 2.0, 3.0] and restored["b"].tolist() == [1.0] * 4
+
+
+def test_tied_tensors_are_one_leaf_and_one_restored_object() -> None:
+    weight = torch.randn(3, 2)
+    state = {"embed": weight, "head": weight.detach(), "row": weight[0], "empty": torch.empty(0),
+             "empty2": torch.empty(0)}
+    flat = flatten(state)
+    assert [leaf.name for leaf in flat.leaves] == ["embed", "row", "empty", "empty2"]
+    restored = roundtrip(state)
+    assert restored["head"] is restored["embed"]
+    assert restored["row"] is not restored["embed"] and torch.equal(restored["row"], weight[0])
