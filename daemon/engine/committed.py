@@ -122,7 +122,9 @@ class CommittedSteps:
             if self._index.visible(key) is None:
                 raise self._repository.not_found(key)
             head = chain.head
-            await self._repository.delete_step(key, (head.step, head.arrays) if head else None)
+            before_put = await self._leases.rewrite_check(chain)
+            await self._repository.delete_step(key, (head.step, head.arrays) if head else None,
+                                               before_put=before_put)
             chain.invalidate(key.step)
             self._recount(chain)
         self._touch(chain)

@@ -13,7 +13,8 @@ the rules). Call order, all on the engine's event loop:
   after an idle release), so that the next save rebuilds it from storage and continues the
   chain with a delta. A live lease of
   another daemon raises ``ChainLeasedError`` naming it.
-* ``await fence(chain)`` just before a commit: checks the lease is still this daemon's
+* ``await fence(chain)`` just before a commit (``rewrite_check(chain)`` before a delete's
+  or retention's rewrite of manifests): checks the lease is still this daemon's
   (unexpired, and still the chain's highest generation) and returns a ``Fence``: the
   generation the manifest records, and ``before_put``, which the storage thread calls just
   before the manifest's put and which checks again if the put comes late
@@ -49,18 +50,19 @@ from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.store import lease as store
 from ckptd.daemon.store.index import ChainKey
-from ckptd.daemon.store.repository import Repository
+from ckptd.daemon.store.repository import BeforePut, Repository
 
 log = get_logger("engine")
 
 
 @dataclass(frozen=True)
 class Fence:
-    """A commit's lease check: the generation its manifest records, and the call the
-    storage thread makes just before the manifest's put (``store.recheck_if_late``)."""
+    """A lease check before manifest puts (a commit's, or a rewrite's): the generation a
+    committed manifest records, and the call the storage thread makes with the step just
+    before each manifest's put (``store.recheck_if_late``; ``Repository.BeforePut``)."""
 
     generation: int
-    before_put: Callable[[], None]
+    before_put: BeforePut
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,10 @@ class ChainLeases:
                 return self._held[key]
             return await self._take(chain)
 
-    async def fence(self, chain: Chain, step: int) -> Fence:
-        """The lease check before a commit of ``step`` of ``chain`` (see ``Fence``), after
-        checking in storage that the lease is still this daemon's; ``ChainLeasedError`` if
-        it is lost."""
+    async def fence(self, chain: Chain) -> Fence:
+        """The lease check before a commit or a rewrite of ``chain``'s manifests (see
+        ``Fence``), after checking in storage that the lease is still this daemon's;
+        ``ChainLeasedError`` if it is lost."""
         key = (chain.run, chain.rank)
         lease = self._held.get(key)
         if lease is None:
@@ -136,7 +138,7 @@ class ChainLeases:
             self._lost(key)
             raise
 
-        def before_put() -> None:
+        def before_put(step: int) -> None:
             # Both clocks: the monotonic one stops while the host is suspended, the wall
             # one can step; the longer wait is the one to believe.
             now_wall_s = self._clock()
@@ -145,6 +147,16 @@ class ChainLeases:
                                   now_unix_s=now_wall_s)
 
         return Fence(lease.generation, before_put)
+
+    async def rewrite_check(self, chain: Chain) -> BeforePut | None:
+        """The ``before_put`` of rewrites of ``chain``'s manifests (a delete's rebase,
+        retention's), from ``fence``: on shared storage retention and deletes run only
+        under this daemon's lease, so a rewrite put late after it checks again like a
+        commit. None where this daemon holds no lease of a chain on storage it alone
+        writes (retention of a chain not yet saved to since start): no writer to fence."""
+        if not self._storage.shared and (chain.run, chain.rank) not in self._held:
+            return None
+        return (await self.fence(chain)).before_put
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._renew_every(), name="ckptd-leases")

@@ -111,11 +111,11 @@ class SavePipeline:
         config: EngineConfig,
         pools: Pools,
         *,
-        fence: Callable[[Chain, int], Awaitable[Fence]] | None = None,
+        fence: Callable[[Chain], Awaitable[Fence]] | None = None,
         recycle: Callable[[np.ndarray], None] | None = None,
         output: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
-        """``fence(chain, step)`` returns the lease check a commit records (its generation,
+        """``fence(chain)`` returns the lease check a commit records (its generation,
         and the call made just before the manifest's put), or raises when this daemon no
         longer holds the chain (``ChainLeases.fence``); None: no leases.
         ``recycle(array)`` takes a received tensor no longer needed (a delta's, once
@@ -208,7 +208,7 @@ class SavePipeline:
                 stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
         )
         self.base_coding.synced([entry.blob_bytes for entry in entries], stages.seconds()["sync"])
-        fence = (await self._fence(chain, header.key.step) if self._fence is not None
+        fence = (await self._fence(chain) if self._fence is not None
                  else None)
         manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
                                   generation=fence.generation if fence is not None else 0)

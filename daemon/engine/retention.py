@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ckptd.daemon.domain import RetentionPolicy, StepKey
 from ckptd.daemon.engine.chain import Chain
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.store.deletion import PAUSE_POINTS, Pause
-from ckptd.daemon.store.repository import Repository
+from ckptd.daemon.store.repository import BeforePut, Repository
 from ckptd.daemon.store.retention import MAX_GROUP_STEPS, plan
 
 log = get_logger("engine")
@@ -54,6 +54,8 @@ def pause_for_tests(spec: str) -> Pause | None:
 
     return pause
 
+RewriteCheck = Callable[[Chain], Awaitable[BeforePut | None]]
+"""The lease check before a chain's manifests are rewritten (``ChainLeases.rewrite_check``)."""
 Deleted = Callable[[str, int, list[StepKey], float], None]
 """Hears of each action: run, rank, the steps it removed from users' view (deleted, or
 hidden; a rewrite removes none), seconds spent under the chain's lock."""
@@ -63,9 +65,13 @@ class Retainer:
     """The retention policies of every run and one sweeping task per chain that needs it."""
 
     def __init__(
-        self, repository: Repository, default: RetentionPolicy | None, deleted: Deleted
+        self, repository: Repository, default: RetentionPolicy | None, deleted: Deleted,
+        rewrite_check: RewriteCheck | None = None,
     ) -> None:
+        """``rewrite_check(chain)``: the lease check a rewrite's manifest puts make
+        (``ChainLeases.rewrite_check``); None: no leases."""
         self._repository = repository
+        self._rewrite_check = rewrite_check
         self._default = default if default is not None and default.prunes else None
         self._policies: dict[str, RetentionPolicy] = {}
         self._deleted = deleted
@@ -171,7 +177,10 @@ class Retainer:
 
     async def _rebase(self, chain: Chain, key: StepKey) -> None:
         head = chain.head
-        await self._repository.rebase(key, (head.step, head.arrays) if head else None)
+        before_put = (await self._rewrite_check(chain) if self._rewrite_check is not None
+                      else None)
+        await self._repository.rebase(key, (head.step, head.arrays) if head else None,
+                                      before_put=before_put)
         # The head keeps its counters on purpose: choose_kind then places the next bases
         # where a run without retention places them, so later saves encode the same
         # (bit-identical reconstructions). A head rebuilt from storage (after eviction or

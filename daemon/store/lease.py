@@ -47,7 +47,8 @@ The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local
   records still kept. A writer can in fact be late: its process paused (SIGSTOP, a
   suspended VM, swapping) between the check and the put, or the put queued behind other
   storage calls. So the writer makes it a guarantee (``recheck_if_late``, called in the
-  storage thread just before the manifest's ``put_if_absent``): when more than
+  storage thread just before the manifest's ``put_if_absent``, or its ``put`` when a
+  delete or retention rewrites a committed step as a base): when more than
   ``RECHECK_AFTER_S`` (half the grace) passed since the check, by its wall or its
   monotonic clock, it checks the lease again and, lost or expired, refuses to write: the
   save fails as not committed (it was never reported durable) and the trainer saves it

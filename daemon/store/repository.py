@@ -54,8 +54,12 @@ from ckptd.daemon.store.world import Worlds
 from ckptd.protos.checksum import TensorsChecksum
 from ckptd.protos.records import StepInfo
 
-__all__ = ["HeadArrays", "Repository"]
+__all__ = ["BeforePut", "HeadArrays", "Repository"]
 log = get_logger("engine")
+BeforePut = Callable[[int], None]
+"""Called in the storage thread with a step just before its manifest is put (created or
+rewritten): the writer's last lease check (``lease.recheck_if_late``); what it raises stops
+the put."""
 
 
 class Repository:
@@ -191,39 +195,45 @@ class Repository:
             log.warning("cannot remove pending marker; removed at next start %s",
                         step_fields(key, error=str(exc)))
 
-    async def commit(
-        self, manifest: Manifest, *, before_put: Callable[[], None] | None = None,
-    ) -> IndexEntry:
+    async def commit(self, manifest: Manifest, *, before_put: BeforePut | None = None,
+                     ) -> IndexEntry:
         """Creates ``manifest`` (the commit point: its blobs must be durable already) and
         indexes it; the step exists from here on. The manifest is created only where none
         exists (``put_if_absent``): ``StepExistsError`` if another writer committed it.
         ``before_put`` runs in the storage thread just before the put (the writer's last
         lease check, ``lease.recheck_if_late``); what it raises stops the commit."""
         data = manifest.to_bytes()
-        key = manifest_key(manifest.key)
-
-        def create() -> bool:
-            if before_put is not None:
-                before_put()
-            return self.storage.put_if_absent(key, data)
-
-        if not await self._pools.run_io(create):
+        if not await self._put_manifest(manifest.key, data, self.storage.put_if_absent,
+                                        before_put):
             raise StepExistsError(
-                f"step {manifest.key} was committed by another writer meanwhile ({key} exists); "
-                "this save is not committed"
+                f"step {manifest.key} was committed by another writer meanwhile "
+                f"({manifest_key(manifest.key)} exists); this save is not committed"
             )
-        entry = IndexEntry(manifest, len(data))
-        self.index.add(entry)
-        return entry
+        return self._indexed(manifest, len(data))
 
-    async def rewrite(self, manifest: Manifest) -> IndexEntry:
+    async def rewrite(self, manifest: Manifest, *, before_put: BeforePut | None = None,
+                      ) -> IndexEntry:
         """Replaces a committed step's manifest with ``manifest`` (a rebase: same step and
         checksum, freshly named blobs) and indexes it; the one manifest overwrite, made
-        only by the chain's writer."""
+        only by the chain's writer. ``before_put`` as for ``commit``: a rewrite is a
+        manifest put under the chain's lease like a commit, as late as a commit can be."""
         data = manifest.to_bytes()
-        put = functools.partial(self.storage.put, manifest_key(manifest.key), data)
-        await self._pools.run_io(put)
-        entry = IndexEntry(manifest, len(data))
+        await self._put_manifest(manifest.key, data, self.storage.put, before_put)
+        return self._indexed(manifest, len(data))
+
+    async def _put_manifest(
+        self, key: StepKey, data: bytes, put: Callable[[str, bytes], bool | None],
+        before_put: BeforePut | None,
+    ) -> bool | None:
+        def checked_put() -> bool | None:
+            if before_put is not None:
+                before_put(key.step)
+            return put(manifest_key(key), data)
+
+        return await self._pools.run_io(checked_put)
+
+    def _indexed(self, manifest: Manifest, nbytes: int) -> IndexEntry:
+        entry = IndexEntry(manifest, nbytes)
         self.index.add(entry)
         return entry
 
@@ -234,11 +244,16 @@ class Repository:
                     run, info.step, info.world_size)) if info.world_size else info
                 for info in self.index.step_infos(run, rank)]
 
-    async def delete_step(self, key: StepKey, head: HeadArrays | None = None) -> None:
+    async def delete_step(
+        self, key: StepKey, head: HeadArrays | None = None, *,
+        before_put: BeforePut | None = None,
+    ) -> None:
         """Deletes ``key``, first rebasing the step that depends on it (from ``head``, the
-        caller's in-memory reconstruction of some step, when it is that dependant)."""
+        caller's in-memory reconstruction of some step, when it is that dependant);
+        ``before_put`` runs before each manifest the rebase rewrites (``rewrite``)."""
         await self._forget_worlds([key])
-        await self._deleter.delete_step(key, head, self.rewrite)
+        await self._deleter.delete_step(
+            key, head, functools.partial(self.rewrite, before_put=before_put))
 
     async def delete_chain(self, run: str, rank: int) -> int:
         """Deletes every step of (run, rank); returns how many."""
@@ -274,10 +289,15 @@ class Repository:
         for run, steps in by_run.items():
             await self.worlds.forget(run, steps)
 
-    async def rebase(self, key: StepKey, head: HeadArrays | None = None) -> None:
+    async def rebase(
+        self, key: StepKey, head: HeadArrays | None = None, *,
+        before_put: BeforePut | None = None,
+    ) -> None:
         """Rewrites the delta ``key`` as a lossless base (same checksum), so that the steps
-        before it are no longer needed by it (retention's one rewrite per commit)."""
-        await self._deleter.rebase(key, head, self.rewrite)
+        before it are no longer needed by it (retention's one rewrite per commit);
+        ``before_put`` as for ``delete_step``."""
+        await self._deleter.rebase(
+            key, head, functools.partial(self.rewrite, before_put=before_put))
 
     async def policies(self) -> dict[str, RetentionPolicy]:
         """Every run's stored retention policy."""

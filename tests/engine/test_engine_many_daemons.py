@@ -218,6 +218,60 @@ def test_a_late_manifest_put_on_s3_checks_again_and_commits_nothing(
     _pause_after_the_lease_check(s3_url, monkeypatch)
 
 
+def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.MonkeyPatch,
+                                      ) -> None:
+    """A delete rewrites the step after it as a base (its blobs, then its manifest) under
+    the chain's lease, a manifest put like a commit's. The daemon stops once the rewrite's
+    blobs are durable (SIGSTOP, a suspended VM) for longer than RECHECK_AFTER_S, and
+    meanwhile another daemon takes the chain over: the writer checks its lease again
+    before the manifest's put and rewrites nothing (before: the manifest was overwritten
+    under the other daemon's lease and the deleted step's manifest removed)."""
+    config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
+    clock = FakeClock()
+    states = list(random_walk(19, 3))
+    paused: list[float] = []
+
+    async def scenario() -> None:
+        async with open_engine(root, config, lease_clocks=clock.clocks) as engine:
+            for step in range(3):
+                await save(engine, step, states[step])
+            storage = engine.storage
+            real_sync = storage.sync
+            step1 = storage.get(manifest_key(StepKey(RUN, 0, 1)))
+
+            def sync_then_pause(keys: list[str]) -> None:
+                real_sync(keys)  # the rewrite's blobs: durable, its manifest not yet put
+                paused.append(clock.wall_unix_s)
+                clock.wall_unix_s += lease.RECHECK_AFTER_S + 1
+                clock.monotonic_s += lease.RECHECK_AFTER_S + 1
+                lease.take(storage, RUN, 0, "daemon-b", ttl_s=30,
+                           now_unix_s=clock.wall_unix_s, after_step=2)
+
+            monkeypatch.setattr(storage, "sync", sync_then_pause)
+            with pytest.raises(ChainLeasedError) as info:
+                await engine.delete_step(StepKey(RUN, 0, 0))
+            assert paused, "the delete rewrote no step"
+            assert "after its lease check" in str(info.value), info.value
+            assert "manifest of step 1 " in str(info.value), info.value
+            assert storage.get(manifest_key(StepKey(RUN, 0, 1))) == step1
+            assert storage.size(manifest_key(StepKey(RUN, 0, 0))) > 0
+
+    asyncio.run(scenario())
+
+
+def test_a_rewrite_long_after_its_lease_check_checks_again_and_rewrites_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_before_a_rewrites_manifest(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_late_rewrite_on_s3_checks_again_and_rewrites_nothing(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pause_before_a_rewrites_manifest(s3_url, monkeypatch)
+
+
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
     tmp_path: Path,
 ) -> None:
