@@ -23,8 +23,10 @@ the class; a status without one (raised by gRPC itself) is mapped by its code::
     │   └── ChainLeasedError                        CHAIN_LEASED: another daemon writes
     │                                               this (run, rank); retry after its lease
     ├── StorageFullError (OSError)                  STORAGE_FULL: free space first
-    ├── DaemonBusyError                             BUSY; RESOURCE_EXHAUSTED
+    ├── DaemonBusyError                             BUSY
     │   └── SaveSkippedError                        a save the client skipped (busy)
+    ├── GrpcLimitError                              RESOURCE_EXHAUSTED without a reason:
+    │                                               one of gRPC's own limits, not busy
     ├── CorruptCheckpointError (ValueError)         CORRUPT_CHECKPOINT, DATA_MISSING; DATA_LOSS
     ├── PermissionDeniedError (PermissionError)     PERMISSION_DENIED; PERMISSION_DENIED
     │   └── UnauthenticatedError                    UNAUTHENTICATED; UNAUTHENTICATED
@@ -133,6 +135,13 @@ class SaveSkippedError(DaemonBusyError):
     """Raised when ``SaveHandle.wait_*`` waits on a save the client skipped as busy."""
 
 
+class GrpcLimitError(CkptdClientError):
+    """Raised when gRPC itself refused a call at one of its limits (RESOURCE_EXHAUSTED
+    with no ckptd reason: a message over the daemon's ``--max-message-bytes``, more
+    concurrent calls than it takes). Not the daemon's busy answer (``DaemonBusyError``):
+    the same call fails the same way again, so a save ends FAILED, never skipped."""
+
+
 class CorruptCheckpointError(CkptdClientError, ValueError):
     """Raised when stored or streamed checkpoint bytes fail verification."""
 
@@ -197,7 +206,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[CkptdClientError]] = {
     grpc.StatusCode.NOT_FOUND: CheckpointNotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: StepConflictError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: DaemonBusyError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: GrpcLimitError,
     grpc.StatusCode.FAILED_PRECONDITION: StepConflictError,
     grpc.StatusCode.ABORTED: StepConflictError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidCheckpointError,
@@ -233,6 +242,14 @@ def map_rpc_error(exc: grpc.RpcError, operation: str = "") -> CkptdClientError:
     details = wire.details
     if wire.code is grpc.StatusCode.UNAVAILABLE and not wire.reason:
         details = f"no ckptd daemon answered ({details}); is it running, and is the address right?"
+    elif wire.code is grpc.StatusCode.RESOURCE_EXHAUSTED and not wire.reason:
+        details = (
+            f"gRPC refused the call at one of its own limits ({details}), not because the "
+            "daemon was busy: a message over the daemon's max_message_bytes (a save's header: "
+            "its tensor table, structure and metadata) or too many calls at once; sending it "
+            "again fails the same way: raise the daemon's --max-message-bytes, hold long "
+            "lists and large bytes as tensors, or save fewer tensors"
+        )
     status = f"{wire.reason}, gRPC status {wire.code.name}" if wire.reason else (
         f"gRPC status {wire.code.name}")
     error = error_class_for(wire.code, wire.reason)(f"{prefix}{details} ({status})")

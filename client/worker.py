@@ -2,7 +2,9 @@
 
 * The **sender** takes snapshots in step order, hands each to the transport, and frees the
   staging buffer as soon as the daemon ACCEPTED it (or refused it). A busy daemon with
-  ``fail_if_busy`` set marks the save skipped; a daemon that cannot open our shared memory
+  ``fail_if_busy`` set marks the save skipped (its BUSY reason only: gRPC's own
+  RESOURCE_EXHAUSTED, ``GrpcLimitError``, fails the save, since sending it again fails
+  the same way); a daemon that cannot open our shared memory
   makes the sender switch to streaming for good (``fallback``). So does a ``/dev/shm``
   without room for a new staging segment (``SharedMemoryFullError``, raised on the trainer
   thread by the pool's ``allocate``, which the worker wraps): that save is staged in

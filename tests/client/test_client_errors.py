@@ -27,7 +27,7 @@ EXPECTED: dict[str, type[CkptdClientError]] = {
     "NOT_FOUND": errors.CheckpointNotFoundError,
     "ALREADY_EXISTS": errors.StepConflictError,
     "PERMISSION_DENIED": errors.PermissionDeniedError,
-    "RESOURCE_EXHAUSTED": errors.DaemonBusyError,
+    "RESOURCE_EXHAUSTED": errors.GrpcLimitError,
     "FAILED_PRECONDITION": errors.StepConflictError,
     "ABORTED": errors.StepConflictError,
     "OUT_OF_RANGE": errors.InvalidCheckpointError,

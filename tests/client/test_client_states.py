@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.client import Checkpointer, InvalidCheckpointError
+from ckptd.client import Checkpointer, GrpcLimitError, InvalidCheckpointError, SaveState
 from client_support import CheckpointerFactory
 from daemon_harness import InProcessDaemon, start_in_process
 
@@ -217,3 +217,30 @@ def test_a_header_over_the_daemons_message_limit_fails_in_save(
                                                   "losses": torch.tensor(history)})
     assert restored["losses"].tolist() == history
     assert checkpointer.steps() == [1]
+
+
+@pytest.mark.parametrize(("transport", "when_busy"), [("grpc", "wait"), ("shm", "skip")])
+def test_a_header_refused_by_grpcs_own_limit_fails_the_save_rather_than_skipping_it(
+    small_message_daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory,
+    transport: str, when_busy: str,
+) -> None:
+    """A daemon that does not advertise its message limit (0: unknown, as from a daemon
+    older than the check above) gets a header over it: gRPC answers RESOURCE_EXHAUSTED
+    without a ckptd reason. That is no busy daemon: the save fails, with what to do
+    (before: it was skipped as busy, and ``wait`` raised nothing)."""
+    checkpointer = make_checkpointer(small_message_daemon.address, "unadvertised",
+                                     transport=transport, when_busy=when_busy)
+    checkpointer.server_info.max_message_bytes = 0  # the header check has no limit to apply
+    history = [0.5 + step for step in range(100_000)]  # a header of ~3 MB, over 2 MiB
+
+    handle = checkpointer.save(1, {"w": torch.ones(4), "losses": history})
+
+    with pytest.raises(GrpcLimitError) as info:
+        handle.wait_durable(60)
+    assert handle.state is SaveState.FAILED and not handle.skipped
+    message = str(info.value)
+    assert "RESOURCE_EXHAUSTED" in message and "not because the daemon was busy" in message
+    assert "--max-message-bytes" in message and "as tensors" in message
+    with pytest.raises(GrpcLimitError):
+        checkpointer.wait(60)
+    assert save_and_restore(checkpointer, 2, {"w": torch.ones(4)})["w"].tolist() == [1.0] * 4
