@@ -33,7 +33,7 @@ from ckptd.protos.v1 import pb
 
 from .errors import CorruptCheckpointError, SharedMemoryRefusedError
 from .grpc_transport import Connection
-from .shm import RestoreSegment
+from .shm import RestoreSegment, ShmRoom
 from .sidecar import RestoreSidecar
 from .structure import STRUCTURE_KEY, unflatten
 
@@ -61,69 +61,38 @@ RETRY_EVERY_RESTORES = 8
 
 class RestoreRoom:
     """Whether a checkpointer's next same-host restore asks for shared memory, from what
-    its earlier restores learned (``transport="auto"`` only: ``"shm"`` raises instead).
-
-    After a refusal the restore streams, and the step's size is remembered. While
-    ``/dev/shm`` has less room free than that (one ``statvfs`` per restore, the check the
-    daemon refuses by), later restores stream at once instead of creating a segment the
-    daemon would refuse again; shared memory is asked for again once the room is there,
-    and in any case on every ``RETRY_EVERY_RESTORES``-th restore since the last try (a
-    smaller step may fit). A refusal with room to spare (a daemon that cannot open the
-    segment) is retried every time, since the room says nothing about it.
-
-    One warning per condition: the first refusal warns with the daemon's reason and what
-    to do; refusals after it are logged at debug level until a restore goes through shared
-    memory again. Used from the trainer's thread that calls ``restore`` (not thread-safe,
-    like the rest of a checkpointer's restore path)."""
+    its earlier restores learned (``transport="auto"`` only: ``"shm"`` raises instead):
+    ``ShmRoom``'s rule (after a refusal, stream while ``/dev/shm`` has less room than the
+    refused step needed, ask again once it has and every ``RETRY_EVERY_RESTORES``-th
+    restore), with the restore's warning: the first refusal warns with the daemon's reason
+    and what to do; refusals after it are logged at debug level until a restore goes
+    through shared memory again. Used from the trainer's thread that calls ``restore``."""
 
     def __init__(
         self, room: Callable[[], tuple[int, int] | None] = segments.room,
     ) -> None:
-        self._room = room
-        self._needed: int | None = None  # bytes the last refused restore needed
-        self._skipped = 0  # restores streamed without asking since the last try
-        self._warned = False
+        self._room = ShmRoom("restore", RETRY_EVERY_RESTORES, room)
 
     def worth_trying(self) -> bool:
         """Whether to ask the daemon for a segment this time (else: stream)."""
-        if self._needed is None:
-            return True
-        space = self._room()
-        fits = space is not None and space[0] >= self._needed
-        if fits or self._skipped + 1 >= RETRY_EVERY_RESTORES:
-            self._skipped = 0
-            return True
-        self._skipped += 1
-        logger.debug("restore streams: /dev/shm has %s, the last refused restore needed %d "
-                     "bytes", "no room to inspect" if space is None
-                     else f"{space[0]} bytes free", self._needed)
-        return False
+        return self._room.worth_trying()
 
     def refused(self, exc: SharedMemoryRefusedError, nbytes: int) -> None:
         """Records that the daemon refused a segment for a restore of ``nbytes`` bytes,
         which then streamed."""
-        space = self._room()
-        self._needed = nbytes if space is not None and space[0] < nbytes else None
-        self._skipped = 0
-        if self._warned:
+        if not self._room.refused(nbytes):
             logger.debug("restore through shared memory refused again, streamed: %s", exc)
             return
-        self._warned = True
-        later = (f"later restores stream while /dev/shm has less than {nbytes} bytes free "
-                 f"(shared memory is tried again once it has, and every "
-                 f"{RETRY_EVERY_RESTORES} restores)" if self._needed is not None
-                 else "later restores try shared memory again and stream when refused")
         logger.warning(
             "restore through shared memory refused, streamed instead: %s; %s; see the "
             "README's 'Sizing /dev/shm' (a larger /dev/shm), or pass transport='grpc' to "
             "always stream (this warning is not repeated until shared memory works again)",
-            exc, later)
+            exc, self._room.later())
 
     def served(self) -> None:
         """Records a restore that went through shared memory: the condition has ended."""
-        if self._warned:
+        if self._room.served():
             logger.info("restores go through shared memory again")
-        self._needed, self._skipped, self._warned = None, 0, False
 
 
 def _allocate_into(tensors: list[torch.Tensor], sidecar: RestoreSidecar) -> streams.Allocate:

@@ -95,6 +95,7 @@ class Saver:
         layout = plan_layout([leaf.nbytes for leaf in flat.leaves])
         handle = SaveHandle(self._headers.run, self._headers.rank, step)
         skip = self.config.when_busy == "skip"
+        self.worker.reconsider(layout.total_bytes)  # back to shared memory once it has room
         buffer = self.pool.acquire(layout.total_bytes, 0.0 if skip else self.config.busy_timeout_s)
         if buffer is None:
             reason = self._busy_reason(skip)

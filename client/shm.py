@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -217,6 +218,74 @@ def _report_skipped(name: str, kind: str) -> None:
     logger.warning("skipped %s in /dev/shm named like a client segment: %s", kind, name)
 
 
+class ShmRoom:
+    """Whether a checkpointer's next save or restore (``what``) asks for shared memory
+    again after ``/dev/shm`` had no room for it: streaming is several times slower for a
+    big state, so a transient full ``/dev/shm`` must not cost the rest of a long run, and
+    one known to be too small must not be asked on every call either.
+
+    After a refusal of ``nbytes`` the caller streams, and the size is remembered. While
+    ``/dev/shm`` has less room free than that (one ``statvfs`` per call), ``worth_trying``
+    says no; it says yes once the room is there, and in any case on every
+    ``retry_every``-th call since the last try (a smaller state may fit, or the room may
+    not be inspectable). A refusal with room to spare (a daemon that cannot open the
+    segment) is worth trying every time, since the room says nothing about it.
+
+    The caller warns once per condition: ``refused`` says whether this refusal starts one
+    (False: refused again, log at debug level), ``served`` whether a call that went
+    through shared memory ended one. Used from one thread (the trainer's)."""
+
+    def __init__(
+        self, what: str, retry_every: int,
+        room: Callable[[], tuple[int, int] | None] = segments.room,
+    ) -> None:
+        self.what = what  # "save" or "restore", for the messages
+        self.retry_every = retry_every
+        self._room = room
+        self.needed: int | None = None  # bytes the last refused call needed
+        self._skipped = 0  # calls streamed without asking since the last try
+        self._warned = False
+
+    def worth_trying(self) -> bool:
+        """Whether to ask for shared memory this time (else: stream)."""
+        if self.needed is None:
+            return True
+        space = self._room()
+        fits = space is not None and space[0] >= self.needed
+        if fits or self._skipped + 1 >= self.retry_every:
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        logger.debug("%s streams: /dev/shm has %s, the last refused %s needed %d bytes",
+                     self.what, "no room to inspect" if space is None
+                     else f"{space[0]} bytes free", self.what, self.needed)
+        return False
+
+    def refused(self, nbytes: int) -> bool:
+        """Records that shared memory was refused for ``nbytes`` bytes (the call then
+        streamed); True when this starts a condition to warn about."""
+        space = self._room()
+        self.needed = nbytes if space is not None and space[0] < nbytes else None
+        self._skipped = 0
+        first, self._warned = not self._warned, True
+        return first
+
+    def later(self) -> str:
+        """What later calls do, for the caller's warning."""
+        if self.needed is None:
+            return f"later {self.what}s try shared memory again and stream when refused"
+        return (f"later {self.what}s stream while /dev/shm has less than {self.needed} bytes "
+                f"free (shared memory is tried again once it has, and every "
+                f"{self.retry_every} {self.what}s)")
+
+    def served(self) -> bool:
+        """Records a call that went through shared memory; True when that ends a condition
+        warned about."""
+        ended = self._warned
+        self.needed, self._skipped, self._warned = None, 0, False
+        return ended
+
+
 class ShmTransport(SaveTransport):
     """Hands the daemon a shared-memory segment instead of streaming bytes (same host)."""
 
@@ -235,6 +304,10 @@ class ShmTransport(SaveTransport):
 
     def allocate(self, capacity: int) -> StagingBuffer:
         return ShmBuffer(capacity, pinned=self.pin_memory)
+
+    def accepts(self, buffer: StagingBuffer) -> bool:
+        """Only a segment: the daemon reads the bytes in place."""
+        return isinstance(buffer, ShmBuffer)
 
     def send(self, header: pb.SaveHeader, buffer: StagingBuffer, layout: Layout) -> pb.SaveStatus:
         if not isinstance(buffer, ShmBuffer):

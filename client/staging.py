@@ -136,6 +136,10 @@ class StagingPool:
         if max_buffers < 1:
             raise ValueError(f"max_buffers must be >= 1, got {max_buffers}")
         self.allocate = allocate
+        # Whether a buffer suits the saves to come (the transport they use can send it):
+        # one that does not is closed when it is next idle, so a switch of transport
+        # does not keep the other transport's buffers in use.
+        self.usable: Callable[[StagingBuffer], bool] = lambda buffer: True
         self.max_buffers = max_buffers
         self.max_total_bytes = max_total_bytes
         self.stats = PoolStats()
@@ -174,7 +178,7 @@ class StagingPool:
         """Returns a buffer once the daemon no longer needs its bytes."""
         with self._cond:
             self._busy.remove(buffer)
-            if self._closed:
+            if self._closed or not self.usable(buffer):
                 buffer.close()
             else:
                 self._free.append(buffer)
@@ -189,6 +193,24 @@ class StagingPool:
             self._free.clear()
             self._cond.notify_all()
 
+    def restock(self, buffer: StagingBuffer) -> bool:
+        """Puts ``buffer``, just allocated by a transport switched to, in place of the
+        idle buffers, which are closed (busy ones go when released, unless ``usable``);
+        False (``buffer`` closed) when the busy buffers leave no room for it."""
+        with self._cond:
+            held = sum(b.capacity for b in self._busy)
+            if (self._closed or len(self._busy) >= self.max_buffers
+                    or not self._fits(held, buffer.capacity)):
+                buffer.close()
+                return False
+            for victim in self._free:
+                victim.close()
+            self._free = [buffer]
+            self.stats.allocations += 1
+            self.stats.allocated_bytes += buffer.capacity
+            self._cond.notify_all()
+            return True
+
     @property
     def buffers(self) -> int:
         """How many buffers the pool holds (free and busy)."""
@@ -196,7 +218,7 @@ class StagingPool:
             return len(self._free) + len(self._busy)
 
     def _take(self, nbytes: int) -> StagingBuffer | None:
-        fitting = [b for b in self._free if b.capacity >= nbytes]
+        fitting = [b for b in self._free if b.capacity >= nbytes and self.usable(b)]
         if fitting:
             best = min(fitting, key=lambda b: b.capacity)
             self._free.remove(best)
@@ -208,7 +230,7 @@ class StagingPool:
         self._free.clear()
         count = len(self._busy)
         held = sum(b.capacity for b in self._busy)
-        size = _round_up(nbytes)
+        size = buffer_bytes(nbytes)
         if count >= self.max_buffers or not self._fits(held, size):
             return None
         buffer = self.allocate(size)
@@ -220,5 +242,6 @@ class StagingPool:
         return self.max_total_bytes is None or held + size <= max(self.max_total_bytes, size)
 
 
-def _round_up(nbytes: int) -> int:
+def buffer_bytes(nbytes: int) -> int:
+    """The capacity of the buffer the pool allocates for a snapshot of ``nbytes``."""
     return max(PAGE_BYTES, math.ceil(nbytes / PAGE_BYTES) * PAGE_BYTES)

@@ -43,5 +43,10 @@ class SaveTransport(abc.ABC):
             CkptdClientError: The daemon refused or could not be reached (mapped status).
         """
 
+    def accepts(self, buffer: StagingBuffer) -> bool:
+        """Whether ``send`` can carry ``buffer`` (one another transport allocated); the
+        default, any buffer: its bytes are in this process."""
+        return True
+
     def cancel(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Aborts a ``send`` in progress (called from another thread by ``close``)."""

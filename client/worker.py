@@ -5,10 +5,16 @@
   ``fail_if_busy`` set marks the save skipped (its BUSY reason only: gRPC's own
   RESOURCE_EXHAUSTED, ``GrpcLimitError``, fails the save, since sending it again fails
   the same way); a daemon that cannot open our shared memory
-  makes the sender switch to streaming for good (``fallback``). So does a ``/dev/shm``
-  without room for a new staging segment (``SharedMemoryFullError``, raised on the trainer
-  thread by the pool's ``allocate``, which the worker wraps): that save is staged in
-  process memory instead. Either way the switch happens once, with one warning.
+  makes the sender switch to streaming for good (``fallback``), with one warning. A
+  ``/dev/shm`` without room for a new staging segment (``SharedMemoryFullError``, raised
+  on the trainer thread by the pool's ``allocate``, which the worker wraps) switches too:
+  that save is staged in process memory instead, with one warning, but only until
+  ``/dev/shm`` has room again (``ShmRoom``: before each save, ``reconsider`` tries a
+  staging segment once the room is there, and every ``RETRY_EVERY_SAVES``-th save), since
+  streaming is several times slower for a big state and a transiently full ``/dev/shm``
+  must not cost the rest of a multi-day run. Each buffer goes over a transport that can
+  send it (``SaveTransport.accepts``), and the pool closes the other transport's buffers
+  as they come back.
 * The **watcher** follows accepted saves in order with ``WaitSave`` until each is DURABLE
   or FAILED, so handles resolve without the trainer polling and failures are logged as
   they happen.
@@ -42,13 +48,17 @@ from .errors import (
 )
 from .grpc_transport import Connection
 from .handle import SaveHandle
-from .staging import Layout, StagingBuffer, StagingPool
+from .shm import ShmRoom
+from .staging import Layout, StagingBuffer, StagingPool, buffer_bytes
 from .transport import SaveTransport
 
 logger = logging.getLogger("ckptd.client")
 
 # WaitSave long-poll length: short enough for the watcher to notice close() promptly.
 WATCH_POLL_S = 2.0
+# However little room /dev/shm had when a staging segment did not fit, every this many saves
+# after it try one again (the room may not be inspectable, or the state may have shrunk).
+RETRY_EVERY_SAVES = 8
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,14 @@ class SaveWorker:
         self.transport = transport
         self.pool = pool
         self._fallback = fallback
+        self._stream: SaveTransport | None = None  # the fallback, once made
+        # Shared memory to go back to after a full /dev/shm (None: no fallback, or the
+        # daemon refused it: streamed for good).
+        self._shm = transport if fallback is not None else None
+        self._room = ShmRoom("save", RETRY_EVERY_SAVES)  # trainer thread only
         self._switch = threading.Lock()  # the trainer's allocate and the sender both switch
         pool.allocate = self._allocate
+        pool.usable = self._usable
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._accepted: queue.Queue[SaveHandle | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -133,7 +149,7 @@ class SaveWorker:
                     ),
                 )
                 return
-            transport = self.transport
+            transport = self._carrier(job.buffer)
             try:
                 status = transport.send(job.header, job.buffer, job.layout)
             except DaemonBusyError as exc:
@@ -141,7 +157,7 @@ class SaveWorker:
                 logger.warning("skipped checkpoint step %d: %s", handle.step, exc)
                 return
             except SharedMemoryRefusedError as exc:
-                if not self._switch_to_streaming(exc, transport):
+                if not self._stream_from_now(exc, job.buffer.capacity):
                     self._fail(handle, exc)
                     return
                 continue
@@ -158,6 +174,27 @@ class SaveWorker:
         handle._set_accepted()
         self._accepted.put(handle)
 
+    def reconsider(self, nbytes: int) -> None:
+        """Trainer thread, before each save of ``nbytes``: saves that stream since
+        ``/dev/shm`` was full go back to shared memory when ``ShmRoom`` finds it worth
+        trying and a staging segment for them fits (it becomes the pool's buffer)."""
+        shm = self._shm
+        if shm is None or self.transport is shm or not self._room.worth_trying():
+            return
+        try:
+            buffer = shm.allocate(buffer_bytes(nbytes))
+        except SharedMemoryFullError as exc:
+            self._stream_from_now(exc, buffer_bytes(nbytes))
+            return
+        with self._switch:
+            if self._shm is not shm:  # the daemon refused shared memory meanwhile
+                buffer.close()
+                return
+            self.transport = shm
+        self.pool.restock(buffer)  # else (every buffer busy) the pool allocates from shm
+        if self._room.served():
+            logger.info("saves go through shared memory again")
+
     def _allocate(self, capacity: int) -> StagingBuffer:
         """The pool's ``allocate`` (trainer thread): a new buffer from the transport in use,
         switching to streaming first when shared memory has no room for it."""
@@ -165,27 +202,46 @@ class SaveWorker:
         try:
             return transport.allocate(capacity)
         except SharedMemoryFullError as exc:
-            if not self._switch_to_streaming(exc, transport):
+            if not self._stream_from_now(exc, capacity):
                 raise
         return self.transport.allocate(capacity)
 
-    def _switch_to_streaming(self, exc: SharedMemoryRefusedError, failed: SaveTransport) -> bool:
-        """Streams every later save, unless ``failed`` (the transport that raised ``exc``)
-        was replaced already; False when there is no fallback to switch to."""
+    def _usable(self, buffer: StagingBuffer) -> bool:
+        """The pool's ``usable``: a buffer the transport of later saves can send."""
+        return self.transport.accepts(buffer)
+
+    def _carrier(self, buffer: StagingBuffer) -> SaveTransport:
+        """The transport that sends ``buffer``: the one in use, unless ``buffer`` was
+        staged in process memory while saves streamed (those stream still)."""
+        transport = self.transport
+        if transport.accepts(buffer) or self._stream is None:
+            return transport
+        return self._stream
+
+    def _stream_from_now(self, exc: SharedMemoryRefusedError, nbytes: int) -> bool:
+        """Streams later saves after shared memory failed with ``exc`` for ``nbytes``: for
+        good when the daemon cannot open our segments, until ``/dev/shm`` has room again
+        when it was full. False when there is no fallback to switch to."""
         with self._switch:
-            if self.transport is not failed:
-                return True  # the other thread switched meanwhile
             if self._fallback is None:
                 return False
-            full = isinstance(exc, SharedMemoryFullError)
-            logger.warning(
-                "%s (%s); streaming checkpoints over gRPC instead",
-                "shared memory is full" if full else
-                "the daemon cannot read this process's shared memory",
-                exc.details,
-            )
-            self.transport = self._fallback()
-            self._fallback = None
+            if self._stream is None:
+                self._stream = self._fallback()
+            self.transport = self._stream
+            if not isinstance(exc, SharedMemoryFullError):
+                warn, self._shm = self._shm is not None, None
+                if warn:
+                    logger.warning("the daemon cannot read this process's shared memory "
+                                   "(%s); streaming checkpoints over gRPC instead", exc.details)
+                return True
+            if self._shm is None:
+                return True  # streaming for good already
+            if self._room.refused(nbytes):
+                logger.warning(
+                    "shared memory is full (%s); streaming checkpoints over gRPC instead; %s; "
+                    "see the README's 'Sizing /dev/shm'", exc.details, self._room.later())
+            else:
+                logger.debug("shared memory is still full, streamed: %s", exc.details)
             return True
 
     # Watcher.

@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: daemon_harness
 
-from ckptd.client import Checkpointer, restore
+from ckptd.client import Checkpointer, restore, shm
 from ckptd.client.restore import RETRY_EVERY_RESTORES
+from ckptd.client.worker import RETRY_EVERY_SAVES
 from daemon_harness import start_in_process
 
 
@@ -36,14 +37,26 @@ class CountedSegment(restore.RestoreSegment):
         super().__init__()
 
 
+class CountedBuffer(shm.ShmBuffer):
+    """A staging segment that counts its creations (those refused for room too)."""
+
+    created = 0
+
+    def __init__(self, capacity: int, *, pinned: bool = False) -> None:
+        CountedBuffer.created += 1
+        super().__init__(capacity, pinned=pinned)
+
+
 restore.RestoreSegment = CountedSegment  # type: ignore[misc]
+shm.ShmBuffer = CountedBuffer  # type: ignore[misc]
 
 
-def asked(do: Any) -> tuple[Any, int]:
-    """``do()`` and how many restore segments it created."""
-    before = CountedSegment.created
+def asked(do: Any, counted: type[CountedSegment | CountedBuffer] = CountedSegment,
+          ) -> tuple[Any, int]:
+    """``do()`` and how many restore (or staging) segments it created."""
+    before = counted.created
     result = do()
-    return result, CountedSegment.created - before
+    return result, counted.created - before
 
 
 def fill_shm_but(nbytes: int) -> Path:
@@ -124,6 +137,23 @@ def scenarios(address: str, big: int, small: int) -> dict[str, Any]:
             out["room_restores"].append(
                 [restored.transport, asks, same(restored.state, small_state)])
         out["room_warnings"] = list(warnings.messages)
+        warnings.messages.clear()
+    # /dev/shm full at the first save (a transient filler): saves stream with one warning,
+    # try a staging segment on every RETRY_EVERY_SAVES-th save, and go back to shared
+    # memory at the first save once the room is there (before: streamed for good).
+    filler = fill_shm_but(small // 2)
+    with Checkpointer(address, "save-room-run", policies=[("*", "exact")],
+                      connect_timeout_s=30) as ckpt:
+        out["save_room"] = []
+        for step in range(RETRY_EVERY_SAVES + 3):
+            if step == RETRY_EVERY_SAVES + 1:
+                filler.unlink()
+            saved = state(small, 10 + step)
+            _, asks = asked(lambda: (ckpt.save(step, saved), ckpt.wait(timeout_s=120)),  # noqa: B023
+                            CountedBuffer)
+            out["save_room"].append([ckpt.transport, asks])
+        out["save_room_restore_same"] = same(ckpt.restore(step), saved)
+        out["save_room_warnings"] = list(warnings.messages)
     # transport="shm": the same saves and restores fail with a clear error instead.
     with Checkpointer(address, "shm-run", transport="shm", connect_timeout_s=30) as ckpt:
         try:

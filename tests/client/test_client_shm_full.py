@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from ckptd.client import SharedMemoryFullError
 from ckptd.client.shm import ShmBuffer
+from ckptd.client.worker import RETRY_EVERY_SAVES
 from ckptd.protos import segments
 from client_support import client_segments
 
@@ -83,6 +84,15 @@ def test_a_full_dev_shm_streams_or_fails_cleanly_instead_of_killing_the_trainer(
     assert out["room_restores"] == [["grpc", 1, True], ["grpc", 0, True], ["shm", 1, True]]
     [warning] = out["room_warnings"]
     assert "cannot hold the restored" in warning
+
+    # Saves on a /dev/shm full for a while: one warning, a staging segment tried on the
+    # RETRY_EVERY_SAVES-th save, and shared memory again once a file there was removed.
+    retry = RETRY_EVERY_SAVES
+    assert out["save_room"] == ([["grpc", 1]] + [["grpc", 0]] * (retry - 1)
+                                + [["grpc", 1], ["shm", 1], ["shm", 0]])
+    assert out["save_room_restore_same"]
+    [warning] = out["save_room_warnings"]
+    assert "shared memory is full" in warning and "every 8 saves" in warning
 
     assert out["shm_save"]["error"] == "SharedMemoryFullError"
     assert "--shm-size" in out["shm_save"]["message"]
