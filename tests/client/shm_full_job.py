@@ -96,6 +96,34 @@ def failure(exc: BaseException) -> dict[str, str]:
     return {"error": type(exc).__name__, "message": str(exc)}
 
 
+def save_room(address: str, small: int) -> dict[str, Any]:
+    """/dev/shm full at the first save (a transient filler): saves stream with one warning,
+    try a staging segment on every RETRY_EVERY_SAVES-th save, and go back to shared memory
+    at the first save once the room is there (before: streamed for good)."""
+    out: dict[str, Any] = {"save_room": []}
+    warnings = Warnings()
+    logging.getLogger("ckptd.client").addHandler(warnings)
+    filler = fill_shm_but(small // 2)
+    with Checkpointer(address, "save-room-run", policies=[("*", "exact")],
+                      connect_timeout_s=30) as ckpt:
+        for step in range(RETRY_EVERY_SAVES + 3):
+            if step == RETRY_EVERY_SAVES + 1:
+                filler.unlink()
+            saved = state(small, 10 + step)
+
+            def save_one(step: int = step, saved: dict[str, torch.Tensor] = saved) -> None:
+                ckpt.save(step, saved)
+                ckpt.wait(timeout_s=120)
+
+            _, asks = asked(save_one, CountedBuffer)
+            out["save_room"].append([ckpt.transport, asks])
+        out["save_room_restore_same"] = same(ckpt.restore(step), saved)
+    out["save_room_warnings"] = list(warnings.messages)
+    out["save_room_leftover_segments"] = sorted(os.listdir("/dev/shm"))
+    logging.getLogger("ckptd.client").removeHandler(warnings)
+    return out
+
+
 def scenarios(address: str, big: int, small: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     warnings = Warnings()
@@ -137,23 +165,6 @@ def scenarios(address: str, big: int, small: int) -> dict[str, Any]:
             out["room_restores"].append(
                 [restored.transport, asks, same(restored.state, small_state)])
         out["room_warnings"] = list(warnings.messages)
-        warnings.messages.clear()
-    # /dev/shm full at the first save (a transient filler): saves stream with one warning,
-    # try a staging segment on every RETRY_EVERY_SAVES-th save, and go back to shared
-    # memory at the first save once the room is there (before: streamed for good).
-    filler = fill_shm_but(small // 2)
-    with Checkpointer(address, "save-room-run", policies=[("*", "exact")],
-                      connect_timeout_s=30) as ckpt:
-        out["save_room"] = []
-        for step in range(RETRY_EVERY_SAVES + 3):
-            if step == RETRY_EVERY_SAVES + 1:
-                filler.unlink()
-            saved = state(small, 10 + step)
-            _, asks = asked(lambda: (ckpt.save(step, saved), ckpt.wait(timeout_s=120)),  # noqa: B023
-                            CountedBuffer)
-            out["save_room"].append([ckpt.transport, asks])
-        out["save_room_restore_same"] = same(ckpt.restore(step), saved)
-        out["save_room_warnings"] = list(warnings.messages)
     # transport="shm": the same saves and restores fail with a clear error instead.
     with Checkpointer(address, "shm-run", transport="shm", connect_timeout_s=30) as ckpt:
         try:
@@ -185,6 +196,7 @@ def main() -> None:
     daemon = start_in_process(args.dir / "storage", listen=f"unix://{args.dir}/ckptd.sock")
     try:
         result = scenarios(daemon.address, args.big_bytes, args.small_bytes)
+        result.update(save_room(daemon.address, args.small_bytes))
     finally:
         daemon.stop()
     print(json.dumps(result))
