@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,9 @@ def test_a_writer_that_lost_its_lease_commits_nothing_and_a_late_commit_is_void(
     asyncio.run(scenario())
 
 
+LatePut = Callable[[Path | str, pytest.MonkeyPatch], None]
+
+
 def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lease records are pruned RECORD_GRACE_S after they end, so a manifest put issued
     later than that after its writer's lease check could land unfenced. The daemon here
@@ -203,19 +206,6 @@ def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPat
             assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
 
     asyncio.run(scenario())
-
-
-def test_a_manifest_put_long_after_its_lease_check_checks_again_and_commits_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _pause_after_the_lease_check(tmp_path, monkeypatch)
-
-
-@pytest.mark.slow
-def test_a_late_manifest_put_on_s3_checks_again_and_commits_nothing(
-    s3_url: str, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _pause_after_the_lease_check(s3_url, monkeypatch)
 
 
 def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.MonkeyPatch,
@@ -259,17 +249,23 @@ def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.Monk
     asyncio.run(scenario())
 
 
-def test_a_rewrite_long_after_its_lease_check_checks_again_and_rewrites_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+# A save's commit (a manifest created) and a delete's rebase (a manifest rewritten).
+LATE_PUTS = [_pause_after_the_lease_check, _pause_before_a_rewrites_manifest]
+
+
+@pytest.mark.parametrize("late_put", LATE_PUTS, ids=["commit", "rewrite"])
+def test_a_manifest_put_long_after_its_lease_check_checks_again_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late_put: LatePut,
 ) -> None:
-    _pause_before_a_rewrites_manifest(tmp_path, monkeypatch)
+    late_put(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_a_late_rewrite_on_s3_checks_again_and_rewrites_nothing(
-    s3_url: str, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("late_put", LATE_PUTS, ids=["commit", "rewrite"])
+def test_a_late_manifest_put_on_s3_checks_again_and_writes_nothing(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch, late_put: LatePut,
 ) -> None:
-    _pause_before_a_rewrites_manifest(s3_url, monkeypatch)
+    late_put(s3_url, monkeypatch)
 
 
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
