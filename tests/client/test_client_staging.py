@@ -137,6 +137,25 @@ def test_closed_pool_frees_buffers_as_they_come_back() -> None:
         pool.acquire(100, 0)
 
 
+def test_a_restocked_pool_drops_the_buffers_the_new_transport_cannot_send() -> None:
+    """A transport switch (saves back on shared memory after streaming): the new
+    transport's buffer replaces the idle ones at once, and a busy buffer of the old one is
+    closed when it comes back instead of serving a later save."""
+    pool = StagingPool(CountingAllocator(), max_buffers=2)
+    idle, busy = pool.acquire(100, 0), pool.acquire(100, 0)
+    assert idle is not None and busy is not None
+    refused = HostBuffer(4096)
+    assert not pool.restock(refused) and refused.capacity == 0  # no slot beside two busy
+    pool.release(idle)
+    fresh = HostBuffer(4096)
+    old = {id(idle), id(busy)}
+    pool.usable = lambda buffer: id(buffer) not in old
+    assert pool.restock(fresh) and idle.capacity == 0
+    pool.release(busy)
+    assert busy.capacity == 0 and pool.buffers == 1
+    assert pool.acquire(100, 0) is fresh
+
+
 def test_shm_buffer_is_a_named_segment_unlinked_on_close() -> None:
     buffer = ShmBuffer(8192)
     path = f"/dev/shm/{buffer.name}"
