@@ -127,7 +127,8 @@ class ChainLeases:
         if lease is None:
             raise ChainLeasedError(
                 f"this daemon no longer holds the writer lease of {chain.run}/rank{chain.rank} "
-                "(it was lost while the save was encoded); the save is not committed"
+                "(it was lost meanwhile: while the save was encoded, or before a delete or "
+                "retention rewrote a step); the save is not committed, the rewrite not made"
             )
         checked_wall_s, checked_monotonic_s = self._clock(), self._monotonic()
         check = functools.partial(store.check_current, self._storage, lease,

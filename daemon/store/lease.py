@@ -246,12 +246,13 @@ def release(storage: Storage, lease: Lease, *, now_unix_s: float) -> Lease:
 
 def check_current(storage: Storage, lease: Lease, *, now_unix_s: float) -> None:
     """Raises ``ChainLeasedError`` unless ``lease`` is still the chain's current lease and
-    unexpired: what a commit checks just before it creates its manifest."""
+    unexpired: what a commit (or a rewrite) checks just before it puts its manifest."""
     if not lease.live(now_unix_s):
         raise ChainLeasedError(
             f"the lease of {lease.run}/rank{lease.rank} held by this daemon expired "
             f"{now_unix_s - lease.expires_unix_s:.1f} s ago (renewals failed or were late); "
-            "the save is not committed: save it again"
+            "nothing more is written under it: a save is not committed (save it again), a "
+            "delete is not done (delete again)"
         )
     generations = read_generations(storage, lease.run, lease.rank)
     if generations and generations[-1] != lease.generation:
@@ -265,7 +266,8 @@ def recheck_if_late(
     """What a writer calls just before it puts a manifest of ``step`` under ``lease``,
     ``waited_s`` seconds after its lease check (``check_current``): a no-op within
     ``RECHECK_AFTER_S``; later, the check again (see "Late commits" above), raising
-    ``ChainLeasedError`` that says why the save is not committed."""
+    ``ChainLeasedError`` that says why the save is not committed (or the rewrite not
+    made)."""
     if waited_s <= RECHECK_AFTER_S:
         return
     try:
