@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from ckptd.daemon import codec
 from ckptd.daemon.domain import Policy, StepKey, TensorSpec
-from ckptd.daemon.errors import RunNotFoundError, StepNotFoundError
+from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError, StepNotFoundError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import LocalStorage
 from ckptd.daemon.store.manifest import (
@@ -140,6 +140,34 @@ def test_deleting_a_parent_rebases_its_child_onto_the_same_bytes(
         await reloaded.load()
         assert reloaded.index.steps("run-a", 0) == [2, 3]
         assert _same(await reloaded.restore(child.key), child_arrays)
+
+    asyncio.run(scenario())
+
+
+def test_every_manifest_a_rebase_rewrites_passes_before_put_first(
+    tmp_path: Path, pools: Pools
+) -> None:
+    """Retention's rebase rewrites the step and renumbers the deltas after it: each of
+    those manifest puts runs the writer's lease check first (``before_put``), and one that
+    raises leaves the stored manifest as it was."""
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        chain = await _commit_chain(repo, 4)
+        checked: list[int] = []
+        await repo.rebase(chain[2][0].key, before_put=checked.append)
+        assert checked == [3, 4]  # the rebased step, then its delta's new base_step
+        assert repo.entry(chain[2][0].key).manifest.kind == BASE
+
+        stored = repo.storage.get(manifest_key(chain[1][0].key))
+
+        def lost(step: int) -> None:
+            raise ChainLeasedError(f"lease lost before step {step}'s manifest")
+
+        with pytest.raises(ChainLeasedError, match="before step 2's manifest"):
+            await repo.rebase(chain[1][0].key, before_put=lost)
+        assert repo.storage.get(manifest_key(chain[1][0].key)) == stored
+        assert repo.entry(chain[1][0].key).manifest.kind == DELTA
 
     asyncio.run(scenario())
 
