@@ -35,7 +35,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,9 @@ class Leaf:
     dtype: dtypes.DTypeInfo
     exact: bool = False
     """The raw bytes of a dtype the wire has no row for: stored exactly, whatever the rules."""
+    aliases: tuple[str, ...] = ()
+    """The names of other paths holding the same tensor (tied weights), stored as this
+    leaf: a policy rule for any of them must agree with this one's (``header.py``)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -148,7 +151,7 @@ class _Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self._paths: dict[str, tuple[Any, ...]] = {}
-        self._stored: dict[tuple[Any, ...], str] = {}  # where a tensor's bytes -> its leaf
+        self._stored: dict[tuple[Any, ...], int] = {}  # where a tensor's bytes -> its leaf
 
     def visit(self, value: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
@@ -194,7 +197,10 @@ class _Flattener:
         place = _placement(value)
         stored = self._stored.get(place) if place is not None else None
         if stored is not None:  # tied: another path holds these bytes already
-            node["name"] = stored
+            leaf = self.leaves[stored]
+            self.leaves[stored] = replace(
+                leaf, aliases=(*leaf.aliases, self._name(path)))
+            node["name"] = leaf.name
             return node
         if bits is None:
             leaf = Leaf(self._name(path), value, _TORCH_ROWS[value.dtype])
@@ -205,7 +211,7 @@ class _Flattener:
             leaf = Leaf(self._name(path), raw, _RAW_ROW, exact=True)
         node["name"] = self._add(leaf, path)
         if place is not None:
-            self._stored[place] = node["name"]
+            self._stored[place] = len(self.leaves) - 1
         return node
 
     def _array(self, value: np.ndarray | np.generic, path: tuple[Any, ...]) -> dict[str, Any]:
@@ -269,9 +275,12 @@ def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:
 
 def _placement(value: torch.Tensor) -> tuple[Any, ...] | None:
     """Where a tensor's bytes lie, so a second path over the same bytes (tied weights) is
-    stored once; None for an empty tensor (no bytes, and no address to tell them apart)
-    and for a subclass, whose memory may not be its values (a wrapper's address is 0)."""
-    if value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter):
+    stored once; None for an empty tensor (no bytes, and no address to tell them apart),
+    for a subclass, whose memory may not be its values (a wrapper's address is 0), and for
+    a conjugate or negative view, whose values are not its memory's (``x.conj()`` over
+    ``x``'s bytes)."""
+    if (value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter)
+            or value.is_conj() or value.is_neg()):
         return None
     return (value.device, value.dtype, value.data_ptr(), tuple(value.shape), value.stride())
 

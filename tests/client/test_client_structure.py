@@ -238,3 +238,16 @@ def test_tied_tensors_are_one_leaf_and_one_restored_object() -> None:
     restored = roundtrip(state)
     assert restored["head"] is restored["embed"]
     assert restored["row"] is not restored["embed"] and torch.equal(restored["row"], weight[0])
+    assert flat.leaves[0].aliases == ("head",)
+
+
+def test_conjugate_and_negative_views_are_never_taken_for_tied() -> None:
+    """``x.conj()`` and ``y.conj().imag`` lie over the bytes of ``x`` and ``y.imag`` with
+    their shapes and strides, but their values are not those bytes'."""
+    x = torch.randn(4, dtype=torch.complex64)
+    y = torch.randn(4, dtype=torch.complex64)
+    state = {"x": x, "x_conj": x.conj(), "im": y.imag, "neg_im": y.conj().imag}
+    assert len(flatten(state).leaves) == 4
+    restored = roundtrip(state)
+    assert torch.equal(restored["x_conj"], x.conj().resolve_conj())
+    assert torch.equal(restored["neg_im"], -y.imag) and torch.equal(restored["im"], y.imag)
