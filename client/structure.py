@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ from ckptd.protos import dtypes
 STRUCTURE_KEY = "ckptd.structure"
 FORMAT_VERSION = 1
 ROOT_NAME = "@"
+logger = logging.getLogger("ckptd.client")
 
 _TORCH_ROWS: dict[torch.dtype, dtypes.DTypeInfo] = {
     getattr(torch, row.torch_name): row for row in dtypes.BY_WIRE.values()
@@ -180,8 +182,15 @@ class _Flattener:
             "items": items,
         }
         meta = getattr(value, "_metadata", None)  # nn.Module.state_dict() versions
-        if meta is not None and _is_plain_json(meta):
-            node["meta"] = meta
+        if meta is not None:
+            if _is_plain_json(meta):
+                node["meta"] = meta  # (tuples in it come back as lists: JSON has no tuple)
+            elif _show(path) not in _WARNED_METADATA:
+                _WARNED_METADATA.add(_show(path))
+                logger.warning(
+                    "%s._metadata is not plain JSON (%s); saved without it, so "
+                    "load_state_dict of the restored state sees no module versions",
+                    _show(path), type(meta).__qualname__)
         return node
 
     def _tensor(self, value: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
@@ -247,6 +256,8 @@ class _Flattener:
 
 
 _SEQUENCE_KINDS: dict[type, str] = {list: "list", tuple: "tuple", torch.Size: "size"}
+# Paths whose non-JSON ``_metadata`` was warned about: once per process, not once per save.
+_WARNED_METADATA: set[str] = set()
 
 
 def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:

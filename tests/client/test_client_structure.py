@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections import OrderedDict
@@ -251,3 +252,16 @@ def test_conjugate_and_negative_views_are_never_taken_for_tied() -> None:
     restored = roundtrip(state)
     assert torch.equal(restored["x_conj"], x.conj().resolve_conj())
     assert torch.equal(restored["neg_im"], -y.imag) and torch.equal(restored["im"], y.imag)
+
+
+def test_a_metadata_that_is_not_json_is_left_out_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state: OrderedDict[str, Any] = OrderedDict(w=torch.ones(2))
+    state._metadata = {"": {"version": object()}}  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="ckptd.client"):
+        for _ in range(3):
+            restored = roundtrip({"odd_model": state})
+    assert not hasattr(restored["odd_model"], "_metadata")
+    warned = [r for r in caplog.records if "_metadata is not plain JSON" in r.getMessage()]
+    assert len(warned) == 1 and "state['odd_model']" in warned[0].getMessage()
