@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from daemon_harness import InProcessDaemon
 
 JOB = Path(__file__).with_name("fork_job.py")
 
 
+@pytest.mark.slow  # a subprocess importing torch and forking twice: ~2-4 s
 def test_a_forked_child_cannot_save_and_leaves_the_parents_shared_memory(
     daemon: InProcessDaemon, tmp_path: Path
 ) -> None:
@@ -54,6 +56,7 @@ print(os.waitstatus_to_exitcode(status))
 """
 
 
+@pytest.mark.slow  # a subprocess importing torch: ~2-3 s
 def test_a_guard_in_a_forked_child_does_not_wait_for_the_parents_copies() -> None:
     """The copy thread stays in the parent: a child stepping a guarded optimizer would wait
     for a pending count that never falls (it timed out, or with no timeout hung)."""
