@@ -58,6 +58,14 @@ class HeaderBuilder:
             # whatever a rule says: the daemon would read them as uint8.
             policy, leaf_bits = (pb.POLICY_EXACT, 0) if leaf.exact else self._policy(
                 label, builtin, leaf.name, bits, leaf.dtype.is_float)
+            for alias in () if leaf.exact else leaf.aliases:
+                if self._policy(label, builtin, alias, bits, leaf.dtype.is_float) != (
+                        policy, leaf_bits):
+                    raise InvalidCheckpointError(
+                        f"{alias!r} and {leaf.name!r} are one tensor (tied weights), stored "
+                        "once, but the policy rules give them different policies; give both "
+                        "names the same rule"
+                    )
             specs.append(
                 pb.TensorSpec(
                     name=leaf.name,

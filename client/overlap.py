@@ -27,6 +27,7 @@ counters (made under ``torch.inference_mode``) and CUDA tensors are copied befor
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -102,6 +103,7 @@ class SnapshotThread:
         self._queue: queue.Queue[PendingCopy | None] = queue.Queue()
         self._pending = 0
         self._idle = threading.Condition()
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._loop, name="ckptd-snapshot", daemon=True)
         self._thread.start()
 
@@ -117,6 +119,11 @@ class SnapshotThread:
             CkptdTimeoutError: Copies were still pending after ``timeout_s``.
         """
         if not self._pending:  # the common case in a guard: nothing to wait for, no lock
+            return
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker that steps a guarded optimizer): the copy
+            # thread stayed in the parent, so the count it inherited never falls; the copies
+            # read the parent's memory, which the child's writes cannot reach.
             return
         with self._idle:
             if not self._idle.wait_for(lambda: self._pending == 0, timeout_s):

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from ckptd.protos import dtypes
 STRUCTURE_KEY = "ckptd.structure"
 FORMAT_VERSION = 1
 ROOT_NAME = "@"
+logger = logging.getLogger("ckptd.client")
 
 _TORCH_ROWS: dict[torch.dtype, dtypes.DTypeInfo] = {
     getattr(torch, row.torch_name): row for row in dtypes.BY_WIRE.values()
@@ -76,6 +78,9 @@ class Leaf:
     dtype: dtypes.DTypeInfo
     exact: bool = False
     """The raw bytes of a dtype the wire has no row for: stored exactly, whatever the rules."""
+    aliases: tuple[str, ...] = ()
+    """The names of other paths holding the same tensor (tied weights), stored as this
+    leaf: a policy rule for any of them must agree with this one's (``header.py``)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -148,7 +153,7 @@ class _Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self._paths: dict[str, tuple[Any, ...]] = {}
-        self._stored: dict[tuple[Any, ...], str] = {}  # where a tensor's bytes -> its leaf
+        self._stored: dict[tuple[Any, ...], int] = {}  # where a tensor's bytes -> its leaf
 
     def visit(self, value: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
@@ -177,8 +182,15 @@ class _Flattener:
             "items": items,
         }
         meta = getattr(value, "_metadata", None)  # nn.Module.state_dict() versions
-        if meta is not None and _is_plain_json(meta):
-            node["meta"] = meta
+        if meta is not None:
+            if _is_plain_json(meta):
+                node["meta"] = meta  # (tuples in it come back as lists: JSON has no tuple)
+            elif _show(path) not in _WARNED_METADATA:
+                _WARNED_METADATA.add(_show(path))
+                logger.warning(
+                    "%s._metadata is not plain JSON (%s); saved without it, so "
+                    "load_state_dict of the restored state sees no module versions",
+                    _show(path), type(meta).__qualname__)
         return node
 
     def _tensor(self, value: torch.Tensor, path: tuple[Any, ...]) -> dict[str, Any]:
@@ -194,7 +206,10 @@ class _Flattener:
         place = _placement(value)
         stored = self._stored.get(place) if place is not None else None
         if stored is not None:  # tied: another path holds these bytes already
-            node["name"] = stored
+            leaf = self.leaves[stored]
+            self.leaves[stored] = replace(
+                leaf, aliases=(*leaf.aliases, self._name(path)))
+            node["name"] = leaf.name
             return node
         if bits is None:
             leaf = Leaf(self._name(path), value, _TORCH_ROWS[value.dtype])
@@ -205,7 +220,7 @@ class _Flattener:
             leaf = Leaf(self._name(path), raw, _RAW_ROW, exact=True)
         node["name"] = self._add(leaf, path)
         if place is not None:
-            self._stored[place] = node["name"]
+            self._stored[place] = len(self.leaves) - 1
         return node
 
     def _array(self, value: np.ndarray | np.generic, path: tuple[Any, ...]) -> dict[str, Any]:
@@ -241,6 +256,8 @@ class _Flattener:
 
 
 _SEQUENCE_KINDS: dict[type, str] = {list: "list", tuple: "tuple", torch.Size: "size"}
+# Paths whose non-JSON ``_metadata`` was warned about: once per process, not once per save.
+_WARNED_METADATA: set[str] = set()
 
 
 def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:
@@ -269,9 +286,12 @@ def _check_tensor(value: torch.Tensor, path: tuple[Any, ...]) -> None:
 
 def _placement(value: torch.Tensor) -> tuple[Any, ...] | None:
     """Where a tensor's bytes lie, so a second path over the same bytes (tied weights) is
-    stored once; None for an empty tensor (no bytes, and no address to tell them apart)
-    and for a subclass, whose memory may not be its values (a wrapper's address is 0)."""
-    if value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter):
+    stored once; None for an empty tensor (no bytes, and no address to tell them apart),
+    for a subclass, whose memory may not be its values (a wrapper's address is 0), and for
+    a conjugate or negative view, whose values are not its memory's (``x.conj()`` over
+    ``x``'s bytes)."""
+    if (value.numel() == 0 or type(value) not in (torch.Tensor, torch.nn.Parameter)
+            or value.is_conj() or value.is_neg()):
         return None
     return (value.device, value.dtype, value.data_ptr(), tuple(value.shape), value.stride())
 

@@ -139,13 +139,31 @@ class ChainLeases:
             self._lost(key)
             raise
 
+        loop = asyncio.get_running_loop()
+
         def before_put(step: int) -> None:
             # Both clocks: the monotonic one stops while the host is suspended, the wall
             # one can step; the longer wait is the one to believe.
             now_wall_s = self._clock()
             waited_s = max(now_wall_s - checked_wall_s, self._monotonic() - checked_monotonic_s)
-            store.recheck_if_late(self._storage, lease, step, waited_s=waited_s,
-                                  now_unix_s=now_wall_s)
+            if waited_s <= store.RECHECK_AFTER_S:
+                return
+            # The lease as held now: renewals on the loop replace it while the put waits
+            # (one dict read from this storage thread). Checked again in storage, it must
+            # still be the same generation, live.
+            current = self._held.get(key)
+            try:
+                if current is None or current.generation != lease.generation:
+                    raise ChainLeasedError(
+                        f"the manifest of step {step} of {chain.run}/rank{chain.rank} was to be "
+                        f"written {waited_s:.0f} s after its lease check, and this daemon no "
+                        "longer holds that lease; the save is not committed, the rewrite "
+                        "not made")
+                store.recheck_if_late(self._storage, current, step, waited_s=waited_s,
+                                      now_unix_s=now_wall_s)
+            except ChainLeasedError:
+                loop.call_soon_threadsafe(self._lost_generation, key, lease.generation)
+                raise
 
         return Fence(lease.generation, before_put)
 
@@ -158,6 +176,13 @@ class ChainLeases:
         if not self._storage.shared and (chain.run, chain.rank) not in self._held:
             return None
         return (await self.fence(chain)).before_put
+
+    def _lost_generation(self, key: ChainKey, generation: int) -> None:
+        """``_lost`` for a lease found lost from a storage thread, unless a newer
+        generation was taken meanwhile."""
+        held = self._held.get(key)
+        if held is not None and held.generation == generation:
+            self._lost(key)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._renew_every(), name="ckptd-leases")

@@ -208,14 +208,19 @@ class SavePipeline:
                 stages.timed("checksum", lambda: tensors_checksum(specs, arrays))),
         )
         self.base_coding.synced([entry.blob_bytes for entry in entries], stages.seconds()["sync"])
-        fence = (await self._fence(chain) if self._fence is not None
-                 else None)
+        fence = await self._fence(chain) if self._fence is not None else None
         manifest = self._manifest(save, plan.kind, plan.previous, entries, checksum,
                                   generation=fence.generation if fence is not None else 0)
         began = time.perf_counter()
-        save.commit_started = True
-        entry = await self._repository.commit(
-            manifest, before_put=fence.before_put if fence is not None else None)
+
+        def before_put(step: int) -> None:  # in the storage thread, before the manifest's put
+            if fence is not None:
+                fence.before_put(step)  # a late put's lease check: raises when the lease is lost
+            # Only from here may the put have created the manifest; a refusal above leaves
+            # it to whoever holds the chain now, and ``discard`` must not delete theirs.
+            save.commit_started = True
+
+        entry = await self._repository.commit(manifest, before_put=before_put)
         return Written(manifest, entry, arrays, began)
 
     async def settle(self, save: QueuedSave, plan: Plan, written: Written) -> Committed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections import OrderedDict
@@ -238,3 +239,29 @@ def test_tied_tensors_are_one_leaf_and_one_restored_object() -> None:
     restored = roundtrip(state)
     assert restored["head"] is restored["embed"]
     assert restored["row"] is not restored["embed"] and torch.equal(restored["row"], weight[0])
+    assert flat.leaves[0].aliases == ("head",)
+
+
+def test_conjugate_and_negative_views_are_never_taken_for_tied() -> None:
+    """``x.conj()`` and ``y.conj().imag`` lie over the bytes of ``x`` and ``y.imag`` with
+    their shapes and strides, but their values are not those bytes'."""
+    x = torch.randn(4, dtype=torch.complex64)
+    y = torch.randn(4, dtype=torch.complex64)
+    state = {"x": x, "x_conj": x.conj(), "im": y.imag, "neg_im": y.conj().imag}
+    assert len(flatten(state).leaves) == 4
+    restored = roundtrip(state)
+    assert torch.equal(restored["x_conj"], x.conj().resolve_conj())
+    assert torch.equal(restored["neg_im"], -y.imag) and torch.equal(restored["im"], y.imag)
+
+
+def test_a_metadata_that_is_not_json_is_left_out_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state: OrderedDict[str, Any] = OrderedDict(w=torch.ones(2))
+    state._metadata = {"": {"version": object()}}  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="ckptd.client"):
+        for _ in range(3):
+            restored = roundtrip({"odd_model": state})
+    assert not hasattr(restored["odd_model"], "_metadata")
+    warned = [r for r in caplog.records if "_metadata is not plain JSON" in r.getMessage()]
+    assert len(warned) == 1 and "state['odd_model']" in warned[0].getMessage()

@@ -169,6 +169,22 @@ def test_adams_moments_are_lossy_log_and_scaled_unless_a_user_rule_says_otherwis
     assert resolve(everything_lossy, "optimizer/state/3/exp_avg_sq", 4) == (pb.POLICY_LOSSY, 4)
 
 
+def test_tied_tensors_take_one_policy_and_must_agree_on_it() -> None:
+    """Tied weights are stored once: a rule for the second name must not be dropped
+    silently, so rules that disagree on the two names are refused at save."""
+    weight = torch.randn(8, 4)
+    flat = flatten({"model": {"embed.weight": weight, "head.weight": weight}})
+    agree = HeaderBuilder("r", 0, parse_rules([("model/*", "lossy:3")]), pb.ServerInfo())
+    header = agree.build(1, flat, 0, None)
+    assert [(t.name, t.policy, t.bits) for t in header.tensors] == [
+        ("model/embed.weight", pb.POLICY_LOSSY, 3)]
+    differ = HeaderBuilder("r", 0, parse_rules([("model/head.weight", "exact"),
+                                                ("model/*", "lossy:3")]), pb.ServerInfo())
+    with pytest.raises(InvalidCheckpointError,
+                       match=r"'model/head\.weight' and 'model/embed\.weight' are one tensor"):
+        differ.build(1, flat, 0, None)
+
+
 def test_only_unix_socket_targets_may_use_shared_memory() -> None:
     assert is_unix_target("unix:/tmp/x.sock") and is_unix_target("unix:///tmp/x.sock")
     assert not is_unix_target("127.0.0.1:5000") and not is_unix_target("localhost:1")

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,12 +176,15 @@ def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPat
     later than that after its writer's lease check could land unfenced. The daemon here
     stops right after the check of step 2 (SIGSTOP, a suspended VM) for longer than
     RECHECK_AFTER_S, and meanwhile another daemon takes the chain over: the writer checks
-    again before its put and refuses to commit (before: the late manifest was written)."""
+    again before its put and refuses to commit (before: the late manifest was written).
+    Meanwhile the other daemon also commits step 2 (the trainer saved it again there): the
+    refused writer's cleanup must leave that manifest alone."""
     config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
     clock = FakeClock()
     states = list(random_walk(17, 3))
     real_check = lease.check_current
     paused: list[float] = []
+    theirs = manifest_key(StepKey(RUN, 0, 2))
 
     def check_then_pause(storage: Storage, held: lease.Lease, *, now_unix_s: float) -> None:
         real_check(storage, held, now_unix_s=now_unix_s)
@@ -191,6 +195,7 @@ def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPat
         clock.monotonic_s += lease.RECHECK_AFTER_S + 1
         lease.take(storage, RUN, 0, "daemon-b", ttl_s=30, now_unix_s=clock.wall_unix_s,
                    after_step=1)
+        assert storage.put_if_absent(theirs, b"daemon-b's manifest of step 2")
 
     async def scenario() -> None:
         async with open_engine(root, config, lease_clocks=clock.clocks) as engine:
@@ -202,8 +207,10 @@ def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPat
             assert paused and failed.state is SaveState.FAILED
             assert "ChainLeasedError" in failed.error, failed.error
             assert "after its lease check" in failed.error and "not committed" in failed.error
-            assert not engine.storage.list(f"runs/{RUN}/0/{2:020d}/")
-            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1]
+            # Only daemon-b's manifest is left of step 2: none of this writer's blobs, and
+            # its cleanup did not delete the manifest it never put.
+            assert engine.storage.list(f"runs/{RUN}/0/{2:020d}/") == [theirs]
+            assert engine.storage.get(theirs) == b"daemon-b's manifest of step 2"
 
     asyncio.run(scenario())
 
@@ -266,6 +273,38 @@ def test_a_late_manifest_put_on_s3_checks_again_and_writes_nothing(
     s3_url: str, monkeypatch: pytest.MonkeyPatch, late_put: LatePut,
 ) -> None:
     late_put(s3_url, monkeypatch)
+
+
+def test_a_late_put_under_a_lease_renewed_meanwhile_commits(tmp_path: Path) -> None:
+    """A manifest put queued for longer than RECHECK_AFTER_S while this daemon went on
+    renewing its lease (nobody else took the chain) is checked against the lease as
+    renewed, not as it was at the fence, and commits."""
+    config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
+    clock = FakeClock()
+    states = list(random_walk(17, 3))
+
+    async def scenario() -> None:
+        async with open_engine(tmp_path, config, lease_clocks=clock.clocks) as engine:
+            for step in (0, 1):
+                await save(engine, step, states[step])
+            repository = engine._pipeline._repository
+            commit = repository.commit
+
+            async def queued_commit(manifest: Manifest, **kwargs: Any) -> Any:
+                if manifest.key.step == 2:  # the put waits 2000 s; renewals every 400 s
+                    for _ in range(5):
+                        clock.wall_unix_s += 400
+                        clock.monotonic_s += 400
+                        await engine._leases.renew_all()
+                return await commit(manifest, **kwargs)
+
+            repository.commit = queued_commit  # type: ignore[method-assign]
+            accepted = await send(engine, 2, states[2])
+            done = await engine.wait(accepted.key, 60)
+            assert done.state is SaveState.DURABLE, done.error
+            assert [i.step for i in engine.list_steps(RUN, 0)] == [0, 1, 2]
+
+    asyncio.run(scenario())
 
 
 def test_an_idle_chain_releases_its_lease_and_takes_it_back_for_the_next_delta(
