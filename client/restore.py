@@ -51,7 +51,9 @@ class RestoredState:
     transport: str = "grpc"
     """How the bytes came: ``"shm"`` (the daemon's shared memory) or ``"grpc"`` (streamed)."""
     nbytes: int = 0
-    """The restored tensors' bytes (what a restore through shared memory needs there)."""
+    """What a restore of this step through shared memory needs there: its tensors' bytes,
+    each at an aligned offset (``segments.aligned_offsets``, the span the daemon checks
+    ``/dev/shm``'s room against)."""
 
 
 # However little room /dev/shm had at the last refusal, every this many restores after it
@@ -163,7 +165,7 @@ def receive(
             f"{str(exc)[:200]}"
         ) from exc
     transport = "shm" if header.HasField("shared_memory") else "grpc"
-    nbytes = sum(int(spec.nbytes) for spec in header.tensors)
+    _, nbytes = segments.aligned_offsets([int(spec.nbytes) for spec in header.tensors])
     return RestoredState(int(header.ref.step), state, metadata, header.checksum, transport,
                          nbytes)
 

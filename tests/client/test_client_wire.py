@@ -87,6 +87,9 @@ def test_restore_rebuilds_state_with_dtypes_and_shapes() -> None:
     assert out["mask"].tolist() == [True, False, True]
     assert isinstance(out["np"], np.ndarray) and out["np"].dtype == np.int16
     assert out["step"] == 9
+    # What it would need in /dev/shm: each tensor at a 64-byte aligned offset, as the daemon
+    # counts (80 + 6 + 8 + 0 + 3 + 10 raw bytes).
+    assert restored.nbytes == 128 + 64 + 64 + 0 + 64 + 64
 
 
 def test_restore_without_structure_is_a_flat_dict() -> None:
