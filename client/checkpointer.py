@@ -61,7 +61,9 @@ class Checkpointer:
             (same host, over the daemon's unix socket only); ``"grpc"`` streams them;
             ``"auto"`` picks shm on a unix socket when the daemon reports this host's
             hostname and boot id, and falls back to streaming if the daemon then refuses
-            the segment (e.g. it runs in another container).
+            the segment (e.g. it runs in another container: for good) or ``/dev/shm`` is
+            full (until it has room again, or every 8th save or restore; one warning each;
+            README, "Sizing /dev/shm").
         bits: Default bit width of lossy tensors (1..8): every built-in rule's width (the
             domains stay; exact stays exact), the width of your rules that name none, and
             the daemon's default. None: the built-in rules' own widths and the daemon's
