@@ -137,9 +137,9 @@ class SaveSkippedError(DaemonBusyError):
 
 class GrpcLimitError(CkptdClientError):
     """Raised when gRPC itself refused a call at one of its limits (RESOURCE_EXHAUSTED
-    with no ckptd reason: a message over the daemon's ``--max-message-bytes``, more
-    concurrent calls than it takes). Not the daemon's busy answer (``DaemonBusyError``):
-    the same call fails the same way again, so a save ends FAILED, never skipped."""
+    with no ckptd reason: a message over the daemon's ``--max-message-bytes``, a request
+    or a reply). Not the daemon's busy answer (``DaemonBusyError``): the same call fails
+    the same way again, so a save ends FAILED, never skipped."""
 
 
 class CorruptCheckpointError(CkptdClientError, ValueError):
@@ -245,10 +245,11 @@ def map_rpc_error(exc: grpc.RpcError, operation: str = "") -> CkptdClientError:
     elif wire.code is grpc.StatusCode.RESOURCE_EXHAUSTED and not wire.reason:
         details = (
             f"gRPC refused the call at one of its own limits ({details}), not because the "
-            "daemon was busy: a message over the daemon's max_message_bytes (a save's header: "
-            "its tensor table, structure and metadata) or too many calls at once; sending it "
-            "again fails the same way: raise the daemon's --max-message-bytes, hold long "
-            "lists and large bytes as tensors, or save fewer tensors"
+            "daemon was busy: a message larger than the daemon's --max-message-bytes (for a "
+            "save, its header: the tensor table, structure and metadata); sending it again "
+            "fails the same way: raise the daemon's --max-message-bytes"
+            + (", hold long lists and large bytes as tensors, or save fewer tensors"
+               if operation.startswith("save ") else "")
         )
     status = f"{wire.reason}, gRPC status {wire.code.name}" if wire.reason else (
         f"gRPC status {wire.code.name}")

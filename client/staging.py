@@ -199,7 +199,8 @@ class StagingPool:
         False (``buffer`` closed) when the busy buffers leave no room for it."""
         with self._cond:
             held = sum(b.capacity for b in self._busy)
-            if (self._closed or len(self._busy) >= self.max_buffers
+            too_big = self.max_total_bytes is not None and buffer.capacity > self.max_total_bytes
+            if (self._closed or too_big or len(self._busy) >= self.max_buffers
                     or not self._fits(held, buffer.capacity)):
                 buffer.close()
                 return False

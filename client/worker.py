@@ -128,17 +128,18 @@ class SaveWorker:
 
     def _send_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            release = _Release(self.pool, job.buffer)
             try:
-                self._deliver(job)
+                self._deliver(job, release)
             except Exception as exc:  # never let the thread die silently
                 logger.exception("unexpected error while saving step %d", job.handle.step)
                 job.handle._set_failed(
                     CkptdClientError(f"step {job.handle.step}: unexpected client error: {exc!r}")
                 )
             finally:
-                self.pool.release(job.buffer)
+                release()
 
-    def _deliver(self, job: SaveJob) -> None:
+    def _deliver(self, job: SaveJob, release: Callable[[], None]) -> None:
         handle = job.handle
         while True:
             if self._stopping.is_set():
@@ -171,6 +172,9 @@ class SaveWorker:
                 )
                 return
             break
+        # The buffer is free before the save is ACCEPTED: whoever waits for the handle
+        # (``wait()``, the next ``save()``) finds it free, not still held by this thread.
+        release()
         handle._set_accepted()
         self._accepted.put(handle)
 
@@ -181,6 +185,9 @@ class SaveWorker:
         shm = self._shm
         if shm is None or self.transport is shm or not self._room.worth_trying():
             return
+        limit = self.pool.max_total_bytes
+        if limit is not None and buffer_bytes(nbytes) > limit:
+            return  # ``acquire`` refuses this save anyway: no segment over max_staging_bytes
         try:
             buffer = shm.allocate(buffer_bytes(nbytes))
         except SharedMemoryFullError as exc:
@@ -211,8 +218,13 @@ class SaveWorker:
         return self.transport.accepts(buffer)
 
     def _carrier(self, buffer: StagingBuffer) -> SaveTransport:
-        """The transport that sends ``buffer``: the one in use, unless ``buffer`` was
-        staged in process memory while saves streamed (those stream still)."""
+        """The transport that sends ``buffer``: shared memory for a shared-memory buffer
+        while the daemon reads our segments (a full ``/dev/shm`` stops new segments, not
+        the ones the pool holds), else the one in use, unless ``buffer`` was staged in
+        process memory while saves streamed (those stream still)."""
+        shm = self._shm
+        if shm is not None and shm.accepts(buffer):
+            return shm
         transport = self.transport
         if transport.accepts(buffer) or self._stream is None:
             return transport
@@ -311,3 +323,16 @@ def _lost(handle: SaveHandle, exc: CkptdClientError) -> SaveFailedError:
     )
     error.code, error.details = exc.code, exc.details
     return error
+
+
+class _Release:
+    """Returns one save's staging buffer to the pool exactly once: from ``_deliver`` as
+    soon as the daemon accepted the save, else when the sender is done with it."""
+
+    def __init__(self, pool: StagingPool, buffer: StagingBuffer) -> None:
+        self._pool, self._buffer, self._done = pool, buffer, False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool.release(self._buffer)
