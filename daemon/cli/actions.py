@@ -165,7 +165,9 @@ def register_rm(subparsers: Any) -> None:
         "rewritten as a lossless base, so it stays restorable), every step of one rank "
         "(--rank), or every rank of RUN; or quarantined step directories (--quarantined). "
         "Asks first unless --yes. With --storage, make sure no daemon serves that storage: it "
-        "would not notice the deletion (the storage lock refuses while one runs).",
+        "would not notice the deletion (the storage lock refuses while one runs). On S3 each "
+        "chain's writer lease is taken instead (refused while a daemon writes the chain) and "
+        "renewed while the deletion runs; one that loses it stops and says what was deleted.",
     )
     parser.add_argument("run", nargs="?", metavar="RUN",
                         help="required, except with --quarantined (default: every run)")
@@ -220,11 +222,27 @@ def _rm(catalog: Catalog, args: argparse.Namespace) -> int:
         print("ckptd: nothing deleted", file=sys.stderr)
         return 1
     if args.step is not None or args.rank is not None:
-        deleted = sum(catalog.delete_step(key) for key in keys)
+        deleted = _delete_steps(catalog, keys)
     else:
         deleted = catalog.delete_run(args.run)
     print(f"deleted {what}: {deleted} steps")
     return 0
+
+
+def _delete_steps(catalog: Catalog, keys: list[StepKey]) -> int:
+    """Deletes ``keys`` in order; when one fails (a lost lease, a full disk), says on stderr
+    which were deleted before the error (the error itself says the failed one was not)."""
+    done: list[StepKey] = []
+    try:
+        for key in keys:
+            catalog.delete_step(key)
+            done.append(key)
+    except BaseException:
+        if done:
+            print(f"ckptd: deleted {len(done)} of {len(keys)} steps before the error: "
+                  + ", ".join(map(str, done)), file=sys.stderr)
+        raise
+    return len(done)
 
 
 def _with_dependants(catalog: Catalog, run: str, rank: int, step: int, wanted: bool) -> list[int]:

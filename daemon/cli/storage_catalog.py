@@ -13,9 +13,10 @@ index and head reconstruction stale, so it first claims the storage's one-writer
 (``Storage.claim``), which a serving daemon holds: the deletion is refused, naming the
 holder; delete through the daemon (``--target``) instead. An object store has no such
 lock (``Storage.shared``): there each deletion takes the chain's writer lease
-(``ckptd.daemon.store.lease``) for as long as it runs, so it is refused while any daemon
-writes that chain, and releases it after. Reading is safe at any time
-(manifests are the commit point).
+(``ckptd.daemon.store.lease``) for as long as it runs, renewed meanwhile and checked again
+before a late manifest rewrite (``ckptd.daemon.cli.rm_lease``), so it is refused while any
+daemon writes that chain, stops (rewriting nothing more) if it loses the chain, and
+releases it after. Reading is safe at any time (manifests are the commit point).
 
 The engine's code is asynchronous; this class runs it on a private event loop, one call at
 a time, from the caller's thread.
@@ -29,20 +30,19 @@ import dataclasses
 import os
 import re
 import socket
-import time
-import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptd.daemon.cli.catalog import Catalog, ProgressCallback, StepDetail, TensorRow
+from ckptd.daemon.cli.rm_lease import RmLeases
 from ckptd.daemon.domain import RestoredCheckpoint, RunInfo, StepKey
+from ckptd.daemon.engine.lease import LeaseClocks
 from ckptd.daemon.engine.validation import check_key, check_run_name
-from ckptd.daemon.errors import StorageError
+from ckptd.daemon.errors import ChainLeasedError, StorageError
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import Storage, open_storage
 from ckptd.daemon.store.index import IndexEntry, StepIndex
-from ckptd.daemon.store.lease import Lease, check_free, new_holder, release, take
 from ckptd.daemon.store.quarantine import DamagedStep, QuarantinedStep
 from ckptd.daemon.store.repository import Repository
 from ckptd.protos.records import StepInfo
@@ -52,9 +52,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Enough threads to overlap reads with decoding; the CLI is one short-lived process.
 _CODEC_WORKERS = max(1, min(4, os.cpu_count() or 1))
 _IO_WORKERS = 4
-# How long a direct deletion's chain leases last if it dies holding them (not renewed: a
-# deletion that outlives it no longer excludes a daemon, so keep it generous).
-_RM_LEASE_TTL_S = 600.0
+# How long a direct deletion's chain leases last past their last renewal: how long a daemon
+# waits for the chains of a deletion that died holding them (renewed every third of it).
+RM_LEASE_TTL_S = 60.0
 
 
 def local_path(url: str) -> Path | None:
@@ -73,7 +73,10 @@ class StorageCatalog(Catalog):
 
     direct = True
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, lease_ttl_s: float = RM_LEASE_TTL_S,
+                 lease_clocks: LeaseClocks | None = None) -> None:
+        """``lease_ttl_s`` and ``lease_clocks``: of the chain leases a deletion takes on
+        shared storage (tests pass clocks they advance themselves)."""
         self._storage = storage
         self.location = f"storage {storage.url}"
         self._loop = asyncio.new_event_loop()
@@ -83,6 +86,8 @@ class StorageCatalog(Catalog):
         self._damaged: list[DamagedStep] = []
         self._closed = False
         self._claimed = False
+        self._lease_ttl_s = lease_ttl_s
+        self._lease_clocks = lease_clocks or LeaseClocks()
 
     @classmethod
     def open(cls, url: str) -> StorageCatalog:
@@ -132,8 +137,16 @@ class StorageCatalog(Catalog):
     def delete_step(self, key: StepKey) -> int:
         self._claim()
         self._entry(key)
-        with self._leased([(key.run, key.rank)]):
-            self._run(self._repository.delete_step(key))
+        with self._leased([(key.run, key.rank)]) as leases:
+            before_put = None if leases is None else leases.before_put(key.run, key.rank)
+            try:
+                self._run(self._renewing(leases, self._repository.delete_step(
+                    key, before_put=before_put)))
+            except ChainLeasedError as exc:
+                raise ChainLeasedError(
+                    f"step {key} was not deleted and no step was changed (each restores as "
+                    f"before): {exc}. Delete it again once the chain is free, or through the "
+                    "daemon that writes it (--target)") from exc
         return 1
 
     def delete_run(self, run: str) -> int:
@@ -142,8 +155,21 @@ class StorageCatalog(Catalog):
         ranks = self._get_index().ranks(run)
         if not ranks:
             raise self._repository.run_not_found(run)
-        with self._leased([(run, rank) for rank in ranks]):
-            return sum(self._run(self._repository.delete_chain(run, rank)) for rank in ranks)
+        deleted: list[int] = []
+        count = 0
+        with self._leased([(run, rank) for rank in ranks]) as leases:
+            for rank in ranks:
+                try:
+                    if leases is not None:  # rewrites nothing: checked once, before it starts
+                        leases.check(run, rank)
+                except ChainLeasedError as exc:
+                    done = f"ranks {deleted} of run {run!r} were deleted; " if deleted else ""
+                    raise ChainLeasedError(f"{done}rank {rank} and the ranks after it were "
+                                           f"not: {exc}") from exc
+                count += self._run(self._renewing(leases,
+                                                  self._repository.delete_chain(run, rank)))
+                deleted.append(rank)
+        return count
 
     def damaged(self) -> list[DamagedStep]:
         self._get_index()
@@ -187,27 +213,26 @@ class StorageCatalog(Catalog):
             self._loaded = False
 
     @contextlib.contextmanager
-    def _leased(self, chains: list[tuple[str, int]]) -> Iterator[None]:
+    def _leased(self, chains: list[tuple[str, int]]) -> Iterator[RmLeases | None]:
         """Holds the chains' writer leases on shared storage (refused, naming the holder,
-        while a daemon writes one), released on exit; a no-op where ``_claim`` locked."""
+        while a daemon writes one), released on exit; None where ``_claim`` locked."""
         if not self._storage.shared:
-            yield
+            yield None
             return
-        holder = new_holder("ckptd rm", os.getpid(), uuid.uuid4().hex[:12])
-        held: list[Lease] = []
+        leases = RmLeases(self._storage, self._pools, ttl_s=self._lease_ttl_s,
+                          clocks=self._lease_clocks)
         try:
             for run, rank in chains:
-                check_free(self._storage, run, rank, holder, now_unix_s=time.time())
+                leases.check_free(run, rank)
             self._loaded = False  # listed again now: after_step must see every commit
             for run, rank in chains:
-                held.append(take(self._storage, run, rank, holder, ttl_s=_RM_LEASE_TTL_S,
-                                 now_unix_s=time.time(),
-                                 after_step=self._get_index().latest(run, rank)))
-            yield
+                leases.take(run, rank, after_step=self._get_index().latest(run, rank))
+            yield leases
         finally:
-            for lease in held:
-                with contextlib.suppress(StorageError):
-                    release(self._storage, lease, now_unix_s=time.time())
+            leases.release_all()
+
+    async def _renewing(self, leases: RmLeases | None, work: Awaitable[T]) -> T:
+        return await (work if leases is None else leases.renewing(work))
 
     def _entry(self, key: StepKey) -> IndexEntry:
         check_key(key.run, key.rank, key.step)

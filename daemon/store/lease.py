@@ -262,21 +262,23 @@ def check_current(storage: Storage, lease: Lease, *, now_unix_s: float) -> None:
 
 def recheck_if_late(
     storage: Storage, lease: Lease, step: int, *, waited_s: float, now_unix_s: float,
+    late_after_s: float = RECHECK_AFTER_S,
 ) -> None:
     """What a writer calls just before it puts a manifest of ``step`` under ``lease``,
     ``waited_s`` seconds after its lease check (``check_current``): a no-op within
-    ``RECHECK_AFTER_S``; later, the check again (see "Late commits" above), raising
+    ``late_after_s``; later, the check again (see "Late commits" above), raising
     ``ChainLeasedError`` that says why the save is not committed (or the rewrite not
-    made)."""
-    if waited_s <= RECHECK_AFTER_S:
+    made). A daemon keeps the default; ``ckptd rm --storage``, whose lease is only renewed
+    while it deletes, passes its renewal interval (``ckptd.daemon.cli.rm_lease``)."""
+    if waited_s <= late_after_s:
         return
     try:
         check_current(storage, lease, now_unix_s=now_unix_s)
     except ChainLeasedError as exc:
         raise ChainLeasedError(
             f"the manifest of step {step} of {lease.run}/rank{lease.rank} was to be written "
-            f"{waited_s:.0f} s after its lease check (the daemon was paused, or its storage "
-            f"calls queued, for over {RECHECK_AFTER_S:.0f} s); checked again: {exc}"
+            f"{waited_s:.0f} s after its lease check (the writer was paused, or its storage "
+            f"calls queued, for over {late_after_s:.0f} s); checked again: {exc}"
         ) from exc
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from ckptd.daemon.domain import StepKey
+from ckptd.daemon.errors import ChainLeasedError
+from ckptd.daemon.store.repository import Repository
 from cli_support import CliRunner, Store, assert_same_state
 from daemon_harness import stored_blob_key
 
@@ -125,3 +129,27 @@ def test_rm_on_storage_a_daemon_serves_is_refused(cli: CliRunner, store: Store) 
     assert code == 0, err
     steps = _steps(cli, ["--storage", str(store.storage_path)], "alpha")["0"]
     assert [step for step, _ in steps] == [1, 3]
+
+
+def test_rm_of_several_steps_that_fails_says_which_were_deleted(
+    cli: CliRunner, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rank's steps go newest first, one deletion each; the second one fails (its chain's
+    # lease lost, a full disk): the output names the step deleted before it, and the error
+    # the one that was not.
+    store.daemon.stop()
+    real_delete = Repository.delete_step
+
+    async def fail_at_step_2(self: Repository, key: StepKey, *args: Any, **kw: Any) -> None:
+        if key.step == 2:
+            raise ChainLeasedError(f"step {key} was not deleted (lease lost)")
+        await real_delete(self, key, *args, **kw)
+
+    monkeypatch.setattr(Repository, "delete_step", fail_at_step_2)
+    source = ["--storage", str(store.storage_path)]
+    code, out, err = cli("rm", "alpha", "--rank", "0", "--yes", *source)
+    assert (code, out) == (1, "")
+    first, second = err.splitlines()
+    assert first == "ckptd: deleted 1 of 3 steps before the error: alpha/rank0/step3"
+    assert second.startswith("ckptd: error: step alpha/rank0/step2 was not deleted"), second
+    assert _steps(cli, source, "alpha")["0"] == [(1, "base"), (2, "delta")]

@@ -403,3 +403,117 @@ def test_lease_renewals_do_not_wait_behind_blob_writes(
             assert status.state == SaveState.DURABLE
 
     asyncio.run(scenario())
+
+
+def _shared_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local directories behave as an object store for this test: shared (chains leased,
+    no leftovers deleted at start) and without the one-writer lock, so a daemon and a
+    direct `ckptd rm` write one directory as two hosts write one S3 prefix."""
+    monkeypatch.setattr(LocalStorage, "shared", True)
+    monkeypatch.setattr(LocalStorage, "claim", lambda self, holder: None)
+
+
+def _direct_rm_losing_its_lease_mid_rebase(root: Path | str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ckptd rm --storage` of step 0 rewrites step 1 as a base under the chain's lease.
+    The process stops once the rewrite's blobs are durable (SIGSTOP, a suspended VM) past
+    its lease's ttl; meanwhile a daemon takes the chain (deleting the rewrite's unnamed
+    blobs as leftovers) and commits step 3. The deletion checks its lease again before the
+    manifest's put and stops: step 0 is not deleted, step 1's manifest is the one it was,
+    and every step restores, the daemon's step 3 included (before: step 1's manifest named
+    the deleted blobs, and step 1 and the deltas after it, step 3 among them, were lost)."""
+    config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
+    clock = FakeClock()
+    states = list(random_walk(23, 4))
+    rm_ttl_s = 60.0
+    committed: list[bytes] = []
+
+    async def daemon_saves(steps: range) -> None:
+        async with open_engine(root, config, lease_clocks=clock.clocks) as engine:
+            for step in steps:
+                await save(engine, step, states[step])
+            committed.extend(engine.storage.get(manifest_key(StepKey(RUN, 0, step)))
+                             for step in steps)
+
+    asyncio.run(daemon_saves(range(3)))
+    storage = LocalStorage(root) if isinstance(root, Path) else open_storage(root)
+    real_sync = storage.sync
+    paused: list[float] = []
+
+    def sync_then_pause(keys: list[str]) -> None:
+        real_sync(keys)  # the rewrite's blobs: durable, its manifest not yet put
+        paused.append(clock.wall_unix_s)
+        clock.wall_unix_s += rm_ttl_s + 1
+        clock.monotonic_s += rm_ttl_s + 1
+        asyncio.run(daemon_saves(range(3, 4)))  # the trainer's next save, on a daemon
+
+    monkeypatch.setattr(storage, "sync", sync_then_pause)
+    rm = StorageCatalog(storage, lease_ttl_s=rm_ttl_s, lease_clocks=clock.clocks)
+    with rm, pytest.raises(ChainLeasedError) as info:
+        rm.delete_step(StepKey(RUN, 0, 0))
+    assert paused, "the deletion rewrote no step"
+    message = str(info.value)
+    assert f"step {StepKey(RUN, 0, 0)} was not deleted" in message, message
+    assert "manifest of step 1 " in message and "expired" in message, message
+    with StorageCatalog.open(str(root)) as catalog:
+        assert [i.step for i in catalog.list_steps(RUN, 0)] == [0, 1, 2, 3]
+        for step in range(4):  # each verified end to end (blob and tensor checksums)
+            catalog.restore(StepKey(RUN, 0, step))
+        reader = open_storage(str(root))
+        assert [reader.get(manifest_key(StepKey(RUN, 0, s))) for s in range(4)] == committed
+
+
+def test_a_direct_rm_that_outlives_its_lease_stops_before_its_late_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _shared_directory(monkeypatch)
+    _direct_rm_losing_its_lease_mid_rebase(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_direct_rm_on_s3_that_outlives_its_lease_stops_before_its_late_rewrite(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _direct_rm_losing_its_lease_mid_rebase(s3_url, monkeypatch)
+
+
+def test_a_direct_rm_renews_its_lease_while_it_rewrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebase that takes longer than the deletion's lease ttl keeps the chain: the lease
+    is renewed meanwhile, so a daemon that wants the chain once the first expiry has passed
+    is still refused, and the deletion completes."""
+    _shared_directory(monkeypatch)
+    states = list(random_walk(29, 3))
+
+    async def write() -> None:
+        async with open_engine(tmp_path, SHARED) as engine:
+            for step in range(3):
+                await save(engine, step, states[step])
+
+    asyncio.run(write())
+    storage = LocalStorage(tmp_path)
+    real_sync = storage.sync
+    renewed: list[float] = []
+
+    def sync_until_renewed(keys: list[str]) -> None:
+        real_sync(keys)
+        taken = lease.read_current(storage, RUN, 0)
+        assert taken is not None and taken.holder.startswith("ckptd rm")
+        deadline = time.monotonic() + 60  # only stops a hang: a renewal comes each 1 s
+        while (current := lease.read_current(storage, RUN, 0)) == taken:
+            assert time.monotonic() < deadline, current
+            time.sleep(0.02)
+        assert current is not None and current.generation == taken.generation
+        renewed.append(current.expires_unix_s)
+        with pytest.raises(ChainLeasedError, match=r"ckptd rm"):  # past the first expiry
+            lease.check_free(storage, RUN, 0, "daemon-b", now_unix_s=taken.expires_unix_s)
+
+    monkeypatch.setattr(storage, "sync", sync_until_renewed)
+    with StorageCatalog(storage, lease_ttl_s=3.0) as catalog:
+        assert catalog.delete_step(StepKey(RUN, 0, 0)) == 1
+        assert renewed, "the deletion rewrote no step"
+        assert [i.step for i in catalog.list_steps(RUN, 0)] == [1, 2]
+        catalog.restore(StepKey(RUN, 0, 1))
+    current = lease.read_current(LocalStorage(tmp_path), RUN, 0)
+    assert current is not None and current.released
