@@ -35,7 +35,12 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 from ckptd.daemon import codec
 from ckptd.daemon.domain import StepKey
-from ckptd.daemon.errors import CorruptCheckpointError, StorageError, StorageFullError
+from ckptd.daemon.errors import (
+    ChainLeasedError,
+    CorruptCheckpointError,
+    StorageError,
+    StorageFullError,
+)
 from ckptd.daemon.logs import get_logger, step_fields
 from ckptd.daemon.pools import Pools, gather_bounded
 from ckptd.daemon.storage.base import Storage
@@ -268,7 +273,9 @@ class Deleter:
     async def _renumber_descendants(self, base: Manifest, commit: Commit) -> None:
         """Rewrites base_step/chain_depth of the deltas that now hang off ``base``. These
         fields are informational (restore follows parent pointers), so a failure here is
-        logged, not raised."""
+        logged, not raised; except a lost chain lease (``ChainLeasedError`` from the late
+        put's check): nothing more may be written under it, so the delete stops here, the
+        rebased child a base and the deleted step still there."""
         parent = base
         while (entry := self._index.child(parent.key)) is not None:
             updated = dataclasses.replace(
@@ -276,6 +283,8 @@ class Deleter:
             )
             try:
                 await commit(updated)
+            except ChainLeasedError:
+                raise
             except Exception as exc:
                 log.warning("cannot update chain fields %s",
                             step_fields(updated.key, error=str(exc)))

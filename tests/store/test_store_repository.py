@@ -172,6 +172,30 @@ def test_every_manifest_a_rebase_rewrites_passes_before_put_first(
     asyncio.run(scenario())
 
 
+def test_a_delete_that_finds_its_lease_lost_renumbering_a_descendant_stops_there(
+    tmp_path: Path, pools: Pools
+) -> None:
+    """Deleting step 2 rebases step 3, then renumbers step 4; the lease check before step
+    4's put finds the lease lost: the delete raises and writes nothing more under it (it
+    went on to delete step 2 and reported success, under another daemon's lease)."""
+    async def scenario() -> None:
+        repo = Repository(LocalStorage(tmp_path), pools)
+        await repo.load()
+        chain = await _commit_chain(repo, 4)
+
+        def lost_at_4(step: int) -> None:
+            if step == 4:
+                raise ChainLeasedError("lease lost before step 4's manifest")
+
+        with pytest.raises(ChainLeasedError, match="before step 4's manifest"):
+            await repo.delete_step(chain[1][0].key, before_put=lost_at_4)
+        assert repo.entry(chain[1][0].key).manifest.key.step == 2  # not deleted
+        assert repo.storage.get(manifest_key(chain[1][0].key))
+        assert repo.entry(chain[2][0].key).manifest.kind == BASE  # the rebase stands
+
+    asyncio.run(scenario())
+
+
 def test_a_rebase_cancelled_during_its_commit_loses_nothing(
     tmp_path: Path, pools: Pools
 ) -> None:
