@@ -118,10 +118,11 @@ class ChainLeases:
                 return self._held[key]
             return await self._take(chain)
 
-    async def fence(self, chain: Chain) -> Fence:
+    async def fence(self, chain: Chain, *, late_after_s: float = store.RECHECK_AFTER_S) -> Fence:
         """The lease check before a commit or a rewrite of ``chain``'s manifests (see
         ``Fence``), after checking in storage that the lease is still this daemon's;
-        ``ChainLeasedError`` if it is lost."""
+        ``ChainLeasedError`` if it is lost. The put checks again when it comes more than
+        ``late_after_s`` after this check (``store.recheck_if_late``)."""
         key = (chain.run, chain.rank)
         lease = self._held.get(key)
         if lease is None:
@@ -146,7 +147,7 @@ class ChainLeases:
             # one can step; the longer wait is the one to believe.
             now_wall_s = self._clock()
             waited_s = max(now_wall_s - checked_wall_s, self._monotonic() - checked_monotonic_s)
-            if waited_s <= store.RECHECK_AFTER_S:
+            if waited_s <= late_after_s:
                 return
             # The lease as held now: renewals on the loop replace it while the put waits
             # (one dict read from this storage thread). Checked again in storage, it must
@@ -160,7 +161,7 @@ class ChainLeases:
                         "longer holds that lease; the save is not committed, the rewrite "
                         "not made")
                 store.recheck_if_late(self._storage, current, step, waited_s=waited_s,
-                                      now_unix_s=now_wall_s)
+                                      now_unix_s=now_wall_s, late_after_s=late_after_s)
             except ChainLeasedError:
                 loop.call_soon_threadsafe(self._lost_generation, key, lease.generation)
                 raise
@@ -172,10 +173,16 @@ class ChainLeases:
         retention's), from ``fence``: on shared storage retention and deletes run only
         under this daemon's lease, so a rewrite put late after it checks again like a
         commit. None where this daemon holds no lease of a chain on storage it alone
-        writes (retention of a chain not yet saved to since start): no writer to fence."""
+        writes (retention of a chain not yet saved to since start): no writer to fence.
+
+        Unlike a commit's, a rewrite's check runs before every put, however short the
+        wait: a late commit within the grace only adds a manifest its generation voids,
+        but a late rewrite replaces one, naming blobs the chain's new holder may already
+        have removed as leftovers. Rewrites are rare (deletes, retention), so one storage
+        read per rewritten manifest is cheap."""
         if not self._storage.shared and (chain.run, chain.rank) not in self._held:
             return None
-        return (await self.fence(chain)).before_put
+        return (await self.fence(chain, late_after_s=0.0)).before_put
 
     def _lost_generation(self, key: ChainKey, generation: int) -> None:
         """``_lost`` for a lease found lost from a storage thread, unless a newer

@@ -216,13 +216,14 @@ def _pause_after_the_lease_check(root: Path | str, monkeypatch: pytest.MonkeyPat
 
 
 def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.MonkeyPatch,
-                                      ) -> None:
+                                      pause_s: float = lease.RECHECK_AFTER_S + 1) -> None:
     """A delete rewrites the step after it as a base (its blobs, then its manifest) under
     the chain's lease, a manifest put like a commit's. The daemon stops once the rewrite's
     blobs are durable (SIGSTOP, a suspended VM) for longer than RECHECK_AFTER_S, and
     meanwhile another daemon takes the chain over: the writer checks its lease again
     before the manifest's put and rewrites nothing (before: the manifest was overwritten
-    under the other daemon's lease and the deleted step's manifest removed)."""
+    under the other daemon's lease and the deleted step's manifest removed). ``pause_s``:
+    how long it stops (a rewrite checks again however short the wait: see the caller)."""
     config = dataclasses.replace(SHARED, lease_ttl_s=600.0, lease_renew_interval_s=200.0)
     clock = FakeClock()
     states = list(random_walk(19, 3))
@@ -239,8 +240,8 @@ def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.Monk
             def sync_then_pause(keys: list[str]) -> None:
                 real_sync(keys)  # the rewrite's blobs: durable, its manifest not yet put
                 paused.append(clock.wall_unix_s)
-                clock.wall_unix_s += lease.RECHECK_AFTER_S + 1
-                clock.monotonic_s += lease.RECHECK_AFTER_S + 1
+                clock.wall_unix_s += pause_s
+                clock.monotonic_s += pause_s
                 lease.take(storage, RUN, 0, "daemon-b", ttl_s=30,
                            now_unix_s=clock.wall_unix_s, after_step=2)
 
@@ -254,6 +255,16 @@ def _pause_before_a_rewrites_manifest(root: Path | str, monkeypatch: pytest.Monk
             assert storage.size(manifest_key(StepKey(RUN, 0, 0))) > 0
 
     asyncio.run(scenario())
+
+
+def test_a_rewrite_paused_past_its_lease_checks_again_however_short_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A late commit within the grace is void by its generation; a late rewrite is not
+    harmless (it replaces a manifest, naming blobs the new holder may have removed as
+    leftovers), so a rewrite checks its lease before every put, not only after
+    RECHECK_AFTER_S: here the daemon stops just past its lease's ttl (600 s)."""
+    _pause_before_a_rewrites_manifest(tmp_path, monkeypatch, pause_s=601.0)
 
 
 # A save's commit (a manifest created) and a delete's rebase (a manifest rewritten).
