@@ -322,6 +322,7 @@ def test_invalid_calls_fail_in_the_trainer_with_clear_messages(
         ckpt.save(3, {"x": torch.ones(1)})
 
 
+@pytest.mark.slow  # ~1.4-1.8 s: the fast tier stays under 90 s
 def test_a_checkpointer_left_open_at_exit_hands_over_and_cleans_up(
     daemon: InProcessDaemon, make_checkpointer: CheckpointerFactory
 ) -> None:

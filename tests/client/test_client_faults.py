@@ -149,6 +149,7 @@ def test_daemon_down_then_restarted_on_the_same_socket(
     assert ckpt.restore(1)["w"].tolist() == [1.0] * 10
 
 
+@pytest.mark.slow  # ~1.4-1.8 s: the fast tier stays under 90 s
 def test_a_save_made_while_the_daemon_restarts_goes_through(
     tmp_path: Path,
     socket_path: Path,
@@ -169,6 +170,7 @@ def test_a_save_made_while_the_daemon_restarts_goes_through(
     assert ckpt.steps() == [1, 2]
 
 
+@pytest.mark.slow  # ~1.4-1.8 s: the fast tier stays under 90 s
 def test_accepted_but_not_durable_save_lost_in_a_crash_is_reported(
     tmp_path: Path,
     socket_path: Path,

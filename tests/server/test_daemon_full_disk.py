@@ -28,6 +28,7 @@ def _namespace_problem() -> str:
     return ""
 
 
+@pytest.mark.slow  # ~1.4-1.8 s: the fast tier stays under 90 s
 def test_deleting_frees_a_full_disk_and_saving_works_again(tmp_path: Path) -> None:
     problem = _namespace_problem()
     if problem:
