@@ -249,7 +249,14 @@ class Deleter:
         # the new blobs whatever this coroutine sees: a cancellation does not stop the I/O
         # thread's put, and a failed put may have renamed it into place. So nothing is
         # deleted from here on a failure; the next start removes the blobs no manifest names.
-        await asyncio.shield(commit(rebased))
+        # Except a lost lease: the check before the put raises it, so no put was issued, and
+        # on shared storage no start would remove the new blobs (a full copy of the step).
+        try:
+            await asyncio.shield(commit(rebased))
+        except ChainLeasedError:
+            keys = [blob_key(child.key, i, tag) for i in range(len(arrays))]
+            await self._delete_quietly(keys, child.key)
+            raise
         log.info("rebased step %s", step_fields(child.key, stored_bytes=rebased.stored_bytes))
         await self._delete_quietly([t.blob_key for t in child.tensors], child.key)
         await self._renumber_descendants(rebased, commit)

@@ -168,6 +168,11 @@ def test_every_manifest_a_rebase_rewrites_passes_before_put_first(
             await repo.rebase(chain[1][0].key, before_put=lost)
         assert repo.storage.get(manifest_key(chain[1][0].key)) == stored
         assert repo.entry(chain[1][0].key).manifest.kind == DELTA
+        # No put was issued, so the rewrite's new blobs are gone too (no start would
+        # remove them on shared storage): the step holds what its manifest names.
+        step_key = manifest_key(chain[1][0].key)
+        named = {t.blob_key for t in repo.entry(chain[1][0].key).manifest.tensors}
+        assert set(repo.storage.list(step_key.rsplit("/", 1)[0] + "/")) == named | {step_key}
 
     asyncio.run(scenario())
 
