@@ -168,7 +168,8 @@ class Engine:
             chain=self._chain, touch=self._touch, schedule_retention=self._schedule_retention,
         )
         self._retainer = Retainer(self._repository, config.retention,
-                                  self._saves.retention_deleted, self._leases.rewrite_check)
+                                  self._saves.retention_deleted, self._leases.rewrite_check,
+                                  hold=self._leases.hold if storage.shared else None)
         self._committed = CommittedSteps(
             repository=self._repository, catalog=self._catalog, retainer=self._retainer,
             leases=self._leases, reports=self._reports, chain=self._chain, touch=self._touch,

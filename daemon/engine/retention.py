@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ckptd.daemon.domain import RetentionPolicy, StepKey
 from ckptd.daemon.engine.chain import Chain
+from ckptd.daemon.errors import ChainLeasedError
 from ckptd.daemon.logs import fields, get_logger
 from ckptd.daemon.store.deletion import PAUSE_POINTS, Pause
 from ckptd.daemon.store.repository import BeforePut, Repository
@@ -55,6 +56,8 @@ def pause_for_tests(spec: str) -> Pause | None:
     return pause
 
 RewriteCheck = Callable[[Chain], Awaitable[BeforePut | None]]
+# ``ChainLeases.hold``: the chain's lease, taken again if it was released while idle.
+Hold = Callable[[Chain], Awaitable[object]]
 """The lease check before a chain's manifests are rewritten (``ChainLeases.rewrite_check``)."""
 Deleted = Callable[[str, int, list[StepKey], float], None]
 """Hears of each action: run, rank, the steps it removed from users' view (deleted, or
@@ -66,12 +69,16 @@ class Retainer:
 
     def __init__(
         self, repository: Repository, default: RetentionPolicy | None, deleted: Deleted,
-        rewrite_check: RewriteCheck | None = None,
+        rewrite_check: RewriteCheck | None = None, hold: Hold | None = None,
     ) -> None:
         """``rewrite_check(chain)``: the lease check a rewrite's manifest puts make
-        (``ChainLeases.rewrite_check``); None: no leases."""
+        (``ChainLeases.rewrite_check``); None: no leases. ``hold(chain)``: on shared
+        storage, the chain's lease before each action (``ChainLeases.hold``: it counts as
+        the chain's use, so a long sweep keeps it, and takes it again if it was released
+        while idle); a chain another daemon holds stops the sweep. None: no leases."""
         self._repository = repository
         self._rewrite_check = rewrite_check
+        self._hold = hold
         self._default = default if default is not None and default.prunes else None
         self._policies: dict[str, RetentionPolicy] = {}
         self._deleted = deleted
@@ -128,6 +135,8 @@ class Retainer:
                     await asyncio.sleep(0)  # let a waiting save take the lock first
                 if key not in self._again:
                     break
+        except ChainLeasedError as exc:  # another daemon writes the chain now: its business
+            log.info("retention stopped: %s %s", exc, fields(run=chain.run, rank=chain.rank))
         except Exception:
             log.exception("retention failed; retried after the next save %s",
                           fields(run=chain.run, rank=chain.rank))
@@ -139,6 +148,8 @@ class Retainer:
         ("deleted"), else hide the dropped steps a kept one needs ("hidden"), else, with
         ``rebases`` allowed, rewrite the delta worth it ("rebased"); "" when nothing is
         left to do."""
+        if self._hold is not None:
+            await self._hold(chain)  # before the lock: taking a lease takes it too
         async with chain.lock:
             policy = self.policy(chain.run) or RetentionPolicy()
             index = self._repository.index
