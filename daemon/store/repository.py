@@ -203,8 +203,9 @@ class Repository:
         ``before_put`` runs in the storage thread just before the put (the writer's last
         lease check, ``lease.recheck_if_late``); what it raises stops the commit."""
         data = manifest.to_bytes()
-        if not await self._put_manifest(manifest.key, data, self.storage.put_if_absent,
-                                        before_put):
+        created = await self._put_manifest(manifest.key, data, self.storage.put_if_absent,
+                                           before_put)
+        if not created and not await self._stored_is(manifest.key, data):
             raise StepExistsError(
                 f"step {manifest.key} was committed by another writer meanwhile "
                 f"({manifest_key(manifest.key)} exists); this save is not committed"
@@ -231,6 +232,18 @@ class Repository:
             return put(manifest_key(key), data)
 
         return await self._pools.run_io(checked_put)
+
+    async def _stored_is(self, key: StepKey, data: bytes) -> bool:
+        """Whether the manifest stored for ``key`` is ``data`` byte for byte: a conditional
+        put retried after a lost response (S3, ``Storage.put_if_absent``) may find its own
+        first attempt and report the key taken. ``data`` names this save's own blobs, so
+        no other writer's manifest equals it."""
+        try:
+            read = functools.partial(self.storage.get, manifest_key(key))
+            stored = await self._pools.run_io(read)
+        except Exception:  # unreadable or gone: not shown to be ours
+            return False
+        return stored == data
 
     def _indexed(self, manifest: Manifest, nbytes: int) -> IndexEntry:
         entry = IndexEntry(manifest, nbytes)

@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 from ckptd.daemon import codec
 from ckptd.daemon.domain import Policy, StepKey, TensorSpec
-from ckptd.daemon.errors import ChainLeasedError, RunNotFoundError, StepNotFoundError
+from ckptd.daemon.errors import (
+    ChainLeasedError,
+    RunNotFoundError,
+    StepExistsError,
+    StepNotFoundError,
+)
 from ckptd.daemon.pools import Pools
 from ckptd.daemon.storage import LocalStorage
 from ckptd.daemon.store.manifest import (
@@ -173,6 +178,33 @@ def test_every_manifest_a_rebase_rewrites_passes_before_put_first(
         step_key = manifest_key(chain[1][0].key)
         named = {t.blob_key for t in repo.entry(chain[1][0].key).manifest.tensors}
         assert set(repo.storage.list(step_key.rsplit("/", 1)[0] + "/")) == named | {step_key}
+
+    asyncio.run(scenario())
+
+
+class _RetriedPut(LocalStorage):
+    """A conditional put retried after a lost response (``S3Storage.put_if_absent``): the
+    first attempt created the key, and the retry finds it taken and says so."""
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        super().put_if_absent(key, data)
+        return False
+
+
+def test_a_commit_whose_retried_put_finds_its_own_manifest_is_committed(
+    tmp_path: Path, pools: Pools
+) -> None:
+    """Before, it raised StepExistsError: the save failed and its cleanup kept the manifest
+    (another writer's, it thought) but deleted the blobs it names, a listed step that no
+    longer restores. Another writer's manifest at the key is still StepExistsError."""
+    async def scenario() -> None:
+        repo = Repository(_RetriedPut(tmp_path), pools)
+        await repo.load()
+        manifest, _ = await _commit(repo, 1, _state(1))
+        assert repo.entry(manifest.key).manifest == manifest
+        repo.storage.put(manifest_key(StepKey("run-a", 0, 2)), b"another writer's manifest")
+        with pytest.raises(StepExistsError, match="committed by another writer"):
+            await _commit(repo, 2, _state(2), manifest, _state(1))
 
     asyncio.run(scenario())
 
