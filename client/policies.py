@@ -28,8 +28,8 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import metadata
 
+from ckptd.protos import installed_version
 from ckptd.protos.v1 import pb
 
 from .errors import InvalidCheckpointError
@@ -200,7 +200,7 @@ def describe_builtin() -> list[tuple[str, str]]:
     each client applies its own rules before the daemon hears of any."""
     rows = [("client_rules",
              f"the built-in rules of the ckptd client library installed here (ckptd "
-             f"{_installed_version()}), not read from any trainer: a trainer applies those "
+             f"{installed_version()}), not read from any trainer: a trainer applies those "
              "of the client it has installed")]
     for label, marker, unless, rules in (*BUILTIN_SETS, ("default", "", "", DEFAULT_RULES)):
         when = f"when the state holds {marker}" if marker else "otherwise"
@@ -208,13 +208,6 @@ def describe_builtin() -> list[tuple[str, str]]:
         rows.append((f"client_rules_{label}",
                      f"{when}: " + ", ".join(f"{r.pattern} {format_spec(r)}" for r in rules)))
     return [*rows, ("client_rules_evidence", EVIDENCE)]
-
-
-def _installed_version() -> str:
-    try:
-        return metadata.version("ckptd")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        return "0+unknown"
 
 
 def format_spec(rule: PolicyRule) -> str:

@@ -15,3 +15,16 @@ use the dtype table without pulling in gRPC.
 """
 
 API_VERSION = "ckptd.v1"
+
+
+def installed_version() -> str:
+    """The installed ckptd distribution's version (``"0+unknown"`` run from a source tree
+    that is not installed): what the daemon reports and ``ckptd info`` names for the
+    client library. ``importlib.metadata`` is imported here, so importing the package
+    still imports nothing."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ckptd")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,7 +43,7 @@ from ckptd.daemon.server.metrics import (
 from ckptd.daemon.server.policy import load_auth
 from ckptd.daemon.server.servicer import CheckpointdServicer, add_to_server
 from ckptd.daemon.storage import Storage, open_storage
-from ckptd.protos import API_VERSION
+from ckptd.protos import API_VERSION, installed_version
 from ckptd.protos.v1 import pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -175,7 +174,7 @@ class Daemon:
     def _server_info(self) -> pb.ServerInfo:
         engine = self.config.engine
         return pb.ServerInfo(
-            version=_version(),
+            version=installed_version(),
             api_version=API_VERSION,
             storage_url=self.storage_url,
             max_inflight_bytes=engine.max_inflight_bytes,
@@ -293,13 +292,6 @@ class _SignalHandlers:
         if self._enabled:
             for signum in self.SIGNALS:
                 self._loop.remove_signal_handler(signum)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("ckptd")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _boot_id() -> str:
