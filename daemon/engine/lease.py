@@ -171,9 +171,9 @@ class ChainLeases:
     async def rewrite_check(self, chain: Chain) -> BeforePut | None:
         """The ``before_put`` of rewrites of ``chain``'s manifests (a delete's rebase,
         retention's), from ``fence``: on shared storage retention and deletes run only
-        under this daemon's lease, so a rewrite put late after it checks again like a
-        commit. None where this daemon holds no lease of a chain on storage it alone
-        writes (retention of a chain not yet saved to since start): no writer to fence.
+        under this daemon's lease. None where this daemon holds no lease of a chain on
+        storage it alone writes (retention of a chain not yet saved to since start): no
+        writer to fence.
 
         Unlike a commit's, a rewrite's check runs before every put, however short the
         wait: a late commit within the grace only adds a manifest its generation voids,

@@ -56,9 +56,9 @@ def pause_for_tests(spec: str) -> Pause | None:
     return pause
 
 RewriteCheck = Callable[[Chain], Awaitable[BeforePut | None]]
-# ``ChainLeases.hold``: the chain's lease, taken again if it was released while idle.
-Hold = Callable[[Chain], Awaitable[object]]
 """The lease check before a chain's manifests are rewritten (``ChainLeases.rewrite_check``)."""
+Hold = Callable[[Chain], Awaitable[object]]
+"""The chain's lease, taken again if it was released while idle (``ChainLeases.hold``)."""
 Deleted = Callable[[str, int, list[StepKey], float], None]
 """Hears of each action: run, rank, the steps it removed from users' view (deleted, or
 hidden; a rewrite removes none), seconds spent under the chain's lock."""
