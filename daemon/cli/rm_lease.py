@@ -16,10 +16,10 @@ same store-level rules, only for as long as one deletion runs:
 * ``before_put(run, rank)`` is the ``Repository.rewrite`` hook the storage thread calls
   just before each rewritten manifest's put: refused once the lease is known lost, and
   checked again in storage (``store.recheck_if_late``) when the last check (take or
-  renewal) is older than one renewal interval. A daemon rechecks only after half an hour:
-  its lease is renewed all the time. This one's is renewed only while the loop runs, and
-  a new holder deletes leftovers when it takes the chain (the rebase's new blobs among
-  them), so a put after the lease could have expired must not land.
+  renewal) is older than one renewal interval: a new holder deletes leftovers when it
+  takes the chain (the rebase's new blobs among them), so a put after the lease could have
+  expired must not land. (A daemon's rewrites check before every put; here the renewals,
+  on the same loop as the deletion, keep a check at most one interval old while it runs.)
 * ``check(run, rank)`` before a deletion that rewrites nothing (``delete_chain``): the
   lease is still this process's; ``release_all`` at the end (best effort: an unreleased
   lease expires by itself).

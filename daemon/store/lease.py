@@ -47,13 +47,15 @@ The rules, all over ``Storage.put_if_absent`` (so they hold on S3 and on a local
   records still kept. A writer can in fact be late: its process paused (SIGSTOP, a
   suspended VM, swapping) between the check and the put, or the put queued behind other
   storage calls. So the writer makes it a guarantee (``recheck_if_late``, called in the
-  storage thread just before the manifest's ``put_if_absent``, or its ``put`` when a
-  delete or retention rewrites a committed step as a base): when more than
+  storage thread just before the manifest's ``put_if_absent``): when more than
   ``RECHECK_AFTER_S`` (half the grace) passed since the check, by its wall or its
   monotonic clock, it checks the lease again and, lost or expired, refuses to write: the
   save fails as not committed (it was never reported durable) and the trainer saves it
-  again. What is left is the put itself, bounded by the storage client's timeouts and
-  retries (minutes) against the other half of the grace.
+  again. A rewrite (a delete or retention rewriting a committed step as a base, a ``put``
+  that replaces a manifest, which no generation voids) checks before every put
+  (``late_after_s`` 0 in a daemon, one renewal interval in ``ckptd rm --storage``). What
+  is left is the put itself, bounded by the storage client's timeouts and retries
+  (minutes) against the other half of the grace.
 
 Assumptions, stated in the README: wall clocks of the daemons agree well within
 ``lease_ttl_s`` (expiry is wall time, compared by each reader), the store's listing is
@@ -268,7 +270,8 @@ def recheck_if_late(
     ``waited_s`` seconds after its lease check (``check_current``): a no-op within
     ``late_after_s``; later, the check again (see "Late commits" above), raising
     ``ChainLeasedError`` that says why the save is not committed (or the rewrite not
-    made). A daemon keeps the default; ``ckptd rm --storage``, whose lease is only renewed
+    made). A daemon's commits keep the default and its rewrites pass 0 (every put checks,
+    ``ChainLeases.rewrite_check``); ``ckptd rm --storage``, whose lease is only renewed
     while it deletes, passes its renewal interval (``ckptd.daemon.cli.rm_lease``)."""
     if waited_s <= late_after_s:
         return
