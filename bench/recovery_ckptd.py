@@ -65,8 +65,11 @@ class Setting:
             ``"auto"`` (the daemon's rule for all, ``exp_avg_sq`` lossy in the linear
             domain), ``"exact"``, ``"lossy:<bits>"``, ``"sq-exact"`` (only Adam's
             ``exp_avg_sq`` exact) or ``"fixed:<bits>"`` (the built-in domains at that fixed
-            width, SGD's momentum linear: the adaptive width then chooses for the weights
-            alone); ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width;
+            width, SGD's momentum linear). Under these last four the weights are stored as
+            the built-in set says: the daemon's width (adaptive under ``bits="auto"``) for
+            SGD, the Adam set's b3 for Adam (``fixed:`` runs made before that set, such as
+            ``bench/auto_budget.py``'s in bench/README.md, had the daemon's for both);
+            ``"fixed:<bits>-sq<b>"`` the same with ``exp_avg_sq`` at its own width;
             either width may be ``exact`` (``fixed:2-sqexact``: ``exp_avg_sq`` exact,
             ``fixed:exact-sq3``: the first moment exact). The prefix ``exactmodel-``
             (``exactmodel-fixed:2``) also stores the model's tensors exactly, so that only
@@ -134,7 +137,11 @@ def client_policies(setting: Setting, force_lossy: bool,
     if optim == "sq-exact":
         rules.append(("optim/state/*/exp_avg_sq", "exact"))
     elif optim == "sq-log":
-        pass  # the client's built-in rules: exp_avg_sq lossy-log, exp_avg lossy-scaled
+        # The built-in rules before they depended on the optimizer: the moments in their
+        # domains at the daemon's width, every other tensor the daemon's (not the Adam
+        # set's b3 catch-all, which would pin the weights whatever the daemon's width).
+        rules += [("optim/state/*/exp_avg_sq", "lossy-log"),
+                  ("optim/state/*/exp_avg", "lossy-scaled")]
     elif optim.startswith(("fixed:", *PREFIXES)):
         bits, sq_bits, tokens = _fixed_form(optim)
         by_group = {}
@@ -155,13 +162,14 @@ def client_policies(setting: Setting, force_lossy: bool,
         rules += [("optim/state/*/exp_avg", spec(first, bits)),
                   ("optim/state/*", spec("lossy", bits))]
     elif optim == "auto":
-        # Overrides the client's built-in exact rule for exp_avg_sq: "auto" measures it lossy.
-        rules.append(("optim/state/*/exp_avg_sq", "auto"))
+        pass  # the daemon's rule for every tensor (exp_avg_sq lossy in the linear domain)
     else:
         rules.append(("optim/*", optim))
     if force_lossy and setting.min_lossy_elements > 1:
         # Under a threshold of 1 the daemon makes them lossy itself (at its buckets).
         rules.append(("*", "lossy"))
+    if optim in ("sq-log", "auto"):
+        rules.append(("*", "auto"))  # the rest the daemon's, ahead of the Adam set's b3 catch-all
     return rules
 
 

@@ -274,3 +274,19 @@ def test_one_parameter_groups_first_moment_takes_its_own_width() -> None:
     [malformed] = fine_settings(["4:2"], [50], [1], ["fixed:2-head"], True)
     with pytest.raises(ValueError, match="'head' is not <group><bits>"):
         client_policies(malformed, False, groups)
+
+
+def test_sq_log_and_auto_leave_the_weights_to_the_daemon() -> None:
+    """The Adam set ends in a ``*`` rule at b3, which would pin the weights whatever the
+    daemon's width: ``sq-log`` and ``auto`` (the forms that predate it) name the daemon."""
+    from ckptd.client.policies import ADAM_RULES, parse_rules, resolve
+    from ckptd.protos.v1 import pb
+
+    for optim in ("sq-log", "auto"):
+        [setting] = state_settings([0.05], [50], [1], [optim], False)
+        rules = parse_rules(client_policies(setting, False))
+        assert resolve(rules, "model/fc.weight", 0, ADAM_RULES)[0] == pb.POLICY_UNSPECIFIED
+    [setting] = state_settings([0.05], [50], [1], ["sq-log"], False)
+    rules = parse_rules(client_policies(setting, False))
+    assert resolve(rules, "optim/state/0/exp_avg_sq", 0, ADAM_RULES)[0] == pb.POLICY_LOSSY_LOG
+    assert resolve(rules, "optim/state/0/exp_avg", 0, ADAM_RULES)[0] == pb.POLICY_LOSSY_SCALED
