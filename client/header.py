@@ -38,7 +38,7 @@ class HeaderBuilder:
         # width, float or not) keeps save() cheap.
         self._policies: dict[tuple[str, str, int, bool], tuple[int, int]] = {}
         # The built-in set of the last structure seen: a trainer saves one structure.
-        self._builtin: tuple[str, tuple[str, tuple[PolicyRule, ...]]] | None = None
+        self._builtin: tuple[tuple[str, ...], tuple[str, tuple[PolicyRule, ...]]] | None = None
 
     def build(
         self, step: int, flat: FlatState, bits: int, metadata: Mapping[str, str] | None
@@ -46,11 +46,12 @@ class HeaderBuilder:
         """Raises ``InvalidCheckpointError`` beyond the daemon's limits and ``ValueError``
         for malformed or reserved metadata."""
         self._check_limits(flat)
-        # Which optimizer's built-in rules apply follows from the names: matched again only
-        # when the structure (which holds every name) changes.
-        if self._builtin is None or self._builtin[0] != flat.structure:
-            self._builtin = (flat.structure,
-                             builtin_rules(leaf.name for leaf in flat.leaves))
+        # Which optimizer's built-in rules apply follows from the names alone: matched again
+        # only when they change (the structure document changes with every Python scalar
+        # in the state, a step counter or a scheduler's lr, so it is no key for this).
+        names = tuple(leaf.name for leaf in flat.leaves)
+        if self._builtin is None or self._builtin[0] != names:
+            self._builtin = (names, builtin_rules(names))
         label, builtin = self._builtin[1]
         specs = []
         for leaf in flat.leaves:
