@@ -14,9 +14,11 @@ def add_size_options(
     reps_help: str = "interleaved repetitions",
     before: Literal["required", "optional", "none"] = "none", workdir: bool = True,
 ) -> None:
-    """Adds ``--sizes`` (comma list, e.g. ``256MiB,1GiB``), ``--reps``, ``--before`` (unless
-    ``"none"``), ``--workdir`` (unless False) and ``--out`` with these defaults."""
-    parser.add_argument("--sizes", default=sizes, help="comma list of 16MiB, 64MiB, 256MiB, 1GiB")
+    """Adds ``--sizes`` (comma list, e.g. ``256MiB,1GiB``, parsed to a list of labels),
+    ``--reps``, ``--before`` (unless ``"none"``), ``--workdir`` (unless False) and ``--out``
+    with these defaults."""
+    parser.add_argument("--sizes", default=sizes, type=size_labels,
+                        help="comma list of 16MiB, 64MiB, 256MiB, 1GiB")
     parser.add_argument("--reps", type=int, default=reps, help=reps_help)
     if before != "none":
         parser.add_argument("--before", type=Path, required=before == "required", default=None,
@@ -26,3 +28,9 @@ def add_size_options(
         parser.add_argument("--workdir", type=Path, default=None,
                             help="where files go (local disk)")
     parser.add_argument("--out", type=Path, default=out, help="the JSON report")
+
+
+def size_labels(text: str) -> list[str]:
+    """``"256MiB, 1GiB"`` -> ``["256MiB", "1GiB"]`` (argparse also applies it to the
+    default)."""
+    return [label.strip() for label in text.split(",") if label.strip()]

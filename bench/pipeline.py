@@ -582,7 +582,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="daemon flags of the before daemon (e.g. the same code as "
                              "--before with '--stream-saves never')")
     args = parser.parse_args(argv)
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     args.worker_counts = [int(w) for w in args.worker_counts.split(",") if w.strip()]
     if not 1 <= args.burst <= args.depth:

@@ -152,9 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_options(parser, sizes="256MiB", reps=7, out=OUT_PATH, workdir=False)
     args = parser.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     load_before = os.getloadavg()
-    cases = [measure(label, args.reps) for label in sizes]
+    cases = [measure(label, args.reps) for label in args.sizes]
     summary = report_lines(cases)
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

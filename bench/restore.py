@@ -193,7 +193,7 @@ def run_sizes(
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ckptd-restore-", dir=args.workdir) as tmp:
-        cases = [measure_size(label, Path(tmp)) for label in args.sizes.split(",")]
+        cases = [measure_size(label, Path(tmp)) for label in args.sizes]
     lines = summarize(cases)
     report = {"started_at": started, "load_average_start": load_at_start,
               "load_average_end": os.getloadavg(), "torch": torch.__version__,

@@ -60,8 +60,10 @@ from ckptd.protos.checksum import TensorsChecksum
 
 try:
     from . import pipeline
+    from .options import add_size_options
 except ImportError:  # run as a script: python bench/restore_breakdown.py
     import pipeline  # type: ignore[no-redef]
+    from options import add_size_options  # type: ignore[no-redef]
 
 T = TypeVar("T")
 OUT_PATH = Path(__file__).resolve().parent / "out" / "restore_breakdown.json"
@@ -221,20 +223,16 @@ def summary(cases: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="256MiB", help="comma-separated: " + ",".join(
-        pipeline.SIZES))
-    parser.add_argument("--reps", type=int, default=3)
+    add_size_options(parser, sizes="256MiB", reps=3, out=OUT_PATH)
     parser.add_argument("--depth", type=int, default=10, help="deltas of the deep step")
     parser.add_argument("--encode-workers", type=int, default=2)
     parser.add_argument("--storage-workers", type=int, default=4)
-    parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--chains", type=Path, default=None,
                         help="keep the saved chains here and reuse them on the next run")
-    parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     cases = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for label in args.sizes.split(","):
+        for label in args.sizes:
             cases.append(measure(label, args, Path(tmp)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -226,7 +226,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-bytes", type=int, default=pipeline.MiB,
                         help="chunk size for --parts (the daemon's max_chunk_bytes)")
     args = parser.parse_args(argv)
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in pipeline.SIZES]
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {list(pipeline.SIZES)}")
